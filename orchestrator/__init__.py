@@ -1,0 +1,1 @@
+"""zeromix head side: job spec -> plan -> reserve -> launch -> report."""

@@ -1,0 +1,102 @@
+"""The DeepSpeed JSON for one rank, with every field written out. DeepSpeed's defaults move between
+releases (gradient_clipping became 1.0 in 0.19.3), so nothing is left to them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Optimization:
+    lr: float
+    schedule: str  # constant | linear | cosine
+    warmup_steps: int
+    weight_decay: float
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class RankTuning:
+    """The per-card choices the planner makes."""
+
+    micro_batch: int
+    zero_stage: int
+    offload_optimizer: bool
+    offload_params: bool
+    precision: str  # fp32 | fp16 | bf16
+
+
+def deepspeed_config(tuning: RankTuning, grad_accum: int, world_size: int, gradient_clipping: float, opt: Optimization) -> dict:
+    return {
+        # DeepSpeed checks train_batch_size == micro * accumulation * world on each rank; with uneven
+        # micro-batches this is the rank's own view, and the true global batch is the sum over ranks.
+        "train_batch_size": tuning.micro_batch * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": tuning.micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": gradient_clipping,
+        "prescale_gradients": False,
+        "gradient_predivide_factor": 1.0,
+        "steps_per_print": 1_000_000_000,  # zeromix logs steps itself
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": False,
+        "fp16": {
+            "enabled": tuning.precision == "fp16",
+            "loss_scale": 0,  # 0 = dynamic loss scaling
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "bf16": {"enabled": tuning.precision == "bf16"},
+        "zero_optimization": _zero_section(tuning),
+        "activation_checkpointing": {"partition_activations": False, "cpu_checkpointing": False, "contiguous_memory_optimization": False},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": opt.lr,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": opt.weight_decay,
+                # Offload runs DeepSpeed's CPU Adam; on the card, torch's AdamW avoids building FusedAdam with nvcc.
+                **({} if tuning.offload_optimizer else {"torch_adam": True}),
+            },
+        },
+        "scheduler": _scheduler(opt),
+    }
+
+
+def _zero_section(t: RankTuning) -> dict:
+    section = {
+        "stage": t.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": False,
+        "reduce_scatter": True,
+        "reduce_bucket_size": 50_000_000,
+        "allgather_partitions": True,
+        "allgather_bucket_size": 50_000_000,
+        "offload_optimizer": {"device": "cpu" if t.offload_optimizer else "none", "pin_memory": t.offload_optimizer},
+        "offload_param": {"device": "cpu" if t.offload_params else "none", "pin_memory": t.offload_params},
+    }
+    if t.zero_stage == 3:
+        section |= {
+            "stage3_prefetch_bucket_size": 50_000_000,
+            "stage3_param_persistence_threshold": 100_000,
+            "stage3_max_live_parameters": 1_000_000_000,
+            "stage3_max_reuse_distance": 1_000_000_000,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        }
+    return section
+
+
+def _scheduler(opt: Optimization) -> dict:
+    # DeepSpeed warms up over at least 2 steps starting from the floor; with no warmup the floor is the peak.
+    warmup = max(opt.warmup_steps, 1)
+    floor_ratio = 0.0 if opt.warmup_steps else 1.0
+    if opt.schedule == "cosine":
+        return {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": opt.total_steps, "warmup_min_ratio": floor_ratio, "warmup_num_steps": warmup,
+            "cos_min_ratio": 0.0, "warmup_type": "linear"}}
+    params = {"warmup_min_lr": opt.lr * floor_ratio, "warmup_max_lr": opt.lr, "warmup_num_steps": warmup, "warmup_type": "linear"}
+    if opt.schedule == "linear":
+        return {"type": "WarmupDecayLR", "params": {"total_num_steps": opt.total_steps, **params}}
+    return {"type": "WarmupLR", "params": params}

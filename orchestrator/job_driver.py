@@ -1,0 +1,66 @@
+"""The entrypoint Ray Jobs runs for a zeromix job: start the worker group on the reserved cards, train,
+report, and release the cards whatever happens."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import remove_placement_group
+
+from orchestrator.registry import placement_group_name
+from orchestrator.worker_group import WorkerGroup
+from workers.train import TrainConfig
+
+RESULT_TAG = "ZEROMIX_RESULT"
+RESULT_FILE = "zeromix-result.json"
+READY_TIMEOUT_S = 60
+
+
+def report(config: TrainConfig, cards: list[dict], placements: list[dict], results: list[dict]) -> dict:
+    first = results[0]
+    return {
+        "job_id": config.job_id,
+        "steps": first["steps"],
+        "first_loss": first["first_loss"],
+        "last_loss": first["last_loss"],
+        "losses": first["losses"],
+        "tokens_per_s": round(sum(r["tokens_per_s"] for r in results) / len(results), 1),
+        "final_dir": first["final_dir"],
+        "ranks": [
+            {"rank": i, "card": f"{c['node']}/{c['index']}", "model": c["model"], "micro_batch": config.micro_batches[i],
+             "zero_stage": config.ds_configs[i]["zero_optimization"]["stage"], "precision": r["precision"],
+             "device": p["device"], "cuda_visible_devices": p["cuda_visible_devices"]}
+            for i, (c, p, r) in enumerate(zip(cards, placements, results))
+        ],
+    }
+
+
+def main() -> int:
+    config = TrainConfig.from_json(os.environ["ZEROMIX_TRAIN_CONFIG"])
+    cards = json.loads(os.environ["ZEROMIX_RANK_CARDS"])
+    ray.init(namespace="zeromix")
+    group_pg = ray.util.get_placement_group(placement_group_name(config.job_id))
+    group = None
+    try:
+        ray.get(group_pg.ready(), timeout=READY_TIMEOUT_S)
+        group = WorkerGroup(group_pg, cards)
+        placements = group.where()
+        for c, p in zip(cards, placements):
+            print(f"zeromix: rank on {c['node']}/{c['index']} ({c['model']}) sees CUDA_VISIBLE_DEVICES={p['cuda_visible_devices']}, device {p['device']}", flush=True)
+        summary = report(config, cards, placements, group.run(config.to_json()))
+        Path(config.output_dir, RESULT_FILE).write_text(json.dumps(summary, indent=2))
+        sys.stdout.write(f"\n{RESULT_TAG} {json.dumps(summary)}\n")  # one write: other threads print too
+        sys.stdout.flush()
+        return 0
+    finally:
+        if group:
+            group.shutdown()
+        remove_placement_group(group_pg)  # the cards are free again
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The job spec: what the user asks for. Loaded from YAML, validated, and checked against the filesystem
+before anything is planned or reserved."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from orchestrator import catalog
+from orchestrator.errors import InputError
+from orchestrator.schema import StrictModel, load_yaml
+
+FINAL_DIR = "final"  # <output_dir>/final holds the finished model or adapter
+
+
+class ModelSpec(StrictModel):
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    # pretrained: a local directory or a Hugging Face id already in the local HF cache.
+    # scratch: a directory with config.json (and a tokenizer), trained from random weights.
+    path: str
+    tokenizer: str | None = Field(None, description="Defaults to the model path.")
+
+
+class DatasetSpec(StrictModel):
+    path: str
+    format: Literal["jsonl", "text"] = "jsonl"
+    text_field: str | None = None  # language-model loss on the whole text
+    prompt_field: str | None = None  # instruction data: loss on the completion only
+    completion_field: str | None = None
+
+    @model_validator(mode="after")
+    def _fields(self) -> DatasetSpec:
+        instruction = self.prompt_field is not None or self.completion_field is not None
+        if self.format == "text" and (instruction or self.text_field):
+            raise ValueError("format 'text' takes no field names: each line is one sample")
+        if self.format == "jsonl":
+            if instruction and not (self.prompt_field and self.completion_field):
+                raise ValueError("give both prompt_field and completion_field")
+            if instruction == bool(self.text_field):
+                raise ValueError("jsonl needs either text_field, or prompt_field and completion_field")
+        return self
+
+
+class LoraSpec(StrictModel):
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
+class OptimizerSpec(StrictModel):
+    lr: float = Field(2e-5, gt=0, le=1)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class GpuConstraints(StrictModel):
+    count: int | None = Field(None, ge=1, le=256)
+    min: int = Field(1, ge=1, le=256)
+    max: int | None = Field(None, ge=1, le=256)
+    min_vram_gb: float | None = Field(None, gt=0)
+    min_compute_capability: float | None = Field(None, ge=3.0, le=20.0)
+    models: list[str] | None = Field(None, min_length=1, description="Allowed cards, by NVML or catalog name.")
+
+    @model_validator(mode="after")
+    def _range(self) -> GpuConstraints:
+        if self.count is not None and ("min" in self.model_fields_set or self.max is not None):
+            raise ValueError("give either count, or min/max, not both")
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"max ({self.max}) is below min ({self.min})")
+        return self
+
+    @property
+    def bounds(self) -> tuple[int, int | None]:
+        return (self.count, self.count) if self.count else (self.min, self.max)
+
+
+class DeepSpeedSpec(StrictModel):
+    zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
+    offload: Literal["auto", "none", "optimizer", "optimizer+params"] = "auto"
+    activation_checkpointing: Literal["auto", True, False] = "auto"
+    gradient_clipping: float = Field(1.0, ge=0, description="Max global grad norm; 0 turns clipping off.")
+
+
+class JobSpec(StrictModel):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
+    model: ModelSpec
+    dataset: DatasetSpec
+    method: Literal["full", "lora"] = "full"
+    lora: LoraSpec | None = None
+    seq_len: int = Field(512, ge=8, le=131072)
+    global_batch_size: int = Field(8, ge=1, le=65536, description="Samples per optimizer step, over all cards.")
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    optimizer: OptimizerSpec = OptimizerSpec()
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    gpus: GpuConstraints = GpuConstraints()
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    output_dir: str
+    checkpoint_every: int = Field(0, ge=0, description="Optimizer steps between checkpoints; 0 = only at the end.")
+    priority: int = Field(0, ge=-100, le=100)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of max_steps or epochs")
+        if self.lora is not None and self.method != "lora":
+            raise ValueError("a lora section needs method: lora")
+        return self
+
+    @property
+    def lora_config(self) -> LoraSpec:
+        return self.lora or LoraSpec()
+
+
+def load_job(path: str | Path, check_files: bool = True, overrides: list[str] = ()) -> JobSpec:
+    """Parse and validate a job spec. With `check_files`, relative paths become absolute (from the current
+    directory) and the model, data and output directory are checked, so a bad path fails before planning."""
+    source = str(path)
+    spec = load_yaml(path, JobSpec, overrides)
+    _check_models(source, spec)
+    return _check_files(source, spec) if check_files else spec
+
+
+def _check_models(source: str, spec: JobSpec) -> None:
+    for i, name in enumerate(spec.gpus.models or []):
+        if not catalog.candidates(name):
+            hint = ", ".join(repr(s) for s in catalog.suggest(name)) or "see `zeromix nodes`"
+            raise InputError(source, f"gpus.models[{i}]", name, f"not a card in the catalog; did you mean {hint}?")
+
+
+def _check_files(source: str, spec: JobSpec) -> JobSpec:
+    model_path = _resolve_model(source, "model.path", spec.model.path, spec.model.init)
+    tokenizer = _resolve_model(source, "model.tokenizer", spec.model.tokenizer, "pretrained") if spec.model.tokenizer else None
+    data = Path(spec.dataset.path).expanduser().resolve()
+    if not data.is_file():
+        raise InputError(source, "dataset.path", spec.dataset.path, "it must be an existing file (jsonl or text)")
+    _check_first_record(source, spec.dataset, data)
+    out = Path(spec.output_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise InputError(source, "output_dir", spec.output_dir, "it exists and is not a directory")
+    if (out / FINAL_DIR).exists():
+        raise InputError(source, "output_dir", spec.output_dir, f"it already holds a finished run ({out / FINAL_DIR}); choose a new output_dir or remove that one")
+    return spec.model_copy(
+        update={
+            "model": spec.model.model_copy(update={"path": model_path, "tokenizer": tokenizer}),
+            "dataset": spec.dataset.model_copy(update={"path": str(data)}),
+            "output_dir": str(out),
+        }
+    )
+
+
+def _resolve_model(source: str, field: str, value: str, init: str) -> str:
+    local = Path(value).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file() and field == "model.path":
+            raise InputError(source, field, value, "the directory has no config.json")
+        return str(local.resolve())
+    if init == "scratch":
+        raise InputError(source, field, value, "init: scratch needs an existing directory with config.json")
+    if value.count("/") == 1 and _in_hf_cache(value):
+        return value
+    raise InputError(source, field, value, "it must be a local directory or a Hugging Face id already in the local cache (nodes do not download)")
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def _check_first_record(source: str, dataset: DatasetSpec, path: Path) -> None:
+    with path.open() as f:
+        first = f.readline()
+    if not first.strip():
+        raise InputError(source, "dataset.path", str(path), "the file is empty")
+    if dataset.format == "text":
+        return
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        raise InputError(source, "dataset.path", str(path), "line 1 is not JSON; use format: text for plain text") from None
+    for key in ("text_field", "prompt_field", "completion_field"):
+        name = getattr(dataset, key)
+        if name is not None and name not in record:
+            raise InputError(source, f"dataset.{key}", name, f"line 1 of the data has only the fields {', '.join(sorted(record))}")
+
+
+def count_samples(dataset_path: str) -> int:
+    with open(dataset_path) as f:
+        return sum(1 for line in f if line.strip())
+
+
+def total_steps(spec: JobSpec) -> int:
+    """max_steps as given, or the optimizer steps that `epochs` passes over the data take."""
+    if spec.max_steps:
+        return spec.max_steps
+    return max(1, math.ceil(spec.epochs * count_samples(spec.dataset.path) / spec.global_batch_size))

@@ -1,0 +1,110 @@
+"""Reserve -> launch: the plan becomes a placement group (one bundle per chosen card) and a Ray job.
+
+Reserve happens before submit, and anything that fails after it releases the cards again. Cancel and
+the job's own exit release them too; `reconcile` catches a driver that died without doing so.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+
+from orchestrator.cluster_runtime import ClusterState
+from orchestrator.errors import ZeromixError
+from orchestrator.jobspec import JobSpec
+from orchestrator.planner import Plan
+from orchestrator.registry import live_placement_groups, placement_group_name
+from workers.train import TrainConfig
+
+RESERVE_TIMEOUT_S = 30
+METADATA_KEY = "zeromix_job"  # present on every job zeromix submits
+
+
+def new_job_id(job: JobSpec) -> str:
+    return f"{job.name}-{secrets.token_hex(3)}"
+
+
+def train_config(job: JobSpec, plan: Plan, job_id: str) -> TrainConfig:
+    return TrainConfig(
+        job_id=job_id, model_init=job.model.init, model_path=job.model.path,
+        tokenizer_path=job.model.tokenizer or job.model.path,
+        dataset=job.dataset.model_dump(), method=job.method, lora=job.lora_config.model_dump(),
+        seq_len=job.seq_len, micro_batches=tuple(r.tuning.micro_batch for r in plan.ranks), grad_accum=plan.grad_accum,
+        total_steps=plan.total_steps, ds_configs=tuple(plan.ds_configs(job)),
+        activation_checkpointing=plan.activation_checkpointing, output_dir=job.output_dir,
+        checkpoint_every=job.checkpoint_every, seed=job.seed,
+    )
+
+
+def rank_cards(plan: Plan) -> list[dict]:
+    return [{"node": r.card.node, "index": r.card.index, "resource": r.card.resource, "model": r.card.short_name} for r in plan.ranks]
+
+
+def reserve(job_id: str, plan: Plan):
+    """A detached placement group holding exactly the planned cards, or an error and nothing held."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundles = [{"CPU": 1, "GPU": 1, r.card.resource: 1} for r in plan.ranks]
+    group = placement_group(bundles, strategy="PACK", name=placement_group_name(job_id), lifetime="detached")
+    if not group.wait(timeout_seconds=RESERVE_TIMEOUT_S):
+        remove_placement_group(group)
+        cards = ", ".join(r.card.card_id for r in plan.ranks)
+        raise ZeromixError(f"could not reserve {cards} within {RESERVE_TIMEOUT_S} s (taken by another job meanwhile?); nothing is held, try again")
+    return group
+
+
+def release(job_id: str) -> bool:
+    """Free the job's cards. Idempotent: False when nothing was held."""
+    import ray.util
+    from ray.util.placement_group import remove_placement_group
+
+    if job_id not in live_placement_groups():
+        return False
+    remove_placement_group(ray.util.get_placement_group(placement_group_name(job_id)))
+    return True
+
+
+def jobs_client(state: ClusterState):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(state.dashboard_url)
+
+
+def submit(state: ClusterState, job: JobSpec, plan: Plan) -> str:
+    job_id = new_job_id(job)
+    config = train_config(job, plan, job_id)
+    reserve(job_id, plan)
+    try:
+        jobs_client(state).submit_job(
+            submission_id=job_id,
+            entrypoint=f"{sys.executable} -m orchestrator.job_driver",
+            entrypoint_num_cpus=0,
+            runtime_env={"env_vars": {"ZEROMIX_TRAIN_CONFIG": config.to_json(), "ZEROMIX_RANK_CARDS": json.dumps(rank_cards(plan))}},
+            metadata={METADATA_KEY: job.name, "zeromix_plan": json.dumps(plan.summary()),
+                      "zeromix_priority": str(job.priority), "zeromix_output_dir": job.output_dir},
+        )
+    except BaseException:
+        release(job_id)
+        raise
+    return job_id
+
+
+def list_jobs(state: ClusterState) -> list:
+    return sorted((j for j in jobs_client(state).list_jobs() if METADATA_KEY in (j.metadata or {})), key=lambda j: j.start_time or 0)
+
+
+def cancel(state: ClusterState, job_id: str) -> None:
+    client = jobs_client(state)
+    try:
+        client.get_job_info(job_id)
+    except RuntimeError:
+        raise ZeromixError(f"no job {job_id!r}; `zeromix status` lists them") from None
+    client.stop_job(job_id)
+    release(job_id)
+
+
+def reconcile(state: ClusterState) -> list[str]:
+    """Release cards still held by jobs that have ended (a driver killed before its own clean-up)."""
+    ended = {j.submission_id for j in list_jobs(state) if j.status.is_terminal()}
+    return [job_id for job_id in live_placement_groups() if job_id in ended and release(job_id)]

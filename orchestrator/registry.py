@@ -1,0 +1,59 @@
+"""The card registry, kept in Ray's own key-value store: one record per node, written when it joins.
+
+Which job holds which card is not stored anywhere: it is read from the live placement groups, so it can
+never drift from what Ray has actually reserved.
+"""
+
+from __future__ import annotations
+
+import json
+
+from orchestrator.inventory import ClusterSnapshot, Node, node_from_record, node_to_record
+
+KV_NAMESPACE = "zeromix"
+PLACEMENT_GROUP_PREFIX = "zeromix-job-"
+
+
+def placement_group_name(job_id: str) -> str:
+    return PLACEMENT_GROUP_PREFIX + job_id
+
+
+def publish(node: Node) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(f"node/{node.name}", json.dumps(node_to_record(node)), overwrite=True, namespace=KV_NAMESPACE)
+
+
+def live_placement_groups() -> dict[str, dict]:
+    """job id -> Ray's table entry, for zeromix placement groups that still exist."""
+    import ray.util
+
+    groups = {}
+    for entry in ray.util.placement_group_table().values():
+        name = entry.get("name", "")
+        if name.startswith(PLACEMENT_GROUP_PREFIX) and entry["state"] != "REMOVED":
+            groups[name.removeprefix(PLACEMENT_GROUP_PREFIX)] = entry
+    return groups
+
+
+def snapshot() -> ClusterSnapshot:
+    """Registered nodes that Ray reports alive, each card marked with the job holding it."""
+    import ray
+    from ray.experimental import internal_kv
+
+    from workers.registration import NODE_LABEL
+
+    alive = {n["Labels"].get(NODE_LABEL) for n in ray.nodes() if n["Alive"]}
+    nodes = []
+    for key in sorted(internal_kv._internal_kv_list("node/", namespace=KV_NAMESPACE)):
+        record = json.loads(internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE))
+        if record["name"] in alive:
+            nodes.append(node_from_record(record))
+    holders = {
+        resource: job_id
+        for job_id, entry in live_placement_groups().items()
+        for bundle in entry["bundles"].values()
+        for resource in bundle
+        if resource.startswith("zm_card_")
+    }
+    return ClusterSnapshot(tuple(nodes)).with_holders(holders)

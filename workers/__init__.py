@@ -1,0 +1,1 @@
+"""zeromix node side: card registration, the per-rank actor and the training loop."""

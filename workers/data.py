@@ -1,0 +1,111 @@
+"""Samples, batches and the per-rank slicing of each global batch.
+
+Every rank computes the same shuffled order from (seed, epoch), takes its own slice of each global batch
+and cuts it into `grad_accum` micro-batches of its own size. Nothing depends on what ran before, so a
+resumed job picks up at any step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100  # label value that cross-entropy skips (prompt and padding tokens)
+
+
+@dataclass(frozen=True)
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def loss_tokens(self) -> int:
+        """Tokens that carry loss once labels are shifted for next-token prediction."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def read_records(dataset: dict) -> list[dict]:
+    path = Path(dataset["path"])
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if dataset["format"] == "text":
+        return [{"text": line} for line in lines]
+    return [json.loads(line) for line in lines]
+
+
+def tokenize(records: list[dict], dataset: dict, tokenizer, seq_len: int) -> list[Sample]:
+    """Language-model samples (loss on every token) or instruction samples (loss on the completion only)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    samples = []
+    for record in records:
+        if dataset.get("prompt_field"):
+            prompt = tokenizer(record[dataset["prompt_field"]], add_special_tokens=False)["input_ids"]
+            answer = tokenizer(record[dataset["completion_field"]], add_special_tokens=False)["input_ids"] + eos
+            ids = (prompt + answer)[:seq_len]
+            labels = ([IGNORE_INDEX] * len(prompt) + answer)[:seq_len]
+        else:
+            ids = (tokenizer(record.get(dataset.get("text_field") or "text"), add_special_tokens=False)["input_ids"] + eos)[:seq_len]
+            labels = list(ids)
+        samples.append(Sample(ids, labels))
+    return samples
+
+
+def collate(samples: list[Sample], pad_id: int) -> Batch:
+    """Right-pad to the longest sample of this micro-batch."""
+    width = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids[row, :n] = torch.tensor(s.input_ids)
+        labels[row, :n] = torch.tensor(s.labels)
+        mask[row, :n] = 1
+    return Batch(ids, mask, labels)
+
+
+@dataclass(frozen=True)
+class GlobalBatchSampler:
+    """Which samples each rank takes at each optimizer step.
+
+    A global batch is `sum(micro_batches) * grad_accum` samples. Rank r takes a contiguous slice of
+    `micro_batches[r] * grad_accum` of them, in `grad_accum` micro-batches of `micro_batches[r]`.
+    Samples left over at the end of an epoch (fewer than a global batch) wait for the next epoch's shuffle.
+    """
+
+    num_samples: int
+    micro_batches: tuple[int, ...]
+    grad_accum: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return sum(self.micro_batches) * self.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def global_indices(self, step: int) -> list[int]:
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the dataset has {self.num_samples} samples, fewer than one global batch of {self.global_batch}")
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = list(range(self.num_samples))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order[k * self.global_batch : (k + 1) * self.global_batch]
+
+    def rank_micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        start = sum(self.micro_batches[:rank]) * self.grad_accum
+        size = self.micro_batches[rank]
+        mine = self.global_indices(step)[start : start + size * self.grad_accum]
+        return [mine[i * size : (i + 1) * size] for i in range(self.grad_accum)]

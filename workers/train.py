@@ -1,0 +1,205 @@
+"""The training loop one rank runs, top to bottom. DeepSpeed is the only machinery: ZeRO stage, precision,
+accumulation and clipping all come from the JSON config the planner wrote for this rank.
+
+Uneven micro-batches: rank r sees n_r loss tokens of the N in this optimizer step (N all-reduced). It
+back-propagates  sum_of_its_token_losses * W / N, and DeepSpeed divides the summed gradients by W, so the
+update is the gradient of the mean token loss over the whole global batch, whatever each rank's share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PROGRESS_TAG = "ZEROMIX_PROGRESS"  # rank 0 prints one JSON line per step after this tag; the CLI follows them
+CHECKPOINT_DIR = "checkpoints"
+FINAL_DIR = "final"
+
+log = logging.getLogger("zeromix.train")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a rank needs. Written by the head from the job spec and the plan."""
+
+    job_id: str
+    model_init: str  # "pretrained" | "scratch"
+    model_path: str
+    tokenizer_path: str
+    dataset: dict  # path, format, text_field | prompt_field + completion_field
+    method: str  # "full" | "lora"
+    lora: dict  # r, alpha, dropout, target_modules (used when method == "lora")
+    seq_len: int
+    micro_batches: tuple[int, ...]  # per rank, in rank order
+    grad_accum: int  # the same on every rank: ZeRO-2/3 hang or crash otherwise
+    total_steps: int
+    ds_configs: tuple[dict, ...]  # per rank, every field explicit
+    activation_checkpointing: bool
+    output_dir: str
+    checkpoint_every: int
+    seed: int
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        raw = json.loads(text)
+        raw["micro_batches"] = tuple(raw["micro_batches"])
+        raw["ds_configs"] = tuple(raw["ds_configs"])
+        return cls(**raw)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+
+@dataclass
+class RankResult:
+    rank: int
+    steps: int
+    first_loss: float | None = None
+    last_loss: float | None = None
+    tokens_per_s: float = 0.0
+    precision: str = ""
+    device: str = ""
+    final_dir: str | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
+    import torch
+
+    # ----------------------------------------------------------------------------- distributed setup
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from workers.data import GlobalBatchSampler, collate, read_records, tokenize
+    from workers.precision import runnable_ds_config
+
+    os.environ.update(
+        MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port),
+        RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK="0",  # each rank sees only its own card
+    )
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ds_config, precision = runnable_ds_config(cfg.ds_configs[rank], on_gpu)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+
+    # ----------------------------------------------------------------------------- data
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    samples = tokenize(read_records(cfg.dataset), cfg.dataset, tokenizer, cfg.seq_len)
+    sampler = GlobalBatchSampler(len(samples), cfg.micro_batches, cfg.grad_accum, cfg.seed)
+
+    # ----------------------------------------------------------------------------- model
+    # ZeRO-3 partitions weights as they are created; HfDeepSpeedConfig must exist before the model does.
+    zero3 = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
+    if cfg.model_init == "scratch":
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model_path))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model_path)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        if cfg.activation_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.lora["r"], lora_alpha=cfg.lora["alpha"], lora_dropout=cfg.lora["dropout"],
+            target_modules=list(cfg.lora["target_modules"]), task_type="CAUSAL_LM",
+        ))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    del zero3
+
+    # ----------------------------------------------------------------------------- resume
+    out = Path(cfg.output_dir)
+    checkpoints = out / CHECKPOINT_DIR
+    start_step = 0
+    if (checkpoints / "latest").is_file():
+        _, client_state = engine.load_checkpoint(str(checkpoints))
+        start_step = int(client_state["step"])
+        _say(rank, f"resumed from {checkpoints} at step {start_step}")
+
+    # ----------------------------------------------------------------------------- loop
+    result = RankResult(rank=rank, steps=start_step, precision=precision, device=_device_name(on_gpu))
+    tokens_seen, train_time = 0, 0.0
+    for step in range(start_step, cfg.total_steps):
+        t0 = time.perf_counter()
+        batches = [collate([samples[i] for i in idx], pad_id) for idx in sampler.rank_micro_batches(step, rank)]
+        counts = torch.tensor([sum(b.loss_tokens for b in batches), sum(int(b.attention_mask.sum()) for b in batches)], dtype=torch.float64)
+        dist.all_reduce(counts)  # global loss tokens N, and all tokens for throughput
+        global_loss_tokens = counts[0].item()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for batch in batches:
+            logits = engine(input_ids=batch.input_ids.to(engine.device), attention_mask=batch.attention_mask.to(engine.device)).logits
+            token_losses = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1).to(engine.device),
+                ignore_index=-100, reduction="sum",
+            )
+            engine.backward(token_losses * world / global_loss_tokens, scale_wrt_gas=False)
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            loss_sum += token_losses.detach().double().cpu()
+        dist.all_reduce(loss_sum)
+        step_time = time.perf_counter() - t0
+        train_time += step_time
+        tokens_seen += int(counts[1].item())
+        loss = loss_sum.item() / global_loss_tokens
+        result.losses.append(loss)
+        result.first_loss = result.first_loss if result.first_loss is not None else loss
+        result.last_loss, result.steps = loss, step + 1
+        _progress(rank, step=step + 1, of=cfg.total_steps, loss=round(loss, 5), lr=scheduler.get_last_lr()[0],
+                  step_time_s=round(step_time, 4), tokens_per_s=round(counts[1].item() / step_time, 1))
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.total_steps:
+            engine.save_checkpoint(str(checkpoints), tag=f"step-{step + 1}", client_state={"step": step + 1})
+
+    # ----------------------------------------------------------------------------- save
+    engine.save_checkpoint(str(checkpoints), tag=f"step-{result.steps}", client_state={"step": result.steps})
+    result.final_dir = str(_save_final(engine, tokenizer, out, rank, zero3_stage=ds_config["zero_optimization"]["stage"] == 3))
+    result.tokens_per_s = tokens_seen / train_time if train_time else 0.0
+    dist.barrier()
+    dist.destroy_process_group()
+    return result
+
+
+def _save_final(engine, tokenizer, out: Path, rank: int, zero3_stage: bool) -> Path:
+    """A model (full) or adapter (LoRA) directory that `from_pretrained` loads."""
+    final = out / FINAL_DIR
+    # ZeRO-3 holds a shard of every weight on each rank: gather them (a collective, so every rank calls it).
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3_stage else None
+    if rank == 0:
+        engine.module.save_pretrained(str(final), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(final))
+    return final
+
+
+def _device_name(on_gpu: bool) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if on_gpu else "cpu"
+
+
+def _progress(rank: int, **fields) -> None:
+    if rank == 0:
+        print(f"{PROGRESS_TAG} {json.dumps(fields)}", flush=True)
+
+
+def _say(rank: int, text: str) -> None:
+    if rank == 0:
+        print(f"zeromix: {text}", flush=True)
