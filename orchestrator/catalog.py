@@ -95,9 +95,10 @@ def all_specs() -> tuple[GpuSpec, ...]:
 
 
 def _key(name: str) -> str:
-    """Drivers before R465 print "GeForce GTX 1080 Ti"; later ones prefix "NVIDIA ". Compare without it."""
+    """Drivers before R465 print "GeForce GTX 1080 Ti"; later ones prefix "NVIDIA ". Compare without
+    either prefix, so a user may also write just "RTX 3090"."""
     key = " ".join(name.lower().split())
-    return key.removeprefix("nvidia ")
+    return key.removeprefix("nvidia ").removeprefix("geforce ")
 
 
 @functools.cache

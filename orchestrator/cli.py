@@ -219,3 +219,7 @@ def main() -> None:
             err.show()
             sys.exit(2)
         raise
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from orchestrator import catalog
 from orchestrator.errors import InputError
@@ -55,15 +55,6 @@ class ClusterConfig(StrictModel):
     network: NetworkEntry = NetworkEntry()
     nodes: list[NodeEntry] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> ClusterConfig:
-        seen: set[str] = set()
-        for node in self.nodes:
-            if node.name in seen:
-                raise ValueError(f"node name {node.name!r} appears twice; names must be unique")
-            seen.add(node.name)
-        return self
-
     def node(self, name: str) -> NodeEntry:
         return next(n for n in self.nodes if n.name == name)
 
@@ -86,6 +77,9 @@ def _check_semantics(source: str, config: ClusterConfig) -> None:
     if config.head.address not in addresses:
         raise InputError(source, "head.address", config.head.address, f"it must be the address of one of the nodes: {', '.join(addresses)}")
     for i, node in enumerate(config.nodes):
+        first = next(k for k, n in enumerate(config.nodes) if n.name == node.name)
+        if first != i:
+            raise InputError(source, f"nodes[{i}].name", node.name, f"node names must be unique; nodes[{first}] is already {node.name!r}")
         for j, gpu in enumerate(node.gpus):
             field = f"nodes[{i}].gpus[{j}].model"
             found = catalog.candidates(gpu.model)

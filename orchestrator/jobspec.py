@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from orchestrator import catalog
 from orchestrator.errors import InputError
@@ -92,11 +92,11 @@ class JobSpec(StrictModel):
     model: ModelSpec
     dataset: DatasetSpec
     method: Literal["full", "lora"] = "full"
-    lora: LoraSpec | None = None
+    lora: LoraSpec | None = Field(None, validate_default=True)
     seq_len: int = Field(512, ge=8, le=131072)
     global_batch_size: int = Field(8, ge=1, le=65536, description="Samples per optimizer step, over all cards.")
     max_steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0, validate_default=True)
     optimizer: OptimizerSpec = OptimizerSpec()
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     gpus: GpuConstraints = GpuConstraints()
@@ -106,13 +106,19 @@ class JobSpec(StrictModel):
     priority: int = Field(0, ge=-100, le=100)
     seed: int = 0
 
-    @model_validator(mode="after")
-    def _consistent(self) -> JobSpec:
-        if (self.max_steps is None) == (self.epochs is None):
-            raise ValueError("give exactly one of max_steps or epochs")
-        if self.lora is not None and self.method != "lora":
+    @field_validator("lora")
+    @classmethod
+    def _lora_needs_method(cls, value: LoraSpec | None, info: ValidationInfo) -> LoraSpec | None:
+        if value is not None and info.data.get("method") != "lora":
             raise ValueError("a lora section needs method: lora")
-        return self
+        return value
+
+    @field_validator("epochs")
+    @classmethod
+    def _one_length(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if (value is None) == (info.data.get("max_steps") is None):
+            raise ValueError("give exactly one of max_steps or epochs")
+        return value
 
     @property
     def lora_config(self) -> LoraSpec:

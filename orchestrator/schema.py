@@ -56,6 +56,8 @@ def _apply_override(source: str, data: dict, override: str) -> None:
 
 
 def _field_path(loc: tuple) -> str:
+    if not loc:
+        return "(top level)"
     path = ""
     for part in loc:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))

@@ -1,0 +1,180 @@
+"""The whole path with real parts: `zeromix up --simulate` starts a 3-node Ray cluster on this machine,
+jobs go through the CLI, DeepSpeed trains on CPU ranks, and transformers loads what was saved."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO, TINY_LLAMA
+
+pytestmark = pytest.mark.cluster
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def zeromix(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "COLUMNS": "200"}, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"zeromix {' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The shipped homelab on free ports, with its own ZEROMIX_HOME."""
+    work = tmp_path_factory.mktemp("cluster")
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    config["head"].update(port=free_port(), dashboard_port=free_port())
+    (work / "cluster.yaml").write_text(yaml.safe_dump(config))
+    os.environ["ZEROMIX_HOME"] = str(work / "home")
+    up = zeromix("up", "--simulate", str(work / "cluster.yaml"), timeout=180)
+    assert "3 nodes and 5 cards registered" in up.stdout
+    from orchestrator import cluster_runtime
+
+    state = cluster_runtime.connect()
+    yield state, work
+    import ray
+
+    ray.shutdown()
+    zeromix("down")
+    os.environ.pop("ZEROMIX_HOME")
+
+
+def submitted_id(stdout: str) -> str:
+    return next(line.split()[1] for line in stdout.splitlines() if line.startswith("submitted "))
+
+
+def job_status(state, job_id: str) -> str:
+    from orchestrator.launch import jobs_client
+
+    return jobs_client(state).get_job_status(job_id).value
+
+
+def assert_cards_free():
+    from orchestrator import registry
+
+    assert registry.live_placement_groups() == {}
+    assert [c.card_id for c in registry.snapshot().cards if c.held_by] == []
+
+
+def mean_token_loss(model, records: list[dict], dataset: dict, tokenizer) -> float:
+    from workers.data import collate, tokenize
+
+    batch = collate(tokenize(records, dataset, tokenizer, 32), tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1), ignore_index=-100).item()
+
+
+@pytest.fixture(scope="module")
+def scratch_run(cluster, demo_data):
+    state, work = cluster
+    out = work / "scratch"
+    done = zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", "--set", f"output_dir={out}",
+                   "--set", f"dataset.path={demo_data['pretrain']}", "--set", "max_steps=60")
+    return state, submitted_id(done.stdout), out, done.stdout
+
+
+def test_full_fine_tune_zero2_on_two_different_cards(scratch_run, demo_data):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    state, job_id, out, stdout = scratch_run
+    assert job_status(state, job_id) == "SUCCEEDED"
+    result = json.loads((out / "zeromix-result.json").read_text())
+    assert {r["model"] for r in result["ranks"]} == {"GeForce GTX 1080 Ti", "GeForce RTX 3090"}
+    assert {(r["zero_stage"], r["precision"]) for r in result["ranks"]} == {(2, "fp32")}
+    assert sum(r["micro_batch"] for r in result["ranks"]) == 32 and result["steps"] == 60
+
+    # The saved model loads with transformers and does better on its training data than where it started.
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    trained = AutoModelForCausalLM.from_pretrained(out / "final")
+    torch.manual_seed(0)  # the job's seed: the same initial weights every rank started from
+    initial = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA))
+    records = [json.loads(line) for line in demo_data["pretrain"].read_text().splitlines()[:256]]
+    dataset = {"format": "jsonl", "text_field": "text"}
+    before, after = mean_token_loss(initial, records, dataset, tokenizer), mean_token_loss(trained, records, dataset, tokenizer)
+    assert after < before - 1.0, (before, after)
+    assert_cards_free()
+
+
+def test_plan_is_in_the_ray_job_metadata(scratch_run):
+    from orchestrator.launch import jobs_client
+
+    state, job_id, _, _ = scratch_run
+    plan = json.loads(jobs_client(state).get_job_info(job_id).metadata["zeromix_plan"])
+    assert plan["zero_stage"] == 2 and sorted(r["card"] for r in plan["ranks"]) == ["attic/0", "desk/0"]
+    assert "token" not in json.dumps(plan).lower()
+
+
+def test_lora_zero3_fine_tune_of_the_scratch_model(scratch_run, demo_data):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    state, _, scratch_out, _ = scratch_run
+    out = scratch_out.parent / "lora"
+    done = zeromix("submit", "jobs/examples/tiny-llama-lora-reverse.yaml", "--set", f"output_dir={out}",
+                   "--set", f"model.path={scratch_out / 'final'}", "--set", f"dataset.path={demo_data['reverse-train']}",
+                   "--set", "max_steps=40")
+    job_id = submitted_id(done.stdout)
+    assert job_status(state, job_id) == "SUCCEEDED"
+    result = json.loads((out / "zeromix-result.json").read_text())
+    assert {(r["model"], r["zero_stage"], r["precision"]) for r in result["ranks"]} == {
+        ("GeForce RTX 3090", 3, "bf16"), ("GeForce RTX 4090", 3, "bf16")}
+    assert (out / "final" / "adapter_config.json").is_file()
+
+    tokenizer = AutoTokenizer.from_pretrained(scratch_out / "final")
+    base = AutoModelForCausalLM.from_pretrained(scratch_out / "final")
+    records = [json.loads(line) for line in demo_data["reverse-train"].read_text().splitlines()[:256]]
+    dataset = {"format": "jsonl", "prompt_field": "prompt", "completion_field": "completion"}
+    before = mean_token_loss(base, records, dataset, tokenizer)
+    tuned = PeftModel.from_pretrained(base, str(out / "final"))
+    assert mean_token_loss(tuned, records, dataset, tokenizer) < before - 0.1  # measured: 1.76 -> 1.53
+    assert_cards_free()
+
+
+def test_cancel_releases_the_cards(cluster, demo_data):
+    from orchestrator import registry
+
+    state, work = cluster
+    done = zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", "--no-wait", "--set", f"output_dir={work / 'cancelled'}",
+                   "--set", f"dataset.path={demo_data['pretrain']}", "--set", "max_steps=100000")
+    job_id = submitted_id(done.stdout)
+    held = {c.card_id for c in registry.snapshot().cards if c.held_by == job_id}
+    assert held == {"attic/0", "desk/0"}
+    deadline = time.time() + 120
+    while job_status(state, job_id) != "RUNNING" and time.time() < deadline:
+        time.sleep(1)
+    assert job_id in zeromix("status").stdout
+    zeromix("cancel", job_id)
+    assert_cards_free()
+    deadline = time.time() + 60
+    while job_status(state, job_id) not in ("STOPPED", "FAILED") and time.time() < deadline:
+        time.sleep(1)
+    assert job_status(state, job_id) == "STOPPED"
+
+
+def test_a_job_that_fits_nowhere_reserves_nothing(cluster, demo_data):
+    from orchestrator.launch import list_jobs
+
+    state, work = cluster
+    before = len(list_jobs(state))
+    done = zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", "--set", f"output_dir={work / 'never'}",
+                   "--set", f"dataset.path={demo_data['pretrain']}", "--set", "gpus.count=3", check=False)
+    assert done.returncode == 2
+    assert done.stderr.startswith("zeromix: error: no placement for job 'tiny-llama-scratch': ")
+    assert "To fix: lower gpus.count (needs 3, 2 eligible) or free more cards" in done.stderr
+    assert len(list_jobs(state)) == before
+    assert_cards_free()
+    assert not (work / "never").exists()

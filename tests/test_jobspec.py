@@ -1,0 +1,114 @@
+"""The job spec: a user's bad input gets one line naming the field, the value and what is allowed."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from orchestrator.errors import InputError
+from orchestrator.jobspec import load_job, total_steps
+from tests.conftest import REPO, TINY_LLAMA
+
+
+@pytest.fixture
+def write_spec(tmp_path, demo_data):
+    def write(**changes) -> str:
+        spec = {
+            "name": "t1",
+            "model": {"init": "scratch", "path": str(TINY_LLAMA)},
+            "dataset": {"path": str(demo_data["pretrain"]), "text_field": "text"},
+            "seq_len": 32, "global_batch_size": 8, "max_steps": 5,
+            "output_dir": str(tmp_path / "out"),
+        }
+        for key, value in changes.items():
+            section, _, leaf = key.partition("__")
+            if leaf:
+                spec.setdefault(section, {})[leaf] = value
+            elif value is None:
+                spec.pop(section)
+            else:
+                spec[section] = value
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return str(path)
+
+    return write
+
+
+def message(path: str) -> str:
+    with pytest.raises(InputError) as err:
+        load_job(path)
+    return str(err.value).replace(path, "job.yaml")
+
+
+def test_valid_spec_loads_with_absolute_paths(write_spec, tmp_path):
+    job = load_job(write_spec())
+    assert job.method == "full" and job.precision == "auto" and job.deepspeed.gradient_clipping == 1.0
+    assert job.output_dir == str(tmp_path / "out")
+    assert total_steps(job) == 5
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"method": "qlora"}, "job.yaml: method='qlora' is not allowed; input should be 'full' or 'lora'"),
+    ({"seq_len": 4}, "job.yaml: seq_len=4 is not allowed; input should be greater than or equal to 8"),
+    ({"global_batch_size": "lots"}, "job.yaml: global_batch_size='lots' is not allowed; input should be a valid integer, unable to parse string as an integer"),
+    ({"precision": "fp8"}, "job.yaml: precision='fp8' is not allowed; input should be 'auto', 'fp32', 'fp16' or 'bf16'"),
+    ({"name": "My Job"}, "job.yaml: name='My Job' is not allowed; string should match pattern '^[a-z0-9][a-z0-9-]{0,40}$'"),
+    ({"output_dir": None}, "job.yaml: output_dir is missing; it is required"),
+    ({"epochs": 2}, "job.yaml: epochs=2 is not allowed; give exactly one of max_steps or epochs"),
+    ({"lora__r": 0, "method": "lora"}, "job.yaml: lora.r=0 is not allowed; input should be greater than or equal to 1"),
+    ({"lora__r": 8}, "job.yaml: lora={'r': 8} is not allowed; a lora section needs method: lora"),
+    ({"gpus__count": 2, "gpus__min": 1}, "job.yaml: gpus={'count': 2, 'min': 1} is not allowed; give either count, or min/max, not both"),
+    ({"gpus__models": ["RTX 3099"]}, "job.yaml: gpus.models[0]='RTX 3099' is not allowed; not a card in the catalog; did you mean 'GeForce RTX 3090', 'GeForce RTX 3090 Ti', 'GeForce RTX 5090'?"),
+    ({"deepspeed__zero_stage": 4}, "job.yaml: deepspeed.zero_stage=4 is not allowed; input should be 'auto', 0, 1, 2 or 3"),
+    ({"batch_size": 16}, "job.yaml: batch_size=16 is not allowed; unknown key; allowed keys here: checkpoint_every, dataset, deepspeed, epochs, global_batch_size, gpus, lora, max_steps, method, model, name, optimizer, output_dir, precision, priority, seed, seq_len"),
+    ({"optimizer__lr": 0}, "job.yaml: optimizer.lr=0 is not allowed; input should be greater than 0"),
+])
+def test_schema_errors_name_field_value_and_allowed(write_spec, changes, expected):
+    assert message(write_spec(**changes)) == expected
+
+
+def test_missing_paths_fail_before_any_planning(write_spec, tmp_path, demo_data):
+    assert message(write_spec(model={"init": "scratch", "path": str(tmp_path / "nope")})) == (
+        f"job.yaml: model.path='{tmp_path / 'nope'}' is not allowed; init: scratch needs an existing directory with config.json")
+    assert message(write_spec(model={"path": "someone/not-cached-model"})) == (
+        "job.yaml: model.path='someone/not-cached-model' is not allowed; it must be a local directory or a Hugging Face id already in the local cache (nodes do not download)")
+    assert message(write_spec(dataset={"path": str(tmp_path / "missing.jsonl"), "text_field": "text"})) == (
+        f"job.yaml: dataset.path='{tmp_path / 'missing.jsonl'}' is not allowed; it must be an existing file (jsonl or text)")
+    assert message(write_spec(dataset={"path": str(demo_data["pretrain"]), "text_field": "body"})) == (
+        "job.yaml: dataset.text_field='body' is not allowed; line 1 of the data has only the fields text")
+
+
+def test_a_finished_run_is_never_overwritten(write_spec, tmp_path):
+    (tmp_path / "out" / "final").mkdir(parents=True)
+    assert message(write_spec()) == (
+        f"job.yaml: output_dir='{tmp_path / 'out'}' is not allowed; it already holds a finished run ({tmp_path / 'out' / 'final'}); choose a new output_dir or remove that one")
+
+
+def test_yaml_syntax_and_overrides(tmp_path, write_spec):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("name: x\nmodel: [unclosed\n")
+    with pytest.raises(InputError) as err:
+        load_job(bad)
+    assert str(err.value) == f"""{bad}: line 3="expected ',' or ']', but got '<stream end>'" is not allowed; the file must be valid YAML"""
+    job = load_job(write_spec(), overrides=["max_steps=7", "optimizer.lr=0.01"])
+    assert (job.max_steps, job.optimizer.lr) == (7, 0.01)
+    with pytest.raises(InputError, match="--set='max_steps' is not allowed; use key=value"):
+        load_job(write_spec(), overrides=["max_steps"])
+
+
+def test_cli_exits_2_with_one_line_and_submits_nothing(write_spec, tmp_path):
+    """The CLI path a user hits: a bad spec is refused before any cluster is contacted."""
+    env = {"ZEROMIX_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", write_spec(seq_len=4)],
+                          capture_output=True, text=True, cwd=REPO, env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"zeromix: error: {tmp_path / 'job.yaml'}: seq_len=4 is not allowed; input should be greater than or equal to 8"]
+    assert not (tmp_path / "home").exists()  # no cluster state, no token: nothing was touched
+
+
+def test_shipped_examples_are_valid():
+    for path in sorted((REPO / "jobs" / "examples").glob("*.yaml")):
+        job = load_job(path, check_files=False)
+        assert job.name == path.stem

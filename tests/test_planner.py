@@ -1,0 +1,83 @@
+"""The first planner: cards that fit, a precision every card runs, and per-card micro-batches that keep
+the global batch exact with one accumulation count for all ranks."""
+
+import pytest
+
+from orchestrator.cluster_config import load_cluster
+from orchestrator.inventory import snapshot_from_config
+from orchestrator.jobspec import JobSpec
+from orchestrator.model_facts import facts_from_config, read_config
+from orchestrator.planner import NoPlacement, make_plan, split_batch
+from tests.conftest import REPO, TINY_LLAMA
+
+HOMELAB = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
+TINY = facts_from_config(read_config(str(TINY_LLAMA)))
+
+
+def job(**fields) -> JobSpec:
+    base = {"name": "j", "model": {"path": "m"}, "dataset": {"path": "d", "text_field": "text"}, "max_steps": 10,
+            "output_dir": "o", "global_batch_size": 32, "seq_len": 64}
+    return JobSpec.model_validate({**base, **fields})
+
+
+def test_pascal_in_the_group_means_fp32_and_the_split_follows_the_rates():
+    plan = make_plan(job(gpus={"models": ["GeForce GTX 1080 Ti", "GeForce RTX 3090"]}), TINY, HOMELAB, 10)
+    assert {r.card.card_id: r.tuning.precision for r in plan.ranks} == {"desk/0": "fp32", "attic/0": "fp32"}
+    micro = {r.card.short_name: r.tuning.micro_batch for r in plan.ranks}
+    assert micro == {"GeForce RTX 3090": 25, "GeForce GTX 1080 Ti": 7}  # 35.6 vs 11.3 TFLOPS: 0.70 vs 0.62 of a unit each
+    assert plan.global_batch == 32 and plan.grad_accum == 1
+
+
+def test_ampere_and_ada_get_bf16_and_every_ds_config_is_explicit():
+    j = job(gpus={"models": ["RTX 3090", "RTX 4090"]}, deepspeed={"gradient_clipping": 0.0})
+    plan = make_plan(j, TINY, HOMELAB, 10)
+    configs = plan.ds_configs(j)
+    assert [c["bf16"]["enabled"] for c in configs] == [True, True]
+    assert [c["train_micro_batch_size_per_gpu"] for c in configs] == [r.tuning.micro_batch for r in plan.ranks]
+    assert {c["gradient_accumulation_steps"] for c in configs} == {plan.grad_accum}
+    assert all(c["gradient_clipping"] == 0.0 for c in configs)
+
+
+def test_turing_without_pascal_gets_fp16_and_explicit_bf16_leaves_old_cards_out():
+    plan = make_plan(job(gpus={"models": ["RTX 2080 Ti", "RTX 3090"]}), TINY, HOMELAB, 10)
+    assert {r.tuning.precision for r in plan.ranks} == {"fp16"}
+    plan = make_plan(job(precision="bf16"), TINY, HOMELAB, 10)
+    assert sorted(r.card.card_id for r in plan.ranks) == ["closet/0", "desk/0", "desk/1"]
+    assert {x.card_id: x.reason for x in plan.rejected} == {
+        "attic/0": "bf16 needs compute capability >= 8.0 (older cards only emulate it, very slowly)",
+        "attic/1": "bf16 needs compute capability >= 8.0 (older cards only emulate it, very slowly)",
+    }
+
+
+def test_held_cards_are_not_planned_and_the_error_says_what_would_help():
+    held = HOMELAB.with_holders({"zm_card_desk_0": "other-job", "zm_card_desk_1": "other-job"})
+    with pytest.raises(NoPlacement) as err:
+        make_plan(job(gpus={"count": 2, "models": ["RTX 3090", "RTX 4090"]}), TINY, held, 10)
+    assert str(err.value).startswith("no placement for job 'j': attic/0 (GeForce GTX 1080 Ti): not in gpus.models (RTX 3090, RTX 4090);")
+    assert "desk/0 (GeForce RTX 3090): held by job other-job" in str(err.value)
+    assert "To fix: lower gpus.count (needs 2, 0 eligible) or free more cards" in str(err.value)
+
+
+def test_a_global_batch_smaller_than_the_cards_uses_fewer_cards():
+    plan = make_plan(job(global_batch_size=2), TINY, HOMELAB, 10)
+    assert len(plan.ranks) == 2 and plan.global_batch == 2
+
+
+@pytest.mark.parametrize("total, rates, caps", [(32, [35.6, 11.3], [99, 99]), (7, [1.0, 1.0, 1.0], [5, 5, 5]), (100, [165.2, 71.2, 11.3], [40, 40, 40])])
+def test_split_sums_exactly_and_respects_caps(total, rates, caps):
+    micro = split_batch(total, rates, caps)
+    assert sum(micro) == total and all(1 <= m <= c for m, c in zip(micro, caps))
+    slowest = max(m / r for m, r in zip(micro, rates))
+    # moving one sample from the slowest rank to any other never makes the step faster
+    for i in range(len(micro)):
+        for j in range(len(micro)):
+            if i != j and micro[i] > 1 and micro[j] < caps[j]:
+                moved = list(micro)
+                moved[i] -= 1
+                moved[j] += 1
+                assert max(m / r for m, r in zip(moved, rates)) >= slowest - 1e-12
+
+
+def test_split_refuses_what_cannot_fit():
+    assert split_batch(10, [1.0, 1.0], [4, 4]) is None
+    assert split_batch(1, [1.0, 1.0], [4, 4]) is None
