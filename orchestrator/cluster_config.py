@@ -30,7 +30,6 @@ class NodeEntry(StrictModel):
     cpus: int = Field(8, ge=1)
     gpus: list[GpuEntry] = Field(default_factory=list)
     link: LinkName | None = Field(None, description="This node's link to the others; defaults to network.link.")
-    nccl_socket_ifname: str | None = None
 
     @field_validator("address")
     @classmethod
@@ -54,9 +53,6 @@ class ClusterConfig(StrictModel):
     head: HeadEntry
     network: NetworkEntry = NetworkEntry()
     nodes: list[NodeEntry] = Field(min_length=1)
-
-    def node(self, name: str) -> NodeEntry:
-        return next(n for n in self.nodes if n.name == name)
 
     @property
     def head_node(self) -> NodeEntry:
