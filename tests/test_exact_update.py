@@ -114,3 +114,15 @@ def test_uneven_micro_batches_match_the_full_batch_update(tmp_path, demo_data, s
     assert max_relative_difference(trained, exact) < tolerance
     # The tolerance can tell the right weighting from the naive one: averaging each rank's own mean is off.
     assert max_relative_difference(reference(config, initial, "per_rank_mean"), exact) > 10 * tolerance
+
+
+def test_a_resumed_job_continues_exactly(tmp_path, demo_data):
+    """Stopped after step 2, restarted on the same output_dir: it resumes from the checkpoint (weights,
+    Adam state, schedule, data position) and lands where an uninterrupted run does."""
+    initial = run_two_ranks(train_config(tmp_path / "init", demo_data["pretrain"], 2, 0.0, steps=0))
+    first_leg = train_config(tmp_path / "run", demo_data["pretrain"], 2, 0.0, steps=2)
+    run_two_ranks(first_leg)
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-2"
+    resumed = run_two_ranks(train_config(tmp_path / "run", demo_data["pretrain"], 2, 0.0, steps=STEPS))
+    exact = reference(train_config(tmp_path / "ref", demo_data["pretrain"], 2, 0.0), initial, "tokens")
+    assert max_relative_difference({k: v for k, v in resumed.items() if k in exact}, exact) < TOLERANCE
