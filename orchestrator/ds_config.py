@@ -37,7 +37,7 @@ def deepspeed_config(tuning: RankTuning, grad_accum: int, world_size: int, gradi
         "prescale_gradients": False,
         "gradient_predivide_factor": 1.0,
         "steps_per_print": 1_000_000_000,  # zeromix logs steps itself
-        "wall_clock_breakdown": False,
+        "wall_clock_breakdown": True,  # DeepSpeed's timers feed zeromix's straggler accounting (CUDA events, no sync)
         "zero_allow_untested_optimizer": False,
         "fp16": {
             "enabled": tuning.precision == "fp16",

@@ -3,24 +3,27 @@
 from workers.data import GlobalBatchSampler, IGNORE_INDEX, Sample, collate
 
 
-def test_slices_partition_each_global_batch_and_cover_the_epoch():
+def test_slices_partition_each_global_batch():
     sampler = GlobalBatchSampler(num_samples=100, micro_batches=(3, 1, 2), grad_accum=2, seed=7)
-    assert sampler.global_batch == 12 and sampler.steps_per_epoch == 8
-    seen = []
-    for step in range(sampler.steps_per_epoch):
+    assert sampler.global_batch == 12
+    for step in range(20):
         per_rank = [sampler.rank_micro_batches(step, r) for r in range(3)]
         assert [[len(m) for m in rank] for rank in per_rank] == [[3, 3], [1, 1], [2, 2]]
-        flat = [i for rank in per_rank for micro in rank for i in micro]
-        assert flat == sampler.global_indices(step)
-        seen += flat
-    assert len(seen) == len(set(seen)) == 96  # no sample twice; 4 left over wait for the next shuffle
+        assert [i for rank in per_rank for micro in rank for i in micro] == sampler.global_indices(step)
+
+
+def test_every_sample_exactly_once_per_epoch_even_when_batches_straddle_epochs():
+    sampler = GlobalBatchSampler(num_samples=100, micro_batches=(3, 1, 2), grad_accum=2, seed=7)
+    stream = [i for step in range(50) for i in sampler.global_indices(step)]  # 600 samples = 6 epochs
+    for epoch in range(6):
+        assert sorted(stream[epoch * 100 : (epoch + 1) * 100]) == list(range(100))
+    assert stream[:100] != stream[100:200]  # each epoch is reshuffled
 
 
 def test_every_step_is_a_pure_function_of_its_number():
     a = GlobalBatchSampler(50, (2, 2), 1, seed=1)
     b = GlobalBatchSampler(50, (2, 2), 1, seed=1)
     assert a.rank_micro_batches(37, 1) == b.rank_micro_batches(37, 1)  # a resumed job takes the same batch
-    assert a.global_indices(0) != a.global_indices(a.steps_per_epoch)  # a new epoch reshuffles
 
 
 def test_collate_pads_and_masks_loss():

@@ -4,10 +4,6 @@ Two real DeepSpeed ranks on CPU (gloo) run `workers.train.main` with micro-batch
 process runs plain AdamW on the same global batches. After 3 optimizer steps the weights must agree.
 """
 
-import multiprocessing
-import os
-import socket
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,7 +11,8 @@ from safetensors.torch import load_file
 from orchestrator.ds_config import Optimization, RankTuning, deepspeed_config
 from tests.conftest import TINY_LLAMA
 from workers.data import GlobalBatchSampler, collate, read_records, tokenize
-from workers.train import RankInfo, TrainConfig
+from workers.local_launch import run_local_ranks
+from workers.train import TrainConfig
 
 MICRO, GRAD_ACCUM, STEPS, LR, SEQ = (3, 1), 2, 3, 1e-3, 32
 TOLERANCE = 1e-5  # max relative difference, fp32
@@ -23,17 +20,6 @@ TOLERANCE = 1e-5  # max relative difference, fp32
 # Adam step): reduction-order noise that varies run to run, amplified by Adam on tiny gradients. The naive
 # weighting it must rule out is off by more than 1e-3.
 TOLERANCE_ZERO3 = 1e-4
-
-
-def _rank(rank: int, config_json: str, port: int) -> None:
-    torch.set_num_threads(1)
-    from workers.train import main
-
-    main(TrainConfig.from_json(config_json), RankInfo(rank, len(MICRO), "127.0.0.1", port))
-    # Done and saved. Skip interpreter teardown: a C++ thread left joinable by the gloo/DeepSpeed stack
-    # sometimes aborts it ("terminate called without an active exception"). zeromix's own ranks are Ray
-    # actors that are killed, never torn down this way.
-    os._exit(0)
 
 
 def train_config(tmp_path, data_path, stage: int, clip: float, steps: int = STEPS) -> TrainConfig:
@@ -48,16 +34,7 @@ def train_config(tmp_path, data_path, stage: int, clip: float, steps: int = STEP
 
 
 def run_two_ranks(config: TrainConfig) -> dict[str, torch.Tensor]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_rank, args=(r, config.to_json(), port)) for r in range(len(MICRO))]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    run_local_ranks(config)
     return load_file(f"{config.output_dir}/final/model.safetensors")
 
 

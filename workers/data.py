@@ -7,6 +7,7 @@ resumed job picks up at any step.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import dataclass
@@ -78,9 +79,11 @@ def collate(samples: list[Sample], pad_id: int) -> Batch:
 class GlobalBatchSampler:
     """Which samples each rank takes at each optimizer step.
 
-    A global batch is `sum(micro_batches) * grad_accum` samples. Rank r takes a contiguous slice of
-    `micro_batches[r] * grad_accum` of them, in `grad_accum` micro-batches of `micro_batches[r]`.
-    Samples left over at the end of an epoch (fewer than a global batch) wait for the next epoch's shuffle.
+    The data is read as one stream of shuffled epochs laid end to end, and global batch k is positions
+    [k*B, (k+1)*B) of that stream, so every sample is used exactly once per epoch (a batch may straddle two
+    epochs) and step k is a pure function of k: a resumed job takes the same batches. Rank r takes a
+    contiguous slice of `micro_batches[r] * grad_accum` samples of each global batch, in `grad_accum`
+    micro-batches of `micro_batches[r]`.
     """
 
     num_samples: int
@@ -92,17 +95,20 @@ class GlobalBatchSampler:
     def global_batch(self) -> int:
         return sum(self.micro_batches) * self.grad_accum
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.num_samples // self.global_batch
-
-    def global_indices(self, step: int) -> list[int]:
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the dataset has {self.num_samples} samples, fewer than one global batch of {self.global_batch}")
-        epoch, k = divmod(step, self.steps_per_epoch)
+    @functools.lru_cache(maxsize=2)  # the current epoch, and the next one when a batch straddles them
+    def epoch_order(self, epoch: int) -> list[int]:
         order = list(range(self.num_samples))
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order[k * self.global_batch : (k + 1) * self.global_batch]
+        return order
+
+    def global_indices(self, step: int) -> list[int]:
+        start = step * self.global_batch
+        picked: list[int] = []
+        while len(picked) < self.global_batch:
+            epoch, offset = divmod(start + len(picked), self.num_samples)
+            take = min(self.num_samples - offset, self.global_batch - len(picked))
+            picked += self.epoch_order(epoch)[offset : offset + take]
+        return picked
 
     def rank_micro_batches(self, step: int, rank: int) -> list[list[int]]:
         start = sum(self.micro_batches[:rank]) * self.grad_accum

@@ -42,12 +42,17 @@ class TrainConfig:
     output_dir: str
     checkpoint_every: int
     seed: int
+    # Benchmark only (bench/hetero_dp.py): rank r runs k_r times slower, to emulate mixed cards on CPU.
+    # Job specs have no such field and the launcher never sets it.
+    emulated_slowdown: tuple[float, ...] | None = None
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
         raw = json.loads(text)
         raw["micro_batches"] = tuple(raw["micro_batches"])
         raw["ds_configs"] = tuple(raw["ds_configs"])
+        if raw.get("emulated_slowdown") is not None:
+            raw["emulated_slowdown"] = tuple(raw["emulated_slowdown"])
         return cls(**raw)
 
     def to_json(self) -> str:
@@ -73,6 +78,15 @@ class RankResult:
     device: str = ""
     final_dir: str | None = None
     losses: list[float] = field(default_factory=list)
+    # Straggler accounting, per rank (index = rank), averaged over the run's steps:
+    step_time_s: float = 0.0  # mean optimizer-step time
+    step_times: list[float] = field(default_factory=list)  # every step's time, measured on this rank
+    busy_s: list[float] = field(default_factory=list)  # time not spent waiting for slower ranks
+    wait_s: list[float] = field(default_factory=list)  # time blocked in gradient reduction beyond the fastest rank's
+
+    @property
+    def utilisation(self) -> list[float]:
+        return [b / (b + w) if b + w else 0.0 for b, w in zip(self.busy_s, self.wait_s)]
 
 
 def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
@@ -85,6 +99,8 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     import deepspeed
     import torch.distributed as dist
     import torch.nn.functional as F
+    from deepspeed.utils import logger as ds_logger
+    from deepspeed.utils.timer import BACKWARD_REDUCE_GLOBAL_TIMER
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -139,7 +155,11 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
 
     # ----------------------------------------------------------------------------- loop
     result = RankResult(rank=rank, steps=start_step, precision=precision, device=_device_name(on_gpu))
-    tokens_seen, train_time = 0, 0.0
+    slowdown = cfg.emulated_slowdown[rank] if cfg.emulated_slowdown else 1.0
+    if cfg.emulated_slowdown:
+        _say(rank, f"SPEED EMULATION ON (benchmark only): ranks run {list(cfg.emulated_slowdown)} times slower")
+    ds_logger.setLevel(logging.WARNING)  # its timers log every micro-step; zeromix reports them per step below
+    tokens_seen, train_time, timings = 0, 0.0, torch.zeros(world, 2, dtype=torch.float64)
     for step in range(start_step, cfg.total_steps):
         t0 = time.perf_counter()
         batches = [collate([samples[i] for i in idx], pad_id) for idx in sampler.rank_micro_batches(step, rank)]
@@ -148,7 +168,10 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
         global_loss_tokens = counts[0].item()
         loss_sum = torch.zeros((), dtype=torch.float64)
         for batch in batches:
+            t_forward = time.perf_counter()
             logits = engine(input_ids=batch.input_ids.to(engine.device), attention_mask=batch.attention_mask.to(engine.device)).logits
+            if slowdown > 1.0:  # before backward, so the collective waits for it; backward ~ 2x forward
+                time.sleep((slowdown - 1.0) * 3 * (time.perf_counter() - t_forward))
             token_losses = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1).to(engine.device),
                 ignore_index=-100, reduction="sum",
@@ -159,9 +182,12 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
         dist.all_reduce(loss_sum)
         step_time = time.perf_counter() - t0
         train_time += step_time
+        reduce_s = engine.get_wall_clock_timers().get(BACKWARD_REDUCE_GLOBAL_TIMER, 0.0) / 1000.0  # this step's, in ms
+        timings += _gather_step_timing(dist, world, step_time, reduce_s)
         tokens_seen += int(counts[1].item())
         loss = loss_sum.item() / global_loss_tokens
         result.losses.append(loss)
+        result.step_times.append(step_time)
         result.first_loss = result.first_loss if result.first_loss is not None else loss
         result.last_loss, result.steps = loss, step + 1
         _progress(rank, step=step + 1, of=cfg.total_steps, loss=round(loss, 5), lr=scheduler.get_last_lr()[0],
@@ -173,9 +199,27 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     engine.save_checkpoint(str(checkpoints), tag=f"step-{result.steps}", client_state={"step": result.steps})
     result.final_dir = str(_save_final(engine, tokenizer, out, rank, zero3_stage=ds_config["zero_optimization"]["stage"] == 3))
     result.tokens_per_s = tokens_seen / train_time if train_time else 0.0
+    steps_run = result.steps - start_step
+    if steps_run:
+        step_times, reduce_times = (timings / steps_run).unbind(dim=1)
+        waits = reduce_times - reduce_times.min()  # the fastest rank's reduction is pure communication
+        result.step_time_s = step_times.mean().item()
+        result.wait_s = waits.tolist()
+        result.busy_s = (step_times - waits).tolist()
     dist.barrier()
     dist.destroy_process_group()
     return result
+
+
+def _gather_step_timing(dist, world: int, step_time: float, reduce_time: float):
+    """Every rank's (step time, time in gradient reduction) for this step; a rank that waited for a slower
+    one spent that wait inside the reduction."""
+    import torch
+
+    mine = torch.zeros(world, 2, dtype=torch.float64)
+    mine[dist.get_rank()] = torch.tensor([step_time, reduce_time], dtype=torch.float64)
+    dist.all_reduce(mine)
+    return mine
 
 
 def _save_final(engine, tokenizer, out: Path, rank: int, zero3_stage: bool) -> Path:

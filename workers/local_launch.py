@@ -1,0 +1,46 @@
+"""Run a job's ranks as local processes, without Ray: what the exactness tests and bench/hetero_dp.py use
+to drive the real training loop on one machine's CPU."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+from dataclasses import asdict
+
+from workers.train import RankInfo, TrainConfig
+
+
+def _rank(rank: int, world: int, config_json: str, port: int, results) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from workers.train import main
+
+    results.put(asdict(main(TrainConfig.from_json(config_json), RankInfo(rank, world, "127.0.0.1", port))))
+    results.close()
+    results.join_thread()  # the result is handed over before the hard exit below
+    # Done and saved. Skip interpreter teardown: a C++ thread left joinable by the gloo/DeepSpeed stack
+    # sometimes aborts it ("terminate called without an active exception"). Ranks under Ray are actors
+    # that are killed, never torn down this way.
+    os._exit(0)
+
+
+def run_local_ranks(config: TrainConfig, timeout_s: float = 600) -> list[dict]:
+    """Train on len(config.micro_batches) local CPU ranks (gloo); each rank's RankResult as a dict, by rank."""
+    world = len(config.micro_batches)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, world, config.to_json(), port, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    collected = [results.get(timeout=timeout_s) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    codes = [p.exitcode for p in procs]
+    if codes != [0] * world:
+        raise RuntimeError(f"local ranks exited with {codes}")
+    return sorted(collected, key=lambda r: r["rank"])
