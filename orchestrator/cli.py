@@ -146,11 +146,13 @@ def render_plan(p: Plan) -> None:
                   f"activation checkpointing {'on' if p.activation_checkpointing else 'off'}, "
                   f"{p.grad_accum} accumulation step(s), global batch {p.global_batch}, {p.total_steps} steps, "
                   f"{p.trainable_params:,} of {p.n_params:,} parameters trained")
-    table = Table("RANK", "CARD", "GPU", "VRAM", "MICRO-BATCH", "EST. MEMORY", "PEAK TFLOPS")
-    for i, r in enumerate(p.ranks):
+    table = Table("RANK", "CARD", "GPU", "VRAM", "MICRO-BATCH", "EST. MEMORY", "PEAK TFLOPS", "EST. COMPUTE")
+    for i, (r, compute) in enumerate(zip(p.ranks, p.step.compute_s)):
         table.add_row(str(i), r.card.card_id, r.card.short_name, f"{r.card.vram_mib / 1024:.0f} GiB", str(r.tuning.micro_batch),
-                      f"{r.memory.total / GIB:.2f} GiB (estimate)", f"{r.rate_tflops:g}")
+                      f"{r.memory.total / GIB:.2f} GiB", f"{r.rate_tflops:g}", f"{compute * 1000:.3g} ms")
     console.print(table)
+    console.print(f"estimated step time {p.step.step_s * 1000:.3g} ms = slowest compute + {p.step.comm_s * 1000:.3g} ms communication "
+                  "(estimates: memory and time are modelled, not measured)")
     if p.rejected:
         left_out = Table("LEFT OUT", "GPU", "WHY", title=None)
         for x in p.rejected:
@@ -159,10 +161,13 @@ def render_plan(p: Plan) -> None:
 
 
 def render_result(result: dict) -> None:
-    table = Table("RANK", "CARD", "GPU", "MICRO-BATCH", "ZeRO", "PRECISION", "RAN ON")
+    table = Table("RANK", "CARD", "GPU", "MICRO-BATCH", "ZeRO", "PRECISION", "RAN ON", "UTILISATION")
     for r in result["ranks"]:
-        table.add_row(str(r["rank"]), r["card"], r["model"], str(r["micro_batch"]), str(r["zero_stage"]), r["precision"], r["device"])
+        util = f"{r['utilisation']:.0%}" if r["utilisation"] is not None else "-"
+        table.add_row(str(r["rank"]), r["card"], r["model"], str(r["micro_batch"]), str(r["zero_stage"]), r["precision"], r["device"], util)
     console.print(table)
+    console.print(f"step time {result['step_time_s'] * 1000:.1f} ms measured on {result['ranks'][0]['device']}; "
+                  f"the plan estimated {result['est_step_s'] * 1000:.3g} ms for the real cards")
     console.print(f"loss {result['first_loss']:.4f} -> {result['last_loss']:.4f} over {result['steps']} steps, "
                   f"{result['tokens_per_s']:.0f} tokens/s per rank (measured); saved to {result['final_dir']}")
 

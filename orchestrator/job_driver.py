@@ -20,8 +20,8 @@ RESULT_FILE = "zeromix-result.json"
 READY_TIMEOUT_S = 60
 
 
-def report(config: TrainConfig, cards: list[dict], placements: list[dict], results: list[dict]) -> dict:
-    first = results[0]
+def report(config: TrainConfig, plan: dict, placements: list[dict], results: list[dict]) -> dict:
+    first, cards = results[0], plan["ranks"]
     return {
         "job_id": config.job_id,
         "steps": first["steps"],
@@ -30,10 +30,15 @@ def report(config: TrainConfig, cards: list[dict], placements: list[dict], resul
         "losses": first["losses"],
         "tokens_per_s": round(sum(r["tokens_per_s"] for r in results) / len(results), 1),
         "final_dir": first["final_dir"],
+        "step_time_s": round(first["step_time_s"], 4),  # measured, mean over the run
+        "est_step_s": plan["est_step_s"],  # the plan's estimate, for the real cards
         "ranks": [
-            {"rank": i, "card": f"{c['node']}/{c['index']}", "model": c["model"], "micro_batch": config.micro_batches[i],
+            {"rank": i, "card": c["card"], "model": c["model"], "micro_batch": config.micro_batches[i],
              "zero_stage": config.ds_configs[i]["zero_optimization"]["stage"], "precision": r["precision"],
-             "device": p["device"], "cuda_visible_devices": p["cuda_visible_devices"]}
+             "device": p["device"], "cuda_visible_devices": p["cuda_visible_devices"],
+             "busy_s": round(first["busy_s"][i], 4), "wait_s": round(first["wait_s"][i], 4),
+             "utilisation": round(first["busy_s"][i] / (first["busy_s"][i] + first["wait_s"][i]), 3) if first["busy_s"] else None,
+             "est_compute_s": c["est_compute_s"]}
             for i, (c, p, r) in enumerate(zip(cards, placements, results))
         ],
     }
@@ -41,7 +46,8 @@ def report(config: TrainConfig, cards: list[dict], placements: list[dict], resul
 
 def main() -> int:
     config = TrainConfig.from_json(os.environ["ZEROMIX_TRAIN_CONFIG"])
-    cards = json.loads(os.environ["ZEROMIX_RANK_CARDS"])
+    plan = json.loads(os.environ["ZEROMIX_PLAN"])
+    cards = plan["ranks"]
     ray.init(namespace="zeromix")
     group_pg = ray.util.get_placement_group(placement_group_name(config.job_id))
     group = None
@@ -50,8 +56,8 @@ def main() -> int:
         group = WorkerGroup(group_pg, cards)
         placements = group.where()
         for c, p in zip(cards, placements):
-            print(f"zeromix: rank on {c['node']}/{c['index']} ({c['model']}) sees CUDA_VISIBLE_DEVICES={p['cuda_visible_devices']}, device {p['device']}", flush=True)
-        summary = report(config, cards, placements, group.run(config.to_json()))
+            print(f"zeromix: rank on {c['card']} ({c['model']}) sees CUDA_VISIBLE_DEVICES={p['cuda_visible_devices']}, device {p['device']}", flush=True)
+        summary = report(config, plan, placements, group.run(config.to_json()))
         Path(config.output_dir, RESULT_FILE).write_text(json.dumps(summary, indent=2))
         sys.stdout.write(f"\n{RESULT_TAG} {json.dumps(summary)}\n")  # one write: other threads print too
         sys.stdout.flush()

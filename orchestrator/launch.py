@@ -37,10 +37,6 @@ def train_config(job: JobSpec, plan: Plan, job_id: str) -> TrainConfig:
     )
 
 
-def rank_cards(plan: Plan) -> list[dict]:
-    return [{"node": r.card.node, "index": r.card.index, "resource": r.card.resource, "model": r.card.short_name} for r in plan.ranks]
-
-
 def reserve(job_id: str, plan: Plan):
     """A detached placement group holding exactly the planned cards, or an error and nothing held."""
     from ray.util.placement_group import placement_group, remove_placement_group
@@ -80,7 +76,7 @@ def submit(state: ClusterState, job: JobSpec, plan: Plan) -> str:
             submission_id=job_id,
             entrypoint=f"{sys.executable} -m orchestrator.job_driver",
             entrypoint_num_cpus=0,
-            runtime_env={"env_vars": {"ZEROMIX_TRAIN_CONFIG": config.to_json(), "ZEROMIX_RANK_CARDS": json.dumps(rank_cards(plan))}},
+            runtime_env={"env_vars": {"ZEROMIX_TRAIN_CONFIG": config.to_json(), "ZEROMIX_PLAN": json.dumps(plan.summary())}},
             metadata={METADATA_KEY: job.name, "zeromix_plan": json.dumps(plan.summary()),
                       "zeromix_priority": str(job.priority), "zeromix_output_dir": job.output_dir},
         )

@@ -99,7 +99,6 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     import deepspeed
     import torch.distributed as dist
     import torch.nn.functional as F
-    from deepspeed.utils import logger as ds_logger
     from deepspeed.utils.timer import BACKWARD_REDUCE_GLOBAL_TIMER
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
@@ -158,7 +157,7 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     slowdown = cfg.emulated_slowdown[rank] if cfg.emulated_slowdown else 1.0
     if cfg.emulated_slowdown:
         _say(rank, f"SPEED EMULATION ON (benchmark only): ranks run {list(cfg.emulated_slowdown)} times slower")
-    ds_logger.setLevel(logging.WARNING)  # its timers log every micro-step; zeromix reports them per step below
+    _quiet_deepspeed_timer_log()
     tokens_seen, train_time, timings = 0, 0.0, torch.zeros(world, 2, dtype=torch.float64)
     for step in range(start_step, cfg.total_steps):
         t0 = time.perf_counter()
@@ -168,10 +167,11 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
         global_loss_tokens = counts[0].item()
         loss_sum = torch.zeros((), dtype=torch.float64)
         for batch in batches:
-            t_forward = time.perf_counter()
+            cpu_forward = time.thread_time()
             logits = engine(input_ids=batch.input_ids.to(engine.device), attention_mask=batch.attention_mask.to(engine.device)).logits
-            if slowdown > 1.0:  # before backward, so the collective waits for it; backward ~ 2x forward
-                time.sleep((slowdown - 1.0) * 3 * (time.perf_counter() - t_forward))
+            if slowdown > 1.0:  # before backward, so the collective waits for it; backward ~ 2x forward.
+                # CPU time, not wall time: the work done, not the time spent waiting for a core.
+                time.sleep((slowdown - 1.0) * 3 * (time.thread_time() - cpu_forward))
             token_losses = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1).to(engine.device),
                 ignore_index=-100, reduction="sum",
@@ -209,6 +209,14 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     dist.barrier()
     dist.destroy_process_group()
     return result
+
+
+def _quiet_deepspeed_timer_log() -> None:
+    """With wall_clock_breakdown on, DeepSpeed prints its timers on every micro-step whatever the log level.
+    zeromix reads the same timers and reports them once per step, so only those prints are silenced."""
+    import deepspeed.utils.timer
+
+    deepspeed.utils.timer.print_dist = lambda *args, **kwargs: None
 
 
 def _gather_step_timing(dist, world: int, step_time: float, reduce_time: float):

@@ -14,7 +14,7 @@ from orchestrator.errors import ZeromixError
 from orchestrator.inventory import Card, ClusterSnapshot
 from orchestrator.jobspec import JobSpec
 from orchestrator.model_facts import ModelFacts
-from orchestrator.planner import memory
+from orchestrator.planner import memory, step_time
 from orchestrator.planner.filters import DEFAULT_FILTERS
 from orchestrator.planner.memory import GIB, MemoryEstimate, TrainingShape
 
@@ -50,6 +50,7 @@ class Plan:
     n_params: int
     trainable_params: int
     rejected: tuple[Rejection, ...]
+    step: step_time.StepEstimate  # an estimate
 
     @property
     def global_batch(self) -> int:
@@ -73,8 +74,11 @@ class Plan:
             "activation_checkpointing": self.activation_checkpointing,
             "grad_accum": self.grad_accum, "global_batch": self.global_batch, "total_steps": self.total_steps,
             "params": self.n_params, "trainable_params": self.trainable_params,
-            "ranks": [{"card": r.card.card_id, "model": r.card.short_name, "micro_batch": r.tuning.micro_batch,
-                       "est_mem_gib": round(r.memory.total / GIB, 2), "vram_gib": round(r.card.vram_mib / 1024, 1)} for r in self.ranks],
+            "est_step_s": round(self.step.step_s, 4), "est_comm_s": round(self.step.comm_s, 4),
+            "ranks": [{"card": r.card.card_id, "node": r.card.node, "index": r.card.index, "resource": r.card.resource,
+                       "model": r.card.short_name, "micro_batch": r.tuning.micro_batch,
+                       "est_mem_gib": round(r.memory.total / GIB, 2), "vram_gib": round(r.card.vram_mib / 1024, 1),
+                       "est_compute_s": round(c, 4)} for r, c in zip(self.ranks, self.step.compute_s)],
             "rejected": [{"card": x.card_id, "model": x.card, "reason": x.reason} for x in self.rejected],
         }
 
@@ -160,10 +164,20 @@ def _tune(job, facts, snapshot, group, precision, trainable, total_steps, reject
                                  memory.estimate(shape, stage, world, m, off_opt, off_par), rate)
                         for card, m, rate in zip(group, micro, rates)
                     )
-                    return Plan(job.name, ranks, grad_accum, ckpt, total_steps, facts.n_params, trainable, tuple(rejected))
+                    estimate = step_time.estimate(
+                        n_params=facts.n_params, trainable=trainable, method=job.method, activation_checkpointing=ckpt,
+                        tokens_per_rank=[m * grad_accum * job.seq_len for m in micro], rates_tflops=rates, stage=stage,
+                        precision=precision, link_gb_s=_slowest_link(snapshot, group))
+                    return Plan(job.name, ranks, grad_accum, ckpt, total_steps, facts.n_params, trainable, tuple(rejected), estimate)
                 if job.global_batch_size // grad_accum < world:
                     break
     return None
+
+
+def _slowest_link(snapshot: ClusterSnapshot, group: list[Card]) -> float:
+    nodes = {c.node for c in group}
+    return step_time.link_gb_per_s(nodes, {n: snapshot.node(n).link_gbit_per_s for n in nodes},
+                                   min(c.spec.pcie_gen for c in group), min(c.spec.pcie_lanes for c in group))
 
 
 def _host_ram_ok(snapshot: ClusterSnapshot, group: list[Card], shape: TrainingShape, off_opt: bool, off_par: bool) -> bool:
