@@ -30,6 +30,7 @@ from orchestrator.model_facts import facts_from_config
 from orchestrator.planner import Plan, make_plan
 from orchestrator.demo.task import TINY_LLAMA, write_demo_data
 from workers.local_launch import run_local_ranks
+from workers.train import utilisation
 
 REPO = Path(__file__).resolve().parents[1]
 TRIO = ["GTX 1080 Ti", "RTX 3090", "RTX 4090"]
@@ -51,9 +52,8 @@ def measure(job: JobSpec, plan: Plan, slowdown: list[float], out: Path) -> dict:
     config = dataclasses.replace(train_config(job, plan, out.name), output_dir=str(out), emulated_slowdown=tuple(slowdown))
     results = run_local_ranks(config)
     step = statistics.median(results[0]["step_times"][WARMUP_STEPS:])
-    util = [round(sum(r["busy_s"][i] for r in results[:1]) / (results[0]["busy_s"][i] + results[0]["wait_s"][i]), 3) for i in range(len(plan.ranks))]
-    return {"micro_batches": [r.tuning.micro_batch for r in plan.ranks], "step_s": step,
-            "samples_per_s": plan.global_batch / step, "utilisation": util}
+    return {"micro_batches": [r.tuning.micro_batch for r in plan.ranks], "step_s": step, "samples_per_s": plan.global_batch / step,
+            "utilisation": utilisation(results[0]["busy_s"], results[0]["wait_s"])}
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from ray.util.placement_group import remove_placement_group
 
 from orchestrator.registry import placement_group_name
 from orchestrator.worker_group import WorkerGroup
-from workers.train import TrainConfig
+from workers.train import TrainConfig, utilisation
 
 RESULT_TAG = "ZEROMIX_RESULT"
 RESULT_FILE = "zeromix-result.json"
@@ -22,6 +22,7 @@ READY_TIMEOUT_S = 60
 
 def report(config: TrainConfig, plan: dict, placements: list[dict], results: list[dict]) -> dict:
     first, cards = results[0], plan["ranks"]
+    util = utilisation(first["busy_s"], first["wait_s"])
     return {
         "job_id": config.job_id,
         "steps": first["steps"],
@@ -37,7 +38,7 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
              "zero_stage": config.ds_configs[i]["zero_optimization"]["stage"], "precision": r["precision"],
              "device": p["device"], "cuda_visible_devices": p["cuda_visible_devices"],
              "busy_s": round(first["busy_s"][i], 4), "wait_s": round(first["wait_s"][i], 4),
-             "utilisation": round(first["busy_s"][i] / (first["busy_s"][i] + first["wait_s"][i]), 3) if first["busy_s"] else None,
+             "utilisation": round(util[i], 3) if util else None,
              "est_compute_s": c["est_compute_s"]}
             for i, (c, p, r) in enumerate(zip(cards, placements, results))
         ],

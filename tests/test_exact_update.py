@@ -15,7 +15,7 @@ from orchestrator.ds_config import Optimization, RankTuning, deepspeed_config
 from tests.conftest import TINY_LLAMA
 from workers.data import GlobalBatchSampler, collate, read_records, tokenize
 from workers.local_launch import run_local_ranks
-from workers.train import TrainConfig
+from workers.train import TrainConfig, utilisation
 
 MICRO, GRAD_ACCUM, STEPS, LR, SEQ = (3, 1, 2), 2, 3, 1e-3, 32
 LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
@@ -157,7 +157,7 @@ def test_straggler_accounting_and_emulation_stay_out_of_real_jobs(tmp_path, demo
     ranks = run_local_ranks(config)
     first = ranks[0]
     assert len(first["step_times"]) == STEPS and len(first["busy_s"]) == len(first["wait_s"]) == len(MICRO)
-    util = [b / (b + w) for b, w in zip(first["busy_s"], first["wait_s"])]
+    util = utilisation(first["busy_s"], first["wait_s"])
     assert util[2] == pytest.approx(1.0) and max(util[:2]) < 0.8  # ranks 0 and 1 wait for the slowed rank 2
     assert json.loads(config.to_json())["emulated_slowdown"] == [1.0, 1.0, 6.0]
     # A submitted job: no spec field can ask for it, and the launcher's config leaves it off.

@@ -9,7 +9,6 @@ update is the gradient of the mean token loss over the whole global batch, whate
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,8 +17,6 @@ from pathlib import Path
 PROGRESS_TAG = "ZEROMIX_PROGRESS"  # rank 0 prints one JSON line per step after this tag; the CLI follows them
 CHECKPOINT_DIR = "checkpoints"
 FINAL_DIR = "final"
-
-log = logging.getLogger("zeromix.train")
 
 
 @dataclass(frozen=True)
@@ -84,9 +81,11 @@ class RankResult:
     busy_s: list[float] = field(default_factory=list)  # time not spent waiting for slower ranks
     wait_s: list[float] = field(default_factory=list)  # time blocked in gradient reduction beyond the fastest rank's
 
-    @property
-    def utilisation(self) -> list[float]:
-        return [b / (b + w) if b + w else 0.0 for b, w in zip(self.busy_s, self.wait_s)]
+
+
+def utilisation(busy_s: list[float], wait_s: list[float]) -> list[float]:
+    """Per card: busy time over step time."""
+    return [b / (b + w) if b + w else 0.0 for b, w in zip(busy_s, wait_s)]
 
 
 def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
