@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python bench/hetero_dp.py --global-batch 96
+	$(BIN)/python bench/hetero_dp.py
 
 down: $(STAMP)
 	$(BIN)/zeromix down

@@ -9,7 +9,7 @@ Three throughputs from one run:
   zeromix  the planner's per-card micro-batches
   ideal    the sum of each card's throughput when it trains alone on its zeromix share
 
-    .venv/bin/python bench/hetero_dp.py [--steps 16] [--global-batch 48]
+    .venv/bin/python bench/hetero_dp.py [--steps 16] [--global-batch 96]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def measure(job: JobSpec, plan: Plan, slowdown: list[float], out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--global-batch", type=int, default=48)
+    parser.add_argument("--global-batch", type=int, default=96)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="zeromix-bench-"))

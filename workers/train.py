@@ -154,8 +154,11 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     # ----------------------------------------------------------------------------- loop
     result = RankResult(rank=rank, steps=start_step, precision=precision, device=_device_name(on_gpu))
     slowdown = cfg.emulated_slowdown[rank] if cfg.emulated_slowdown else 1.0
+    extra_per_sample_s = 0.0
     if cfg.emulated_slowdown:
-        _say(rank, f"SPEED EMULATION ON (benchmark only): ranks run {list(cfg.emulated_slowdown)} times slower")
+        _say(rank, f"SPEED EMULATION ON (benchmark only): ranks compute {list(cfg.emulated_slowdown)} times slower")
+        probe = collate([samples[i] for i in sampler.rank_micro_batches(0, rank)[0]], pad_id)
+        extra_per_sample_s = (slowdown - 1.0) * 3 * _forward_cost_per_sample(engine, probe)  # backward ~ 2x forward
     _quiet_deepspeed_timer_log()
     tokens_seen, train_time, timings = 0, 0.0, torch.zeros(world, 2, dtype=torch.float64)
     for step in range(start_step, cfg.total_steps):
@@ -166,11 +169,9 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
         global_loss_tokens = counts[0].item()
         loss_sum = torch.zeros((), dtype=torch.float64)
         for batch in batches:
-            cpu_forward = time.thread_time()
             logits = engine(input_ids=batch.input_ids.to(engine.device), attention_mask=batch.attention_mask.to(engine.device)).logits
-            if slowdown > 1.0:  # before backward, so the collective waits for it; backward ~ 2x forward.
-                # CPU time, not wall time: the work done, not the time spent waiting for a core.
-                time.sleep((slowdown - 1.0) * 3 * (time.thread_time() - cpu_forward))
+            if extra_per_sample_s:  # before backward, so the gradient collective waits for it
+                time.sleep(extra_per_sample_s * batch.input_ids.shape[0])
             token_losses = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1).to(engine.device),
                 ignore_index=-100, reduction="sum",
@@ -208,6 +209,27 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     dist.barrier()
     dist.destroy_process_group()
     return result
+
+
+def _forward_cost_per_sample(engine, batch) -> float:
+    """CPU time one more sample adds to a forward (the slope between 1 sample and the whole micro-batch), so
+    the emulation slows compute and not the fixed cost of a call. CPU time: work done, not time waiting for
+    a core. Best of five, to shed noise."""
+    import torch
+
+    def cost(n: int) -> float:
+        best = float("inf")
+        for _ in range(5):
+            start = time.thread_time()
+            with torch.no_grad():
+                engine(input_ids=batch.input_ids[:n].to(engine.device), attention_mask=batch.attention_mask[:n].to(engine.device))
+            best = min(best, time.thread_time() - start)
+        return best
+
+    n = batch.input_ids.shape[0]
+    if n == 1:
+        return cost(1)
+    return max(0.0, (cost(n) - cost(1)) / (n - 1))
 
 
 def _quiet_deepspeed_timer_log() -> None:
