@@ -44,9 +44,10 @@ def base_model(tmp_path_factory) -> str:
     return str(path)
 
 
-def job(out, demo_data, base_model, stage: int, method: str, clip: float, steps: int = STEPS, optimizer: str = "AdamW") -> TrainConfig:
+def job(out, demo_data, base_model, stage: int, method: str, clip: float, steps: int = STEPS, optimizer: str = "AdamW",
+        offload: bool = False) -> TrainConfig:
     opt = Optimization(LR[optimizer], "constant", 0, 0.0, max(steps, 1))
-    ds = [deepspeed_config(RankTuning(m, stage, False, False, "fp32"), GRAD_ACCUM, len(MICRO), clip, opt) for m in MICRO]
+    ds = [deepspeed_config(RankTuning(m, stage, offload, False, "fp32"), GRAD_ACCUM, len(MICRO), clip, opt) for m in MICRO]
     if optimizer == "SGD":  # DeepSpeed builds any torch.optim class named in the config
         for config in ds:
             config["optimizer"] = {"type": "SGD", "params": {"lr": LR["SGD"], "momentum": 0.0, "weight_decay": 0.0}}
@@ -143,6 +144,15 @@ def test_uneven_micro_batches_match_the_full_batch_update(tmp_path, demo_data, b
     assert max_relative_difference(trained, initial) > 10 * tolerance  # it did train
     # The tolerance can tell the right weighting from the naive one: averaging each rank's own mean is off.
     assert max_relative_difference(reference(config, initial, "per_rank_mean"), exact) > 10 * tolerance
+
+
+def test_optimizer_offload_keeps_the_update(tmp_path, demo_data, base_model):
+    """Optimizer states on the host (DeepSpeed's CPU Adam) on every rank: the same update as on the card."""
+    initial = train(job(tmp_path / "init", demo_data, base_model, 2, "full", 0.5, steps=0, offload=True))
+    config = job(tmp_path / "run", demo_data, base_model, 2, "full", 0.5, offload=True)
+    assert config.ds_configs[0]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    trained = train(config)
+    assert max_relative_difference(trained, reference(config, initial, "tokens")) < TOLERANCE_ADAMW
 
 
 def test_a_resumed_job_continues_exactly(tmp_path, demo_data, base_model):
