@@ -74,13 +74,18 @@ class Plan:
             "activation_checkpointing": self.activation_checkpointing,
             "grad_accum": self.grad_accum, "global_batch": self.global_batch, "total_steps": self.total_steps,
             "params": self.n_params, "trainable_params": self.trainable_params,
-            "est_step_s": round(self.step.step_s, 4), "est_comm_s": round(self.step.comm_s, 4),
+            "est_step_s": _sig(self.step.step_s), "est_comm_s": _sig(self.step.comm_s),
             "ranks": [{"card": r.card.card_id, "node": r.card.node, "index": r.card.index, "resource": r.card.resource,
                        "model": r.card.short_name, "micro_batch": r.tuning.micro_batch,
                        "est_mem_gib": round(r.memory.total / GIB, 2), "vram_gib": round(r.card.vram_mib / 1024, 1),
-                       "est_compute_s": round(c, 4)} for r, c in zip(self.ranks, self.step.compute_s)],
+                       "est_compute_s": _sig(c)} for r, c in zip(self.ranks, self.step.compute_s)],
             "rejected": [{"card": x.card_id, "model": x.card, "reason": x.reason} for x in self.rejected],
         }
+
+
+def _sig(seconds: float) -> float:
+    """Three significant figures: estimates span microseconds (a tiny model) to minutes."""
+    return float(f"{seconds:.3g}")
 
 
 def resolve_precision(requested: str, cards: list[Card]) -> str:
