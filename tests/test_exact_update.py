@@ -179,13 +179,13 @@ def test_straggler_accounting_and_emulation_stay_out_of_real_jobs(tmp_path, demo
     from orchestrator.planner import make_plan
     from tests.conftest import REPO
 
-    config = dataclasses.replace(job(tmp_path, demo_data, base_model, 2, "full", 0.0), emulated_slowdown=(1.0, 1.0, 6.0))
+    config = dataclasses.replace(job(tmp_path, demo_data, base_model, 2, "full", 0.0), emulated_slowdown=(1.0, 1.0, 40.0))
     ranks = run_local_ranks(config)
     first = ranks[0]
     assert len(first["step_times"]) == STEPS and len(first["busy_s"]) == len(first["wait_s"]) == len(MICRO)
     util = utilisation(first["busy_s"], first["wait_s"])
     assert util[2] == pytest.approx(1.0) and max(util[:2]) < 0.8  # ranks 0 and 1 wait for the slowed rank 2
-    assert json.loads(config.to_json())["emulated_slowdown"] == [1.0, 1.0, 6.0]
+    assert json.loads(config.to_json())["emulated_slowdown"] == [1.0, 1.0, 40.0]
     # A submitted job: no spec field can ask for it, and the launcher's config leaves it off.
     assert "emulated_slowdown" not in JobSpec.model_fields
     spec = JobSpec.model_validate({"name": "j", "model": {"path": "m"}, "dataset": {"path": "d", "text_field": "text"},
