@@ -82,7 +82,6 @@ class RankResult:
     wait_s: list[float] = field(default_factory=list)  # time blocked in gradient reduction beyond the fastest rank's
 
 
-
 def utilisation(busy_s: list[float], wait_s: list[float]) -> list[float]:
     """Per card: busy time over step time."""
     return [b / (b + w) if b + w else 0.0 for b, w in zip(busy_s, wait_s)]
@@ -179,13 +178,13 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
             engine.backward(token_losses * world / global_loss_tokens, scale_wrt_gas=False)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             loss_sum += token_losses.detach().double().cpu()
-        dist.all_reduce(loss_sum)
         step_time = time.perf_counter() - t0
         train_time += step_time
         reduce_s = engine.get_wall_clock_timers().get(BACKWARD_REDUCE_GLOBAL_TIMER, 0.0) / 1000.0  # this step's, in ms
-        timings += _gather_step_timing(dist, world, step_time, reduce_s)
+        global_loss_sum, step_timings = _reduce_step_stats(dist, world, loss_sum.item(), step_time, reduce_s)
+        timings += step_timings
         tokens_seen += int(counts[1].item())
-        loss = loss_sum.item() / global_loss_tokens
+        loss = global_loss_sum / global_loss_tokens
         result.losses.append(loss)
         result.step_times.append(step_time)
         result.first_loss = result.first_loss if result.first_loss is not None else loss
@@ -240,15 +239,17 @@ def _quiet_deepspeed_timer_log() -> None:
     deepspeed.utils.timer.print_dist = lambda *args, **kwargs: None
 
 
-def _gather_step_timing(dist, world: int, step_time: float, reduce_time: float):
-    """Every rank's (step time, time in gradient reduction) for this step; a rank that waited for a slower
-    one spent that wait inside the reduction."""
+def _reduce_step_stats(dist, world: int, loss_sum: float, step_time: float, reduce_time: float):
+    """One all-reduce per step for what every rank reports: the summed token loss, and each rank's (step time,
+    time in gradient reduction); a rank that waited for a slower one spent that wait inside the reduction."""
     import torch
 
-    mine = torch.zeros(world, 2, dtype=torch.float64)
-    mine[dist.get_rank()] = torch.tensor([step_time, reduce_time], dtype=torch.float64)
-    dist.all_reduce(mine)
-    return mine
+    stats = torch.zeros(1 + 2 * world, dtype=torch.float64)
+    stats[0] = loss_sum
+    rank = dist.get_rank()
+    stats[1 + 2 * rank : 3 + 2 * rank] = torch.tensor([step_time, reduce_time], dtype=torch.float64)
+    dist.all_reduce(stats)
+    return stats[0].item(), stats[1:].view(world, 2)
 
 
 def _save_final(engine, tokenizer, out: Path, rank: int, zero3_stage: bool) -> Path:
