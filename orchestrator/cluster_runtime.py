@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import socket
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from orchestrator.cluster_config import load_cluster
-from orchestrator.errors import ZeromixError
-from orchestrator.inventory import ClusterSnapshot, snapshot_from_config
+from orchestrator.errors import InputError, ZeromixError
+from orchestrator.inventory import ClusterSnapshot, Node, snapshot_from_config
 
 RAY_NAMESPACE = "zeromix"
 
@@ -25,9 +27,10 @@ RAY_NAMESPACE = "zeromix"
 @dataclass(frozen=True)
 class ClusterState:
     gcs_address: str
-    dashboard_url: str
-    cluster_file: str
+    dashboard_url: str | None  # None on a joined node: the dashboard listens on the head's loopback only
+    cluster_file: str | None  # the cluster.yaml of a simulated cluster
     simulated: bool
+    node: str | None = None  # on a real node: this machine's zeromix name
 
 
 def home() -> Path:
@@ -71,33 +74,122 @@ def _ray_cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([str(ray_bin), *args[1:]], env=env, capture_output=True, text=True)
 
 
-def up_simulated(cluster_file: str) -> tuple[ClusterState, ClusterSnapshot]:
-    """Every node of cluster.yaml becomes a Ray node on this machine, its cards declared, not probed."""
+def _start_and_register(node: Node, head_address: str | None, port: int, dashboard_port: int, gcs_address: str) -> None:
+    """`ray start` for one node, then its record in the registry. The one path every node takes."""
+    from orchestrator import registry
     from workers.registration import ray_start_command
 
+    done = _ray_cli(ray_start_command(node, head_address, port, dashboard_port))
+    if done.returncode != 0:
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ZeromixError(f"`ray start` failed for node {node.name}: {last[0]}")
+    registry.publish(gcs_address, node)
+
+
+def _refuse_if_up() -> None:
     if _state_file().exists():
-        raise ZeromixError(f"a zeromix cluster is already up ({load_state().dashboard_url}); run `zeromix down` first")
+        raise ZeromixError(f"this machine is already part of a zeromix cluster ({load_state().gcs_address}); run `zeromix down` first")
+
+
+def up_simulated(cluster_file: str) -> tuple[ClusterState, ClusterSnapshot]:
+    """Every node of cluster.yaml becomes a Ray node on this machine, its cards declared, not probed."""
+    _refuse_if_up()
     config = load_cluster(cluster_file)
     snapshot = snapshot_from_config(config, simulated=True)
     _ensure_token()
     head = snapshot.node(config.head_node.name)
     gcs_address = f"127.0.0.1:{config.head.port}"
-    others = [n for n in snapshot.nodes if n is not head]
-    for node in [head, *others]:
-        command = ray_start_command(node, None if node is head else gcs_address, config.head.port, config.head.dashboard_port)
-        done = _ray_cli(command)
-        if done.returncode != 0:
-            _ray_cli(["ray", "stop", "--force"])
-            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise ZeromixError(f"`ray start` failed for node {node.name}: {last[0]}")
+    try:
+        for node in [head, *(n for n in snapshot.nodes if n is not head)]:
+            _start_and_register(node, None if node is head else gcs_address, config.head.port, config.head.dashboard_port, gcs_address)
+    except BaseException:
+        _ray_cli(["ray", "stop", "--force"])  # every node of a simulated cluster is this machine's
+        raise
     state = ClusterState(gcs_address, f"http://127.0.0.1:{config.head.dashboard_port}", str(Path(cluster_file).resolve()), True)
-    connect(state)
-    from orchestrator import registry
-
-    for node in snapshot.nodes:
-        registry.publish(node)
     _state_file().write_text(json.dumps(asdict(state)))
     return state, snapshot
+
+
+def default_node_name() -> str:
+    name = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().lower()).strip("-")[:32]
+    return name or "node"
+
+
+def _check_name(name: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,31}", name):
+        raise InputError("command line", "--name", name, "lower-case letters, digits and '-', at most 32, starting with a letter or digit")
+    return name
+
+
+def _check_own_address(address: str) -> str:
+    import psutil
+
+    mine = sorted({a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET})
+    if address not in mine:
+        raise InputError("command line", "--address", address, f"an IPv4 address of this machine: {', '.join(mine)}")
+    return address
+
+
+def up(name: str, address: str, port: int, dashboard_port: int, offload_dir: str, link_gbit_per_s: float | None) -> tuple[ClusterState, Node]:
+    """Start the head on this machine and register its own cards, probed through NVML.
+
+    The default address is loopback: a one-machine cluster. Giving a LAN address lets other nodes join;
+    Ray's token auth is on either way (its gRPC ports listen on every interface regardless).
+    """
+    from workers.gpu_probe import probe
+    from workers.registration import node_from_probe
+
+    _refuse_if_up()
+    node = node_from_probe(probe(offload_dir, head_ip=address), _check_name(name), _check_own_address(address), link_gbit_per_s)
+    _ensure_token()
+    gcs_address = f"{address}:{port}"
+    _start_and_register(node, None, port, dashboard_port, gcs_address)
+    state = ClusterState(gcs_address, f"http://127.0.0.1:{dashboard_port}", None, False, node.name)
+    _state_file().write_text(json.dumps(asdict(state)))
+    return state, node
+
+
+def join(head: str, name: str, token_path: str | None, offload_dir: str, link_gbit_per_s: float | None) -> tuple[ClusterState, Node]:
+    """Probe this machine, start Ray here as a worker of `head` (HOST:PORT), and register every card."""
+    from orchestrator import registry
+    from workers.gpu_probe import probe
+    from workers.registration import node_from_probe
+
+    _refuse_if_up()
+    head_ip, _, port = head.rpartition(":")
+    if not head_ip or not port.isdigit():
+        raise InputError("command line", "--address", head, "the head's HOST:PORT, e.g. 192.168.1.10:6379 (as `zeromix up` printed it)")
+    _install_token(token_path)
+    found = probe(offload_dir, head_ip=head_ip)
+    node = node_from_probe(found, _check_name(name), found.host.address, link_gbit_per_s)
+    os.environ.update(auth_env())
+    try:
+        taken = registry.live_node_names(head)
+    except Exception as err:  # unreachable head, wrong token
+        raise ZeromixError(f"cannot reach the zeromix head at {head}: {err}. Is `zeromix up --address` running there, "
+                           "and is its auth_token the one in this machine's ZEROMIX_HOME?") from None
+    if node.name in taken:
+        raise InputError("command line", "--name", node.name, f"a different node already uses this name (taken: {', '.join(sorted(taken))})")
+    _start_and_register(node, head, 0, 0, head)
+    state = ClusterState(head, None, None, False, node.name)
+    _state_file().write_text(json.dumps(asdict(state)))
+    return state, node
+
+
+def _install_token(token_path: str | None) -> None:
+    """Put the head's token in this machine's ZEROMIX_HOME (mode 0600), or check one is there."""
+    path = token_file()
+    if token_path:
+        try:
+            token = Path(token_path).expanduser().read_text().strip()
+        except OSError as err:
+            raise InputError("command line", "--token-file", token_path, f"a readable copy of the head's auth_token ({err.strerror})") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+    elif not path.exists():
+        raise ZeromixError(f"no auth token at {path}: copy the head's ZEROMIX_HOME/auth_token here, or pass --token-file PATH")
 
 
 def down() -> bool:

@@ -1,10 +1,13 @@
-"""What the head knows about the cluster at one moment: nodes, their cards, and which job holds which card.
+"""What the head knows about the cluster at one moment: nodes, their cards and software, and which job
+holds which card.
 
-Plain frozen data, built at the edge (registry.py) and passed into the planner, never read from a global.
+Plain frozen data. A node's facts come from the NVML probe on a real node (workers/gpu_probe.py) or from
+cluster.yaml on the simulated cluster; both become the same `Node` and register the same way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from orchestrator import catalog
@@ -17,14 +20,65 @@ def card_resource(node: str, index: int) -> str:
 
 
 @dataclass(frozen=True)
+class CardFacts:
+    """One card as NVML reports it (a declared card fills in what cluster.yaml and the catalog say)."""
+
+    index: int  # NVML index = CUDA index under CUDA_DEVICE_ORDER=PCI_BUS_ID
+    name: str  # NVML product name
+    memory_total_mib: int
+    memory_free_mib: int | None
+    compute_capability: tuple[int, int]
+    uuid: str | None = None
+    pci_bus_id: str | None = None
+    cuda_cores: int | None = None
+    max_sm_clock_mhz: int | None = None
+    max_mem_clock_mhz: int | None = None
+    memory_bus_bits: int | None = None
+    power_limit_w: float | None = None
+    pcie_gen: int | None = None
+    pcie_width: int | None = None
+
+
+@dataclass(frozen=True)
+class Software:
+    """What drives a node's cards. One job must run one torch/NCCL build on all of its nodes."""
+
+    torch_version: str
+    torch_cuda: str | None  # None: a CPU-only torch build
+    torch_archs: tuple[str, ...]  # torch.cuda.get_arch_list(): sm_XY kernels and compute_XY PTX
+    nccl_version: str | None
+    deepspeed_version: str | None
+    driver_version: str | None
+    cuda_driver_version: str | None
+
+    @property
+    def build(self) -> str:
+        return f"torch {self.torch_version} / NCCL {self.nccl_version or 'none'}"
+
+
+@dataclass(frozen=True)
 class Card:
     node: str
-    index: int  # NVML / PCI-bus order on its node
-    model: str  # NVML name
-    vram_mib: int
-    compute_capability: tuple[int, int]
-    spec: catalog.GpuSpec | None  # None for a card the catalog does not know
+    facts: CardFacts
+    spec: catalog.GpuSpec  # the catalog row, or an estimate (`spec.estimated`) for a card the table lacks
+    software: Software | None = None  # its node's; None on a simulated node (maths on CPU, nothing to check)
     held_by: str | None = None  # job id holding it, if any
+
+    @property
+    def index(self) -> int:
+        return self.facts.index
+
+    @property
+    def model(self) -> str:
+        return self.facts.name
+
+    @property
+    def vram_mib(self) -> int:
+        return self.facts.memory_total_mib
+
+    @property
+    def compute_capability(self) -> tuple[int, int]:
+        return self.facts.compute_capability
 
     @property
     def card_id(self) -> str:
@@ -36,7 +90,14 @@ class Card:
 
     @property
     def short_name(self) -> str:
-        return self.spec.name if self.spec else self.model
+        return self.spec.name
+
+    @property
+    def warning(self) -> str | None:
+        if not self.spec.estimated:
+            return None
+        return (f"{self.card_id} ({self.model}) is not in the catalog: its rates are estimated from NVML "
+                f"(~{self.spec.fp32_tflops:g} FP32 TFLOPS, likely high by up to 20%); add it to orchestrator/data/gpu_specs.csv")
 
 
 @dataclass(frozen=True)
@@ -48,6 +109,12 @@ class Node:
     link_gbit_per_s: float
     cards: tuple[Card, ...]
     simulated: bool
+    software: Software | None = None
+    disk_free_gb: float | None = None  # under the offload dir
+    nic: str | None = None  # the interface that reaches the head (NCCL_SOCKET_IFNAME)
+    p2p_pairs: tuple[tuple[int, int], ...] = ()  # card index pairs with PCIe peer-to-peer
+    nvlink_pairs: tuple[tuple[int, int], ...] = ()
+    warnings: tuple[str, ...] = ()  # about the node itself, e.g. no NVML; cards carry their own (`Card.warning`)
 
 
 @dataclass(frozen=True)
@@ -63,39 +130,55 @@ class ClusterSnapshot:
 
     def with_holders(self, holders: dict[str, str]) -> ClusterSnapshot:
         """Mark cards (by resource name) as held by the given job ids."""
-        def mark(card: Card) -> Card:
-            return Card(**{**card.__dict__, "held_by": holders.get(card.resource)})
+        def mark(node: Node) -> Node:
+            return dataclasses.replace(node, cards=tuple(dataclasses.replace(c, held_by=holders.get(c.resource)) for c in node.cards))
 
-        return ClusterSnapshot(tuple(Node(**{**n.__dict__, "cards": tuple(mark(c) for c in n.cards)}) for n in self.nodes))
+        return ClusterSnapshot(tuple(mark(n) for n in self.nodes))
+
+
+def card_spec(facts: CardFacts) -> catalog.GpuSpec:
+    """The catalog row for a card, or an estimate from its NVML facts (marked `estimated`)."""
+    return catalog.lookup(facts.name, facts.memory_total_mib) or catalog.estimate_spec(
+        facts.name, facts.memory_total_mib, facts.compute_capability, cuda_cores=facts.cuda_cores,
+        max_sm_clock_mhz=facts.max_sm_clock_mhz, max_mem_clock_mhz=facts.max_mem_clock_mhz,
+        memory_bus_bits=facts.memory_bus_bits, power_limit_w=facts.power_limit_w, pcie_gen=facts.pcie_gen, pcie_lanes=facts.pcie_width)
+
+
+def build_node(name: str, address: str, ram_gb: float, cpus: int, link_gbit_per_s: float, cards: list[CardFacts], *,
+               simulated: bool, software: Software | None = None, **extra) -> Node:
+    """The one way a Node is made, from probed or declared card facts."""
+    built = tuple(Card(name, facts, card_spec(facts), software) for facts in cards)
+    return Node(name, address, ram_gb, cpus, link_gbit_per_s, built, simulated, software, **extra)
 
 
 def snapshot_from_config(config: ClusterConfig, simulated: bool = True) -> ClusterSnapshot:
     """The cluster as cluster.yaml declares it; the simulated cluster registers exactly this."""
     nodes = []
     for entry in config.nodes:
-        cards, index = [], 0
+        declared = []
         for gpu in entry.gpus:
             spec = declared_spec(gpu)
             for _ in range(gpu.count):
                 vram_mib = round((gpu.vram_gb or spec.vram_gib) * catalog.MIB_PER_GIB)
-                cards.append(Card(entry.name, index, spec.nvml_name, vram_mib, spec.compute_capability, spec))
-                index += 1
-        nodes.append(Node(entry.name, entry.address, entry.ram_gb, entry.cpus, config.link_gbit_per_s(entry), tuple(cards), simulated))
+                declared.append(CardFacts(len(declared), spec.nvml_name, vram_mib, vram_mib, spec.compute_capability))
+        nodes.append(build_node(entry.name, entry.address, entry.ram_gb, entry.cpus, config.link_gbit_per_s(entry), declared, simulated=simulated))
     return ClusterSnapshot(tuple(nodes))
 
 
 def node_to_record(node: Node) -> dict:
-    """The registration record a node publishes (JSON); the catalog entry is looked up again on read."""
-    return {
-        "name": node.name, "address": node.address, "ram_gb": node.ram_gb, "cpus": node.cpus,
-        "link_gbit_per_s": node.link_gbit_per_s, "simulated": node.simulated,
-        "cards": [{"index": c.index, "model": c.model, "vram_mib": c.vram_mib, "compute_capability": list(c.compute_capability)} for c in node.cards],
-    }
+    """The registration record a node publishes (JSON). Specs are not stored: they are looked up again on read."""
+    record = {f.name: getattr(node, f.name) for f in dataclasses.fields(Node) if f.name != "cards"}
+    record["software"] = dataclasses.asdict(node.software) if node.software else None
+    record["cards"] = [dataclasses.asdict(c.facts) for c in node.cards]
+    return record
 
 
 def node_from_record(record: dict) -> Node:
-    cards = tuple(
-        Card(record["name"], c["index"], c["model"], c["vram_mib"], tuple(c["compute_capability"]), catalog.lookup(c["model"], c["vram_mib"]))
-        for c in record["cards"]
-    )
-    return Node(record["name"], record["address"], record["ram_gb"], record["cpus"], record["link_gbit_per_s"], cards, record["simulated"])
+    fields = dict(record)
+    software = Software(**{**fields.pop("software"), "torch_archs": tuple(record["software"]["torch_archs"])}) if record["software"] else None
+    cards = [CardFacts(**{**c, "compute_capability": tuple(c["compute_capability"])}) for c in fields.pop("cards")]
+    fields["p2p_pairs"] = tuple(tuple(p) for p in fields["p2p_pairs"])
+    fields["nvlink_pairs"] = tuple(tuple(p) for p in fields["nvlink_pairs"])
+    fields["warnings"] = tuple(fields["warnings"])
+    return build_node(fields.pop("name"), fields.pop("address"), fields.pop("ram_gb"), fields.pop("cpus"), fields.pop("link_gbit_per_s"),
+                      cards, simulated=fields.pop("simulated"), software=software, **fields)

@@ -1,7 +1,8 @@
 """The card registry, kept in Ray's own key-value store: one record per node, written when it joins.
 
 Which job holds which card is not stored anywhere: it is read from the live placement groups, so it can
-never drift from what Ray has actually reserved.
+never drift from what Ray has actually reserved. Records are written through Ray's GCS client, which needs
+no local Ray driver: `zeromix join` registers a node before anything else runs there.
 """
 
 from __future__ import annotations
@@ -12,16 +13,31 @@ from orchestrator.inventory import ClusterSnapshot, Node, node_from_record, node
 
 KV_NAMESPACE = "zeromix"
 PLACEMENT_GROUP_PREFIX = "zeromix-job-"
+GCS_TIMEOUT_S = 10
 
 
 def placement_group_name(job_id: str) -> str:
     return PLACEMENT_GROUP_PREFIX + job_id
 
 
-def publish(node: Node) -> None:
-    from ray.experimental import internal_kv
+def _gcs(gcs_address: str):
+    from ray._raylet import GcsClient  # what ray.experimental.internal_kv uses underneath
 
-    internal_kv._internal_kv_put(f"node/{node.name}", json.dumps(node_to_record(node)), overwrite=True, namespace=KV_NAMESPACE)
+    return GcsClient(address=gcs_address)
+
+
+def publish(gcs_address: str, node: Node) -> None:
+    _gcs(gcs_address).internal_kv_put(f"node/{node.name}".encode(), json.dumps(node_to_record(node)).encode(), True,
+                                      KV_NAMESPACE.encode(), timeout=GCS_TIMEOUT_S)
+
+
+def live_node_names(gcs_address: str) -> set[str]:
+    """zeromix names of the Ray nodes alive now."""
+    from workers.registration import NODE_LABEL
+
+    alive = 0  # GcsNodeInfo.ALIVE
+    infos = _gcs(gcs_address).get_all_node_info(timeout=GCS_TIMEOUT_S).values()
+    return {info.labels[NODE_LABEL] for info in infos if info.state == alive and NODE_LABEL in info.labels}
 
 
 def live_placement_groups() -> dict[str, dict]:

@@ -1,16 +1,28 @@
 """How a node offers its cards to Ray: one custom resource per card, so a placement-group bundle can ask
-for *that* card. Ray itself labels a node by GPU 0's type only, which cannot tell a 3090 from the 1080 Ti
-beside it. The simulated cluster and a real node go through this same function; only the source of the
-card list differs (cluster.yaml vs NVML)."""
+for *that* card. Ray itself labels a node by GPU 0's type only (and older Ray collapsed every GeForce name
+to "G"), which cannot tell a 3090 from the 1080 Ti beside it. A simulated node (cluster.yaml) and a real
+one (NVML probe) become the same `Node` and go through this same code; only the source of the facts differs.
+"""
 
 from __future__ import annotations
 
 import json
 
-from orchestrator.inventory import Node
+from orchestrator.inventory import Node, build_node
+from workers.gpu_probe import NodeProbe
 
 NODE_LABEL = "zeromix.io/node"
 SIMULATED_OBJECT_STORE_BYTES = 256 * 1024**2  # several simulated nodes share one machine's /dev/shm
+ASSUMED_LINK_GBIT = 1.0  # when neither the user nor the kernel says how fast the node's NIC is
+
+
+def node_from_probe(probe: NodeProbe, name: str, address: str, link_gbit_per_s: float | None) -> Node:
+    """A real node as it registers. Its link to the others is what the user said, else its NIC's speed."""
+    speed = probe.host.nic_speed_mbit
+    link = link_gbit_per_s or (speed / 1000 if speed else ASSUMED_LINK_GBIT)
+    return build_node(name, address, probe.host.ram_gb, probe.host.cpus, link, list(probe.cards), simulated=False,
+                      software=probe.software, disk_free_gb=probe.host.disk_free_gb, nic=probe.host.nic,
+                      p2p_pairs=probe.p2p_pairs, nvlink_pairs=probe.nvlink_pairs, warnings=probe.warnings)
 
 
 def ray_start_command(node: Node, head_address: str | None, port: int, dashboard_port: int) -> list[str]:
@@ -31,4 +43,6 @@ def ray_start_command(node: Node, head_address: str | None, port: int, dashboard
     ]
     if node.simulated:
         command += [f"--object-store-memory={SIMULATED_OBJECT_STORE_BYTES}"]
+    else:
+        command += [f"--node-ip-address={node.address}"]  # the address other nodes reach it on
     return command

@@ -126,16 +126,14 @@ def make_plan(job: JobSpec, facts: ModelFacts, snapshot: ClusterSnapshot, total_
     eligible: list[Card] = []
     for card in snapshot.cards:
         verdict = next((v for v in (f.check(job, card) for f in filters) if not v.ok), None)
-        if card.spec is None and verdict is None:
-            verdict_reason = "not in the catalog, so its speed is unknown"
-            rejected.append(Rejection(card.card_id, card.short_name, verdict_reason))
-        elif verdict:
+        if verdict:
             rejected.append(Rejection(card.card_id, card.short_name, verdict.reason))
         else:
             eligible.append(card)
 
     lo, hi = job.gpus.bounds
     precision = resolve_precision(job.precision, eligible) if eligible else "fp32"
+    eligible = _one_build(eligible, precision, rejected)
     eligible.sort(key=lambda c: (-c.spec.matmul_tflops(precision), c.card_id))
     group = eligible[: min(hi or len(eligible), job.global_batch_size)]
     trainable = facts.lora_params(job.lora_config.r, job.lora_config.target_modules) if job.method == "lora" else facts.n_params
@@ -177,6 +175,26 @@ def _tune(job, facts, snapshot, group, precision, trainable, total_steps, reject
                 if job.global_batch_size // grad_accum < world:
                     break
     return None
+
+
+def _one_build(cards: list[Card], precision: str, rejected: list[Rejection]) -> list[Card]:
+    """One job runs one torch/NCCL build on all its nodes (NCCL versions must match across ranks). Keep the
+    build with the most compute behind it; the cards of other builds are left out, saying why."""
+    builds: dict[str, float] = {}
+    for card in cards:
+        if card.software:
+            builds[card.software.build] = builds.get(card.software.build, 0.0) + card.spec.matmul_tflops(precision)
+    if len(builds) <= 1:
+        return cards
+    chosen = max(builds, key=lambda b: (builds[b], b))
+    kept = []
+    for card in cards:
+        if card.software and card.software.build != chosen:
+            rejected.append(Rejection(card.card_id, card.short_name, f"{card.node} runs {card.software.build}, the job's other nodes "
+                                      f"{chosen}: a job needs one torch/NCCL build on every node; install the same build there"))
+        else:
+            kept.append(card)
+    return kept
 
 
 def _slowest_link(snapshot: ClusterSnapshot, group: list[Card]) -> float:

@@ -5,6 +5,7 @@ They read only the card and the job (never live cluster state), so a plan can be
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from orchestrator import catalog
@@ -74,4 +75,47 @@ class SupportsPrecision:
         return OK
 
 
-DEFAULT_FILTERS = (NotHeld(), AllowedModel(), MinVram(), MinComputeCapability(), SupportsPrecision())
+PASCAL_TORCH = "pip install torch --index-url https://download.pytorch.org/whl/cu126  (cu126 is the last build with Pascal and Volta)"
+
+
+def torch_runs_on(archs: tuple[str, ...], cc: tuple[int, int]) -> bool:
+    """Whether a torch build with these `get_arch_list()` entries has kernels for a card: SASS for sm_XY runs on
+    the same major version at an equal or higher minor; PTX (compute_XY) JIT-compiles for any later card."""
+    for arch in archs:
+        m = re.fullmatch(r"(sm|compute)_(\d+)(\d)[a-z]?", arch)
+        if not m:
+            continue
+        built = (int(m[2]), int(m[3]))
+        if (m[1] == "sm" and built[0] == cc[0] and built[1] <= cc[1]) or (m[1] == "compute" and built <= cc):
+            return True
+    return False
+
+
+class TorchHasKernels:
+    """Its node's torch must be a CUDA build with kernels for the card's architecture. Simulated nodes
+    (maths on CPU) have nothing to check."""
+
+    name = "torch build"
+
+    def check(self, job: JobSpec | None, card: Card) -> Verdict:
+        sw = card.software
+        if sw is None:
+            return OK
+        sm = f"sm_{card.compute_capability[0]}{card.compute_capability[1]}"
+        if sw.torch_cuda is None:
+            return Verdict(False, f"torch {sw.torch_version} on {card.node} is a CPU-only build; install a CUDA build there, e.g. "
+                                  + ("pip install torch --index-url https://download.pytorch.org/whl/cu128" if card.compute_capability >= (7, 5) else PASCAL_TORCH))
+        if torch_runs_on(sw.torch_archs, card.compute_capability):
+            return OK
+        fix = PASCAL_TORCH if card.compute_capability < (7, 5) else f"install a torch build whose arch list includes {sm}"
+        return Verdict(False, f"torch {sw.torch_version} (CUDA {sw.torch_cuda}) on {card.node} has no kernels for {sm} "
+                              f"(it ships {' '.join(sw.torch_archs) or 'none'}); {fix}")
+
+
+# Filters that depend only on the card, not on a job: `zeromix nodes` shows their verdict as "usable".
+CARD_FILTERS = (TorchHasKernels(),)
+DEFAULT_FILTERS = (NotHeld(), *CARD_FILTERS, AllowedModel(), MinVram(), MinComputeCapability(), SupportsPrecision())
+
+
+def usability(card: Card) -> Verdict:
+    return next((v for v in (f.check(None, card) for f in CARD_FILTERS) if not v.ok), OK)
