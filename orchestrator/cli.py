@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -13,10 +14,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from orchestrator import cluster_runtime, launch, registry
-from orchestrator.errors import ZeromixError
+from orchestrator.cluster_config import LINK_GBIT_PER_S
+from orchestrator.errors import InputError, ZeromixError
 from orchestrator.jobspec import load_job, total_steps
 from orchestrator.model_facts import facts_from_config, read_config
 from orchestrator.planner import Plan, make_plan
+from orchestrator.planner.filters import usability
 from orchestrator.planner.memory import GIB
 from workers.train import PROGRESS_TAG
 
@@ -26,14 +29,115 @@ POLL_S = 1.0
 
 
 # ------------------------------------------------------------------------------------------ cluster
+LinkOption = typer.Option(None, "--link", help=f"This node's link to the others ({', '.join(LINK_GBIT_PER_S)}); default: its NIC's speed.")
+
+
+def _offload_dir(value: str | None) -> str:
+    return value or str(cluster_runtime.home() / "offload")
+
+
 @app.command()
-def up(simulate: str = typer.Option(..., "--simulate", metavar="CLUSTER_YAML",
-                                    help="Run every node of CLUSTER_YAML as a Ray node on this machine (cards declared, maths on CPU).")):
-    """Start the cluster. This release runs the simulated cluster only (`--simulate`); real nodes joining over the LAN are not built yet."""
-    state, snapshot = cluster_runtime.up_simulated(simulate)
-    cards = sum(len(n.cards) for n in snapshot.nodes)
-    console.print(f"zeromix: {len(snapshot.nodes)} nodes and {cards} cards registered from {simulate}")
+def up(simulate: Optional[str] = typer.Option(None, "--simulate", metavar="CLUSTER_YAML",
+                                              help="Run every node of CLUSTER_YAML as a Ray node on this machine (cards declared, maths on CPU)."),
+       address: str = typer.Option("127.0.0.1", "--address", help="The IP other nodes reach this head on. Loopback (the default) "
+                                   "makes a one-machine cluster; a LAN address lets `zeromix join` in, always with Ray's token auth."),
+       name: Optional[str] = typer.Option(None, "--name", help="This node's name in zeromix (default: its hostname)."),
+       port: int = typer.Option(6379, "--port", min=1024, max=65535),
+       dashboard_port: int = typer.Option(8265, "--dashboard-port", min=1024, max=65535),
+       offload_dir: Optional[str] = typer.Option(None, "--offload-dir", help="Where CPU offload may spill (default: ZEROMIX_HOME/offload)."),
+       link: Optional[str] = LinkOption):
+    """Start the cluster: the head on this machine with its own cards (probed through NVML), or with --simulate
+    the whole cluster.yaml homelab on this machine."""
+    if simulate:
+        state, snapshot = cluster_runtime.up_simulated(simulate)
+        cards = sum(len(n.cards) for n in snapshot.nodes)
+        console.print(f"zeromix: {len(snapshot.nodes)} nodes and {cards} cards registered from {simulate}")
+        console.print(f"Ray dashboard: {state.dashboard_url}   (token auth on; `zeromix down` stops it)")
+        return
+    state, node = cluster_runtime.up(name or cluster_runtime.default_node_name(), address, port, dashboard_port,
+                                     _offload_dir(offload_dir), _link(link))
+    _print_registered(node)
     console.print(f"Ray dashboard: {state.dashboard_url}   (token auth on; `zeromix down` stops it)")
+    if address != "127.0.0.1":
+        console.print(f"other nodes join with:  zeromix join --address {state.gcs_address} --token-file <copy of {cluster_runtime.token_file()}>\n"
+                      "(copy the token file over a channel you trust, e.g. scp; it is the cluster's only credential)")
+
+
+@app.command()
+def join(address: str = typer.Option(..., "--address", metavar="HEAD:PORT", help="The head, as `zeromix up` printed it."),
+         name: Optional[str] = typer.Option(None, "--name", help="This node's name in zeromix (default: its hostname)."),
+         token_file: Optional[str] = typer.Option(None, "--token-file", help="A copy of the head's auth_token (kept in ZEROMIX_HOME, mode 0600)."),
+         offload_dir: Optional[str] = typer.Option(None, "--offload-dir", help="Where CPU offload may spill (default: ZEROMIX_HOME/offload)."),
+         link: Optional[str] = LinkOption):
+    """Join this machine to a zeromix cluster: probe its cards, start Ray here and register every card."""
+    _, node = cluster_runtime.join(address, name or cluster_runtime.default_node_name(), token_file, _offload_dir(offload_dir), _link(link))
+    _print_registered(node)
+    console.print(f"joined {address}; `zeromix nodes` on the head lists every card")
+
+
+def _link(value: str | None) -> float | None:
+    if value is None:
+        return None
+    if value not in LINK_GBIT_PER_S:
+        raise InputError("command line", "--link", value, f"one of {', '.join(LINK_GBIT_PER_S)}")
+    return LINK_GBIT_PER_S[value]
+
+
+def _print_registered(node) -> None:
+    for warning in node.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"zeromix: node {node.name} ({node.address}) registered {len(node.cards)} card(s)"
+                  + (f", {node.software.build}" if node.software else ""))
+    for card in node.cards:
+        verdict = usability(card)
+        console.print(f"  {card.card_id}  {card.short_name}  {card.vram_mib / 1024:.0f} GiB  sm_{card.compute_capability[0]}{card.compute_capability[1]}  "
+                      + ("usable" if verdict.ok else f"[red]not usable[/]: {verdict.reason}"))
+        if card.warning:
+            console.print(f"  [yellow]warning:[/] {card.warning}")
+
+
+@app.command()
+def nodes(as_json: bool = typer.Option(False, "--json", help="The same rows as JSON.")):
+    """One row per card: VRAM total/free, compute capability, bf16, bandwidth, usable or not and why, and the job holding it."""
+    cluster_runtime.connect()
+    snapshot = registry.snapshot()
+    live = registry.free_memory([n.name for n in snapshot.nodes if not n.simulated])
+    rows = [card_row(card, live.get(card.node, {}).get(card.index, card.facts.memory_free_mib)) for card in snapshot.cards]
+    builds = {n.name: n.software.build for n in snapshot.nodes if n.software}
+    if as_json:
+        print(json.dumps({"cards": rows, "nodes": [node_row(n) for n in snapshot.nodes]}, indent=2))
+        return
+    table = Table("NODE", "CARD", "GPU", "VRAM", "FREE", "CC", "BF16", "BANDWIDTH", "USABLE", "HELD BY")
+    for r in rows:
+        table.add_row(r["node"], str(r["index"]), r["gpu"] + (" (estimated)" if r["estimated"] else ""), f"{r['vram_gib']:g} GiB",
+                      "-" if r["free_gib"] is None else f"{r['free_gib']:g} GiB", r["compute_capability"], "yes" if r["bf16"] else "no",
+                      f"{'~' if r['estimated'] else ''}{r['bandwidth_gbs']:g} GB/s", "yes" if r["usable"] else f"no: {r['why_not']}",
+                      r["held_by"] or "-")
+    console.print(table)
+    if len(set(builds.values())) > 1:
+        console.print("different software builds: " + "; ".join(f"{n}: {b}" for n, b in builds.items())
+                      + ". A job runs one build, so cards on different builds never share a job.")
+    for node in snapshot.nodes:
+        for warning in [*node.warnings, *(c.warning for c in node.cards if c.warning)]:
+            console.print(f"[yellow]warning[/] ({node.name}): {warning}")
+
+
+def card_row(card, free_mib: int | None) -> dict:
+    verdict = usability(card)
+    spec = card.spec
+    return {"node": card.node, "index": card.index, "card": card.card_id, "gpu": spec.name, "nvml_name": card.model,
+            "uuid": card.facts.uuid, "pci_bus_id": card.facts.pci_bus_id,
+            "vram_gib": round(card.vram_mib / 1024, 1), "free_gib": None if free_mib is None else round(free_mib / 1024, 1),
+            "compute_capability": f"{card.compute_capability[0]}.{card.compute_capability[1]}", "bf16": spec.bf16,
+            "bandwidth_gbs": spec.mem_bandwidth_gbs, "estimated": spec.estimated, "unconfirmed": sorted(spec.unconfirmed),
+            "usable": verdict.ok, "why_not": verdict.reason or None, "held_by": card.held_by}
+
+
+def node_row(node) -> dict:
+    return {"name": node.name, "address": node.address, "simulated": node.simulated, "cpus": node.cpus, "ram_gb": node.ram_gb,
+            "link_gbit_per_s": node.link_gbit_per_s, "nic": node.nic, "disk_free_gb": node.disk_free_gb,
+            "p2p_pairs": node.p2p_pairs, "nvlink_pairs": node.nvlink_pairs,
+            "software": dataclasses.asdict(node.software) if node.software else None, "warnings": list(node.warnings)}
 
 
 @app.command()

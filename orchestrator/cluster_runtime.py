@@ -79,6 +79,7 @@ def _start_and_register(node: Node, head_address: str | None, port: int, dashboa
     from orchestrator import registry
     from workers.registration import ray_start_command
 
+    os.environ.update(auth_env())  # Ray reads its auth settings when it is first imported
     done = _ray_cli(ray_start_command(node, head_address, port, dashboard_port))
     if done.returncode != 0:
         last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]

@@ -26,7 +26,7 @@ class CardFacts:
     index: int  # NVML index = CUDA index under CUDA_DEVICE_ORDER=PCI_BUS_ID
     name: str  # NVML product name
     memory_total_mib: int
-    memory_free_mib: int | None
+    memory_free_mib: int | None  # None for a declared card: nothing measured it
     compute_capability: tuple[int, int]
     uuid: str | None = None
     pci_bus_id: str | None = None
@@ -160,7 +160,7 @@ def snapshot_from_config(config: ClusterConfig, simulated: bool = True) -> Clust
             spec = declared_spec(gpu)
             for _ in range(gpu.count):
                 vram_mib = round((gpu.vram_gb or spec.vram_gib) * catalog.MIB_PER_GIB)
-                declared.append(CardFacts(len(declared), spec.nvml_name, vram_mib, vram_mib, spec.compute_capability))
+                declared.append(CardFacts(len(declared), spec.nvml_name, vram_mib, None, spec.compute_capability))
         nodes.append(build_node(entry.name, entry.address, entry.ram_gb, entry.cpus, config.link_gbit_per_s(entry), declared, simulated=simulated))
     return ClusterSnapshot(tuple(nodes))
 
@@ -175,7 +175,8 @@ def node_to_record(node: Node) -> dict:
 
 def node_from_record(record: dict) -> Node:
     fields = dict(record)
-    software = Software(**{**fields.pop("software"), "torch_archs": tuple(record["software"]["torch_archs"])}) if record["software"] else None
+    sw = fields.pop("software")
+    software = Software(**{**sw, "torch_archs": tuple(sw["torch_archs"])}) if sw else None
     cards = [CardFacts(**{**c, "compute_capability": tuple(c["compute_capability"])}) for c in fields.pop("cards")]
     fields["p2p_pairs"] = tuple(tuple(p) for p in fields["p2p_pairs"])
     fields["nvlink_pairs"] = tuple(tuple(p) for p in fields["nvlink_pairs"])

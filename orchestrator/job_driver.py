@@ -37,6 +37,7 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
             {"rank": i, "card": c["card"], "model": c["model"], "micro_batch": config.micro_batches[i],
              "zero_stage": config.ds_configs[i]["zero_optimization"]["stage"], "precision": r["precision"],
              "device": p["device"], "cuda_visible_devices": p["cuda_visible_devices"],
+             "nvml_name": p["nvml_name"], "pci_bus_id": p["pci_bus_id"],
              "busy_s": round(first["busy_s"][i], 4), "wait_s": round(first["wait_s"][i], 4),
              "utilisation": round(util[i], 3) if util else None,
              "est_compute_s": c["est_compute_s"]}
@@ -57,7 +58,8 @@ def main() -> int:
         group = WorkerGroup(group_pg, cards)
         placements = group.where()
         for c, p in zip(cards, placements):
-            print(f"zeromix: rank on {c['card']} ({c['model']}) sees CUDA_VISIBLE_DEVICES={p['cuda_visible_devices']}, device {p['device']}", flush=True)
+            print(f"zeromix: rank on {c['card']} ({c['model']}) sees CUDA_VISIBLE_DEVICES={p['cuda_visible_devices']}, "
+                  f"NVML {p['nvml_name'] or 'none'} at {p['pci_bus_id'] or '-'}, device {p['device']}", flush=True)
         summary = report(config, plan, placements, group.run(config.to_json()))
         Path(config.output_dir, RESULT_FILE).write_text(json.dumps(summary, indent=2))
         sys.stdout.write(f"\n{RESULT_TAG} {json.dumps(summary)}\n")  # one write: other threads print too

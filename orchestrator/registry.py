@@ -73,3 +73,28 @@ def snapshot() -> ClusterSnapshot:
         if resource.startswith("zm_card_")
     }
     return ClusterSnapshot(tuple(nodes)).with_holders(holders)
+
+
+FREE_MEMORY_TIMEOUT_S = 15
+
+
+def free_memory(nodes: list[str]) -> dict[str, dict[int, int]]:
+    """Free memory per card now, asked of each real node by a small task pinned there by its label.
+    A node that does not answer in time is left out (its caller shows the figure from registration)."""
+    import ray
+
+    from workers.gpu_probe import free_memory_mib
+    from workers.registration import NODE_LABEL
+
+    ask = ray.remote(num_cpus=0)(free_memory_mib)
+    pending = {ask.options(label_selector={NODE_LABEL: name}).remote(): name for name in nodes}
+    done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=FREE_MEMORY_TIMEOUT_S)
+    answers = {}
+    for ref in done:
+        try:
+            answers[pending[ref]] = ray.get(ref)
+        except ray.exceptions.RayError:
+            pass
+    for ref in set(pending) - set(done):
+        ray.cancel(ref, force=True)
+    return answers

@@ -3,32 +3,15 @@ jobs go through the CLI, DeepSpeed trains on CPU ranks, and transformers loads w
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, TINY_LLAMA
+from tests.conftest import REPO, TINY_LLAMA, free_port, job_status, submitted_id, zeromix
 
 pytestmark = pytest.mark.cluster
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def zeromix(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, "COLUMNS": "200"}, timeout=timeout)
-    if check and done.returncode != 0:
-        raise AssertionError(f"zeromix {' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return done
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +35,6 @@ def cluster(tmp_path_factory):
     os.environ.pop("ZEROMIX_HOME")
 
 
-def submitted_id(stdout: str) -> str:
-    return next(line.split()[1] for line in stdout.splitlines() if line.startswith("submitted "))
-
-
-def job_status(state, job_id: str) -> str:
-    from orchestrator.launch import jobs_client
-
-    return jobs_client(state).get_job_status(job_id).value
-
-
 def assert_cards_free():
     from orchestrator import registry
 
@@ -76,6 +49,23 @@ def mean_token_loss(model, records: list[dict], dataset: dict, tokenizer) -> flo
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1), ignore_index=-100).item()
+
+
+def test_nodes_lists_every_card_of_cluster_yaml(cluster):
+    rows = json.loads(zeromix("nodes", "--json").stdout)["cards"]
+    got = {r["card"]: (r["gpu"], r["vram_gib"], r["compute_capability"], r["bf16"], r["bandwidth_gbs"], r["usable"], r["held_by"]) for r in rows}
+    assert got == {
+        "attic/0": ("GeForce GTX 1080 Ti", 11.0, "6.1", False, 484.0, True, None),
+        "attic/1": ("GeForce RTX 2080 Ti", 11.0, "7.5", False, 616.0, True, None),
+        "desk/0": ("GeForce RTX 3090", 24.0, "8.6", True, 936.0, True, None),
+        "desk/1": ("GeForce RTX 4090", 24.0, "8.9", True, 1008.0, True, None),
+        "closet/0": ("GeForce RTX 3060 12GB", 12.0, "8.6", True, 360.0, True, None),
+    }
+    assert all(r["free_gib"] is None for r in rows)  # declared cards: nothing measured their free memory
+    table = zeromix("nodes").stdout
+    for header in ("NODE", "CARD", "GPU", "VRAM", "FREE", "CC", "BF16", "BANDWIDTH", "USABLE", "HELD BY"):
+        assert header in table
+    assert "GeForce RTX 3060 12GB" in table and "1008 GB/s" in table
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +143,8 @@ def test_cancel_releases_the_cards(cluster, demo_data):
     job_id = submitted_id(done.stdout)
     held = {c.card_id for c in registry.snapshot().cards if c.held_by == job_id}
     assert held == {"attic/0", "desk/0"}
+    rows = json.loads(zeromix("nodes", "--json").stdout)["cards"]
+    assert {r["card"] for r in rows if r["held_by"] == job_id} == held
     deadline = time.time() + 120
     while job_status(state, job_id) != "RUNNING" and time.time() < deadline:
         time.sleep(1)

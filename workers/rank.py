@@ -14,21 +14,48 @@ def card_env(index: int) -> dict[str, str]:
     return {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": str(index)}
 
 
+def _nvml_card(index: int) -> dict | None:
+    """What NVML says is at `index` on this machine (PCI bus order); None without NVML."""
+    from workers.gpu_probe import probe_cards
+
+    cards, *_ = probe_cards()
+    card = next((c for c in cards if c.index == index), None)
+    if card is None:
+        return None
+    return {"name": card.name, "uuid": card.uuid, "pci_bus_id": card.pci_bus_id}
+
+
 class RankWorker:
     def __init__(self, card: dict):
         self.card = card
 
     def where(self) -> dict:
-        """What this process runs on: the card it was promised and the device it actually sees."""
+        """What this process runs on. On a real node it is checked against the promised card: NVML's card at
+        the visible index must have the promised UUID, and CUDA's device 0 must be that same card. Raises
+        rather than train on the wrong card. (A simulated card was declared, not probed: nothing to check.)"""
         import ray
         import torch
 
-        on_gpu = torch.cuda.is_available()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        seen = _nvml_card(int(visible)) if visible and visible.isdigit() else None
+        promised = f"{self.card['node']}/{self.card['index']}"
+        real = bool(self.card.get("uuid"))
+        if real and (seen is None or seen["uuid"] != self.card["uuid"]):
+            found = f"{seen['name']} {seen['uuid']}" if seen else "no card"
+            raise RuntimeError(f"{promised}: NVML index {visible} is {found}, the plan promised {self.card['model']} {self.card['uuid']}")
+        device = "cpu"
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            device = props.name
+            if real and f"GPU-{props.uuid}" != seen["uuid"]:
+                raise RuntimeError(f"{promised}: CUDA device 0 is GPU-{props.uuid}, not the {seen['name']} ({seen['uuid']}) at NVML index {visible}")
         return {
-            "card": f"{self.card['node']}/{self.card['index']}",
+            "card": promised,
             "node_id": ray.get_runtime_context().get_node_id(),
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
+            "cuda_visible_devices": visible,
+            "nvml_name": seen["name"] if seen else None,
+            "pci_bus_id": seen["pci_bus_id"] if seen else None,
+            "device": device,
         }
 
     def rendezvous(self) -> tuple[str, int]:

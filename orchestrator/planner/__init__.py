@@ -76,7 +76,7 @@ class Plan:
             "params": self.n_params, "trainable_params": self.trainable_params,
             "est_step_s": _sig(self.step.step_s), "est_comm_s": _sig(self.step.comm_s),
             "ranks": [{"card": r.card.card_id, "node": r.card.node, "index": r.card.index, "resource": r.card.resource,
-                       "model": r.card.short_name, "micro_batch": r.tuning.micro_batch,
+                       "model": r.card.short_name, "uuid": r.card.facts.uuid, "micro_batch": r.tuning.micro_batch,
                        "est_mem_gib": round(r.memory.total / GIB, 2), "vram_gib": round(r.card.vram_mib / 1024, 1),
                        "est_compute_s": _sig(c)} for r, c in zip(self.ranks, self.step.compute_s)],
             "rejected": [{"card": x.card_id, "model": x.card, "reason": x.reason} for x in self.rejected],
