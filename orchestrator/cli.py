@@ -114,6 +114,8 @@ def nodes(as_json: bool = typer.Option(False, "--json", help="The same rows as J
                       f"{'~' if r['estimated'] else ''}{r['bandwidth_gbs']:g} GB/s", "yes" if r["usable"] else f"no: {r['why_not']}",
                       r["held_by"] or "-")
     console.print(table)
+    if any(n.simulated for n in snapshot.nodes):
+        console.print("simulated nodes: cards declared in cluster.yaml, not probed; the maths runs on this machine's CPU")
     if len(set(builds.values())) > 1:
         console.print("different software builds: " + "; ".join(f"{n}: {b}" for n, b in builds.items())
                       + ". A job runs one build, so cards on different builds never share a job.")
@@ -128,7 +130,7 @@ def card_row(card, free_mib: int | None) -> dict:
     return {"node": card.node, "index": card.index, "card": card.card_id, "gpu": spec.name, "nvml_name": card.model,
             "uuid": card.facts.uuid, "pci_bus_id": card.facts.pci_bus_id,
             "vram_gib": round(card.vram_mib / 1024, 1), "free_gib": None if free_mib is None else round(free_mib / 1024, 1),
-            "compute_capability": f"{card.compute_capability[0]}.{card.compute_capability[1]}", "bf16": spec.bf16,
+            "compute_capability": f"{card.compute_capability[0]}.{card.compute_capability[1]}", "sm_count": spec.sm_count, "bf16": spec.bf16,
             "bandwidth_gbs": spec.mem_bandwidth_gbs, "estimated": spec.estimated, "unconfirmed": sorted(spec.unconfirmed),
             "usable": verdict.ok, "why_not": verdict.reason or None, "held_by": card.held_by}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import secrets
 import sys
+import time
 
 from orchestrator.cluster_runtime import ClusterState
 from orchestrator.errors import ZeromixError
@@ -18,6 +19,7 @@ from orchestrator.registry import live_placement_groups, placement_group_name
 from workers.train import TrainConfig
 
 RESERVE_TIMEOUT_S = 30
+AGENT_WAIT_S = 60
 METADATA_KEY = "zeromix_job"  # present on every job zeromix submits
 
 
@@ -64,6 +66,8 @@ def release(job_id: str) -> bool:
 def jobs_client(state: ClusterState):
     from ray.job_submission import JobSubmissionClient
 
+    if state.dashboard_url is None:
+        raise ZeromixError("job commands run on the head: its dashboard and Jobs API listen on its loopback only")
     return JobSubmissionClient(state.dashboard_url)
 
 
@@ -72,7 +76,8 @@ def submit(state: ClusterState, job: JobSpec, plan: Plan) -> str:
     config = train_config(job, plan, job_id)
     reserve(job_id, plan)
     try:
-        jobs_client(state).submit_job(
+        _submit_when_agent_ready(
+            jobs_client(state),
             submission_id=job_id,
             entrypoint=f"{sys.executable} -m orchestrator.job_driver",
             entrypoint_num_cpus=0,
@@ -84,6 +89,20 @@ def submit(state: ClusterState, job: JobSpec, plan: Plan) -> str:
         release(job_id)
         raise
     return job_id
+
+
+def _submit_when_agent_ready(client, **job) -> None:
+    """Right after `up`, the head's job agent may not have registered yet and Ray answers 500 "No available
+    agent"; that one error is worth waiting out, any other is not."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            client.submit_job(**job)
+            return
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def list_jobs(state: ClusterState) -> list:

@@ -21,6 +21,16 @@ def demo_data(tmp_path_factory) -> dict[str, Path]:
     return write_demo_data(tmp_path_factory.mktemp("demo-data"), pretrain_lines=1200, reverse_train=800, reverse_eval=50)
 
 
+@pytest.fixture(scope="session")
+def zeromix_home(tmp_path_factory) -> Path:
+    """One ZEROMIX_HOME, hence one auth token, for every cluster this test process talks to: Ray reads its
+    auth settings once per process, so clusters with different tokens cannot follow one another here."""
+    home = tmp_path_factory.mktemp("zeromix-home")
+    os.environ["ZEROMIX_HOME"] = str(home)
+    yield home
+    os.environ.pop("ZEROMIX_HOME")
+
+
 NVML_DOUBLE = REPO / "tests" / "nvml_double"
 NVML_BOXES = REPO / "tests" / "data" / "nvml_boxes"
 

@@ -15,7 +15,7 @@ from tests.conftest import free_port, nvml_box_env, submitted_id, wait_for_end, 
 pytestmark = pytest.mark.cluster
 
 
-def test_two_jobs_get_the_two_cards_of_one_mixed_node(tmp_path, demo_data, monkeypatch):
+def test_two_jobs_get_the_two_cards_of_one_mixed_node(tmp_path, demo_data, zeromix_home):
     cluster = {
         "head": {"address": "10.0.0.1", "port": free_port(), "dashboard_port": free_port()},
         "nodes": [{"name": "head", "address": "10.0.0.1", "ram_gb": 8, "cpus": 1},
@@ -23,7 +23,6 @@ def test_two_jobs_get_the_two_cards_of_one_mixed_node(tmp_path, demo_data, monke
                    "gpus": [{"model": "NVIDIA GeForce GTX 1080 Ti"}, {"model": "NVIDIA GeForce RTX 3090"}]}],
     }
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))
-    monkeypatch.setenv("ZEROMIX_HOME", str(tmp_path / "home"))
     env = nvml_box_env("attic_1080ti_3090")
     zeromix("up", "--simulate", str(tmp_path / "cluster.yaml"), env=env, timeout=180)
     try:

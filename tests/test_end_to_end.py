@@ -15,13 +15,12 @@ pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """The shipped homelab on free ports, with its own ZEROMIX_HOME."""
+def cluster(tmp_path_factory, zeromix_home):
+    """The shipped homelab on free ports, in the session's ZEROMIX_HOME."""
     work = tmp_path_factory.mktemp("cluster")
     config = yaml.safe_load((REPO / "cluster.yaml").read_text())
     config["head"].update(port=free_port(), dashboard_port=free_port())
     (work / "cluster.yaml").write_text(yaml.safe_dump(config))
-    os.environ["ZEROMIX_HOME"] = str(work / "home")
     up = zeromix("up", "--simulate", str(work / "cluster.yaml"), timeout=180)
     assert "3 nodes and 5 cards registered" in up.stdout
     from orchestrator import cluster_runtime
@@ -32,7 +31,6 @@ def cluster(tmp_path_factory):
 
     ray.shutdown()
     zeromix("down")
-    os.environ.pop("ZEROMIX_HOME")
 
 
 def assert_cards_free():

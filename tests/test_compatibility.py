@@ -1,0 +1,83 @@
+"""Software compatibility: a card whose node's torch has no kernels for it, or whose node runs a different
+torch/NCCL build than the job's other nodes, is never placed, and the plan says why and how to fix it."""
+
+import dataclasses
+
+import pytest
+
+from orchestrator.inventory import CardFacts, ClusterSnapshot, Software, build_node
+from orchestrator.planner import make_plan
+from orchestrator.planner.filters import torch_runs_on, usability
+from tests.test_planner import TINY, job
+
+# torch.cuda.get_arch_list() of PyTorch's Linux wheels
+CU126 = ("sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90")
+CU128 = ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120")
+CU130 = ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_110", "sm_120", "compute_120")
+
+
+def software(version: str, cuda: str | None, archs: tuple[str, ...], nccl: str | None = "2.27.3") -> Software:
+    return Software(version, cuda, archs, nccl, "0.19.8", "570.133.07", "12.8")
+
+
+@pytest.mark.parametrize("archs, cc, runs", [
+    (CU126, (6, 1), True),   # sm_60 SASS runs on 6.1
+    (CU128, (6, 1), False),  # Pascal dropped from CUDA 12.8 builds
+    (CU128, (7, 0), False),  # so was Volta (2.11)
+    (CU128, (8, 9), True),   # sm_86 SASS runs on 8.9 (same major, higher minor)
+    (CU126, (12, 0), False), # no sm_12x and no PTX: a 5090 needs CUDA 12.8+
+    (CU130, (12, 1), True),  # PTX for compute_120 JIT-compiles on later cards
+    (("sm_90a",), (9, 0), True),
+    ((), (8, 6), False),
+])
+def test_arch_lists(archs, cc, runs):
+    assert torch_runs_on(archs, cc) is runs
+
+
+def node(name: str, sw: Software | None, *cards: tuple[str, int, tuple[int, int]]):
+    facts = [CardFacts(i, model, mib, mib, cc, uuid=f"GPU-{name}-{i}") for i, (model, mib, cc) in enumerate(cards)]
+    return build_node(name, f"10.0.0.{len(name)}", 64, 16, 10.0, facts, simulated=False, software=sw)
+
+
+PASCAL = ("NVIDIA GeForce GTX 1080 Ti", 11264, (6, 1))
+AMPERE = ("NVIDIA GeForce RTX 3090", 24576, (8, 6))
+ADA = ("NVIDIA GeForce RTX 4090", 24564, (8, 9))
+
+
+def test_pascal_under_a_cuda_12_8_build_is_unusable_with_the_fix():
+    attic = node("attic", software("2.13.0+cu128", "12.8", CU128), PASCAL, AMPERE)
+    pascal, ampere = attic.cards
+    verdict = usability(pascal)
+    assert not verdict.ok
+    assert "has no kernels for sm_61" in verdict.reason and "cu126" in verdict.reason and "sm_75" in verdict.reason
+    assert usability(ampere).ok
+    plan = make_plan(job(), TINY, ClusterSnapshot((attic,)), 10)
+    assert [r.card.card_id for r in plan.ranks] == ["attic/1"]
+    assert any(x.card_id == "attic/0" and "no kernels for sm_61" in x.reason for x in plan.rejected)
+
+
+def test_a_cpu_only_torch_makes_every_card_of_its_node_unusable():
+    box = node("box", software("2.13.0+cpu", None, (), nccl=None), AMPERE)
+    assert "CPU-only build" in usability(box.cards[0]).reason
+
+
+def test_nodes_on_different_builds_never_share_a_job():
+    desk = node("desk", software("2.13.0+cu128", "12.8", CU128, nccl="2.27.3"), AMPERE, ADA)
+    attic = node("attic", software("2.13.0+cu126", "12.6", CU126, nccl="2.26.2"), PASCAL, AMPERE)
+    plan = make_plan(job(gpus={"min": 1, "max": 4}), TINY, ClusterSnapshot((attic, desk)), 10)
+    assert {r.card.node for r in plan.ranks} == {"desk"}  # the build with the most compute behind it
+    left_out = {x.card_id: x.reason for x in plan.rejected}
+    assert set(left_out) == {"attic/0", "attic/1"}
+    assert "attic runs torch 2.13.0+cu126 / NCCL 2.26.2, the job's other nodes torch 2.13.0+cu128 / NCCL 2.27.3" in left_out["attic/1"]
+    # one build everywhere (cu126 runs all three architectures): no card is left out for its software
+    cu126 = software("2.13.0+cu126", "12.6", CU126, nccl="2.26.2")
+    one_build = ClusterSnapshot((node("attic", cu126, PASCAL, AMPERE), node("desk", cu126, AMPERE, ADA)))
+    assert not any("torch" in x.reason for x in make_plan(job(gpus={"min": 1, "max": 4}), TINY, one_build, 10).rejected)
+
+
+def test_records_round_trip_through_the_registry_format():
+    from orchestrator.inventory import node_from_record, node_to_record
+
+    attic = node("attic", software("2.13.0+cu126", "12.6", CU126), PASCAL, AMPERE)
+    attic = dataclasses.replace(attic, p2p_pairs=((0, 1),), warnings=("w",))
+    assert node_from_record(node_to_record(attic)) == attic
