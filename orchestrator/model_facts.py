@@ -1,4 +1,10 @@
-"""Model facts from `config.json` alone (no weights, no torch): what the memory model needs."""
+"""Model facts from `config.json` alone (no weights, no torch): exact parameter counts and the layer shapes
+the memory and step-time models need.
+
+Each supported family is described by what one decoder layer holds (its linear layers with their biases,
+and its norms) plus the embeddings around the stack; the count is exact, tied embeddings counted once.
+The tests check every family against transformers' own model built from the same config.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,17 @@ from pathlib import Path
 
 from orchestrator.errors import ZeromixError
 
-# Decoder families that share the Llama layout: attention q/k/v/o, gated MLP (gate/up/down), RMSNorm.
-LLAMA_LIKE = {"llama": False, "mistral": False, "qwen2": True}  # model_type -> q/k/v carry a bias
+
+@dataclass(frozen=True)
+class Linear:
+    name: str  # the module's name inside a layer, as PEFT's target_modules match it (its last part)
+    fan_in: int
+    fan_out: int
+    bias: bool
+
+    @property
+    def params(self) -> int:
+        return self.fan_in * self.fan_out + self.fan_out * self.bias
 
 
 @dataclass(frozen=True)
@@ -24,17 +39,21 @@ class ModelFacts:
     kv_heads: int
     head_dim: int
     tied_embeddings: bool
-    largest_layer_params: int  # the biggest single weight ZeRO-3 must gather at once
+    layer_linears: tuple[Linear, ...]  # one decoder layer's linear layers
+    largest_layer_params: int  # the most parameters one module holds: what ZeRO-3 gathers at once (DeepSpeed's measure)
+
+    @property
+    def matmul_params_per_token(self) -> int:
+        """Weights every token multiplies through: all layers' linears and the output head (embedding
+        lookups cost no FLOPs)."""
+        return self.n_layers * sum(l.fan_in * l.fan_out for l in self.layer_linears) + self.vocab * self.hidden
 
     def lora_params(self, r: int, target_modules: list[str]) -> int:
-        """Adapter parameters: r * (fan_in + fan_out) for each targeted projection in every layer."""
-        q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        shapes = {
-            "q_proj": (self.hidden, q_out), "k_proj": (self.hidden, kv_out), "v_proj": (self.hidden, kv_out),
-            "o_proj": (q_out, self.hidden), "gate_proj": (self.hidden, self.intermediate),
-            "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden),
-        }
-        return self.n_layers * sum(r * sum(shapes[m]) for m in target_modules if m in shapes)
+        """Adapter parameters: r * (fan_in + fan_out) for each targeted linear in every layer."""
+        return self.n_layers * sum(r * (l.fan_in + l.fan_out) for l in self.layer_linears if l.name in target_modules)
+
+    def lora_targets(self) -> list[str]:
+        return sorted({l.name for l in self.layer_linears})
 
 
 def read_config(model_dir: str) -> dict:
@@ -45,27 +64,71 @@ def read_config(model_dir: str) -> dict:
 
     cached = try_to_load_from_cache(model_dir, "config.json")
     if not isinstance(cached, str):
-        raise ZeromixError(f"{model_dir}: no config.json found locally")
+        raise ZeromixError(f"{model_dir}: no config.json found locally (a directory holding one, or a Hugging Face id already in the local cache)")
     return json.loads(Path(cached).read_text())
 
 
-def facts_from_config(config: dict) -> ModelFacts:
-    model_type = config.get("model_type", "?")
-    if model_type not in LLAMA_LIKE:
-        raise ZeromixError(f"model_type {model_type!r} is not modelled by the planner yet; supported: {', '.join(sorted(LLAMA_LIKE))}")
-    h, i, v, n = config["hidden_size"], config["intermediate_size"], config["vocab_size"], config["num_hidden_layers"]
-    heads = config["num_attention_heads"]
-    kv = config.get("num_key_value_heads") or heads
-    hd = config.get("head_dim") or h // heads
-    qkv_bias = LLAMA_LIKE[model_type] or config.get("attention_bias", False)
-    o_bias = config.get("attention_bias", False) and model_type == "llama"
-    mlp_bias = config.get("mlp_bias", False)
-    tied = config.get("tie_word_embeddings", False)
+def _llama_like(c: dict, qkv_bias: bool, o_bias: bool, norms_per_layer: int) -> tuple[list[Linear], int]:
+    """Llama, Mistral, Qwen2, Gemma: separate q/k/v/o, gated MLP, RMSNorm (weight only)."""
+    h, i, heads = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
+    kv, hd = c.get("num_key_value_heads") or heads, c.get("head_dim") or h // heads
+    mlp_bias = c.get("mlp_bias", False)
+    linears = [Linear("q_proj", h, heads * hd, qkv_bias), Linear("k_proj", h, kv * hd, qkv_bias), Linear("v_proj", h, kv * hd, qkv_bias),
+               Linear("o_proj", heads * hd, h, o_bias), Linear("gate_proj", h, i, mlp_bias), Linear("up_proj", h, i, mlp_bias),
+               Linear("down_proj", i, h, mlp_bias)]
+    return linears, norms_per_layer * h
 
-    attention = h * heads * hd + 2 * h * kv * hd + heads * hd * h
-    attention += (heads * hd + 2 * kv * hd) * qkv_bias + h * o_bias
-    mlp = 3 * h * i + (2 * i + h) * mlp_bias
-    layer = attention + mlp + 2 * h  # two RMSNorm weights
-    embeddings = v * h * (1 if tied else 2)
-    total = embeddings + n * layer + h  # final norm
-    return ModelFacts(model_type, total, n, h, i, v, heads, kv, hd, tied, largest_layer_params=max(v * h, h * i))
+
+def _layer(c: dict) -> tuple[list[Linear], int, int, int]:
+    """(linears, norm params per layer, final norm params, extra embedding params) for one family."""
+    kind = c["model_type"]
+    h = c.get("hidden_size") or c.get("n_embd")
+    if kind in ("llama", "mistral", "qwen2", "gemma", "gemma2", "qwen3"):
+        attn_bias = c.get("attention_bias", False)
+        qkv_bias = True if kind == "qwen2" else attn_bias
+        o_bias = attn_bias if kind in ("llama", "mistral", "gemma", "gemma2", "qwen3") else False
+        linears, norms = _llama_like(c, qkv_bias, o_bias, 4 if kind == "gemma2" else 2)
+        if kind == "qwen3":
+            norms += 2 * (c.get("head_dim") or h // c["num_attention_heads"])  # q_norm and k_norm over one head
+        return linears, norms, h, 0
+    if kind == "phi3":
+        heads = c["num_attention_heads"]
+        kv, hd, i = c.get("num_key_value_heads") or heads, h // heads, c["intermediate_size"]
+        return [Linear("qkv_proj", h, (heads + 2 * kv) * hd, False), Linear("o_proj", heads * hd, h, False),
+                Linear("gate_up_proj", h, 2 * i, False), Linear("down_proj", i, h, False)], 2 * h, h, 0
+    if kind == "phi":  # Phi-1/1.5/2: parallel attention and MLP under one LayerNorm; biases everywhere
+        heads = c["num_attention_heads"]
+        kv, hd, i = c.get("num_key_value_heads") or heads, h // heads, c["intermediate_size"]
+        linears = [Linear("q_proj", h, heads * hd, True), Linear("k_proj", h, kv * hd, True), Linear("v_proj", h, kv * hd, True),
+                   Linear("dense", heads * hd, h, True), Linear("fc1", h, i, True), Linear("fc2", i, h, True)]
+        norms = 2 * h + (4 * hd if c.get("qk_layernorm") else 0)
+        return linears, norms, 2 * h, 0
+    if kind == "gpt2":
+        inner = c.get("n_inner") or 4 * h
+        linears = [Linear("c_attn", h, 3 * h, True), Linear("c_proj", h, h, True), Linear("c_fc", h, inner, True), Linear("c_proj", inner, h, True)]
+        return linears, 4 * h, 2 * h, c["n_positions"] * h  # ln_1, ln_2 with biases; ln_f; learned positions
+    raise ZeromixError(f"model_type {kind!r} is not modelled by the planner yet; supported: {', '.join(SUPPORTED)}")
+
+
+SUPPORTED = ("gemma", "gemma2", "gpt2", "llama", "mistral", "phi", "phi3", "qwen2", "qwen3")
+TIED_BY_DEFAULT = {"gemma", "gemma2", "gpt2"}  # their configs tie input and output embeddings unless told otherwise
+
+
+def facts_from_config(config: dict) -> ModelFacts:
+    kind = config.get("model_type", "?")
+    if kind not in SUPPORTED:
+        raise ZeromixError(f"model_type {kind!r} is not modelled by the planner yet; supported: {', '.join(SUPPORTED)}")
+    linears, norms, final_norm, positions = _layer(config)
+    h = config.get("hidden_size") or config["n_embd"]
+    n = config.get("num_hidden_layers") or config["n_layer"]
+    v = config["vocab_size"]
+    heads = config.get("num_attention_heads") or config["n_head"]
+    kv = config.get("num_key_value_heads") or heads
+    tied = config.get("tie_word_embeddings", kind in TIED_BY_DEFAULT)
+    head_bias = v if kind == "phi" else 0  # Phi-2's lm_head carries a bias
+    embeddings = v * h + positions + (0 if tied else v * h + head_bias)
+    total = embeddings + n * (sum(l.params for l in linears) + norms) + final_norm
+    largest = max(v * h + (0 if tied else head_bias), max(l.params for l in linears))
+    intermediate = config.get("intermediate_size") or config.get("n_inner") or 4 * h
+    return ModelFacts(kind, total, n, h, intermediate, v, heads, kv,
+                      config.get("head_dim") or h // heads, tied, tuple(linears), largest)
