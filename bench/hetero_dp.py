@@ -71,7 +71,7 @@ def main() -> None:
         "name": "bench", "model": {"init": "scratch", "path": str(model_dir)},
         "dataset": {"path": str(data["pretrain"]), "text_field": "text"}, "seq_len": 32,
         "global_batch_size": args.global_batch, "max_steps": args.steps, "output_dir": str(work / "out"),
-        "optimizer": {"lr": 1e-3, "schedule": "constant"}, "gpus": {"models": TRIO}, "deepspeed": {"zero_stage": 2},
+        "optimizer": {"lr": 1e-3, "schedule": "constant"}, "gpus": {"count": 3, "models": TRIO}, "deepspeed": {"zero_stage": 2},
     })
     plan = make_plan(job, facts_from_config(BENCH_MODEL), snapshot_from_config(load_cluster(REPO / "cluster.yaml")), args.steps)
     rates = [r.rate_tflops for r in plan.ranks]

@@ -14,8 +14,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from orchestrator import cluster_runtime, launch, registry
-from orchestrator.cluster_config import LINK_GBIT_PER_S
+from orchestrator.cluster_config import LINK_GBIT_PER_S, load_cluster
 from orchestrator.errors import InputError, ZeromixError
+from orchestrator.inventory import snapshot_from_config
 from orchestrator.jobspec import load_job, total_steps
 from orchestrator.model_facts import facts_from_config, read_config
 from orchestrator.planner import Plan, make_plan
@@ -152,18 +153,23 @@ def down():
 SetOption = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a field of the spec, e.g. --set output_dir=runs/try2")
 
 
-def _plan(job_file: str, overrides: list[str]):
+def _plan(job_file: str, overrides: list[str], pool: str | None = None):
+    """Plan against the live cluster, or against a pool file (cluster.yaml format) without touching Ray."""
     job = load_job(job_file, overrides=overrides)  # schema and paths are checked before the cluster is touched
     facts = facts_from_config(read_config(job.model.path))
+    if pool:
+        return job, make_plan(job, facts, snapshot_from_config(load_cluster(pool)), total_steps(job)), None
     state = cluster_runtime.connect()
     launch.reconcile(state)
     return job, make_plan(job, facts, registry.snapshot(), total_steps(job)), state
 
 
 @app.command()
-def plan(job_file: str, set_: Optional[list[str]] = SetOption, as_json: bool = typer.Option(False, "--json")):
-    """Show the placement and per-card DeepSpeed settings a job would get, without reserving anything."""
-    _, chosen, _ = _plan(job_file, set_ or [])
+def plan(job_file: str, set_: Optional[list[str]] = SetOption, as_json: bool = typer.Option(False, "--json"),
+         pool: Optional[str] = typer.Option(None, "--pool", metavar="CLUSTER_YAML",
+                                            help="Plan against the cards this file describes (cluster.yaml format); no cluster needed.")):
+    """Show the cards, per-card DeepSpeed settings and estimates a job would get, and why other cards are left out. Reserves nothing."""
+    _, chosen, _ = _plan(job_file, set_ or [], pool)
     if as_json:
         print(json.dumps(chosen.summary(), indent=2))
     else:
@@ -246,21 +252,26 @@ def demo(cluster: str = "cluster.yaml"):
 
 # ------------------------------------------------------------------------------------------ rendering
 def render_plan(p: Plan) -> None:
-    t = p.first
-    offload = "optimizer+params" if t.offload_params else ("optimizer" if t.offload_optimizer else "none")
-    console.print(f"[bold]Plan for {p.job_name}[/]: ZeRO-{t.zero_stage}, {t.precision}, offload {offload}, "
-                  f"activation checkpointing {'on' if p.activation_checkpointing else 'off'}, "
-                  f"{p.grad_accum} accumulation step(s), global batch {p.global_batch}, {p.total_steps} steps, "
-                  f"{p.trainable_params:,} of {p.n_params:,} parameters trained")
-    table = Table("RANK", "CARD", "GPU", "VRAM", "MICRO-BATCH", "EST. MEMORY", "PEAK TFLOPS", "EST. COMPUTE")
+    console.print(f"[bold]Plan for {p.job_name}[/]: {p.zero.describe()}, {p.precision}, activation checkpointing "
+                  f"{'on' if p.activation_checkpointing else 'off'}, {p.grad_accum} accumulation step(s), global batch "
+                  f"{p.global_batch}, {p.total_steps} steps, {p.trainable:,} of {p.n_params:,} parameters trained")
+    table = Table("RANK", "CARD", "GPU", "MICRO-BATCH", "WEIGHTS", "GRADS", "OPTIMIZER", "GATHERED", "ACTIVATIONS", "BUCKETS+CTX",
+                  "EST. TOTAL / FREE", "PEAK TFLOPS", "EST. COMPUTE", title="per card (memory in GiB, estimates)")
     for i, (r, compute) in enumerate(zip(p.ranks, p.step.compute_s)):
-        table.add_row(str(i), r.card.card_id, r.card.short_name, f"{r.card.vram_mib / 1024:.0f} GiB", str(r.tuning.micro_batch),
-                      f"{r.memory.total / GIB:.2f} GiB", f"{r.rate_tflops:g}", f"{compute * 1000:.3g} ms")
+        m = r.memory
+        table.add_row(str(i), r.card.card_id, r.card.short_name, str(r.tuning.micro_batch),
+                      *(f"{v / GIB:.2f}" for v in (m.weights, m.gradients, m.optimizer, m.gathered, m.activations, m.buckets + m.overhead)),
+                      f"{m.total / GIB:.2f} / {r.capacity_bytes / GIB:.1f}", f"{r.rate_tflops:g}", f"{compute * 1000:.3g} ms")
     console.print(table)
-    console.print(f"estimated step time {p.step.step_s * 1000:.3g} ms = slowest compute + {p.step.comm_s * 1000:.3g} ms communication "
-                  "(estimates: memory and time are modelled, not measured)")
+    s = p.step
+    console.print(f"estimated step {s.step_s * 1000:.3g} ms = compute {max(s.compute_s) * 1000:.3g} ms (slowest card) + communication "
+                  f"{s.comm_s * 1000:.3g} ms + offload {s.offload_s * 1000:.3g} ms; about {s.tokens_per_s:,.0f} tokens/s (estimate)")
+    console.print("host RAM for model states (estimate): " + ", ".join(f"{n} {b / GIB:.1f} GiB" for n, b in p.host_bytes_per_node.items()))
+    env = {k: v for r in p.ranks for k, v in r.env.items()}
+    if env:
+        console.print("NCCL: " + " ".join(f"{k}={v}" for k, v in sorted(env.items())))
     if p.rejected:
-        left_out = Table("LEFT OUT", "GPU", "WHY", title=None)
+        left_out = Table("LEFT OUT", "GPU", "WHY")
         for x in p.rejected:
             left_out.add_row(x.card_id, x.card, x.reason)
         console.print(left_out)

@@ -27,7 +27,7 @@ class WorkerGroup:
                 self.actors.append(remote.options(
                     num_cpus=1, num_gpus=1, resources={card["resource"]: 1},
                     scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=i),
-                    runtime_env={"env_vars": card_env(card["index"])},
+                    runtime_env={"env_vars": {**card_env(card["index"]), **card.get("env", {})}},
                     name=None,
                 ).remote(card))
         except BaseException:

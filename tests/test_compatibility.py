@@ -64,7 +64,7 @@ def test_a_cpu_only_torch_makes_every_card_of_its_node_unusable():
 def test_nodes_on_different_builds_never_share_a_job():
     desk = node("desk", software("2.13.0+cu128", "12.8", CU128, nccl="2.27.3"), AMPERE, ADA)
     attic = node("attic", software("2.13.0+cu126", "12.6", CU126, nccl="2.26.2"), PASCAL, AMPERE)
-    plan = make_plan(job(gpus={"min": 1, "max": 4}), TINY, ClusterSnapshot((attic, desk)), 10)
+    plan = make_plan(job(gpus={"count": 2}), TINY, ClusterSnapshot((attic, desk)), 10)
     assert {r.card.node for r in plan.ranks} == {"desk"}  # the build with the most compute behind it
     left_out = {x.card_id: x.reason for x in plan.rejected}
     assert set(left_out) == {"attic/0", "attic/1"}
@@ -72,7 +72,7 @@ def test_nodes_on_different_builds_never_share_a_job():
     # one build everywhere (cu126 runs all three architectures): no card is left out for its software
     cu126 = software("2.13.0+cu126", "12.6", CU126, nccl="2.26.2")
     one_build = ClusterSnapshot((node("attic", cu126, PASCAL, AMPERE), node("desk", cu126, AMPERE, ADA)))
-    assert not any("torch" in x.reason for x in make_plan(job(gpus={"min": 1, "max": 4}), TINY, one_build, 10).rejected)
+    assert not any("torch" in x.reason for x in make_plan(job(gpus={"count": 2}), TINY, one_build, 10).rejected)
 
 
 def test_records_round_trip_through_the_registry_format():

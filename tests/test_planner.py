@@ -1,5 +1,6 @@
-"""The first planner: cards that fit, a precision every card runs, and per-card micro-batches that keep
-the global batch exact with one accumulation count for all ranks."""
+"""The planner's mechanics on the shipped homelab: a precision every card runs, per-card micro-batches that
+keep the global batch exact with one accumulation count for all ranks, and clear refusals. (Which cards to
+choose is tested on real model sizes in test_planner_scenarios.py.)"""
 
 import pytest
 
@@ -21,7 +22,7 @@ def job(**fields) -> JobSpec:
 
 
 def test_pascal_in_the_group_means_fp32_and_the_split_follows_the_rates():
-    plan = make_plan(job(gpus={"models": ["GeForce GTX 1080 Ti", "GeForce RTX 3090"]}), TINY, HOMELAB, 10)
+    plan = make_plan(job(gpus={"count": 2, "models": ["GeForce GTX 1080 Ti", "GeForce RTX 3090"]}), TINY, HOMELAB, 10)
     assert {r.card.card_id: r.tuning.precision for r in plan.ranks} == {"desk/0": "fp32", "attic/0": "fp32"}
     micro = {r.card.short_name: r.tuning.micro_batch for r in plan.ranks}
     assert micro == {"GeForce RTX 3090": 25, "GeForce GTX 1080 Ti": 7}  # 35.6 vs 11.3 TFLOPS: 0.70 vs 0.62 of a unit each
@@ -29,7 +30,7 @@ def test_pascal_in_the_group_means_fp32_and_the_split_follows_the_rates():
 
 
 def test_ampere_and_ada_get_bf16_and_every_ds_config_is_explicit():
-    j = job(gpus={"models": ["RTX 3090", "RTX 4090"]}, deepspeed={"gradient_clipping": 0.0})
+    j = job(gpus={"count": 2, "models": ["RTX 3090", "RTX 4090"]}, deepspeed={"gradient_clipping": 0.0})
     plan = make_plan(j, TINY, HOMELAB, 10)
     configs = plan.ds_configs(j)
     assert [c["bf16"]["enabled"] for c in configs] == [True, True]
@@ -39,9 +40,9 @@ def test_ampere_and_ada_get_bf16_and_every_ds_config_is_explicit():
 
 
 def test_turing_without_pascal_gets_fp16_and_explicit_bf16_leaves_old_cards_out():
-    plan = make_plan(job(gpus={"models": ["RTX 2080 Ti", "RTX 3090"]}), TINY, HOMELAB, 10)
+    plan = make_plan(job(gpus={"count": 2, "models": ["RTX 2080 Ti", "RTX 3090"]}), TINY, HOMELAB, 10)
     assert {r.tuning.precision for r in plan.ranks} == {"fp16"}
-    plan = make_plan(job(precision="bf16"), TINY, HOMELAB, 10)
+    plan = make_plan(job(precision="bf16", gpus={"count": 3}), TINY, HOMELAB, 10)
     assert sorted(r.card.card_id for r in plan.ranks) == ["closet/0", "desk/0", "desk/1"]
     assert {x.card_id: x.reason for x in plan.rejected} == {
         "attic/0": "bf16 needs compute capability >= 8.0 (older cards only emulate it, very slowly)",
@@ -59,8 +60,9 @@ def test_held_cards_are_not_planned_and_the_error_says_what_would_help():
 
 
 def test_a_global_batch_smaller_than_the_cards_uses_fewer_cards():
-    plan = make_plan(job(global_batch_size=2), TINY, HOMELAB, 10)
+    plan = make_plan(job(global_batch_size=2, gpus={"min": 2}), TINY, HOMELAB, 10)
     assert len(plan.ranks) == 2 and plan.global_batch == 2
+    assert all("at most 2 card(s)" in x.reason for x in plan.rejected)
 
 
 @pytest.mark.parametrize("total, rates, caps", [(32, [35.6, 11.3], [99, 99]), (7, [1.0, 1.0, 1.0], [5, 5, 5]), (100, [165.2, 71.2, 11.3], [40, 40, 40])])

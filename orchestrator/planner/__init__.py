@@ -1,24 +1,30 @@
 """The planner: a job spec, model facts and a cluster snapshot in; a plan out. Pure: no Ray, no torch.
 
-    filter cards -> choose the group -> resolve precision -> pick ZeRO stage / offload / checkpointing
-    -> split the global batch across the cards -> Plan (with every rejected card and why)
+    filter cards (filters.py) -> one software build -> candidate card groups (groups.py), ranked by a quick
+    throughput estimate -> for the best few: precision, ZeRO stage / offload / checkpointing, per-card
+    micro-batches within each card's memory (memory.py), step time (step_time.py), NCCL settings (nccl.py)
+    -> the fastest plan, with every card left out and why; or, when nothing fits, what would.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from dataclasses import dataclass
 
 from orchestrator.ds_config import Optimization, RankTuning, deepspeed_config
-from orchestrator.errors import ZeromixError
+from orchestrator.errors import InputError, ZeromixError
 from orchestrator.inventory import Card, ClusterSnapshot
 from orchestrator.jobspec import JobSpec
 from orchestrator.model_facts import ModelFacts
 from orchestrator.planner import memory, step_time
 from orchestrator.planner.filters import DEFAULT_FILTERS
-from orchestrator.planner.memory import GIB, MemoryEstimate, TrainingShape
+from orchestrator.planner.groups import candidate_groups
+from orchestrator.planner.memory import GIB, MemoryEstimate, TrainingShape, ZeroSetting
+from orchestrator.planner.nccl import nccl_env
 
-HOST_RAM_USABLE = 0.8  # leave the OS and the data pipeline a fifth of each node's RAM
+HOST_RAM_RESERVED = 4 * GIB  # for the OS and the data pipeline; DeepSpeed's 1.5x buffer is already in the need
+FULLY_TUNED_GROUPS = 8  # candidate groups tuned in full, best quick estimate first
 
 
 class NoPlacement(ZeromixError):
@@ -37,7 +43,9 @@ class RankPlan:
     card: Card
     tuning: RankTuning
     memory: MemoryEstimate  # an estimate
+    capacity_bytes: int  # what the estimate must fit in: the card's memory (free memory where probed)
     rate_tflops: float  # catalog peak for the plan's precision
+    env: dict[str, str]  # NCCL settings for this rank
 
 
 @dataclass(frozen=True)
@@ -45,10 +53,13 @@ class Plan:
     job_name: str
     ranks: tuple[RankPlan, ...]
     grad_accum: int
+    zero: ZeroSetting
+    precision: str
     activation_checkpointing: bool
     total_steps: int
     n_params: int
-    trainable_params: int
+    trainable: int
+    host_bytes_per_node: dict[str, int]  # an estimate, DeepSpeed's accounting
     rejected: tuple[Rejection, ...]
     step: step_time.StepEstimate  # an estimate
 
@@ -56,52 +67,56 @@ class Plan:
     def global_batch(self) -> int:
         return sum(r.tuning.micro_batch for r in self.ranks) * self.grad_accum
 
-    @property
-    def first(self) -> RankTuning:
-        return self.ranks[0].tuning
-
     def ds_configs(self, job: JobSpec) -> list[dict]:
         opt = Optimization(job.optimizer.lr, job.optimizer.schedule, job.optimizer.warmup_steps, job.optimizer.weight_decay, self.total_steps)
         return [deepspeed_config(r.tuning, self.grad_accum, len(self.ranks), job.deepspeed.gradient_clipping, opt) for r in self.ranks]
 
     def summary(self) -> dict:
-        """JSON-able, for Ray job metadata and `--json`; memory figures are estimates."""
-        t = self.first
+        """JSON-able, for Ray job metadata, `plan --json` and the workers. Memory and time are estimates."""
         return {
             "job": self.job_name,
-            "zero_stage": t.zero_stage, "precision": t.precision,
-            "offload": "optimizer+params" if t.offload_params else ("optimizer" if t.offload_optimizer else "none"),
+            "zero_stage": self.zero.stage, "precision": self.precision,
+            "offload": "optimizer+params" if self.zero.offload_params else ("optimizer" if self.zero.offload_optimizer else "none"),
             "activation_checkpointing": self.activation_checkpointing,
             "grad_accum": self.grad_accum, "global_batch": self.global_batch, "total_steps": self.total_steps,
-            "params": self.n_params, "trainable_params": self.trainable_params,
-            "est_step_s": _sig(self.step.step_s), "est_comm_s": _sig(self.step.comm_s),
+            "params": self.n_params, "trainable_params": self.trainable,
+            "est_step_s": _sig(self.step.step_s), "est_compute_s": _sig(max(self.step.compute_s)),
+            "est_comm_s": _sig(self.step.comm_s), "est_offload_s": _sig(self.step.offload_s),
+            "est_tokens_per_s": _sig(self.step.tokens_per_s),
+            "est_host_gib": {node: round(b / GIB, 2) for node, b in self.host_bytes_per_node.items()},
             "ranks": [{"card": r.card.card_id, "node": r.card.node, "index": r.card.index, "resource": r.card.resource,
                        "model": r.card.short_name, "uuid": r.card.facts.uuid, "micro_batch": r.tuning.micro_batch,
-                       "est_mem_gib": round(r.memory.total / GIB, 2), "vram_gib": round(r.card.vram_mib / 1024, 1),
-                       "est_compute_s": _sig(c)} for r, c in zip(self.ranks, self.step.compute_s)],
+                       "vram_gib": round(r.card.vram_mib / 1024, 1), "capacity_gib": round(r.capacity_bytes / GIB, 2),
+                       "est_mem_gib": round(r.memory.total / GIB, 2), "est_mem_breakdown_gib": _breakdown(r.memory),
+                       "rate_tflops": r.rate_tflops, "est_compute_s": _sig(c), "env": r.env}
+                      for r, c in zip(self.ranks, self.step.compute_s)],
             "rejected": [{"card": x.card_id, "model": x.card, "reason": x.reason} for x in self.rejected],
         }
 
 
-def _sig(seconds: float) -> float:
+def _breakdown(m: MemoryEstimate) -> dict[str, float]:
+    parts = ("weights", "gradients", "optimizer", "gathered", "activations", "buckets", "overhead")
+    return {p: round(getattr(m, p) / GIB, 3) for p in parts}
+
+
+def _sig(value: float) -> float:
     """Three significant figures: estimates span microseconds (a tiny model) to minutes."""
-    return float(f"{seconds:.3g}")
+    return float(f"{value:.3g}")
 
 
-def resolve_precision(requested: str, cards: list[Card]) -> str:
+def resolve_precision(requested: str, cards) -> str:
     """auto: bf16 only if every card is sm_80+, fp16 if every card is sm_70+ (dynamic loss scaling), else fp32."""
     if requested != "auto":
         return requested
-    lowest = min(c.compute_capability[0] for c in cards)
-    return "bf16" if lowest >= 8 else ("fp16" if lowest >= 7 else "fp32")
+    lowest = min(c.compute_capability for c in cards)
+    return "bf16" if lowest >= (8, 0) else ("fp16" if lowest >= (7, 0) else "fp32")
 
 
-def _ds_options(job: JobSpec) -> list[tuple[int, bool, bool]]:
-    """(stage, offload optimizer, offload params), cheapest first."""
+def _zero_options(job: JobSpec) -> list[ZeroSetting]:
     stages = [2, 3] if job.deepspeed.zero_stage == "auto" else [job.deepspeed.zero_stage]
     offloads = {"auto": [(False, False), (True, False), (True, True)], "none": [(False, False)],
                 "optimizer": [(True, False)], "optimizer+params": [(True, True)]}[job.deepspeed.offload]
-    return [(s, o, p) for o, p in offloads for s in stages if not (p and s != 3) and not (o and s == 0)]
+    return [ZeroSetting(s, o, p) for o, p in offloads for s in stages if not (p and s != 3) and not (o and s == 0)]
 
 
 def split_batch(total: int, rates: list[float], caps: list[int]) -> list[int] | None:
@@ -121,105 +136,253 @@ def split_batch(total: int, rates: list[float], caps: list[int]) -> list[int] | 
     return micro
 
 
-def make_plan(job: JobSpec, facts: ModelFacts, snapshot: ClusterSnapshot, total_steps: int, filters=DEFAULT_FILTERS) -> Plan:
-    rejected: list[Rejection] = []
+@dataclass(frozen=True)
+class _Job:
+    """What every candidate is planned against."""
+
+    job: JobSpec
+    facts: ModelFacts
+    snapshot: ClusterSnapshot
+    trainable: int
+    total_steps: int
+
+
+def make_plan(job: JobSpec, facts: ModelFacts, snapshot: ClusterSnapshot, total_steps: int, filters=DEFAULT_FILTERS,
+              suggest: bool = True) -> Plan:
+    """The fastest plan for the job on these cards. `suggest`: when nothing fits, plan variants of the job
+    to say what would."""
+    trainable = _trainable(job, facts)
+    ctx = _Job(job, facts, snapshot, trainable, total_steps)
+    rejected: dict[str, Rejection] = {}
     eligible: list[Card] = []
     for card in snapshot.cards:
         verdict = next((v for v in (f.check(job, card) for f in filters) if not v.ok), None)
         if verdict:
-            rejected.append(Rejection(card.card_id, card.short_name, verdict.reason))
+            rejected[card.card_id] = Rejection(card.card_id, card.short_name, verdict.reason)
         else:
             eligible.append(card)
+    eligible = _one_build(eligible, rejected)
 
     lo, hi = job.gpus.bounds
-    precision = resolve_precision(job.precision, eligible) if eligible else "fp32"
-    eligible = _one_build(eligible, precision, rejected)
-    eligible.sort(key=lambda c: (-c.spec.matmul_tflops(precision), c.card_id))
-    group = eligible[: min(hi or len(eligible), job.global_batch_size)]
-    trainable = facts.lora_params(job.lora_config.r, job.lora_config.target_modules) if job.method == "lora" else facts.n_params
-
-    while len(group) >= lo and group:
-        precision = resolve_precision(job.precision, group)
-        plan = _tune(job, facts, snapshot, group, precision, trainable, total_steps, rejected)
-        if plan:
-            return plan
-        dropped = min(group, key=lambda c: (c.vram_mib, c.card_id))  # the smallest card is the likeliest misfit
-        rejected.append(Rejection(dropped.card_id, dropped.short_name, "the model does not fit beside the others in any ZeRO/offload setting"))
-        group = [c for c in group if c is not dropped]
-    raise NoPlacement(_no_placement_message(job, lo, len(eligible), rejected))
-
-
-def _tune(job, facts, snapshot, group, precision, trainable, total_steps, rejected) -> Plan | None:
-    world = len(group)
-    checkpointing = [False, True] if job.deepspeed.activation_checkpointing == "auto" else [job.deepspeed.activation_checkpointing]
-    for stage, off_opt, off_par in _ds_options(job):
-        for ckpt in checkpointing:
-            shape = TrainingShape(facts, trainable, job.seq_len, precision, ckpt)
-            if not _host_ram_ok(snapshot, group, shape, off_opt, off_par):
-                continue
-            caps = [memory.max_micro_batch(shape, stage, world, c.vram_mib * 1024**2, off_opt, off_par) for c in group]
-            rates = [c.spec.matmul_tflops(precision) for c in group]
-            for grad_accum in (g for g in range(1, job.global_batch_size + 1) if job.global_batch_size % g == 0):
-                micro = split_batch(job.global_batch_size // grad_accum, rates, caps)
-                if micro:
-                    ranks = tuple(
-                        RankPlan(card, RankTuning(m, stage, off_opt, off_par, precision),
-                                 memory.estimate(shape, stage, world, m, off_opt, off_par), rate)
-                        for card, m, rate in zip(group, micro, rates)
-                    )
-                    estimate = step_time.estimate(
-                        n_params=facts.n_params, trainable=trainable, method=job.method, activation_checkpointing=ckpt,
-                        tokens_per_rank=[m * grad_accum * job.seq_len for m in micro], rates_tflops=rates, stage=stage,
-                        precision=precision, link_gb_s=_slowest_link(snapshot, group))
-                    return Plan(job.name, ranks, grad_accum, ckpt, total_steps, facts.n_params, trainable, tuple(rejected), estimate)
-                if job.global_batch_size // grad_accum < world:
-                    break
-    return None
+    hi = min(hi or len(eligible), job.global_batch_size)
+    groups = candidate_groups(eligible, lo, hi, lambda cards: resolve_precision(job.precision, cards))
+    groups.sort(key=lambda g: -_quick_tokens_per_s(ctx, g))
+    best, misfits = None, {}
+    for group in groups[:FULLY_TUNED_GROUPS]:
+        plan, dropped = _fit(ctx, list(group), lo)
+        if plan and (best is None or plan.step.tokens_per_s > best.step.tokens_per_s):
+            best, misfits = plan, dropped
+    if best is None:
+        raise NoPlacement(_no_placement_message(ctx, lo, eligible, rejected, groups, suggest))
+    chosen = {r.card.card_id for r in best.ranks}
+    for card in eligible:
+        if card.card_id not in chosen:
+            rejected[card.card_id] = misfits.get(card.card_id) or _left_out(ctx, best, card, hi)
+    ordered = tuple(rejected[c.card_id] for c in snapshot.cards if c.card_id in rejected)
+    return _with_rejections(best, ordered)
 
 
-def _one_build(cards: list[Card], precision: str, rejected: list[Rejection]) -> list[Card]:
+def _trainable(job: JobSpec, facts: ModelFacts) -> int:
+    if job.method != "lora":
+        return facts.n_params
+    trainable = facts.lora_params(job.lora_config.r, job.lora_config.target_modules)
+    if trainable == 0:
+        raise InputError("job", "lora.target_modules", job.lora_config.target_modules,
+                         f"name linear layers of this {facts.model_type} model: {', '.join(facts.lora_targets())}")
+    return trainable
+
+
+def _one_build(cards: list[Card], rejected: dict[str, Rejection]) -> list[Card]:
     """One job runs one torch/NCCL build on all its nodes (NCCL versions must match across ranks). Keep the
     build with the most compute behind it; the cards of other builds are left out, saying why."""
     builds: dict[str, float] = {}
     for card in cards:
         if card.software:
-            builds[card.software.build] = builds.get(card.software.build, 0.0) + card.spec.matmul_tflops(precision)
+            builds[card.software.build] = builds.get(card.software.build, 0.0) + card.spec.fp32_tflops
     if len(builds) <= 1:
         return cards
     chosen = max(builds, key=lambda b: (builds[b], b))
     kept = []
     for card in cards:
         if card.software and card.software.build != chosen:
-            rejected.append(Rejection(card.card_id, card.short_name, f"{card.node} runs {card.software.build}, the job's other nodes "
-                                      f"{chosen}: a job needs one torch/NCCL build on every node; install the same build there"))
+            rejected[card.card_id] = Rejection(card.card_id, card.short_name, f"{card.node} runs {card.software.build}, the job's "
+                                               f"other nodes {chosen}: a job needs one torch/NCCL build on every node; install the same build there")
         else:
             kept.append(card)
     return kept
 
 
-def _slowest_link(snapshot: ClusterSnapshot, group: list[Card]) -> float:
+def _links(snapshot: ClusterSnapshot, group: list[Card]) -> tuple[float, float]:
+    """(GB/s of the slowest link the group's collectives cross, GB/s of the slowest card's PCIe slot)."""
+    pcie = min(step_time.pcie_gb_per_s(c.facts.pcie_gen or c.spec.pcie_gen, c.facts.pcie_width or c.spec.pcie_lanes) for c in group)
     nodes = {c.node for c in group}
-    return step_time.link_gb_per_s(nodes, {n: snapshot.node(n).link_gbit_per_s for n in nodes},
-                                   min(c.spec.pcie_gen for c in group), min(c.spec.pcie_lanes for c in group))
+    if len(nodes) == 1:
+        return pcie, pcie
+    return min(step_time.network_gb_per_s(snapshot.node(n).link_gbit_per_s) for n in nodes), pcie
 
 
-def _host_ram_ok(snapshot: ClusterSnapshot, group: list[Card], shape: TrainingShape, off_opt: bool, off_par: bool) -> bool:
-    per_rank = memory.host_bytes(shape, len(group), off_opt, off_par)
-    for node in {c.node for c in group}:
-        ranks_here = sum(c.node == node for c in group)
-        if per_rank * ranks_here > snapshot.node(node).ram_gb * GIB * HOST_RAM_USABLE:
-            return False
-    return True
+def _quick_tokens_per_s(ctx: _Job, group) -> float:
+    """Throughput with samples split in proportion to rate, no offload, memory ignored: to rank groups."""
+    precision = resolve_precision(ctx.job.precision, group)
+    rates = [c.spec.matmul_tflops(precision) for c in group]
+    stage = 2 if ctx.job.deepspeed.zero_stage == "auto" else ctx.job.deepspeed.zero_stage
+    link, pcie = _links(ctx.snapshot, list(group))
+    samples = [ctx.job.global_batch_size * r / sum(rates) for r in rates]
+    return step_time.estimate(facts=ctx.facts, trainable=ctx.trainable, method=ctx.job.method, seq_len=ctx.job.seq_len,
+                              activation_checkpointing=False, samples_per_rank=samples, rates_tflops=rates,
+                              zero=ZeroSetting(stage, False, False), precision=precision, link_gb_s=link, pcie_gb_s=pcie,
+                              most_ranks_on_a_node=1).tokens_per_s
 
 
-def _no_placement_message(job: JobSpec, lo: int, n_eligible: int, rejected: list[Rejection]) -> str:
-    reasons = "; ".join(f"{r.card_id} ({r.card}): {r.reason}" for r in rejected) or "the cluster has no cards"
+def _fit(ctx: _Job, group: list[Card], lo: int) -> tuple[Plan | None, dict[str, Rejection]]:
+    """Tune the group; while nothing fits, drop its smallest card (the likeliest misfit) and try again."""
+    dropped: dict[str, Rejection] = {}
+    while len(group) >= max(lo, 1):
+        plan = _tune(ctx, group)
+        if plan:
+            return plan, dropped
+        smallest = min(group, key=lambda c: (c.vram_mib, c.card_id))
+        dropped[smallest.card_id] = Rejection(smallest.card_id, smallest.short_name,
+                                              "the model does not fit on it beside the others in any ZeRO/offload setting (estimate)")
+        group = [c for c in group if c is not smallest]
+    return None, dropped
+
+
+def _capacity(card: Card) -> int:
+    free = card.facts.memory_free_mib
+    return (min(free, card.vram_mib) if free is not None else card.vram_mib) * 1024**2
+
+
+def _tune(ctx: _Job, group: list[Card]) -> Plan | None:
+    """The fastest setting (ZeRO stage, offload, checkpointing, split) for this group that fits, or None."""
+    job, world = ctx.job, len(group)
+    precision = resolve_precision(job.precision, group)
+    rates = [c.spec.matmul_tflops(precision) for c in group]
+    link, pcie = _links(ctx.snapshot, group)
+    most_here = max(Counter(c.node for c in group).values())
+    checkpointing = [False, True] if job.deepspeed.activation_checkpointing == "auto" else [job.deepspeed.activation_checkpointing]
+    best = None
+    for zero in _zero_options(job):
+        for ckpt in checkpointing:
+            shape = TrainingShape(ctx.facts, ctx.trainable, job.seq_len, precision, ckpt)
+            host = _host_bytes(shape, zero, group)
+            if (zero.offload_optimizer or zero.offload_params) and not _host_ram_ok(ctx.snapshot, host):
+                continue
+            by_capacity = {cap: memory.max_micro_batch(shape, zero, world, cap) for cap in {_capacity(c) for c in group}}
+            caps = [by_capacity[_capacity(c)] for c in group]
+            split = _split(job.global_batch_size, rates, caps)
+            if split is None:
+                continue
+            micro, grad_accum = split
+            estimate = step_time.estimate(
+                facts=ctx.facts, trainable=ctx.trainable, method=job.method, seq_len=job.seq_len, activation_checkpointing=ckpt,
+                samples_per_rank=[m * grad_accum for m in micro], rates_tflops=rates, zero=zero, precision=precision,
+                link_gb_s=link, pcie_gb_s=pcie, most_ranks_on_a_node=most_here)
+            if best is None or estimate.step_s < best.step.step_s:
+                envs = nccl_env(group, ctx.snapshot)
+                ranks = tuple(
+                    RankPlan(card, RankTuning(m, zero.stage, zero.offload_optimizer, zero.offload_params, precision),
+                             memory.estimate(shape, zero, world, m), _capacity(card), rate, env)
+                    for card, m, rate, env in zip(group, micro, rates, envs))
+                best = Plan(job.name, ranks, grad_accum, zero, precision, ckpt, ctx.total_steps, ctx.facts.n_params,
+                            ctx.trainable, host, (), estimate)
+    return best
+
+
+def _split(global_batch: int, rates: list[float], caps: list[int]) -> tuple[list[int], int] | None:
+    """Micro-batches and the accumulation count (the same on every rank) that fit every card and best follow
+    the cards' rates; of equally balanced splits, the fewest accumulation steps. A memory cap on the fast card
+    can make more, smaller micro-batches the better split."""
+    best, best_time = None, None
+    for grad_accum in (g for g in range(1, global_batch + 1) if global_batch % g == 0):
+        if global_batch // grad_accum < len(rates):
+            break
+        micro = split_batch(global_batch // grad_accum, rates, caps)
+        if micro:
+            slowest = round(max(m * grad_accum / r for m, r in zip(micro, rates)), 9)
+            if best_time is None or slowest < best_time:
+                best, best_time = (micro, grad_accum), slowest
+    return best
+
+
+def _host_bytes(shape: TrainingShape, zero: ZeroSetting, group: list[Card]) -> dict[str, int]:
+    ranks_here = Counter(c.node for c in group)
+    return {n: memory.host_bytes(shape, zero, ranks_here[n], len(group)) for n in sorted(ranks_here)}
+
+
+def _host_ram_ok(snapshot: ClusterSnapshot, host: dict[str, int]) -> bool:
+    return all(need <= snapshot.node(node).ram_gb * GIB - HOST_RAM_RESERVED for node, need in host.items())
+
+
+def _left_out(ctx: _Job, plan: Plan, card: Card, hi: int) -> Rejection:
+    chosen = [r.card for r in plan.ranks]
+    if len(chosen) >= hi:
+        return Rejection(card.card_id, card.short_name, f"the job takes at most {hi} card(s) (gpus, global_batch_size); faster ones were chosen")
+    with_plan = _tune(ctx, [*chosen, card])
+    if with_plan is None:
+        return Rejection(card.card_id, card.short_name, "with it the model fits in no ZeRO/offload setting on every card of the group (estimate)")
+    without, with_it = plan.step.tokens_per_s, with_plan.step.tokens_per_s
+    why = []
+    if resolve_precision(ctx.job.precision, [*chosen, card]) != plan.precision:
+        why.append(f"it would force {resolve_precision(ctx.job.precision, [*chosen, card])} on every card")
+    if card.node not in {c.node for c in chosen}:
+        why.append(f"its node's {ctx.snapshot.node(card.node).link_gbit_per_s:g} Gbit/s link would carry every step's collectives")
+    slowest = min(chosen + [card], key=lambda c: c.spec.matmul_tflops(with_plan.precision))
+    if slowest is card and with_plan.grad_accum > 1:
+        why.append(f"it must take at least one sample in each of {with_plan.grad_accum} micro-steps")
+    because = f" ({'; '.join(why)})" if why else ""
+    return Rejection(card.card_id, card.short_name, f"faster without it{because}: about {without:,.0f} vs {with_it:,.0f} tokens/s with it (estimate)")
+
+
+def _with_rejections(plan: Plan, rejected: tuple[Rejection, ...]) -> Plan:
+    from dataclasses import replace
+
+    return replace(plan, rejected=rejected)
+
+
+def _no_placement_message(ctx: _Job, lo: int, eligible: list[Card], rejected: dict[str, Rejection], groups, suggest: bool) -> str:
+    job = ctx.job
+    reasons = "; ".join(f"{r.card_id} ({r.card}): {r.reason}" for r in rejected.values()) or "no card was rejected by a filter"
+    if not groups:
+        reasons += f". {len(eligible)} card(s) eligible, the job needs {lo}"
+    else:
+        reasons += ". The model does not fit in any ZeRO/offload/checkpointing setting on the eligible cards (estimate)"
+    if eligible and job.deepspeed.offload != "none":
+        shape = TrainingShape(ctx.facts, ctx.trainable, job.seq_len, "bf16", True)
+        need = _host_bytes(shape, ZeroSetting(3, True, False), eligible)
+        short = [f"{n} needs about {b / GIB:.0f} GiB, has {ctx.snapshot.node(n).ram_gb:g} GB" for n, b in need.items()
+                 if not _host_ram_ok(ctx.snapshot, {n: b})]
+        if short:
+            reasons += f"; offloading the optimizer needs more host RAM than there is ({'; '.join(short)}; estimate)"
     fixes = []
-    if n_eligible < lo:
-        fixes.append(f"lower gpus.{'count' if job.gpus.count else 'min'} (needs {lo}, {n_eligible} eligible) or free more cards")
+    if len(eligible) < lo:
+        fixes.append(f"lower gpus.{'count' if job.gpus.count else 'min'} (needs {lo}, {len(eligible)} eligible) or free more cards")
+    fixes += suggestions(ctx) if suggest else []
+    return f"no placement for job {job.name!r}: {reasons}. To fix: {', or '.join(fixes) or 'add cards with more memory'}."
+
+
+def suggestions(ctx: _Job) -> list[str]:
+    """Changes to the job that would make it fit on the same cards, each checked by planning it."""
+    job = ctx.job
+    tries: list[tuple[str, JobSpec]] = []
+    if job.deepspeed.offload != "auto":
+        tries.append(("allow deepspeed.offload: auto", job.model_copy(update={"deepspeed": job.deepspeed.model_copy(update={"offload": "auto"})})))
+    if job.deepspeed.activation_checkpointing is False:
+        tries.append(("allow deepspeed.activation_checkpointing: auto",
+                      job.model_copy(update={"deepspeed": job.deepspeed.model_copy(update={"activation_checkpointing": "auto"})})))
     if job.method == "full":
-        fixes.append("use method: lora")
-    if job.deepspeed.offload in ("none", "optimizer"):
-        fixes.append("allow deepspeed.offload: auto")
-    fixes.append(f"shorten seq_len (now {job.seq_len})")
-    return f"no placement for job {job.name!r}: {reasons}. To fix: {', or '.join(fixes)}."
+        tries.append(("use method: lora", job.model_copy(update={"method": "lora"})))
+    seq = job.seq_len // 2
+    while seq >= 64:
+        tries.append((f"shorten seq_len to {seq} (now {job.seq_len})", job.model_copy(update={"seq_len": seq})))
+        seq //= 2
+    found = []
+    for text, variant in tries:
+        if text.startswith("shorten") and any(f.startswith("shorten") for f in found):
+            continue  # the longest sequence that fits is the useful one
+        try:
+            plan = make_plan(variant, ctx.facts, ctx.snapshot, ctx.total_steps, suggest=False)
+        except NoPlacement:
+            continue
+        found.append(f"{text} ({plan.zero.describe()} on {', '.join(r.card.card_id for r in plan.ranks)})")
+    return found

@@ -1,33 +1,50 @@
-"""Per-rank memory estimate (an estimate, labelled as such wherever it is shown).
+"""Per-rank memory estimate (an estimate, labelled as such wherever it is shown). Pure: no Ray, no torch.
 
-Model states follow the ZeRO paper's accounting (arXiv:1910.02054): with mixed precision each trainable
-parameter costs 2 bytes (16-bit weight) + 2 (16-bit grad) + 12 (fp32 master, Adam m and v); in fp32 it is
-4 + 4 + 8. ZeRO-1 partitions the optimizer states over W ranks, ZeRO-2 also the gradients, ZeRO-3 also the
-weights. Activations use the per-layer formula of Korthikanti et al. (arXiv:2205.05198).
+Model states follow DeepSpeed's own estimators (`estimate_zero2/3_model_states_mem_needs`), which the tests
+check figure for figure. With mixed precision (fp16/bf16) each trainable parameter costs 2 bytes of 16-bit
+weight, 2 of 16-bit gradient and 16 of optimizer state (fp32 master 4, fp32 gradient 4, Adam m and v 8):
+ZeRO-1 partitions the optimizer state over the W ranks, ZeRO-2 also the gradients (2P + 18P/W), ZeRO-3 also
+the weights, with 16-bit gradients reduced straight into the fp32 partition, plus the largest module
+gathered whole (4L + 18P/W). Offloading moves the optimizer state (and at ZeRO-3 the weights) to host RAM.
+In fp32 there is no master copy: 4 + 4 + 8 bytes. LoRA keeps the frozen base in the compute dtype and pays
+gradient and optimizer bytes only for the adapters.
+
+Activations count what autograd keeps per token and layer with memory-efficient attention (no seq² scores),
+or only the layer inputs under activation checkpointing, plus the logits; buckets and the CUDA context come
+on top.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orchestrator.ds_config import BUCKET_ELEMENTS
 from orchestrator.model_facts import ModelFacts
 
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = 600 * 1024**2  # CUDA context + cuBLAS workspace, typical for recent drivers
-ALLOCATOR_SLACK = 0.10  # fragmentation headroom on top of everything else
+ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation on top of everything else
+HOST_BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' additional_buffer_factor for host memory
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    weights: int
-    gradients: int
-    optimizer: int
+    weights: int  # parameters resident on the card (16-bit, or fp32 in fp32 training)
+    gradients: int  # 16-bit gradients (fp32 in fp32 training)
+    optimizer: int  # fp32 master weights, fp32 gradients and Adam m, v
+    gathered: int  # ZeRO-3: the largest module gathered whole, weights and gradients
     activations: int
-    overhead: int
+    buckets: int  # communication buckets (gradient reduce, all-gather / prefetch)
+    overhead: int  # CUDA context and allocator slack
+
+    @property
+    def model_states(self) -> int:
+        """What DeepSpeed's estimators call GPU memory for model states."""
+        return self.weights + self.gradients + self.optimizer + self.gathered
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
+        return self.model_states + self.activations + self.buckets + self.overhead
 
 
 @dataclass(frozen=True)
@@ -39,38 +56,71 @@ class TrainingShape:
     activation_checkpointing: bool
 
 
-def _bytes_per(precision: str) -> int:
+@dataclass(frozen=True)
+class ZeroSetting:
+    stage: int
+    offload_optimizer: bool
+    offload_params: bool
+
+    def describe(self) -> str:
+        offload = "optimizer+params" if self.offload_params else ("optimizer" if self.offload_optimizer else "none")
+        return f"ZeRO-{self.stage}, offload {offload}"
+
+
+def bytes_per_value(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def model_state_bytes(shape: TrainingShape, stage: int, world: int, offload_optimizer: bool, offload_params: bool) -> tuple[int, int, int]:
-    """(weights, gradients, optimizer) bytes on the card for one rank."""
-    c = _bytes_per(shape.precision)
-    frozen = shape.facts.n_params - shape.trainable
-    weights = (frozen + shape.trainable) * c
-    if stage >= 3:
-        weights = weights // world + shape.facts.largest_layer_params * c * 2  # shard + the gathered layer (and prefetch)
-    if offload_params:
-        weights = shape.facts.largest_layer_params * c * 2
-    gradients = shape.trainable * c // (world if stage >= 2 else 1)
-    optimizer_per_param = 12 if c == 2 else 8
-    optimizer = shape.trainable * optimizer_per_param // (world if stage >= 1 else 1)
-    if offload_optimizer:
+def model_states(shape: TrainingShape, zero: ZeroSetting, world: int) -> tuple[int, int, int, int]:
+    """(weights, gradients, optimizer, gathered) bytes on the card for one rank."""
+    c = bytes_per_value(shape.precision)
+    p, t = shape.facts.n_params, shape.trainable
+    state_bytes = 16 if c == 2 else 8  # mixed precision keeps fp32 master weights and fp32 gradients
+    weights = p * c
+    gradients = t * c
+    optimizer = t * state_bytes // (world if zero.stage >= 1 else 1)
+    gathered = 0
+    if zero.stage >= 2:
+        gradients //= world
+    if zero.stage == 3:
+        weights //= world
+        gathered = 2 * c * shape.facts.largest_layer_params
+        if c == 2:
+            gradients = 0  # reduced straight into the fp32 partition, which `optimizer` counts
+    if zero.offload_optimizer:
         optimizer = 0
-    return weights, gradients, optimizer
+        if zero.stage >= 2:
+            gradients = 0  # the gradient partition goes to host RAM with the optimizer
+    if zero.offload_params:
+        weights = 0
+    return weights, gradients, optimizer, gathered
 
 
-def host_bytes(shape: TrainingShape, world: int, offload_optimizer: bool, offload_params: bool) -> int:
-    """Host RAM one rank needs for what it offloads (fp32 master + Adam states, fp16 weights)."""
-    optimizer = shape.trainable * 12 // world if offload_optimizer else 0
-    params = shape.facts.n_params * _bytes_per(shape.precision) // world if offload_params else 0
-    return optimizer + params
+def host_bytes(shape: TrainingShape, zero: ZeroSetting, ranks_here: int, world: int) -> int:
+    """Host RAM one node needs for its ranks' model states, as DeepSpeed's estimators count it (with their
+    1.5 buffer factor): the offloaded optimizer state (and weights), or the copy each rank loads at start."""
+    p, t, largest = shape.facts.n_params, shape.trainable, shape.facts.largest_layer_params
+    share = ranks_here / world
+    if zero.stage == 3:
+        if zero.offload_params:
+            need = (16 * t + 2 * p) * share  # 18 bytes per parameter for a full fine-tune
+        elif zero.offload_optimizer:
+            need = 16 * t * share
+        else:
+            need = 4 * largest * ranks_here  # zero.Init: each rank materialises one module at a time
+    elif zero.offload_optimizer:
+        need = max(4 * p * world, 16 * t)  # DeepSpeed does not split this across nodes
+    else:
+        need = 4 * p * ranks_here  # each rank loads the model in fp32 before DeepSpeed partitions it
+    return int(need * HOST_BUFFER_FACTOR)
 
 
 def activation_bytes_per_sample(shape: TrainingShape) -> int:
     f, s = shape.facts, shape.seq_len
-    c = _bytes_per(shape.precision)
-    per_layer = s * f.hidden * 34 * c // 2 + 5 * f.heads * s * s * c // 2
+    c = bytes_per_value(shape.precision)
+    # per token and layer: 4 residual-stream tensors (norm inputs and outputs), q/k/v and the attention
+    # output (memory-efficient attention keeps no seq x seq scores), 3 MLP-width tensors (gate, up, product)
+    per_layer = (4 * f.hidden + (f.heads + 2 * f.kv_heads) * f.head_dim + f.heads * f.head_dim + 3 * f.intermediate) * s * c
     if shape.activation_checkpointing:
         kept = f.n_layers * s * f.hidden * c + per_layer  # layer inputs, plus one layer recomputed at a time
     else:
@@ -79,15 +129,24 @@ def activation_bytes_per_sample(shape: TrainingShape) -> int:
     return kept + logits
 
 
-def estimate(shape: TrainingShape, stage: int, world: int, micro_batch: int, offload_optimizer: bool, offload_params: bool) -> MemoryEstimate:
-    weights, gradients, optimizer = model_state_bytes(shape, stage, world, offload_optimizer, offload_params)
+def bucket_bytes(shape: TrainingShape, zero: ZeroSetting) -> int:
+    """The gradient-reduce bucket, and the all-gather bucket (ZeRO-1/2) or prefetch bucket (ZeRO-3)."""
+    if zero.stage == 0:
+        return 0
+    elements = min(BUCKET_ELEMENTS, shape.trainable) + min(BUCKET_ELEMENTS, shape.facts.n_params)
+    return elements * bytes_per_value(shape.precision)
+
+
+def estimate(shape: TrainingShape, zero: ZeroSetting, world: int, micro_batch: int) -> MemoryEstimate:
+    weights, gradients, optimizer, gathered = model_states(shape, zero, world)
     activations = activation_bytes_per_sample(shape) * micro_batch
-    slack = int((weights + gradients + optimizer + activations) * ALLOCATOR_SLACK)
-    return MemoryEstimate(weights, gradients, optimizer, activations, CUDA_CONTEXT_BYTES + slack)
+    buckets = bucket_bytes(shape, zero)
+    slack = int((weights + gradients + optimizer + gathered + activations + buckets) * ALLOCATOR_SLACK)
+    return MemoryEstimate(weights, gradients, optimizer, gathered, activations, buckets, CUDA_CONTEXT_BYTES + slack)
 
 
-def max_micro_batch(shape: TrainingShape, stage: int, world: int, capacity: int, offload_optimizer: bool, offload_params: bool) -> int:
-    """The largest micro-batch whose estimate fits in `capacity` bytes (0 if not even the model states fit)."""
-    fixed = estimate(shape, stage, world, 0, offload_optimizer, offload_params).total
+def max_micro_batch(shape: TrainingShape, zero: ZeroSetting, world: int, capacity: int) -> int:
+    """The largest micro-batch whose estimate fits in `capacity` bytes (0 if not even one sample does)."""
+    fixed = estimate(shape, zero, world, 0).total
     per_sample = activation_bytes_per_sample(shape) * (1 + ALLOCATOR_SLACK)
     return max(0, int((capacity - fixed) // per_sample))

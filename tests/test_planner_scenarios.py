@@ -1,0 +1,102 @@
+"""The planner on questions homelab owners ask, with real model sizes (configs in tests/data/model_configs)."""
+
+import pytest
+
+from orchestrator.cluster_config import ClusterConfig, load_cluster
+from orchestrator.inventory import snapshot_from_config
+from orchestrator.jobspec import JobSpec
+from orchestrator.model_facts import facts_from_config
+from orchestrator.planner import NoPlacement, make_plan
+from tests.conftest import REPO
+from tests.test_model_facts import config
+
+LLAMA_1B = facts_from_config(config("llama-3.2-1b"))
+MISTRAL_7B = facts_from_config(config("mistral-7b-v0.1"))
+LLAMA_8B = facts_from_config(config("llama-3.1-8b"))
+HOMELAB = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
+
+
+def pool(*nodes: tuple[str, float, list[str]], link: str = "1GbE"):
+    """A pool of nodes (name, RAM GB, card names), as `zeromix plan --pool` reads it."""
+    entries = [{"name": n, "address": f"10.0.0.{i + 1}", "ram_gb": ram, "gpus": [{"model": m} for m in cards]} for i, (n, ram, cards) in enumerate(nodes)]
+    return snapshot_from_config(ClusterConfig.model_validate({"head": {"address": "10.0.0.1"}, "network": {"link": link}, "nodes": entries}))
+
+
+def job(**fields) -> JobSpec:
+    base = {"name": "j", "model": {"path": "m"}, "dataset": {"path": "d", "text_field": "text"}, "max_steps": 100,
+            "output_dir": "o", "global_batch_size": 32, "seq_len": 1024}
+    return JobSpec.model_validate({**base, **fields})
+
+
+def test_1_a_1080ti_and_3090_group_never_gets_bf16():
+    both = job(gpus={"count": 2, "models": ["GTX 1080 Ti", "RTX 3090"]}, method="lora")
+    plan = make_plan(both, LLAMA_1B, HOMELAB, 100)
+    assert {r.card.short_name for r in plan.ranks} == {"GeForce GTX 1080 Ti", "GeForce RTX 3090"}
+    assert plan.precision == "fp32"
+    # asked for bf16 outright, the 1080 Ti is left out with the reason, never given bf16
+    plan = make_plan(job(precision="bf16", method="lora", gpus={"models": ["GTX 1080 Ti", "RTX 3090"]}), LLAMA_1B, HOMELAB, 100)
+    assert [r.card.short_name for r in plan.ranks] == ["GeForce RTX 3090"]
+    assert "bf16 needs compute capability >= 8.0" in {x.card_id: x.reason for x in plan.rejected}["attic/0"]
+    # and by itself, choosing freely, the planner drops the 1080 Ti to run bf16 on the 3090
+    plan = make_plan(job(method="lora", gpus={"models": ["GTX 1080 Ti", "RTX 3090"]}), LLAMA_1B, HOMELAB, 100)
+    assert plan.precision == "bf16" and [r.card.card_id for r in plan.ranks] == ["desk/0"]
+    assert "it would force fp32 on every card" in {x.card_id: x.reason for x in plan.rejected}["attic/0"]
+
+
+def test_2_7b_lora_in_bf16_fits_a_3090_but_not_an_11gb_card_without_offload():
+    lora = job(method="lora", precision="bf16", seq_len=512, global_batch_size=8, deepspeed={"offload": "none"})
+    plan = make_plan(lora, MISTRAL_7B, pool(("box", 64, ["RTX 3090"])), 100)
+    (rank,) = plan.ranks
+    assert not plan.zero.offload_optimizer and rank.memory.total <= rank.capacity_bytes
+    assert rank.memory.weights == 2 * MISTRAL_7B.n_params  # the frozen base in bf16: 13.5 GiB
+    for small in ("RTX 2080 Ti", "GTX 1080 Ti"):
+        with pytest.raises(NoPlacement) as err:
+            make_plan(job(method="lora", seq_len=512, global_batch_size=8, deepspeed={"offload": "none"}), MISTRAL_7B, pool(("box", 64, [small])), 100)
+        assert "does not fit" in str(err.value)
+        assert "allow deepspeed.offload: auto (ZeRO-3, offload optimizer+params" in str(err.value)  # what would
+
+
+def test_3_full_8b_on_one_24gb_card_needs_zero3_offload_and_the_host_ram_for_it():
+    """At a 4096-token context only ZeRO-3 with the optimizer and the weights in host RAM fits a 3090. (At
+    1024 tokens DeepSpeed's own estimate, 2P bytes on the card, lets ZeRO-2 + optimizer offload fit as well,
+    the ZeRO-Offload paper's single-GPU setup, and the planner takes it as the faster one.)"""
+    full = job(method="full", seq_len=4096, global_batch_size=16)
+    box = pool(("big", 512, ["RTX 3090"]))
+    for no_offload in ("none",):
+        with pytest.raises(NoPlacement):
+            make_plan(job(method="full", seq_len=4096, global_batch_size=16, deepspeed={"offload": no_offload}), LLAMA_8B, box, 100)
+    with pytest.raises(NoPlacement):
+        make_plan(job(method="full", seq_len=4096, global_batch_size=16, deepspeed={"zero_stage": 2}), LLAMA_8B, box, 100)
+    plan = make_plan(full, LLAMA_8B, box, 100)
+    assert (plan.zero.stage, plan.zero.offload_optimizer, plan.zero.offload_params) == (3, True, True)
+    (rank,) = plan.ranks
+    assert rank.memory.total <= rank.capacity_bytes and plan.activation_checkpointing
+    host_gib = plan.host_bytes_per_node["big"] / 1024**3
+    assert host_gib > 128  # DeepSpeed's estimate: 18 bytes per parameter, times its 1.5 buffer factor
+    with pytest.raises(NoPlacement) as err:
+        make_plan(full, LLAMA_8B, pool(("small", 128, ["RTX 3090"])), 100)
+    assert "offloading the optimizer needs more host RAM than there is (small needs about" in str(err.value)
+
+
+def test_4_a_1b_full_fine_tune_keeps_to_the_3090_and_4090_box():
+    plan = make_plan(job(method="full", global_batch_size=64), LLAMA_1B, HOMELAB, 100)
+    assert sorted(r.card.card_id for r in plan.ranks) == ["desk/0", "desk/1"]
+    left_out = {x.card_id: x.reason for x in plan.rejected}
+    assert "faster without it" in left_out["closet/0"] and "1 Gbit/s link" in left_out["closet/0"]
+    assert plan.step.comm_s > 0 and plan.ranks[0].env == {"NCCL_P2P_DISABLE": "1"}  # a 4090 in the box: no peer-to-peer
+    # a LoRA job moves only its adapters' gradients: there a 2080 Ti across 1 GbE adds more than it costs (in
+    # fp16, which Turing runs with tensor cores and loss scaling). The 3060 would have to take at least one
+    # sample per micro-step at a sixth of the 4090's rate, so it stays out.
+    lora = make_plan(job(method="lora", global_batch_size=64), LLAMA_1B, HOMELAB, 100)
+    assert sorted(r.card.card_id for r in lora.ranks) == ["attic/1", "desk/0", "desk/1"] and lora.precision == "fp16"
+    assert all(r.env["NCCL_IB_DISABLE"] == "1" and r.env["NCCL_P2P_DISABLE"] == "1" for r in lora.ranks)
+    assert "faster without it" in {x.card_id: x.reason for x in lora.rejected}["closet/0"]
+
+
+def test_5_micro_batches_on_a_3090_and_4090_follow_their_rates_and_sum_to_the_global_batch():
+    plan = make_plan(job(method="lora", global_batch_size=60, gpus={"count": 2, "models": ["RTX 3090", "RTX 4090"]}), LLAMA_1B, HOMELAB, 100)
+    micro = {r.card.short_name: r.tuning.micro_batch for r in plan.ranks}
+    assert sum(micro.values()) * plan.grad_accum == 60
+    share = micro["GeForce RTX 4090"] / sum(micro.values())
+    assert share == pytest.approx(165.2 / (165.2 + 71.2), abs=0.05)  # bf16 tensor rates with FP32 accumulate
+    assert {c["gradient_accumulation_steps"] for c in plan.ds_configs(job(method="lora", global_batch_size=60))} == {plan.grad_accum}
