@@ -177,6 +177,42 @@ def plan(job_file: str, set_: Optional[list[str]] = SetOption, as_json: bool = t
 
 
 @app.command()
+def advise(model: str = typer.Option(..., "--model", metavar="ID_OR_CONFIG_DIR", help="A directory with config.json, or a Hugging Face id in the local cache."),
+           method: str = typer.Option("lora", "--method", help="lora or full"),
+           seq_len: int = typer.Option(2048, "--seq-len", min=8),
+           batch: int = typer.Option(32, "--batch", min=1, help="Global batch size (samples per optimizer step)."),
+           cards: Optional[str] = typer.Option(None, "--cards", help='Only these cards, e.g. "RTX 3090,GTX 1080 Ti" (default: the whole catalog).'),
+           host_ram: float = typer.Option(64, "--host-ram", metavar="GB", help="Host RAM of the box, for CPU offload."),
+           top: int = typer.Option(25, "--top", min=1, help="Rows to show (--json gives all)."),
+           as_json: bool = typer.Option(False, "--json")):
+    """Which card, or pair of cards in one box, can run this job, in which DeepSpeed configuration, how fast
+    and at how many tokens per joule (estimates), ranked."""
+    from orchestrator.advice import advise as run_advice
+
+    if method not in ("lora", "full"):
+        raise InputError("command line", "--method", method, "lora or full")
+    facts = facts_from_config(read_config(model))
+    names = [n.strip() for n in cards.split(",") if n.strip()] if cards else None
+    rows = run_advice(facts, method, seq_len, batch, host_ram, names)
+    if as_json:
+        print(json.dumps({"model": model, "model_type": facts.model_type, "params": facts.n_params, "method": method,
+                          "seq_len": seq_len, "global_batch": batch, "host_ram_gb": host_ram,
+                          "options": [a.summary() for a in rows]}, indent=2))
+        return
+    console.print(f"{model}: {facts.model_type}, {facts.n_params:,} parameters; {method}, seq_len {seq_len}, global batch {batch}, "
+                  f"host RAM {host_ram:g} GB. Throughput and efficiency are estimates (TDP as power).")
+    table = Table("#", "CARDS", "RUNS?", "CONFIG", "MICRO-BATCH", "TOKENS/S", "TOKENS/J")
+    for i, a in enumerate(rows[:top], 1):
+        d = a.summary()
+        config = f"ZeRO-{d['zero_stage']}, offload {d['offload']}, {d['precision']}" + (", ckpt" if d["activation_checkpointing"] else "") if a.plan else "-"
+        micro = "+".join(map(str, d["micro_batches"])) + (f" x{d['grad_accum']}" if a.plan and d["grad_accum"] > 1 else "") if a.plan else "-"
+        names = f"2 x {a.cards[0]}" if len(a.cards) == 2 and a.cards[0] == a.cards[1] else " + ".join(a.cards)
+        table.add_row(str(i), names, "yes" if a.plan else f"no: {a.why_not[:160]}", config, micro,
+                      f"{a.tokens_per_s:,.0f}" if a.plan else "-", f"{a.tokens_per_joule:.2f}" if a.plan else "-")
+    console.print(table)
+
+
+@app.command()
 def submit(job_file: str, set_: Optional[list[str]] = SetOption,
            wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job with a progress bar until it ends.")):
     """Plan a job, reserve its cards and submit it to Ray."""

@@ -52,6 +52,9 @@ def deepspeed_config(tuning: RankTuning, grad_accum: int, world_size: int, gradi
             "min_loss_scale": 1,
         },
         "bf16": {"enabled": tuning.precision == "bf16"},
+        # ZeRO-3 with bf16 accumulates gradients in fp32: exact across accumulation steps (bf16 keeps 8 bits of
+        # mantissa), and the buffer doubles as the fp32 gradient the step needs, so no second copy is made.
+        "data_types": {"grad_accum_dtype": "fp32" if tuning.precision == "bf16" and tuning.zero_stage == 3 else None},
         "zero_optimization": _zero_section(tuning),
         "activation_checkpointing": {"partition_activations": False, "cpu_checkpointing": False, "contiguous_memory_optimization": False},
         "optimizer": {

@@ -40,7 +40,10 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
              "nvml_name": p["nvml_name"], "pci_bus_id": p["pci_bus_id"],
              "busy_s": round(first["busy_s"][i], 4), "wait_s": round(first["wait_s"][i], 4),
              "utilisation": round(util[i], 3) if util else None,
-             "est_compute_s": c["est_compute_s"]}
+             "est_compute_s": c["est_compute_s"],
+             # measured from the engine's tensors vs the plan's estimate (weights + gradients + optimizer)
+             "model_state_gib": round(sum(r["model_state_bytes"].values()) / 1024**3, 4),
+             "est_model_state_gib": round(sum(c["est_mem_breakdown_gib"][k] for k in ("weights", "gradients", "optimizer")), 4)}
             for i, (c, p, r) in enumerate(zip(cards, placements, results))
         ],
     }

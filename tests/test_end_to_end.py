@@ -103,7 +103,11 @@ def test_plan_is_in_the_ray_job_metadata(scratch_run):
     state, job_id, _, _ = scratch_run
     plan = json.loads(jobs_client(state).get_job_info(job_id).metadata["zeromix_plan"])
     assert plan["zero_stage"] == 2 and sorted(r["card"] for r in plan["ranks"]) == ["attic/0", "desk/0"]
-    assert "token" not in json.dumps(plan).lower()
+    from orchestrator.cluster_runtime import token_file
+
+    metadata = json.dumps(jobs_client(state).get_job_info(job_id).metadata)
+    assert token_file().read_text().strip() not in metadata and "auth_token" not in metadata  # no secret, not even its path
+    assert all("est_mem_breakdown_gib" in r for r in plan["ranks"]) and plan["est_tokens_per_s"] > 0
 
 
 def test_lora_zero3_fine_tune_of_the_scratch_model(scratch_run, demo_data):

@@ -50,7 +50,7 @@ def test_lora_pays_optimizer_state_only_for_the_adapters():
     assert (gradients, optimizer) == (2 * adapters, 16 * adapters)
 
 
-def test_fp32_has_no_master_copy():
+def test_fp32_keeps_a_master_partition_too():
     shape = full("gpt2", "fp32")
     p = shape.facts.n_params
-    assert model_states(shape, ZeroSetting(2, False, False), 2) == (4 * p, 4 * p // 2, 8 * p // 2, 0)
+    assert model_states(shape, ZeroSetting(2, False, False), 2) == (4 * p, 4 * p // 2, 12 * p // 2, 0)

@@ -80,6 +80,8 @@ class RankResult:
     step_times: list[float] = field(default_factory=list)  # every step's time, measured on this rank
     busy_s: list[float] = field(default_factory=list)  # time not spent waiting for slower ranks
     wait_s: list[float] = field(default_factory=list)  # time blocked in gradient reduction beyond the fastest rank's
+    # Model-state bytes this rank's engine holds after its first optimizer step (workers/memory_report.py)
+    model_state_bytes: dict[str, int] = field(default_factory=dict)
 
 
 def utilisation(busy_s: list[float], wait_s: list[float]) -> list[float]:
@@ -102,6 +104,7 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     from transformers.integrations import HfDeepSpeedConfig
 
     from workers.data import GlobalBatchSampler, collate, read_records, tokenize
+    from workers.memory_report import model_state_bytes
     from workers.precision import runnable_ds_config
 
     os.environ.update(
@@ -180,6 +183,8 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
             loss_sum += token_losses.detach().double().cpu()
         step_time = time.perf_counter() - t0
         train_time += step_time
+        if not result.model_state_bytes:  # optimizer states exist from the first step on
+            result.model_state_bytes = model_state_bytes(engine)
         reduce_s = engine.get_wall_clock_timers().get(BACKWARD_REDUCE_GLOBAL_TIMER, 0.0) / 1000.0  # this step's, in ms
         global_loss_sum, step_timings = _reduce_step_stats(dist, world, loss_sum.item(), step_time, reduce_s)
         timings += step_timings

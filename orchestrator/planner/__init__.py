@@ -96,7 +96,7 @@ class Plan:
 
 def _breakdown(m: MemoryEstimate) -> dict[str, float]:
     parts = ("weights", "gradients", "optimizer", "gathered", "activations", "buckets", "overhead")
-    return {p: round(getattr(m, p) / GIB, 3) for p in parts}
+    return {p: float(f"{getattr(m, p) / GIB:.4g}") for p in parts}
 
 
 def _sig(value: float) -> float:

@@ -5,8 +5,9 @@ check figure for figure. With mixed precision (fp16/bf16) each trainable paramet
 weight, 2 of 16-bit gradient and 16 of optimizer state (fp32 master 4, fp32 gradient 4, Adam m and v 8):
 ZeRO-1 partitions the optimizer state over the W ranks, ZeRO-2 also the gradients (2P + 18P/W), ZeRO-3 also
 the weights, with 16-bit gradients reduced straight into the fp32 partition, plus the largest module
-gathered whole (4L + 18P/W). Offloading moves the optimizer state (and at ZeRO-3 the weights) to host RAM.
-In fp32 there is no master copy: 4 + 4 + 8 bytes. LoRA keeps the frozen base in the compute dtype and pays
+gathered whole (4L + 18P/W; zeromix accumulates ZeRO-3 bf16 gradients in fp32, which makes DeepSpeed's engine
+hold exactly that). Offloading moves the optimizer state (and at ZeRO-3 the weights) to host RAM. In fp32,
+DeepSpeed still keeps a separate fp32 master partition: 4 + 4 + 12 bytes. LoRA keeps the frozen base in the compute dtype and pays
 gradient and optimizer bytes only for the adapters.
 
 Activations count what autograd keeps per token and layer with memory-efficient attention (no seq² scores),
@@ -75,7 +76,7 @@ def model_states(shape: TrainingShape, zero: ZeroSetting, world: int) -> tuple[i
     """(weights, gradients, optimizer, gathered) bytes on the card for one rank."""
     c = bytes_per_value(shape.precision)
     p, t = shape.facts.n_params, shape.trainable
-    state_bytes = 16 if c == 2 else 8  # mixed precision keeps fp32 master weights and fp32 gradients
+    state_bytes = 16 if c == 2 else 12  # fp32 master + Adam m, v (DeepSpeed clones the master even in fp32); + fp32 gradient when mixed
     weights = p * c
     gradients = t * c
     optimizer = t * state_bytes // (world if zero.stage >= 1 else 1)
