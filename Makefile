@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 STAMP  := $(VENV)/.zeromix-installed
 
-.PHONY: venv demo test bench down clean
+.PHONY: venv demo test bench bench-plan down clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/hetero_dp.py
+
+bench-plan: $(STAMP)
+	$(BIN)/python bench/planning_time.py
 
 down: $(STAMP)
 	$(BIN)/zeromix down

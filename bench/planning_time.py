@@ -1,7 +1,7 @@
 """How long the planner takes for one job over pools of 8, 64 and 256 cards (target: under 100 ms at 64).
 
 The pools are homelab-like: nodes of 2 to 4 mixed cards (GTX 1080 Ti to RTX 4090) on 1 GbE, a few on
-10 GbE. The job is a LoRA fine-tune of Llama-3.1-8B at 2048 tokens (its config from tests/data). Each
+10 GbE. The job is a LoRA fine-tune of Llama-3.2-1B at 1024 tokens, global batch 512 (its config from tests/data). Each
 figure is the median of repeated runs of `make_plan` in this process (pure Python: no Ray, no torch).
 
     .venv/bin/python bench/planning_time.py [--repeat 5]
@@ -22,7 +22,7 @@ from orchestrator.model_facts import facts_from_config
 from orchestrator.planner import make_plan
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "tests" / "data" / "model_configs" / "llama-3.1-8b" / "config.json"
+MODEL = REPO / "tests" / "data" / "model_configs" / "llama-3.2-1b" / "config.json"
 BOXES = [  # the kinds of boxes a homelab grows, repeated round-robin
     ["NVIDIA GeForce GTX 1080 Ti", "NVIDIA GeForce RTX 2080 Ti"],
     ["NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 4090"],
@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     facts = facts_from_config(json.loads(MODEL.read_text()))
     job = JobSpec.model_validate({"name": "bench", "model": {"path": "m"}, "dataset": {"path": "d", "text_field": "text"},
-                                  "method": "lora", "seq_len": 2048, "global_batch_size": 256, "max_steps": 100, "output_dir": "o"})
+                                  "method": "lora", "seq_len": 1024, "global_batch_size": 512, "max_steps": 100, "output_dir": "o"})
     print(f"planning one LoRA job for {facts.model_type} ({facts.n_params:,} parameters), median of {args.repeat} runs (measured)")
     print(f"{'cards':>6} {'nodes':>6} {'time':>10}  plan")
     for cards in (8, 64, 256):

@@ -30,6 +30,8 @@ class NodeEntry(StrictModel):
     cpus: int = Field(8, ge=1)
     gpus: list[GpuEntry] = Field(default_factory=list)
     link: LinkName | None = Field(None, description="This node's link to the others; defaults to network.link.")
+    nic: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,15}$",
+                            description="The network interface that reaches the other nodes (NCCL_SOCKET_IFNAME), e.g. enp3s0.")
 
     @field_validator("address")
     @classmethod

@@ -161,7 +161,8 @@ def snapshot_from_config(config: ClusterConfig, simulated: bool = True) -> Clust
             for _ in range(gpu.count):
                 vram_mib = round((gpu.vram_gb or spec.vram_gib) * catalog.MIB_PER_GIB)
                 declared.append(CardFacts(len(declared), spec.nvml_name, vram_mib, None, spec.compute_capability))
-        nodes.append(build_node(entry.name, entry.address, entry.ram_gb, entry.cpus, config.link_gbit_per_s(entry), declared, simulated=simulated))
+        nodes.append(build_node(entry.name, entry.address, entry.ram_gb, entry.cpus, config.link_gbit_per_s(entry), declared,
+                                simulated=simulated, nic=entry.nic))
     return ClusterSnapshot(tuple(nodes))
 
 

@@ -63,7 +63,7 @@ def with_(change) -> dict:
     (lambda d: d.update(network={"link": "1Gb"}),
      "cluster.yaml: network.link='1Gb' is not allowed; input should be '1GbE', '2.5GbE', '5GbE', '10GbE', '25GbE', '40GbE' or '100GbE'"),
     (lambda d: d["nodes"][0].update(ram=32),
-     "cluster.yaml: nodes[0].ram=32 is not allowed; unknown key; allowed keys here: address, cpus, gpus, link, name, ram_gb"),
+     "cluster.yaml: nodes[0].ram=32 is not allowed; unknown key; allowed keys here: address, cpus, gpus, link, name, nic, ram_gb"),
     (lambda d: d["nodes"].clear(), "cluster.yaml: nodes=[] is not allowed; list should have at least 1 item after validation, not 0"),
 ])
 def test_bad_cluster_yaml_names_the_key(tmp_path, change, expected):

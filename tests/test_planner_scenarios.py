@@ -90,6 +90,7 @@ def test_4_a_1b_full_fine_tune_keeps_to_the_3090_and_4090_box():
     lora = make_plan(job(method="lora", global_batch_size=64), LLAMA_1B, HOMELAB, 100)
     assert sorted(r.card.card_id for r in lora.ranks) == ["attic/1", "desk/0", "desk/1"] and lora.precision == "fp16"
     assert all(r.env["NCCL_IB_DISABLE"] == "1" and r.env["NCCL_P2P_DISABLE"] == "1" for r in lora.ranks)
+    assert {r.card.node: r.env["NCCL_SOCKET_IFNAME"] for r in lora.ranks} == {"attic": "enp3s0", "desk": "eno1"}  # cluster.yaml's nic
     assert "faster without it" in {x.card_id: x.reason for x in lora.rejected}["closet/0"]
 
 

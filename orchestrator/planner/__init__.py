@@ -222,16 +222,22 @@ def _links(snapshot: ClusterSnapshot, group: list[Card]) -> tuple[float, float]:
 
 
 def _quick_tokens_per_s(ctx: _Job, group) -> float:
-    """Throughput with samples split in proportion to rate, no offload, memory ignored: to rank groups."""
+    """To rank groups: samples split in proportion to rate (fractions allowed), with the first ZeRO/offload
+    setting in which one sample fits on every card of the group (checkpointing on): a group of small cards
+    that needs ZeRO-3 pays for ZeRO-3's traffic here already. 0 when nothing fits."""
     precision = resolve_precision(ctx.job.precision, group)
+    capacities = {_capacity(c) for c in group}
+    shape = TrainingShape(ctx.facts, ctx.trainable, ctx.job.seq_len, precision, True)
+    zero = next((z for z in _zero_options(ctx.job)
+                 if all(memory.max_micro_batch(shape, z, len(group), cap) >= 1 for cap in capacities)), None)
+    if zero is None:
+        return 0.0
     rates = [c.spec.matmul_tflops(precision) for c in group]
-    stage = 2 if ctx.job.deepspeed.zero_stage == "auto" else ctx.job.deepspeed.zero_stage
     link, pcie = _links(ctx.snapshot, list(group))
     samples = [ctx.job.global_batch_size * r / sum(rates) for r in rates]
     return step_time.estimate(facts=ctx.facts, trainable=ctx.trainable, method=ctx.job.method, seq_len=ctx.job.seq_len,
-                              activation_checkpointing=False, samples_per_rank=samples, rates_tflops=rates,
-                              zero=ZeroSetting(stage, False, False), precision=precision, link_gb_s=link, pcie_gb_s=pcie,
-                              most_ranks_on_a_node=1).tokens_per_s
+                              activation_checkpointing=False, samples_per_rank=samples, rates_tflops=rates, zero=zero,
+                              precision=precision, link_gb_s=link, pcie_gb_s=pcie, most_ranks_on_a_node=1).tokens_per_s
 
 
 def _fit(ctx: _Job, group: list[Card], lo: int) -> tuple[Plan | None, dict[str, Rejection]]:
