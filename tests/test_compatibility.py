@@ -81,3 +81,13 @@ def test_records_round_trip_through_the_registry_format():
     attic = node("attic", software("2.13.0+cu126", "12.6", CU126), PASCAL, AMPERE)
     attic = dataclasses.replace(attic, p2p_pairs=((0, 1),), warnings=("w",))
     assert node_from_record(node_to_record(attic)) == attic
+
+
+def test_peer_to_peer_stays_on_only_where_every_pair_has_it():
+    cu128 = software("2.13.0+cu128", "12.8", CU128)
+    bridged = dataclasses.replace(node("lab", cu128, AMPERE, AMPERE), nvlink_pairs=((0, 1),))
+    plan = make_plan(job(gpus={"count": 2}), TINY, ClusterSnapshot((bridged,)), 10)
+    assert [r.env for r in plan.ranks] == [{}, {}]  # two NVLinked 3090s in one box: NCCL may use P2P
+    mixed = node("desk", cu128, AMPERE, ADA)  # the probe found no P2P pair (a 4090 has none)
+    plan = make_plan(job(gpus={"count": 2}), TINY, ClusterSnapshot((mixed,)), 10)
+    assert [r.env for r in plan.ranks] == [{"NCCL_P2P_DISABLE": "1"}] * 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from orchestrator.ds_config import Optimization, RankTuning, deepspeed_config
 from orchestrator.errors import InputError, ZeromixError
@@ -25,6 +25,7 @@ from orchestrator.planner.nccl import nccl_env
 
 HOST_RAM_RESERVED = 4 * GIB  # for the OS and the data pipeline; DeepSpeed's 1.5x buffer is already in the need
 FULLY_TUNED_GROUPS = 8  # candidate groups tuned in full, best quick estimate first
+MOST_GROUPS_TRIED = 32  # ... or more, while none of them fits
 
 
 class NoPlacement(ZeromixError):
@@ -168,7 +169,9 @@ def make_plan(job: JobSpec, facts: ModelFacts, snapshot: ClusterSnapshot, total_
     groups = candidate_groups(eligible, lo, hi, lambda cards: resolve_precision(job.precision, cards))
     groups.sort(key=lambda g: -_quick_tokens_per_s(ctx, g))
     best, misfits = None, {}
-    for group in groups[:FULLY_TUNED_GROUPS]:
+    for tried, group in enumerate(groups[:MOST_GROUPS_TRIED]):
+        if best is not None and tried >= FULLY_TUNED_GROUPS:
+            break
         plan, dropped = _fit(ctx, list(group), lo)
         if plan and (best is None or plan.step.tokens_per_s > best.step.tokens_per_s):
             best, misfits = plan, dropped
@@ -179,7 +182,7 @@ def make_plan(job: JobSpec, facts: ModelFacts, snapshot: ClusterSnapshot, total_
         if card.card_id not in chosen:
             rejected[card.card_id] = misfits.get(card.card_id) or _left_out(ctx, best, card, hi)
     ordered = tuple(rejected[c.card_id] for c in snapshot.cards if c.card_id in rejected)
-    return _with_rejections(best, ordered)
+    return replace(best, rejected=ordered)
 
 
 def _trainable(job: JobSpec, facts: ModelFacts) -> int:
@@ -338,12 +341,6 @@ def _left_out(ctx: _Job, plan: Plan, card: Card, hi: int) -> Rejection:
         why.append(f"it must take at least one sample in each of {with_plan.grad_accum} micro-steps")
     because = f" ({'; '.join(why)})" if why else ""
     return Rejection(card.card_id, card.short_name, f"faster without it{because}: about {without:,.0f} vs {with_it:,.0f} tokens/s with it (estimate)")
-
-
-def _with_rejections(plan: Plan, rejected: tuple[Rejection, ...]) -> Plan:
-    from dataclasses import replace
-
-    return replace(plan, rejected=rejected)
 
 
 def _no_placement_message(ctx: _Job, lo: int, eligible: list[Card], rejected: dict[str, Rejection], groups, suggest: bool) -> str:
