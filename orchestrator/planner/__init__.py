@@ -388,4 +388,19 @@ def suggestions(ctx: _Job) -> list[str]:
         except NoPlacement:
             continue
         found.append(f"{text} ({plan.zero.describe()} on {', '.join(r.card.card_id for r in plan.ranks)})")
+    try:  # more cards: would the job fit if every card had a twin beside it?
+        plan = make_plan(job, ctx.facts, _with_twins(ctx.snapshot), ctx.total_steps, suggest=False)
+        found.append(f"add cards: it fits on {len(plan.ranks)} ({plan.zero.describe()}: "
+                      f"{', '.join(sorted({r.card.short_name for r in plan.ranks}))})")
+    except NoPlacement:
+        pass
     return found
+
+
+def _with_twins(snapshot: ClusterSnapshot) -> ClusterSnapshot:
+    """The same cluster with a second copy of every card in its node: for 'would more cards help?'."""
+    def twin(node):
+        copies = tuple(replace(c, facts=replace(c.facts, index=c.index + len(node.cards), uuid=None), held_by=None) for c in node.cards)
+        return replace(node, cards=node.cards + copies)
+
+    return ClusterSnapshot(tuple(twin(n) for n in snapshot.nodes))
