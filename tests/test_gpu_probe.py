@@ -101,3 +101,13 @@ def test_catalog_spec_for_probed_variants(nvml, tmp_path):
     nvml.use_box(tmp_path / "box.json")
     node = node_from_probe(gpu_probe.probe(str(tmp_path), nvml=nvml), "lab", "127.0.0.1", None)
     assert node.cards[1].spec is catalog.lookup("GeForce RTX 3060 8GB")
+
+
+def test_a_card_that_fell_off_the_bus_is_skipped_and_the_others_register(nvml, tmp_path):
+    box = json.loads((BOXES / "attic_1080ti_3090.json").read_text())
+    box["devices"][0]["lost"] = True
+    (tmp_path / "box.json").write_text(json.dumps(box))
+    nvml.use_box(tmp_path / "box.json")
+    probe = gpu_probe.probe(str(tmp_path), nvml=nvml)
+    assert [c.name for c in probe.cards] == ["NVIDIA GeForce RTX 3090"] and probe.cards[0].index == 1
+    assert probe.warnings == ("card 0 could not be read through NVML (GPU is lost); not registered",)

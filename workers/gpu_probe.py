@@ -81,13 +81,14 @@ def _card(nvml, index: int) -> CardFacts:
 
 def _links(nvml, cards: list[CardFacts]) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
     """Card pairs that can talk peer to peer over PCIe, and pairs joined by NVLink."""
-    handles = [nvml.nvmlDeviceGetHandleByIndex(c.index) for c in cards]
+    handles = {c.index: nvml.nvmlDeviceGetHandleByIndex(c.index) for c in cards}
     p2p = tuple((a.index, b.index) for a, b in combinations(cards, 2)
                 if _optional(nvml, nvml.nvmlDeviceGetP2PStatus, handles[a.index], handles[b.index],
                              nvml.NVML_P2P_CAPS_INDEX_READ) == nvml.NVML_P2P_STATUS_OK)
     by_bus = {c.pci_bus_id.lower(): c.index for c in cards}
     nvlink = set()
-    for card, h in zip(cards, handles):
+    for card in cards:
+        h = handles[card.index]
         for link in range(nvml.NVML_NVLINK_MAX_LINKS):
             state = _optional(nvml, nvml.nvmlDeviceGetNvLinkState, h, link)
             if state is None:
@@ -99,20 +100,36 @@ def _links(nvml, cards: list[CardFacts]) -> tuple[tuple[tuple[int, int], ...], t
     return p2p, tuple(sorted(nvlink))
 
 
-def probe_cards(nvml=None) -> tuple[tuple[CardFacts, ...], tuple, tuple, str | None, str | None, str | None]:
-    """(cards, p2p pairs, nvlink pairs, driver version, CUDA driver version, why there are no cards)."""
+@dataclass(frozen=True)
+class NvmlView:
+    """What NVML says about this machine's cards."""
+
+    cards: tuple[CardFacts, ...] = ()
+    p2p_pairs: tuple[tuple[int, int], ...] = ()
+    nvlink_pairs: tuple[tuple[int, int], ...] = ()
+    driver_version: str | None = None
+    cuda_driver_version: str | None = None
+    warnings: tuple[str, ...] = ()  # why there are no cards, or which card could not be read
+
+
+def probe_cards(nvml=None) -> NvmlView:
     try:
         nvml = nvml or _nvml()
         nvml.nvmlInit()
     except ImportError:
-        return (), (), (), None, None, "pynvml is not installed (pip install nvidia-ml-py); no cards registered"
+        return NvmlView(warnings=("pynvml is not installed (pip install nvidia-ml-py); no cards registered",))
     except nvml.NVMLError as err:
-        return (), (), (), None, None, f"NVML is not available ({err}): is the NVIDIA driver installed and loaded? No cards registered"
+        return NvmlView(warnings=(f"NVML is not available ({err}): is the NVIDIA driver installed and loaded? No cards registered",))
     try:
-        cards = [_card(nvml, i) for i in range(nvml.nvmlDeviceGetCount())]
+        cards, warnings = [], []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            try:
+                cards.append(_card(nvml, index))
+            except nvml.NVMLError as err:  # e.g. a card that fell off the bus: the others still register
+                warnings.append(f"card {index} could not be read through NVML ({err}); not registered")
         p2p, nvlink = _links(nvml, cards)
         cuda = nvml.nvmlSystemGetCudaDriverVersion()
-        return tuple(cards), p2p, nvlink, nvml.nvmlSystemGetDriverVersion(), f"{cuda // 1000}.{cuda % 1000 // 10}", None
+        return NvmlView(tuple(cards), p2p, nvlink, nvml.nvmlSystemGetDriverVersion(), f"{cuda // 1000}.{cuda % 1000 // 10}", tuple(warnings))
     finally:
         nvml.nvmlShutdown()
 
@@ -158,11 +175,11 @@ def host_facts(offload_dir: str, head_ip: str | None) -> HostFacts:
 
 def probe(offload_dir: str, head_ip: str | None = None, nvml=None) -> NodeProbe:
     """Everything a node registers about itself."""
-    cards, p2p, nvlink, driver, cuda, why_none = probe_cards(nvml)
-    return NodeProbe(host_facts(offload_dir, head_ip), software_facts(driver, cuda), cards, p2p, nvlink, (why_none,) if why_none else ())
+    view = probe_cards(nvml)
+    return NodeProbe(host_facts(offload_dir, head_ip), software_facts(view.driver_version, view.cuda_driver_version), view.cards,
+                     view.p2p_pairs, view.nvlink_pairs, view.warnings)
 
 
 def free_memory_mib(nvml=None) -> dict[int, int]:
     """Free memory per card index now, for `zeromix nodes`; empty without NVML."""
-    cards, *_ = probe_cards(nvml)
-    return {c.index: c.memory_free_mib for c in cards}
+    return {c.index: c.memory_free_mib for c in probe_cards(nvml).cards}

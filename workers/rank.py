@@ -18,8 +18,7 @@ def _nvml_card(index: int) -> dict | None:
     """What NVML says is at `index` on this machine (PCI bus order); None without NVML."""
     from workers.gpu_probe import probe_cards
 
-    cards, *_ = probe_cards()
-    card = next((c for c in cards if c.index == index), None)
+    card = next((c for c in probe_cards().cards if c.index == index), None)
     if card is None:
         return None
     return {"name": card.name, "uuid": card.uuid, "pci_bus_id": card.pci_bus_id}

@@ -20,8 +20,9 @@ NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_FUNCTION_NOT_FOUND = 13
+NVML_ERROR_GPU_IS_LOST = 15
 _MESSAGES = {1: "Uninitialized", 2: "Invalid Argument", 3: "Not Supported", 9: "Driver Not Loaded",
-             12: "NVML Shared Library Not Found", 13: "Function Not Found"}
+             12: "NVML Shared Library Not Found", 13: "Function Not Found", 15: "GPU is lost"}
 
 NVML_CLOCK_GRAPHICS, NVML_CLOCK_SM, NVML_CLOCK_MEM = 0, 1, 2
 NVML_FEATURE_DISABLED, NVML_FEATURE_ENABLED = 0, 1
@@ -66,6 +67,8 @@ def _ready() -> dict:
 
 def _device(handle) -> dict:
     device = _ready()["devices"][handle.index]
+    if device.get("lost"):
+        raise NVMLError(NVML_ERROR_GPU_IS_LOST)  # what a card that fell off the bus answers to everything
     return device
 
 
