@@ -314,10 +314,11 @@ def render_plan(p: Plan) -> None:
 
 
 def render_result(result: dict) -> None:
-    table = Table("RANK", "CARD", "GPU", "MICRO-BATCH", "ZeRO", "PRECISION", "RAN ON", "UTILISATION")
+    table = Table("RANK", "CARD", "GPU", "MICRO-BATCH", "ZeRO", "PRECISION", "RAN ON", "UTILISATION", "MODEL STATES (MEASURED / EST.)")
     for r in result["ranks"]:
         util = f"{r['utilisation']:.0%}" if r["utilisation"] is not None else "-"
-        table.add_row(str(r["rank"]), r["card"], r["model"], str(r["micro_batch"]), str(r["zero_stage"]), r["precision"], r["device"], util)
+        states = f"{r['model_state_mib']:g} / {r['est_model_state_mib']:g} MiB"
+        table.add_row(str(r["rank"]), r["card"], r["model"], str(r["micro_batch"]), str(r["zero_stage"]), r["precision"], r["device"], util, states)
     console.print(table)
     console.print(f"step time {result['step_time_s'] * 1000:.1f} ms measured on {result['ranks'][0]['device']}; "
                   f"the plan estimated {result['est_step_s'] * 1000:.3g} ms for the real cards")

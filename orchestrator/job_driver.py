@@ -42,8 +42,8 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
              "utilisation": round(util[i], 3) if util else None,
              "est_compute_s": c["est_compute_s"],
              # measured from the engine's tensors vs the plan's estimate (weights + gradients + optimizer)
-             "model_state_gib": round(sum(r["model_state_bytes"].values()) / 1024**3, 4),
-             "est_model_state_gib": round(sum(c["est_mem_breakdown_gib"][k] for k in ("weights", "gradients", "optimizer")), 4)}
+             "model_state_mib": float(f"{sum(r['model_state_bytes'].values()) / 1024**2:.4g}"),
+             "est_model_state_mib": float(f"{sum(c['est_mem_breakdown_gib'][k] for k in ('weights', 'gradients', 'optimizer')) * 1024:.4g}")}
             for i, (c, p, r) in enumerate(zip(cards, placements, results))
         ],
     }

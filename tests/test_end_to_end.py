@@ -84,6 +84,8 @@ def test_full_fine_tune_zero2_on_two_different_cards(scratch_run, demo_data):
     assert {r["model"] for r in result["ranks"]} == {"GeForce GTX 1080 Ti", "GeForce RTX 3090"}
     assert {(r["zero_stage"], r["precision"]) for r in result["ranks"]} == {(2, "fp32")}
     assert sum(r["micro_batch"] for r in result["ranks"]) == 32 and result["steps"] == 60
+    for r in result["ranks"]:  # each rank's engine-measured model states beside the plan's estimate
+        assert r["model_state_mib"] == pytest.approx(r["est_model_state_mib"], rel=0.05)
 
     # The saved model loads with transformers and does better on its training data than where it started.
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
