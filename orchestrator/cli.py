@@ -297,11 +297,11 @@ def render_plan(p: Plan) -> None:
         m = r.memory
         table.add_row(str(i), r.card.card_id, r.card.short_name, str(r.tuning.micro_batch),
                       *(f"{v / GIB:.2f}" for v in (m.weights, m.gradients, m.optimizer, m.gathered, m.activations, m.buckets + m.overhead)),
-                      f"{m.total / GIB:.2f} / {r.capacity_bytes / GIB:.1f}", f"{r.rate_tflops:g}", f"{compute * 1000:.3g} ms")
+                      f"{m.total / GIB:.2f} / {r.capacity_bytes / GIB:.1f}", f"{r.rate_tflops:g}", duration(compute))
     console.print(table)
     s = p.step
-    console.print(f"estimated step {s.step_s * 1000:.3g} ms = compute {max(s.compute_s) * 1000:.3g} ms (slowest card) + communication "
-                  f"{s.comm_s * 1000:.3g} ms + offload {s.offload_s * 1000:.3g} ms; about {s.tokens_per_s:,.0f} tokens/s (estimate)")
+    console.print(f"estimated step {duration(s.step_s)} = compute {duration(max(s.compute_s))} (slowest card) + communication "
+                  f"{duration(s.comm_s)} + offload {duration(s.offload_s)}; about {s.tokens_per_s:,.0f} tokens/s (estimate)")
     console.print("host RAM for model states (estimate): " + ", ".join(f"{n} {b / GIB:.1f} GiB" for n, b in p.host_bytes_per_node.items()))
     env = {k: v for r in p.ranks for k, v in r.env.items()}
     if env:
@@ -313,6 +313,11 @@ def render_plan(p: Plan) -> None:
         console.print(left_out)
 
 
+def duration(seconds: float) -> str:
+    """Three significant figures, in ms below a second: estimates span microseconds to minutes."""
+    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1000:.3g} ms"
+
+
 def render_result(result: dict) -> None:
     table = Table("RANK", "CARD", "GPU", "MICRO-BATCH", "ZeRO", "PRECISION", "RAN ON", "UTILISATION", "MODEL STATES (MEASURED / EST.)")
     for r in result["ranks"]:
@@ -320,8 +325,8 @@ def render_result(result: dict) -> None:
         states = f"{r['model_state_mib']:g} / {r['est_model_state_mib']:g} MiB"
         table.add_row(str(r["rank"]), r["card"], r["model"], str(r["micro_batch"]), str(r["zero_stage"]), r["precision"], r["device"], util, states)
     console.print(table)
-    console.print(f"step time {result['step_time_s'] * 1000:.1f} ms measured on {result['ranks'][0]['device']}; "
-                  f"the plan estimated {result['est_step_s'] * 1000:.3g} ms for the real cards")
+    console.print(f"step time {duration(result['step_time_s'])} measured on {result['ranks'][0]['device']}; "
+                  f"the plan estimated {duration(result['est_step_s'])} for the real cards")
     console.print(f"loss {result['first_loss']:.4f} -> {result['last_loss']:.4f} over {result['steps']} steps, "
                   f"{result['tokens_per_s']:.0f} tokens/s per rank (measured); saved to {result['final_dir']}")
 
