@@ -101,9 +101,8 @@ def _print_registered(node) -> None:
 def nodes(as_json: bool = typer.Option(False, "--json", help="The same rows as JSON.")):
     """One row per card: VRAM total/free, compute capability, bf16, bandwidth, usable or not and why, and the job holding it."""
     cluster_runtime.connect()
-    snapshot = registry.snapshot()
-    live = registry.free_memory([n.name for n in snapshot.nodes if not n.simulated])
-    rows = [card_row(card, live.get(card.node, {}).get(card.index, card.facts.memory_free_mib)) for card in snapshot.cards]
+    snapshot = registry.snapshot(live_free_memory=True)
+    rows = [card_row(card) for card in snapshot.cards]
     builds = {n.name: n.software.build for n in snapshot.nodes if n.software}
     if as_json:
         print(json.dumps({"cards": rows, "nodes": [node_row(n) for n in snapshot.nodes]}, indent=2))
@@ -125,9 +124,10 @@ def nodes(as_json: bool = typer.Option(False, "--json", help="The same rows as J
             console.print(f"[yellow]warning[/] ({node.name}): {warning}")
 
 
-def card_row(card, free_mib: int | None) -> dict:
+def card_row(card) -> dict:
     verdict = usability(card)
     spec = card.spec
+    free_mib = card.facts.memory_free_mib
     return {"node": card.node, "index": card.index, "card": card.card_id, "gpu": spec.name, "nvml_name": card.model,
             "uuid": card.facts.uuid, "pci_bus_id": card.facts.pci_bus_id,
             "vram_gib": round(card.vram_mib / 1024, 1), "free_gib": None if free_mib is None else round(free_mib / 1024, 1),
@@ -161,7 +161,7 @@ def _plan(job_file: str, overrides: list[str], pool: str | None = None):
         return job, make_plan(job, facts, snapshot_from_config(load_cluster(pool)), total_steps(job)), None
     state = cluster_runtime.connect()
     launch.reconcile(state)
-    return job, make_plan(job, facts, registry.snapshot(), total_steps(job)), state
+    return job, make_plan(job, facts, registry.snapshot(live_free_memory=True), total_steps(job)), state
 
 
 @app.command()

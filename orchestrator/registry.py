@@ -8,6 +8,7 @@ no local Ray driver: `zeromix join` registers a node before anything else runs t
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from orchestrator.inventory import ClusterSnapshot, Node, node_from_record, node_to_record
 
@@ -52,8 +53,9 @@ def live_placement_groups() -> dict[str, dict]:
     return groups
 
 
-def snapshot() -> ClusterSnapshot:
-    """Registered nodes that Ray reports alive, each card marked with the job holding it."""
+def snapshot(live_free_memory: bool = False) -> ClusterSnapshot:
+    """Registered nodes that Ray reports alive, each card marked with the job holding it; with
+    `live_free_memory`, each real node's cards carry the free memory NVML reports now, not at join."""
     import ray
     from ray.experimental import internal_kv
 
@@ -72,7 +74,17 @@ def snapshot() -> ClusterSnapshot:
         for resource in bundle
         if resource.startswith("zm_card_")
     }
-    return ClusterSnapshot(tuple(nodes)).with_holders(holders)
+    current = ClusterSnapshot(tuple(nodes)).with_holders(holders)
+    return _with_free_memory(current, free_memory([n.name for n in nodes if not n.simulated])) if live_free_memory else current
+
+
+def _with_free_memory(current: ClusterSnapshot, free: dict[str, dict[int, int]]) -> ClusterSnapshot:
+    def update(node):
+        here = free.get(node.name, {})
+        cards = tuple(replace(c, facts=replace(c.facts, memory_free_mib=here.get(c.index, c.facts.memory_free_mib))) for c in node.cards)
+        return replace(node, cards=cards)
+
+    return ClusterSnapshot(tuple(update(n) for n in current.nodes))
 
 
 FREE_MEMORY_TIMEOUT_S = 15
