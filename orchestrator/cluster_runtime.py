@@ -64,7 +64,8 @@ def load_state() -> ClusterState:
     try:
         return ClusterState(**json.loads(_state_file().read_text()))
     except FileNotFoundError:
-        raise ZeromixError("no zeromix cluster is up; start one with `zeromix up --simulate cluster.yaml`") from None
+        raise ZeromixError("this machine is in no zeromix cluster; start one with `zeromix up` (or `zeromix up --simulate "
+                           "cluster.yaml`), or join one with `zeromix join --address HEAD:PORT`") from None
 
 
 def _ray_cli(args: list[str]) -> subprocess.CompletedProcess:
@@ -84,7 +85,12 @@ def _start_and_register(node: Node, head_address: str | None, port: int, dashboa
     if done.returncode != 0:
         last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ZeromixError(f"`ray start` failed for node {node.name}: {last[0]}")
-    registry.publish(gcs_address, node)
+    try:
+        registry.publish(gcs_address, node)
+    except BaseException:
+        if not node.simulated:  # a real node that cannot register must not stay half-joined (simulated: the caller stops all)
+            _ray_cli(["ray", "stop", "--force"])
+        raise
 
 
 def _refuse_if_up() -> None:
