@@ -33,14 +33,14 @@ class Advice:
         """At TDP: an upper bound on the power drawn, so a lower bound on tokens per joule."""
         if not self.plan:
             return 0.0
-        return self.tokens_per_s / sum(catalog.lookup(name).tdp_w for name in self.cards)
+        return self.tokens_per_s / sum(r.card.spec.tdp_w for r in self.plan.ranks)
 
     def summary(self) -> dict:
         p = self.plan
         return {
             "cards": list(self.cards), "fits": p is not None, "why_not": self.why_not,
             "zero_stage": p.zero.stage if p else None,
-            "offload": ("optimizer+params" if p.zero.offload_params else "optimizer" if p.zero.offload_optimizer else "none") if p else None,
+            "offload": p.zero.offload if p else None,
             "precision": p.precision if p else None, "activation_checkpointing": p.activation_checkpointing if p else None,
             "micro_batches": [r.tuning.micro_batch for r in p.ranks] if p else None, "grad_accum": p.grad_accum if p else None,
             "est_tokens_per_s": round(self.tokens_per_s, 1), "est_tokens_per_joule": round(self.tokens_per_joule, 3),
@@ -80,8 +80,8 @@ def advise(facts: ModelFacts, method: str, seq_len: int, batch: int, host_ram_gb
     specs = list(catalog.all_specs()) if not card_names else [_spec(name) for name in card_names]
     job = _job(facts, method, seq_len, batch)
     singles = [_try(job, facts, (s,), host_ram_gb) for s in specs]
-    ranked = sorted(singles, key=lambda a: (-a.tokens_per_s, -catalog.lookup(a.cards[0]).vram_gib))
-    best = [catalog.lookup(a.cards[0]) for a in ranked[:PAIRED_CARDS]] if not card_names else specs
+    ranked = sorted(zip(specs, singles), key=lambda pair: (-pair[1].tokens_per_s, -pair[0].vram_gib))
+    best = [spec for spec, _ in ranked[:PAIRED_CARDS]] if not card_names else specs
     pairs = [_try(job, facts, pair, host_ram_gb) for pair in combinations_with_replacement(best, 2)]
     return sorted(singles + pairs, key=lambda a: (a.plan is None, -a.tokens_per_s, len(a.cards), a.cards))
 

@@ -37,7 +37,7 @@ class RankWorker:
 
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         seen = _nvml_card(int(visible)) if visible and visible.isdigit() else None
-        promised = f"{self.card['node']}/{self.card['index']}"
+        promised = self.card["card"]
         real = bool(self.card.get("uuid"))
         if real and (seen is None or seen["uuid"] != self.card["uuid"]):
             found = f"{seen['name']} {seen['uuid']}" if seen else "no card"

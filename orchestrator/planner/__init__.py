@@ -77,7 +77,7 @@ class Plan:
         return {
             "job": self.job_name,
             "zero_stage": self.zero.stage, "precision": self.precision,
-            "offload": "optimizer+params" if self.zero.offload_params else ("optimizer" if self.zero.offload_optimizer else "none"),
+            "offload": self.zero.offload,
             "activation_checkpointing": self.activation_checkpointing,
             "grad_accum": self.grad_accum, "global_batch": self.global_batch, "total_steps": self.total_steps,
             "params": self.n_params, "trainable_params": self.trainable,

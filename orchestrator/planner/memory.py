@@ -63,9 +63,12 @@ class ZeroSetting:
     offload_optimizer: bool
     offload_params: bool
 
+    @property
+    def offload(self) -> str:
+        return "optimizer+params" if self.offload_params else ("optimizer" if self.offload_optimizer else "none")
+
     def describe(self) -> str:
-        offload = "optimizer+params" if self.offload_params else ("optimizer" if self.offload_optimizer else "none")
-        return f"ZeRO-{self.stage}, offload {offload}"
+        return f"ZeRO-{self.stage}, offload {self.offload}"
 
 
 def bytes_per_value(precision: str) -> int:
