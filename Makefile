@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 STAMP  := $(VENV)/.zeromix-installed
 
-.PHONY: venv demo test bench bench-plan down clean
+.PHONY: venv demo test bench bench-plan bench-scheduler down clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,9 @@ bench: $(STAMP)
 
 bench-plan: $(STAMP)
 	$(BIN)/python bench/planning_time.py
+
+bench-scheduler: $(STAMP)
+	$(BIN)/python bench/scheduler.py
 
 down: $(STAMP)
 	$(BIN)/zeromix down

@@ -22,7 +22,7 @@ from orchestrator.model_facts import facts_from_config
 from orchestrator.planner import make_plan
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "tests" / "data" / "model_configs" / "llama-3.2-1b" / "config.json"
+MODEL = REPO / "orchestrator" / "data" / "model_configs" / "llama-3.2-1b" / "config.json"
 BOXES = [  # the kinds of boxes a homelab grows, repeated round-robin
     ["NVIDIA GeForce GTX 1080 Ti", "NVIDIA GeForce RTX 2080 Ti"],
     ["NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 4090"],

@@ -22,6 +22,7 @@ from orchestrator.model_facts import facts_from_config, read_config
 from orchestrator.planner import Plan, make_plan
 from orchestrator.planner.filters import usability
 from orchestrator.planner.memory import GIB
+from orchestrator.queue import TERMINAL, StaleTransition
 from workers.train import PROGRESS_TAG
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune on a homelab of mixed NVIDIA cards with DeepSpeed ZeRO on Ray.")
@@ -50,18 +51,36 @@ def up(simulate: Optional[str] = typer.Option(None, "--simulate", metavar="CLUST
     """Start the cluster: the head on this machine with its own cards (probed through NVML), or with --simulate
     the whole cluster.yaml homelab on this machine."""
     if simulate:
-        state, snapshot = cluster_runtime.up_simulated(simulate)
+        result, snapshot = cluster_runtime.up_simulated(simulate)
+        _print_notes(result)
         cards = sum(len(n.cards) for n in snapshot.nodes)
-        console.print(f"zeromix: {len(snapshot.nodes)} nodes and {cards} cards registered from {simulate}")
-        console.print(f"Ray dashboard: {state.dashboard_url}   (token auth on; `zeromix down` stops it)")
+        verb = "already up: reusing" if result.reused else "registered"
+        console.print(f"zeromix: {len(snapshot.nodes)} nodes and {cards} cards {verb} from {simulate}")
+        _start_scheduler(result.state)
+        console.print(f"Ray dashboard: {result.state.dashboard_url}   (token auth on; `zeromix down` stops it)")
         return
-    state, node = cluster_runtime.up(name or cluster_runtime.default_node_name(), address, port, dashboard_port,
-                                     _offload_dir(offload_dir), _link(link))
+    result, node = cluster_runtime.up(name or cluster_runtime.default_node_name(), address, port, dashboard_port,
+                                      _offload_dir(offload_dir), _link(link))
+    _print_notes(result)
     _print_registered(node)
-    console.print(f"Ray dashboard: {state.dashboard_url}   (token auth on; `zeromix down` stops it)")
+    _start_scheduler(result.state)
+    console.print(f"Ray dashboard: {result.state.dashboard_url}   (token auth on; `zeromix down` stops it)")
     if address != "127.0.0.1":
-        console.print(f"other nodes join with:  zeromix join --address {state.gcs_address} --token-file <copy of {cluster_runtime.token_file()}>\n"
+        console.print(f"other nodes join with:  zeromix join --address {result.state.gcs_address} --token-file <copy of {cluster_runtime.token_file()}>\n"
                       "(copy the token file over a channel you trust, e.g. scp; it is the cluster's only credential)")
+
+
+def _print_notes(result: cluster_runtime.UpResult) -> None:
+    for note in result.notes:
+        console.print(f"zeromix: {note}")
+
+
+def _start_scheduler(state) -> None:
+    from orchestrator.scheduler.service import ensure_running
+
+    cluster_runtime.connect(state)
+    ensure_running(state)
+    console.print("scheduler: running on the head; `zeromix submit JOB.yaml` queues a job, `zeromix queue` lists them")
 
 
 @app.command()
@@ -71,7 +90,8 @@ def join(address: str = typer.Option(..., "--address", metavar="HEAD:PORT", help
          offload_dir: Optional[str] = typer.Option(None, "--offload-dir", help="Where CPU offload may spill (default: ZEROMIX_HOME/offload)."),
          link: Optional[str] = LinkOption):
     """Join this machine to a zeromix cluster: probe its cards, start Ray here and register every card."""
-    _, node = cluster_runtime.join(address, name or cluster_runtime.default_node_name(), token_file, _offload_dir(offload_dir), _link(link))
+    result, node = cluster_runtime.join(address, name or cluster_runtime.default_node_name(), token_file, _offload_dir(offload_dir), _link(link))
+    _print_notes(result)
     _print_registered(node)
     console.print(f"joined {address}; `zeromix nodes` on the head lists every card")
 
@@ -145,8 +165,9 @@ def node_row(node) -> dict:
 
 @app.command()
 def down():
-    """Stop the cluster on this machine."""
-    console.print("zeromix: cluster stopped" if cluster_runtime.down() else "zeromix: no cluster was up (stopped any Ray processes anyway)")
+    """Stop the cluster zeromix started on this machine (only its processes: other Ray clusters are left alone)."""
+    stopped = cluster_runtime.down()
+    console.print("zeromix: no cluster was up" if stopped is None else f"zeromix: cluster stopped ({stopped} process(es))")
 
 
 # ------------------------------------------------------------------------------------------ jobs
@@ -160,7 +181,6 @@ def _plan(job_file: str, overrides: list[str], pool: str | None = None):
     if pool:
         return job, make_plan(job, facts, snapshot_from_config(load_cluster(pool)), total_steps(job)), None
     state = cluster_runtime.connect()
-    launch.reconcile(state)
     return job, make_plan(job, facts, registry.snapshot(live_free_memory=True), total_steps(job)), state
 
 
@@ -212,59 +232,181 @@ def advise(model: str = typer.Option(..., "--model", metavar="ID_OR_CONFIG_DIR",
     console.print(table)
 
 
+JsonOption = typer.Option(False, "--json", help="The same as JSON.")
+
+
 @app.command()
 def submit(job_file: str, set_: Optional[list[str]] = SetOption,
-           wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job with a progress bar until it ends.")):
-    """Plan a job, reserve its cards and submit it to Ray."""
-    submit_job(job_file, set_ or [], wait)
+           follow: bool = typer.Option(False, "--follow", "-f", help="Watch it: its place in the queue, then a progress bar until it ends."),
+           as_json: bool = JsonOption):
+    """Check a job, put it in the queue and print its id at once. The scheduler on the head starts it when
+    cards for it are free, on the cards where it gains most."""
+    job_id, preview = enqueue(job_file, set_ or [])
+    if as_json:
+        print(json.dumps({"job": job_id, "state": "queued", "plan_if_idle": preview.summary()}))
+    else:
+        console.print(f"submitted [bold]{job_id}[/]  (queued; `zeromix queue` shows its place, `zeromix logs -f {job_id}` follows it)")
+        console.print(f"on an idle cluster it would run on {' + '.join(f'{r.card.card_id} {r.card.short_name}' for r in preview.ranks)}, "
+                      f"about {preview.step.tokens_per_s:,.0f} tokens/s (estimate; the scheduler re-plans on the cards it gets)")
+    if follow:
+        _finish(job_id, watch(job_id))
 
 
-def submit_job(job_file: str, overrides: list[str], wait: bool = True) -> tuple[str, dict | None]:
-    job, chosen, state = _plan(job_file, overrides)
-    render_plan(chosen)
-    job_id = launch.submit(state, job, chosen)
-    console.print(f"submitted [bold]{job_id}[/]   dashboard: {state.dashboard_url}/#/jobs/{job_id}")
-    if not wait:
-        return job_id, None
-    status, result = follow(state, job_id, chosen.total_steps)
-    console.print(f"{job_id}: {status}")
-    if status != "SUCCEEDED":
-        console.print(f"see `zeromix logs {job_id}`")
+def enqueue(job_file: str, overrides: list[str]) -> tuple[str, Plan]:
+    """Validate against files and the cluster's cards (a job that fits nowhere is refused, nothing stored),
+    then store it queued and wake the scheduler."""
+    from orchestrator.scheduler import spec_record
+    from orchestrator.scheduler.service import ensure_running
+
+    job = load_job(job_file, overrides=overrides)
+    facts = facts_from_config(read_config(job.model.path))
+    state = cluster_runtime.connect()
+    steps = total_steps(job)
+    preview = make_plan(job, facts, registry.snapshot().with_holders({}), steps)
+    store = _queue()
+    clash = next((r for r in store.jobs(("queued", "placing", "running")) if r.spec.get("output_dir") == job.output_dir), None)
+    if clash:
+        raise InputError(job_file, "output_dir", job.output_dir, f"job {clash.id} ({clash.state}) writes there; choose another")
+    job_id = launch.new_job_id(job)
+    store.submit(job_id, job.name, spec_record(job), steps, job.priority)
+    ensure_running(state).poke.remote()
+    return job_id, preview
+
+
+def submit_job(job_file: str, overrides: list[str]) -> tuple[str, dict]:
+    """Queue a job and follow it to its end (the demo's path); exits 1 if it did not succeed."""
+    job_id, preview = enqueue(job_file, overrides)
+    console.print(f"submitted [bold]{job_id}[/]")
+    render_plan(preview)
+    return job_id, _finish(job_id, watch(job_id))
+
+
+def _queue():
+    from orchestrator.queue import QueueStore
+    from orchestrator.scheduler.service import queue_path
+
+    if not queue_path().exists():
+        cluster_runtime.load_state()  # says "no cluster" when that is the reason
+    return QueueStore(queue_path())
+
+
+def _record(store, job_id: str):
+    try:
+        return store.find(job_id)
+    except KeyError as err:
+        raise ZeromixError(f"no job {err.args[0]!r} in the queue; `zeromix queue --all` lists them") from None
+
+
+PLACING_TIMEOUT_S = 180
+
+
+def watch(job_id: str) -> tuple[str, dict | None]:
+    """Follow a job: each change of why it waits, then its progress bar, until the queue records its end.
+    Waiting in the queue has no deadline (Ctrl-C stops watching, not the job); being placed has one."""
+    store, state = _queue(), cluster_runtime.connect()
+    last_reason, placing_since = None, None
+    while (record := store.get(_record(store, job_id).id)).state in ("queued", "placing"):
+        if record.reason != last_reason:
+            console.print(f"{record.id}: {record.state}: {record.reason}")
+            last_reason = record.reason
+        placing_since = (placing_since or time.monotonic()) if record.state == "placing" else None
+        if placing_since and time.monotonic() - placing_since > PLACING_TIMEOUT_S:
+            raise ZeromixError(f"{record.id} has been placing for {PLACING_TIMEOUT_S} s; `zeromix queue` says why, "
+                               "and the scheduler's log is in the Ray dashboard (actor zeromix-scheduler)")
+        time.sleep(POLL_S)
+    result = None
+    if record.state == "running":
+        _, result = follow(state, record.id, record.total_steps)
+    deadline = time.monotonic() + 60
+    while (record := store.get(record.id)).state not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(POLL_S)  # the scheduler records the end on its next round
+    if record.state not in TERMINAL:
+        raise ZeromixError(f"Ray says {record.id} ended but the scheduler has not recorded it within 60 s; "
+                           "is it running? (`zeromix queue` restarts it)")
+    return record.state, result
+
+
+def _finish(job_id: str, outcome: tuple[str, dict | None]) -> dict:
+    state, result = outcome
+    console.print(f"{job_id}: {state}")
+    if state != "succeeded" or result is None:
+        console.print(f"see `zeromix logs {job_id}` and `zeromix queue --all`")
         raise typer.Exit(1)
     render_result(result)
-    return job_id, result
+    return result
 
 
-@app.command()
-def status():
-    """List zeromix jobs and the cards they hold."""
+@app.command("queue")
+def queue_(show_all: bool = typer.Option(False, "--all", help="Finished jobs too."), as_json: bool = JsonOption):
+    """Jobs in the queue: state, cards, position and why a queued job waits. (`zeromix status` is the same.)"""
+    from orchestrator.scheduler.service import ensure_running
+
     state = cluster_runtime.connect()
-    launch.reconcile(state)
-    table = Table("JOB", "STATUS", "CARDS", "PRIORITY", "STARTED")
-    for j in launch.list_jobs(state):
-        cards = ", ".join(f"{r['card']} {r['model']}" for r in json.loads(j.metadata["zeromix_plan"])["ranks"])
-        started = time.strftime("%H:%M:%S", time.localtime(j.start_time / 1000)) if j.start_time else "-"
-        table.add_row(j.submission_id, str(j.status.value), cards, j.metadata.get("zeromix_priority", "0"), started)
+    ensure_running(state)  # a queue with no scheduler would never move
+    store = _queue()
+    records = store.jobs() if show_all else store.jobs(("queued", "placing", "running"))
+    waiting = sorted((r for r in records if r.state == "queued"), key=lambda r: (-r.priority, r.submitted_at))
+    rows = [queue_row(r, waiting) for r in records]
+    if as_json:
+        print(json.dumps({"jobs": rows}, indent=2))
+        return
+    table = Table("JOB", "STATE", "PRI", "POS", "CARDS", "SINCE", "WHY", title="zeromix queue (times of day; ends are estimates)")
+    for row in rows:
+        table.add_row(row["job"], row["state"], str(row["priority"]), str(row["position"] or "-"), ", ".join(row["cards"]) or "-",
+                      time.strftime("%H:%M:%S", time.localtime(row["since"])), row["reason"])
     console.print(table)
+    console.print(f"{len(waiting)} queued, {sum(r.state == 'running' for r in records)} running")
+
+
+app.command("status", help="The same as `zeromix queue`.")(queue_)
+
+
+def queue_row(record, waiting: list) -> dict:
+    position = next((i for i, r in enumerate(waiting, 1) if r.id == record.id), None)
+    since = record.ended_at or record.started_at or record.submitted_at
+    return {"job": record.id, "name": record.name, "state": record.state, "priority": record.priority, "position": position,
+            "cards": list(record.cards) if record.state in ("placing", "running") else [], "submitted_at": record.submitted_at,
+            "started_at": record.started_at, "ended_at": record.ended_at, "est_end": record.est_end, "since": since,
+            "reason": record.reason, "attempts": record.attempts, "total_steps": record.total_steps}
 
 
 @app.command()
-def logs(job_id: str):
-    """Print a job's logs."""
-    state = cluster_runtime.load_state()
-    cluster_runtime.connect(state)
+def logs(job_id: str, follow_: bool = typer.Option(False, "--follow", "-f", help="Watch it to its end with a progress bar.")):
+    """Print a job's logs (or, for a job still queued, why it waits)."""
+    store = _queue()
+    record = _record(store, job_id)
+    if follow_:
+        _finish(record.id, watch(record.id))
+        return
+    if record.state == "queued":
+        console.print(f"{record.id} is queued and has no logs yet: {record.reason}")
+        return
+    state = cluster_runtime.connect()
     try:
-        print(launch.jobs_client(state).get_job_logs(job_id), end="")
+        print(launch.jobs_client(state).get_job_logs(record.id), end="")
     except RuntimeError:
-        raise ZeromixError(f"no job {job_id!r}; `zeromix status` lists them") from None
+        raise ZeromixError(f"Ray has no logs for {record.id} (it ended before the head restarted?)") from None
 
 
 @app.command()
 def cancel(job_id: str):
-    """Stop a job and release its cards."""
+    """Cancel a job in any state: a queued one leaves the queue, a running one is stopped and its cards freed."""
+    from orchestrator.scheduler.service import ensure_running
+
+    store = _queue()
+    record = _record(store, job_id)
+    if record.state in TERMINAL:
+        console.print(f"zeromix: {record.id} had already ended ({record.state}); nothing to cancel")
+        return
+    try:
+        store.transition(record.id, ("queued", "placing", "running"), "cancelled", "cancelled by the user")
+    except StaleTransition:
+        console.print(f"zeromix: {record.id} ended meanwhile ({store.get(record.id).state}); nothing to cancel")
+        return
     state = cluster_runtime.connect()
-    launch.cancel(state, job_id)
-    console.print(f"zeromix: {job_id} cancelled; its cards are free")
+    launch.stop(state, record.id)  # idempotent; a job the scheduler is placing right now is stopped by it as well
+    ensure_running(state).poke.remote()
+    console.print(f"zeromix: {record.id} cancelled (was {record.state})" + ("; its cards are free" if record.state != "queued" else ""))
 
 
 @app.command("make-demo-data")
@@ -284,6 +426,68 @@ def demo(cluster: str = "cluster.yaml"):
     from orchestrator.demo import run_demo
 
     run_demo(cluster)
+
+
+@app.command("make-trace")
+def make_trace(out: str = typer.Option("trace.csv", "--out", "-o"), jobs: int = typer.Option(200, "--jobs", min=1, max=100000),
+               rate: float = typer.Option(6.0, "--rate", min=0.01, help="Arrivals per hour (Poisson)."),
+               seed: int = typer.Option(1, "--seed")):
+    """Write a job trace for `zeromix simulate`: Poisson arrivals, heavy-tailed lengths, a homelab's job mix."""
+    from orchestrator.scheduler import trace
+
+    trace.write(trace.generate(jobs, rate, seed), out)
+    console.print(f"{jobs} jobs, about {rate:g} per hour, seed {seed}: {out}")
+
+
+@app.command()
+def simulate(cluster: str = typer.Option("cluster.yaml", "--cluster", metavar="CLUSTER_YAML"),
+             trace_file: str = typer.Option(..., "--trace", metavar="TRACE_CSV", help="From `zeromix make-trace`, or your own."),
+             policy_names: Optional[list[str]] = typer.Option(None, "--policy", help="gain, fifo-first-fit, max-min-fairness (repeat; default all)."),
+             png: Optional[str] = typer.Option(None, "--png", help="Write the queue and each card's occupancy over time here."),
+             as_json: bool = JsonOption):
+    """Replay a job trace through the real queue, scheduler, policy and planner in virtual time (job
+    lengths are the planner's step-time estimates), and compare policies."""
+    from orchestrator.scheduler import trace
+    from orchestrator.scheduler.policies import POLICY_NAMES, policy
+    from orchestrator.scheduler.simulate import render_png, simulate as run
+
+    names = policy_names or list(POLICY_NAMES)
+    chosen = [policy(n) for n in names]  # an unknown name fails before any work
+    snapshot = snapshot_from_config(load_cluster(cluster))
+    jobs = trace.read(trace_file)
+    results = [run(snapshot, jobs, p) for p in chosen]
+    rows = [sim_row(r) for r in results]
+    if as_json:
+        print(json.dumps({"cluster": cluster, "trace": trace_file, "jobs": len(jobs), "results": rows}, indent=2))
+    else:
+        render_simulation(rows, len(jobs), cluster)
+    if png:
+        render_png(results, png)
+        console.print(f"plot: {png}")
+
+
+def sim_row(result) -> dict:
+    return {"policy": result.policy, "jobs_run": len(result.jct_s), "rejected": len(result.rejected),
+            "avg_jct_h": round(result.avg_jct_s / 3600, 2), "p95_jct_h": round(result.p95_jct_s / 3600, 2),
+            "makespan_h": round(result.makespan_s / 3600, 2),
+            "utilisation": {card: round(u, 3) for card, u in result.utilisation().items()}}
+
+
+def render_simulation(rows: list[dict], n_jobs: int, cluster: str) -> None:
+    fifo = next((r for r in rows if r["policy"] == "fifo-first-fit"), None)
+    table = Table("POLICY", "AVG JCT", "P95 JCT", "MAKESPAN", "VS FIFO (AVG / MAKESPAN)",
+                  title=f"{n_jobs} jobs on {cluster} (simulated: job lengths are the planner's estimates)")
+    for r in rows:
+        ratio = f"{r['avg_jct_h'] / fifo['avg_jct_h']:.2f}x / {r['makespan_h'] / fifo['makespan_h']:.2f}x" if fifo else "-"
+        table.add_row(r["policy"], f"{r['avg_jct_h']:.2f} h", f"{r['p95_jct_h']:.2f} h", f"{r['makespan_h']:.1f} h", ratio)
+    console.print(table)
+    cards = Table("CARD", *(r["policy"] for r in rows), title="utilisation (busy share of the makespan)")
+    for card in rows[0]["utilisation"]:
+        cards.add_row(card, *(f"{r['utilisation'][card]:.0%}" for r in rows))
+    console.print(cards)
+    rejected = rows[0]["rejected"]
+    if rejected:
+        console.print(f"{rejected} job(s) of the trace fit nowhere in this cluster and were refused at submit")
 
 
 # ------------------------------------------------------------------------------------------ rendering

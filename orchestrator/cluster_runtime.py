@@ -3,10 +3,16 @@
 Ray's internal gRPC ports listen on every interface and Ray has no setting to change that, so zeromix
 always runs Ray with token authentication: the token is made at `up`, kept in $ZEROMIX_HOME/auth_token
 (mode 0600), and never printed. The dashboard and Jobs API listen on 127.0.0.1 only.
+
+A cluster is never left half-alive: each one has an id, every Ray process started for it carries that id
+(processes.py), `down` stops exactly those, `up` reuses a recorded cluster only after it has answered and
+replaces a stale record, and every wait has a deadline. Each node gets its own temp dir and free ports for
+Ray's agents, so a second cluster on the same machine (the demo beside the tests) collides with nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -14,14 +20,17 @@ import secrets
 import socket
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from orchestrator.cluster_config import load_cluster
 from orchestrator.errors import InputError, ZeromixError
 from orchestrator.inventory import ClusterSnapshot, Node, snapshot_from_config
+from orchestrator.processes import MARKER, cluster_processes, stop_cluster_processes
 
 RAY_NAMESPACE = "zeromix"
+GCS_ANSWER_TIMEOUT_S = 3.0
+RAY_START_TIMEOUT_S = 120
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,20 @@ class ClusterState:
     cluster_file: str | None  # the cluster.yaml of a simulated cluster
     simulated: bool
     node: str | None = None  # on a real node: this machine's zeromix name
+    cluster_id: str = ""  # every Ray process zeromix started for this cluster on this machine carries it
+    temp_dir: str | None = None  # Ray's logs and sockets for this cluster on this machine
+    config_digest: str | None = None  # of a simulated cluster's cluster.yaml, as loaded: the same homelab from another checkout
+
+    @property
+    def is_head(self) -> bool:
+        return self.dashboard_url is not None
+
+
+@dataclass
+class UpResult:
+    state: ClusterState
+    reused: bool  # True: the recorded cluster answered and was kept
+    notes: list[str] = field(default_factory=list)  # one line each, for the user
 
 
 def home() -> Path:
@@ -60,61 +83,137 @@ def _ensure_token() -> None:
         f.write(secrets.token_hex(32))
 
 
+NOT_IN_A_CLUSTER = ("this machine is in no zeromix cluster; start one with `zeromix up` (or `zeromix up --simulate "
+                    "cluster.yaml`), or join one with `zeromix join --address HEAD:PORT`")
+
+
 def load_state() -> ClusterState:
     try:
         return ClusterState(**json.loads(_state_file().read_text()))
     except FileNotFoundError:
-        raise ZeromixError("this machine is in no zeromix cluster; start one with `zeromix up` (or `zeromix up --simulate "
-                           "cluster.yaml`), or join one with `zeromix join --address HEAD:PORT`") from None
+        raise ZeromixError(NOT_IN_A_CLUSTER) from None
 
 
-def _ray_cli(args: list[str]) -> subprocess.CompletedProcess:
-    """Run the `ray` command of this interpreter's environment with the cluster's auth settings."""
+def _save_state(state: ClusterState) -> None:
+    """Written whole or not at all: a temp file, then rename."""
+    path = _state_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(state)))
+    os.replace(tmp, path)
+
+
+def answers(state: ClusterState) -> bool:
+    """The recorded cluster is alive: its GCS port accepts a connection within a deadline and, for a
+    cluster whose head runs here, that head's GCS process (carrying the cluster's id) is running."""
+    host, _, port = state.gcs_address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=GCS_ANSWER_TIMEOUT_S):
+            pass
+    except OSError:
+        return False
+    if state.is_head and state.cluster_id:
+        return any("gcs_server" in " ".join(p.cmdline()[:1]) for p in cluster_processes(state.cluster_id))
+    return True
+
+
+def _stale_record_check() -> tuple[ClusterState | None, list[str]]:
+    """The recorded cluster if it answers; otherwise the record (and any process left of it) is removed."""
+    try:
+        state = load_state()
+    except ZeromixError:
+        return None, []
+    except (ValueError, TypeError):
+        _state_file().unlink(missing_ok=True)
+        return None, [f"the record {_state_file()} was unreadable; replaced it"]
+    if answers(state):
+        return state, []
+    left = stop_cluster_processes(state.cluster_id) if state.cluster_id else 0
+    _state_file().unlink(missing_ok=True)
+    return None, [f"the cluster recorded in {_state_file()} ({state.gcs_address}) no longer answers; replaced the stale record"
+                  + (f" and stopped {left} process(es) left of it" if left else "")]
+
+
+def _new_cluster_id() -> str:
+    return secrets.token_hex(4)
+
+
+def _temp_dir(cluster_id: str, node: str) -> str:
+    """Short on purpose: Ray puts Unix sockets under it, and a socket path may hold at most 107 bytes."""
+    return f"/tmp/zm-{cluster_id}/{node[:12]}"
+
+
+def _ray_cli(args: list[str], cluster_id: str | None = None, timeout_s: float = RAY_START_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run the `ray` command of this interpreter's environment with the cluster's auth settings; with
+    `cluster_id`, every process it starts carries that id."""
     ray_bin = Path(sys.executable).with_name("ray")
-    env = {**os.environ, **auth_env()}
-    return subprocess.run([str(ray_bin), *args[1:]], env=env, capture_output=True, text=True)
+    env = {**os.environ, **auth_env(), **({MARKER: cluster_id} if cluster_id else {})}
+    try:
+        return subprocess.run([str(ray_bin), *args[1:]], env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise ZeromixError(f"`{' '.join(args[:2])}` did not finish within {timeout_s:.0f} s; see the logs under "
+                           f"{_temp_dir(cluster_id or '?', '')}, then `zeromix down` and try again") from None
 
 
-def _start_and_register(node: Node, head_address: str | None, port: int, dashboard_port: int, gcs_address: str) -> None:
+def _start_and_register(node: Node, head_address: str | None, port: int, dashboard_port: int, gcs_address: str,
+                        cluster_id: str) -> None:
     """`ray start` for one node, then its record in the registry. The one path every node takes."""
     from orchestrator import registry
     from workers.registration import ray_start_command
 
     os.environ.update(auth_env())  # Ray reads its auth settings when it is first imported
-    done = _ray_cli(ray_start_command(node, head_address, port, dashboard_port))
+    done = _ray_cli(ray_start_command(node, head_address, port, dashboard_port, _temp_dir(cluster_id, node.name)), cluster_id)
     if done.returncode != 0:
-        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise ZeromixError(f"`ray start` failed for node {node.name}: {last[0]}")
+        lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+        cause = next((line for line in reversed(lines) if "Error:" in line), lines[-1])
+        raise ZeromixError(f"`ray start` failed for node {node.name}: {cause.strip()}")
+    registry.publish(gcs_address, node)
+
+
+def _start_nodes(nodes: list[Node], head_address: str | None, port: int, dashboard_port: int, gcs_address: str,
+                 cluster_id: str) -> None:
+    """Start and register each node (with no `head_address`, the first one starts the head); if any fails,
+    stop every process started here for this cluster, so nothing is left half-alive."""
     try:
-        registry.publish(gcs_address, node)
+        for i, node in enumerate(nodes):
+            joins = head_address or (gcs_address if i else None)
+            _start_and_register(node, joins, port, dashboard_port, gcs_address, cluster_id)
     except BaseException:
-        if not node.simulated:  # a real node that cannot register must not stay half-joined (simulated: the caller stops all)
-            _ray_cli(["ray", "stop", "--force"])
+        stop_cluster_processes(cluster_id)
         raise
 
 
-def _refuse_if_up() -> None:
-    if _state_file().exists():
-        raise ZeromixError(f"this machine is already part of a zeromix cluster ({load_state().gcs_address}); run `zeromix down` first")
+def _refuse_if_up(notes: list[str]) -> None:
+    state, found = _stale_record_check()
+    notes += found
+    if state:
+        raise ZeromixError(f"this machine is already part of a zeromix cluster ({state.gcs_address}); run `zeromix down` first")
 
 
-def up_simulated(cluster_file: str) -> tuple[ClusterState, ClusterSnapshot]:
-    """Every node of cluster.yaml becomes a Ray node on this machine, its cards declared, not probed."""
-    _refuse_if_up()
+def up_simulated(cluster_file: str) -> tuple[UpResult, ClusterSnapshot]:
+    """Every node of cluster.yaml becomes a Ray node on this machine, its cards declared, not probed.
+    Idempotent: the same homelab (the same cluster.yaml content, from any checkout), already up and answering,
+    is reused."""
     config = load_cluster(cluster_file)
     snapshot = snapshot_from_config(config, simulated=True)
+    resolved = str(Path(cluster_file).resolve())
+    digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+    current, notes = _stale_record_check()
+    if current:
+        if current.simulated and current.config_digest == digest:
+            return UpResult(current, True, notes), snapshot
+        raise ZeromixError(f"this machine is already part of a zeromix cluster ({current.gcs_address}"
+                           f"{', from ' + current.cluster_file if current.cluster_file else ''}); run `zeromix down` first")
     _ensure_token()
     head = snapshot.node(config.head_node.name)
     gcs_address = f"127.0.0.1:{config.head.port}"
-    try:
-        for node in [head, *(n for n in snapshot.nodes if n is not head)]:
-            _start_and_register(node, None if node is head else gcs_address, config.head.port, config.head.dashboard_port, gcs_address)
-    except BaseException:
-        _ray_cli(["ray", "stop", "--force"])  # every node of a simulated cluster is this machine's
-        raise
-    state = ClusterState(gcs_address, f"http://127.0.0.1:{config.head.dashboard_port}", str(Path(cluster_file).resolve()), True)
-    _state_file().write_text(json.dumps(asdict(state)))
-    return state, snapshot
+    cluster_id = _new_cluster_id()
+    _start_nodes([head, *(n for n in snapshot.nodes if n is not head)], None, config.head.port, config.head.dashboard_port,
+                 gcs_address, cluster_id)
+    state = ClusterState(gcs_address, f"http://127.0.0.1:{config.head.dashboard_port}", resolved, True,
+                         cluster_id=cluster_id, temp_dir=f"/tmp/zm-{cluster_id}", config_digest=digest)
+    _save_state(state)
+    return UpResult(state, False, notes), snapshot
 
 
 def default_node_name() -> str:
@@ -137,7 +236,7 @@ def _check_own_address(address: str) -> str:
     return address
 
 
-def up(name: str, address: str, port: int, dashboard_port: int, offload_dir: str, link_gbit_per_s: float | None) -> tuple[ClusterState, Node]:
+def up(name: str, address: str, port: int, dashboard_port: int, offload_dir: str, link_gbit_per_s: float | None) -> tuple[UpResult, Node]:
     """Start the head on this machine and register its own cards, probed through NVML.
 
     The default address is loopback: a one-machine cluster. Giving a LAN address lets other nodes join;
@@ -146,23 +245,26 @@ def up(name: str, address: str, port: int, dashboard_port: int, offload_dir: str
     from workers.gpu_probe import probe
     from workers.registration import node_from_probe
 
-    _refuse_if_up()
+    notes: list[str] = []
+    _refuse_if_up(notes)
     node = node_from_probe(probe(offload_dir, head_ip=address), _check_name(name), _check_own_address(address), link_gbit_per_s)
     _ensure_token()
     gcs_address = f"{address}:{port}"
-    _start_and_register(node, None, port, dashboard_port, gcs_address)
-    state = ClusterState(gcs_address, f"http://127.0.0.1:{dashboard_port}", None, False, node.name)
-    _state_file().write_text(json.dumps(asdict(state)))
-    return state, node
+    cluster_id = _new_cluster_id()
+    _start_nodes([node], None, port, dashboard_port, gcs_address, cluster_id)
+    state = ClusterState(gcs_address, f"http://127.0.0.1:{dashboard_port}", None, False, node.name, cluster_id, f"/tmp/zm-{cluster_id}")
+    _save_state(state)
+    return UpResult(state, False, notes), node
 
 
-def join(head: str, name: str, token_path: str | None, offload_dir: str, link_gbit_per_s: float | None) -> tuple[ClusterState, Node]:
+def join(head: str, name: str, token_path: str | None, offload_dir: str, link_gbit_per_s: float | None) -> tuple[UpResult, Node]:
     """Probe this machine, start Ray here as a worker of `head` (HOST:PORT), and register every card."""
     from orchestrator import registry
     from workers.gpu_probe import probe
     from workers.registration import node_from_probe
 
-    _refuse_if_up()
+    notes: list[str] = []
+    _refuse_if_up(notes)
     head_ip, _, port = head.rpartition(":")
     if not head_ip or not port.isdigit():
         raise InputError("command line", "--address", head, "the head's HOST:PORT, e.g. 192.168.1.10:6379 (as `zeromix up` printed it)")
@@ -177,10 +279,11 @@ def join(head: str, name: str, token_path: str | None, offload_dir: str, link_gb
                            "and is its auth_token the one in this machine's ZEROMIX_HOME?") from None
     if node.name in taken:
         raise InputError("command line", "--name", node.name, f"a different node already uses this name (taken: {', '.join(sorted(taken))})")
-    _start_and_register(node, head, 0, 0, head)
-    state = ClusterState(head, None, None, False, node.name)
-    _state_file().write_text(json.dumps(asdict(state)))
-    return state, node
+    cluster_id = _new_cluster_id()
+    _start_nodes([node], head, 0, 0, head, cluster_id)
+    state = ClusterState(head, None, None, False, node.name, cluster_id, f"/tmp/zm-{cluster_id}")
+    _save_state(state)
+    return UpResult(state, False, notes), node
 
 
 def _install_token(token_path: str | None) -> None:
@@ -199,20 +302,32 @@ def _install_token(token_path: str | None) -> None:
         raise ZeromixError(f"no auth token at {path}: copy the head's ZEROMIX_HOME/auth_token here, or pass --token-file PATH")
 
 
-def down() -> bool:
-    """Stop Ray on this machine and forget the cluster. Returns False if none was up."""
-    was_up = _state_file().exists()
-    _ray_cli(["ray", "stop", "--force"])
+def down() -> int | None:
+    """Stop the Ray processes zeromix started for this machine's cluster, and no other, then forget it.
+    Returns how many processes were stopped, or None when no cluster was recorded."""
+    try:
+        state = load_state()
+    except ZeromixError:
+        return None
+    except (ValueError, TypeError):  # an unreadable record: nothing to identify processes by
+        _state_file().unlink(missing_ok=True)
+        return 0
+    stopped = stop_cluster_processes(state.cluster_id) if state.cluster_id else 0
     _state_file().unlink(missing_ok=True)
-    return was_up
+    return stopped
 
 
 def connect(state: ClusterState | None = None) -> ClusterState:
-    """Join the cluster as a Ray driver (idempotent)."""
+    """Join the cluster as a Ray driver (idempotent). A recorded cluster that does not answer is an error
+    that says what to do, not a wait: ray.init would retry a dead GCS for a long time."""
     state = state or load_state()
     os.environ.update(auth_env())  # Ray reads its auth settings when it is first imported
     import ray
 
     if not ray.is_initialized():
+        if not answers(state):
+            raise ZeromixError(f"the zeromix cluster recorded in {_state_file()} does not answer at {state.gcs_address} "
+                               f"(stopped, or this machine restarted); `zeromix up{' --simulate ' + state.cluster_file if state.cluster_file else ''}` "
+                               "starts it again (replacing the stale record), `zeromix down` forgets it")
         ray.init(address=state.gcs_address, namespace=RAY_NAMESPACE, log_to_driver=False, logging_level="WARNING")
     return state

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import cached_property
 
 from orchestrator import catalog
 from orchestrator.cluster_config import ClusterConfig, declared_spec
@@ -80,11 +81,11 @@ class Card:
     def compute_capability(self) -> tuple[int, int]:
         return self.facts.compute_capability
 
-    @property
+    @cached_property  # read in the planner's inner loops: computed once per card
     def card_id(self) -> str:
         return f"{self.node}/{self.index}"
 
-    @property
+    @cached_property
     def resource(self) -> str:
         return card_resource(self.node, self.index)
 

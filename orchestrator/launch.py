@@ -1,7 +1,8 @@
 """Reserve -> launch: the plan becomes a placement group (one bundle per chosen card) and a Ray job.
 
-Reserve happens before submit, and anything that fails after it releases the cards again. Cancel and
-the job's own exit release them too; `reconcile` catches a driver that died without doing so.
+The scheduler calls `submit` for a job it has placed. Reserve happens before the Ray job is submitted, and
+anything that fails after it releases the cards again. `stop` (cancel) and the job's own exit release them
+too; the scheduler's rounds catch a driver that died without doing so.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def jobs_client(state: ClusterState):
     return JobSubmissionClient(state.dashboard_url)
 
 
-def submit(state: ClusterState, job: JobSpec, plan: Plan) -> str:
-    job_id = new_job_id(job)
+def submit(state: ClusterState, job: JobSpec, plan: Plan, job_id: str) -> str:
+    """Reserve the plan's cards and start the Ray job; on any failure nothing stays held."""
     config = train_config(job, plan, job_id)
     reserve(job_id, plan)
     try:
@@ -109,17 +110,10 @@ def list_jobs(state: ClusterState) -> list:
     return sorted((j for j in jobs_client(state).list_jobs() if METADATA_KEY in (j.metadata or {})), key=lambda j: j.start_time or 0)
 
 
-def cancel(state: ClusterState, job_id: str) -> None:
-    client = jobs_client(state)
+def stop(state: ClusterState, job_id: str) -> None:
+    """Stop the Ray job if it runs, and free its cards. Idempotent: a job Ray never saw is fine."""
     try:
-        client.get_job_info(job_id)
+        jobs_client(state).stop_job(job_id)
     except RuntimeError:
-        raise ZeromixError(f"no job {job_id!r}; `zeromix status` lists them") from None
-    client.stop_job(job_id)
+        pass  # no such Ray job (it was still queued, or the head restarted)
     release(job_id)
-
-
-def reconcile(state: ClusterState) -> list[str]:
-    """Release cards still held by jobs that have ended (a driver killed before its own clean-up)."""
-    ended = {j.submission_id for j in list_jobs(state) if j.status.is_terminal()}
-    return [job_id for job_id in live_placement_groups() if job_id in ended and release(job_id)]

@@ -1,7 +1,7 @@
 """The card registry, kept in Ray's own key-value store: one record per node, written when it joins.
 
-Which job holds which card is not stored anywhere: it is read from the live placement groups, so it can
-never drift from what Ray has actually reserved. Records are written through Ray's GCS client, which needs
+Which job holds which card is read here from the live placement groups, what Ray has actually reserved; the
+queue (queue.py) keeps its own record of the cards it gave out, and the scheduler checks one against the other. Records are written through Ray's GCS client, which needs
 no local Ray driver: `zeromix join` registers a node before anything else runs there.
 """
 

@@ -31,6 +31,77 @@ def zeromix_home(tmp_path_factory) -> Path:
     os.environ.pop("ZEROMIX_HOME")
 
 
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory, zeromix_home):
+    """The shipped homelab on free ports, in the session's ZEROMIX_HOME: started once, shared by every test
+    that needs a running cluster (`zeromix up` also starts the scheduler)."""
+    import yaml
+
+    work = tmp_path_factory.mktemp("cluster")
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    config["head"].update(port=free_port(), dashboard_port=free_port())
+    (work / "cluster.yaml").write_text(yaml.safe_dump(config))
+    up = zeromix("up", "--simulate", str(work / "cluster.yaml"), timeout=240)
+    assert "3 nodes and 5 cards registered" in up.stdout and "scheduler: running" in up.stdout
+    from orchestrator import cluster_runtime
+
+    yield cluster_runtime.load_state(), work
+    import ray
+
+    ray.shutdown()
+    zeromix("down")
+
+
+@pytest.fixture
+def connected(cluster):
+    """The session cluster, with this process's Ray driver attached to it (a test with its own cluster
+    detaches when it ends)."""
+    from orchestrator import cluster_runtime
+
+    state, work = cluster
+    cluster_runtime.connect(state)
+    return state, work
+
+
+@pytest.fixture
+def isolated_home(tmp_path, zeromix_home, monkeypatch):
+    """A ZEROMIX_HOME of its own, for a test that starts its own cluster beside the session's. It holds a
+    copy of the session's auth token: Ray reads the token once per process."""
+    import shutil
+
+    import ray
+
+    from orchestrator import cluster_runtime
+
+    cluster_runtime._ensure_token()
+    home = tmp_path / "own-home"
+    home.mkdir()
+    shutil.copy2(cluster_runtime.token_file(), home / "auth_token")
+    ray.shutdown()
+    monkeypatch.setenv("ZEROMIX_HOME", str(home))
+    yield home
+    ray.shutdown()
+    zeromix("down", check=False)
+
+
+def queue_store():
+    from orchestrator.queue import QueueStore
+    from orchestrator.scheduler.service import queue_path
+
+    return QueueStore(queue_path())
+
+
+def wait_for_state(job_id: str, states: tuple[str, ...], timeout_s: float = 300) -> str:
+    """Poll the queue (not the CLI: nobody calls zeromix meanwhile) until the job is in one of `states`."""
+    store = queue_store()
+    deadline = time.time() + timeout_s
+    while (state := store.get(job_id).state) not in states:
+        if time.time() > deadline:
+            raise AssertionError(f"{job_id} still {state} after {timeout_s} s, not {states}: {store.get(job_id).reason}")
+        time.sleep(0.5)
+    return state
+
+
 NVML_DOUBLE = REPO / "tests" / "nvml_double"
 NVML_BOXES = REPO / "tests" / "data" / "nvml_boxes"
 

@@ -2,41 +2,22 @@
 jobs go through the CLI, DeepSpeed trains on CPU ranks, and transformers loads what was saved."""
 
 import json
-import os
 import time
 
 import pytest
 import torch
-import yaml
 
-from tests.conftest import REPO, TINY_LLAMA, free_port, job_status, submitted_id, zeromix
+from tests.conftest import TINY_LLAMA, job_status, queue_store, submitted_id, wait_for_state, zeromix
 
 pytestmark = pytest.mark.cluster
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, zeromix_home):
-    """The shipped homelab on free ports, in the session's ZEROMIX_HOME."""
-    work = tmp_path_factory.mktemp("cluster")
-    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
-    config["head"].update(port=free_port(), dashboard_port=free_port())
-    (work / "cluster.yaml").write_text(yaml.safe_dump(config))
-    up = zeromix("up", "--simulate", str(work / "cluster.yaml"), timeout=180)
-    assert "3 nodes and 5 cards registered" in up.stdout
-    from orchestrator import cluster_runtime
-
-    state = cluster_runtime.connect()
-    yield state, work
-    import ray
-
-    ray.shutdown()
-    zeromix("down")
-
-
 def assert_cards_free():
-    from orchestrator import registry
+    from orchestrator import cluster_runtime, registry
 
+    cluster_runtime.connect()
     assert registry.live_placement_groups() == {}
+    assert queue_store().holds() == {}
     assert [c.card_id for c in registry.snapshot().cards if c.held_by] == []
 
 
@@ -49,7 +30,7 @@ def mean_token_loss(model, records: list[dict], dataset: dict, tokenizer) -> flo
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1), ignore_index=-100).item()
 
 
-def test_nodes_lists_every_card_of_cluster_yaml(cluster):
+def test_nodes_lists_every_card_of_cluster_yaml(connected):
     rows = json.loads(zeromix("nodes", "--json").stdout)["cards"]
     got = {r["card"]: (r["gpu"], r["vram_gib"], r["compute_capability"], r["bf16"], r["bandwidth_gbs"], r["usable"], r["held_by"]) for r in rows}
     assert got == {
@@ -70,7 +51,7 @@ def test_nodes_lists_every_card_of_cluster_yaml(cluster):
 def scratch_run(cluster, demo_data):
     state, work = cluster
     out = work / "scratch"
-    done = zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", "--set", f"output_dir={out}",
+    done = zeromix("submit", "--follow", "jobs/examples/tiny-llama-scratch.yaml", "--set", f"output_dir={out}",
                    "--set", f"dataset.path={demo_data['pretrain']}", "--set", "max_steps=60")
     return state, submitted_id(done.stdout), out, done.stdout
 
@@ -118,7 +99,7 @@ def test_lora_zero3_fine_tune_of_the_scratch_model(scratch_run, demo_data):
 
     state, _, scratch_out, _ = scratch_run
     out = scratch_out.parent / "lora"
-    done = zeromix("submit", "jobs/examples/tiny-llama-lora-reverse.yaml", "--set", f"output_dir={out}",
+    done = zeromix("submit", "--follow", "jobs/examples/tiny-llama-lora-reverse.yaml", "--set", f"output_dir={out}",
                    "--set", f"model.path={scratch_out / 'final'}", "--set", f"dataset.path={demo_data['reverse-train']}",
                    "--set", "max_steps=40")
     job_id = submitted_id(done.stdout)
@@ -138,39 +119,40 @@ def test_lora_zero3_fine_tune_of_the_scratch_model(scratch_run, demo_data):
     assert_cards_free()
 
 
-def test_cancel_releases_the_cards(cluster, demo_data):
+def test_cancel_releases_the_cards(connected, demo_data):
     from orchestrator import registry
 
-    state, work = cluster
-    done = zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", "--no-wait", "--set", f"output_dir={work / 'cancelled'}",
+    state, work = connected
+    done = zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", "--set", f"output_dir={work / 'cancelled'}",
                    "--set", f"dataset.path={demo_data['pretrain']}", "--set", "max_steps=100000")
     job_id = submitted_id(done.stdout)
+    wait_for_state(job_id, ("running",), 120)
     held = {c.card_id for c in registry.snapshot().cards if c.held_by == job_id}
     assert held == {"attic/0", "desk/0"}
     rows = json.loads(zeromix("nodes", "--json").stdout)["cards"]
     assert {r["card"] for r in rows if r["held_by"] == job_id} == held
-    deadline = time.time() + 120
-    while job_status(state, job_id) != "RUNNING" and time.time() < deadline:
-        time.sleep(1)
-    assert job_id in zeromix("status").stdout
+    assert job_id in zeromix("queue").stdout
+    started = time.monotonic()
     zeromix("cancel", job_id)
     assert_cards_free()
+    assert time.monotonic() - started < 15  # cards free within seconds of the cancel
     deadline = time.time() + 60
     while job_status(state, job_id) not in ("STOPPED", "FAILED") and time.time() < deadline:
         time.sleep(1)
     assert job_status(state, job_id) == "STOPPED"
+    assert queue_store().get(job_id).state == "cancelled"
 
 
-def test_a_job_that_fits_nowhere_reserves_nothing(cluster, demo_data):
+def test_a_job_that_fits_nowhere_reserves_nothing(connected, demo_data):
     from orchestrator.launch import list_jobs
 
-    state, work = cluster
-    before = len(list_jobs(state))
+    state, work = connected
+    before, queued_before = len(list_jobs(state)), len(queue_store().jobs())
     done = zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", "--set", f"output_dir={work / 'never'}",
                    "--set", f"dataset.path={demo_data['pretrain']}", "--set", "gpus.count=3", check=False)
     assert done.returncode == 2
     assert done.stderr.startswith("zeromix: error: no placement for job 'tiny-llama-scratch': ")
     assert "To fix: lower gpus.count (needs 3, 2 eligible) or free more cards" in done.stderr
-    assert len(list_jobs(state)) == before
+    assert len(list_jobs(state)) == before and len(queue_store().jobs()) == queued_before  # nothing queued
     assert_cards_free()
     assert not (work / "never").exists()

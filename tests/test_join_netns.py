@@ -5,8 +5,6 @@ and the NVML double gives each "host" its own cards."""
 import json
 import secrets
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -42,12 +40,19 @@ def two_hosts():
             assert done.returncode == 0, f"ip {' '.join(step)}: {done.stderr}"
         yield head, node
     finally:
-        subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True)
         for ns in (head, node):
             _ip("netns", "del", ns)
 
 
-def test_the_head_sees_the_cards_of_a_node_that_joined_over_the_network(two_hosts, tmp_path):
+@pytest.fixture
+def homes(tmp_path):
+    """The two hosts' ZEROMIX_HOMEs; each host's `zeromix down` stops only what zeromix started there."""
+    yield tmp_path / "head-home", tmp_path / "node-home"
+    for home in (tmp_path / "node-home", tmp_path / "head-home"):
+        zeromix("down", env={"ZEROMIX_HOME": str(home)}, check=False)
+
+
+def test_the_head_sees_the_cards_of_a_node_that_joined_over_the_network(two_hosts, homes, tmp_path):
     head_ns, node_ns = two_hosts
     port, dashboard = free_port(), free_port()
     in_head = ("ip", "netns", "exec", head_ns)

@@ -10,7 +10,7 @@ import torch
 from orchestrator.errors import ZeromixError
 from orchestrator.model_facts import facts_from_config
 
-CONFIGS = Path(__file__).parent / "data" / "model_configs"
+CONFIGS = Path(__file__).parents[1] / "orchestrator" / "data" / "model_configs"
 
 # Published parameter counts (model cards / safetensors metadata), tied embeddings counted once.
 PUBLISHED = {

@@ -1,4 +1,4 @@
-"""The planner on questions homelab owners ask, with real model sizes (configs in tests/data/model_configs)."""
+"""The planner on questions homelab owners ask, with real model sizes (configs in orchestrator/data/model_configs)."""
 
 import pytest
 

@@ -7,6 +7,7 @@ one (NVML probe) become the same `Node` and go through this same code; only the 
 from __future__ import annotations
 
 import json
+import socket
 
 from orchestrator.inventory import Node, build_node
 from workers.gpu_probe import NodeProbe
@@ -25,12 +26,32 @@ def node_from_probe(probe: NodeProbe, name: str, address: str, link_gbit_per_s: 
                       p2p_pairs=probe.p2p_pairs, nvlink_pairs=probe.nvlink_pairs, warnings=probe.warnings)
 
 
-def ray_start_command(node: Node, head_address: str | None, port: int, dashboard_port: int) -> list[str]:
-    """`ray start` for this node: the head when `head_address` is None, else a worker joining it."""
-    command = ["ray", "start", "--disable-usage-stats"]
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free now (all held open together while chosen, so the OS cannot repeat one)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def ray_start_command(node: Node, head_address: str | None, port: int, dashboard_port: int, temp_dir: str) -> list[str]:
+    """`ray start` for this node: the head when `head_address` is None, else a worker joining it.
+
+    Ray's agents default to fixed ports (52365 for the dashboard agent, 10001 for the client server), so
+    two clusters on one machine (or several simulated nodes) would collide: every node gets free ones,
+    and its own temp dir (so simulated nodes' log monitors no longer read each other's files and print every
+    line once per node)."""
+    agent, grpc, runtime_env, metrics, client = free_ports(5)
+    command = ["ray", "start", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+               f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+               f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"]
     if head_address is None:
         # The dashboard (and the Jobs API behind it) listens on loopback only.
-        command += ["--head", f"--port={port}", "--include-dashboard=true",
+        command += ["--head", f"--port={port}", "--include-dashboard=true", f"--ray-client-server-port={client}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
     else:
         command += [f"--address={head_address}"]

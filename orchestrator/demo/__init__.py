@@ -8,23 +8,24 @@ from pathlib import Path
 from orchestrator import cluster_runtime
 from orchestrator.cli import console, submit_job
 from orchestrator.demo.task import exact_match, write_demo_data
-from orchestrator.errors import ZeromixError
+from orchestrator.scheduler.service import ensure_running
 
 SCRATCH_JOB = "jobs/examples/tiny-llama-scratch.yaml"
 LORA_JOB = "jobs/examples/tiny-llama-lora-reverse.yaml"
 
 
 def _ensure_cluster(cluster_file: str) -> cluster_runtime.ClusterState:
-    try:
-        state = cluster_runtime.load_state()
-        console.print(f"using the cluster that is already up ({state.dashboard_url})")
-        return state
-    except ZeromixError:
-        console.print(f"starting the embedded cluster from {cluster_file} ...")
-        state, snapshot = cluster_runtime.up_simulated(cluster_file)
-        for node in snapshot.nodes:
-            console.print(f"  {node.name}: " + ", ".join(c.short_name for c in node.cards))
-        return state
+    """The embedded cluster: reused if it is up and answers, else started (a stale record is replaced)."""
+    console.print(f"embedded cluster from {cluster_file} ...")
+    result, snapshot = cluster_runtime.up_simulated(cluster_file)
+    for note in result.notes:
+        console.print(f"  {note}")
+    console.print("  already up: reusing it" if result.reused else "  started")
+    for node in snapshot.nodes:
+        console.print(f"  {node.name}: " + ", ".join(c.short_name for c in node.cards))
+    cluster_runtime.connect(result.state)
+    ensure_running(result.state)
+    return result.state
 
 
 def _accuracies(model_dir: Path, adapter_dir: Path, eval_path: Path) -> tuple[float, float]:

@@ -1,0 +1,79 @@
+"""Which processes belong to a zeromix cluster, and stopping exactly those.
+
+`ray stop` kills every Ray process of the user on the machine: the demo's cluster, a real homelab head, a
+colleague's notebook. zeromix starts each `ray start` with ZEROMIX_CLUSTER=<the cluster's id> in its
+environment; Ray's raylet, GCS, dashboard, agents and workers inherit it, and nothing else carries it. So
+`down` stops the processes that carry this cluster's id and leaves every other one alone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+
+MARKER = "ZEROMIX_CLUSTER"
+GRACE_S = 10  # after SIGTERM, before SIGKILL; Ray's own `ray stop` waits about as long
+
+
+def cluster_processes(cluster_id: str) -> list[psutil.Process]:
+    """This user's live processes started for the cluster `cluster_id`."""
+    mine = []
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            if proc.info["uids"] and proc.info["uids"].real != os.getuid():
+                continue
+            if proc.environ().get(MARKER) == cluster_id and proc.status() != psutil.STATUS_ZOMBIE:
+                mine.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return mine
+
+
+def _bucket(proc: psutil.Process) -> int:
+    """Ray's own order: raylets first (they would restart workers), then the rest, the GCS last."""
+    try:
+        name = " ".join(proc.cmdline()[:2])
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 1
+    return 0 if "raylet" in name else 2 if "gcs_server" in name else 1
+
+
+def stop_cluster_processes(cluster_id: str) -> int:
+    """SIGTERM, bucket by bucket, then SIGKILL what is left after GRACE_S. Returns how many were stopped."""
+    found = cluster_processes(cluster_id)
+    for bucket in (0, 1, 2):
+        group = [p for p in found if _bucket(p) == bucket]
+        for proc in group:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(group, timeout=GRACE_S)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=GRACE_S)
+    # Workers the raylet forked after we listed: one more sweep.
+    late = cluster_processes(cluster_id)
+    for proc in late:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(late, timeout=GRACE_S)
+    return len(found) + len(late)
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.2) -> bool:
+    """Poll `predicate` until it holds or `timeout_s` passes; the caller says what to do when it did not."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())

@@ -1,0 +1,124 @@
+"""The long-lived scheduler on the head: a detached, named Ray actor that runs `Scheduler.tick` every second.
+
+It outlives the clients that submit (`zeromix submit` stores a job in the queue and returns), Ray restarts
+it if its process dies, and on every start it reconciles the queue with Ray's job table and live placement
+groups (`Scheduler.recover` and the first tick), so a restart loses no job and runs none twice. The queue
+itself is the SQLite file in the head's ZEROMIX_HOME; this actor is the only writer of placements.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from dataclasses import asdict
+
+from orchestrator import launch, registry
+from orchestrator.cluster_runtime import RAY_NAMESPACE, ClusterState, home
+from orchestrator.errors import ZeromixError
+from orchestrator.jobspec import JobSpec
+from orchestrator.planner import Plan
+from orchestrator.queue import JobRecord, QueueStore
+from orchestrator.scheduler import Scheduler
+from orchestrator.scheduler.policies import policy
+
+ACTOR_NAME = "zeromix-scheduler"
+TICK_S = 1.0
+READY_TIMEOUT_S = 60
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
+log = logging.getLogger("zeromix.scheduler")
+
+
+def queue_path():
+    return home() / "state" / "queue.db"
+
+
+class RayLaunch:
+    """The `Launcher` of a real cluster: placement groups and Ray jobs."""
+
+    def __init__(self, state: ClusterState):
+        self.state = state
+
+    def cluster(self):
+        return registry.snapshot()
+
+    def start(self, job: JobRecord, plan: Plan) -> None:
+        launch.submit(self.state, JobSpec.model_validate(job.spec), plan, job.id)
+
+    def ended(self, running: list[JobRecord]) -> dict[str, tuple[str, str]]:
+        client, done = launch.jobs_client(self.state), {}
+        for record in running:
+            try:
+                info = client.get_job_info(record.id)
+            except RuntimeError as err:
+                if "404" in str(err) or "does not exist" in str(err):
+                    done[record.id] = ("queued", "lost: Ray has no record of it (the head restarted?); queued again")
+                continue  # the Jobs API did not answer: ask again next round
+            if info.status.is_terminal():
+                done[record.id] = {"SUCCEEDED": ("succeeded", "finished"), "STOPPED": ("cancelled", "stopped in Ray")}.get(
+                    info.status.value, ("failed", f"failed: {(info.message or 'see `zeromix logs`').strip().splitlines()[-1][:300]}"))
+        return done
+
+    def stop(self, job_id: str) -> None:
+        launch.stop(self.state, job_id)
+
+
+class SchedulerService:
+    """The actor's body (wrapped with ray.remote in `ensure_running`)."""
+
+    def __init__(self, state: dict, db_path: str, policy_name: str):
+        self.scheduler = Scheduler(QueueStore(db_path), RayLaunch(ClusterState(**state)), policy(policy_name))
+        self.scheduler.recover()
+        self.ticks, self.last_error = 0, None
+        self._wake = threading.Event()
+        threading.Thread(target=self._loop, name="zeromix-scheduler", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.scheduler.tick()
+                self.last_error = None
+            except Exception:  # one bad round must not stop the scheduler; it is logged and retried
+                self.last_error = traceback.format_exc(limit=3)
+                log.error("scheduling round failed:\n%s", self.last_error)
+            self.ticks += 1
+            self._wake.wait(TICK_S)
+            self._wake.clear()
+
+    def poke(self) -> None:
+        """A job was submitted or cancelled: run a round now rather than at the next tick."""
+        self._wake.set()
+
+    def health(self) -> dict:
+        return {"policy": self.scheduler.policy.name, "ticks": self.ticks, "last_error": self.last_error}
+
+
+def ensure_running(state: ClusterState, policy_name: str = "gain"):
+    """The scheduler actor, started on the head if it is not running, once it answers. Needs a connected
+    Ray driver. An actor Ray is restarting answers after its restart; the wait has a deadline."""
+    import ray
+
+    actor = ray.remote(SchedulerService).options(
+        name=ACTOR_NAME, namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
+        resources={HEAD_RESOURCE: 0.001}, max_restarts=-1, max_concurrency=4)
+    handle = actor.remote(asdict(state), str(queue_path()), policy_name)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        try:
+            ray.get(handle.health.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            return handle
+        except ray.exceptions.ActorUnavailableError:  # being restarted by Ray: ask again
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        except ray.exceptions.GetTimeoutError:
+            break
+    raise ZeromixError(f"the zeromix scheduler did not answer within {READY_TIMEOUT_S} s; its log is under "
+                       f"{state.temp_dir or '/tmp/ray'}/*/session_latest/logs (worker-*.err); then `zeromix down` and `zeromix up`")
+
+
+def health(state: ClusterState) -> dict:
+    import ray
+
+    return ray.get(ensure_running(state).health.remote(), timeout=READY_TIMEOUT_S)

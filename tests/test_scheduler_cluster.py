@@ -1,0 +1,106 @@
+"""The long-lived scheduler on a real multi-node Ray cluster: jobs side by side on disjoint cards, a queued
+job started by the scheduler alone, cancel in every state, and a scheduler killed and restarted by Ray
+while jobs are queued and running."""
+
+import json
+import time
+
+import pytest
+
+from tests.conftest import queue_store, submitted_id, wait_for_state, zeromix
+
+pytestmark = pytest.mark.cluster
+
+SCRATCH = "jobs/examples/tiny-llama-scratch.yaml"
+DESK_BOX = "gpus.models=[NVIDIA GeForce RTX 3090, NVIDIA GeForce RTX 4090]"
+OTHER_CARDS = "gpus.models=[NVIDIA GeForce GTX 1080 Ti, NVIDIA GeForce RTX 3060]"
+
+
+def submit(work, demo_data, name: str, *sets: str) -> str:
+    done = zeromix("submit", SCRATCH, "--set", f"output_dir={work / name}", "--set", f"dataset.path={demo_data['pretrain']}", *(
+        arg for s in sets for arg in ("--set", s)))
+    return submitted_id(done.stdout)
+
+
+def live_holds() -> dict[str, str]:
+    """card -> job, as Ray's live placement groups have it."""
+    from orchestrator import registry
+
+    return {c.card_id: c.held_by for c in registry.snapshot().cards if c.held_by}
+
+
+def assert_nothing_double_booked():
+    store, ray_holds = queue_store(), live_holds()
+    active = {r.id: set(r.cards) for r in store.jobs(("placing", "running"))}
+    for card, job in ray_holds.items():  # every card Ray holds is held for a job the queue counts as active ...
+        assert card in active.get(job, set()), (card, job, active)
+    cards = [c for cs in active.values() for c in cs]
+    assert len(cards) == len(set(cards))  # ... and no card is in two active jobs
+
+
+def test_two_jobs_run_side_by_side_and_a_third_starts_when_cards_free(connected, demo_data):
+    state, work = connected
+    first = submit(work, demo_data, "side-a", "max_steps=40", DESK_BOX)
+    second = submit(work, demo_data, "side-b", "max_steps=40", OTHER_CARDS)
+    third = submit(work, demo_data, "side-c", "max_steps=5", DESK_BOX)  # the same cards as the first: it must wait
+    wait_for_state(first, ("running",), 120)
+    wait_for_state(second, ("running",), 120)
+    store = queue_store()
+    a, b = store.get(first), store.get(second)
+    assert set(a.cards) == {"desk/0", "desk/1"} and set(b.cards) == {"attic/0", "closet/0"}
+    assert store.get(third).state == "queued" and "held by job " + first in store.get(third).reason
+    assert_nothing_double_booked()
+    rows = {r["job"]: r for r in json.loads(zeromix("queue", "--json").stdout)["jobs"]}
+    assert rows[third]["position"] == 1 and rows[first]["state"] == "running" and rows[first]["cards"] == list(a.cards)
+
+    # Nobody calls zeromix from here on: the scheduler starts the third job when the first one ends.
+    assert wait_for_state(third, ("succeeded", "failed"), 300) == "succeeded"
+    done = {j: store.get(j) for j in (first, second, third)}
+    assert all(r.state == "succeeded" for r in done.values()), {j: (r.state, r.reason) for j, r in done.items()}
+    assert done[third].started_at >= done[first].ended_at  # it got the desk cards only once they were free
+    assert (done[first].started_at < done[second].ended_at) and (done[second].started_at < done[first].ended_at)  # side by side
+    assert [e.target for e in store.events(third)] == ["queued", "placing", "running", "succeeded"]
+    assert live_holds() == {} and store.holds() == {}
+
+
+def test_cancel_works_in_every_state(connected, demo_data):
+    state, work = connected
+    running = submit(work, demo_data, "cancel-running", "max_steps=100000", DESK_BOX)
+    queued = submit(work, demo_data, "cancel-queued", "max_steps=100000", DESK_BOX)
+    wait_for_state(running, ("running",), 120)
+    assert queue_store().get(queued).state == "queued"
+
+    out = zeromix("cancel", queued).stdout
+    assert "cancelled (was queued)" in out and queue_store().get(queued).state == "cancelled"
+    started = time.monotonic()
+    assert "cancelled (was running); its cards are free" in zeromix("cancel", running).stdout
+    assert live_holds() == {} and time.monotonic() - started < 15
+    assert "already ended (cancelled)" in zeromix("cancel", running).stdout
+    missing = zeromix("cancel", "no-such-job", check=False)
+    assert missing.returncode == 2 and "no job 'no-such-job' in the queue" in missing.stderr
+    time.sleep(3)  # a few scheduler rounds: the queued job must not have started after all
+    assert queue_store().get(queued).state == "cancelled" and live_holds() == {}
+
+
+def test_a_killed_scheduler_comes_back_and_every_job_is_where_it_was(connected, demo_data):
+    import ray
+
+    from orchestrator.scheduler.service import ACTOR_NAME, health
+
+    state, work = connected
+    running = submit(work, demo_data, "restart-running", "max_steps=100000", DESK_BOX)
+    queued = submit(work, demo_data, "restart-queued", "max_steps=10", DESK_BOX)
+    wait_for_state(running, ("running",), 120)
+    before = {j: queue_store().get(j).state for j in (running, queued)}
+
+    ray.kill(ray.get_actor(ACTOR_NAME, namespace="zeromix"), no_restart=False)  # Ray restarts it
+    assert health(state)["policy"] == "gain"  # answers again, restarted by Ray
+    time.sleep(3)  # a few rounds of the new scheduler
+    store = queue_store()
+    assert {j: store.get(j).state for j in (running, queued)} == before == {running: "running", queued: "queued"}
+    assert live_holds() == {c: running for c in store.get(running).cards}
+    assert_nothing_double_booked()
+
+    zeromix("cancel", running)  # the queued job now gets the cards from the restarted scheduler
+    assert wait_for_state(queued, ("succeeded", "failed"), 300) == "succeeded"
+    assert_nothing_double_booked()

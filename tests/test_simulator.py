@@ -1,0 +1,67 @@
+"""The simulator replays a trace through the real queue, scheduler, policies and planner in virtual time."""
+
+import json
+
+import pytest
+
+from orchestrator.cluster_config import load_cluster
+from orchestrator.errors import InputError
+from orchestrator.inventory import snapshot_from_config
+from orchestrator.scheduler import trace
+from orchestrator.scheduler.policies import policy
+from orchestrator.scheduler.simulate import simulate
+from tests.conftest import REPO, zeromix
+
+HOMELAB = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
+
+
+def test_the_same_trace_replayed_twice_gives_identical_results():
+    jobs = trace.generate(40, 6.0, seed=7)
+    assert jobs == trace.generate(40, 6.0, seed=7) and jobs != trace.generate(40, 6.0, seed=8)
+    first, second = (simulate(HOMELAB, jobs, policy("gain")) for _ in range(2))
+    assert [(j.id, j.cards, j.started_at, j.ended_at) for j in first.jobs] == [(j.id, j.cards, j.started_at, j.ended_at) for j in second.jobs]
+
+
+@pytest.mark.parametrize("name", ["gain", "fifo-first-fit", "max-min-fairness"])
+def test_every_job_runs_once_and_no_card_is_ever_shared(name):
+    jobs = trace.generate(40, 6.0, seed=3)
+    result = simulate(HOMELAB, jobs, policy(name))
+    assert sorted(j.id for j in result.jobs) == sorted(j.job_id for j in jobs if j.job_id not in result.rejected)
+    assert all(j.state == "succeeded" for j in result.jobs) and not result.unfinished
+    for card in result.card_ids:  # intervals on one card never overlap
+        spans = sorted((s, e) for c, _, s, e in result.occupancy() if c == card)
+        assert all(prev_end <= start for (_, prev_end), (start, _) in zip(spans, spans[1:])), card
+    for j in result.jobs:  # a job runs for its steps times the step time the planner gave for the cards it got
+        assert j.ended_at - j.started_at == pytest.approx(j.total_steps * j.plan["est_step_s"], rel=0.01)
+        assert j.started_at >= j.submitted_at
+
+
+def test_the_heterogeneity_aware_policy_beats_type_blind_first_fit():
+    jobs = trace.generate(200, 6.0, seed=1)  # bench/scheduler.py's trace
+    gain, fifo = (simulate(HOMELAB, jobs, policy(n)) for n in ("gain", "fifo-first-fit"))
+    assert gain.avg_jct_s < 0.67 * fifo.avg_jct_s and gain.makespan_s < fifo.makespan_s
+
+
+def test_a_trace_row_with_a_bad_value_is_one_line_naming_the_line_and_column(tmp_path):
+    path = tmp_path / "trace.csv"
+    trace.write(trace.generate(3, 6.0, 1), path)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1], lines[2].replace(",lora,", ",dpo,").replace(",full,", ",dpo,")]))
+    with pytest.raises(InputError, match=r"line 3: method='dpo' is not allowed"):
+        trace.read(path)
+    path.write_text("\n".join([lines[0], lines[1].replace("qwen", "gwen").replace("llama", "lama").replace("gemma", "jemma").replace("phi", "fi").replace("mistral", "mistrel")]))
+    with pytest.raises(InputError, match=r"line 2: model=.* is not allowed; one of gemma-2-2b"):
+        trace.read(path)
+
+
+def test_the_simulate_command_prints_the_figures_and_draws_the_plot(tmp_path):
+    zeromix("make-trace", "--jobs", "30", "--seed", "2", "--out", str(tmp_path / "trace.csv"))
+    done = zeromix("simulate", "--trace", str(tmp_path / "trace.csv"), "--png", str(tmp_path / "sim.png"), "--json")
+    report = json.loads(done.stdout.split("\nplot:")[0])
+    assert [r["policy"] for r in report["results"]] == ["gain", "fifo-first-fit", "max-min-fairness"]
+    assert all(r["avg_jct_h"] > 0 and r["makespan_h"] > 0 and set(r["utilisation"]) == {"attic/0", "attic/1", "desk/0", "desk/1", "closet/0"}
+               for r in report["results"])
+    png = (tmp_path / "sim.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    bad = zeromix("simulate", "--trace", str(tmp_path / "trace.csv"), "--policy", "random", check=False)
+    assert bad.returncode == 2 and "--policy='random' is not allowed" in bad.stderr
