@@ -62,7 +62,10 @@ def up(simulate: Optional[str] = typer.Option(None, "--simulate", metavar="CLUST
     result, node = cluster_runtime.up(name or cluster_runtime.default_node_name(), address, port, dashboard_port,
                                       _offload_dir(offload_dir), _link(link))
     _print_notes(result)
-    _print_registered(node)
+    if node:
+        _print_registered(node)
+    else:
+        console.print(f"zeromix: the head {result.state.node} at {result.state.gcs_address} is already up: reusing it")
     _start_scheduler(result.state)
     console.print(f"Ray dashboard: {result.state.dashboard_url}   (token auth on; `zeromix down` stops it)")
     if address != "127.0.0.1":

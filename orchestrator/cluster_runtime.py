@@ -26,7 +26,7 @@ from pathlib import Path
 from orchestrator.cluster_config import load_cluster
 from orchestrator.errors import InputError, ZeromixError
 from orchestrator.inventory import ClusterSnapshot, Node, snapshot_from_config
-from orchestrator.processes import MARKER, cluster_processes, stop_cluster_processes
+from orchestrator.processes import MARKER, has_gcs, stop_cluster_processes
 
 RAY_NAMESPACE = "zeromix"
 GCS_ANSWER_TIMEOUT_S = 3.0
@@ -112,9 +112,7 @@ def answers(state: ClusterState) -> bool:
             pass
     except OSError:
         return False
-    if state.is_head and state.cluster_id:
-        return any("gcs_server" in " ".join(p.cmdline()[:1]) for p in cluster_processes(state.cluster_id))
-    return True
+    return has_gcs(state.cluster_id) if state.is_head and state.cluster_id else True
 
 
 def _stale_record_check() -> tuple[ClusterState | None, list[str]]:
@@ -236,17 +234,21 @@ def _check_own_address(address: str) -> str:
     return address
 
 
-def up(name: str, address: str, port: int, dashboard_port: int, offload_dir: str, link_gbit_per_s: float | None) -> tuple[UpResult, Node]:
+def up(name: str, address: str, port: int, dashboard_port: int, offload_dir: str, link_gbit_per_s: float | None) -> tuple[UpResult, Node | None]:
     """Start the head on this machine and register its own cards, probed through NVML.
 
+    Idempotent: this same head, up and answering, is reused (no node is returned then).
     The default address is loopback: a one-machine cluster. Giving a LAN address lets other nodes join;
     Ray's token auth is on either way (its gRPC ports listen on every interface regardless).
     """
     from workers.gpu_probe import probe
     from workers.registration import node_from_probe
 
-    notes: list[str] = []
-    _refuse_if_up(notes)
+    current, notes = _stale_record_check()
+    if current and not current.simulated and current.is_head and (current.gcs_address, current.node) == (f"{address}:{port}", name):
+        return UpResult(current, True, notes), None  # idempotent: this head is up and answers
+    if current:
+        raise ZeromixError(f"this machine is already part of a zeromix cluster ({current.gcs_address}); run `zeromix down` first")
     node = node_from_probe(probe(offload_dir, head_ip=address), _check_name(name), _check_own_address(address), link_gbit_per_s)
     _ensure_token()
     gcs_address = f"{address}:{port}"

@@ -41,6 +41,11 @@ def _bucket(proc: psutil.Process) -> int:
     return 0 if "raylet" in name else 2 if "gcs_server" in name else 1
 
 
+def has_gcs(cluster_id: str) -> bool:
+    """The cluster's GCS (its head) runs on this machine."""
+    return any(_bucket(p) == 2 for p in cluster_processes(cluster_id))
+
+
 def stop_cluster_processes(cluster_id: str) -> int:
     """SIGTERM, bucket by bucket, then SIGKILL what is left after GRACE_S. Returns how many were stopped."""
     found = cluster_processes(cluster_id)

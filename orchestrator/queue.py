@@ -10,6 +10,7 @@ The same class runs in memory (":memory:") inside the simulator.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -95,6 +96,8 @@ class QueueStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)  # idempotent: every statement is CREATE ... IF NOT EXISTS
+        if str(path) != ":memory:":
+            os.chmod(path, 0o600)  # job specs name the user's paths: readable by the user only
 
     def close(self) -> None:
         self._db.close()

@@ -27,6 +27,10 @@ def zeromix_home(tmp_path_factory) -> Path:
     auth settings once per process, so clusters with different tokens cannot follow one another here."""
     home = tmp_path_factory.mktemp("zeromix-home")
     os.environ["ZEROMIX_HOME"] = str(home)
+    from orchestrator import cluster_runtime
+
+    # Before anything in this process imports Ray: it reads its auth settings once, at import.
+    os.environ.update(cluster_runtime.auth_env())
     yield home
     os.environ.pop("ZEROMIX_HOME")
 
