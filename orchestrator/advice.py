@@ -47,19 +47,10 @@ class Advice:
         }
 
 
-def default_lora_targets(facts: ModelFacts) -> list[str]:
-    """The attention projections PEFT users usually adapt, as this family names them."""
-    names = facts.lora_targets()
-    if {"q_proj", "v_proj"} <= set(names):
-        return ["q_proj", "v_proj"]
-    return [n for n in names if "attn" in n or "qkv" in n] or names[:1]
-
-
 def _job(facts: ModelFacts, method: str, seq_len: int, batch: int) -> JobSpec:
     return JobSpec.model_validate({
         "name": "advise", "model": {"path": "."}, "dataset": {"path": ".", "text_field": "text"}, "method": method,
         "seq_len": seq_len, "global_batch_size": batch, "max_steps": 1, "output_dir": ".",
-        **({"lora": {"target_modules": default_lora_targets(facts)}} if method == "lora" else {}),
     })
 
 

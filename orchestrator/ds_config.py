@@ -8,6 +8,9 @@ from dataclasses import dataclass
 # Communication buckets, in elements. DeepSpeed's default (5e8) would take 1 GB per bucket in 16-bit, a tenth
 # of an 11 GB card; 5e7 keeps collectives large enough to run at link speed. The memory model counts them.
 BUCKET_ELEMENTS = 50_000_000
+# ZeRO-3 keeps this many parameters gathered and reuses them within this distance: for models up to this size
+# a weight gathered for forward is still there for backward (the step-time model counts one gather per micro-step).
+STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,8 @@ def _zero_section(t: RankTuning) -> dict:
         section |= {
             "stage3_prefetch_bucket_size": BUCKET_ELEMENTS,
             "stage3_param_persistence_threshold": 100_000,
-            "stage3_max_live_parameters": 1_000_000_000,
-            "stage3_max_reuse_distance": 1_000_000_000,
+            "stage3_max_live_parameters": STAGE3_MAX_LIVE_PARAMETERS,
+            "stage3_max_reuse_distance": STAGE3_MAX_LIVE_PARAMETERS,
             "stage3_gather_16bit_weights_on_model_save": True,
         }
     return section

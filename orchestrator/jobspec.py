@@ -49,7 +49,7 @@ class LoraSpec(StrictModel):
     r: int = Field(8, ge=1, le=1024)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    target_modules: list[str] | None = Field(None, min_length=1, description="Default: PEFT's choice for the architecture.")
 
 
 class OptimizerSpec(StrictModel):

@@ -32,7 +32,8 @@ def train_config(job: JobSpec, plan: Plan, job_id: str) -> TrainConfig:
     return TrainConfig(
         job_id=job_id, model_init=job.model.init, model_path=job.model.path,
         tokenizer_path=job.model.tokenizer or job.model.path,
-        dataset=job.dataset.model_dump(), method=job.method, lora=job.lora_config.model_dump(),
+        dataset=job.dataset.model_dump(), method=job.method,
+        lora={**job.lora_config.model_dump(), "target_modules": list(plan.lora_targets)},
         seq_len=job.seq_len, micro_batches=tuple(r.tuning.micro_batch for r in plan.ranks), grad_accum=plan.grad_accum,
         total_steps=plan.total_steps, ds_configs=tuple(plan.ds_configs(job)),
         activation_checkpointing=plan.activation_checkpointing, output_dir=job.output_dir,

@@ -8,6 +8,7 @@ The tests check every family against transformers' own model built from the same
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,12 @@ class ModelFacts:
     tied_embeddings: bool
     layer_linears: tuple[Linear, ...]  # one decoder layer's linear layers
     largest_layer_params: int  # the most parameters one module holds: what ZeRO-3 gathers at once (DeepSpeed's measure)
+    load_bytes: int = 4  # bytes per weight as the checkpoint stores them (config torch_dtype): what loading it costs
+
+    @property
+    def default_lora_targets(self) -> list[str]:
+        """PEFT's default target modules for this architecture (data/lora_targets.csv says where each is from)."""
+        return list(LORA_DEFAULTS[self.model_type])
 
     @property
     def matmul_params_per_token(self) -> int:
@@ -111,6 +118,15 @@ def _layer(c: dict) -> tuple[list[Linear], int, int, int]:
 
 
 SUPPORTED = ("gemma", "gemma2", "gpt2", "llama", "mistral", "phi", "phi3", "qwen2", "qwen3")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _lora_defaults() -> dict[str, tuple[str, ...]]:
+    with open(Path(__file__).parent / "data" / "lora_targets.csv", newline="") as f:
+        return {row["model_type"]: tuple(row["target_modules"].split()) for row in csv.DictReader(f)}
+
+
+LORA_DEFAULTS = _lora_defaults()
 TIED_BY_DEFAULT = {"gemma", "gemma2", "gpt2"}  # their configs tie input and output embeddings unless told otherwise
 
 
@@ -130,5 +146,6 @@ def facts_from_config(config: dict) -> ModelFacts:
     total = embeddings + n * (sum(l.params for l in linears) + norms) + final_norm
     largest = max(v * h + (0 if tied else head_bias), max(l.params for l in linears))
     intermediate = config.get("intermediate_size") or config.get("n_inner") or 4 * h
+    dtype = config.get("torch_dtype") or config.get("dtype") or "float32"  # transformers loads a checkpoint in its own dtype
     return ModelFacts(kind, total, n, h, intermediate, v, heads, kv,
-                      config.get("head_dim") or h // heads, tied, tuple(linears), largest)
+                      config.get("head_dim") or h // heads, tied, tuple(linears), largest, DTYPE_BYTES.get(dtype, 4))

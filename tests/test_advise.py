@@ -5,7 +5,7 @@ import json
 import pytest
 
 from orchestrator import catalog
-from orchestrator.advice import advise, default_lora_targets
+from orchestrator.advice import advise
 from orchestrator.errors import InputError
 from orchestrator.model_facts import facts_from_config
 from tests.conftest import REPO, zeromix
@@ -33,9 +33,9 @@ def test_a_card_that_cannot_run_the_job_says_why():
 
 
 def test_lora_targets_follow_the_family():
-    assert default_lora_targets(LLAMA_8B) == ["q_proj", "v_proj"]
-    assert default_lora_targets(facts_from_config(config("phi-3-mini-4k-instruct"))) == ["qkv_proj"]
-    assert default_lora_targets(facts_from_config(config("gpt2"))) == ["c_attn"]
+    assert LLAMA_8B.default_lora_targets == ["q_proj", "v_proj"]
+    assert facts_from_config(config("phi-3-mini-4k-instruct")).default_lora_targets == ["qkv_proj"]
+    assert facts_from_config(config("gpt2")).default_lora_targets == ["c_attn"]
 
 
 def test_unknown_or_ambiguous_card_names_are_refused():

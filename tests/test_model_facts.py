@@ -65,3 +65,26 @@ def test_lora_adapter_size_matches_peft(name, targets):
 def test_unsupported_family_says_which_are():
     with pytest.raises(ZeromixError, match=r"model_type 'mamba' is not modelled by the planner yet; supported: gemma, gemma2, gpt2, llama"):
         facts_from_config({"model_type": "mamba"})
+
+
+def test_the_lora_defaults_are_pefts_own():
+    """data/lora_targets.csv is PEFT's per-architecture default; if PEFT changes one, or adds one for Phi-3
+    (for which it has none and zeromix adapts the fused qkv_proj), this says so."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
+
+    from orchestrator.model_facts import LORA_DEFAULTS, SUPPORTED
+
+    assert set(LORA_DEFAULTS) == set(SUPPORTED)
+    for model_type, targets in LORA_DEFAULTS.items():
+        assert list(targets) == (peft_defaults.get(model_type) or ["qkv_proj"]), model_type
+    assert "phi3" not in peft_defaults
+
+
+@pytest.mark.parametrize("name", ["phi-3-mini-4k-instruct", "gpt2", "qwen2.5-0.5b"])
+def test_the_default_targets_name_real_layers_and_count_what_peft_adapts(name):
+    from peft import LoraConfig, get_peft_model
+
+    facts = facts_from_config(config(name))
+    targets = facts.default_lora_targets
+    model = get_peft_model(meta_model(name), LoraConfig(r=8, target_modules=targets, fan_in_fan_out=name == "gpt2"))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == facts.lora_params(8, targets) > 0

@@ -103,3 +103,73 @@ def test_5_micro_batches_on_a_3090_and_4090_follow_their_rates_and_sum_to_the_gl
     share = micro["GeForce RTX 4090"] / sum(micro.values())
     assert share == pytest.approx(165.2 / (165.2 + 71.2), abs=0.05)  # bf16 tensor rates with FP32 accumulate
     assert {c["gradient_accumulation_steps"] for c in plan.ds_configs(job(method="lora", global_batch_size=60))} == {plan.grad_accum}
+
+
+PHI3 = facts_from_config(config("phi-3-mini-4k-instruct"))
+
+
+def test_6_a_full_fine_tune_of_phi3_plans_without_lora_fields():
+    big = pool(("big", 256, ["NVIDIA GeForce RTX 4090"] * 4))
+    plan = make_plan(job(method="full", seq_len=512), PHI3, big, 100)
+    assert plan.trainable == PHI3.n_params and plan.lora_targets == ()
+    # On the homelab it fits nowhere; the suggestion to use LoRA is planned with Phi-3's own targets (it used
+    # to fail on the LoRA default q_proj/v_proj, which Phi-3 does not have).
+    with pytest.raises(NoPlacement, match=r"To fix: use method: lora \(ZeRO-2, offload none on desk/1\)"):
+        make_plan(job(method="full", seq_len=512, gpus={"count": 1, "models": ["RTX 4090"]}), PHI3, HOMELAB, 100)
+
+
+def test_6b_advise_full_on_phi3_answers():
+    from orchestrator.advice import advise
+
+    rows = advise(PHI3, "full", 512, 8, 256, ["RTX 4090"])
+    assert any(a.plan for a in rows) and all(a.plan is None or a.plan.lora_targets == () for a in rows)
+
+
+def test_7_a_lora_job_on_phi3_adapts_its_fused_qkv_projection_by_default():
+    plan = make_plan(job(method="lora", seq_len=512), PHI3, HOMELAB, 100)
+    assert plan.lora_targets == ("qkv_proj",) and plan.trainable == PHI3.lora_params(8, ["qkv_proj"])
+    assert plan.summary()["lora_targets"] == ["qkv_proj"]
+    named = make_plan(job(method="lora", seq_len=512, lora={"target_modules": ["qkv_proj", "o_proj"]}), PHI3, HOMELAB, 100)
+    assert named.lora_targets == ("qkv_proj", "o_proj") and named.trainable > plan.trainable
+
+
+def test_8_a_lora_jobs_host_ram_is_its_frozen_base_in_the_load_dtype_plus_the_adapters():
+    from orchestrator.planner.memory import TrainingShape, ZeroSetting, host_bytes
+
+    assert LLAMA_8B.load_bytes == 2  # its config says bfloat16
+    box = pool(("box", 32, ["NVIDIA GeForce RTX 3090"]))
+    plan = make_plan(job(method="lora", seq_len=1024, global_batch_size=8), LLAMA_8B, box, 100)
+    assert plan.zero.offload == "none" and plan.host_bytes_per_node == {"box": 2 * LLAMA_8B.n_params}  # about 16 GB, not 45
+    adapters = LLAMA_8B.lora_params(8, ["q_proj", "v_proj"])
+    shape = TrainingShape(LLAMA_8B, adapters, 1024, "bf16", True, lora=True)
+    assert host_bytes(shape, ZeroSetting(2, True, False), 1, 1) == 2 * LLAMA_8B.n_params + 16 * adapters
+    assert host_bytes(shape, ZeroSetting(3, True, True), 2, 2) == 2 * LLAMA_8B.n_params + 16 * adapters  # both ranks' partitions on one node
+
+
+def test_9_with_16_accumulation_steps_on_1gbe_cross_box_zero3_loses_to_a_single_box():
+    two_boxes = pool(("a", 64, ["NVIDIA GeForce RTX 3090"]), ("b", 64, ["NVIDIA GeForce RTX 3090"]))
+    spec = {"method": "full", "seq_len": 2048, "global_batch_size": 64}
+    chosen = make_plan(job(**spec), LLAMA_1B, two_boxes, 100)
+    cross = make_plan(job(**spec, gpus={"count": 2}, deepspeed={"zero_stage": 3}), LLAMA_1B, two_boxes, 100)
+    assert len({r.card.node for r in chosen.ranks}) == 1 and cross.grad_accum >= 8
+    # ZeRO-3 gathers every weight in every micro-step: over 1 GbE that is most of the cross-box step
+    assert cross.step.comm_s > 0.5 * cross.step.step_s and chosen.step.step_s < cross.step.step_s / 3
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-0.5b", "llama-3.2-1b", "llama-3.1-8b"])
+def test_10_parameter_offload_is_never_chosen_where_a_setting_without_offload_fits(model):
+    facts = facts_from_config(config(model))
+    pools = [HOMELAB, pool(("desk", 64, ["NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 4090"])),
+             pool(("a", 64, ["NVIDIA GeForce RTX 3090"]), ("b", 64, ["NVIDIA GeForce RTX 3090"]))]
+    checked = 0
+    for method in ("full", "lora"):
+        for seq, batch in ((512, 16), (2048, 64)):
+            for cards in pools:
+                try:
+                    make_plan(job(method=method, seq_len=seq, global_batch_size=batch, deepspeed={"offload": "none"}), facts, cards, 100)
+                except NoPlacement:
+                    continue
+                auto = make_plan(job(method=method, seq_len=seq, global_batch_size=batch), facts, cards, 100)
+                assert not auto.zero.offload_params, (model, method, seq, auto.zero.describe())
+                checked += 1
+    assert checked >= 4

@@ -63,6 +63,7 @@ class Plan:
     host_bytes_per_node: dict[str, int]  # an estimate, DeepSpeed's accounting
     rejected: tuple[Rejection, ...]
     step: step_time.StepEstimate  # an estimate
+    lora_targets: tuple[str, ...] = ()  # the modules LoRA adapts (resolved: the spec's or PEFT's default); () for full
 
     @property
     def global_batch(self) -> int:
@@ -80,7 +81,7 @@ class Plan:
             "offload": self.zero.offload,
             "activation_checkpointing": self.activation_checkpointing,
             "grad_accum": self.grad_accum, "global_batch": self.global_batch, "total_steps": self.total_steps,
-            "params": self.n_params, "trainable_params": self.trainable,
+            "params": self.n_params, "trainable_params": self.trainable, "lora_targets": list(self.lora_targets),
             "est_step_s": _sig(self.step.step_s), "est_compute_s": _sig(max(self.step.compute_s)),
             "est_comm_s": _sig(self.step.comm_s), "est_offload_s": _sig(self.step.offload_s),
             "est_tokens_per_s": _sig(self.step.tokens_per_s),
@@ -185,12 +186,20 @@ def make_plan(job: JobSpec, facts: ModelFacts, snapshot: ClusterSnapshot, total_
     return replace(best, rejected=ordered)
 
 
+def lora_targets(job: JobSpec, facts: ModelFacts) -> tuple[str, ...]:
+    """The modules LoRA adapts: the spec's, or PEFT's default for the architecture. Nothing for a full fine-tune."""
+    if job.method != "lora":
+        return ()
+    return tuple(job.lora_config.target_modules or facts.default_lora_targets)
+
+
 def _trainable(job: JobSpec, facts: ModelFacts) -> int:
     if job.method != "lora":
         return facts.n_params
-    trainable = facts.lora_params(job.lora_config.r, job.lora_config.target_modules)
+    targets = lora_targets(job, facts)
+    trainable = facts.lora_params(job.lora_config.r, list(targets))
     if trainable == 0:
-        raise InputError("job", "lora.target_modules", job.lora_config.target_modules,
+        raise InputError("job", "lora.target_modules", list(targets),
                          f"name linear layers of this {facts.model_type} model: {', '.join(facts.lora_targets())}")
     return trainable
 
@@ -230,7 +239,7 @@ def _quick_tokens_per_s(ctx: _Job, group) -> float:
     that needs ZeRO-3 pays for ZeRO-3's traffic here already. 0 when nothing fits."""
     precision = resolve_precision(ctx.job.precision, group)
     capacities = {_capacity(c) for c in group}
-    shape = TrainingShape(ctx.facts, ctx.trainable, ctx.job.seq_len, precision, True)
+    shape = TrainingShape(ctx.facts, ctx.trainable, ctx.job.seq_len, precision, True, ctx.job.method == "lora")
     zero = next((z for z in _zero_options(ctx.job)
                  if all(memory.max_micro_batch(shape, z, len(group), cap) >= 1 for cap in capacities)), None)
     if zero is None:
@@ -240,7 +249,7 @@ def _quick_tokens_per_s(ctx: _Job, group) -> float:
     samples = [ctx.job.global_batch_size * r / sum(rates) for r in rates]
     return step_time.estimate(facts=ctx.facts, trainable=ctx.trainable, method=ctx.job.method, seq_len=ctx.job.seq_len,
                               activation_checkpointing=False, samples_per_rank=samples, rates_tflops=rates, zero=zero,
-                              precision=precision, link_gb_s=link, pcie_gb_s=pcie, most_ranks_on_a_node=1).tokens_per_s
+                              precision=precision, link_gb_s=link, pcie_gb_s=pcie, most_ranks_on_a_node=1, grad_accum=1).tokens_per_s
 
 
 def _fit(ctx: _Job, group: list[Card], lo: int) -> tuple[Plan | None, dict[str, Rejection]]:
@@ -273,7 +282,7 @@ def _tune(ctx: _Job, group: list[Card]) -> Plan | None:
     best = None
     for zero in _zero_options(job):
         for ckpt in checkpointing:
-            shape = TrainingShape(ctx.facts, ctx.trainable, job.seq_len, precision, ckpt)
+            shape = TrainingShape(ctx.facts, ctx.trainable, job.seq_len, precision, ckpt, job.method == "lora")
             host = _host_bytes(shape, zero, group)
             if (zero.offload_optimizer or zero.offload_params) and not _host_ram_ok(ctx.snapshot, host):
                 continue
@@ -286,7 +295,7 @@ def _tune(ctx: _Job, group: list[Card]) -> Plan | None:
             estimate = step_time.estimate(
                 facts=ctx.facts, trainable=ctx.trainable, method=job.method, seq_len=job.seq_len, activation_checkpointing=ckpt,
                 samples_per_rank=[m * grad_accum for m in micro], rates_tflops=rates, zero=zero, precision=precision,
-                link_gb_s=link, pcie_gb_s=pcie, most_ranks_on_a_node=most_here)
+                link_gb_s=link, pcie_gb_s=pcie, most_ranks_on_a_node=most_here, grad_accum=grad_accum)
             if best is None or estimate.step_s < best.step.step_s:
                 envs = nccl_env(group, ctx.snapshot)
                 ranks = tuple(
@@ -294,7 +303,7 @@ def _tune(ctx: _Job, group: list[Card]) -> Plan | None:
                              memory.estimate(shape, zero, world, m), _capacity(card), rate, env)
                     for card, m, rate, env in zip(group, micro, rates, envs))
                 best = Plan(job.name, ranks, grad_accum, zero, precision, ckpt, ctx.total_steps, ctx.facts.n_params,
-                            ctx.trainable, host, (), estimate)
+                            ctx.trainable, host, (), estimate, lora_targets(job, ctx.facts))
     return best
 
 
@@ -351,7 +360,7 @@ def _no_placement_message(ctx: _Job, lo: int, eligible: list[Card], rejected: di
     else:
         reasons += ". The model does not fit in any ZeRO/offload/checkpointing setting on the eligible cards (estimate)"
     if eligible and job.deepspeed.offload != "none":
-        shape = TrainingShape(ctx.facts, ctx.trainable, job.seq_len, "bf16", True)
+        shape = TrainingShape(ctx.facts, ctx.trainable, job.seq_len, "bf16", True, job.method == "lora")
         need = _host_bytes(shape, ZeroSetting(3, True, False), eligible)
         short = [f"{n} needs about {b / GIB:.0f} GiB, has {ctx.snapshot.node(n).ram_gb:g} GB" for n, b in need.items()
                  if not _host_ram_ok(ctx.snapshot, {n: b})]
@@ -385,7 +394,7 @@ def suggestions(ctx: _Job) -> list[str]:
             continue  # the longest sequence that fits is the useful one
         try:
             plan = make_plan(variant, ctx.facts, ctx.snapshot, ctx.total_steps, suggest=False)
-        except NoPlacement:
+        except (NoPlacement, InputError):  # it does not fit either, or is not a valid job for this model
             continue
         found.append(f"{text} ({plan.zero.describe()} on {', '.join(r.card.card_id for r in plan.ranks)})")
     try:  # more cards: would the job fit if every card had a twin beside it?

@@ -55,6 +55,7 @@ class TrainingShape:
     seq_len: int
     precision: str  # fp32 | fp16 | bf16
     activation_checkpointing: bool
+    lora: bool = False  # the base is frozen: only the adapters have gradients and optimizer state
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,12 @@ def model_states(shape: TrainingShape, zero: ZeroSetting, world: int) -> tuple[i
 
 def host_bytes(shape: TrainingShape, zero: ZeroSetting, ranks_here: int, world: int) -> int:
     """Host RAM one node needs for its ranks' model states, as DeepSpeed's estimators count it (with their
-    1.5 buffer factor): the offloaded optimizer state (and weights), or the copy each rank loads at start."""
+    1.5 buffer factor): the offloaded optimizer state (and weights), or the copy each rank loads at start.
+    LoRA is counted as it is: DeepSpeed's estimators assume a full fine-tune (an fp32 copy of every weight)."""
     p, t, largest = shape.facts.n_params, shape.trainable, shape.facts.largest_layer_params
     share = ranks_here / world
+    if shape.lora:
+        return _lora_host_bytes(shape, zero, ranks_here, share)
     if zero.stage == 3:
         if zero.offload_params:
             need = (16 * t + 2 * p) * share  # 18 bytes per parameter for a full fine-tune
@@ -117,6 +121,20 @@ def host_bytes(shape: TrainingShape, zero: ZeroSetting, ranks_here: int, world: 
     else:
         need = 4 * p * ranks_here  # each rank loads the model in fp32 before DeepSpeed partitions it
     return int(need * HOST_BUFFER_FACTOR)
+
+
+def _lora_host_bytes(shape: TrainingShape, zero: ZeroSetting, ranks_here: int, share: float) -> int:
+    """The frozen base as each rank loads it (the checkpoint's dtype), plus the adapters' optimizer state
+    (fp32 master, Adam m and v, fp32 gradient: 16 bytes each) when it is offloaded."""
+    f, t = shape.facts, shape.trainable
+    adapters = 16 * t * share if zero.offload_optimizer else 0
+    if zero.stage == 3 and zero.offload_params:
+        base = bytes_per_value(shape.precision) * f.n_params * share  # the base's partitions live in host RAM
+    elif zero.stage == 3:
+        base = f.load_bytes * f.largest_layer_params * ranks_here  # zero.Init: one module at a time
+    else:
+        base = f.load_bytes * f.n_params * ranks_here
+    return int(base + adapters)
 
 
 def activation_bytes_per_sample(shape: TrainingShape) -> int:

@@ -2,16 +2,23 @@
 
 compute:  training FLOPs of the rank's tokens over its catalog peak at the plan's precision (tensor rate with
           FP32 accumulate; Pascal runs fp16 no faster than fp32), times an assumed efficiency;
-comm:     the bytes ZeRO moves per optimizer step, over the slowest link the group uses: PCIe inside a node,
-          the cluster's network between nodes (1 GbE moves about 0.11 GB/s);
-offload:  optimizer (and ZeRO-3 parameter) traffic over PCIe to host RAM, and DeepSpeed's CPU Adam.
-Ranks compute in parallel and wait for the slowest; communication and offload are not assumed to overlap.
+comm:     the collectives DeepSpeed runs per optimizer step (`comm_volume`, checked against DeepSpeed's own comms
+          logger by tests/test_comm_volume.py), over the slowest link the group uses: PCIe inside a node, the
+          cluster's network between nodes (1 GbE moves about 0.11 GB/s). ZeRO-1 reduces gradients once per
+          optimizer step; ZeRO-2 and ZeRO-3 in every micro-step's backward; ZeRO-3 also gathers every weight
+          in every micro-step's forward (and again in backward when more than stage3_max_live_parameters
+          would stay gathered);
+offload:  the PCIe copies of offload (gradients down in every micro-step at ZeRO-2/3, updated weights up once,
+          ZeRO-3 weights up at every gather) and DeepSpeed's CPU Adam.
+Ranks compute in parallel and wait for the slowest. zeromix runs DeepSpeed with overlap_comm off, so
+communication and offload are added to compute, not overlapped with it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orchestrator.ds_config import STAGE3_MAX_LIVE_PARAMETERS
 from orchestrator.model_facts import ModelFacts
 from orchestrator.planner.memory import ZeroSetting, bytes_per_value
 
@@ -54,34 +61,64 @@ def network_gb_per_s(link_gbit_per_s: float) -> float:
     return link_gbit_per_s / 8 * LINK_EFFICIENCY
 
 
-def comm_bytes_per_step(trainable: int, n_params: int, world: int, stage: int, value_bytes: int) -> float:
-    """Ring collectives move (W-1)/W of the data through each link. ZeRO-1/2: reduce the gradients and gather
-    the updated weights (2 passes over the trainable weights); ZeRO-3 also gathers every weight in forward
-    and again in backward."""
+@dataclass(frozen=True)
+class CommVolume:
+    """Bytes per optimizer step in each kind of collective, as DeepSpeed's comms logger records them: the
+    message of an all-reduce or reduce-scatter is the whole tensor; that of an all-gather, one rank's part."""
+
+    all_reduce: float
+    reduce_scatter: float
+    all_gather: float
+
+    def wire_bytes(self, world: int) -> float:
+        """What crosses each rank's link in ring collectives: an all-reduce moves 2(W-1)/W of its tensor,
+        a reduce-scatter (W-1)/W, an all-gather (W-1) parts."""
+        return (self.all_reduce * 2 + self.reduce_scatter) * (world - 1) / world + self.all_gather * (world - 1)
+
+
+def gathers_per_micro_step(n_params: int) -> int:
+    """ZeRO-3 gathers the weights for forward; with zeromix's stage3_max_live_parameters and max_reuse_distance
+    (ds_config.py) they stay gathered for backward unless the model is larger than the live limit."""
+    return 1 if n_params <= STAGE3_MAX_LIVE_PARAMETERS else 2
+
+
+def comm_volume(trainable: int, n_params: int, world: int, stage: int, grad_accum: int, value_bytes: int,
+                grad_bytes: int) -> CommVolume:
+    """The collectives of one optimizer step. `value_bytes`: a weight as communicated (the compute dtype);
+    `grad_bytes`: a gradient as reduced (fp32 where zeromix accumulates ZeRO-3 bf16 gradients in fp32)."""
     if world == 1:
-        return 0.0
-    passes = 2 * trainable + (2 * n_params if stage == 3 else 0)
-    return passes * (world - 1) / world * value_bytes
+        return CommVolume(0.0, 0.0, 0.0)
+    if stage <= 1:  # gradients reduced once, at the accumulation boundary; updated partitions gathered
+        return CommVolume(trainable * grad_bytes, 0.0, trainable * value_bytes / world)
+    if stage == 2:  # gradients reduced in every micro-step's backward
+        return CommVolume(grad_accum * trainable * grad_bytes, 0.0, trainable * value_bytes / world)
+    gathered = grad_accum * gathers_per_micro_step(n_params) * n_params * value_bytes / world
+    return CommVolume(0.0, grad_accum * trainable * grad_bytes, gathered)
 
 
-def offload_seconds(trainable: int, n_params: int, world: int, zero: ZeroSetting, value_bytes: int,
+def offload_seconds(trainable: int, n_params: int, world: int, zero: ZeroSetting, grad_accum: int, value_bytes: int,
                     pcie_gb_s: float, most_ranks_on_a_node: int) -> float:
+    """Per rank, over its PCIe link: its gradient partition down in every micro-step (ZeRO-2/3 reduce every
+    micro-step and accumulate on the host), its updated weights up once; with parameter offload, its weight
+    partition up at every gather. Plus CPU Adam, one CPU serving its node's ranks."""
     if not zero.offload_optimizer:
         return 0.0
-    copies = 2 * trainable * value_bytes / world  # gradient partition down, updated weights up
+    reductions = grad_accum if zero.stage >= 2 else 1
+    copies = (reductions + 1) * trainable * value_bytes / world
     if zero.offload_params:
-        copies += 2 * n_params * value_bytes / world  # the parameter partition up for forward and for backward
-    adam = trainable * most_ranks_on_a_node / world / CPU_ADAM_PARAMS_PER_S  # one CPU serves its node's ranks
+        copies += grad_accum * gathers_per_micro_step(n_params) * n_params * value_bytes / world
+    adam = trainable * most_ranks_on_a_node / world / CPU_ADAM_PARAMS_PER_S
     return copies / (pcie_gb_s * 1e9) + adam
 
 
 def estimate(*, facts: ModelFacts, trainable: int, method: str, seq_len: int, activation_checkpointing: bool,
              samples_per_rank: list[int], rates_tflops: list[float], zero: ZeroSetting, precision: str,
-             link_gb_s: float, pcie_gb_s: float, most_ranks_on_a_node: int) -> StepEstimate:
+             link_gb_s: float, pcie_gb_s: float, most_ranks_on_a_node: int, grad_accum: int) -> StepEstimate:
     per_token = flops_per_token(facts, seq_len, method, activation_checkpointing)
     compute = tuple(per_token * n * seq_len / (rate * 1e12 * ASSUMED_EFFICIENCY) for n, rate in zip(samples_per_rank, rates_tflops))
     c = bytes_per_value(precision)
     world = len(samples_per_rank)
-    comm = comm_bytes_per_step(trainable, facts.n_params, world, zero.stage, c) / (link_gb_s * 1e9)
-    offload = offload_seconds(trainable, facts.n_params, world, zero, c, pcie_gb_s, most_ranks_on_a_node)
+    grad_bytes = 4 if (zero.stage == 3 and precision == "bf16") else c  # ds_config.py: fp32 accumulation there
+    comm = comm_volume(trainable, facts.n_params, world, zero.stage, grad_accum, c, grad_bytes).wire_bytes(world) / (link_gb_s * 1e9)
+    offload = offload_seconds(trainable, facts.n_params, world, zero, grad_accum, c, pcie_gb_s, most_ranks_on_a_node)
     return StepEstimate(compute, comm, offload, sum(samples_per_rank) * seq_len)

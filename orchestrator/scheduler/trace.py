@@ -23,10 +23,7 @@ from orchestrator.schema import from_validation_error
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "data" / "model_configs"
 
-# model config -> LoRA target modules (what its attention projections are called)
-LORA_MODELS = {"qwen2.5-0.5b": ["q_proj", "v_proj"], "qwen3-0.6b": ["q_proj", "v_proj"], "llama-3.2-1b": ["q_proj", "v_proj"],
-               "gemma-2-2b": ["q_proj", "v_proj"], "phi-3-mini-4k-instruct": ["qkv_proj"], "mistral-7b-v0.1": ["q_proj", "v_proj"],
-               "llama-3.1-8b": ["q_proj", "v_proj"]}
+LORA_MODELS = ("qwen2.5-0.5b", "qwen3-0.6b", "llama-3.2-1b", "gemma-2-2b", "phi-3-mini-4k-instruct", "mistral-7b-v0.1", "llama-3.1-8b")
 FULL_MODELS = ("qwen2.5-0.5b", "qwen3-0.6b", "llama-3.2-1b", "gemma-2-2b")
 PRIORITIES = ((0, 0.8), (10, 0.1), (-10, 0.1))  # value, share
 FP32_SHARE = 0.15
@@ -47,10 +44,9 @@ class TraceJob:
 
     def spec(self) -> JobSpec:
         """The job spec a user would have written (no files are read: the simulator plans from configs)."""
-        lora = {"lora": {"target_modules": LORA_MODELS.get(self.model, ["q_proj", "v_proj"])}} if self.method == "lora" else {}
-        return JobSpec.model_validate({
+        return JobSpec.model_validate({  # LoRA adapts PEFT's default modules for the architecture
             "name": self.job_id, "model": {"path": str(MODEL_CONFIGS / self.model)},
-            "dataset": {"path": "trace.jsonl", "text_field": "text"}, "method": self.method, **lora,
+            "dataset": {"path": "trace.jsonl", "text_field": "text"}, "method": self.method,
             "seq_len": self.seq_len, "global_batch_size": self.global_batch, "max_steps": self.steps,
             "gpus": {"count": self.gpus}, "priority": self.priority, "precision": self.precision, "output_dir": f"runs/{self.job_id}"})
 
@@ -61,7 +57,7 @@ def generate(n_jobs: int, jobs_per_hour: float, seed: int) -> list[TraceJob]:
     for i in range(n_jobs):
         t += rng.expovariate(jobs_per_hour / 3600)
         method = "lora" if rng.random() < 0.7 else "full"
-        model = rng.choice(list(LORA_MODELS) if method == "lora" else FULL_MODELS)
+        model = rng.choice(LORA_MODELS if method == "lora" else FULL_MODELS)
         steps = int(min(20000, max(20, rng.lognormvariate(math.log(200), 1.2))))
         jobs.append(TraceJob(
             job_id=f"t{i:04d}", arrival_s=round(t, 1), model=model, method=method,

@@ -1,0 +1,67 @@
+"""Run under DeepSpeed's launcher by tests/test_comm_volume.py: real DeepSpeed on CPU ranks (gloo) with
+zeromix's own DeepSpeed configs and the comms logger on, for ZeRO 1/2/3 x full/LoRA x 1, 2, 4 accumulation
+steps. Writes, per case, the bytes each kind of collective carried in one optimizer step (after one warm-up
+step), as the logger recorded them.
+
+    deepspeed --num_gpus N --master_port P --no_local_rank tests/comms_probe.py OUT.json
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+from deepspeed import comm as dist  # noqa: E402
+
+from orchestrator.ds_config import Optimization, RankTuning, deepspeed_config  # noqa: E402
+
+# Weights above stage3_param_persistence_threshold (1e5 elements), so ZeRO-3 really gathers them.
+CONFIG = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 2,
+          "num_attention_heads": 6, "num_key_value_heads": 6, "max_position_embeddings": 64, "tie_word_embeddings": False,
+          "rms_norm_eps": 1e-6}
+LORA_TARGETS = ["q_proj", "v_proj"]
+LORA_R = 4
+SCALAR_BYTES = 8  # loss and overflow flags: not the model's traffic
+
+
+def one_case(stage: int, grad_accum: int, method: str, world: int) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    config = deepspeed_config(RankTuning(2, stage, False, False, "fp32"), grad_accum, world, 1.0, Optimization(1e-3, "constant", 0, 0.0, 100))
+    config.update(comms_logger={"enabled": True, "prof_all": True, "verbose": False, "debug": False}, wall_clock_breakdown=False)
+    keep = HfDeepSpeedConfig(config) if stage == 3 else None  # noqa: F841  (ZeRO-3 partitions weights as they are made)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in CONFIG.items() if k != "model_type"}))
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=LORA_R, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config)
+    tokens = torch.randint(0, CONFIG["vocab_size"], (2, 16))
+    for _ in range(2):  # a warm-up step, then the measured one
+        dist.comms_logger.comms_dict.clear()
+        for _ in range(grad_accum):
+            engine.backward(engine(input_ids=tokens, labels=tokens).loss)
+            engine.step()
+    logged: dict[str, int] = {}
+    for op, sizes in dist.comms_logger.comms_dict.items():
+        logged[op] = sum(int(size) * entry[0] for size, entry in sizes.items() if int(size) > SCALAR_BYTES)
+    return {"stage": stage, "grad_accum": grad_accum, "method": method, "world": world, "logged": logged}
+
+
+def main() -> None:
+    deepspeed.init_distributed(dist_backend="gloo")
+    world = dist.get_world_size()
+    cases = [one_case(s, ga, m, world) for m in ("full", "lora") for s in (1, 2, 3) for ga in (1, 2, 4)]
+    if dist.get_rank() == 0:
+        Path(sys.argv[1]).write_text(json.dumps({"config": CONFIG, "lora_r": LORA_R, "lora_targets": LORA_TARGETS, "cases": cases}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The step-time model's communication, checked against what DeepSpeed itself records: real DeepSpeed on 2
+and 3 CPU ranks (gloo) with zeromix's DeepSpeed configs and its comms logger on (tests/comms_probe.py), for
+ZeRO 1/2/3 x full/LoRA x 1, 2 and 4 accumulation steps. The model's bytes per optimizer step, per kind of
+collective, must be within 5% of what the logger recorded."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.model_facts import facts_from_config
+from orchestrator.planner.step_time import comm_volume
+from tests.conftest import REPO, free_port
+
+LOGGED_AS = {"all_reduce": "all_reduce", "reduce_scatter_tensor": "reduce_scatter", "all_gather_into_tensor": "all_gather"}
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
+def recorded(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("comms") / "logged.json"
+    launcher = Path(sys.executable).with_name("deepspeed")
+    done = subprocess.run([str(launcher), "--num_gpus", str(request.param), "--master_port", str(free_port()), "--no_local_rank",
+                           str(REPO / "tests" / "comms_probe.py"), str(out)], capture_output=True, text=True, timeout=900,
+                          env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_the_model_counts_the_bytes_deepspeed_moves(recorded):
+    facts = facts_from_config(recorded["config"])
+    adapters = facts.lora_params(recorded["lora_r"], recorded["lora_targets"])
+    for case in recorded["cases"]:
+        trainable = facts.n_params if case["method"] == "full" else adapters
+        model = comm_volume(trainable, facts.n_params + (adapters if case["method"] == "lora" else 0), case["world"],
+                            case["stage"], case["grad_accum"], 4, 4)
+        logged = {LOGGED_AS[op]: b for op, b in case["logged"].items() if op in LOGGED_AS and b}
+        expected = {kind: getattr(model, kind) for kind in ("all_reduce", "reduce_scatter", "all_gather") if getattr(model, kind)}
+        assert set(logged) == set(expected), case
+        for kind, value in expected.items():
+            assert value == pytest.approx(logged[kind], rel=0.05), (kind, case)
+        unmodelled = sum(b for op, b in case["logged"].items() if op not in LOGGED_AS)
+        assert unmodelled <= 0.01 * sum(case["logged"].values()), case  # e.g. a one-off broadcast of buffers
+
+
+def test_accumulation_multiplies_what_zero2_and_zero3_move_but_not_zero1(recorded):
+    by = {(c["method"], c["stage"], c["grad_accum"]): sum(c["logged"].values()) for c in recorded["cases"]}
+    for method in ("full", "lora"):
+        assert by[(method, 1, 4)] == pytest.approx(by[(method, 1, 1)], rel=0.01)
+        assert by[(method, 2, 4)] > 3 * by[(method, 2, 1)] * 0.8
+        assert by[(method, 3, 4)] > 3 * by[(method, 3, 1)] * 0.8
