@@ -9,6 +9,7 @@ import time
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -28,6 +29,16 @@ from workers.train import PROGRESS_TAG
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune on a homelab of mixed NVIDIA cards with DeepSpeed ZeRO on Ray.")
 console = Console()
 POLL_S = 1.0
+WIDE = 120  # below this many columns, tables drop columns and long text goes on its own lines
+
+
+def narrow() -> bool:
+    return console.width < WIDE
+
+
+def short(gpu: str) -> str:
+    """'GeForce RTX 3090' -> 'RTX 3090' where space is short: the family name says nothing a reader needs."""
+    return gpu.removeprefix("GeForce ") if narrow() else gpu
 
 
 # ------------------------------------------------------------------------------------------ cluster
@@ -130,13 +141,26 @@ def nodes(as_json: bool = typer.Option(False, "--json", help="The same rows as J
     if as_json:
         print(json.dumps({"cards": rows, "nodes": [node_row(n) for n in snapshot.nodes]}, indent=2))
         return
-    table = Table("NODE", "CARD", "GPU", "VRAM", "FREE", "CC", "BF16", "BANDWIDTH", "USABLE", "HELD BY")
-    for r in rows:
-        table.add_row(r["node"], str(r["index"]), r["gpu"] + (" (estimated)" if r["estimated"] else ""), f"{r['vram_gib']:g} GiB",
-                      "-" if r["free_gib"] is None else f"{r['free_gib']:g} GiB", r["compute_capability"], "yes" if r["bf16"] else "no",
-                      f"{'~' if r['estimated'] else ''}{r['bandwidth_gbs']:g} GB/s", "yes" if r["usable"] else f"no: {r['why_not']}",
-                      r["held_by"] or "-")
-    console.print(table)
+    if narrow():
+        table = Table("CARD", "GPU", "VRAM", "FREE", "CC", "BF16", "USABLE", "HELD BY", box=box.SIMPLE_HEAD)
+        for r in rows:
+            table.add_row(r["card"], short(r["gpu"]) + ("*" if r["estimated"] else ""), f"{r['vram_gib']:g}G",
+                          "-" if r["free_gib"] is None else f"{r['free_gib']:g}G", r["compute_capability"], "yes" if r["bf16"] else "no",
+                          "yes" if r["usable"] else "no (below)", r["held_by"] or "-")
+        console.print(table)
+        for r in rows:
+            if not r["usable"]:
+                console.print(f"{r['card']} not usable: {r['why_not']}")
+        if any(r["estimated"] for r in rows):
+            console.print("* not in the catalog: rates estimated from NVML")
+    else:
+        table = Table("NODE", "CARD", "GPU", "VRAM", "FREE", "CC", "BF16", "BANDWIDTH", "USABLE", "HELD BY")
+        for r in rows:
+            table.add_row(r["node"], str(r["index"]), r["gpu"] + (" (estimated)" if r["estimated"] else ""), f"{r['vram_gib']:g} GiB",
+                          "-" if r["free_gib"] is None else f"{r['free_gib']:g} GiB", r["compute_capability"], "yes" if r["bf16"] else "no",
+                          f"{'~' if r['estimated'] else ''}{r['bandwidth_gbs']:g} GB/s", "yes" if r["usable"] else f"no: {r['why_not']}",
+                          r["held_by"] or "-")
+        console.print(table)
     if any(n.simulated for n in snapshot.nodes):
         console.print("simulated nodes: cards declared in cluster.yaml, not probed; the maths runs on this machine's CPU")
     if len(set(builds.values())) > 1:
@@ -353,11 +377,18 @@ def queue_(show_all: bool = typer.Option(False, "--all", help="Finished jobs too
     if as_json:
         print(json.dumps({"jobs": rows}, indent=2))
         return
-    table = Table("JOB", "STATE", "PRI", "POS", "CARDS", "SINCE", "WHY", title="zeromix queue (times of day; ends are estimates)")
-    for row in rows:
-        table.add_row(row["job"], row["state"], str(row["priority"]), str(row["position"] or "-"), ", ".join(row["cards"]) or "-",
-                      time.strftime("%H:%M:%S", time.localtime(row["since"])), row["reason"])
-    console.print(table)
+    if narrow():  # one line per job, its reason on the next: no cell wraps
+        for row in rows:
+            console.print(f"{row['job']}  {row['state']}  pri {row['priority']}" + (f"  #{row['position']}" if row["position"] else "")
+                          + (f"  {', '.join(row['cards'])}" if row["cards"] else "")
+                          + f"  since {time.strftime('%H:%M:%S', time.localtime(row['since']))}")
+            console.print(f"    {row['reason']}", style="dim")
+    else:
+        table = Table("JOB", "STATE", "PRI", "POS", "CARDS", "SINCE", "WHY", title="zeromix queue (times of day; ends are estimates)")
+        for row in rows:
+            table.add_row(row["job"], row["state"], str(row["priority"]), str(row["position"] or "-"), ", ".join(row["cards"]) or "-",
+                          time.strftime("%H:%M:%S", time.localtime(row["since"])), row["reason"])
+        console.print(table)
     console.print(f"{len(waiting)} queued, {sum(r.state == 'running' for r in records)} running")
 
 
@@ -498,12 +529,16 @@ def render_plan(p: Plan) -> None:
     console.print(f"[bold]Plan for {p.job_name}[/]: {p.zero.describe()}, {p.precision}, activation checkpointing "
                   f"{'on' if p.activation_checkpointing else 'off'}, {p.grad_accum} accumulation step(s), global batch "
                   f"{p.global_batch}, {p.total_steps} steps, {p.trainable:,} of {p.n_params:,} parameters trained")
-    table = Table("RANK", "CARD", "GPU", "MICRO-BATCH", "WEIGHTS", "GRADS", "OPTIMIZER", "GATHERED", "ACTIVATIONS", "BUCKETS+CTX",
-                  "EST. TOTAL / FREE", "PEAK TFLOPS", "EST. COMPUTE", title="per card (memory in GiB, estimates)")
+    if narrow():
+        table = Table("RANK", "CARD", "GPU", "MICRO", "GiB / CARD", "TFLOPS", "EST. COMPUTE", box=box.SIMPLE_HEAD,
+                      title="per card (estimates; the memory breakdown is in `--json` or a wider terminal)")
+    else:
+        table = Table("RANK", "CARD", "GPU", "MICRO-BATCH", "WEIGHTS", "GRADS", "OPTIMIZER", "GATHERED", "ACTIVATIONS", "BUCKETS+CTX",
+                      "EST. TOTAL / FREE", "PEAK TFLOPS", "EST. COMPUTE", title="per card (memory in GiB, estimates)")
     for i, (r, compute) in enumerate(zip(p.ranks, p.step.compute_s)):
         m = r.memory
-        table.add_row(str(i), r.card.card_id, r.card.short_name, str(r.tuning.micro_batch),
-                      *(f"{v / GIB:.2f}" for v in (m.weights, m.gradients, m.optimizer, m.gathered, m.activations, m.buckets + m.overhead)),
+        breakdown = [] if narrow() else [f"{v / GIB:.2f}" for v in (m.weights, m.gradients, m.optimizer, m.gathered, m.activations, m.buckets + m.overhead)]
+        table.add_row(str(i), r.card.card_id, short(r.card.short_name), str(r.tuning.micro_batch), *breakdown,
                       f"{m.total / GIB:.2f} / {r.capacity_bytes / GIB:.1f}", f"{r.rate_tflops:g}", duration(compute))
     console.print(table)
     s = p.step
@@ -513,7 +548,11 @@ def render_plan(p: Plan) -> None:
     env = {k: v for r in p.ranks for k, v in r.env.items()}
     if env:
         console.print("NCCL: " + " ".join(f"{k}={v}" for k, v in sorted(env.items())))
-    if p.rejected:
+    if p.rejected and narrow():
+        console.print("left out:")
+        for x in p.rejected:
+            console.print(f"  {x.card_id} {short(x.card)}: {x.reason}")
+    elif p.rejected:
         left_out = Table("LEFT OUT", "GPU", "WHY")
         for x in p.rejected:
             left_out.add_row(x.card_id, x.card, x.reason)
@@ -526,11 +565,14 @@ def duration(seconds: float) -> str:
 
 
 def render_result(result: dict) -> None:
-    table = Table("RANK", "CARD", "GPU", "MICRO-BATCH", "ZeRO", "PRECISION", "RAN ON", "UTILISATION", "MODEL STATES (MEASURED / EST.)")
+    columns = (["RANK", "CARD", "GPU", "MICRO", "ZeRO", "PREC.", "UTIL.", "MiB MEAS./EST."] if narrow() else
+               ["RANK", "CARD", "GPU", "MICRO-BATCH", "ZeRO", "PRECISION", "RAN ON", "UTILISATION", "MODEL STATES MiB (MEASURED / EST.)"])
+    table = Table(*columns, box=box.SIMPLE_HEAD if narrow() else box.HEAVY_HEAD)
     for r in result["ranks"]:
         util = f"{r['utilisation']:.0%}" if r["utilisation"] is not None else "-"
-        states = f"{r['model_state_mib']:g} / {r['est_model_state_mib']:g} MiB"
-        table.add_row(str(r["rank"]), r["card"], r["model"], str(r["micro_batch"]), str(r["zero_stage"]), r["precision"], r["device"], util, states)
+        states = f"{r['model_state_mib']:g} / {r['est_model_state_mib']:g}"
+        table.add_row(str(r["rank"]), r["card"], short(r["model"]), str(r["micro_batch"]), str(r["zero_stage"]), r["precision"],
+                      *([] if narrow() else [r["device"]]), util, states)
     console.print(table)
     console.print(f"step time {duration(result['step_time_s'])} measured on {result['ranks'][0]['device']}; "
                   f"the plan estimated {duration(result['est_step_s'])} for the real cards")
@@ -553,14 +595,15 @@ def tagged_records(text: str, tag: str) -> list[dict]:
 
 
 def follow(state, job_id: str, total: int) -> tuple[str, dict | None]:
-    """Follow a job through its logs until it ends: a live progress bar, then (status, result)."""
+    """Follow a job through its logs until it ends: a live progress bar on a terminal, plain lines at every
+    tenth of the run elsewhere (CI, a pipe), then (status, result)."""
     from orchestrator.job_driver import RESULT_TAG
 
     client = launch.jobs_client(state)
     seen, result = 0, None
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
         task = bar.add_task(job_id, total=total, loss="-")
         while True:
             status = client.get_job_status(job_id)
@@ -568,6 +611,8 @@ def follow(state, job_id: str, total: int) -> tuple[str, dict | None]:
             end = text.rfind("\n") + 1  # complete lines only
             for step in tagged_records(text[seen:end], PROGRESS_TAG):
                 bar.update(task, completed=step["step"], loss=f"{step['loss']:.4f}")
+                if not console.is_terminal and (step["step"] % max(1, total // 10) == 0 or step["step"] == total):
+                    console.print(f"{job_id}: step {step['step']}/{total}, loss {step['loss']:.4f}")
             result = next(iter(tagged_records(text[seen:end], RESULT_TAG)), result)
             seen = end
             if status.is_terminal():

@@ -35,7 +35,7 @@ def one_case(stage: int, grad_accum: int, method: str, world: int) -> dict:
 
     config = deepspeed_config(RankTuning(2, stage, False, False, "fp32"), grad_accum, world, 1.0, Optimization(1e-3, "constant", 0, 0.0, 100))
     config.update(comms_logger={"enabled": True, "prof_all": True, "verbose": False, "debug": False}, wall_clock_breakdown=False)
-    keep = HfDeepSpeedConfig(config) if stage == 3 else None  # noqa: F841  (ZeRO-3 partitions weights as they are made)
+    zero3 = HfDeepSpeedConfig(config) if stage == 3 else None  # ZeRO-3 partitions weights as they are made
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in CONFIG.items() if k != "model_type"}))
     if method == "lora":
@@ -43,6 +43,7 @@ def one_case(stage: int, grad_accum: int, method: str, world: int) -> dict:
 
         model = get_peft_model(model, LoraConfig(r=LORA_R, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config)
+    del zero3
     tokens = torch.randint(0, CONFIG["vocab_size"], (2, 16))
     for _ in range(2):  # a warm-up step, then the measured one
         dist.comms_logger.comms_dict.clear()

@@ -45,6 +45,9 @@ def test_nodes_lists_every_card_of_cluster_yaml(connected):
     for header in ("NODE", "CARD", "GPU", "VRAM", "FREE", "CC", "BF16", "BANDWIDTH", "USABLE", "HELD BY"):
         assert header in table
     assert "GeForce RTX 3060 12GB" in table and "1008 GB/s" in table
+    narrow = zeromix("nodes", env={"COLUMNS": "80"}).stdout  # fewer columns, no cell cut or wrapped
+    assert max(len(line) for line in narrow.splitlines()) <= 80 and "…" not in narrow
+    assert [line.split()[:3] for line in narrow.splitlines() if line.strip().startswith("desk/1")] == [["desk/1", "RTX", "4090"]]
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +64,8 @@ def test_full_fine_tune_zero2_on_two_different_cards(scratch_run, demo_data):
 
     state, job_id, out, stdout = scratch_run
     assert job_status(state, job_id) == "SUCCEEDED"
+    # not a terminal: plain progress lines at every tenth of the run instead of a live bar
+    assert f"{job_id}: step 6/60, loss" in stdout and f"{job_id}: step 60/60, loss" in stdout and "60/60 steps" not in stdout
     result = json.loads((out / "zeromix-result.json").read_text())
     assert {r["model"] for r in result["ranks"]} == {"GeForce GTX 1080 Ti", "GeForce RTX 3090"}
     assert {(r["zero_stage"], r["precision"]) for r in result["ranks"]} == {(2, "fp32")}

@@ -52,6 +52,9 @@ def test_two_jobs_run_side_by_side_and_a_third_starts_when_cards_free(connected,
     assert_nothing_double_booked()
     rows = {r["job"]: r for r in json.loads(zeromix("queue", "--json").stdout)["jobs"]}
     assert rows[third]["position"] == 1 and rows[first]["state"] == "running" and rows[first]["cards"] == list(a.cards)
+    narrow = zeromix("queue", env={"COLUMNS": "80"}).stdout  # one line per job and its reason below: no wrapped cells
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+    assert f"{third}  queued  pri 0  #1" in narrow and f"held by job {first}" in " ".join(narrow.split())
 
     # Nobody calls zeromix from here on: the scheduler starts the third job when the first one ends.
     assert wait_for_state(third, ("succeeded", "failed"), 300) == "succeeded"

@@ -1,0 +1,29 @@
+"""What the terminal shows: tables readable at 80 columns (fewer columns, long text on its own lines, no
+cell cut to '…'), and the wide layout with every figure where there is room."""
+
+from tests.conftest import zeromix
+
+SCRATCH = "jobs/examples/tiny-llama-scratch.yaml"
+
+
+def plan_output(columns: int, demo_data) -> str:
+    return zeromix("plan", SCRATCH, "--pool", "cluster.yaml", "--set", f"dataset.path={demo_data['pretrain']}",
+                   env={"COLUMNS": str(columns)}).stdout
+
+
+def test_a_plan_reads_at_80_columns(demo_data):
+    out = plan_output(80, demo_data)
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "…" not in out  # no cell cut short
+    table_rows = [line.split() for line in out.splitlines() if line.strip().startswith(("0 ", "1 "))]
+    assert [row[1:4] for row in table_rows] == [["desk/0", "RTX", "3090"], ["attic/0", "GTX", "1080"]]  # whole cells, one line each
+    prose = " ".join(out.split())  # reasons are sentences: they may wrap like one
+    assert "GiB / CARD" in prose and "left out: attic/1 RTX 2080 Ti: not in gpus.models" in prose
+    assert "desk/1 RTX 4090: not in gpus.models (NVIDIA GeForce GTX 1080 Ti, NVIDIA GeForce RTX 3090)" in prose
+
+
+def test_a_wide_terminal_gets_the_memory_breakdown(demo_data):
+    out = plan_output(200, demo_data)
+    assert max(len(line) for line in out.splitlines()) <= 200 and "…" not in out
+    for header in ("WEIGHTS", "GRADS", "OPTIMIZER", "GATHERED", "ACTIVATIONS", "BUCKETS+CTX", "EST. TOTAL / FREE", "LEFT OUT"):
+        assert header in out
