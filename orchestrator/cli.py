@@ -23,7 +23,7 @@ from orchestrator.model_facts import facts_from_config, read_config
 from orchestrator.planner import Plan, make_plan
 from orchestrator.planner.filters import usability
 from orchestrator.planner.memory import GIB
-from orchestrator.queue import TERMINAL, StaleTransition
+from orchestrator.queue import ACTIVE, LIVE, TERMINAL, StaleTransition
 from workers.train import PROGRESS_TAG
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune on a homelab of mixed NVIDIA cards with DeepSpeed ZeRO on Ray.")
@@ -67,7 +67,7 @@ def up(simulate: Optional[str] = typer.Option(None, "--simulate", metavar="CLUST
         cards = sum(len(n.cards) for n in snapshot.nodes)
         verb = "already up: reusing" if result.reused else "registered"
         console.print(f"zeromix: {len(snapshot.nodes)} nodes and {cards} cards {verb} from {simulate}")
-        _start_scheduler(result.state)
+        start_scheduler(result.state)
         console.print(f"Ray dashboard: {result.state.dashboard_url}   (token auth on; `zeromix down` stops it)")
         return
     result, node = cluster_runtime.up(name or cluster_runtime.default_node_name(), address, port, dashboard_port,
@@ -77,7 +77,7 @@ def up(simulate: Optional[str] = typer.Option(None, "--simulate", metavar="CLUST
         _print_registered(node)
     else:
         console.print(f"zeromix: the head {result.state.node} at {result.state.gcs_address} is already up: reusing it")
-    _start_scheduler(result.state)
+    start_scheduler(result.state)
     console.print(f"Ray dashboard: {result.state.dashboard_url}   (token auth on; `zeromix down` stops it)")
     if address != "127.0.0.1":
         console.print(f"other nodes join with:  zeromix join --address {result.state.gcs_address} --token-file <copy of {cluster_runtime.token_file()}>\n"
@@ -89,7 +89,7 @@ def _print_notes(result: cluster_runtime.UpResult) -> None:
         console.print(f"zeromix: {note}")
 
 
-def _start_scheduler(state) -> None:
+def start_scheduler(state) -> None:
     from orchestrator.scheduler.service import ensure_running
 
     cluster_runtime.connect(state)
@@ -201,10 +201,14 @@ def down():
 SetOption = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a field of the spec, e.g. --set output_dir=runs/try2")
 
 
+def _job_and_facts(job_file: str, overrides: list[str]):
+    job = load_job(job_file, overrides=overrides)  # schema and paths are checked before the cluster is touched
+    return job, facts_from_config(read_config(job.model.path))
+
+
 def _plan(job_file: str, overrides: list[str], pool: str | None = None):
     """Plan against the live cluster, or against a pool file (cluster.yaml format) without touching Ray."""
-    job = load_job(job_file, overrides=overrides)  # schema and paths are checked before the cluster is touched
-    facts = facts_from_config(read_config(job.model.path))
+    job, facts = _job_and_facts(job_file, overrides)
     if pool:
         return job, make_plan(job, facts, snapshot_from_config(load_cluster(pool)), total_steps(job)), None
     state = cluster_runtime.connect()
@@ -285,13 +289,12 @@ def enqueue(job_file: str, overrides: list[str]) -> tuple[str, Plan]:
     from orchestrator.scheduler import spec_record
     from orchestrator.scheduler.service import ensure_running
 
-    job = load_job(job_file, overrides=overrides)
-    facts = facts_from_config(read_config(job.model.path))
+    job, facts = _job_and_facts(job_file, overrides)
     state = cluster_runtime.connect()
     steps = total_steps(job)
     preview = make_plan(job, facts, registry.snapshot().with_holders({}), steps)
     store = _queue()
-    clash = next((r for r in store.jobs(("queued", "placing", "running")) if r.spec.get("output_dir") == job.output_dir), None)
+    clash = next((r for r in store.jobs(LIVE) if r.spec.get("output_dir") == job.output_dir), None)
     if clash:
         raise InputError(job_file, "output_dir", job.output_dir, f"job {clash.id} ({clash.state}) writes there; choose another")
     job_id = launch.new_job_id(job)
@@ -331,8 +334,9 @@ def watch(job_id: str) -> tuple[str, dict | None]:
     """Follow a job: each change of why it waits, then its progress bar, until the queue records its end.
     Waiting in the queue has no deadline (Ctrl-C stops watching, not the job); being placed has one."""
     store, state = _queue(), cluster_runtime.connect()
+    job_id = _record(store, job_id).id
     last_reason, placing_since = None, None
-    while (record := store.get(_record(store, job_id).id)).state in ("queued", "placing"):
+    while (record := store.get(job_id)).state in ("queued", "placing"):
         if record.reason != last_reason:
             console.print(f"{record.id}: {record.state}: {record.reason}")
             last_reason = record.reason
@@ -371,7 +375,7 @@ def queue_(show_all: bool = typer.Option(False, "--all", help="Finished jobs too
     state = cluster_runtime.connect()
     ensure_running(state)  # a queue with no scheduler would never move
     store = _queue()
-    records = store.jobs() if show_all else store.jobs(("queued", "placing", "running"))
+    records = store.jobs() if show_all else store.jobs(LIVE)
     waiting = sorted((r for r in records if r.state == "queued"), key=lambda r: (-r.priority, r.submitted_at))
     rows = [queue_row(r, waiting) for r in records]
     if as_json:
@@ -399,7 +403,7 @@ def queue_row(record, waiting: list) -> dict:
     position = next((i for i, r in enumerate(waiting, 1) if r.id == record.id), None)
     since = record.ended_at or record.started_at or record.submitted_at
     return {"job": record.id, "name": record.name, "state": record.state, "priority": record.priority, "position": position,
-            "cards": list(record.cards) if record.state in ("placing", "running") else [], "submitted_at": record.submitted_at,
+            "cards": list(record.cards) if record.state in ACTIVE else [], "submitted_at": record.submitted_at,
             "started_at": record.started_at, "ended_at": record.ended_at, "est_end": record.est_end, "since": since,
             "reason": record.reason, "attempts": record.attempts, "total_steps": record.total_steps}
 
@@ -433,7 +437,7 @@ def cancel(job_id: str):
         console.print(f"zeromix: {record.id} had already ended ({record.state}); nothing to cancel")
         return
     try:
-        store.transition(record.id, ("queued", "placing", "running"), "cancelled", "cancelled by the user")
+        store.transition(record.id, LIVE, "cancelled", "cancelled by the user")
     except StaleTransition:
         console.print(f"zeromix: {record.id} ended meanwhile ({store.get(record.id).state}); nothing to cancel")
         return

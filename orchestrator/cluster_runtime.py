@@ -41,12 +41,16 @@ class ClusterState:
     simulated: bool
     node: str | None = None  # on a real node: this machine's zeromix name
     cluster_id: str = ""  # every Ray process zeromix started for this cluster on this machine carries it
-    temp_dir: str | None = None  # Ray's logs and sockets for this cluster on this machine
     config_digest: str | None = None  # of a simulated cluster's cluster.yaml, as loaded: the same homelab from another checkout
 
     @property
     def is_head(self) -> bool:
         return self.dashboard_url is not None
+
+    @property
+    def temp_dir(self) -> str:
+        """Ray's logs and sockets for this cluster on this machine."""
+        return temp_root(self.cluster_id)
 
 
 @dataclass
@@ -136,9 +140,10 @@ def _new_cluster_id() -> str:
     return secrets.token_hex(4)
 
 
-def _temp_dir(cluster_id: str, node: str) -> str:
-    """Short on purpose: Ray puts Unix sockets under it, and a socket path may hold at most 107 bytes."""
-    return f"/tmp/zm-{cluster_id}/{node[:12]}"
+def temp_root(cluster_id: str) -> str:
+    """One subdirectory per node under it. Short on purpose: Ray puts Unix sockets there, and a socket path
+    may hold at most 107 bytes."""
+    return f"/tmp/zm-{cluster_id}"
 
 
 def _ray_cli(args: list[str], cluster_id: str | None = None, timeout_s: float = RAY_START_TIMEOUT_S) -> subprocess.CompletedProcess:
@@ -150,7 +155,7 @@ def _ray_cli(args: list[str], cluster_id: str | None = None, timeout_s: float = 
         return subprocess.run([str(ray_bin), *args[1:]], env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise ZeromixError(f"`{' '.join(args[:2])}` did not finish within {timeout_s:.0f} s; see the logs under "
-                           f"{_temp_dir(cluster_id or '?', '')}, then `zeromix down` and try again") from None
+                           f"{temp_root(cluster_id or '?')}, then `zeromix down` and try again") from None
 
 
 def _start_and_register(node: Node, head_address: str | None, port: int, dashboard_port: int, gcs_address: str,
@@ -160,7 +165,7 @@ def _start_and_register(node: Node, head_address: str | None, port: int, dashboa
     from workers.registration import ray_start_command
 
     os.environ.update(auth_env())  # Ray reads its auth settings when it is first imported
-    done = _ray_cli(ray_start_command(node, head_address, port, dashboard_port, _temp_dir(cluster_id, node.name)), cluster_id)
+    done = _ray_cli(ray_start_command(node, head_address, port, dashboard_port, f"{temp_root(cluster_id)}/{node.name[:12]}"), cluster_id)
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
         cause = next((line for line in reversed(lines) if "Error:" in line), lines[-1])
@@ -181,11 +186,9 @@ def _start_nodes(nodes: list[Node], head_address: str | None, port: int, dashboa
         raise
 
 
-def _refuse_if_up(notes: list[str]) -> None:
-    state, found = _stale_record_check()
-    notes += found
-    if state:
-        raise ZeromixError(f"this machine is already part of a zeromix cluster ({state.gcs_address}); run `zeromix down` first")
+def _already_up(state: ClusterState) -> ZeromixError:
+    return ZeromixError(f"this machine is already part of a zeromix cluster ({state.gcs_address}"
+                        f"{', from ' + state.cluster_file if state.cluster_file else ''}); run `zeromix down` first")
 
 
 def up_simulated(cluster_file: str) -> tuple[UpResult, ClusterSnapshot]:
@@ -200,8 +203,7 @@ def up_simulated(cluster_file: str) -> tuple[UpResult, ClusterSnapshot]:
     if current:
         if current.simulated and current.config_digest == digest:
             return UpResult(current, True, notes), snapshot
-        raise ZeromixError(f"this machine is already part of a zeromix cluster ({current.gcs_address}"
-                           f"{', from ' + current.cluster_file if current.cluster_file else ''}); run `zeromix down` first")
+        raise _already_up(current)
     _ensure_token()
     head = snapshot.node(config.head_node.name)
     gcs_address = f"127.0.0.1:{config.head.port}"
@@ -209,7 +211,7 @@ def up_simulated(cluster_file: str) -> tuple[UpResult, ClusterSnapshot]:
     _start_nodes([head, *(n for n in snapshot.nodes if n is not head)], None, config.head.port, config.head.dashboard_port,
                  gcs_address, cluster_id)
     state = ClusterState(gcs_address, f"http://127.0.0.1:{config.head.dashboard_port}", resolved, True,
-                         cluster_id=cluster_id, temp_dir=f"/tmp/zm-{cluster_id}", config_digest=digest)
+                         cluster_id=cluster_id, config_digest=digest)
     _save_state(state)
     return UpResult(state, False, notes), snapshot
 
@@ -248,13 +250,13 @@ def up(name: str, address: str, port: int, dashboard_port: int, offload_dir: str
     if current and not current.simulated and current.is_head and (current.gcs_address, current.node) == (f"{address}:{port}", name):
         return UpResult(current, True, notes), None  # idempotent: this head is up and answers
     if current:
-        raise ZeromixError(f"this machine is already part of a zeromix cluster ({current.gcs_address}); run `zeromix down` first")
+        raise _already_up(current)
     node = node_from_probe(probe(offload_dir, head_ip=address), _check_name(name), _check_own_address(address), link_gbit_per_s)
     _ensure_token()
     gcs_address = f"{address}:{port}"
     cluster_id = _new_cluster_id()
     _start_nodes([node], None, port, dashboard_port, gcs_address, cluster_id)
-    state = ClusterState(gcs_address, f"http://127.0.0.1:{dashboard_port}", None, False, node.name, cluster_id, f"/tmp/zm-{cluster_id}")
+    state = ClusterState(gcs_address, f"http://127.0.0.1:{dashboard_port}", None, False, node.name, cluster_id)
     _save_state(state)
     return UpResult(state, False, notes), node
 
@@ -265,8 +267,9 @@ def join(head: str, name: str, token_path: str | None, offload_dir: str, link_gb
     from workers.gpu_probe import probe
     from workers.registration import node_from_probe
 
-    notes: list[str] = []
-    _refuse_if_up(notes)
+    current, notes = _stale_record_check()
+    if current:
+        raise _already_up(current)
     head_ip, _, port = head.rpartition(":")
     if not head_ip or not port.isdigit():
         raise InputError("command line", "--address", head, "the head's HOST:PORT, e.g. 192.168.1.10:6379 (as `zeromix up` printed it)")
@@ -283,7 +286,7 @@ def join(head: str, name: str, token_path: str | None, offload_dir: str, link_gb
         raise InputError("command line", "--name", node.name, f"a different node already uses this name (taken: {', '.join(sorted(taken))})")
     cluster_id = _new_cluster_id()
     _start_nodes([node], head, 0, 0, head, cluster_id)
-    state = ClusterState(head, None, None, False, node.name, cluster_id, f"/tmp/zm-{cluster_id}")
+    state = ClusterState(head, None, None, False, node.name, cluster_id)
     _save_state(state)
     return UpResult(state, False, notes), node
 

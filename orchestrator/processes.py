@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import psutil
 
@@ -46,39 +45,26 @@ def has_gcs(cluster_id: str) -> bool:
     return any(_bucket(p) == 2 for p in cluster_processes(cluster_id))
 
 
+def _signal(procs: list[psutil.Process], signum: int) -> None:
+    for proc in procs:
+        try:
+            proc.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def stop_cluster_processes(cluster_id: str) -> int:
     """SIGTERM, bucket by bucket, then SIGKILL what is left after GRACE_S. Returns how many were stopped."""
     found = cluster_processes(cluster_id)
+    buckets = {proc: _bucket(proc) for proc in found}
     for bucket in (0, 1, 2):
-        group = [p for p in found if _bucket(p) == bucket]
-        for proc in group:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
+        group = [p for p in found if buckets[p] == bucket]
+        _signal(group, signal.SIGTERM)
         _, alive = psutil.wait_procs(group, timeout=GRACE_S)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+        _signal(alive, signal.SIGKILL)
         psutil.wait_procs(alive, timeout=GRACE_S)
     # Workers the raylet forked after we listed: one more sweep.
     late = cluster_processes(cluster_id)
-    for proc in late:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
+    _signal(late, signal.SIGKILL)
     psutil.wait_procs(late, timeout=GRACE_S)
     return len(found) + len(late)
-
-
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.2) -> bool:
-    """Poll `predicate` until it holds or `timeout_s` passes; the caller says what to do when it did not."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return bool(predicate())

@@ -19,6 +19,7 @@ from pathlib import Path
 
 STATES = ("queued", "placing", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("placing", "running")  # states that hold cards
+LIVE = ("queued", *ACTIVE)  # not ended: what `cancel` can still stop
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 SCHEMA = """

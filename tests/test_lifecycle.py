@@ -40,7 +40,7 @@ def test_a_stale_record_is_an_error_that_says_what_to_do_and_up_replaces_it(isol
     dead = free_port()
     (isolated_home / "cluster.json").write_text(json.dumps({
         "gcs_address": f"127.0.0.1:{dead}", "dashboard_url": f"http://127.0.0.1:{free_port()}", "cluster_file": str(tmp_path / "old.yaml"),
-        "simulated": True, "node": None, "cluster_id": "0badf00d", "temp_dir": "/tmp/zm-0badf00d"}))
+        "simulated": True, "node": None, "cluster_id": "0badf00d"}))
     started = time.monotonic()
     refused = zeromix("queue", check=False, timeout=60)
     assert refused.returncode == 2 and time.monotonic() - started < 30  # no wait on a GCS that is gone

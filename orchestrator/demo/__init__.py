@@ -6,9 +6,8 @@ import time
 from pathlib import Path
 
 from orchestrator import cluster_runtime
-from orchestrator.cli import console, submit_job
+from orchestrator.cli import console, start_scheduler, submit_job
 from orchestrator.demo.task import exact_match, write_demo_data
-from orchestrator.scheduler.service import ensure_running
 
 SCRATCH_JOB = "jobs/examples/tiny-llama-scratch.yaml"
 LORA_JOB = "jobs/examples/tiny-llama-lora-reverse.yaml"
@@ -23,8 +22,7 @@ def _ensure_cluster(cluster_file: str) -> cluster_runtime.ClusterState:
     console.print("  already up: reusing it" if result.reused else "  started")
     for node in snapshot.nodes:
         console.print(f"  {node.name}: " + ", ".join(c.short_name for c in node.cards))
-    cluster_runtime.connect(result.state)
-    ensure_running(result.state)
+    start_scheduler(result.state)
     return result.state
 
 

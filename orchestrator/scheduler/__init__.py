@@ -71,11 +71,13 @@ class Scheduler:
     def tick(self) -> Decision:
         self._finish_ended()
         snapshot = self.launcher.cluster()
-        self._release_leaked(snapshot)
+        active = self.store.jobs(ACTIVE)
+        self._release_leaked(snapshot, {r.id for r in active})
         held = {**{c.card_id: c.held_by for c in snapshot.cards if c.held_by}, **self.store.holds()}
         now = self.clock()
-        running = tuple(RunningJob(r.id, r.cards, r.est_end or now) for r in self.store.jobs(ACTIVE))
+        running = tuple(RunningJob(r.id, r.cards, r.est_end or now) for r in active)
         queue = tuple(self.queued_job(r) for r in self.store.jobs(("queued",)))
+        self._jobs = {job.id: job for job in queue}  # only queued jobs are parsed again; the rest are forgotten
         free = tuple(c for c in snapshot.cards if c.card_id not in held)
         decision = self.policy.allocate(PolicyInput(now, queue, free, running, self.table(snapshot)))
         for assignment in decision.assignments:
@@ -89,9 +91,8 @@ class Scheduler:
             self.launcher.stop(job_id)  # the job's own exit frees its cards; this catches a driver that died first
             self._transition(job_id, "running", state, reason)
 
-    def _release_leaked(self, snapshot: ClusterSnapshot) -> None:
+    def _release_leaked(self, snapshot: ClusterSnapshot, active: set[str]) -> None:
         """A reservation whose job the queue does not count as active (cancelled meanwhile, or left by a crash)."""
-        active = {r.id for r in self.store.jobs(ACTIVE)}
         for holder in {c.held_by for c in snapshot.cards if c.held_by} - active:
             self.launcher.stop(holder)
 
