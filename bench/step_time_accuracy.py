@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/step_time_accuracy.py
 
-1. Measure this CPU's fp32 matmul rate once, as a probe measures a card's.
+1. Probe the CPU as `zeromix up` probes a card (workers/rate_probe.py): its fp32 matmul rate.
 2. For three Llama-shaped models (about 5M, 25M and 100M parameters), full and LoRA, with and without
    activation checkpointing, and at two token counts: predict the forward+backward time with the planner's
    own functions (`flops_per_token` over the measured rate x MEASURED_RATE_EFFICIENCY) and measure it (the
@@ -25,17 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.model_facts import facts_from_config  # noqa: E402
 from orchestrator.planner.step_time import MEASURED_RATE_EFFICIENCY, flops_per_token  # noqa: E402
+from workers.rate_probe import measure  # noqa: E402
 
 SIZES = {"5M": (256, 4, 688), "25M": (512, 6, 1376), "100M": (768, 12, 2048)}  # hidden, layers, intermediate
 VOCAB, SEQ, REPEATS = 8192, 256, 7
 LORA_TARGETS = ["q_proj", "v_proj"]
-
-
-def matmul_tflops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best / 1e12
 
 
 def _timed(fn) -> float:
@@ -75,8 +69,9 @@ def measured_seconds(cfg: dict, method: str, checkpointing: bool, batch: int) ->
 
 
 def main() -> None:
-    rate = matmul_tflops()
-    print(f"this CPU's fp32 matmul rate: {rate:.3f} TFLOPS (measured); the model assumes training reaches "
+    probed = measure("cpu")
+    rate = probed.tflops("fp32")
+    print(f"this CPU, probed as a card: fp32 matmul {rate:.3f} TFLOPS, memory {probed.memory_gb_s:g} GB/s (measured); the model assumes training reaches "
           f"{MEASURED_RATE_EFFICIENCY:.0%} of a measured rate")
     print(f"{'model':>6} {'method':>6} {'ckpt':>5} {'tokens':>7} {'predicted':>10} {'measured':>9} {'ratio':>6}")
     rows = {}

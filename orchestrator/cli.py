@@ -20,7 +20,7 @@ from orchestrator.errors import InputError, ZeromixError
 from orchestrator.inventory import snapshot_from_config
 from orchestrator.jobspec import load_job, total_steps
 from orchestrator.model_facts import facts_from_config, read_config
-from orchestrator.planner import Plan, make_plan
+from orchestrator.planner import Plan, make_plan, step_time
 from orchestrator.planner.filters import usability
 from orchestrator.planner.memory import GIB
 from orchestrator.queue import ACTIVE, LIVE, TERMINAL, StaleTransition
@@ -43,6 +43,8 @@ def short(gpu: str) -> str:
 
 # ------------------------------------------------------------------------------------------ cluster
 LinkOption = typer.Option(None, "--link", help=f"This node's link to the others ({', '.join(LINK_GBIT_PER_S)}); default: its NIC's speed.")
+SkipProbeOption = typer.Option(False, "--skip-rate-probe", help="Do not measure the cards' rates (a few seconds per card); "
+                               "the planner then uses catalog rates. `zeromix probe` measures later.")
 
 
 def _offload_dir(value: str | None) -> str:
@@ -58,9 +60,9 @@ def up(simulate: Optional[str] = typer.Option(None, "--simulate", metavar="CLUST
        port: int = typer.Option(6379, "--port", min=1024, max=65535),
        dashboard_port: int = typer.Option(8265, "--dashboard-port", min=1024, max=65535),
        offload_dir: Optional[str] = typer.Option(None, "--offload-dir", help="Where CPU offload may spill (default: ZEROMIX_HOME/offload)."),
-       link: Optional[str] = LinkOption):
-    """Start the cluster: the head on this machine with its own cards (probed through NVML), or with --simulate
-    the whole cluster.yaml homelab on this machine."""
+       link: Optional[str] = LinkOption, skip_rate_probe: bool = SkipProbeOption):
+    """Start the cluster: the head on this machine with its own cards (probed through NVML, their rates
+    measured), or with --simulate the whole cluster.yaml homelab on this machine."""
     if simulate:
         result, snapshot = cluster_runtime.up_simulated(simulate)
         _print_notes(result)
@@ -71,7 +73,7 @@ def up(simulate: Optional[str] = typer.Option(None, "--simulate", metavar="CLUST
         console.print(f"Ray dashboard: {result.state.dashboard_url}   (token auth on; `zeromix down` stops it)")
         return
     result, node = cluster_runtime.up(name or cluster_runtime.default_node_name(), address, port, dashboard_port,
-                                      _offload_dir(offload_dir), _link(link))
+                                      _offload_dir(offload_dir), _link(link), not skip_rate_probe)
     _print_notes(result)
     if node:
         _print_registered(node)
@@ -102,12 +104,21 @@ def join(address: str = typer.Option(..., "--address", metavar="HEAD:PORT", help
          name: Optional[str] = typer.Option(None, "--name", help="This node's name in zeromix (default: its hostname)."),
          token_file: Optional[str] = typer.Option(None, "--token-file", help="A copy of the head's auth_token (kept in ZEROMIX_HOME, mode 0600)."),
          offload_dir: Optional[str] = typer.Option(None, "--offload-dir", help="Where CPU offload may spill (default: ZEROMIX_HOME/offload)."),
-         link: Optional[str] = LinkOption):
-    """Join this machine to a zeromix cluster: probe its cards, start Ray here and register every card."""
-    result, node = cluster_runtime.join(address, name or cluster_runtime.default_node_name(), token_file, _offload_dir(offload_dir), _link(link))
+         link: Optional[str] = LinkOption, skip_rate_probe: bool = SkipProbeOption):
+    """Join this machine to a zeromix cluster: probe its cards and measure their rates and the link to the head,
+    start Ray here and register every card."""
+    result, node = cluster_runtime.join(address, name or cluster_runtime.default_node_name(), token_file, _offload_dir(offload_dir),
+                                        _link(link), not skip_rate_probe)
     _print_notes(result)
     _print_registered(node)
     console.print(f"joined {address}; `zeromix nodes` on the head lists every card")
+
+
+@app.command()
+def probe():
+    """Measure this machine's cards again (matmul TFLOPS, memory and PCIe bandwidth; on a joined node also the
+    link to the head) and update its registration: after a driver upgrade, a new card, or a cooler fix."""
+    _print_registered(cluster_runtime.reprobe())
 
 
 def _link(value: str | None) -> float | None:
@@ -123,10 +134,14 @@ def _print_registered(node) -> None:
         console.print(f"[yellow]warning:[/] {warning}")
     console.print(f"zeromix: node {node.name} ({node.address}) registered {len(node.cards)} card(s)"
                   + (f", {node.software.build}" if node.software else ""))
+    if node.link_measured_gbit_per_s:
+        console.print(f"  link to the head: {node.link_measured_gbit_per_s:.2f} Gbit/s (measured)")
     for card in node.cards:
         verdict = usability(card)
         console.print(f"  {card.card_id}  {card.short_name}  {card.vram_mib / 1024:.0f} GiB  sm_{card.compute_capability[0]}{card.compute_capability[1]}  "
                       + ("usable" if verdict.ok else f"[red]not usable[/]: {verdict.reason}"))
+        if card.facts.measured:
+            console.print(f"    measured: {measured_text(card.facts.measured)}")
         if card.warning:
             console.print(f"  [yellow]warning:[/] {card.warning}")
 
@@ -142,11 +157,11 @@ def nodes(as_json: bool = typer.Option(False, "--json", help="The same rows as J
         print(json.dumps({"cards": rows, "nodes": [node_row(n) for n in snapshot.nodes]}, indent=2))
         return
     if narrow():
-        table = Table("CARD", "GPU", "VRAM", "FREE", "CC", "BF16", "USABLE", "HELD BY", box=box.SIMPLE_HEAD)
+        table = Table("CARD", "GPU", "VRAM", "FREE", "CC", "BF16", "RATES", "USABLE", "HELD BY", box=box.SIMPLE_HEAD)
         for r in rows:
             table.add_row(r["card"], short(r["gpu"]) + ("*" if r["estimated"] else ""), f"{r['vram_gib']:g}G",
                           "-" if r["free_gib"] is None else f"{r['free_gib']:g}G", r["compute_capability"], "yes" if r["bf16"] else "no",
-                          "yes" if r["usable"] else "no (below)", r["held_by"] or "-")
+                          r["rates"], "yes" if r["usable"] else "no (below)", r["held_by"] or "-")
         console.print(table)
         for r in rows:
             if not r["usable"]:
@@ -154,21 +169,30 @@ def nodes(as_json: bool = typer.Option(False, "--json", help="The same rows as J
         if any(r["estimated"] for r in rows):
             console.print("* not in the catalog: rates estimated from NVML")
     else:
-        table = Table("NODE", "CARD", "GPU", "VRAM", "FREE", "CC", "BF16", "BANDWIDTH", "USABLE", "HELD BY")
+        table = Table("NODE", "CARD", "GPU", "VRAM", "FREE", "CC", "BF16", "BANDWIDTH", "RATES", "USABLE", "HELD BY")
         for r in rows:
+            measured = r["measured"]
             table.add_row(r["node"], str(r["index"]), r["gpu"] + (" (estimated)" if r["estimated"] else ""), f"{r['vram_gib']:g} GiB",
                           "-" if r["free_gib"] is None else f"{r['free_gib']:g} GiB", r["compute_capability"], "yes" if r["bf16"] else "no",
-                          f"{'~' if r['estimated'] else ''}{r['bandwidth_gbs']:g} GB/s", "yes" if r["usable"] else f"no: {r['why_not']}",
-                          r["held_by"] or "-")
+                          f"{measured['memory_gb_s']:g} GB/s measured" if measured else f"{'~' if r['estimated'] else ''}{r['bandwidth_gbs']:g} GB/s",
+                          r["rates"], "yes" if r["usable"] else f"no: {r['why_not']}", r["held_by"] or "-")
         console.print(table)
     if any(n.simulated for n in snapshot.nodes):
         console.print("simulated nodes: cards declared in cluster.yaml, not probed; the maths runs on this machine's CPU")
+    if any(r["rates"] == "catalog" for r in rows):
+        console.print("RATES catalog: the planner assumes the catalog's peak; `zeromix probe` on that node measures its cards")
     if len(set(builds.values())) > 1:
         console.print("different software builds: " + "; ".join(f"{n}: {b}" for n, b in builds.items())
                       + ". A job runs one build, so cards on different builds never share a job.")
     for node in snapshot.nodes:
         for warning in [*node.warnings, *(c.warning for c in node.cards if c.warning)]:
             console.print(f"[yellow]warning[/] ({node.name}): {warning}")
+
+
+def measured_text(m) -> str:
+    rates = ", ".join(f"{p} {t:g}" for p, t in m.matmul_tflops)
+    h2d = f", host->card {m.host_to_device_gb_s:g} GB/s" if m.host_to_device_gb_s else ""
+    return f"matmul TFLOPS {rates}; memory {m.memory_gb_s:g} GB/s{h2d} (in {m.probe_s:g} s)"
 
 
 def card_row(card) -> dict:
@@ -180,12 +204,14 @@ def card_row(card) -> dict:
             "vram_gib": round(card.vram_mib / 1024, 1), "free_gib": None if free_mib is None else round(free_mib / 1024, 1),
             "compute_capability": f"{card.compute_capability[0]}.{card.compute_capability[1]}", "sm_count": spec.sm_count, "bf16": spec.bf16,
             "bandwidth_gbs": spec.mem_bandwidth_gbs, "estimated": spec.estimated, "unconfirmed": sorted(spec.unconfirmed),
-            "usable": verdict.ok, "why_not": verdict.reason or None, "held_by": card.held_by}
+            "usable": verdict.ok, "why_not": verdict.reason or None, "held_by": card.held_by,
+            "rates": "measured" if card.facts.measured else "catalog",
+            "measured": dataclasses.asdict(card.facts.measured) if card.facts.measured else None}
 
 
 def node_row(node) -> dict:
     return {"name": node.name, "address": node.address, "simulated": node.simulated, "cpus": node.cpus, "ram_gb": node.ram_gb,
-            "link_gbit_per_s": node.link_gbit_per_s, "nic": node.nic, "disk_free_gb": node.disk_free_gb,
+            "link_gbit_per_s": node.link_gbit_per_s, "link_measured_gbit_per_s": node.link_measured_gbit_per_s, "nic": node.nic, "disk_free_gb": node.disk_free_gb,
             "p2p_pairs": node.p2p_pairs, "nvlink_pairs": node.nvlink_pairs,
             "software": dataclasses.asdict(node.software) if node.software else None, "warnings": list(node.warnings)}
 
@@ -255,7 +281,7 @@ def advise(model: str = typer.Option(..., "--model", metavar="ID_OR_CONFIG_DIR",
     table = Table("#", "CARDS", "RUNS?", "CONFIG", "MICRO-BATCH", "TOKENS/S", "TOKENS/J")
     for i, a in enumerate(rows[:top], 1):
         d = a.summary()
-        config = f"ZeRO-{d['zero_stage']}, offload {d['offload']}, {d['precision']}" + (", ckpt" if d["activation_checkpointing"] else "") if a.plan else "-"
+        config = f"ZeRO-{d['zero_stage']}, offload {d['offload']}, {d['precision']}" + ("" if d["activation_checkpointing"] == "off" else ", ckpt " + d["activation_checkpointing"].removeprefix("on").strip()).rstrip() if a.plan else "-"
         micro = "+".join(map(str, d["micro_batches"])) + (f" x{d['grad_accum']}" if a.plan and d["grad_accum"] > 1 else "") if a.plan else "-"
         names = f"2 x {a.cards[0]}" if len(a.cards) == 2 and a.cards[0] == a.cards[1] else " + ".join(a.cards)
         table.add_row(str(i), names, "yes" if a.plan else f"no: {a.why_not[:160]}", config, micro,
@@ -531,21 +557,29 @@ def render_simulation(rows: list[dict], n_jobs: int, cluster: str) -> None:
 # ------------------------------------------------------------------------------------------ rendering
 def render_plan(p: Plan) -> None:
     console.print(f"[bold]Plan for {p.job_name}[/]: {p.zero.describe()}, {p.precision}, activation checkpointing "
-                  f"{'on' if p.activation_checkpointing else 'off'}, {p.grad_accum} accumulation step(s), global batch "
+                  f"{p.checkpointing}, {p.grad_accum} accumulation step(s), global batch "
                   f"{p.global_batch}, {p.total_steps} steps, {p.trainable:,} of {p.n_params:,} parameters trained")
+    s = p.step
+    time_parts = [(duration(c), duration(w), duration(s.comm_s), duration(s.offload_s)) for c, w in zip(s.compute_s, s.wait_s)]
     if narrow():
-        table = Table("RANK", "CARD", "GPU", "MICRO", "GiB / CARD", "TFLOPS", "EST. COMPUTE", box=box.SIMPLE_HEAD,
+        table = Table("RANK", "CARD", "GPU", "MICRO", "CKPT", "GiB / CARD", "TFLOPS", "COMPUTE", box=box.SIMPLE_HEAD,
                       title="per card (estimates; the memory breakdown is in `--json` or a wider terminal)")
     else:
-        table = Table("RANK", "CARD", "GPU", "MICRO-BATCH", "WEIGHTS", "GRADS", "OPTIMIZER", "GATHERED", "ACTIVATIONS", "BUCKETS+CTX",
-                      "EST. TOTAL / FREE", "PEAK TFLOPS", "EST. COMPUTE", title="per card (memory in GiB, estimates)")
-    for i, (r, compute) in enumerate(zip(p.ranks, p.step.compute_s)):
+        table = Table("RANK", "CARD", "GPU", "MICRO-BATCH", "CKPT", "WEIGHTS", "GRADS", "OPTIMIZER", "GATHERED", "ACTIVATIONS",
+                      "BUCKETS+CTX", "TOTAL / FREE", "TFLOPS", "COMPUTE", "WAIT", "COMM", "OFFLOAD",
+                      title="per card: memory in GiB, time per optimizer step (estimates)")
+    for i, (r, times) in enumerate(zip(p.ranks, time_parts)):
         m = r.memory
         breakdown = [] if narrow() else [f"{v / GIB:.2f}" for v in (m.weights, m.gradients, m.optimizer, m.gathered, m.activations, m.buckets + m.overhead)]
-        table.add_row(str(i), r.card.card_id, short(r.card.short_name), str(r.tuning.micro_batch), *breakdown,
-                      f"{m.total / GIB:.2f} / {r.capacity_bytes / GIB:.1f}", f"{r.rate_tflops:g}", duration(compute))
+        table.add_row(str(i), r.card.card_id, short(r.card.short_name), str(r.tuning.micro_batch), "on" if r.tuning.activation_checkpointing else "off",
+                      *breakdown, f"{m.total / GIB:.1f}/{r.capacity_bytes / GIB:.0f}" if narrow() else f"{m.total / GIB:.2f} / {r.capacity_bytes / GIB:.1f}",
+                      f"{r.rate_tflops:.3g}{r.rate_source[0]}" if narrow() else f"{r.rate_tflops:.3g} {r.rate_source}",
+                      *(times[:1] if narrow() else times))
     console.print(table)
-    s = p.step
+    console.print("TFLOPS: what each card is assumed to reach in training, from its measured matmul rate"
+                  f"{' (m)' if narrow() else ''} x{step_time.MEASURED_RATE_EFFICIENCY:g} or the catalog's peak{' (c)' if narrow() else ''} "
+                  f"x{step_time.ASSUMED_EFFICIENCY:g}.{'' if narrow() else ' WAIT: idle until the slowest card has computed.'} Every card then spends "
+                  f"{duration(s.comm_s)} communicating and {duration(s.offload_s)} offloading")
     console.print(f"estimated step {duration(s.step_s)} = compute {duration(max(s.compute_s))} (slowest card) + communication "
                   f"{duration(s.comm_s)} + offload {duration(s.offload_s)}; about {s.tokens_per_s:,.0f} tokens/s (estimate)")
     console.print("host RAM for model states (estimate): " + ", ".join(f"{n} {b / GIB:.1f} GiB" for n, b in p.host_bytes_per_node.items()))
@@ -564,8 +598,11 @@ def render_plan(p: Plan) -> None:
 
 
 def duration(seconds: float) -> str:
-    """Three significant figures, in ms below a second: estimates span microseconds to minutes."""
-    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1000:.3g} ms"
+    """Three significant figures, in ms below a second and µs below a millisecond: estimates span
+    microseconds to minutes."""
+    if seconds >= 1 or seconds == 0:
+        return f"{seconds:.3g} s"
+    return f"{seconds * 1000:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} µs"
 
 
 def render_result(result: dict) -> None:

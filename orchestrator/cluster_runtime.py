@@ -20,7 +20,7 @@ import secrets
 import socket
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from orchestrator.cluster_config import load_cluster
@@ -236,14 +236,17 @@ def _check_own_address(address: str) -> str:
     return address
 
 
-def up(name: str, address: str, port: int, dashboard_port: int, offload_dir: str, link_gbit_per_s: float | None) -> tuple[UpResult, Node | None]:
-    """Start the head on this machine and register its own cards, probed through NVML.
+def up(name: str, address: str, port: int, dashboard_port: int, offload_dir: str, link_gbit_per_s: float | None,
+       measure_rates: bool = True) -> tuple[UpResult, Node | None]:
+    """Start the head on this machine and register its own cards, probed through NVML and (`measure_rates`)
+    measured by workers/rate_probe.py.
 
     Idempotent: this same head, up and answering, is reused (no node is returned then).
     The default address is loopback: a one-machine cluster. Giving a LAN address lets other nodes join;
     Ray's token auth is on either way (its gRPC ports listen on every interface regardless).
     """
     from workers.gpu_probe import probe
+    from workers.rate_probe import with_measured_rates
     from workers.registration import node_from_probe
 
     current, notes = _stale_record_check()
@@ -251,7 +254,8 @@ def up(name: str, address: str, port: int, dashboard_port: int, offload_dir: str
         return UpResult(current, True, notes), None  # idempotent: this head is up and answers
     if current:
         raise _already_up(current)
-    node = node_from_probe(probe(offload_dir, head_ip=address), _check_name(name), _check_own_address(address), link_gbit_per_s)
+    found = probe(offload_dir, head_ip=address)
+    node = node_from_probe(with_measured_rates(found) if measure_rates else found, _check_name(name), _check_own_address(address), link_gbit_per_s)
     _ensure_token()
     gcs_address = f"{address}:{port}"
     cluster_id = _new_cluster_id()
@@ -261,10 +265,13 @@ def up(name: str, address: str, port: int, dashboard_port: int, offload_dir: str
     return UpResult(state, False, notes), node
 
 
-def join(head: str, name: str, token_path: str | None, offload_dir: str, link_gbit_per_s: float | None) -> tuple[UpResult, Node]:
-    """Probe this machine, start Ray here as a worker of `head` (HOST:PORT), and register every card."""
+def join(head: str, name: str, token_path: str | None, offload_dir: str, link_gbit_per_s: float | None,
+         measure_rates: bool = True) -> tuple[UpResult, Node]:
+    """Probe this machine, start Ray here as a worker of `head` (HOST:PORT), and register every card; with
+    `measure_rates`, each card's rates and this node's link to the head are measured and registered too."""
     from orchestrator import registry
     from workers.gpu_probe import probe
+    from workers.rate_probe import with_measured_rates
     from workers.registration import node_from_probe
 
     current, notes = _stale_record_check()
@@ -275,7 +282,7 @@ def join(head: str, name: str, token_path: str | None, offload_dir: str, link_gb
         raise InputError("command line", "--address", head, "the head's HOST:PORT, e.g. 192.168.1.10:6379 (as `zeromix up` printed it)")
     _install_token(token_path)
     found = probe(offload_dir, head_ip=head_ip)
-    node = node_from_probe(found, _check_name(name), found.host.address, link_gbit_per_s)
+    node = node_from_probe(with_measured_rates(found) if measure_rates else found, _check_name(name), found.host.address, link_gbit_per_s)
     os.environ.update(auth_env())
     try:
         taken = registry.live_node_names(head)
@@ -288,8 +295,41 @@ def join(head: str, name: str, token_path: str | None, offload_dir: str, link_gb
     _start_nodes([node], head, 0, 0, head, cluster_id)
     state = ClusterState(head, None, None, False, node.name, cluster_id)
     _save_state(state)
+    if measure_rates:
+        node = _with_measured_link(state, node)
     return UpResult(state, False, notes), node
 
+
+def _with_measured_link(state: ClusterState, node: Node) -> Node:
+    """Measure this node's link to the head and register it (the planner prefers it to the NIC's speed)."""
+    from orchestrator import registry
+    from workers.rate_probe import link_gbit_per_s
+
+    connect(state)
+    node = replace(node, link_measured_gbit_per_s=round(link_gbit_per_s(registry.head_node_name()), 3))
+    registry.publish(state.gcs_address, node)
+    return node
+
+
+def reprobe() -> Node:
+    """`zeromix probe`: measure this machine's cards again (and, on a joined node, its link to the head) and
+    update its registration. A card a job holds keeps its earlier figures: probing it would slow the job and
+    measure the job, not the card."""
+    from orchestrator import registry
+    from workers.rate_probe import UNMEASURED, measure_cards
+
+    state = connect()
+    if state.simulated:
+        raise ZeromixError("a simulated cluster's cards are declared in cluster.yaml, not real: nothing to measure "
+                           "(the planner uses catalog rates for them)")
+    node = registry.snapshot().node(state.node)
+    measured, warnings = measure_cards(tuple(c.facts for c in node.cards if c.held_by is None))
+    held = [c.card_id for c in node.cards if c.held_by]
+    warnings += [f"{card} is held by a job: kept its earlier figures ({UNMEASURED} if it had none)" for card in held]
+    cards = tuple(replace(c, facts=replace(c.facts, measured=measured.get(c.index, c.facts.measured))) for c in node.cards)
+    node = replace(node, cards=cards, warnings=tuple(w for w in node.warnings if not w.endswith(UNMEASURED)) + tuple(warnings))
+    registry.publish(state.gcs_address, node)
+    return node if state.is_head else _with_measured_link(state, node)
 
 def _install_token(token_path: str | None) -> None:
     """Put the head's token in this machine's ZEROMIX_HOME (mode 0600), or check one is there."""

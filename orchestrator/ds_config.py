@@ -31,6 +31,9 @@ class RankTuning:
     offload_optimizer: bool
     offload_params: bool
     precision: str  # fp32 | fp16 | bf16
+    # Per card: transformers recomputes each decoder layer's forward in backward. Per process, it changes no
+    # maths (the same RNG state is replayed), only this rank's memory and time; see planner._checkpointing_modes.
+    activation_checkpointing: bool = False
 
 
 def deepspeed_config(tuning: RankTuning, grad_accum: int, world_size: int, gradient_clipping: float, opt: Optimization) -> dict:

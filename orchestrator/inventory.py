@@ -21,6 +21,20 @@ def card_resource(node: str, index: int) -> str:
 
 
 @dataclass(frozen=True)
+class MeasuredRates:
+    """What a short probe on the card achieved (workers/rate_probe.py), not the catalog's peak."""
+
+    matmul_tflops: tuple[tuple[str, float], ...]  # (precision, TFLOPS) for each precision the card runs
+    memory_gb_s: float  # device-memory copy bandwidth, bytes read + written
+    host_to_device_gb_s: float | None  # pinned host -> card; None when the probed device is the host itself
+    probed_at: float  # unix time
+    probe_s: float  # how long the probe took
+
+    def tflops(self, precision: str) -> float | None:
+        return dict(self.matmul_tflops).get(precision)
+
+
+@dataclass(frozen=True)
 class CardFacts:
     """One card as NVML reports it (a declared card fills in what cluster.yaml and the catalog say)."""
 
@@ -38,6 +52,7 @@ class CardFacts:
     power_limit_w: float | None = None
     pcie_gen: int | None = None
     pcie_width: int | None = None
+    measured: MeasuredRates | None = None  # None: not probed (a declared card, a card torch cannot see)
 
 
 @dataclass(frozen=True)
@@ -113,6 +128,7 @@ class Node:
     software: Software | None = None
     disk_free_gb: float | None = None  # under the offload dir
     nic: str | None = None  # the interface that reaches the head (NCCL_SOCKET_IFNAME)
+    link_measured_gbit_per_s: float | None = None  # to the head, measured at join / `zeromix probe`
     p2p_pairs: tuple[tuple[int, int], ...] = ()  # card index pairs with PCIe peer-to-peer
     nvlink_pairs: tuple[tuple[int, int], ...] = ()
     warnings: tuple[str, ...] = ()  # about the node itself, e.g. no NVML; cards carry their own (`Card.warning`)
@@ -179,9 +195,16 @@ def node_from_record(record: dict) -> Node:
     fields = dict(record)
     sw = fields.pop("software")
     software = Software(**{**sw, "torch_archs": tuple(sw["torch_archs"])}) if sw else None
-    cards = [CardFacts(**{**c, "compute_capability": tuple(c["compute_capability"])}) for c in fields.pop("cards")]
+    cards = [CardFacts(**{**c, "compute_capability": tuple(c["compute_capability"]), "measured": _measured(c.get("measured"))})
+             for c in fields.pop("cards")]
     fields["p2p_pairs"] = tuple(tuple(p) for p in fields["p2p_pairs"])
     fields["nvlink_pairs"] = tuple(tuple(p) for p in fields["nvlink_pairs"])
     fields["warnings"] = tuple(fields["warnings"])
     return build_node(fields.pop("name"), fields.pop("address"), fields.pop("ram_gb"), fields.pop("cpus"), fields.pop("link_gbit_per_s"),
                       cards, simulated=fields.pop("simulated"), software=software, **fields)
+
+
+def _measured(record: dict | None) -> MeasuredRates | None:
+    if not record:
+        return None
+    return MeasuredRates(**{**record, "matmul_tflops": tuple((p, float(r)) for p, r in record["matmul_tflops"])})

@@ -15,6 +15,7 @@ from orchestrator.inventory import ClusterSnapshot, Node, node_from_record, node
 KV_NAMESPACE = "zeromix"
 PLACEMENT_GROUP_PREFIX = "zeromix-job-"
 GCS_TIMEOUT_S = 10
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
 
 
 def placement_group_name(job_id: str) -> str:
@@ -39,6 +40,15 @@ def live_node_names(gcs_address: str) -> set[str]:
     alive = 0  # GcsNodeInfo.ALIVE
     infos = _gcs(gcs_address).get_all_node_info(timeout=GCS_TIMEOUT_S).values()
     return {info.labels[NODE_LABEL] for info in infos if info.state == alive and NODE_LABEL in info.labels}
+
+
+def head_node_name() -> str:
+    """The zeromix name of the head node (Ray marks it with a resource)."""
+    import ray
+
+    from workers.registration import NODE_LABEL
+
+    return next(n["Labels"][NODE_LABEL] for n in ray.nodes() if n["Alive"] and HEAD_RESOURCE in n["Resources"])
 
 
 def live_placement_groups() -> dict[str, dict]:

@@ -25,5 +25,6 @@ def test_a_plan_reads_at_80_columns(demo_data):
 def test_a_wide_terminal_gets_the_memory_breakdown(demo_data):
     out = plan_output(200, demo_data)
     assert max(len(line) for line in out.splitlines()) <= 200 and "…" not in out
-    for header in ("WEIGHTS", "GRADS", "OPTIMIZER", "GATHERED", "ACTIVATIONS", "BUCKETS+CTX", "EST. TOTAL / FREE", "LEFT OUT"):
+    for header in ("CKPT", "WEIGHTS", "GRADS", "OPTIMIZER", "GATHERED", "ACTIVATIONS", "BUCKETS+CTX", "TOTAL / FREE", "TFLOPS",
+                   "COMPUTE", "WAIT", "COMM", "OFFLOAD", "LEFT OUT"):
         assert header in out

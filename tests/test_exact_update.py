@@ -45,7 +45,7 @@ def base_model(tmp_path_factory) -> str:
 
 
 def job(out, demo_data, base_model, stage: int, method: str, clip: float, steps: int = STEPS, optimizer: str = "AdamW",
-        offload: bool = False) -> TrainConfig:
+        offload: bool = False, recompute: tuple[bool, ...] = (False,) * len(MICRO)) -> TrainConfig:
     opt = Optimization(LR[optimizer], "constant", 0, 0.0, max(steps, 1))
     ds = [deepspeed_config(RankTuning(m, stage, offload, False, "fp32"), GRAD_ACCUM, len(MICRO), clip, opt) for m in MICRO]
     if optimizer == "SGD":  # DeepSpeed builds any torch.optim class named in the config
@@ -60,7 +60,7 @@ def job(out, demo_data, base_model, stage: int, method: str, clip: float, steps:
         job_id="exact", model_init="scratch" if method == "full" else "pretrained",
         model_path=str(TINY_LLAMA) if method == "full" else base_model, tokenizer_path=str(TINY_LLAMA),
         dataset=dataset, method=method, lora=LORA, seq_len=SEQ, micro_batches=MICRO, grad_accum=GRAD_ACCUM,
-        total_steps=steps, ds_configs=tuple(ds), activation_checkpointing=False, output_dir=str(out),
+        total_steps=steps, ds_configs=tuple(ds), activation_checkpointing=recompute, output_dir=str(out),
         checkpoint_every=0, seed=0,
     )
 
@@ -153,6 +153,18 @@ def test_optimizer_offload_keeps_the_update(tmp_path, demo_data, base_model):
     assert config.ds_configs[0]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     trained = train(config)
     assert max_relative_difference(trained, reference(config, initial, "tokens")) < TOLERANCE_ADAMW
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_checkpointing_on_some_cards_only_gives_the_uniform_update(tmp_path, demo_data, base_model, method):
+    """The planner lets a card short of memory recompute activations while roomier ones do not (ZeRO-1/2). That
+    changes only where time and memory go: ranks 0 and 2 recomputing, rank 1 not, train to the same weights as
+    no rank recomputing."""
+    config = job(tmp_path / "mixed", demo_data, base_model, 2, method, 0.5, recompute=(True, False, True))
+    assert [r["recomputes"] for r in run_local_ranks(config)] == [True, False, True]
+    mixed = load_file(f"{config.output_dir}/final/{'adapter_model' if method == 'lora' else 'model'}.safetensors")
+    uniform = train(job(tmp_path / "uniform", demo_data, base_model, 2, method, 0.5))
+    assert max_relative_difference(mixed, uniform) < TOLERANCE
 
 
 def test_a_resumed_job_continues_exactly(tmp_path, demo_data, base_model):

@@ -90,3 +90,9 @@ def test_the_head_sees_the_cards_of_a_node_that_joined_over_the_network(two_host
     # This machine's torch is a CPU build: every real card is registered but marked unusable, with the fix.
     assert all(not r["usable"] and "CPU-only build" in r["why_not"] for r in cards.values())
     assert "cu126" in cards["attic/0"]["why_not"]  # the 1080 Ti needs the last build with Pascal
+    # The link to the head was measured across the veth at join; the cards could not be (no CUDA torch here).
+    assert nodes["desk"]["link_measured_gbit_per_s"] > 0.1 and nodes["attic"]["link_measured_gbit_per_s"] is None
+    assert {r["rates"] for r in cards.values()} == {"catalog"}
+    reprobed = zeromix("probe", prefix=in_node, env=node_env, timeout=120)
+    assert "link to the head:" in reprobed.stdout and "Gbit/s (measured)" in reprobed.stdout
+    assert reprobed.stdout.count("cannot use the cards") == 1  # the old warning replaced, not repeated

@@ -8,7 +8,7 @@ from orchestrator.cluster_config import load_cluster
 from orchestrator.inventory import snapshot_from_config
 from orchestrator.jobspec import JobSpec
 from orchestrator.model_facts import facts_from_config, read_config
-from orchestrator.planner import NoPlacement, make_plan, split_batch
+from orchestrator.planner import NoPlacement, RankCost, make_plan, split_batch
 from tests.conftest import REPO, TINY_LLAMA
 
 HOMELAB = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
@@ -65,21 +65,38 @@ def test_a_global_batch_smaller_than_the_cards_uses_fewer_cards():
     assert all("at most 2 card(s)" in x.reason for x in plan.rejected)
 
 
-@pytest.mark.parametrize("total, rates, caps", [(32, [35.6, 11.3], [99, 99]), (7, [1.0, 1.0, 1.0], [5, 5, 5]), (100, [165.2, 71.2, 11.3], [40, 40, 40])])
-def test_split_sums_exactly_and_respects_caps(total, rates, caps):
-    micro = split_batch(total, rates, caps)
-    assert sum(micro) == total and all(1 <= m <= c for m, c in zip(micro, caps))
-    slowest = max(m / r for m, r in zip(micro, rates))
-    # moving one sample from the slowest rank to any other never makes the step faster
+def costs(rates, caps, recompute_caps=None):
+    """Ranks at these rates; with `recompute_caps`, each may recompute (4/3 slower) to take more samples."""
+    recompute_caps = recompute_caps or [0] * len(rates)
+    return [RankCost(1 / r, c, 4 / 3 / r, rc) for r, c, rc in zip(rates, caps, recompute_caps)]
+
+
+@pytest.mark.parametrize("total, ranks", [
+    (32, costs([35.6, 11.3], [99, 99])), (7, costs([1.0, 1.0, 1.0], [5, 5, 5])), (100, costs([165.2, 71.2, 11.3], [40, 40, 40])),
+    (100, costs([165.2, 71.2, 11.3], [20, 30, 40], [60, 50, 45])), (40, costs([10.0, 10.0], [8, 30], [30, 30]))])
+def test_split_sums_exactly_respects_caps_and_no_move_helps(total, ranks):
+    micro = split_batch(total, ranks)
+    assert sum(micro) == total and all(1 <= m <= r.cap for m, r in zip(micro, ranks))
+    slowest = max(r.seconds(m) for m, r in zip(micro, ranks))
+    # moving one sample from any rank to any other never makes the step faster
     for i in range(len(micro)):
         for j in range(len(micro)):
-            if i != j and micro[i] > 1 and micro[j] < caps[j]:
+            if i != j and micro[i] > 1 and micro[j] < ranks[j].cap:
                 moved = list(micro)
                 moved[i] -= 1
                 moved[j] += 1
-                assert max(m / r for m, r in zip(moved, rates)) >= slowest - 1e-12
+                assert max(r.seconds(m) for m, r in zip(moved, ranks)) >= slowest - 1e-12
+
+
+def test_a_rank_recomputes_only_past_what_fits_without():
+    """Equal cards, one with room for 8 samples without recomputing: at 16 samples it recomputes (slower per
+    sample) rather than leave the other card 2 more; at 8 samples neither recomputes."""
+    ranks = costs([10.0, 10.0], [4, 30], [30, 30])
+    assert [r.recomputes(m) for r, m in zip(ranks, split_batch(8, ranks))] == [False, False]
+    micro = split_batch(16, ranks)
+    assert [r.recomputes(m) for r, m in zip(ranks, micro)] == [True, False] and micro[0] < micro[1]
 
 
 def test_split_refuses_what_cannot_fit():
-    assert split_batch(10, [1.0, 1.0], [4, 4]) is None
-    assert split_batch(1, [1.0, 1.0], [4, 4]) is None
+    assert split_batch(10, costs([1.0, 1.0], [4, 4])) is None
+    assert split_batch(1, costs([1.0, 1.0], [4, 4])) is None

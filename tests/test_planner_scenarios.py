@@ -72,7 +72,7 @@ def test_3_full_8b_on_one_24gb_card_needs_zero3_offload_and_the_host_ram_for_it(
     plan = make_plan(full, LLAMA_8B, box, 100)
     assert (plan.zero.stage, plan.zero.offload_optimizer, plan.zero.offload_params) == (3, True, True)
     (rank,) = plan.ranks
-    assert rank.memory.total <= rank.capacity_bytes and plan.activation_checkpointing
+    assert rank.memory.total <= rank.capacity_bytes and plan.checkpointing == "on"
     host_gib = plan.host_bytes_per_node["big"] / 1024**3
     assert host_gib > 128  # DeepSpeed's estimate: 18 bytes per parameter, times its 1.5 buffer factor
     with pytest.raises(NoPlacement) as err:
@@ -173,3 +173,23 @@ def test_10_parameter_offload_is_never_chosen_where_a_setting_without_offload_fi
                 assert not auto.zero.offload_params, (model, method, seq, auto.zero.describe())
                 checked += 1
     assert checked >= 4
+
+
+def test_11_only_the_card_short_of_memory_recomputes_activations():
+    """A 3090 beside a 2080 Ti, full 1B fine-tune: the 11 GB card recomputes (checkpointing) to hold its share,
+    the 24 GB card does not, and that beats checkpointing both or neither. At ZeRO-3 it is both or neither:
+    a recomputed forward gathers weights again, a collective the other ranks would never join."""
+    box = pool(("box", 64, ["RTX 3090", "RTX 2080 Ti"]))
+    spec = job(method="full", global_batch_size=16, gpus={"count": 2})
+    plan = make_plan(spec, LLAMA_1B, box, 100)
+    assert plan.recomputing == ("box/1",) and plan.checkpointing == "on for box/1"
+    assert [r.tuning.activation_checkpointing for r in plan.ranks] == [False, True]
+    assert all(r.memory.total <= r.capacity_bytes for r in plan.ranks)
+    assert plan.summary()["ranks"][1]["activation_checkpointing"] is True
+    for forced in (True, False):
+        uniform = make_plan(job(method="full", global_batch_size=16, gpus={"count": 2}, deepspeed={"activation_checkpointing": forced}),
+                            LLAMA_1B, box, 100)
+        assert uniform.checkpointing == ("on" if forced else "off")
+        assert uniform.step.step_s > plan.step.step_s
+    zero3 = make_plan(job(method="full", global_batch_size=16, gpus={"count": 2}, deepspeed={"zero_stage": 3}), LLAMA_1B, box, 100)
+    assert zero3.checkpointing in ("on", "off")

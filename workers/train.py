@@ -35,7 +35,7 @@ class TrainConfig:
     grad_accum: int  # the same on every rank: ZeRO-2/3 hang or crash otherwise
     total_steps: int
     ds_configs: tuple[dict, ...]  # per rank, every field explicit
-    activation_checkpointing: bool
+    activation_checkpointing: tuple[bool, ...]  # per rank: a card short of memory recomputes, a roomy one need not
     output_dir: str
     checkpoint_every: int
     seed: int
@@ -48,6 +48,7 @@ class TrainConfig:
         raw = json.loads(text)
         raw["micro_batches"] = tuple(raw["micro_batches"])
         raw["ds_configs"] = tuple(raw["ds_configs"])
+        raw["activation_checkpointing"] = tuple(raw["activation_checkpointing"])
         if raw.get("emulated_slowdown") is not None:
             raw["emulated_slowdown"] = tuple(raw["emulated_slowdown"])
         return cls(**raw)
@@ -82,6 +83,7 @@ class RankResult:
     wait_s: list[float] = field(default_factory=list)  # time blocked in gradient reduction beyond the fastest rank's
     # Model-state bytes this rank's engine holds after its first optimizer step (workers/memory_report.py)
     model_state_bytes: dict[str, int] = field(default_factory=dict)
+    recomputes: bool = False  # activation checkpointing on in this rank's model, as transformers reports it
 
 
 def utilisation(busy_s: list[float], wait_s: list[float]) -> list[float]:
@@ -129,12 +131,12 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model_path))
     else:
         model = AutoModelForCausalLM.from_pretrained(cfg.model_path)
-    if cfg.activation_checkpointing:
+    if cfg.activation_checkpointing[rank]:
         model.gradient_checkpointing_enable()
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        if cfg.activation_checkpointing:
+        if cfg.activation_checkpointing[rank]:
             model.enable_input_require_grads()
         model = get_peft_model(model, LoraConfig(
             r=cfg.lora["r"], lora_alpha=cfg.lora["alpha"], lora_dropout=cfg.lora["dropout"],
@@ -154,7 +156,8 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
         _say(rank, f"resumed from {checkpoints} at step {start_step}")
 
     # ----------------------------------------------------------------------------- loop
-    result = RankResult(rank=rank, steps=start_step, precision=precision, device=_device_name(on_gpu))
+    result = RankResult(rank=rank, steps=start_step, precision=precision, device=_device_name(on_gpu),
+                        recomputes=engine.module.is_gradient_checkpointing)
     slowdown = cfg.emulated_slowdown[rank] if cfg.emulated_slowdown else 1.0
     extra_per_sample_s = 0.0
     if cfg.emulated_slowdown:

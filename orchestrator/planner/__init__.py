@@ -45,7 +45,8 @@ class RankPlan:
     tuning: RankTuning
     memory: MemoryEstimate  # an estimate
     capacity_bytes: int  # what the estimate must fit in: the card's memory (free memory where probed)
-    rate_tflops: float  # catalog peak for the plan's precision
+    rate_tflops: float  # what the card achieves in training at the plan's precision (step_time.card_tflops)
+    rate_source: str  # "measured" or "catalog"
     env: dict[str, str]  # NCCL settings for this rank
 
 
@@ -56,7 +57,6 @@ class Plan:
     grad_accum: int
     zero: ZeroSetting
     precision: str
-    activation_checkpointing: bool
     total_steps: int
     n_params: int
     trainable: int
@@ -69,6 +69,18 @@ class Plan:
     def global_batch(self) -> int:
         return sum(r.tuning.micro_batch for r in self.ranks) * self.grad_accum
 
+    @property
+    def recomputing(self) -> tuple[str, ...]:
+        """The cards that run with activation checkpointing (chosen per card)."""
+        return tuple(r.card.card_id for r in self.ranks if r.tuning.activation_checkpointing)
+
+    @property
+    def checkpointing(self) -> str:
+        """Activation checkpointing in words: off, on, or on for the cards that need it."""
+        if not self.recomputing:
+            return "off"
+        return "on" if len(self.recomputing) == len(self.ranks) else "on for " + ", ".join(self.recomputing)
+
     def ds_configs(self, job: JobSpec) -> list[dict]:
         opt = Optimization(job.optimizer.lr, job.optimizer.schedule, job.optimizer.warmup_steps, job.optimizer.weight_decay, self.total_steps)
         return [deepspeed_config(r.tuning, self.grad_accum, len(self.ranks), job.deepspeed.gradient_clipping, opt) for r in self.ranks]
@@ -79,7 +91,7 @@ class Plan:
             "job": self.job_name,
             "zero_stage": self.zero.stage, "precision": self.precision,
             "offload": self.zero.offload,
-            "activation_checkpointing": self.activation_checkpointing,
+            "activation_checkpointing": self.checkpointing,
             "grad_accum": self.grad_accum, "global_batch": self.global_batch, "total_steps": self.total_steps,
             "params": self.n_params, "trainable_params": self.trainable, "lora_targets": list(self.lora_targets),
             "est_step_s": _sig(self.step.step_s), "est_compute_s": _sig(max(self.step.compute_s)),
@@ -88,10 +100,12 @@ class Plan:
             "est_host_gib": {node: round(b / GIB, 2) for node, b in self.host_bytes_per_node.items()},
             "ranks": [{"card": r.card.card_id, "node": r.card.node, "index": r.card.index, "resource": r.card.resource,
                        "model": r.card.short_name, "uuid": r.card.facts.uuid, "micro_batch": r.tuning.micro_batch,
+                       "activation_checkpointing": r.tuning.activation_checkpointing,
                        "vram_gib": round(r.card.vram_mib / 1024, 1), "capacity_gib": round(r.capacity_bytes / GIB, 2),
                        "est_mem_gib": round(r.memory.total / GIB, 2), "est_mem_breakdown_gib": _breakdown(r.memory),
-                       "rate_tflops": r.rate_tflops, "est_compute_s": _sig(c), "env": r.env}
-                      for r, c in zip(self.ranks, self.step.compute_s)],
+                       "rate_tflops": _sig(r.rate_tflops), "rate_source": r.rate_source, "est_compute_s": _sig(c),
+                       "est_wait_s": _sig(w), "est_comm_s": _sig(self.step.comm_s), "est_offload_s": _sig(self.step.offload_s), "env": r.env}
+                      for r, c, w in zip(self.ranks, self.step.compute_s, self.step.wait_s)],
             "rejected": [{"card": x.card_id, "model": x.card, "reason": x.reason} for x in self.rejected],
         }
 
@@ -121,20 +135,42 @@ def _zero_options(job: JobSpec) -> list[ZeroSetting]:
     return [ZeroSetting(s, o, p) for o, p in offloads for s in stages if not (p and s != 3) and not (o and s == 0)]
 
 
-def split_batch(total: int, rates: list[float], caps: list[int]) -> list[int] | None:
+@dataclass(frozen=True)
+class RankCost:
+    """What a rank's micro-batch costs: seconds per sample at its rate, as many samples as fit without
+    recomputing, and (with checkpointing allowed) as many as fit with it, at the recompute's slower rate."""
+
+    plain_s: float  # seconds per sample, no recompute
+    plain_cap: int
+    recompute_s: float = 0.0  # seconds per sample with activation checkpointing
+    recompute_cap: int = 0  # 0: checkpointing not allowed here
+
+    @property
+    def cap(self) -> int:
+        return max(self.plain_cap, self.recompute_cap)
+
+    def recomputes(self, micro: int) -> bool:
+        return micro > self.plain_cap
+
+    def seconds(self, micro: int) -> float:
+        return micro * (self.recompute_s if self.recomputes(micro) else self.plain_s)
+
+
+def split_batch(total: int, costs: list[RankCost]) -> list[int] | None:
     """Per-rank micro-batches summing to `total`, each >= 1 and <= its cap, that minimise the slowest
-    rank's time (micro / rate): each next sample goes to the rank that would finish it first."""
-    n = len(rates)
-    if n > total or any(c < 1 for c in caps) or sum(caps) < total:
+    rank's time: each next sample goes to the rank that would finish it first (optimal, as every rank's
+    time grows with its micro-batch)."""
+    n = len(costs)
+    if n > total or any(c.cap < 1 for c in costs) or sum(c.cap for c in costs) < total:
         return None
     micro = [1] * n
-    heap = [(2 / rates[i], i) for i in range(n) if caps[i] > 1]
+    heap = [(costs[i].seconds(2), i) for i in range(n) if costs[i].cap > 1]
     heapq.heapify(heap)
     for _ in range(total - n):
         _, i = heapq.heappop(heap)
         micro[i] += 1
-        if micro[i] < caps[i]:
-            heapq.heappush(heap, ((micro[i] + 1) / rates[i], i))
+        if micro[i] < costs[i].cap:
+            heapq.heappush(heap, (costs[i].seconds(micro[i] + 1), i))
     return micro
 
 
@@ -226,11 +262,11 @@ def _one_build(cards: list[Card], rejected: dict[str, Rejection]) -> list[Card]:
 
 def _links(snapshot: ClusterSnapshot, group: list[Card]) -> tuple[float, float]:
     """(GB/s of the slowest link the group's collectives cross, GB/s of the slowest card's PCIe slot)."""
-    pcie = min(step_time.pcie_gb_per_s(c.facts.pcie_gen or c.spec.pcie_gen, c.facts.pcie_width or c.spec.pcie_lanes) for c in group)
+    pcie = min(step_time.pcie_gb_per_s(c) for c in group)
     nodes = {c.node for c in group}
     if len(nodes) == 1:
         return pcie, pcie
-    return min(step_time.network_gb_per_s(snapshot.node(n).link_gbit_per_s) for n in nodes), pcie
+    return min(step_time.network_gb_per_s(snapshot.node(n)) for n in nodes), pcie
 
 
 def _quick_tokens_per_s(ctx: _Job, group) -> float:
@@ -244,11 +280,11 @@ def _quick_tokens_per_s(ctx: _Job, group) -> float:
                  if all(memory.max_micro_batch(shape, z, len(group), cap) >= 1 for cap in capacities)), None)
     if zero is None:
         return 0.0
-    rates = [c.spec.matmul_tflops(precision) for c in group]
+    rates = [step_time.card_tflops(c, precision) for c in group]
     link, pcie = _links(ctx.snapshot, list(group))
     samples = [ctx.job.global_batch_size * r / sum(rates) for r in rates]
     return step_time.estimate(facts=ctx.facts, trainable=ctx.trainable, method=ctx.job.method, seq_len=ctx.job.seq_len,
-                              activation_checkpointing=False, samples_per_rank=samples, rates_tflops=rates, zero=zero,
+                              activation_checkpointing=[False] * len(group), samples_per_rank=samples, rates_tflops=rates, zero=zero,
                               precision=precision, link_gb_s=link, pcie_gb_s=pcie, most_ranks_on_a_node=1, grad_accum=1).tokens_per_s
 
 
@@ -271,53 +307,68 @@ def _capacity(card: Card) -> int:
     return (min(free, card.vram_mib) if free is not None else card.vram_mib) * 1024**2
 
 
+def _checkpointing_modes(job: JobSpec, zero: ZeroSetting) -> list[str]:
+    """"per card": each card recomputes only if its micro-batch does not fit otherwise. Only where ZeRO leaves
+    weights whole on every rank (stages 1-2): at ZeRO-3 a recomputed forward gathers weights again, a
+    collective the ranks that do not recompute would never join, so there it is all cards or none."""
+    wanted = job.deepspeed.activation_checkpointing
+    if wanted != "auto":
+        return ["all" if wanted else "none"]
+    return ["per card"] if zero.stage <= 2 else ["none", "all"]
+
+
 def _tune(ctx: _Job, group: list[Card]) -> Plan | None:
-    """The fastest setting (ZeRO stage, offload, checkpointing, split) for this group that fits, or None."""
+    """The fastest setting (ZeRO stage, offload, per-card checkpointing, split) for this group that fits, or None."""
     job, world = ctx.job, len(group)
     precision = resolve_precision(job.precision, group)
-    rates = [c.spec.matmul_tflops(precision) for c in group]
+    rates = [step_time.card_tflops(c, precision) for c in group]
     link, pcie = _links(ctx.snapshot, group)
     most_here = max(Counter(c.node for c in group).values())
-    checkpointing = [False, True] if job.deepspeed.activation_checkpointing == "auto" else [job.deepspeed.activation_checkpointing]
+    lora = job.method == "lora"
+    shapes = {ckpt: TrainingShape(ctx.facts, ctx.trainable, job.seq_len, precision, ckpt, lora) for ckpt in (False, True)}
+    per_sample = {ckpt: step_time.flops_per_token(ctx.facts, job.seq_len, job.method, ckpt) * job.seq_len / 1e12 for ckpt in (False, True)}
     best = None
     for zero in _zero_options(job):
-        for ckpt in checkpointing:
-            shape = TrainingShape(ctx.facts, ctx.trainable, job.seq_len, precision, ckpt, job.method == "lora")
-            host = _host_bytes(shape, zero, group)
-            if (zero.offload_optimizer or zero.offload_params) and not _host_ram_ok(ctx.snapshot, host):
-                continue
-            by_capacity = {cap: memory.max_micro_batch(shape, zero, world, cap) for cap in {_capacity(c) for c in group}}
-            caps = [by_capacity[_capacity(c)] for c in group]
-            split = _split(job.global_batch_size, rates, caps)
+        host = _host_bytes(shapes[False], zero, group)
+        if (zero.offload_optimizer or zero.offload_params) and not _host_ram_ok(ctx.snapshot, host):
+            continue
+        caps = {ckpt: {cap: memory.max_micro_batch(shapes[ckpt], zero, world, cap) for cap in {_capacity(c) for c in group}}
+                for ckpt in (False, True)}
+        for mode in _checkpointing_modes(job, zero):
+            costs = [RankCost(per_sample[mode == "all"] / rate, 0 if mode == "all" else caps[False][_capacity(card)],
+                              per_sample[True] / rate, 0 if mode == "none" else caps[True][_capacity(card)])
+                     for card, rate in zip(group, rates)]
+            split = _split(job.global_batch_size, costs)
             if split is None:
                 continue
             micro, grad_accum = split
+            recompute = [c.recomputes(m) for c, m in zip(costs, micro)]
             estimate = step_time.estimate(
-                facts=ctx.facts, trainable=ctx.trainable, method=job.method, seq_len=job.seq_len, activation_checkpointing=ckpt,
+                facts=ctx.facts, trainable=ctx.trainable, method=job.method, seq_len=job.seq_len, activation_checkpointing=recompute,
                 samples_per_rank=[m * grad_accum for m in micro], rates_tflops=rates, zero=zero, precision=precision,
                 link_gb_s=link, pcie_gb_s=pcie, most_ranks_on_a_node=most_here, grad_accum=grad_accum)
             if best is None or estimate.step_s < best.step.step_s:
                 envs = nccl_env(group, ctx.snapshot)
                 ranks = tuple(
-                    RankPlan(card, RankTuning(m, zero.stage, zero.offload_optimizer, zero.offload_params, precision),
-                             memory.estimate(shape, zero, world, m), _capacity(card), rate, env)
-                    for card, m, rate, env in zip(group, micro, rates, envs))
-                best = Plan(job.name, ranks, grad_accum, zero, precision, ckpt, ctx.total_steps, ctx.facts.n_params,
+                    RankPlan(card, RankTuning(m, zero.stage, zero.offload_optimizer, zero.offload_params, precision, ckpt),
+                             memory.estimate(shapes[ckpt], zero, world, m), _capacity(card), rate, step_time.rate_source(card, precision), env)
+                    for card, m, ckpt, rate, env in zip(group, micro, recompute, rates, envs))
+                best = Plan(job.name, ranks, grad_accum, zero, precision, ctx.total_steps, ctx.facts.n_params,
                             ctx.trainable, host, (), estimate, lora_targets(job, ctx.facts))
     return best
 
 
-def _split(global_batch: int, rates: list[float], caps: list[int]) -> tuple[list[int], int] | None:
+def _split(global_batch: int, costs: list[RankCost]) -> tuple[list[int], int] | None:
     """Micro-batches and the accumulation count (the same on every rank) that fit every card and best follow
-    the cards' rates; of equally balanced splits, the fewest accumulation steps. A memory cap on the fast card
+    the cards' speeds; of equally balanced splits, the fewest accumulation steps. A memory cap on the fast card
     can make more, smaller micro-batches the better split."""
     best, best_time = None, None
     for grad_accum in (g for g in range(1, global_batch + 1) if global_batch % g == 0):
-        if global_batch // grad_accum < len(rates):
+        if global_batch // grad_accum < len(costs):
             break
-        micro = split_batch(global_batch // grad_accum, rates, caps)
+        micro = split_batch(global_batch // grad_accum, costs)
         if micro:
-            slowest = round(max(m * grad_accum / r for m, r in zip(micro, rates)), 9)
+            slowest = round(max(c.seconds(m) * grad_accum for c, m in zip(costs, micro)), 9)
             if best_time is None or slowest < best_time:
                 best, best_time = (micro, grad_accum), slowest
     return best
@@ -345,7 +396,7 @@ def _left_out(ctx: _Job, plan: Plan, card: Card, hi: int) -> Rejection:
         why.append(f"it would force {resolve_precision(ctx.job.precision, [*chosen, card])} on every card")
     if card.node not in {c.node for c in chosen}:
         why.append(f"its node's {ctx.snapshot.node(card.node).link_gbit_per_s:g} Gbit/s link would carry every step's collectives")
-    slowest = min(chosen + [card], key=lambda c: c.spec.matmul_tflops(with_plan.precision))
+    slowest = min(chosen + [card], key=lambda c: step_time.card_tflops(c, with_plan.precision))
     if slowest is card and with_plan.grad_accum > 1:
         why.append(f"it must take at least one sample in each of {with_plan.grad_accum} micro-steps")
     because = f" ({'; '.join(why)})" if why else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from itertools import combinations
 
 from orchestrator.inventory import Card
+from orchestrator.planner.step_time import card_tflops
 
 MAX_NODES_ENUMERATED = 8  # 255 node subsets; beyond that, node prefixes ordered by compute
 PRECISION_CLASSES = ((8, 0), (7, 0))  # bf16-capable, fp16-capable: dropping the cards below one changes the group's precision
@@ -21,7 +22,7 @@ def candidate_groups(eligible: list[Card], lo: int, hi: int, precision_of) -> li
     by_node: dict[str, list[Card]] = {}
     for card in eligible:
         by_node.setdefault(card.node, []).append(card)
-    node_rate = {n: sum(c.spec.matmul_tflops(precision_of(cards)) for c in cards) for n, cards in by_node.items()}
+    node_rate = {n: sum(card_tflops(c, precision_of(cards)) for c in cards) for n, cards in by_node.items()}
     nodes = sorted(by_node, key=lambda n: -node_rate[n])
     if len(nodes) <= MAX_NODES_ENUMERATED:
         node_sets = [s for k in range(1, len(nodes) + 1) for s in combinations(nodes, k)]
@@ -35,7 +36,7 @@ def candidate_groups(eligible: list[Card], lo: int, hi: int, precision_of) -> li
             if not variant:
                 continue
             precision = precision_of(variant)
-            fastest = sorted(variant, key=lambda c: (-c.spec.matmul_tflops(precision), c.card_id))
+            fastest = sorted(variant, key=lambda c: (-card_tflops(c, precision), c.card_id))
             # every card the job may take, or only as few as it must: with no collective at all, one card can
             # beat several; in between, more cards only add compute at almost the same communication cost
             for group in (tuple(fastest[:hi]), tuple(fastest[:max(lo, 1)])):

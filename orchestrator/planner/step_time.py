@@ -1,10 +1,12 @@
 """Step-time estimate per rank (an estimate, labelled as such wherever it is shown). Pure: no Ray, no torch.
 
-compute:  training FLOPs of the rank's tokens over its catalog peak at the plan's precision (tensor rate with
-          FP32 accumulate; Pascal runs fp16 no faster than fp32), times an assumed efficiency;
+compute:  training FLOPs of the rank's tokens over the rate the card achieves in training (`card_tflops`): its
+          measured matmul rate at the plan's precision (workers/rate_probe.py) times MEASURED_RATE_EFFICIENCY,
+          or, for a card not probed, its catalog peak (tensor rate with FP32 accumulate; Pascal runs fp16 no
+          faster than fp32) times ASSUMED_EFFICIENCY;
 comm:     the collectives DeepSpeed runs per optimizer step (`comm_volume`, checked against DeepSpeed's own comms
           logger by tests/test_comm_volume.py), over the slowest link the group uses: PCIe inside a node, the
-          cluster's network between nodes (1 GbE moves about 0.11 GB/s). ZeRO-1 reduces gradients once per
+          cluster's network between nodes (1 GbE moves about 0.11 GB/s; measured where `join` measured it). ZeRO-1 reduces gradients once per
           optimizer step; ZeRO-2 and ZeRO-3 in every micro-step's backward; ZeRO-3 also gathers every weight
           in every micro-step's forward (and again in backward when more than stage3_max_live_parameters
           would stay gathered);
@@ -19,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.ds_config import STAGE3_MAX_LIVE_PARAMETERS
+from orchestrator.inventory import Card, Node
 from orchestrator.model_facts import ModelFacts
 from orchestrator.planner.memory import ZeroSetting, bytes_per_value
 
@@ -43,6 +46,11 @@ class StepEstimate:
         return max(self.compute_s) + self.comm_s + self.offload_s
 
     @property
+    def wait_s(self) -> tuple[float, ...]:
+        """Per rank: idle until the slowest rank has computed (ranks meet at every gradient reduction)."""
+        return tuple(max(self.compute_s) - c for c in self.compute_s)
+
+    @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.step_s
 
@@ -58,12 +66,33 @@ def flops_per_token(facts: ModelFacts, seq_len: int, method: str, activation_che
     return forward + backward + (forward - head if activation_checkpointing else 0)
 
 
-def pcie_gb_per_s(pcie_gen: float, pcie_lanes: int) -> float:
-    return PCIE_GBS_PER_LANE.get(pcie_gen, PCIE_GBS_PER_LANE[3.0]) * pcie_lanes * LINK_EFFICIENCY
+def rate_source(card: Card, precision: str) -> str:
+    """Where a card's rate comes from, as `zeromix nodes` and the plan say it."""
+    return "measured" if card.facts.measured and card.facts.measured.tflops(precision) else "catalog"
 
 
-def network_gb_per_s(link_gbit_per_s: float) -> float:
-    return link_gbit_per_s / 8 * LINK_EFFICIENCY
+def card_tflops(card: Card, precision: str) -> float:
+    """The TFLOPS a card achieves in a training step: measured x MEASURED_RATE_EFFICIENCY, else catalog x
+    ASSUMED_EFFICIENCY."""
+    measured = card.facts.measured.tflops(precision) if card.facts.measured else None
+    if measured:
+        return measured * MEASURED_RATE_EFFICIENCY
+    return card.spec.matmul_tflops(precision) * ASSUMED_EFFICIENCY
+
+
+def pcie_gb_per_s(card: Card) -> float:
+    """Host -> card GB/s: measured, else the slot's line rate (NVML's generation and width, else the catalog's)."""
+    if card.facts.measured and card.facts.measured.host_to_device_gb_s:
+        return card.facts.measured.host_to_device_gb_s
+    gen, lanes = card.facts.pcie_gen or card.spec.pcie_gen, card.facts.pcie_width or card.spec.pcie_lanes
+    return PCIE_GBS_PER_LANE.get(gen, PCIE_GBS_PER_LANE[3.0]) * lanes * LINK_EFFICIENCY
+
+
+def network_gb_per_s(node: Node) -> float:
+    """A node's link to the others, GB/s: measured at join, else what the user or the NIC said."""
+    if node.link_measured_gbit_per_s:
+        return node.link_measured_gbit_per_s / 8
+    return node.link_gbit_per_s / 8 * LINK_EFFICIENCY
 
 
 @dataclass(frozen=True)
@@ -116,11 +145,12 @@ def offload_seconds(trainable: int, n_params: int, world: int, zero: ZeroSetting
     return copies / (pcie_gb_s * 1e9) + adam
 
 
-def estimate(*, facts: ModelFacts, trainable: int, method: str, seq_len: int, activation_checkpointing: bool,
-             samples_per_rank: list[int], rates_tflops: list[float], zero: ZeroSetting, precision: str,
+def estimate(*, facts: ModelFacts, trainable: int, method: str, seq_len: int, activation_checkpointing: list[bool],
+             samples_per_rank: list[float], rates_tflops: list[float], zero: ZeroSetting, precision: str,
              link_gb_s: float, pcie_gb_s: float, most_ranks_on_a_node: int, grad_accum: int) -> StepEstimate:
-    per_token = flops_per_token(facts, seq_len, method, activation_checkpointing)
-    compute = tuple(per_token * n * seq_len / (rate * 1e12 * ASSUMED_EFFICIENCY) for n, rate in zip(samples_per_rank, rates_tflops))
+    """`activation_checkpointing`, `samples_per_rank` and `rates_tflops`: one entry per rank."""
+    compute = tuple(flops_per_token(facts, seq_len, method, ckpt) * n * seq_len / (rate * 1e12)
+                    for ckpt, n, rate in zip(activation_checkpointing, samples_per_rank, rates_tflops))
     c = bytes_per_value(precision)
     world = len(samples_per_rank)
     grad_bytes = 4 if (zero.stage == 3 and precision == "bf16") else c  # ds_config.py: fp32 accumulation there

@@ -26,7 +26,6 @@ from orchestrator.scheduler.policies import policy
 ACTOR_NAME = "zeromix-scheduler"
 TICK_S = 1.0
 READY_TIMEOUT_S = 60
-HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
 log = logging.getLogger("zeromix.scheduler")
 
 
@@ -101,7 +100,7 @@ def ensure_running(state: ClusterState, policy_name: str = "gain"):
 
     actor = ray.remote(SchedulerService).options(
         name=ACTOR_NAME, namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
-        resources={HEAD_RESOURCE: 0.001}, max_restarts=-1, max_concurrency=4)
+        resources={registry.HEAD_RESOURCE: 0.001}, max_restarts=-1, max_concurrency=4)
     handle = actor.remote(asdict(state), str(queue_path()), policy_name)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
