@@ -110,6 +110,18 @@ NVML_DOUBLE = REPO / "tests" / "nvml_double"
 NVML_BOXES = REPO / "tests" / "data" / "nvml_boxes"
 
 
+@pytest.fixture
+def nvml():
+    """A fresh copy of the NVML double (tests/nvml_double/pynvml.py), loaded under its own name so the
+    real pynvml stays importable."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nvml_double", NVML_DOUBLE / "pynvml.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

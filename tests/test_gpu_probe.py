@@ -1,10 +1,8 @@
 """The node probe, run against a double of NVML's API that answers as real machines do."""
 
-import importlib.util
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from orchestrator import catalog
@@ -12,16 +10,6 @@ from workers import gpu_probe
 from workers.registration import node_from_probe
 
 BOXES = Path(__file__).parent / "data" / "nvml_boxes"
-
-
-@pytest.fixture
-def nvml():
-    """A fresh copy of the NVML double (tests/nvml_double/pynvml.py), loaded under its own name so the
-    real pynvml stays importable."""
-    spec = importlib.util.spec_from_file_location("nvml_double", Path(__file__).parent / "nvml_double" / "pynvml.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_1080ti_and_3090_box(nvml, tmp_path):

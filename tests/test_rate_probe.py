@@ -10,7 +10,6 @@ import pytest
 from orchestrator.inventory import MeasuredRates, node_from_record, node_to_record
 from orchestrator.planner import make_plan, step_time
 from tests.conftest import NVML_BOXES
-from tests.test_gpu_probe import nvml  # noqa: F401  (the NVML double, as a fixture)
 from tests.test_planner_scenarios import LLAMA_1B, job, pool
 from workers import gpu_probe, rate_probe
 
