@@ -59,7 +59,7 @@ def main() -> None:
             plan = make_plan(job, facts, snapshot, 100)
             times.append(time.perf_counter() - start)
         chosen = len(plan.ranks)
-        print(f"{cards:>6} {len(snapshot.nodes):>6} {statistics.median(times) * 1000:>8.1f} ms  {chosen} cards, {plan.zero.describe()}, "
+        print(f"{cards:>6} {len(snapshot.nodes):>6} {statistics.median(times) * 1000:>8.1f} ms  {chosen} cards, {plan.settings}, "
               f"{plan.precision}, est. {plan.step.tokens_per_s:,.0f} tokens/s")
 
 

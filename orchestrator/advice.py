@@ -40,7 +40,7 @@ class Advice:
         return {
             "cards": list(self.cards), "fits": p is not None, "why_not": self.why_not,
             "zero_stage": p.zero.stage if p else None,
-            "offload": p.zero.offload if p else None,
+            "offload": p.offload if p else None,
             "precision": p.precision if p else None, "activation_checkpointing": p.checkpointing if p else None,
             "micro_batches": [r.tuning.micro_batch for r in p.ranks] if p else None, "grad_accum": p.grad_accum if p else None,
             "est_tokens_per_s": round(self.tokens_per_s, 1), "est_tokens_per_joule": round(self.tokens_per_joule, 3),

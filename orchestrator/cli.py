@@ -556,11 +556,11 @@ def render_simulation(rows: list[dict], n_jobs: int, cluster: str) -> None:
 
 # ------------------------------------------------------------------------------------------ rendering
 def render_plan(p: Plan) -> None:
-    console.print(f"[bold]Plan for {p.job_name}[/]: {p.zero.describe()}, {p.precision}, activation checkpointing "
+    console.print(f"[bold]Plan for {p.job_name}[/]: {p.settings}, {p.precision}, activation checkpointing "
                   f"{p.checkpointing}, {p.grad_accum} accumulation step(s), global batch "
                   f"{p.global_batch}, {p.total_steps} steps, {p.trainable:,} of {p.n_params:,} parameters trained")
     s = p.step
-    time_parts = [(duration(c), duration(w), duration(s.comm_s), duration(s.offload_s)) for c, w in zip(s.compute_s, s.wait_s)]
+    time_parts = [(duration(c), duration(w), duration(s.comm_s), duration(o)) for c, w, o in zip(s.compute_s, s.wait_s, s.offload_s)]
     if narrow():
         table = Table("RANK", "CARD", "GPU", "MICRO", "CKPT", "GiB / CARD", "TFLOPS", "COMPUTE", box=box.SIMPLE_HEAD,
                       title="per card (estimates; the memory breakdown is in `--json` or a wider terminal)")
@@ -578,10 +578,11 @@ def render_plan(p: Plan) -> None:
     console.print(table)
     console.print("TFLOPS: what each card is assumed to reach in training, from its measured matmul rate"
                   f"{' (m)' if narrow() else ''} x{step_time.MEASURED_RATE_EFFICIENCY:g} or the catalog's peak{' (c)' if narrow() else ''} "
-                  f"x{step_time.ASSUMED_EFFICIENCY:g}.{'' if narrow() else ' WAIT: idle until the slowest card has computed.'} Every card then spends "
-                  f"{duration(s.comm_s)} communicating and {duration(s.offload_s)} offloading")
-    console.print(f"estimated step {duration(s.step_s)} = compute {duration(max(s.compute_s))} (slowest card) + communication "
-                  f"{duration(s.comm_s)} + offload {duration(s.offload_s)}; about {s.tokens_per_s:,.0f} tokens/s (estimate)")
+                  f"x{step_time.ASSUMED_EFFICIENCY:g}.{'' if narrow() else ' WAIT: idle until the slowest card is done.'}")
+    slowest = max(range(len(p.ranks)), key=lambda i: s.busy_s[i])
+    console.print(f"estimated step {duration(s.step_s)} = compute {duration(s.compute_s[slowest])} + offload {duration(s.offload_s[slowest])} "
+                  f"(the slowest card, {p.ranks[slowest].card.card_id}) + communication {duration(s.comm_s)}; "
+                  f"about {s.tokens_per_s:,.0f} tokens/s (estimate)")
     console.print("host RAM for model states (estimate): " + ", ".join(f"{n} {b / GIB:.1f} GiB" for n, b in p.host_bytes_per_node.items()))
     env = {k: v for r in p.ranks for k, v in r.env.items()}
     if env:

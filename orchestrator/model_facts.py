@@ -59,6 +59,10 @@ class ModelFacts:
         """Adapter parameters: r * (fan_in + fan_out) for each targeted linear in every layer."""
         return self.n_layers * sum(r * (l.fan_in + l.fan_out) for l in self.layer_linears if l.name in target_modules)
 
+    def lora_outputs(self, target_modules: list[str]) -> int:
+        """Per layer, the outputs of the adapted linears: what the adapters' scale-and-add touches per token."""
+        return sum(l.fan_out for l in self.layer_linears if l.name in target_modules)
+
     def lora_targets(self) -> list[str]:
         return sorted({l.name for l in self.layer_linears})
 

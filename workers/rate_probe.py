@@ -30,12 +30,12 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _best_seconds(device, work) -> float:
-    """The fastest of repeated runs (the least disturbed), at least three, within SECONDS_PER_FIGURE."""
+def _best_seconds(device, work, budget_s: float = SECONDS_PER_FIGURE) -> float:
+    """The fastest of repeated runs (the least disturbed), at least three, within `budget_s`."""
     work()
     _sync(device)  # warm-up: kernels chosen, memory touched
     best, spent, runs = float("inf"), 0.0, 0
-    while runs < 3 or spent < SECONDS_PER_FIGURE:
+    while runs < 3 or spent < budget_s:
         started = time.perf_counter()
         work()
         _sync(device)
@@ -44,8 +44,8 @@ def _best_seconds(device, work) -> float:
     return best
 
 
-def matmul_tflops(device, dtype) -> float:
-    """Square matmuls, grown until one takes a few milliseconds (small ones measure launch overhead, not the
+def matmul_tflops(device, dtype, budget_s: float = SECONDS_PER_FIGURE) -> float:
+    """Square matmuls, grown until one takes 20 ms (small ones measure launch overhead and caches, not the
     card), up to LARGEST_MATMUL."""
     import torch
 
@@ -53,15 +53,15 @@ def matmul_tflops(device, dtype) -> float:
     while True:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
-        seconds = _best_seconds(device, lambda: a @ b)
-        if seconds > 0.005 or n >= LARGEST_MATMUL:
+        seconds = _best_seconds(device, lambda: a @ b, budget_s)
+        if seconds > 0.02 or n >= LARGEST_MATMUL:
             return 2 * n**3 / seconds / 1e12
         n *= 2
 
 
-def copy_gb_per_s(source, target) -> float:
+def copy_gb_per_s(source, target, budget_s: float = SECONDS_PER_FIGURE) -> float:
     """Bytes read plus bytes written per second by one large copy."""
-    seconds = _best_seconds(target.device, lambda: target.copy_(source, non_blocking=True))
+    seconds = _best_seconds(target.device, lambda: target.copy_(source, non_blocking=True), budget_s)
     moved = source.numel() * source.element_size() * (2 if source.device == target.device else 1)
     return moved / seconds / 1e9
 
@@ -77,15 +77,17 @@ def runs_precision(device, precision: str) -> bool:
     return (major, minor) >= ((8, 0) if precision == "bf16" else (5, 3))
 
 
-def measure(device_name: str) -> MeasuredRates:
-    """Probe one device ("cpu" or "cuda:N")."""
+def measure(device_name: str, budget_s: float = SECONDS_PER_FIGURE) -> MeasuredRates:
+    """Probe one device ("cpu" or "cuda:N"), each figure the best within `budget_s` (a shared or boosting CPU
+    needs longer than a card for a steady figure: bench/step_time_accuracy.py gives it 2 s)."""
     import torch
 
     device = torch.device(device_name)
     started = time.perf_counter()
-    rates = tuple((p, round(matmul_tflops(device, getattr(torch, dtype)), 3)) for p, dtype in PRECISIONS.items() if runs_precision(device, p))
+    rates = tuple((p, round(matmul_tflops(device, getattr(torch, dtype), budget_s), 3))
+                  for p, dtype in PRECISIONS.items() if runs_precision(device, p))
     n = COPY_BYTES[device.type] // 4
-    memory = copy_gb_per_s(torch.ones(n, device=device), torch.empty(n, device=device))
+    memory = copy_gb_per_s(torch.ones(n, device=device), torch.empty(n, device=device), budget_s)
     h2d = None
     if device.type == "cuda":
         host = torch.ones(n, pin_memory=True)

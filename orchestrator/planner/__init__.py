@@ -70,6 +70,22 @@ class Plan:
         return sum(r.tuning.micro_batch for r in self.ranks) * self.grad_accum
 
     @property
+    def offloading(self) -> tuple[str, ...]:
+        """The cards whose optimizer partition lives in host RAM (chosen per card at ZeRO-2)."""
+        return tuple(r.card.card_id for r in self.ranks if r.tuning.offload_optimizer)
+
+    @property
+    def offload(self) -> str:
+        """Offload in words: none, optimizer, optimizer+params, or the cards that offload their optimizer."""
+        if self.offloading and len(self.offloading) < len(self.ranks):
+            return "optimizer on " + ", ".join(self.offloading)
+        return self.zero.offload
+
+    @property
+    def settings(self) -> str:
+        return f"ZeRO-{self.zero.stage}, offload {self.offload}"
+
+    @property
     def recomputing(self) -> tuple[str, ...]:
         """The cards that run with activation checkpointing (chosen per card)."""
         return tuple(r.card.card_id for r in self.ranks if r.tuning.activation_checkpointing)
@@ -90,12 +106,12 @@ class Plan:
         return {
             "job": self.job_name,
             "zero_stage": self.zero.stage, "precision": self.precision,
-            "offload": self.zero.offload,
+            "offload": self.offload,
             "activation_checkpointing": self.checkpointing,
             "grad_accum": self.grad_accum, "global_batch": self.global_batch, "total_steps": self.total_steps,
             "params": self.n_params, "trainable_params": self.trainable, "lora_targets": list(self.lora_targets),
             "est_step_s": _sig(self.step.step_s), "est_compute_s": _sig(max(self.step.compute_s)),
-            "est_comm_s": _sig(self.step.comm_s), "est_offload_s": _sig(self.step.offload_s),
+            "est_comm_s": _sig(self.step.comm_s), "est_offload_s": _sig(max(self.step.offload_s)),
             "est_tokens_per_s": _sig(self.step.tokens_per_s),
             "est_host_gib": {node: round(b / GIB, 2) for node, b in self.host_bytes_per_node.items()},
             "ranks": [{"card": r.card.card_id, "node": r.card.node, "index": r.card.index, "resource": r.card.resource,
@@ -104,8 +120,9 @@ class Plan:
                        "vram_gib": round(r.card.vram_mib / 1024, 1), "capacity_gib": round(r.capacity_bytes / GIB, 2),
                        "est_mem_gib": round(r.memory.total / GIB, 2), "est_mem_breakdown_gib": _breakdown(r.memory),
                        "rate_tflops": _sig(r.rate_tflops), "rate_source": r.rate_source, "est_compute_s": _sig(c),
-                       "est_wait_s": _sig(w), "est_comm_s": _sig(self.step.comm_s), "est_offload_s": _sig(self.step.offload_s), "env": r.env}
-                      for r, c, w in zip(self.ranks, self.step.compute_s, self.step.wait_s)],
+                       "est_wait_s": _sig(w), "est_comm_s": _sig(self.step.comm_s), "est_offload_s": _sig(o),
+                       "offload_optimizer": r.tuning.offload_optimizer, "offload_params": r.tuning.offload_params, "env": r.env}
+                      for r, c, w, o in zip(self.ranks, self.step.compute_s, self.step.wait_s, self.step.offload_s)],
             "rejected": [{"card": x.card_id, "model": x.card, "reason": x.reason} for x in self.rejected],
         }
 
@@ -156,21 +173,22 @@ class RankCost:
         return micro * (self.recompute_s if self.recomputes(micro) else self.plain_s)
 
 
-def split_batch(total: int, costs: list[RankCost]) -> list[int] | None:
-    """Per-rank micro-batches summing to `total`, each >= 1 and <= its cap, that minimise the slowest
-    rank's time: each next sample goes to the rank that would finish it first (optimal, as every rank's
-    time grows with its micro-batch)."""
+def split_batch(total: int, costs: list[RankCost], offsets: list[float] | None = None) -> list[int] | None:
+    """Per-rank micro-batches summing to `total`, each >= 1 and <= its cap, that minimise the slowest rank's
+    time (its micro-batch's seconds plus its fixed `offsets`, e.g. offload): each next sample goes to the rank
+    that would finish it first (optimal, as every rank's time grows with its micro-batch)."""
     n = len(costs)
+    offsets = offsets or [0.0] * n
     if n > total or any(c.cap < 1 for c in costs) or sum(c.cap for c in costs) < total:
         return None
     micro = [1] * n
-    heap = [(costs[i].seconds(2), i) for i in range(n) if costs[i].cap > 1]
+    heap = [(costs[i].seconds(2) + offsets[i], i) for i in range(n) if costs[i].cap > 1]
     heapq.heapify(heap)
     for _ in range(total - n):
         _, i = heapq.heappop(heap)
         micro[i] += 1
         if micro[i] < costs[i].cap:
-            heapq.heappush(heap, (costs[i].seconds(micro[i] + 1), i))
+            heapq.heappush(heap, (costs[i].seconds(micro[i] + 1) + offsets[i], i))
     return micro
 
 
@@ -281,11 +299,13 @@ def _quick_tokens_per_s(ctx: _Job, group) -> float:
     if zero is None:
         return 0.0
     rates = [step_time.card_tflops(c, precision) for c in group]
+    bandwidths = [step_time.card_gb_per_s(c) for c in group]
     link, pcie = _links(ctx.snapshot, list(group))
     samples = [ctx.job.global_batch_size * r / sum(rates) for r in rates]
     return step_time.estimate(facts=ctx.facts, trainable=ctx.trainable, method=ctx.job.method, seq_len=ctx.job.seq_len,
-                              activation_checkpointing=[False] * len(group), samples_per_rank=samples, rates_tflops=rates, zero=zero,
-                              precision=precision, link_gb_s=link, pcie_gb_s=pcie, most_ranks_on_a_node=1, grad_accum=1).tokens_per_s
+                              activation_checkpointing=[False] * len(group), samples_per_rank=samples, rates_tflops=rates,
+                              bandwidths_gb_s=bandwidths, zeros=[zero] * len(group), precision=precision, lora_targets=lora_targets(ctx.job, ctx.facts),
+                              link_gb_s=link, pcie_gb_s=pcie, most_ranks_on_a_node=1, grad_accum=1).tokens_per_s
 
 
 def _fit(ctx: _Job, group: list[Card], lo: int) -> tuple[Plan | None, dict[str, Rejection]]:
@@ -307,6 +327,11 @@ def _capacity(card: Card) -> int:
     return (min(free, card.vram_mib) if free is not None else card.vram_mib) * 1024**2
 
 
+def _checkpointing_options(job: JobSpec) -> list[bool]:
+    wanted = job.deepspeed.activation_checkpointing
+    return [False, True] if wanted == "auto" else [wanted]
+
+
 def _checkpointing_modes(job: JobSpec, zero: ZeroSetting) -> list[str]:
     """"per card": each card recomputes only if its micro-batch does not fit otherwise. Only where ZeRO leaves
     weights whole on every rank (stages 1-2): at ZeRO-3 a recomputed forward gathers weights again, a
@@ -317,66 +342,100 @@ def _checkpointing_modes(job: JobSpec, zero: ZeroSetting) -> list[str]:
     return ["per card"] if zero.stage <= 2 else ["none", "all"]
 
 
+def _offload_modes(job: JobSpec, zero: ZeroSetting) -> list[str]:
+    """"per card": at ZeRO-2 without offload, a card that cannot hold even one sample offloads its optimizer
+    partition to host RAM while the others keep theirs (DeepSpeed runs the same collectives either way: checked
+    on CPU ranks by tests/test_exact_update.py)."""
+    per_card = job.deepspeed.offload == "auto" and zero == ZeroSetting(2, False, False)
+    return ["uniform", "per card"] if per_card else ["uniform"]
+
+
 def _tune(ctx: _Job, group: list[Card]) -> Plan | None:
-    """The fastest setting (ZeRO stage, offload, per-card checkpointing, split) for this group that fits, or None."""
+    """The fastest setting (ZeRO stage, offload and checkpointing per card, split) for this group that fits, or None."""
     job, world = ctx.job, len(group)
     precision = resolve_precision(job.precision, group)
     rates = [step_time.card_tflops(c, precision) for c in group]
+    bandwidths = [step_time.card_gb_per_s(c) for c in group]
     link, pcie = _links(ctx.snapshot, group)
     most_here = max(Counter(c.node for c in group).values())
-    lora = job.method == "lora"
+    lora, targets = job.method == "lora", lora_targets(job, ctx.facts)
     shapes = {ckpt: TrainingShape(ctx.facts, ctx.trainable, job.seq_len, precision, ckpt, lora) for ckpt in (False, True)}
-    per_sample = {ckpt: step_time.flops_per_token(ctx.facts, job.seq_len, job.method, ckpt) * job.seq_len / 1e12 for ckpt in (False, True)}
+
+    def per_sample(ckpt: bool, rate: float, gb_s: float) -> float:
+        return step_time.seconds_per_token(ctx.facts, job.seq_len, job.method, ckpt, precision, targets, rate, gb_s) * job.seq_len
+
+    def cap(ckpt: bool, zero: ZeroSetting, card: Card) -> int:
+        return memory.max_micro_batch(shapes[ckpt], zero, world, _capacity(card))
+
     best = None
     for zero in _zero_options(job):
-        host = _host_bytes(shapes[False], zero, group)
-        if (zero.offload_optimizer or zero.offload_params) and not _host_ram_ok(ctx.snapshot, host):
-            continue
-        caps = {ckpt: {cap: memory.max_micro_batch(shapes[ckpt], zero, world, cap) for cap in {_capacity(c) for c in group}}
-                for ckpt in (False, True)}
-        for mode in _checkpointing_modes(job, zero):
-            costs = [RankCost(per_sample[mode == "all"] / rate, 0 if mode == "all" else caps[False][_capacity(card)],
-                              per_sample[True] / rate, 0 if mode == "none" else caps[True][_capacity(card)])
-                     for card, rate in zip(group, rates)]
-            split = _split(job.global_batch_size, costs)
-            if split is None:
+        for offload_mode in _offload_modes(job, zero):
+            if offload_mode == "uniform":
+                zeros = [zero] * world
+            else:  # offload on the cards where one sample does not fit otherwise (checkpointing, where allowed)
+                roomy = [max(cap(ckpt, zero, c) for ckpt in _checkpointing_options(job)) >= 1 for c in group]
+                if all(roomy) or not any(roomy):
+                    continue  # the uniform settings already cover it
+                zeros = [zero if ok else ZeroSetting(2, True, False) for ok in roomy]
+            host = _host_bytes(shapes[False], zeros, group)
+            if any(z.offload_optimizer or z.offload_params for z in zeros) and not _host_ram_ok(ctx.snapshot, host):
                 continue
-            micro, grad_accum = split
-            recompute = [c.recomputes(m) for c, m in zip(costs, micro)]
-            estimate = step_time.estimate(
-                facts=ctx.facts, trainable=ctx.trainable, method=job.method, seq_len=job.seq_len, activation_checkpointing=recompute,
-                samples_per_rank=[m * grad_accum for m in micro], rates_tflops=rates, zero=zero, precision=precision,
-                link_gb_s=link, pcie_gb_s=pcie, most_ranks_on_a_node=most_here, grad_accum=grad_accum)
-            if best is None or estimate.step_s < best.step.step_s:
-                envs = nccl_env(group, ctx.snapshot)
-                ranks = tuple(
-                    RankPlan(card, RankTuning(m, zero.stage, zero.offload_optimizer, zero.offload_params, precision, ckpt),
-                             memory.estimate(shapes[ckpt], zero, world, m), _capacity(card), rate, step_time.rate_source(card, precision), env)
-                    for card, m, ckpt, rate, env in zip(group, micro, recompute, rates, envs))
-                best = Plan(job.name, ranks, grad_accum, zero, precision, ctx.total_steps, ctx.facts.n_params,
-                            ctx.trainable, host, (), estimate, lora_targets(job, ctx.facts))
+            def fixed_s(grad_accum: int, zeros=zeros) -> list[float]:
+                comm, offload = step_time.overheads(facts=ctx.facts, trainable=ctx.trainable, zeros=zeros, precision=precision,
+                                                    link_gb_s=link, pcie_gb_s=pcie, most_ranks_on_a_node=most_here, grad_accum=grad_accum)
+                return [comm + o for o in offload]
+
+            for mode in _checkpointing_modes(job, zero):
+                costs = [RankCost(per_sample(mode == "all", rate, gb_s), 0 if mode == "all" else cap(False, z, card),
+                                  per_sample(True, rate, gb_s), 0 if mode == "none" else cap(True, z, card))
+                         for card, z, rate, gb_s in zip(group, zeros, rates, bandwidths)]
+                split = _split(job.global_batch_size, costs, fixed_s)
+                if split is None:
+                    continue
+                micro, grad_accum = split
+                recompute = [c.recomputes(m) for c, m in zip(costs, micro)]
+                estimate = step_time.estimate(
+                    facts=ctx.facts, trainable=ctx.trainable, method=job.method, seq_len=job.seq_len, activation_checkpointing=recompute,
+                    samples_per_rank=[m * grad_accum for m in micro], rates_tflops=rates, bandwidths_gb_s=bandwidths, zeros=zeros,
+                    precision=precision, lora_targets=targets, link_gb_s=link, pcie_gb_s=pcie, most_ranks_on_a_node=most_here,
+                    grad_accum=grad_accum)
+                if best is None or estimate.step_s < best.step.step_s:
+                    envs = nccl_env(group, ctx.snapshot)
+                    ranks = tuple(
+                        RankPlan(card, RankTuning(m, z.stage, z.offload_optimizer, z.offload_params, precision, ckpt),
+                                 memory.estimate(shapes[ckpt], z, world, m), _capacity(card), rate, step_time.rate_source(card, precision), env)
+                        for card, z, m, ckpt, rate, env in zip(group, zeros, micro, recompute, rates, envs))
+                    best = Plan(job.name, ranks, grad_accum, zero, precision, ctx.total_steps, ctx.facts.n_params,
+                                ctx.trainable, host, (), estimate, targets)
     return best
 
 
-def _split(global_batch: int, costs: list[RankCost]) -> tuple[list[int], int] | None:
-    """Micro-batches and the accumulation count (the same on every rank) that fit every card and best follow
-    the cards' speeds; of equally balanced splits, the fewest accumulation steps. A memory cap on the fast card
-    can make more, smaller micro-batches the better split."""
+def _split(global_batch: int, costs: list[RankCost], fixed_s=None) -> tuple[list[int], int] | None:
+    """Micro-batches and the accumulation count (the same on every rank) that fit every card and make the
+    fastest step: compute, plus `fixed_s(grad_accum)` per rank (communication and offload, which grow with the
+    accumulation count at ZeRO-2/3); of equally fast splits, the fewest accumulation steps. A memory cap on the
+    fast card can make more, smaller micro-batches the better split."""
     best, best_time = None, None
     for grad_accum in (g for g in range(1, global_batch + 1) if global_batch % g == 0):
         if global_batch // grad_accum < len(costs):
             break
-        micro = split_batch(global_batch // grad_accum, costs)
+        fixed = fixed_s(grad_accum) if fixed_s else [0.0] * len(costs)
+        micro = split_batch(global_batch // grad_accum, costs, [f / grad_accum for f in fixed])
         if micro:
-            slowest = round(max(c.seconds(m) * grad_accum for c, m in zip(costs, micro)), 9)
+            slowest = round(max(c.seconds(m) * grad_accum + f for c, m, f in zip(costs, micro, fixed)), 9)
             if best_time is None or slowest < best_time:
                 best, best_time = (micro, grad_accum), slowest
     return best
 
 
-def _host_bytes(shape: TrainingShape, zero: ZeroSetting, group: list[Card]) -> dict[str, int]:
+def _host_bytes(shape: TrainingShape, zeros: ZeroSetting | list[ZeroSetting], group: list[Card]) -> dict[str, int]:
+    """Per node. With per-card settings, a node with any offloading rank is counted as DeepSpeed counts a node
+    whose ranks all offload (an upper bound)."""
+    zeros = zeros if isinstance(zeros, list) else [zeros] * len(group)
     ranks_here = Counter(c.node for c in group)
-    return {n: memory.host_bytes(shape, zero, ranks_here[n], len(group)) for n in sorted(ranks_here)}
+    node_zero = {n: max((z for c, z in zip(group, zeros) if c.node == n), key=lambda z: (z.offload_optimizer, z.offload_params))
+                 for n in ranks_here}
+    return {n: memory.host_bytes(shape, node_zero[n], ranks_here[n], len(group)) for n in sorted(ranks_here)}
 
 
 def _host_ram_ok(snapshot: ClusterSnapshot, host: dict[str, int]) -> bool:
@@ -447,10 +506,10 @@ def suggestions(ctx: _Job) -> list[str]:
             plan = make_plan(variant, ctx.facts, ctx.snapshot, ctx.total_steps, suggest=False)
         except (NoPlacement, InputError):  # it does not fit either, or is not a valid job for this model
             continue
-        found.append(f"{text} ({plan.zero.describe()} on {', '.join(r.card.card_id for r in plan.ranks)})")
+        found.append(f"{text} ({plan.settings} on {', '.join(r.card.card_id for r in plan.ranks)})")
     try:  # more cards: would the job fit if every card had a twin beside it?
         plan = make_plan(job, ctx.facts, _with_twins(ctx.snapshot), ctx.total_steps, suggest=False)
-        found.append(f"add cards: it fits on {len(plan.ranks)} ({plan.zero.describe()}: "
+        found.append(f"add cards: it fits on {len(plan.ranks)} ({plan.settings}: "
                       f"{', '.join(sorted({r.card.short_name for r in plan.ranks}))})")
     except NoPlacement:
         pass

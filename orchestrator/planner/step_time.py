@@ -3,7 +3,10 @@
 compute:  training FLOPs of the rank's tokens over the rate the card achieves in training (`card_tflops`): its
           measured matmul rate at the plan's precision (workers/rate_probe.py) times MEASURED_RATE_EFFICIENCY,
           or, for a card not probed, its catalog peak (tensor rate with FP32 accumulate; Pascal runs fp16 no
-          faster than fp32) times ASSUMED_EFFICIENCY;
+          faster than fp32) times ASSUMED_EFFICIENCY; plus the non-matmul work (norms, rotary embedding,
+          residual adds, the gated activation, the loss's softmax, the adapters' scale-and-add), which is bound
+          by memory bandwidth: the bytes it reads and writes (`elementwise_bytes_per_token`) over the card's
+          bandwidth (`card_gb_per_s`: measured copy bandwidth, else the catalog's, times an efficiency);
 comm:     the collectives DeepSpeed runs per optimizer step (`comm_volume`, checked against DeepSpeed's own comms
           logger by tests/test_comm_volume.py), over the slowest link the group uses: PCIe inside a node, the
           cluster's network between nodes (1 GbE moves about 0.11 GB/s; measured where `join` measured it). ZeRO-1 reduces gradients once per
@@ -26,9 +29,29 @@ from orchestrator.model_facts import ModelFacts
 from orchestrator.planner.memory import ZeroSetting, bytes_per_value
 
 ASSUMED_EFFICIENCY = 0.4  # achieved / catalog peak matmul rate for transformer training; an assumption, not a measurement
-# achieved / *measured* large-matmul rate for the same training step: bench/step_time_accuracy.py measured
-# 0.6-0.85 on CPU (small models lower: more of their time is outside matmuls); for rates a probe measures
-MEASURED_RATE_EFFICIENCY = 0.75
+# achieved / *measured* large-matmul rate in a training step's matmuls and attention, for wide models; narrow
+# ones reach less (`width_efficiency`). On CPU: 0.65-0.70 at hidden 256, 0.67-0.82 at 512, 0.75-0.88 at 768
+# (see MEASURED_BANDWIDTH_EFFICIENCY for how), which 0.95 x hidden / (hidden + 100) follows.
+MEASURED_RATE_EFFICIENCY = 0.95
+MATMUL_HALF_WIDTH = 100  # hidden size at which a model's matmuls reach half the rate of wide ones
+# achieved / measured copy bandwidth for training's non-matmul ops: 0.30-0.56 on CPU, Llama-shaped 5M-100M models,
+# full and LoRA, with and without checkpointing (torch profiler: time outside matmuls and attention, over the
+# bytes counted below; the same cases give 0.65-0.88 for MEASURED_RATE_EFFICIENCY)
+MEASURED_BANDWIDTH_EFFICIENCY = 0.4
+# achieved / catalog peak for the same ops on a card: a copy reaches ~0.85 of peak, training's unfused
+# elementwise kernels ~60% of a copy; an assumption, not a measurement
+ASSUMED_BANDWIDTH_EFFICIENCY = 0.5
+# Values read plus written per token by one forward's non-matmul ops, counted op by op for a Llama layer: two
+# RMSNorms (~7 passes over the hidden state each), rotary embedding of q and k (~16), the attention's reshapes
+# and its input/output (~12), two residual adds (6), per hidden unit; the gated activation (silu, then times
+# up: 5) per intermediate unit; the loss's log-softmax over the vocabulary in fp32 (4); the adapters' scale-and-
+# add per output of an adapted linear (counted 5, measured nearer 2: torch fuses part of it). Backward touches
+# about twice as much.
+VALUES_PER_HIDDEN, VALUES_PER_INTERMEDIATE, VALUES_PER_VOCAB, VALUES_PER_ADAPTED_OUTPUT = 48, 5, 4, 2
+# What checkpointing's recomputed forward costs, as a fraction of the decoder layers' forward: measured 0.5-0.8
+# on CPU (step time with / without checkpointing, 5M-100M models, five runs); Hugging Face documents about 20%
+# on the whole step for GPUs, which 0.7 of a forward gives
+RECOMPUTE_FRACTION = 0.7
 CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed's CPU Adam on one homelab CPU (AVX2, 8-16 cores); an assumption
 PCIE_GBS_PER_LANE = {3.0: 0.985, 4.0: 1.969, 5.0: 3.938}  # GB/s per lane and direction
 LINK_EFFICIENCY = 0.9  # achieved / line rate
@@ -37,18 +60,22 @@ LINK_EFFICIENCY = 0.9  # achieved / line rate
 @dataclass(frozen=True)
 class StepEstimate:
     compute_s: tuple[float, ...]  # per rank
-    comm_s: float
-    offload_s: float
+    comm_s: float  # the same on every rank: collectives
+    offload_s: tuple[float, ...]  # per rank: its PCIe copies and CPU Adam (0 where it does not offload)
     tokens: int  # per optimizer step, all ranks
 
     @property
+    def busy_s(self) -> tuple[float, ...]:
+        return tuple(c + o for c, o in zip(self.compute_s, self.offload_s))
+
+    @property
     def step_s(self) -> float:
-        return max(self.compute_s) + self.comm_s + self.offload_s
+        return max(self.busy_s) + self.comm_s
 
     @property
     def wait_s(self) -> tuple[float, ...]:
-        """Per rank: idle until the slowest rank has computed (ranks meet at every gradient reduction)."""
-        return tuple(max(self.compute_s) - c for c in self.compute_s)
+        """Per rank: idle until the slowest rank is done (ranks meet at every gradient reduction)."""
+        return tuple(max(self.busy_s) - b for b in self.busy_s)
 
     @property
     def tokens_per_s(self) -> float:
@@ -59,11 +86,34 @@ def flops_per_token(facts: ModelFacts, seq_len: int, method: str, activation_che
     """Forward: 2 FLOPs per weight a token passes through, plus causal attention (2 * seq * width per
     layer). Backward: twice the forward for a full fine-tune (input and weight gradients), once for LoRA
     (the frozen weights need no gradient). Checkpointing recomputes the decoder layers' forward once more
-    (transformers checkpoints each decoder layer; the output head is not recomputed)."""
+    (transformers checkpoints each decoder layer; the output head is not recomputed), at RECOMPUTE_FRACTION."""
     head = 2 * facts.vocab * facts.hidden
     forward = 2 * facts.matmul_params_per_token + 2 * seq_len * facts.heads * facts.head_dim * facts.n_layers
     backward = 2 * forward if method == "full" else forward
-    return forward + backward + (forward - head if activation_checkpointing else 0)
+    return forward + backward + (RECOMPUTE_FRACTION * (forward - head) if activation_checkpointing else 0)
+
+
+def elementwise_bytes_per_token(facts: ModelFacts, precision: str, activation_checkpointing: bool,
+                                lora_targets: tuple[str, ...] = ()) -> float:
+    """Bytes the non-matmul ops read and write per token in forward and backward (and the decoder layers'
+    forward again under checkpointing). Activations in the compute dtype; the loss in fp32, as train.py runs it."""
+    layer = (VALUES_PER_HIDDEN * facts.hidden + VALUES_PER_INTERMEDIATE * facts.intermediate
+             + VALUES_PER_ADAPTED_OUTPUT * facts.lora_outputs(list(lora_targets))) * facts.n_layers * bytes_per_value(precision)
+    head = VALUES_PER_VOCAB * facts.vocab * 4
+    return 3 * (layer + head) + (RECOMPUTE_FRACTION * layer if activation_checkpointing else 0)
+
+
+def width_efficiency(facts: ModelFacts) -> float:
+    """Matmuls as narrow as a small model's reach less of a card's rate than the probe's large ones: about
+    hidden / (hidden + MATMUL_HALF_WIDTH), near 1 for a 1B model (2048) and 0.7 for a 5M one (256)."""
+    return facts.hidden / (facts.hidden + MATMUL_HALF_WIDTH)
+
+
+def seconds_per_token(facts: ModelFacts, seq_len: int, method: str, activation_checkpointing: bool, precision: str,
+                      lora_targets: tuple[str, ...], tflops: float, gb_per_s: float) -> float:
+    """One token's forward and backward on a card reaching `tflops` in wide matmuls and `gb_per_s` in the rest."""
+    return (flops_per_token(facts, seq_len, method, activation_checkpointing) / (tflops * width_efficiency(facts) * 1e12)
+            + elementwise_bytes_per_token(facts, precision, activation_checkpointing, lora_targets) / (gb_per_s * 1e9))
 
 
 def rate_source(card: Card, precision: str) -> str:
@@ -78,6 +128,14 @@ def card_tflops(card: Card, precision: str) -> float:
     if measured:
         return measured * MEASURED_RATE_EFFICIENCY
     return card.spec.matmul_tflops(precision) * ASSUMED_EFFICIENCY
+
+
+def card_gb_per_s(card: Card) -> float:
+    """The memory bandwidth training's non-matmul ops reach on a card: measured x MEASURED_BANDWIDTH_EFFICIENCY,
+    else catalog x ASSUMED_BANDWIDTH_EFFICIENCY."""
+    if card.facts.measured:
+        return card.facts.measured.memory_gb_s * MEASURED_BANDWIDTH_EFFICIENCY
+    return card.spec.mem_bandwidth_gbs * ASSUMED_BANDWIDTH_EFFICIENCY
 
 
 def pcie_gb_per_s(card: Card) -> float:
@@ -145,15 +203,24 @@ def offload_seconds(trainable: int, n_params: int, world: int, zero: ZeroSetting
     return copies / (pcie_gb_s * 1e9) + adam
 
 
-def estimate(*, facts: ModelFacts, trainable: int, method: str, seq_len: int, activation_checkpointing: list[bool],
-             samples_per_rank: list[float], rates_tflops: list[float], zero: ZeroSetting, precision: str,
-             link_gb_s: float, pcie_gb_s: float, most_ranks_on_a_node: int, grad_accum: int) -> StepEstimate:
-    """`activation_checkpointing`, `samples_per_rank` and `rates_tflops`: one entry per rank."""
-    compute = tuple(flops_per_token(facts, seq_len, method, ckpt) * n * seq_len / (rate * 1e12)
-                    for ckpt, n, rate in zip(activation_checkpointing, samples_per_rank, rates_tflops))
-    c = bytes_per_value(precision)
-    world = len(samples_per_rank)
+def overheads(*, facts: ModelFacts, trainable: int, zeros: list[ZeroSetting], precision: str, link_gb_s: float,
+              pcie_gb_s: float, most_ranks_on_a_node: int, grad_accum: int) -> tuple[float, tuple[float, ...]]:
+    """What an optimizer step costs besides compute: (communication, the same on every rank; offload per rank)."""
+    zero, world, c = zeros[0], len(zeros), bytes_per_value(precision)
     grad_bytes = 4 if (zero.stage == 3 and precision == "bf16") else c  # ds_config.py: fp32 accumulation there
     comm = comm_volume(trainable, facts.n_params, world, zero.stage, grad_accum, c, grad_bytes).wire_bytes(world) / (link_gb_s * 1e9)
-    offload = offload_seconds(trainable, facts.n_params, world, zero, grad_accum, c, pcie_gb_s, most_ranks_on_a_node)
+    offload = tuple(offload_seconds(trainable, facts.n_params, world, z, grad_accum, c, pcie_gb_s, most_ranks_on_a_node) for z in zeros)
+    return comm, offload
+
+
+def estimate(*, facts: ModelFacts, trainable: int, method: str, seq_len: int, activation_checkpointing: list[bool],
+             samples_per_rank: list[float], rates_tflops: list[float], bandwidths_gb_s: list[float], zeros: list[ZeroSetting],
+             precision: str, lora_targets: tuple[str, ...], link_gb_s: float, pcie_gb_s: float, most_ranks_on_a_node: int,
+             grad_accum: int) -> StepEstimate:
+    """`activation_checkpointing`, `samples_per_rank`, `rates_tflops`, `bandwidths_gb_s` and `zeros`: one entry per
+    rank (every rank runs the same ZeRO stage; offload may differ per rank)."""
+    compute = tuple(seconds_per_token(facts, seq_len, method, ckpt, precision, lora_targets, rate, gb_s) * n * seq_len
+                    for ckpt, n, rate, gb_s in zip(activation_checkpointing, samples_per_rank, rates_tflops, bandwidths_gb_s))
+    comm, offload = overheads(facts=facts, trainable=trainable, zeros=zeros, precision=precision, link_gb_s=link_gb_s,
+                              pcie_gb_s=pcie_gb_s, most_ranks_on_a_node=most_ranks_on_a_node, grad_accum=grad_accum)
     return StepEstimate(compute, comm, offload, sum(samples_per_rank) * seq_len)
