@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from orchestrator.errors import ZeromixError
@@ -49,7 +50,7 @@ class ModelFacts:
         """PEFT's default target modules for this architecture (data/lora_targets.csv says where each is from)."""
         return list(LORA_DEFAULTS[self.model_type])
 
-    @property
+    @cached_property
     def matmul_params_per_token(self) -> int:
         """Weights every token multiplies through: all layers' linears and the output head (embedding
         lookups cost no FLOPs)."""

@@ -179,17 +179,30 @@ def split_batch(total: int, costs: list[RankCost], offsets: list[float] | None =
     that would finish it first (optimal, as every rank's time grows with its micro-batch)."""
     n = len(costs)
     offsets = offsets or [0.0] * n
-    if n > total or any(c.cap < 1 for c in costs) or sum(c.cap for c in costs) < total:
+    caps = [c.cap for c in costs]
+    if n > total or min(caps) < 1 or sum(caps) < total:
         return None
-    micro = [1] * n
-    heap = [(costs[i].seconds(2) + offsets[i], i) for i in range(n) if costs[i].cap > 1]
+    plain, plain_cap, recompute = [c.plain_s for c in costs], [c.plain_cap for c in costs], [c.recompute_s for c in costs]
+    micro = _lower_bound(total, plain, plain_cap, recompute, caps, offsets)
+    heap = [(costs[i].seconds(micro[i] + 1) + offsets[i], i) for i in range(n) if micro[i] < caps[i]]
     heapq.heapify(heap)
-    for _ in range(total - n):
-        _, i = heapq.heappop(heap)
-        micro[i] += 1
-        if micro[i] < costs[i].cap:
-            heapq.heappush(heap, (costs[i].seconds(micro[i] + 1) + offsets[i], i))
+    for _ in range(total - sum(micro)):  # RankCost.seconds, inlined: this runs for every sample placed
+        i = heapq.heappop(heap)[1]
+        m = micro[i] = micro[i] + 1
+        if m < caps[i]:
+            heapq.heappush(heap, ((m + 1) * (recompute[i] if m + 1 > plain_cap[i] else plain[i]) + offsets[i], i))
     return micro
+
+
+def _lower_bound(total: int, plain: list[float], plain_cap: list[int], recompute: list[float], caps: list[int],
+                 offsets: list[float]) -> list[int]:
+    """Samples every rank is sure to get, so the greedy places only the last few: were every rank to run at its
+    plain speed, uncapped, all would finish together at a time T no real split beats; each rank gets at least
+    what it finishes by T (within its cap, and its no-recompute cap where recomputing is slower)."""
+    t = (total + sum(o / p for o, p in zip(offsets, plain))) / sum(1 / p for p in plain)
+    start = [max(1, min(int((t - o) / p), caps[i] if recompute[i] == p else plain_cap[i]))
+             for i, (o, p) in enumerate(zip(offsets, plain))]
+    return start if sum(start) <= total else [1] * len(plain)
 
 
 @dataclass(frozen=True)
@@ -290,14 +303,17 @@ def _links(snapshot: ClusterSnapshot, group: list[Card]) -> tuple[float, float]:
 def _quick_tokens_per_s(ctx: _Job, group) -> float:
     """To rank groups: samples split in proportion to rate (fractions allowed), with the first ZeRO/offload
     setting in which one sample fits on every card of the group (checkpointing on): a group of small cards
-    that needs ZeRO-3 pays for ZeRO-3's traffic here already. 0 when nothing fits."""
+    that needs ZeRO-3 pays for ZeRO-3's traffic here already, and for as many accumulation steps as its
+    memory forces (ZeRO-2/3 communicate in every one). 0 when nothing fits."""
     precision = resolve_precision(ctx.job.precision, group)
-    capacities = {_capacity(c) for c in group}
     shape = TrainingShape(ctx.facts, ctx.trainable, ctx.job.seq_len, precision, True, ctx.job.method == "lora")
-    zero = next((z for z in _zero_options(ctx.job)
-                 if all(memory.max_micro_batch(shape, z, len(group), cap) >= 1 for cap in capacities)), None)
-    if zero is None:
+    for zero in _zero_options(ctx.job):
+        by_capacity = {cap: memory.max_micro_batch(shape, zero, len(group), cap) for cap in {_capacity(c) for c in group}}
+        if min(by_capacity.values()) >= 1:
+            break
+    else:
         return 0.0
+    grad_accum = -(-ctx.job.global_batch_size // sum(by_capacity[_capacity(c)] for c in group))
     rates = [step_time.card_tflops(c, precision) for c in group]
     bandwidths = [step_time.card_gb_per_s(c) for c in group]
     link, pcie = _links(ctx.snapshot, list(group))
@@ -305,7 +321,7 @@ def _quick_tokens_per_s(ctx: _Job, group) -> float:
     return step_time.estimate(facts=ctx.facts, trainable=ctx.trainable, method=ctx.job.method, seq_len=ctx.job.seq_len,
                               activation_checkpointing=[False] * len(group), samples_per_rank=samples, rates_tflops=rates,
                               bandwidths_gb_s=bandwidths, zeros=[zero] * len(group), precision=precision, lora_targets=lora_targets(ctx.job, ctx.facts),
-                              link_gb_s=link, pcie_gb_s=pcie, most_ranks_on_a_node=1, grad_accum=1).tokens_per_s
+                              link_gb_s=link, pcie_gb_s=pcie, most_ranks_on_a_node=1, grad_accum=grad_accum).tokens_per_s
 
 
 def _fit(ctx: _Job, group: list[Card], lo: int) -> tuple[Plan | None, dict[str, Rejection]]:
@@ -361,11 +377,19 @@ def _tune(ctx: _Job, group: list[Card]) -> Plan | None:
     lora, targets = job.method == "lora", lora_targets(job, ctx.facts)
     shapes = {ckpt: TrainingShape(ctx.facts, ctx.trainable, job.seq_len, precision, ckpt, lora) for ckpt in (False, True)}
 
-    def per_sample(ckpt: bool, rate: float, gb_s: float) -> float:
-        return step_time.seconds_per_token(ctx.facts, job.seq_len, job.method, ckpt, precision, targets, rate, gb_s) * job.seq_len
+    work = {ckpt: step_time.token_work(ctx.facts, job.seq_len, job.method, ckpt, precision, targets) for ckpt in (False, True)}
 
-    def cap(ckpt: bool, zero: ZeroSetting, card: Card) -> int:
-        return memory.max_micro_batch(shapes[ckpt], zero, world, _capacity(card))
+    def per_sample(ckpt: bool, rate: float, gb_s: float) -> float:
+        return work[ckpt].seconds(rate, gb_s) * job.seq_len
+
+    capacities = [_capacity(c) for c in group]
+    caps: dict[tuple[bool, ZeroSetting], dict[int, int]] = {}
+
+    def card_caps(ckpt: bool, zero: ZeroSetting) -> dict[int, int]:
+        """Micro-batch caps by card capacity (most groups hold a few card models: computed once per model)."""
+        if (ckpt, zero) not in caps:
+            caps[ckpt, zero] = {c: memory.max_micro_batch(shapes[ckpt], zero, world, c) for c in set(capacities)}
+        return caps[ckpt, zero]
 
     best = None
     for zero in _zero_options(job):
@@ -373,7 +397,7 @@ def _tune(ctx: _Job, group: list[Card]) -> Plan | None:
             if offload_mode == "uniform":
                 zeros = [zero] * world
             else:  # offload on the cards where one sample does not fit otherwise (checkpointing, where allowed)
-                roomy = [max(cap(ckpt, zero, c) for ckpt in _checkpointing_options(job)) >= 1 for c in group]
+                roomy = [max(card_caps(ckpt, zero)[c] for ckpt in _checkpointing_options(job)) >= 1 for c in capacities]
                 if all(roomy) or not any(roomy):
                     continue  # the uniform settings already cover it
                 zeros = [zero if ok else ZeroSetting(2, True, False) for ok in roomy]
@@ -385,10 +409,12 @@ def _tune(ctx: _Job, group: list[Card]) -> Plan | None:
                                                     link_gb_s=link, pcie_gb_s=pcie, most_ranks_on_a_node=most_here, grad_accum=grad_accum)
                 return [comm + o for o in offload]
 
+            plain_caps = [card_caps(False, z)[c] for c, z in zip(capacities, zeros)]
+            recompute_caps = [card_caps(True, z)[c] for c, z in zip(capacities, zeros)]
             for mode in _checkpointing_modes(job, zero):
-                costs = [RankCost(per_sample(mode == "all", rate, gb_s), 0 if mode == "all" else cap(False, z, card),
-                                  per_sample(True, rate, gb_s), 0 if mode == "none" else cap(True, z, card))
-                         for card, z, rate, gb_s in zip(group, zeros, rates, bandwidths)]
+                costs = [RankCost(per_sample(mode == "all", rate, gb_s), 0 if mode == "all" else plain_cap,
+                                  per_sample(True, rate, gb_s), 0 if mode == "none" else recompute_cap)
+                         for plain_cap, recompute_cap, rate, gb_s in zip(plain_caps, recompute_caps, rates, bandwidths)]
                 split = _split(job.global_batch_size, costs, fixed_s)
                 if split is None:
                     continue
@@ -403,8 +429,8 @@ def _tune(ctx: _Job, group: list[Card]) -> Plan | None:
                     envs = nccl_env(group, ctx.snapshot)
                     ranks = tuple(
                         RankPlan(card, RankTuning(m, z.stage, z.offload_optimizer, z.offload_params, precision, ckpt),
-                                 memory.estimate(shapes[ckpt], z, world, m), _capacity(card), rate, step_time.rate_source(card, precision), env)
-                        for card, z, m, ckpt, rate, env in zip(group, zeros, micro, recompute, rates, envs))
+                                 memory.estimate(shapes[ckpt], z, world, m), capacity, rate, step_time.rate_source(card, precision), env)
+                        for card, capacity, z, m, ckpt, rate, env in zip(group, capacities, zeros, micro, recompute, rates, envs))
                     best = Plan(job.name, ranks, grad_accum, zero, precision, ctx.total_steps, ctx.facts.n_params,
                                 ctx.trainable, host, (), estimate, targets)
     return best
@@ -433,8 +459,10 @@ def _host_bytes(shape: TrainingShape, zeros: ZeroSetting | list[ZeroSetting], gr
     whose ranks all offload (an upper bound)."""
     zeros = zeros if isinstance(zeros, list) else [zeros] * len(group)
     ranks_here = Counter(c.node for c in group)
-    node_zero = {n: max((z for c, z in zip(group, zeros) if c.node == n), key=lambda z: (z.offload_optimizer, z.offload_params))
-                 for n in ranks_here}
+    node_zero = {n: zeros[0] for n in ranks_here}
+    for card, zero in zip(group, zeros):
+        if zero != zeros[0]:  # the per-card settings differ: count the node's most offloading one
+            node_zero[card.node] = max(node_zero[card.node], zero, key=lambda z: (z.offload_optimizer, z.offload_params))
     return {n: memory.host_bytes(shape, node_zero[n], ranks_here[n], len(group)) for n in sorted(ranks_here)}
 
 

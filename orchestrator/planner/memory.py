@@ -18,6 +18,7 @@ on top.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from orchestrator.ds_config import BUCKET_ELEMENTS
 from orchestrator.model_facts import ModelFacts
@@ -58,8 +59,7 @@ class TrainingShape:
     lora: bool = False  # the base is frozen: only the adapters have gradients and optimizer state
 
 
-@dataclass(frozen=True)
-class ZeroSetting:
+class ZeroSetting(NamedTuple):  # a tuple: hashed in C, and the planner keys its caches by it
     stage: int
     offload_optimizer: bool
     offload_params: bool

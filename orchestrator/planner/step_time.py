@@ -109,11 +109,27 @@ def width_efficiency(facts: ModelFacts) -> float:
     return facts.hidden / (facts.hidden + MATMUL_HALF_WIDTH)
 
 
+@dataclass(frozen=True)
+class TokenWork:
+    """One token's forward and backward: matmul FLOPs (scaled up for narrow matmuls) and non-matmul bytes."""
+
+    flops: float
+    moved_bytes: float
+
+    def seconds(self, tflops: float, gb_per_s: float) -> float:
+        """On a card reaching `tflops` in wide matmuls and `gb_per_s` in the rest."""
+        return self.flops / (tflops * 1e12) + self.moved_bytes / (gb_per_s * 1e9)
+
+
+def token_work(facts: ModelFacts, seq_len: int, method: str, activation_checkpointing: bool, precision: str,
+               lora_targets: tuple[str, ...]) -> TokenWork:
+    return TokenWork(flops_per_token(facts, seq_len, method, activation_checkpointing) / width_efficiency(facts),
+                     elementwise_bytes_per_token(facts, precision, activation_checkpointing, lora_targets))
+
+
 def seconds_per_token(facts: ModelFacts, seq_len: int, method: str, activation_checkpointing: bool, precision: str,
                       lora_targets: tuple[str, ...], tflops: float, gb_per_s: float) -> float:
-    """One token's forward and backward on a card reaching `tflops` in wide matmuls and `gb_per_s` in the rest."""
-    return (flops_per_token(facts, seq_len, method, activation_checkpointing) / (tflops * width_efficiency(facts) * 1e12)
-            + elementwise_bytes_per_token(facts, precision, activation_checkpointing, lora_targets) / (gb_per_s * 1e9))
+    return token_work(facts, seq_len, method, activation_checkpointing, precision, lora_targets).seconds(tflops, gb_per_s)
 
 
 def rate_source(card: Card, precision: str) -> str:
@@ -209,8 +225,8 @@ def overheads(*, facts: ModelFacts, trainable: int, zeros: list[ZeroSetting], pr
     zero, world, c = zeros[0], len(zeros), bytes_per_value(precision)
     grad_bytes = 4 if (zero.stage == 3 and precision == "bf16") else c  # ds_config.py: fp32 accumulation there
     comm = comm_volume(trainable, facts.n_params, world, zero.stage, grad_accum, c, grad_bytes).wire_bytes(world) / (link_gb_s * 1e9)
-    offload = tuple(offload_seconds(trainable, facts.n_params, world, z, grad_accum, c, pcie_gb_s, most_ranks_on_a_node) for z in zeros)
-    return comm, offload
+    by_setting = {z: offload_seconds(trainable, facts.n_params, world, z, grad_accum, c, pcie_gb_s, most_ranks_on_a_node) for z in set(zeros)}
+    return comm, tuple(by_setting[z] for z in zeros)
 
 
 def estimate(*, facts: ModelFacts, trainable: int, method: str, seq_len: int, activation_checkpointing: list[bool],
@@ -219,7 +235,8 @@ def estimate(*, facts: ModelFacts, trainable: int, method: str, seq_len: int, ac
              grad_accum: int) -> StepEstimate:
     """`activation_checkpointing`, `samples_per_rank`, `rates_tflops`, `bandwidths_gb_s` and `zeros`: one entry per
     rank (every rank runs the same ZeRO stage; offload may differ per rank)."""
-    compute = tuple(seconds_per_token(facts, seq_len, method, ckpt, precision, lora_targets, rate, gb_s) * n * seq_len
+    work = {ckpt: token_work(facts, seq_len, method, ckpt, precision, lora_targets) for ckpt in set(activation_checkpointing)}
+    compute = tuple(work[ckpt].seconds(rate, gb_s) * n * seq_len
                     for ckpt, n, rate, gb_s in zip(activation_checkpointing, samples_per_rank, rates_tflops, bandwidths_gb_s))
     comm, offload = overheads(facts=facts, trainable=trainable, zeros=zeros, precision=precision, link_gb_s=link_gb_s,
                               pcie_gb_s=pcie_gb_s, most_ranks_on_a_node=most_ranks_on_a_node, grad_accum=grad_accum)
