@@ -34,6 +34,9 @@ class RankTuning:
     # Per card: transformers recomputes each decoder layer's forward in backward. Per process, it changes no
     # maths (the same RNG state is replayed), only this rank's memory and time; see planner._checkpointing_modes.
     activation_checkpointing: bool = False
+    # ZeRO-3 across boxes: ZeRO++ hierarchical partitioning over this many cards (those of one box, which must be
+    # consecutive ranks), so backward's weight gathers stay inside the box. 1: off.
+    hpz_partition_size: int = 1
 
 
 def deepspeed_config(tuning: RankTuning, grad_accum: int, world_size: int, gradient_clipping: float, opt: Optimization) -> dict:
@@ -98,6 +101,8 @@ def _zero_section(t: RankTuning) -> dict:
             "stage3_max_reuse_distance": STAGE3_MAX_LIVE_PARAMETERS,
             "stage3_gather_16bit_weights_on_model_save": True,
         }
+        if t.hpz_partition_size > 1:
+            section["zero_hpz_partition_size"] = t.hpz_partition_size
     return section
 
 

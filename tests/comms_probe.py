@@ -3,7 +3,7 @@ zeromix's own DeepSpeed configs and the comms logger on, for ZeRO 1/2/3 x full/L
 steps. Writes, per case, the bytes each kind of collective carried in one optimizer step (after one warm-up
 step), as the logger recorded them.
 
-    deepspeed --num_gpus N --master_port P --no_local_rank tests/comms_probe.py OUT.json
+    deepspeed --num_gpus N --master_port P --no_local_rank tests/comms_probe.py OUT.json [hpz]
 """
 
 import json
@@ -27,13 +27,17 @@ CONFIG = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 384, "interm
 LORA_TARGETS = ["q_proj", "v_proj"]
 LORA_R = 4
 SCALAR_BYTES = 8  # loss and overflow flags: not the model's traffic
+HPZ_MAX_LIVE = 1000
 
 
-def one_case(stage: int, grad_accum: int, method: str, world: int) -> dict:
+def one_case(stage: int, grad_accum: int, method: str, world: int, hpz: int = 1, max_live: int | None = None) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    config = deepspeed_config(RankTuning(2, stage, False, False, "fp32"), grad_accum, world, 1.0, Optimization(1e-3, "constant", 0, 0.0, 100))
+    tuning = RankTuning(2, stage, False, False, "fp32", hpz_partition_size=hpz)
+    config = deepspeed_config(tuning, grad_accum, world, 1.0, Optimization(1e-3, "constant", 0, 0.0, 100))
+    if max_live:  # what a model above the live limit sees: its weights gathered again for backward
+        config["zero_optimization"].update(stage3_max_live_parameters=max_live, stage3_max_reuse_distance=max_live)
     config.update(comms_logger={"enabled": True, "prof_all": True, "verbose": False, "debug": False}, wall_clock_breakdown=False)
     zero3 = HfDeepSpeedConfig(config) if stage == 3 else None  # ZeRO-3 partitions weights as they are made
     torch.manual_seed(0)
@@ -53,14 +57,20 @@ def one_case(stage: int, grad_accum: int, method: str, world: int) -> dict:
     logged: dict[str, int] = {}
     for op, sizes in dist.comms_logger.comms_dict.items():
         logged[op] = sum(int(size) * entry[0] for size, entry in sizes.items() if int(size) > SCALAR_BYTES)
+    weights = {name: p.ds_tensor.detach().clone() for name, p in engine.module.named_parameters()} if stage == 3 else {}
     engine.destroy()  # 18 engines in one process: release each one's hooks and buffers before the next
-    return {"stage": stage, "grad_accum": grad_accum, "method": method, "world": world, "logged": logged}
+    checksum = float(sum(t.double().abs().sum() for t in weights.values()))  # this rank's partition after two steps
+    return {"stage": stage, "grad_accum": grad_accum, "method": method, "world": world, "hpz": hpz, "max_live": max_live,
+            "logged": logged, "partition_checksum": checksum}
 
 
 def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     world = dist.get_world_size()
-    cases = [one_case(s, ga, m, world) for m in ("full", "lora") for s in (1, 2, 3) for ga in (1, 2, 4)]
+    if len(sys.argv) > 2 and sys.argv[2] == "hpz":  # ZeRO++ hpZ over pairs of ranks, weights gathered twice per micro-step
+        cases = [one_case(3, ga, "full", world, hpz, HPZ_MAX_LIVE) for hpz in (1, 2) for ga in (1, 2)]
+    else:
+        cases = [one_case(s, ga, m, world) for m in ("full", "lora") for s in (1, 2, 3) for ga in (1, 2, 4)]
     if dist.get_rank() == 0:
         Path(sys.argv[1]).write_text(json.dumps({"config": CONFIG, "lora_r": LORA_R, "lora_targets": LORA_TARGETS, "cases": cases}))
     # Leave gloo in order: a rank that exits while its peers still hold the group open aborted once in CI

@@ -6,7 +6,7 @@ from orchestrator.cluster_config import ClusterConfig, load_cluster
 from orchestrator.inventory import snapshot_from_config
 from orchestrator.jobspec import JobSpec
 from orchestrator.model_facts import facts_from_config
-from orchestrator.planner import NoPlacement, make_plan
+from orchestrator.planner import NoPlacement, make_plan, step_time
 from tests.conftest import REPO
 from tests.test_model_facts import config
 
@@ -214,3 +214,26 @@ def test_12_only_the_card_short_of_memory_offloads_its_optimizer():
     both = make_plan(job(method="full", global_batch_size=16, gpus={"count": 2}, deepspeed={"offload": "optimizer"}), LLAMA_1B, box, 100)
     assert both.offloading == ("box/0", "box/1") and both.step.step_s > plan.step.step_s
     assert plan.host_bytes_per_node["box"] == both.host_bytes_per_node["box"]  # DeepSpeed's count for an offloading box
+
+
+def test_13_zero3_across_boxes_gathers_for_backward_inside_each_box():
+    """An 8B full fine-tune at ZeRO-3 on two boxes of two 3090s, 1 GbE between them: above 1e9 parameters
+    ZeRO-3 gathers the weights again for backward, so the plan turns on ZeRO++ hierarchical partitioning
+    (hpZ, two cards per box): those gathers read a box-wide copy over PCIe, and half the weight traffic leaves
+    the network. A box's cards are consecutive ranks, as DeepSpeed forms hpZ's groups."""
+    two_boxes = pool(("a", 256, ["RTX 3090", "RTX 3090"]), ("b", 256, ["RTX 3090", "RTX 3090"]))
+    spec = job(method="full", global_batch_size=64, gpus={"count": 4}, deepspeed={"zero_stage": 3})
+    plan = make_plan(spec, LLAMA_8B, two_boxes, 100)
+    assert plan.zero.hpz == 2 and "hpZ over 2 cards per box" in plan.settings
+    assert [r.card.node for r in plan.ranks] in (["a", "a", "b", "b"], ["b", "b", "a", "a"])
+    assert {c["zero_optimization"]["zero_hpz_partition_size"] for c in plan.ds_configs(spec)} == {2}
+    without = step_time.overheads(facts=LLAMA_8B, trainable=plan.trainable, zeros=[plan.zero._replace(hpz=1)] * 4,
+                                  precision=plan.precision, link_gb_s=1 / 8 * step_time.LINK_EFFICIENCY, pcie_gb_s=28.4,
+                                  most_ranks_on_a_node=2, grad_accum=plan.grad_accum)[0]
+    assert plan.step.comm_s < 0.8 * without  # the gradients' reduce-scatter still crosses the network in full
+    volumes = [step_time.comm_volume(plan.trainable, LLAMA_8B.n_params, 4, 3, plan.grad_accum, 2, 4, hpz) for hpz in (1, 2)]
+    assert volumes[1].all_gather == pytest.approx(volumes[0].all_gather / 2) and volumes[1].all_gather_in_box > 0
+    # a 0.5B model keeps its weights gathered from forward to backward (under 1e9): nothing for hpZ to save
+    qwen = facts_from_config(config("qwen2.5-0.5b"))
+    small = make_plan(job(method="full", global_batch_size=64, gpus={"count": 4}, deepspeed={"zero_stage": 3}), qwen, two_boxes, 100)
+    assert small.zero.hpz == 1 and "zero_hpz_partition_size" not in small.ds_configs(spec)[0]["zero_optimization"]

@@ -83,7 +83,9 @@ class Plan:
 
     @property
     def settings(self) -> str:
-        return f"ZeRO-{self.zero.stage}, offload {self.offload}"
+        if self.offload != self.zero.offload:
+            return f"ZeRO-{self.zero.stage}, offload {self.offload}"
+        return self.zero.describe()
 
     @property
     def recomputing(self) -> tuple[str, ...]:
@@ -366,8 +368,23 @@ def _offload_modes(job: JobSpec, zero: ZeroSetting) -> list[str]:
     return ["uniform", "per card"] if per_card else ["uniform"]
 
 
+def _hpz_size(facts: ModelFacts, group: list[Card]) -> int:
+    """Cards per box for ZeRO++ hierarchical partitioning, or 1 when it would not help: it needs the group
+    spread over two or more boxes with the same number of cards each (DeepSpeed splits ranks into equal
+    consecutive groups), and it only saves traffic when ZeRO-3 gathers the weights again for backward."""
+    per_box = Counter(c.node for c in group)
+    sizes = set(per_box.values())
+    if len(per_box) < 2 or len(sizes) != 1 or min(sizes) < 2:
+        return 1
+    return min(sizes) if step_time.gathers_per_micro_step(facts.n_params) == 2 else 1
+
+
 def _tune(ctx: _Job, group: list[Card]) -> Plan | None:
     """The fastest setting (ZeRO stage, offload and checkpointing per card, split) for this group that fits, or None."""
+    hpz = _hpz_size(ctx.facts, group)
+    if hpz > 1:  # a box's cards as consecutive ranks, as hpZ's groups are formed (rank order changes no maths)
+        boxes = list(dict.fromkeys(c.node for c in group))
+        group = sorted(group, key=lambda c: boxes.index(c.node))
     job, world = ctx.job, len(group)
     precision = resolve_precision(job.precision, group)
     rates = [step_time.card_tflops(c, precision) for c in group]
@@ -392,7 +409,9 @@ def _tune(ctx: _Job, group: list[Card]) -> Plan | None:
         return caps[ckpt, zero]
 
     best = None
-    for zero in _zero_options(job):
+    zeros_to_try = _zero_options(job)
+    zeros_to_try += [z._replace(hpz=hpz) for z in zeros_to_try if z.stage == 3 and hpz > 1]
+    for zero in zeros_to_try:
         for offload_mode in _offload_modes(job, zero):
             if offload_mode == "uniform":
                 zeros = [zero] * world
@@ -428,7 +447,7 @@ def _tune(ctx: _Job, group: list[Card]) -> Plan | None:
                 if best is None or estimate.step_s < best.step.step_s:
                     envs = nccl_env(group, ctx.snapshot)
                     ranks = tuple(
-                        RankPlan(card, RankTuning(m, z.stage, z.offload_optimizer, z.offload_params, precision, ckpt),
+                        RankPlan(card, RankTuning(m, z.stage, z.offload_optimizer, z.offload_params, precision, ckpt, z.hpz),
                                  memory.estimate(shapes[ckpt], z, world, m), capacity, rate, step_time.rate_source(card, precision), env)
                         for card, capacity, z, m, ckpt, rate, env in zip(group, capacities, zeros, micro, recompute, rates, envs))
                     best = Plan(job.name, ranks, grad_accum, zero, precision, ctx.total_steps, ctx.facts.n_params,

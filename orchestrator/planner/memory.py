@@ -63,13 +63,14 @@ class ZeroSetting(NamedTuple):  # a tuple: hashed in C, and the planner keys its
     stage: int
     offload_optimizer: bool
     offload_params: bool
+    hpz: int = 1  # ZeRO++ hierarchical partitioning: a second copy of the weights split over this many cards in a box
 
     @property
     def offload(self) -> str:
         return "optimizer+params" if self.offload_params else ("optimizer" if self.offload_optimizer else "none")
 
     def describe(self) -> str:
-        return f"ZeRO-{self.stage}, offload {self.offload}"
+        return f"ZeRO-{self.stage}{f' with hpZ over {self.hpz} cards per box' if self.hpz > 1 else ''}, offload {self.offload}"
 
 
 def bytes_per_value(precision: str) -> int:
@@ -88,7 +89,7 @@ def model_states(shape: TrainingShape, zero: ZeroSetting, world: int) -> tuple[i
     if zero.stage >= 2:
         gradients //= world
     if zero.stage == 3:
-        weights //= world
+        weights = weights // world + weights // zero.hpz * (zero.hpz > 1)  # hpZ keeps a box-wide partition besides
         gathered = 2 * c * shape.facts.largest_layer_params
         if c == 2:
             gradients = 0  # reduced straight into the fp32 partition, which `optimizer` counts

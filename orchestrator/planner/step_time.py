@@ -176,32 +176,45 @@ class CommVolume:
 
     all_reduce: float
     reduce_scatter: float
-    all_gather: float
+    all_gather: float  # over every rank
+    all_gather_in_box: float = 0.0  # ZeRO++ hpZ: backward's gathers, over the cards of one box
 
     def wire_bytes(self, world: int) -> float:
-        """What crosses each rank's link in ring collectives: an all-reduce moves 2(W-1)/W of its tensor,
-        a reduce-scatter (W-1)/W, an all-gather (W-1) parts."""
+        """What crosses each rank's link in ring collectives over all ranks: an all-reduce moves 2(W-1)/W of
+        its tensor, a reduce-scatter (W-1)/W, an all-gather (W-1) parts."""
         return (self.all_reduce * 2 + self.reduce_scatter) * (world - 1) / world + self.all_gather * (world - 1)
 
+    def box_wire_bytes(self, hpz: int) -> float:
+        """What hpZ's gathers move inside a box, over PCIe: (hpz-1) parts."""
+        return self.all_gather_in_box * (hpz - 1)
 
-def gathers_per_micro_step(n_params: int) -> int:
+
+def gathers_per_micro_step(n_params: int, max_live: int = STAGE3_MAX_LIVE_PARAMETERS) -> int:
     """ZeRO-3 gathers the weights for forward; with zeromix's stage3_max_live_parameters and max_reuse_distance
     (ds_config.py) they stay gathered for backward unless the model is larger than the live limit."""
-    return 1 if n_params <= STAGE3_MAX_LIVE_PARAMETERS else 2
+    return 1 if n_params <= max_live else 2
 
 
 def comm_volume(trainable: int, n_params: int, world: int, stage: int, grad_accum: int, value_bytes: int,
-                grad_bytes: int) -> CommVolume:
+                grad_bytes: int, hpz: int = 1, max_live: int = STAGE3_MAX_LIVE_PARAMETERS) -> CommVolume:
     """The collectives of one optimizer step. `value_bytes`: a weight as communicated (the compute dtype);
-    `grad_bytes`: a gradient as reduced (fp32 where zeromix accumulates ZeRO-3 bf16 gradients in fp32)."""
+    `grad_bytes`: a gradient as reduced (fp32 where zeromix accumulates ZeRO-3 bf16 gradients in fp32).
+    With hpZ (`hpz` cards per box), backward's gathers read the box-wide copy: their parts are 1/hpz of the
+    weights and never leave the box (only when weights are gathered twice per micro-step; with them kept
+    from forward to backward, hpZ has nothing to save)."""
     if world == 1:
         return CommVolume(0.0, 0.0, 0.0)
     if stage <= 1:  # gradients reduced once, at the accumulation boundary; updated partitions gathered
         return CommVolume(trainable * grad_bytes, 0.0, trainable * value_bytes / world)
     if stage == 2:  # gradients reduced in every micro-step's backward
         return CommVolume(grad_accum * trainable * grad_bytes, 0.0, trainable * value_bytes / world)
-    gathered = grad_accum * gathers_per_micro_step(n_params) * n_params * value_bytes / world
-    return CommVolume(0.0, grad_accum * trainable * grad_bytes, gathered)
+    reduced = grad_accum * trainable * grad_bytes
+    weights = grad_accum * n_params * value_bytes
+    if gathers_per_micro_step(n_params, max_live) == 1:
+        return CommVolume(0.0, reduced, weights / world)
+    if hpz > 1:
+        return CommVolume(0.0, reduced, weights / world, weights / hpz)
+    return CommVolume(0.0, reduced, 2 * weights / world)
 
 
 def offload_seconds(trainable: int, n_params: int, world: int, zero: ZeroSetting, grad_accum: int, value_bytes: int,
@@ -224,7 +237,8 @@ def overheads(*, facts: ModelFacts, trainable: int, zeros: list[ZeroSetting], pr
     """What an optimizer step costs besides compute: (communication, the same on every rank; offload per rank)."""
     zero, world, c = zeros[0], len(zeros), bytes_per_value(precision)
     grad_bytes = 4 if (zero.stage == 3 and precision == "bf16") else c  # ds_config.py: fp32 accumulation there
-    comm = comm_volume(trainable, facts.n_params, world, zero.stage, grad_accum, c, grad_bytes).wire_bytes(world) / (link_gb_s * 1e9)
+    volume = comm_volume(trainable, facts.n_params, world, zero.stage, grad_accum, c, grad_bytes, zero.hpz)
+    comm = volume.wire_bytes(world) / (link_gb_s * 1e9) + volume.box_wire_bytes(zero.hpz) / (pcie_gb_s * 1e9)
     by_setting = {z: offload_seconds(trainable, facts.n_params, world, z, grad_accum, c, pcie_gb_s, most_ranks_on_a_node) for z in set(zeros)}
     return comm, tuple(by_setting[z] for z in zeros)
 
