@@ -103,6 +103,7 @@ class JobSpec(StrictModel):
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     output_dir: str
     checkpoint_every: int = Field(0, ge=0, description="Optimizer steps between checkpoints; 0 = only at the end.")
+    keep_last: int = Field(2, ge=1, le=1000, description="Complete checkpoints kept; older ones are deleted after each save.")
     priority: int = Field(0, ge=-100, le=100)
     seed: int = 0
 

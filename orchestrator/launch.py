@@ -37,7 +37,7 @@ def train_config(job: JobSpec, plan: Plan, job_id: str) -> TrainConfig:
         seq_len=job.seq_len, micro_batches=tuple(r.tuning.micro_batch for r in plan.ranks), grad_accum=plan.grad_accum,
         total_steps=plan.total_steps, ds_configs=tuple(plan.ds_configs(job)),
         activation_checkpointing=tuple(r.tuning.activation_checkpointing for r in plan.ranks), output_dir=job.output_dir,
-        checkpoint_every=job.checkpoint_every, seed=job.seed,
+        checkpoint_every=job.checkpoint_every, keep_last=job.keep_last, seed=job.seed,
     )
 
 

@@ -77,6 +77,7 @@ def main() -> None:
     # ("terminate called without an active exception", exit 250) after every case had run.
     dist.barrier()
     torch.distributed.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown, as workers/local_launch.py does: it can abort in gloo's threads
 
 
 if __name__ == "__main__":

@@ -22,6 +22,19 @@ def demo_data(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def base_model(tmp_path_factory) -> str:
+    """A 'pretrained' model for LoRA and resume cases: the tiny Llama, randomly initialised and saved."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("base")
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(TINY_LLAMA).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def zeromix_home(tmp_path_factory) -> Path:
     """One ZEROMIX_HOME, hence one auth token, for every cluster this test process talks to: Ray reads its
     auth settings once per process, so clusters with different tokens cannot follow one another here."""

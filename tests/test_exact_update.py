@@ -32,18 +32,6 @@ TOLERANCE = 1e-5
 TOLERANCE_ADAMW = 1e-3
 
 
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> str:
-    """A 'pretrained' model for the LoRA cases: the tiny Llama, randomly initialised and saved."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    path = tmp_path_factory.mktemp("base")
-    torch.manual_seed(1)
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA)).save_pretrained(path)
-    AutoTokenizer.from_pretrained(TINY_LLAMA).save_pretrained(path)
-    return str(path)
-
-
 def job(out, demo_data, base_model, stage: int, method: str, clip: float, steps: int = STEPS, optimizer: str = "AdamW",
         offload: bool | tuple[bool, ...] = False, recompute: tuple[bool, ...] = (False,) * len(MICRO)) -> TrainConfig:
     opt = Optimization(LR[optimizer], "constant", 0, 0.0, max(steps, 1))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import socket
+import time
 from dataclasses import asdict
 
 from workers.train import RankInfo, TrainConfig
@@ -37,7 +39,17 @@ def run_local_ranks(config: TrainConfig, timeout_s: float = 600) -> list[dict]:
     procs = [ctx.Process(target=_rank, args=(r, world, config.to_json(), port, results)) for r in range(world)]
     for p in procs:
         p.start()
-    collected = [results.get(timeout=timeout_s) for _ in procs]
+    collected, deadline = [], time.monotonic() + timeout_s
+    while len(collected) < world:
+        try:
+            collected.append(results.get(timeout=1))
+        except queue.Empty:
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                why = f"rank(s) {dead} died (exit {[procs[r].exitcode for r in dead]})" if dead else f"no result within {timeout_s:.0f} s"
+                raise RuntimeError(f"local ranks failed: {why}") from None
     for p in procs:
         p.join(timeout=60)
     codes = [p.exitcode for p in procs]

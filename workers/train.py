@@ -42,6 +42,7 @@ class TrainConfig:
     # Benchmark only (bench/hetero_dp.py): rank r runs k_r times slower, to emulate mixed cards on CPU.
     # Job specs have no such field and the launcher never sets it.
     emulated_slowdown: tuple[float, ...] | None = None
+    keep_last: int = 2  # complete checkpoints kept (workers/checkpoint.py)
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
@@ -105,6 +106,7 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
+    from workers import checkpoint
     from workers.data import GlobalBatchSampler, collate, read_records, tokenize
     from workers.memory_report import model_state_bytes
     from workers.precision import runnable_ds_config
@@ -150,10 +152,18 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     out = Path(cfg.output_dir)
     checkpoints = out / CHECKPOINT_DIR
     start_step = 0
-    if (checkpoints / "latest").is_file():
-        _, client_state = engine.load_checkpoint(str(checkpoints))
+    tag, skipped = checkpoint.newest_complete(checkpoints)
+    for warning in skipped:
+        _say(rank, f"warning: {warning}")
+    if tag:
+        _, client_state = engine.load_checkpoint(str(checkpoints), tag=tag)
         start_step = int(client_state["step"])
-        _say(rank, f"resumed from {checkpoints} at step {start_step}")
+        _say(rank, f"resumed from {checkpoints / tag} at step {start_step}")
+    layout = {"world_size": world, "micro_batches": list(cfg.micro_batches), "grad_accum": cfg.grad_accum,
+              "zero_stage": ds_config["zero_optimization"]["stage"]}
+
+    def save(step: int) -> None:
+        checkpoint.save(engine, checkpoints, step, rank, dist.barrier, cfg.keep_last, layout)
 
     # ----------------------------------------------------------------------------- loop
     result = RankResult(rank=rank, steps=start_step, precision=precision, device=_device_name(on_gpu),
@@ -200,10 +210,10 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
         _progress(rank, step=step + 1, of=cfg.total_steps, loss=round(loss, 5), lr=scheduler.get_last_lr()[0],
                   step_time_s=round(step_time, 4), tokens_per_s=round(counts[1].item() / step_time, 1))
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.total_steps:
-            engine.save_checkpoint(str(checkpoints), tag=f"step-{step + 1}", client_state={"step": step + 1})
+            save(step + 1)
 
     # ----------------------------------------------------------------------------- save
-    engine.save_checkpoint(str(checkpoints), tag=f"step-{result.steps}", client_state={"step": result.steps})
+    save(result.steps)
     result.final_dir = str(_save_final(engine, tokenizer, out, rank, zero3_stage=ds_config["zero_optimization"]["stage"] == 3))
     result.tokens_per_s = tokens_seen / train_time if train_time else 0.0
     steps_run = result.steps - start_step

@@ -1,0 +1,135 @@
+"""Checkpoints a crash cannot corrupt. DeepSpeed writes every rank's shards of a save into a staging directory;
+only when all ranks are done does rank 0 move it into place (one rename), write its manifest (each file's size
+and SHA-256, the step, the layout it was made under) and then point `latest` at it. So a save that dies half
+way leaves `.partial/` (never loaded, cleared by the next save) and the previous checkpoint whole, and a
+checkpoint whose files no longer match its manifest is skipped for the one before it, with a warning.
+
+    output_dir/checkpoints/
+        step-20/              DeepSpeed's files, then manifest.json, written last
+        step-30/
+        latest                "step-30": written after step-30's manifest
+        .partial/step-40/     a save in progress (or one that died)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+PARTIAL = ".partial"
+LATEST = "latest"
+TAG_PREFIX = "step-"
+# Test-only fault injection: "kill-in-save:N" kills rank 0 after the shards of step N are written, before they
+# are moved into place, as a power cut or an OOM kill would. Nothing a user sets; tests/test_checkpoints.py uses it.
+FAULT_ENV = "ZEROMIX_FAULT"
+
+
+def tag_of(step: int) -> str:
+    return f"{TAG_PREFIX}{step}"
+
+
+def save(engine, checkpoints: Path, step: int, rank: int, barrier, keep_last: int, layout: dict) -> None:
+    """Every rank calls this (DeepSpeed's save is collective). `layout`: what the checkpoint was made under
+    (world size, micro-batches, ZeRO stage), for the manifest."""
+    tag, staging = tag_of(step), checkpoints / PARTIAL
+    if (checkpoints / tag / MANIFEST).is_file():
+        return  # this step is saved already (a job resumed at its last step): a complete checkpoint is never rewritten
+    if rank == 0 and (staging / tag).exists():
+        shutil.rmtree(staging / tag)  # left by a save that died
+    barrier()
+    engine.save_checkpoint(str(staging), tag=tag, client_state={"step": step}, save_latest=False)
+    barrier()  # every rank's shards are on disk
+    if rank == 0:
+        if os.environ.get(FAULT_ENV) == f"kill-in-save:{step}":
+            os.kill(os.getpid(), 9)
+        _publish(checkpoints, staging / tag, step, layout)
+        _prune(checkpoints, keep_last)
+    barrier()  # nobody reads `latest` before it names this save
+
+
+def _publish(checkpoints: Path, staged: Path, step: int, layout: dict) -> None:
+    files = {str(f.relative_to(staged)): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(staged.rglob("*")) if f.is_file()}
+    _fsync_tree(staged)
+    final = checkpoints / staged.name
+    if final.exists():  # moved into place by a save that died before its manifest: incomplete, never loaded
+        shutil.rmtree(final)
+    os.replace(staged, final)
+    _write_atomically(final / MANIFEST, json.dumps({"step": step, "layout": layout, "files": files}, indent=1))
+    _write_atomically(checkpoints / LATEST, staged.name)
+
+
+def newest_complete(checkpoints: Path) -> tuple[str | None, list[str]]:
+    """The newest checkpoint whose files match its manifest, and one warning per newer one that did not."""
+    if not checkpoints.is_dir():
+        return None, []
+    tags = sorted((d for d in checkpoints.iterdir() if d.is_dir() and d.name.startswith(TAG_PREFIX) and d.name[len(TAG_PREFIX):].isdigit()),
+                  key=lambda d: int(d.name[len(TAG_PREFIX):]), reverse=True)
+    skipped = []
+    for directory in tags:
+        problem = verify(directory)
+        if problem is None:
+            return directory.name, skipped
+        skipped.append(f"checkpoint {directory} skipped: {problem}; using the one before it")
+    return None, skipped
+
+
+def verify(directory: Path) -> str | None:
+    """None if every file the manifest lists is there with its size and checksum, else what is wrong."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        return "no manifest (the save did not finish)"
+    except (OSError, ValueError) as err:
+        return f"unreadable manifest ({err})"
+    for name, expected in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _prune(checkpoints: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; older ones go, newest first kept."""
+    complete = sorted((d for d in checkpoints.iterdir() if d.is_dir() and d.name.startswith(TAG_PREFIX) and (d / MANIFEST).is_file()),
+                      key=lambda d: int(d.name[len(TAG_PREFIX):]), reverse=True)
+    for old in complete[keep_last:]:
+        shutil.rmtree(old)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in [*directory.rglob("*"), directory]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
