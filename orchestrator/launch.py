@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shlex
 import sys
 import time
 
@@ -81,7 +82,9 @@ def submit(state: ClusterState, job: JobSpec, plan: Plan, job_id: str) -> str:
         _submit_when_agent_ready(
             jobs_client(state),
             submission_id=job_id,
-            entrypoint=f"{sys.executable} -m orchestrator.job_driver",
+            # Ray runs the entrypoint through a shell: only this interpreter's path goes in it, quoted; every field
+            # of the job travels as JSON in the runtime env, never as shell text.
+            entrypoint=shlex.join([sys.executable, "-m", "orchestrator.job_driver"]),
             entrypoint_num_cpus=0,
             runtime_env={"env_vars": {"ZEROMIX_TRAIN_CONFIG": config.to_json(), "ZEROMIX_PLAN": json.dumps(plan.summary())}},
             metadata={METADATA_KEY: job.name, "zeromix_plan": json.dumps(plan.summary()),
