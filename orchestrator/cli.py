@@ -229,7 +229,9 @@ SetOption = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a fi
 
 def _job_and_facts(job_file: str, overrides: list[str]):
     job = load_job(job_file, overrides=overrides)  # schema and paths are checked before the cluster is touched
-    return job, facts_from_config(read_config(job.model.path))
+    facts = facts_from_config(read_config(job.model.path))
+    facts.check_seq_len(job.seq_len, job_file)
+    return job, facts
 
 
 def _plan(job_file: str, overrides: list[str], pool: str | None = None):
@@ -269,6 +271,7 @@ def advise(model: str = typer.Option(..., "--model", metavar="ID_OR_CONFIG_DIR",
     if method not in ("lora", "full"):
         raise InputError("command line", "--method", method, "lora or full")
     facts = facts_from_config(read_config(model))
+    facts.check_seq_len(seq_len, "command line", "--seq-len")
     names = [n.strip() for n in cards.split(",") if n.strip()] if cards else None
     rows = run_advice(facts, method, seq_len, batch, host_ram, names)
     if as_json:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from orchestrator.errors import ZeromixError
+from orchestrator.errors import InputError, ZeromixError
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,13 @@ class ModelFacts:
     layer_linears: tuple[Linear, ...]  # one decoder layer's linear layers
     largest_layer_params: int  # the most parameters one module holds: what ZeRO-3 gathers at once (DeepSpeed's measure)
     load_bytes: int = 4  # bytes per weight as the checkpoint stores them (config torch_dtype): what loading it costs
+    max_positions: int | None = None  # the longest sequence the model takes (max_position_embeddings / n_positions)
+
+    def check_seq_len(self, seq_len: int, source: str, field: str = "seq_len") -> None:
+        """Before any card is reserved: a sequence longer than the model's positions fails only inside training."""
+        if self.max_positions and seq_len > self.max_positions:
+            raise InputError(source, field, seq_len, f"at most {self.max_positions}, this {self.model_type} model's "
+                             "max_position_embeddings (a longer context needs RoPE scaling in its config.json)")
 
     @property
     def default_lora_targets(self) -> list[str]:
@@ -153,4 +160,5 @@ def facts_from_config(config: dict) -> ModelFacts:
     intermediate = config.get("intermediate_size") or config.get("n_inner") or 4 * h
     dtype = config.get("torch_dtype") or config.get("dtype") or "float32"  # transformers loads a checkpoint in its own dtype
     return ModelFacts(kind, total, n, h, intermediate, v, heads, kv,
-                      config.get("head_dim") or h // heads, tied, tuple(linears), largest, DTYPE_BYTES.get(dtype, 4))
+                      config.get("head_dim") or h // heads, tied, tuple(linears), largest, DTYPE_BYTES.get(dtype, 4),
+                      config.get("max_position_embeddings") or config.get("n_positions"))

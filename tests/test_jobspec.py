@@ -108,6 +108,19 @@ def test_cli_exits_2_with_one_line_and_submits_nothing(write_spec, tmp_path):
     assert not (tmp_path / "home").exists()  # no cluster state, no token: nothing was touched
 
 
+def test_a_sequence_longer_than_the_model_takes_is_refused_before_the_cluster(write_spec, tmp_path):
+    """The tiny Llama takes 64 positions: 128 would fail only inside training, after cards were reserved."""
+    env = {"ZEROMIX_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    for command in (["submit", write_spec(seq_len=128)], ["advise", "--model", str(REPO / "jobs" / "examples" / "tiny-llama"),
+                                                         "--method", "lora", "--seq-len", "128"]):
+        done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *command], capture_output=True, text=True, cwd=REPO, env=env)
+        assert done.returncode == 2
+        (line,) = done.stderr.strip().splitlines()
+        assert "seq_len=128 is not allowed; at most 64, this llama model's max_position_embeddings" in line or \
+            "--seq-len=128 is not allowed; at most 64" in line
+    assert not (tmp_path / "home").exists()
+
+
 def test_shipped_examples_are_valid():
     for path in sorted((REPO / "jobs" / "examples").glob("*.yaml")):
         job = load_job(path, check_files=False)
