@@ -58,7 +58,7 @@ def main() -> int:
     group = None
     try:
         ray.get(group_pg.ready(), timeout=READY_TIMEOUT_S)
-        group = WorkerGroup(group_pg, cards)
+        group = WorkerGroup(group_pg, cards, config.job_id)
         placements = group.where()
         for c, p in zip(cards, placements):
             print(f"zeromix: rank on {c['card']} ({c['model']}) sees CUDA_VISIBLE_DEVICES={p['cuda_visible_devices']}, "

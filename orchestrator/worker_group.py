@@ -7,6 +7,8 @@ point of zeromix.
 
 from __future__ import annotations
 
+import re
+
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -17,8 +19,14 @@ class RankFailed(RuntimeError):
     pass
 
 
+def actor_name(job_id: str, rank: int, card: dict) -> str:
+    """What the Ray dashboard shows for a rank: its job, rank and card, e.g. zm-llama-3f2a1c-r1-rtx3090@desk."""
+    model = re.sub(r"[^a-z0-9]", "", card["model"].lower().removeprefix("geforce ").removeprefix("nvidia "))
+    return f"zm-{job_id}-r{rank}-{model}@{card['node']}"
+
+
 class WorkerGroup:
-    def __init__(self, placement_group, cards: list[dict]):
+    def __init__(self, placement_group, cards: list[dict], job_id: str):
         remote = ray.remote(RankWorker)
         self.cards = cards
         self.actors = []
@@ -28,7 +36,7 @@ class WorkerGroup:
                     num_cpus=1, num_gpus=1, resources={card["resource"]: 1},
                     scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=i),
                     runtime_env={"env_vars": {**card_env(card["index"]), **card.get("env", {})}},
-                    name=None,
+                    name=actor_name(job_id, i, card),
                 ).remote(card))
         except BaseException:
             self.shutdown()

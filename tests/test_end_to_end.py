@@ -91,6 +91,14 @@ def test_plan_is_in_the_ray_job_metadata(scratch_run):
     state, job_id, _, _ = scratch_run
     plan = json.loads(jobs_client(state).get_job_info(job_id).metadata["zeromix_plan"])
     assert plan["zero_stage"] == 2 and sorted(r["card"] for r in plan["ranks"]) == ["attic/0", "desk/0"]
+    assert {(r["card"], r["activation_checkpointing"], r["offload_optimizer"], r["rate_source"]) for r in plan["ranks"]} == {
+        ("attic/0", False, False, "catalog"), ("desk/0", False, False, "catalog")}  # per-card settings, for the dashboard
+    from ray.util.state import list_actors
+
+    names = {a.name for a in list_actors(address=state.dashboard_url, filters=[("class_name", "=", "RankWorker")], limit=10_000,
+                                         raise_on_missing_output=False)}
+    ranks = {r["card"]: i for i, r in enumerate(plan["ranks"])}
+    assert {f"zm-{job_id}-r{ranks['desk/0']}-rtx3090@desk", f"zm-{job_id}-r{ranks['attic/0']}-gtx1080ti@attic"} <= names
     from orchestrator.cluster_runtime import token_file
 
     metadata = json.dumps(jobs_client(state).get_job_info(job_id).metadata)
