@@ -306,7 +306,10 @@ def _with_measured_link(state: ClusterState, node: Node) -> Node:
     from workers.rate_probe import link_gbit_per_s
 
     connect(state)
-    node = replace(node, link_measured_gbit_per_s=round(link_gbit_per_s(registry.head_node_name()), 3))
+    try:
+        node = replace(node, link_measured_gbit_per_s=round(link_gbit_per_s(registry.head_node_name()), 3))
+    except TimeoutError as err:  # the node is up and registered: keep it, with the NIC's speed and a warning
+        node = replace(node, warnings=(*node.warnings, str(err)))
     registry.publish(state.gcs_address, node)
     return node
 
@@ -330,6 +333,7 @@ def reprobe() -> Node:
     node = replace(node, cards=cards, warnings=tuple(w for w in node.warnings if not w.endswith(UNMEASURED)) + tuple(warnings))
     registry.publish(state.gcs_address, node)
     return node if state.is_head else _with_measured_link(state, node)
+
 
 def _install_token(token_path: str | None) -> None:
     """Put the head's token in this machine's ZEROMIX_HOME (mode 0600), or check one is there."""
