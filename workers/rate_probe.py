@@ -91,7 +91,7 @@ def measure(device_name: str, budget_s: float = SECONDS_PER_FIGURE) -> MeasuredR
     h2d = None
     if device.type == "cuda":
         host = torch.ones(n, pin_memory=True)
-        h2d = round(copy_gb_per_s(host, torch.empty(n, device=device)), 2)
+        h2d = round(copy_gb_per_s(host, torch.empty(n, device=device), budget_s), 2)
         del host
         torch.cuda.empty_cache()
     return MeasuredRates(rates, round(memory, 1), h2d, time.time(), round(time.perf_counter() - started, 2))
