@@ -152,7 +152,9 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     out = Path(cfg.output_dir)
     checkpoints = out / CHECKPOINT_DIR
     start_step = 0
-    tag, skipped = checkpoint.newest_complete(checkpoints)
+    found = [checkpoint.newest_complete(checkpoints) if rank == 0 else None]  # one rank reads every file's checksum
+    dist.broadcast_object_list(found, src=0)
+    tag, skipped = found[0]
     for warning in skipped:
         _say(rank, f"warning: {warning}")
     if tag:
