@@ -142,14 +142,26 @@ def _check_models(source: str, spec: JobSpec) -> None:
             raise InputError(source, f"gpus.models[{i}]", name, f"not a card in the catalog; did you mean {hint}?")
 
 
+def _os_path(source: str, field: str, value: str) -> Path:
+    """A path from the spec as the OS will take it. One it cannot (a NUL byte, a name too long) is an input error,
+    not a traceback."""
+    try:
+        path = Path(value).expanduser().resolve()
+        path.exists()  # raises for what the OS refuses outright
+        return path
+    except (ValueError, OSError) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise InputError(source, field, value, f"it must be a path the system accepts ({why.lower()})") from None
+
+
 def _check_files(source: str, spec: JobSpec) -> JobSpec:
     model_path = _resolve_model(source, "model.path", spec.model.path, spec.model.init)
     tokenizer = _resolve_model(source, "model.tokenizer", spec.model.tokenizer, "pretrained") if spec.model.tokenizer else None
-    data = Path(spec.dataset.path).expanduser().resolve()
+    data = _os_path(source, "dataset.path", spec.dataset.path)
     if not data.is_file():
         raise InputError(source, "dataset.path", spec.dataset.path, "it must be an existing file (jsonl or text)")
     _check_first_record(source, spec.dataset, data)
-    out = Path(spec.output_dir).expanduser().resolve()
+    out = _os_path(source, "output_dir", spec.output_dir)
     if out.exists() and not out.is_dir():
         raise InputError(source, "output_dir", spec.output_dir, "it exists and is not a directory")
     if (out / FINAL_DIR).exists():
@@ -164,7 +176,7 @@ def _check_files(source: str, spec: JobSpec) -> JobSpec:
 
 
 def _resolve_model(source: str, field: str, value: str, init: str) -> str:
-    local = Path(value).expanduser()
+    local = _os_path(source, field, value)
     if local.exists():
         if not (local / "config.json").is_file() and field == "model.path":
             raise InputError(source, field, value, "the directory has no config.json")

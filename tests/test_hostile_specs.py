@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.cluster_config import load_cluster
@@ -77,11 +77,15 @@ def _load(loader, text: str):
         assert set(os.listdir(directory)) == before  # loading wrote nothing
 
 
-SETTINGS = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The same examples on every run (CI must not turn red at random); new seeds are for exploring by hand:
+# `pytest tests/test_hostile_specs.py -p no:cacheprovider --hypothesis-seed=N`.
+SETTINGS = settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
 @given(broken(JOB))
+@example({**JOB, "dataset": {"path": "\x00", "format": "text"}})  # found by a random run: a NUL byte in a path
+@example({**JOB, "model": {"init": "scratch", "path": "é" * 300}})  # found by a random run: a name too long for the OS
 def test_a_broken_job_spec_gets_one_clean_line(doc):
     _load(load_job, yaml.safe_dump(doc, allow_unicode=True))
 
@@ -92,7 +96,7 @@ def test_a_broken_cluster_file_gets_one_clean_line(doc):
     _load(load_cluster, yaml.safe_dump(doc, allow_unicode=True))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(st.text(max_size=200))
 def test_any_text_at_all_gets_one_clean_line(text):
     _load(load_job, text)
