@@ -473,10 +473,9 @@ def _split(global_batch: int, costs: list[RankCost], fixed_s=None) -> tuple[list
     return best
 
 
-def _host_bytes(shape: TrainingShape, zeros: ZeroSetting | list[ZeroSetting], group: list[Card]) -> dict[str, int]:
-    """Per node. With per-card settings, a node with any offloading rank is counted as DeepSpeed counts a node
-    whose ranks all offload (an upper bound)."""
-    zeros = zeros if isinstance(zeros, list) else [zeros] * len(group)
+def _host_bytes(shape: TrainingShape, zeros: list[ZeroSetting], group: list[Card]) -> dict[str, int]:
+    """Per node, `zeros` one per card. With per-card settings, a node with any offloading rank is counted as
+    DeepSpeed counts a node whose ranks all offload (an upper bound)."""
     ranks_here = Counter(c.node for c in group)
     node_zero = {n: zeros[0] for n in ranks_here}
     for card, zero in zip(group, zeros):
@@ -518,7 +517,7 @@ def _no_placement_message(ctx: _Job, lo: int, eligible: list[Card], rejected: di
         reasons += ". The model does not fit in any ZeRO/offload/checkpointing setting on the eligible cards (estimate)"
     if eligible and job.deepspeed.offload != "none":
         shape = TrainingShape(ctx.facts, ctx.trainable, job.seq_len, "bf16", True, job.method == "lora")
-        need = _host_bytes(shape, ZeroSetting(3, True, False), eligible)
+        need = _host_bytes(shape, [ZeroSetting(3, True, False)] * len(eligible), eligible)
         short = [f"{n} needs about {b / GIB:.0f} GiB, has {ctx.snapshot.node(n).ram_gb:g} GB" for n, b in need.items()
                  if not _host_ram_ok(ctx.snapshot, {n: b})]
         if short:

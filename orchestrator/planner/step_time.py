@@ -132,15 +132,19 @@ def seconds_per_token(facts: ModelFacts, seq_len: int, method: str, activation_c
     return token_work(facts, seq_len, method, activation_checkpointing, precision, lora_targets).seconds(tflops, gb_per_s)
 
 
+def _measured_tflops(card: Card, precision: str) -> float | None:
+    return card.facts.measured.tflops(precision) if card.facts.measured else None
+
+
 def rate_source(card: Card, precision: str) -> str:
     """Where a card's rate comes from, as `zeromix nodes` and the plan say it."""
-    return "measured" if card.facts.measured and card.facts.measured.tflops(precision) else "catalog"
+    return "measured" if _measured_tflops(card, precision) else "catalog"
 
 
 def card_tflops(card: Card, precision: str) -> float:
     """The TFLOPS a card achieves in a training step: measured x MEASURED_RATE_EFFICIENCY, else catalog x
     ASSUMED_EFFICIENCY."""
-    measured = card.facts.measured.tflops(precision) if card.facts.measured else None
+    measured = _measured_tflops(card, precision)
     if measured:
         return measured * MEASURED_RATE_EFFICIENCY
     return card.spec.matmul_tflops(precision) * ASSUMED_EFFICIENCY
