@@ -92,7 +92,7 @@ class Card:
     def vram_mib(self) -> int:
         return self.facts.memory_total_mib
 
-    @property
+    @cached_property  # read in the planner's inner loops
     def compute_capability(self) -> tuple[int, int]:
         return self.facts.compute_capability
 

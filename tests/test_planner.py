@@ -3,12 +3,14 @@ keep the global batch exact with one accumulation count for all ranks, and clear
 choose is tested on real model sizes in test_planner_scenarios.py.)"""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator.cluster_config import load_cluster
 from orchestrator.inventory import snapshot_from_config
 from orchestrator.jobspec import JobSpec
 from orchestrator.model_facts import facts_from_config, read_config
-from orchestrator.planner import NoPlacement, RankCost, make_plan, split_batch
+from orchestrator.planner import NoPlacement, RankCost, _step_lower_bound, make_plan, split_batch
 from tests.conftest import REPO, TINY_LLAMA
 
 HOMELAB = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
@@ -90,6 +92,22 @@ def test_split_sums_exactly_respects_caps_and_no_move_helps(total, ranks):
                 moved[i] -= 1
                 moved[j] += 1
                 assert max(r.seconds(m) for m, r in zip(moved, ranks)) >= slowest - 1e-12
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.5, 200.0), st.integers(1, 64), st.integers(0, 96), st.floats(0.0, 5.0)), min_size=1, max_size=6),
+       st.sampled_from([8, 12, 32, 60, 128]))
+def test_the_lower_bound_that_skips_settings_never_exceeds_a_real_split(ranks, global_batch):
+    """The planner skips an accumulation count or a ZeRO setting whose lower bound is no better than the best
+    plan so far: exact only if no split beats the bound."""
+    costs_ = [RankCost(1 / rate, cap, 4 / 3 / rate, recompute_cap) for rate, cap, recompute_cap, _ in ranks]
+    plain = [c.plain_s for c in costs_]
+    for grad_accum in (g for g in range(1, global_batch + 1) if global_batch % g == 0):
+        fixed = tuple(f * grad_accum for *_, f in ranks)  # communication and offload grow with the accumulation count
+        micro = split_batch(global_batch // grad_accum, costs_, [f / grad_accum for f in fixed])
+        if micro:
+            step = max(c.seconds(m) * grad_accum + f for c, m, f in zip(costs_, micro, fixed))
+            assert _step_lower_bound(global_batch, plain, fixed) <= step * (1 + 1e-12)
 
 
 def test_a_rank_recomputes_only_past_what_fits_without():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from dataclasses import dataclass, replace
+from functools import cache
 
 from orchestrator.ds_config import Optimization, RankTuning, deepspeed_config
 from orchestrator.errors import InputError, ZeromixError
@@ -141,9 +142,13 @@ def _sig(value: float) -> float:
 
 def resolve_precision(requested: str, cards) -> str:
     """auto: bf16 only if every card is sm_80+, fp16 if every card is sm_70+ (dynamic loss scaling), else fp32."""
+    return precision_for(requested, min(c.compute_capability for c in cards))
+
+
+def precision_for(requested: str, lowest: tuple[int, int]) -> str:
+    """The precision cards down to compute capability `lowest` run (see resolve_precision)."""
     if requested != "auto":
         return requested
-    lowest = min(c.compute_capability for c in cards)
     return "bf16" if lowest >= (8, 0) else ("fp16" if lowest >= (7, 0) else "fp32")
 
 
@@ -236,7 +241,7 @@ def make_plan(job: JobSpec, facts: ModelFacts, snapshot: ClusterSnapshot, total_
 
     lo, hi = job.gpus.bounds
     hi = min(hi or len(eligible), job.global_batch_size)
-    groups = candidate_groups(eligible, lo, hi, lambda cards: resolve_precision(job.precision, cards))
+    groups = candidate_groups(eligible, lo, hi, lambda lowest: precision_for(job.precision, lowest))
     groups.sort(key=lambda g: -_quick_tokens_per_s(ctx, g))
     best, misfits = None, {}
     for tried, group in enumerate(groups[:MOST_GROUPS_TRIED]):
@@ -399,6 +404,7 @@ def _tune(ctx: _Job, group: list[Card]) -> Plan | None:
     def per_sample(ckpt: bool, rate: float, gb_s: float) -> float:
         return work[ckpt].seconds(rate, gb_s) * job.seq_len
 
+    plain_s = [per_sample(False, rate, gb_s) for rate, gb_s in zip(rates, bandwidths)]
     capacities = [_capacity(c) for c in group]
     caps: dict[tuple[bool, ZeroSetting], dict[int, int]] = {}
 
@@ -423,11 +429,15 @@ def _tune(ctx: _Job, group: list[Card]) -> Plan | None:
             host = _host_bytes(shapes[False], zeros, group)
             if any(z.offload_optimizer or z.offload_params for z in zeros) and not _host_ram_ok(ctx.snapshot, host):
                 continue
-            def fixed_s(grad_accum: int, zeros=zeros) -> list[float]:
+
+            @cache  # the same for every checkpointing mode
+            def fixed_s(grad_accum: int, zeros=zeros) -> tuple[float, ...]:
                 comm, offload = step_time.overheads(facts=ctx.facts, trainable=ctx.trainable, zeros=zeros, precision=precision,
                                                     link_gb_s=link, pcie_gb_s=pcie, most_ranks_on_a_node=most_here, grad_accum=grad_accum)
-                return [comm + o for o in offload]
+                return tuple(comm + o for o in offload)
 
+            if best and _step_lower_bound(job.global_batch_size, plain_s, fixed_s(1)) >= best.step.step_s:
+                continue  # even with one accumulation step and no recompute, slower than the best so far
             plain_caps = [card_caps(False, z)[c] for c, z in zip(capacities, zeros)]
             recompute_caps = [card_caps(True, z)[c] for c, z in zip(capacities, zeros)]
             for mode in _checkpointing_modes(job, zero):
@@ -465,12 +475,21 @@ def _split(global_batch: int, costs: list[RankCost], fixed_s=None) -> tuple[list
         if global_batch // grad_accum < len(costs):
             break
         fixed = fixed_s(grad_accum) if fixed_s else [0.0] * len(costs)
+        if best_time is not None and round(_step_lower_bound(global_batch, [c.plain_s for c in costs], fixed), 9) >= best_time:
+            continue  # no split at this accumulation count can beat the best one
         micro = split_batch(global_batch // grad_accum, costs, [f / grad_accum for f in fixed])
         if micro:
             slowest = round(max(c.seconds(m) * grad_accum + f for c, m, f in zip(costs, micro, fixed)), 9)
             if best_time is None or slowest < best_time:
                 best, best_time = (micro, grad_accum), slowest
     return best
+
+
+def _step_lower_bound(global_batch: int, plain_s: list[float], fixed: tuple[float, ...]) -> float:
+    """No split's step beats this: every rank at its plain (fastest) seconds per sample, fractions of samples
+    allowed, all finishing together; and no rank finishes before its fixed cost."""
+    inverse = sum(1 / p for p in plain_s)
+    return max((global_batch + sum(f / p for p, f in zip(plain_s, fixed))) / inverse, max(fixed))
 
 
 def _host_bytes(shape: TrainingShape, zeros: list[ZeroSetting], group: list[Card]) -> dict[str, int]:

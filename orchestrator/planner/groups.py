@@ -16,13 +16,27 @@ MAX_NODES_ENUMERATED = 8  # 255 node subsets; beyond that, node prefixes ordered
 PRECISION_CLASSES = ((8, 0), (7, 0))  # bf16-capable, fp16-capable: dropping the cards below one changes the group's precision
 
 
-def candidate_groups(eligible: list[Card], lo: int, hi: int, precision_of) -> list[tuple[Card, ...]]:
-    """Distinct card sets of size lo..hi worth planning, each sorted fastest first. `precision_of(cards)` is
-    the precision those cards would run together."""
+def candidate_groups(eligible: list[Card], lo: int, hi: int, precision_for) -> list[tuple[Card, ...]]:
+    """Distinct card sets of size lo..hi worth planning, each sorted fastest first. `precision_for(cc)` is the
+    precision a set of cards whose lowest compute capability is `cc` runs."""
     by_node: dict[str, list[Card]] = {}
     for card in eligible:
         by_node.setdefault(card.node, []).append(card)
-    node_rate = {n: sum(card_tflops(c, precision_of(cards)) for c in cards) for n, cards in by_node.items()}
+    floors = ((0, 0), *PRECISION_CLASSES)  # all the cards, then without those below each precision class
+    # per node and floor, its lowest compute capability at or above the floor (None: no card that high)
+    lowest_at = {n: {f: min((c.compute_capability for c in cards if c.compute_capability >= f), default=None) for f in floors}
+                 for n, cards in by_node.items()}
+    by_rate: dict[str, list[Card]] = {}  # every eligible card fastest first, per precision: sorted once, filtered per set
+
+    def fastest_first(precision: str) -> list[Card]:
+        if precision not in by_rate:
+            by_rate[precision] = sorted(eligible, key=lambda c: (-card_tflops(c, precision), c.card_id))
+        return by_rate[precision]
+
+    def lowest(node_set, floor) -> tuple[int, int] | None:
+        return min((lowest_at[n][floor] for n in node_set if lowest_at[n][floor]), default=None)
+
+    node_rate = {n: sum(card_tflops(c, precision_for(lowest_at[n][(0, 0)])) for c in cards) for n, cards in by_node.items()}
     nodes = sorted(by_node, key=lambda n: -node_rate[n])
     if len(nodes) <= MAX_NODES_ENUMERATED:
         node_sets = [s for k in range(1, len(nodes) + 1) for s in combinations(nodes, k)]
@@ -30,13 +44,12 @@ def candidate_groups(eligible: list[Card], lo: int, hi: int, precision_of) -> li
         node_sets = [tuple(nodes[:k]) for k in range(1, len(nodes) + 1)]
     seen, groups = set(), []
     for node_set in node_sets:
-        cards = [c for n in node_set for c in by_node[n]]
-        variants = [cards] + [[c for c in cards if c.compute_capability >= floor] for floor in PRECISION_CLASSES]
-        for variant in variants:
-            if not variant:
-                continue
-            precision = precision_of(variant)
-            fastest = sorted(variant, key=lambda c: (-card_tflops(c, precision), c.card_id))
+        members, everything = set(node_set), lowest(node_set, (0, 0))
+        for floor in floors:
+            low = lowest(node_set, floor)
+            if low is None or (floor > (0, 0) and everything >= floor):
+                continue  # no card that high, or none lower: nothing new
+            fastest = [c for c in fastest_first(precision_for(low)) if c.node in members and c.compute_capability >= floor]
             # every card the job may take, or only as few as it must: with no collective at all, one card can
             # beat several; in between, more cards only add compute at almost the same communication cost
             for group in (tuple(fastest[:hi]), tuple(fastest[:max(lo, 1)])):
