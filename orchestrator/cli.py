@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from orchestrator import cluster_runtime, launch, registry
@@ -476,6 +476,36 @@ def cancel(job_id: str):
     console.print(f"zeromix: {record.id} cancelled (was {record.state})" + ("; its cards are free" if record.state != "queued" else ""))
 
 
+@app.command()
+def report(job_id: str, out: Optional[str] = typer.Option(None, "--out", "-o", help="Where to write it; default: <output_dir>/report.html.")):
+    """Write a finished job's report: one HTML file (plan, loss, tokens/s per card, where each card's step goes,
+    estimates beside measurements) that opens offline."""
+    from pathlib import Path
+
+    from orchestrator import report as job_report
+
+    record = _record(_queue(), job_id)
+    output_dir = Path(record.spec["output_dir"])
+    path = job_report.write(job_report.load_result(output_dir, record.id), Path(out) if out else output_dir / job_report.REPORT_FILE)
+    console.print(f"report: {path}")
+
+
+@app.command()
+def monitoring(out: Optional[str] = typer.Option(None, "--out", "-o", help="Default: $ZEROMIX_HOME/monitoring.")):
+    """Write a Prometheus scrape config for this cluster and zeromix's Grafana dashboard, and say how to start them."""
+    from pathlib import Path
+
+    from orchestrator import monitoring as files
+
+    state = cluster_runtime.load_state()
+    written = files.write(state, Path(out) if out else cluster_runtime.home() / "monitoring")
+    console.print(f"prometheus config: {written['prometheus']} (follows Ray's list of every node's metrics port)")
+    console.print(f"grafana dashboard: {written['dashboard']} (one row per card)")
+    console.print(f"start Prometheus:  prometheus --config.file={written['prometheus']} --web.listen-address=127.0.0.1:9090 "
+                  f"--storage.tsdb.path={written['prometheus'].parent / 'data'}")
+    console.print("in Grafana: add the data source http://127.0.0.1:9090 (Prometheus), then Dashboards > New > Import the file above")
+
+
 @app.command("make-demo-data")
 def make_demo_data(directory: str = "data/demo"):
     """Write the demo's synthetic datasets (no download)."""
@@ -640,29 +670,38 @@ def tagged_records(text: str, tag: str) -> list[dict]:
 
 
 def follow(state, job_id: str, total: int) -> tuple[str, dict | None]:
-    """Follow a job through its logs until it ends: a live progress bar on a terminal, plain lines at every
-    tenth of the run elsewhere (CI, a pipe), then (status, result)."""
+    """Follow a job through its logs until it ends: a live progress bar on a terminal (step, loss, tokens/s,
+    time left), plain lines at every tenth of the run elsewhere (CI, a pipe), then (status, result)."""
     from orchestrator.job_driver import RESULT_TAG
 
     client = launch.jobs_client(state)
-    seen, result = 0, None
+    seen, result, step_times = 0, None, []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-               TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
+               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tokens/s"), TextColumn("ETA {task.fields[eta]}"))
     with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
-        task = bar.add_task(job_id, total=total, loss="-")
+        task = bar.add_task(job_id, total=total, loss="-", speed="-", eta="-")
         while True:
             status = client.get_job_status(job_id)
             text = client.get_job_logs(job_id)  # read after the status, so a finished job's last lines are in it
             end = text.rfind("\n") + 1  # complete lines only
             for step in tagged_records(text[seen:end], PROGRESS_TAG):
-                bar.update(task, completed=step["step"], loss=f"{step['loss']:.4f}")
+                step_times.append(step["step_time_s"])
+                eta = clock_duration((total - step["step"]) * sum(step_times) / len(step_times))
+                bar.update(task, completed=step["step"], loss=f"{step['loss']:.4f}", speed=f"{step['tokens_per_s']:,.0f}", eta=eta)
                 if not console.is_terminal and (step["step"] % max(1, total // 10) == 0 or step["step"] == total):
-                    console.print(f"{job_id}: step {step['step']}/{total}, loss {step['loss']:.4f}")
+                    console.print(f"{job_id}: step {step['step']}/{total}, loss {step['loss']:.4f}, "
+                                  f"{step['tokens_per_s']:,.0f} tokens/s, ETA {eta}")
             result = next(iter(tagged_records(text[seen:end], RESULT_TAG)), result)
             seen = end
             if status.is_terminal():
                 return status.value, result
             time.sleep(POLL_S)
+
+
+def clock_duration(seconds: float) -> str:
+    """h:mm:ss, from the mean step time so far (a running estimate)."""
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def main() -> None:

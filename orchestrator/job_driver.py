@@ -12,11 +12,11 @@ import ray
 from ray.util.placement_group import remove_placement_group
 
 from orchestrator.registry import placement_group_name
+from orchestrator.report import RESULT_FILE
 from orchestrator.worker_group import WorkerGroup
 from workers.train import TrainConfig, utilisation
 
 RESULT_TAG = "ZEROMIX_RESULT"
-RESULT_FILE = "zeromix-result.json"
 READY_TIMEOUT_S = 60
 
 
@@ -29,6 +29,8 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
         "first_loss": first["first_loss"],
         "last_loss": first["last_loss"],
         "losses": first["losses"],
+        "history": first["history"],  # every step, every card (workers/telemetry.StepStats.record): the report's data
+        "plan": plan,
         "tokens_per_s": round(sum(r["tokens_per_s"] for r in results) / len(results), 1),
         "final_dir": first["final_dir"],
         "step_time_s": round(first["step_time_s"], 4),  # measured, mean over the run
@@ -51,7 +53,7 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
 
 def main() -> int:
     config = TrainConfig.from_json(os.environ["ZEROMIX_TRAIN_CONFIG"])
-    plan = json.loads(os.environ["ZEROMIX_PLAN"])
+    plan = config.plan
     cards = plan["ranks"]
     ray.init(namespace="zeromix")
     group_pg = ray.util.get_placement_group(placement_group_name(config.job_id))
@@ -65,7 +67,8 @@ def main() -> int:
                   f"NVML {p['nvml_name'] or 'none'} at {p['pci_bus_id'] or '-'}, device {p['device']}", flush=True)
         summary = report(config, plan, placements, group.run(config.to_json()))
         Path(config.output_dir, RESULT_FILE).write_text(json.dumps(summary, indent=2))
-        sys.stdout.write(f"\n{RESULT_TAG} {json.dumps(summary)}\n")  # one write: other threads print too
+        brief = {k: v for k, v in summary.items() if k not in ("history", "plan")}  # those are in the file
+        sys.stdout.write(f"\n{RESULT_TAG} {json.dumps(brief)}\n")  # one write: other threads print too
         sys.stdout.flush()
         return 0
     finally:

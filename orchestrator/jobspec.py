@@ -3,6 +3,7 @@ before anything is planned or reserved."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -106,6 +107,8 @@ class JobSpec(StrictModel):
     keep_last: int = Field(2, ge=1, le=1000, description="Complete checkpoints kept; older ones are deleted after each save.")
     priority: int = Field(0, ge=-100, le=100)
     seed: int = 0
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        ["tensorboard"], max_length=3, description="Experiment trackers rank 0 writes; [] for none.")
 
     @field_validator("lora")
     @classmethod
@@ -120,6 +123,11 @@ class JobSpec(StrictModel):
         if (value is None) == (info.data.get("max_steps") is None):
             raise ValueError("give exactly one of max_steps or epochs")
         return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_tracker_once(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
 
     @property
     def lora_config(self) -> LoraSpec:
@@ -161,6 +169,7 @@ def _check_files(source: str, spec: JobSpec) -> JobSpec:
     if not data.is_file():
         raise InputError(source, "dataset.path", spec.dataset.path, "it must be an existing file (jsonl or text)")
     _check_first_record(source, spec.dataset, data)
+    _check_trackers(source, spec.report_to)
     out = _os_path(source, "output_dir", spec.output_dir)
     if out.exists() and not out.is_dir():
         raise InputError(source, "output_dir", spec.output_dir, "it exists and is not a directory")
@@ -173,6 +182,13 @@ def _check_files(source: str, spec: JobSpec) -> JobSpec:
             "output_dir": str(out),
         }
     )
+
+
+def _check_trackers(source: str, report_to: list[str]) -> None:
+    """W&B and MLflow are optional: one not installed fails here, before any card is reserved."""
+    for i, name in enumerate(report_to):
+        if importlib.util.find_spec(name) is None:
+            raise InputError(source, f"report_to[{i}]", name, f"it is not installed here; pip install 'zeromix[{name}]', or leave it out")
 
 
 def _resolve_model(source: str, field: str, value: str, init: str) -> str:

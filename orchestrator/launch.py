@@ -39,6 +39,7 @@ def train_config(job: JobSpec, plan: Plan, job_id: str) -> TrainConfig:
         total_steps=plan.total_steps, ds_configs=tuple(plan.ds_configs(job)),
         activation_checkpointing=tuple(r.tuning.activation_checkpointing for r in plan.ranks), output_dir=job.output_dir,
         checkpoint_every=job.checkpoint_every, keep_last=job.keep_last, seed=job.seed,
+        report_to=tuple(job.report_to), plan=plan.summary(),
     )
 
 
@@ -86,8 +87,8 @@ def submit(state: ClusterState, job: JobSpec, plan: Plan, job_id: str) -> str:
             # of the job travels as JSON in the runtime env, never as shell text.
             entrypoint=shlex.join([sys.executable, "-m", "orchestrator.job_driver"]),
             entrypoint_num_cpus=0,
-            runtime_env={"env_vars": {"ZEROMIX_TRAIN_CONFIG": config.to_json(), "ZEROMIX_PLAN": json.dumps(plan.summary())}},
-            metadata={METADATA_KEY: job.name, "zeromix_plan": json.dumps(plan.summary()),
+            runtime_env={"env_vars": {"ZEROMIX_TRAIN_CONFIG": config.to_json()}},  # the plan travels in it
+            metadata={METADATA_KEY: job.name, "job_name": plan.title, "zeromix_plan": json.dumps(plan.summary()),
                       "zeromix_priority": str(job.priority), "zeromix_output_dir": job.output_dir},
         )
     except BaseException:

@@ -2,12 +2,14 @@
 jobs go through the CLI, DeepSpeed trains on CPU ranks, and transformers loads what was saved."""
 
 import json
+import re
 import time
 
 import pytest
 import torch
 
-from tests.conftest import TINY_LLAMA, job_status, queue_store, submitted_id, wait_for_state, zeromix
+from tests.browser import Browser, chromium_path
+from tests.conftest import REPO, TINY_LLAMA, job_status, queue_store, submitted_id, wait_for_state, zeromix
 
 pytestmark = pytest.mark.cluster
 
@@ -65,7 +67,8 @@ def test_full_fine_tune_zero2_on_two_different_cards(scratch_run, demo_data):
     state, job_id, out, stdout = scratch_run
     assert job_status(state, job_id) == "SUCCEEDED"
     # not a terminal: plain progress lines at every tenth of the run instead of a live bar
-    assert f"{job_id}: step 6/60, loss" in stdout and f"{job_id}: step 60/60, loss" in stdout and "60/60 steps" not in stdout
+    assert f"{job_id}: step 6/60, loss" in stdout and "60/60 steps" not in stdout
+    assert re.search(rf"{job_id}: step 60/60, loss [0-9.]+, [0-9,]+ tokens/s, ETA 0:00:00\n", stdout)
     result = json.loads((out / "zeromix-result.json").read_text())
     assert {r["model"] for r in result["ranks"]} == {"GeForce GTX 1080 Ti", "GeForce RTX 3090"}
     assert {(r["zero_stage"], r["precision"]) for r in result["ranks"]} == {(2, "fp32")}
@@ -89,7 +92,12 @@ def test_plan_is_in_the_ray_job_metadata(scratch_run):
     from orchestrator.launch import jobs_client
 
     state, job_id, _, _ = scratch_run
-    plan = json.loads(jobs_client(state).get_job_info(job_id).metadata["zeromix_plan"])
+    metadata = jobs_client(state).get_job_info(job_id).metadata
+    plan = json.loads(metadata["zeromix_plan"])
+    # the dashboard's Name column: cards with their micro-batches, settings, the estimated speed
+    micro = {r["card"]: r["micro_batch"] for r in plan["ranks"]}
+    assert metadata["job_name"].startswith(f"tiny-llama-scratch: desk/0 RTX 3090 x{micro['desk/0']} + attic/0 GTX 1080 Ti x{micro['attic/0']}; ZeRO-2")
+    assert metadata["job_name"].endswith("tokens/s (estimate)")
     assert plan["zero_stage"] == 2 and sorted(r["card"] for r in plan["ranks"]) == ["attic/0", "desk/0"]
     assert {(r["card"], r["activation_checkpointing"], r["offload_optimizer"], r["rate_source"]) for r in plan["ranks"]} == {
         ("attic/0", False, False, "catalog"), ("desk/0", False, False, "catalog")}  # per-card settings, for the dashboard
@@ -104,6 +112,69 @@ def test_plan_is_in_the_ray_job_metadata(scratch_run):
     metadata = json.dumps(jobs_client(state).get_job_info(job_id).metadata)
     assert token_file().read_text().strip() not in metadata and "auth_token" not in metadata  # no secret, not even its path
     assert all("est_mem_breakdown_gib" in r for r in plan["ranks"]) and plan["est_tokens_per_s"] > 0
+
+
+def test_tensorboard_holds_every_step_and_the_report_has_every_plot(scratch_run):
+    """The job spec's default report_to (tensorboard) on a real cluster run, read back with TensorBoard's own
+    reader; `zeromix report` writes one HTML file with the plan and four embedded plots."""
+    import base64
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    state, job_id, out, _ = scratch_run
+    result = json.loads((out / "zeromix-result.json").read_text())
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 61))
+    assert [e.value for e in loss] == pytest.approx(result["losses"], rel=1e-6)
+    assert {f"step_time_s/{r['card']}" for r in result["ranks"]} <= set(events.Tags()["scalars"])
+
+    report = zeromix("report", job_id).stdout.split("report:", 1)[1].strip()
+    assert report == str(out / "report.html")
+    page = (out / "report.html").read_text()
+    assert job_id in page and "ZeRO-2" in page and "attic/0" in page and "desk/0" in page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 4
+    for data in images:
+        width, height = Image.open(io.BytesIO(base64.b64decode(data))).size
+        assert width > 300 and height > 150
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="Chromium is not installed: `apt-get install chromium` (Debian) runs this test")
+def test_the_ray_dashboard_and_the_report_in_headless_chromium(scratch_run, tmp_path):
+    """Real Chromium, a fresh profile: the dashboard's jobs page lists the job under its plan's title, its page
+    shows the plan in the metadata; the report's plots all load. Screenshots go to test-artifacts/."""
+    from orchestrator.cluster_runtime import token_file
+
+    state, job_id, out, _ = scratch_run
+    if not (out / "report.html").exists():
+        zeromix("report", job_id)
+    artifacts = REPO / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    browser = Browser(tmp_path / "profile")
+    try:
+        # the dashboard answers only with Ray's token: its UI reads it from this cookie
+        browser.send("Network.setCookie", name="ray-authentication-token", value=token_file().read_text().strip(), url=state.dashboard_url)
+        browser.open(f"{state.dashboard_url}/#/jobs")
+        text = browser.wait_for(f"document.body.innerText.includes({json.dumps(job_id)}) && document.body.innerText", 90, "the job in the jobs list")
+        assert "tiny-llama-scratch: " in text and "ZeRO-2" in text  # the Name column: the plan's one-line title
+        browser.screenshot(artifacts / "dashboard-jobs.png")
+        browser.open(f"{state.dashboard_url}/#/jobs/{job_id}")
+        text = browser.wait_for("document.body.innerText.includes('zeromix_plan') && document.body.innerText", 90, "the job's metadata")
+        assert "SUCCEEDED" in text and '\\"micro_batch\\"' in text and "desk/0" in text
+        browser.screenshot(artifacts / "dashboard-job.png")
+
+        browser.open((out / "report.html").as_uri())
+        sizes = browser.wait_for("document.readyState === 'complete' && Array.from(document.images).every(i => i.complete) && "
+                                 "Array.from(document.images).map(i => [i.naturalWidth, i.naturalHeight])", 30, "the report's plots")
+        assert len(sizes) == 4 and all(w > 0 and h > 0 for w, h in sizes)
+        browser.screenshot(artifacts / "report.png")
+    finally:
+        browser.close()
+    assert all((artifacts / name).stat().st_size > 10_000 for name in ("dashboard-jobs.png", "dashboard-job.png", "report.png"))
 
 
 def test_lora_zero3_fine_tune_of_the_scratch_model(scratch_run, demo_data):

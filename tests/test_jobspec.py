@@ -62,7 +62,7 @@ def test_valid_spec_loads_with_absolute_paths(write_spec, tmp_path):
     ({"gpus__count": 2, "gpus__min": 1}, "job.yaml: gpus={'count': 2, 'min': 1} is not allowed; give either count, or min/max, not both"),
     ({"gpus__models": ["RTX 3099"]}, "job.yaml: gpus.models[0]='RTX 3099' is not allowed; not a card in the catalog; did you mean 'GeForce RTX 3090', 'GeForce RTX 3090 Ti', 'GeForce RTX 5090'?"),
     ({"deepspeed__zero_stage": 4}, "job.yaml: deepspeed.zero_stage=4 is not allowed; input should be 'auto', 0, 1, 2 or 3"),
-    ({"batch_size": 16}, "job.yaml: batch_size=16 is not allowed; unknown key; allowed keys here: checkpoint_every, dataset, deepspeed, epochs, global_batch_size, gpus, keep_last, lora, max_steps, method, model, name, optimizer, output_dir, precision, priority, seed, seq_len"),
+    ({"batch_size": 16}, "job.yaml: batch_size=16 is not allowed; unknown key; allowed keys here: checkpoint_every, dataset, deepspeed, epochs, global_batch_size, gpus, keep_last, lora, max_steps, method, model, name, optimizer, output_dir, precision, priority, report_to, seed, seq_len"),
     ({"optimizer__lr": 0}, "job.yaml: optimizer.lr=0 is not allowed; input should be greater than 0"),
 ])
 def test_schema_errors_name_field_value_and_allowed(write_spec, changes, expected):
@@ -125,3 +125,22 @@ def test_shipped_examples_are_valid():
     for path in sorted((REPO / "jobs" / "examples").glob("*.yaml")):
         job = load_job(path, check_files=False)
         assert job.name == path.stem
+
+
+def test_report_to_names_only_trackers_each_once_and_an_uninstalled_one_is_refused_before_anything(tmp_path, demo_data, monkeypatch):
+    import importlib.util
+
+    path = tmp_path / "job.yaml"
+    base = {"name": "j", "model": {"init": "scratch", "path": str(TINY_LLAMA)}, "dataset": {"path": str(demo_data["pretrain"]), "text_field": "text"},
+            "max_steps": 1, "output_dir": str(tmp_path / "out")}
+    path.write_text(yaml.safe_dump({**base, "report_to": ["tensorboard", "wandb", "tensorboard"]}))
+    assert load_job(path).report_to == ["tensorboard", "wandb"]
+    path.write_text(yaml.safe_dump({**base, "report_to": ["comet"]}))
+    with pytest.raises(InputError, match=r"report_to\[0\]='comet' is not allowed; input should be 'tensorboard', 'wandb' or 'mlflow'"):
+        load_job(path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    path.write_text(yaml.safe_dump({**base, "report_to": ["mlflow"]}))
+    with pytest.raises(InputError, match=r"report_to\[0\]='mlflow' .*pip install 'zeromix\[mlflow\]'"):
+        load_job(path)
+    assert not (tmp_path / "out").exists()

@@ -43,6 +43,8 @@ class TrainConfig:
     # Job specs have no such field and the launcher never sets it.
     emulated_slowdown: tuple[float, ...] | None = None
     keep_last: int = 2  # complete checkpoints kept (workers/checkpoint.py)
+    report_to: tuple[str, ...] = ()  # experiment trackers rank 0 writes (workers/tracking.py)
+    plan: dict = field(default_factory=dict)  # the plan's summary: the trackers' config, each rank's metric labels
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
@@ -50,6 +52,7 @@ class TrainConfig:
         raw["micro_batches"] = tuple(raw["micro_batches"])
         raw["ds_configs"] = tuple(raw["ds_configs"])
         raw["activation_checkpointing"] = tuple(raw["activation_checkpointing"])
+        raw["report_to"] = tuple(raw.get("report_to", ()))
         if raw.get("emulated_slowdown") is not None:
             raw["emulated_slowdown"] = tuple(raw["emulated_slowdown"])
         return cls(**raw)
@@ -82,6 +85,7 @@ class RankResult:
     step_times: list[float] = field(default_factory=list)  # every step's time, measured on this rank
     busy_s: list[float] = field(default_factory=list)  # time not spent waiting for slower ranks
     wait_s: list[float] = field(default_factory=list)  # time blocked in gradient reduction beyond the fastest rank's
+    history: list[dict] = field(default_factory=list)  # every step this run, every card's figures (StepStats.record)
     # Model-state bytes this rank's engine holds after its first optimizer step (workers/memory_report.py)
     model_state_bytes: dict[str, int] = field(default_factory=dict)
     recomputes: bool = False  # activation checkpointing on in this rank's model, as transformers reports it
@@ -107,6 +111,8 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     from transformers.integrations import HfDeepSpeedConfig
 
     from workers import checkpoint
+    from workers.telemetry import RankGauges, memory_in_use, reduce_step
+    from workers.tracking import Trackers
     from workers.data import GlobalBatchSampler, collate, read_records, tokenize
     from workers.memory_report import model_state_bytes
     from workers.precision import runnable_ds_config
@@ -177,11 +183,13 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
         probe = collate([samples[i] for i in sampler.rank_micro_batches(0, rank)[0]], pad_id)
         extra_per_sample_s = (slowdown - 1.0) * 3 * _forward_cost_per_sample(engine, probe)  # backward ~ 2x forward
     _quiet_deepspeed_timer_log()
-    tokens_seen, train_time, timings = 0, 0.0, torch.zeros(world, 2, dtype=torch.float64)
+    gauges = RankGauges.for_rank(cfg.job_id, rank, cfg.plan)
+    trackers = Trackers(cfg.report_to, out, cfg.job_id, cfg.plan, world, start_step) if rank == 0 and cfg.report_to else None
     for step in range(start_step, cfg.total_steps):
         t0 = time.perf_counter()
         batches = [collate([samples[i] for i in idx], pad_id) for idx in sampler.rank_micro_batches(step, rank)]
         counts = torch.tensor([sum(b.loss_tokens for b in batches), sum(int(b.attention_mask.sum()) for b in batches)], dtype=torch.float64)
+        my_tokens = int(counts[1].item())
         dist.all_reduce(counts)  # global loss tokens N, and all tokens for throughput
         global_loss_tokens = counts[0].item()
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -197,34 +205,37 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             loss_sum += token_losses.detach().double().cpu()
         step_time = time.perf_counter() - t0
-        train_time += step_time
         if not result.model_state_bytes:  # optimizer states exist from the first step on
             result.model_state_bytes = model_state_bytes(engine)
         reduce_s = engine.get_wall_clock_timers().get(BACKWARD_REDUCE_GLOBAL_TIMER, 0.0) / 1000.0  # this step's, in ms
-        global_loss_sum, step_timings = _reduce_step_stats(dist, world, loss_sum.item(), step_time, reduce_s)
-        timings += step_timings
-        tokens_seen += int(counts[1].item())
-        loss = global_loss_sum / global_loss_tokens
-        result.losses.append(loss)
+        stats = reduce_step(dist, step + 1, loss_sum.item(), global_loss_tokens, scheduler.get_last_lr()[0], my_tokens,
+                            step_time, reduce_s, memory_in_use(on_gpu))
+        result.history.append(stats.record())
+        result.losses.append(stats.loss)
         result.step_times.append(step_time)
-        result.first_loss = result.first_loss if result.first_loss is not None else loss
-        result.last_loss, result.steps = loss, step + 1
-        _progress(rank, step=step + 1, of=cfg.total_steps, loss=round(loss, 5), lr=scheduler.get_last_lr()[0],
-                  step_time_s=round(step_time, 4), tokens_per_s=round(counts[1].item() / step_time, 1))
+        result.first_loss = result.first_loss if result.first_loss is not None else stats.loss
+        result.last_loss, result.steps = stats.loss, step + 1
+        _progress(rank, step=step + 1, of=cfg.total_steps, loss=round(stats.loss, 5), lr=stats.lr,
+                  step_time_s=round(step_time, 4), tokens_per_s=round(stats.tokens_per_s, 1))
+        if gauges:
+            gauges.record(stats, rank)
+        if trackers:
+            trackers.log(stats)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.total_steps:
             save(step + 1)
 
     # ----------------------------------------------------------------------------- save
+    if trackers:
+        trackers.close()
     save(result.steps)
     result.final_dir = str(_save_final(engine, tokenizer, out, rank, zero3_stage=ds_config["zero_optimization"]["stage"] == 3))
-    result.tokens_per_s = tokens_seen / train_time if train_time else 0.0
-    steps_run = result.steps - start_step
-    if steps_run:
-        step_times, reduce_times = (timings / steps_run).unbind(dim=1)
-        waits = reduce_times - reduce_times.min()  # the fastest rank's reduction is pure communication
-        result.step_time_s = step_times.mean().item()
-        result.wait_s = waits.tolist()
-        result.busy_s = (step_times - waits).tolist()
+    if result.history:
+        steps = result.history
+        train_time = sum(max(h["step_time_s"]) for h in steps)
+        result.tokens_per_s = sum(sum(h["tokens"]) for h in steps) / train_time if train_time else 0.0
+        result.step_time_s = sum(sum(h["step_time_s"]) / world for h in steps) / len(steps)
+        result.wait_s = [sum(h["wait_s"][r] for h in steps) / len(steps) for r in range(world)]
+        result.busy_s = [sum(h["step_time_s"][r] - h["wait_s"][r] for h in steps) / len(steps) for r in range(world)]
     dist.barrier()
     dist.destroy_process_group()
     return result
@@ -257,19 +268,6 @@ def _quiet_deepspeed_timer_log() -> None:
     import deepspeed.utils.timer
 
     deepspeed.utils.timer.print_dist = lambda *args, **kwargs: None
-
-
-def _reduce_step_stats(dist, world: int, loss_sum: float, step_time: float, reduce_time: float):
-    """One all-reduce per step for what every rank reports: the summed token loss, and each rank's (step time,
-    time in gradient reduction); a rank that waited for a slower one spent that wait inside the reduction."""
-    import torch
-
-    stats = torch.zeros(1 + 2 * world, dtype=torch.float64)
-    stats[0] = loss_sum
-    rank = dist.get_rank()
-    stats[1 + 2 * rank : 3 + 2 * rank] = torch.tensor([step_time, reduce_time], dtype=torch.float64)
-    dist.all_reduce(stats)
-    return stats[0].item(), stats[1:].view(world, 2)
 
 
 def _save_final(engine, tokenizer, out: Path, rank: int, zero3_stage: bool) -> Path:

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from orchestrator import cluster_runtime
+from orchestrator import report as job_report
 from orchestrator.cli import console, start_scheduler, submit_job
 from orchestrator.demo.task import exact_match, write_demo_data
 
@@ -44,9 +45,9 @@ def run_demo(cluster_file: str) -> None:
     root = Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
 
     console.rule("1/2  train a tiny Llama from scratch (full, ZeRO-2)")
-    _, scratch = submit_job(SCRATCH_JOB, [f"output_dir={root}/scratch"])
+    scratch_id, scratch = submit_job(SCRATCH_JOB, [f"output_dir={root}/scratch"])
     console.rule("2/2  LoRA-fine-tune it on a new instruction (ZeRO-3)")
-    _, lora = submit_job(LORA_JOB, [f"output_dir={root}/lora", f"model.path={root}/scratch/final"])
+    lora_id, lora = submit_job(LORA_JOB, [f"output_dir={root}/lora", f"model.path={root}/scratch/final"])
 
     before, after = _accuracies(Path(scratch["final_dir"]), Path(lora["final_dir"]), data["reverse-eval"])
     console.rule("summary")
@@ -57,5 +58,8 @@ def run_demo(cluster_file: str) -> None:
     console.print(f"'rev' exact match on {sum(1 for _ in open(data['reverse-eval']))} held-out words: {before:.0%} before LoRA -> {after:.0%} after (measured)")
     console.print(f"model:    {scratch['final_dir']}")
     console.print(f"adapter:  {lora['final_dir']}")
+    for name, job_id in (("scratch", scratch_id), ("lora", lora_id)):
+        output_dir = root / name
+        console.print(f"report:   {job_report.write(job_report.load_result(output_dir, job_id), output_dir / job_report.REPORT_FILE)}")
     console.print(f"dashboard: {state.dashboard_url}   (the cluster stays up; `zeromix down` stops it)")
     console.print(f"demo took {time.perf_counter() - started:.0f} s")

@@ -89,6 +89,13 @@ class Plan:
         return self.zero.describe()
 
     @property
+    def title(self) -> str:
+        """One line: the job, each card with its micro-batch, the settings; what the Ray dashboard names the job."""
+        cards = " + ".join(f"{r.card.card_id} {r.card.short_name.removeprefix('GeForce ')} x{r.tuning.micro_batch}" for r in self.ranks)
+        return (f"{self.job_name}: {cards}; {self.settings}, {self.precision}, checkpointing {self.checkpointing}; "
+                f"~{self.step.tokens_per_s:,.0f} tokens/s (estimate)")
+
+    @property
     def recomputing(self) -> tuple[str, ...]:
         """The cards that run with activation checkpointing (chosen per card)."""
         return tuple(r.card.card_id for r in self.ranks if r.tuning.activation_checkpointing)

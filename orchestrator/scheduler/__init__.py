@@ -47,6 +47,7 @@ class Scheduler:
         self.store, self.launcher, self.policy, self.clock = store, launcher, policy, clock
         self._table: ThroughputTable | None = None
         self._jobs: dict[str, QueuedJob] = {}  # parsed once per job, not once per round
+        self.cards_free = self.cards_held = 0  # as the last round saw them
 
     def queued_job(self, record: JobRecord) -> QueuedJob:
         if record.id not in self._jobs:
@@ -79,6 +80,7 @@ class Scheduler:
         queue = tuple(self.queued_job(r) for r in self.store.jobs(("queued",)))
         self._jobs = {job.id: job for job in queue}  # only queued jobs are parsed again; the rest are forgotten
         free = tuple(c for c in snapshot.cards if c.card_id not in held)
+        self.cards_free, self.cards_held = len(free), len(snapshot.cards) - len(free)
         decision = self.policy.allocate(PolicyInput(now, queue, free, running, self.table(snapshot)))
         for assignment in decision.assignments:
             self._start(self.store.get(assignment.job_id), assignment.plan)

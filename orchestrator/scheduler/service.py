@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import traceback
+from collections import Counter
 from dataclasses import asdict
 
 from orchestrator import launch, registry
@@ -19,7 +20,7 @@ from orchestrator.cluster_runtime import RAY_NAMESPACE, ClusterState, home
 from orchestrator.errors import ZeromixError
 from orchestrator.jobspec import JobSpec
 from orchestrator.planner import Plan
-from orchestrator.queue import JobRecord, QueueStore
+from orchestrator.queue import LIVE, JobRecord, QueueStore
 from orchestrator.scheduler import Scheduler
 from orchestrator.scheduler.policies import policy
 
@@ -63,12 +64,30 @@ class RayLaunch:
         launch.stop(self.state, job_id)
 
 
+class ClusterGauges:
+    """The cluster's Ray metrics, exported by the scheduler after every round (Ray prefixes "ray_")."""
+
+    def __init__(self):
+        from ray.util.metrics import Gauge
+
+        self.cards = Gauge("zeromix_cards", description="Cards in the pool, by state: free or held by a job.", tag_keys=("state",))
+        self.jobs = Gauge("zeromix_jobs", description="Jobs not ended, by state: queued, placing, running.", tag_keys=("state",))
+
+    def record(self, scheduler: Scheduler) -> None:
+        self.cards.set(scheduler.cards_free, tags={"state": "free"})
+        self.cards.set(scheduler.cards_held, tags={"state": "held"})
+        counts = Counter(r.state for r in scheduler.store.jobs(LIVE))
+        for state in LIVE:
+            self.jobs.set(counts[state], tags={"state": state})
+
+
 class SchedulerService:
     """The actor's body (wrapped with ray.remote in `ensure_running`)."""
 
     def __init__(self, state: dict, db_path: str, policy_name: str):
         self.scheduler = Scheduler(QueueStore(db_path), RayLaunch(ClusterState(**state)), policy(policy_name))
         self.scheduler.recover()
+        self.gauges = ClusterGauges()
         self.ticks, self.last_error = 0, None
         self._wake = threading.Event()
         threading.Thread(target=self._loop, name="zeromix-scheduler", daemon=True).start()
@@ -77,6 +96,7 @@ class SchedulerService:
         while True:
             try:
                 self.scheduler.tick()
+                self.gauges.record(self.scheduler)
                 self.last_error = None
             except Exception:  # one bad round must not stop the scheduler; it is logged and retried
                 self.last_error = traceback.format_exc(limit=3)

@@ -1,0 +1,132 @@
+"""What a rank reports while it trains.
+
+Once per optimizer step every rank contributes its own figures (tokens, step time, time inside gradient
+reduction, memory) to one all-reduce, so every rank then knows every card's step. From that:
+  - a `StepStats` record per step: rank 0 keeps the run's history (the report's data) and hands it to the
+    experiment trackers (workers/tracking.py);
+  - inside a Ray cluster, each rank exports its own card's figures as Ray metrics (Prometheus, the Ray
+    dashboard, Grafana), labelled by job, rank, node and card.
+The fastest rank's reduction is pure communication; the rest of a rank's reduction time is waiting for a
+slower card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# Ray metrics every rank exports (Ray prefixes each name with "ray_"). monitoring/grafana-dashboard.json
+# queries these names; tests/test_observability.py checks that they match.
+RANK_METRICS = {
+    "zeromix_loss": "Mean token loss of the last optimizer step (the whole global batch).",
+    "zeromix_step": "Optimizer steps done.",
+    "zeromix_tokens_per_s": "Tokens this card processed per second in the last step.",
+    "zeromix_step_time_s": "Seconds of the last optimizer step on this card.",
+    "zeromix_compute_s": "Seconds of the last step this card computed (step time less reduction).",
+    "zeromix_wait_s": "Seconds of the last step this card waited for slower cards inside gradient reduction.",
+    "zeromix_comm_s": "Seconds of the last step spent in gradient reduction by the fastest card (communication).",
+    "zeromix_memory_bytes": "Memory in use: torch's allocated bytes on a GPU, the process's RSS on CPU.",
+    "zeromix_memory_peak_bytes": "Peak memory so far: torch's max allocated on a GPU, the process's max RSS on CPU.",
+    "zeromix_predicted_step_time_s": "The plan's estimated optimizer-step time (an estimate).",
+}
+RANK_TAGS = ("job_id", "rank", "node", "card", "model")  # not "job": Prometheus keeps that label for its scrape job
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One optimizer step, per rank (index = rank). The same on every rank."""
+
+    step: int
+    loss: float
+    lr: float
+    tokens: tuple[int, ...]
+    step_time_s: tuple[float, ...]
+    reduce_s: tuple[float, ...]
+    memory_bytes: tuple[int, ...]
+    peak_memory_bytes: tuple[int, ...]
+
+    @property
+    def comm_s(self) -> float:
+        return min(self.reduce_s)
+
+    @property
+    def wait_s(self) -> tuple[float, ...]:
+        return tuple(r - self.comm_s for r in self.reduce_s)
+
+    @property
+    def compute_s(self) -> tuple[float, ...]:
+        return tuple(max(0.0, t - r) for t, r in zip(self.step_time_s, self.reduce_s))
+
+    @property
+    def tokens_per_s(self) -> float:
+        """The whole job's: every card's tokens over the step's time (the slowest card's)."""
+        return sum(self.tokens) / max(self.step_time_s)
+
+    def card_tokens_per_s(self, rank: int) -> float:
+        return self.tokens[rank] / self.step_time_s[rank] if self.step_time_s[rank] else 0.0
+
+    def record(self) -> dict:
+        """A JSON line of the job's history."""
+        return {**asdict(self), "tokens_per_s": round(self.tokens_per_s, 1), "comm_s": self.comm_s,
+                "wait_s": list(self.wait_s), "compute_s": list(self.compute_s)}
+
+
+def memory_in_use(on_gpu: bool) -> tuple[int, int]:
+    """(now, peak) bytes: torch's allocator on a GPU (what the planner's estimate is about), the process's
+    resident set on CPU."""
+    if on_gpu:
+        import torch
+
+        return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    import resource
+
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    return rss, max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux; its high-water mark lags
+
+
+def reduce_step(dist, step: int, loss_sum: float, loss_tokens: float, lr: float, tokens: int, step_time_s: float,
+                reduce_s: float, memory: tuple[int, int]) -> StepStats:
+    """One all-reduce of every rank's figures (and the summed token loss)."""
+    import torch
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    fields = 5
+    stats = torch.zeros(1 + fields * world, dtype=torch.float64)
+    stats[0] = loss_sum
+    stats[1 + fields * rank: 1 + fields * (rank + 1)] = torch.tensor([tokens, step_time_s, reduce_s, *memory], dtype=torch.float64)
+    dist.all_reduce(stats)
+    per_rank = stats[1:].view(world, fields).tolist()
+    tokens_, times, reduces, used, peak = (tuple(column) for column in zip(*per_rank))
+    return StepStats(step, stats[0].item() / loss_tokens, lr, tuple(int(t) for t in tokens_), times, reduces,
+                     tuple(int(u) for u in used), tuple(int(p) for p in peak))
+
+
+class RankGauges:
+    """This rank's Ray metrics; `None` from `for_rank` outside a Ray worker (local test launches, benchmarks)."""
+
+    def __init__(self, tags: dict[str, str], predicted_step_s: float):
+        from ray.util.metrics import Gauge
+
+        self.gauges = {name: Gauge(name, description=text, tag_keys=RANK_TAGS) for name, text in RANK_METRICS.items()}
+        for gauge in self.gauges.values():
+            gauge.set_default_tags(tags)
+        self.gauges["zeromix_predicted_step_time_s"].set(predicted_step_s)
+
+    @classmethod
+    def for_rank(cls, job_id: str, rank: int, plan: dict) -> RankGauges | None:
+        import ray
+
+        if not ray.is_initialized() or not plan.get("ranks"):
+            return None
+        card = plan["ranks"][rank]
+        return cls({"job_id": job_id, "rank": str(rank), "node": card["node"], "card": card["card"], "model": card["model"]},
+                   plan.get("est_step_s", 0.0))
+
+    def record(self, stats: StepStats, rank: int) -> None:
+        values = {"zeromix_loss": stats.loss, "zeromix_step": stats.step, "zeromix_tokens_per_s": stats.card_tokens_per_s(rank),
+                  "zeromix_step_time_s": stats.step_time_s[rank], "zeromix_compute_s": stats.compute_s[rank],
+                  "zeromix_wait_s": stats.wait_s[rank], "zeromix_comm_s": stats.comm_s,
+                  "zeromix_memory_bytes": stats.memory_bytes[rank], "zeromix_memory_peak_bytes": stats.peak_memory_bytes[rank]}
+        for name, value in values.items():
+            self.gauges[name].set(value)
