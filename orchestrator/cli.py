@@ -360,30 +360,32 @@ PLACING_TIMEOUT_S = 180
 
 
 def watch(job_id: str) -> tuple[str, dict | None]:
-    """Follow a job: each change of why it waits, then its progress bar, until the queue records its end.
-    Waiting in the queue has no deadline (Ctrl-C stops watching, not the job); being placed has one."""
+    """Follow a job: each change of why it waits, then its progress bar, until the queue records its end; a
+    job restarted after a lost card goes back to waiting and is followed again. Waiting in the queue has no
+    deadline (Ctrl-C stops watching, not the job); being placed has one."""
     store, state = _queue(), cluster_runtime.connect()
     job_id = _record(store, job_id).id
-    last_reason, placing_since = None, None
-    while (record := store.get(job_id)).state in ("queued", "placing"):
-        if record.reason != last_reason:
-            console.print(f"{record.id}: {record.state}: {record.reason}")
-            last_reason = record.reason
-        placing_since = (placing_since or time.monotonic()) if record.state == "placing" else None
-        if placing_since and time.monotonic() - placing_since > PLACING_TIMEOUT_S:
-            raise ZeromixError(f"{record.id} has been placing for {PLACING_TIMEOUT_S} s; `zeromix queue` says why, "
-                               "and the scheduler's log is in the Ray dashboard (actor zeromix-scheduler)")
-        time.sleep(POLL_S)
-    result = None
-    if record.state == "running":
-        _, result = follow(state, record.id, record.total_steps)
-    deadline = time.monotonic() + 60
-    while (record := store.get(record.id)).state not in TERMINAL and time.monotonic() < deadline:
-        time.sleep(POLL_S)  # the scheduler records the end on its next round
-    if record.state not in TERMINAL:
-        raise ZeromixError(f"Ray says {record.id} ended but the scheduler has not recorded it within 60 s; "
-                           "is it running? (`zeromix queue` restarts it)")
-    return record.state, result
+    last_reason, placing_since, result = None, None, None
+    while True:
+        while (record := store.get(job_id)).state in ("queued", "placing"):
+            if record.reason != last_reason:
+                console.print(f"{record.id}: {record.state}: {record.reason}")
+                last_reason = record.reason
+            placing_since = (placing_since or time.monotonic()) if record.state == "placing" else None
+            if placing_since and time.monotonic() - placing_since > PLACING_TIMEOUT_S:
+                raise ZeromixError(f"{record.id} has been placing for {PLACING_TIMEOUT_S} s; `zeromix queue` says why, "
+                                   "and the scheduler's log is in the Ray dashboard (actor zeromix-scheduler)")
+            time.sleep(POLL_S)
+        if record.state == "running":
+            _, result = follow(state, record.ray_job_id, record.total_steps, record.id)
+        deadline = time.monotonic() + 60
+        while (record := store.get(record.id)).state == "running" and time.monotonic() < deadline:
+            time.sleep(POLL_S)  # the scheduler records the end on its next round
+        if record.state in TERMINAL:
+            return record.state, result
+        if record.state == "running":
+            raise ZeromixError(f"Ray says {record.ray_job_id} ended but the scheduler has not recorded it within 60 s; "
+                               "is it running? (`zeromix queue` restarts it)")
 
 
 def _finish(job_id: str, outcome: tuple[str, dict | None]) -> dict:
@@ -445,12 +447,12 @@ def logs(job_id: str, follow_: bool = typer.Option(False, "--follow", "-f", help
     if follow_:
         _finish(record.id, watch(record.id))
         return
-    if record.state == "queued":
+    if record.state == "queued" and not record.attempts:
         console.print(f"{record.id} is queued and has no logs yet: {record.reason}")
         return
     state = cluster_runtime.connect()
     try:
-        print(launch.jobs_client(state).get_job_logs(record.id), end="")
+        print(launch.jobs_client(state).get_job_logs(record.ray_job_id), end="")
     except RuntimeError:
         raise ZeromixError(f"Ray has no logs for {record.id} (it ended before the head restarted?)") from None
 
@@ -655,24 +657,10 @@ def render_result(result: dict) -> None:
                   f"{result['tokens_per_s']:.0f} tokens/s per rank (measured); saved to {result['final_dir']}")
 
 
-def tagged_records(text: str, tag: str) -> list[dict]:
-    """The JSON objects that follow `tag` in a log. Ray forwards worker output asynchronously, so a tagged
-    record can share a line with another process's output: decode just the object after each tag."""
-    decoder = json.JSONDecoder()
-    records, start = [], text.find(tag)
-    while start != -1:
-        try:
-            records.append(decoder.raw_decode(text, start + len(tag) + 1)[0])
-        except json.JSONDecodeError:
-            pass  # not one of ours: each record is written with a single write() and cannot be split
-        start = text.find(tag, start + len(tag))
-    return records
-
-
-def follow(state, job_id: str, total: int) -> tuple[str, dict | None]:
-    """Follow a job through its logs until it ends: a live progress bar on a terminal (step, loss, tokens/s,
-    time left), plain lines at every tenth of the run elsewhere (CI, a pipe), then (status, result)."""
-    from orchestrator.job_driver import RESULT_TAG
+def follow(state, ray_job_id: str, total: int, job_id: str) -> tuple[str, dict | None]:
+    """Follow a Ray job through its logs until it ends: a live progress bar on a terminal (step, loss,
+    tokens/s, time left), plain lines at every tenth of the run elsewhere (CI, a pipe), then (status, result)."""
+    from orchestrator.job_driver import RESULT_TAG, tagged_records
 
     client = launch.jobs_client(state)
     seen, result, step_times = 0, None, []
@@ -681,8 +669,8 @@ def follow(state, job_id: str, total: int) -> tuple[str, dict | None]:
     with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
         task = bar.add_task(job_id, total=total, loss="-", speed="-", eta="-")
         while True:
-            status = client.get_job_status(job_id)
-            text = client.get_job_logs(job_id)  # read after the status, so a finished job's last lines are in it
+            status = client.get_job_status(ray_job_id)
+            text = client.get_job_logs(ray_job_id)  # read after the status, so a finished job's last lines are in it
             end = text.rfind("\n") + 1  # complete lines only
             for step in tagged_records(text[seen:end], PROGRESS_TAG):
                 step_times.append(step["step_time_s"])

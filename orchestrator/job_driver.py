@@ -13,11 +13,26 @@ from ray.util.placement_group import remove_placement_group
 
 from orchestrator.registry import placement_group_name
 from orchestrator.report import RESULT_FILE
-from orchestrator.worker_group import WorkerGroup
+from orchestrator.worker_group import RankFailed, WorkerGroup
 from workers.train import TrainConfig, utilisation
 
 RESULT_TAG = "ZEROMIX_RESULT"
+FAILURE_TAG = "ZEROMIX_FAILURE"  # why a rank failed (worker_group.RankFailed.record): the scheduler restarts on it
 READY_TIMEOUT_S = 60
+
+
+def tagged_records(text: str, tag: str) -> list[dict]:
+    """The JSON objects that follow `tag` in a log. Ray forwards worker output asynchronously, so a tagged
+    record can share a line with another process's output: decode just the object after each tag."""
+    decoder = json.JSONDecoder()
+    records, start = [], text.find(tag)
+    while start != -1:
+        try:
+            records.append(decoder.raw_decode(text, start + len(tag) + 1)[0])
+        except json.JSONDecodeError:
+            pass  # not one of ours: each record is written with a single write() and cannot be split
+        start = text.find(tag, start + len(tag))
+    return records
 
 
 def report(config: TrainConfig, plan: dict, placements: list[dict], results: list[dict]) -> dict:
@@ -65,7 +80,13 @@ def main() -> int:
         for c, p in zip(cards, placements):
             print(f"zeromix: rank on {c['card']} ({c['model']}) sees CUDA_VISIBLE_DEVICES={p['cuda_visible_devices']}, "
                   f"NVML {p['nvml_name'] or 'none'} at {p['pci_bus_id'] or '-'}, device {p['device']}", flush=True)
-        summary = report(config, plan, placements, group.run(config.to_json()))
+        try:
+            results = group.run(config.to_json())
+        except RankFailed as failed:
+            sys.stdout.write(f"\n{FAILURE_TAG} {json.dumps(failed.record())}\n")
+            sys.stdout.flush()
+            raise
+        summary = report(config, plan, placements, results)
         Path(config.output_dir, RESULT_FILE).write_text(json.dumps(summary, indent=2))
         brief = {k: v for k, v in summary.items() if k not in ("history", "plan")}  # those are in the file
         sys.stdout.write(f"\n{RESULT_TAG} {json.dumps(brief)}\n")  # one write: other threads print too

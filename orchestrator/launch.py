@@ -23,6 +23,7 @@ from workers.train import TrainConfig
 RESERVE_TIMEOUT_S = 30
 AGENT_WAIT_S = 60
 METADATA_KEY = "zeromix_job"  # present on every job zeromix submits
+ID_KEY = "zeromix_id"  # the queue's job id, the same for every placement of the job
 
 
 def new_job_id(job: JobSpec) -> str:
@@ -75,20 +76,21 @@ def jobs_client(state: ClusterState):
     return JobSubmissionClient(state.dashboard_url)
 
 
-def submit(state: ClusterState, job: JobSpec, plan: Plan, job_id: str) -> str:
-    """Reserve the plan's cards and start the Ray job; on any failure nothing stays held."""
+def submit(state: ClusterState, job: JobSpec, plan: Plan, job_id: str, ray_job_id: str | None = None) -> str:
+    """Reserve the plan's cards and start the Ray job (as `ray_job_id`: a job placed again after a restart gets
+    a new one); on any failure nothing stays held."""
     config = train_config(job, plan, job_id)
     reserve(job_id, plan)
     try:
         _submit_when_agent_ready(
             jobs_client(state),
-            submission_id=job_id,
+            submission_id=ray_job_id or job_id,
             # Ray runs the entrypoint through a shell: only this interpreter's path goes in it, quoted; every field
             # of the job travels as JSON in the runtime env, never as shell text.
             entrypoint=shlex.join([sys.executable, "-m", "orchestrator.job_driver"]),
             entrypoint_num_cpus=0,
             runtime_env={"env_vars": {"ZEROMIX_TRAIN_CONFIG": config.to_json()}},  # the plan travels in it
-            metadata={METADATA_KEY: job.name, "job_name": plan.title, "zeromix_plan": json.dumps(plan.summary()),
+            metadata={METADATA_KEY: job.name, ID_KEY: job_id, "job_name": plan.title, "zeromix_plan": json.dumps(plan.summary()),
                       "zeromix_priority": str(job.priority), "zeromix_output_dir": job.output_dir},
         )
     except BaseException:
@@ -116,9 +118,13 @@ def list_jobs(state: ClusterState) -> list:
 
 
 def stop(state: ClusterState, job_id: str) -> None:
-    """Stop the Ray job if it runs, and free its cards. Idempotent: a job Ray never saw is fine."""
-    try:
-        jobs_client(state).stop_job(job_id)
-    except RuntimeError:
-        pass  # no such Ray job (it was still queued, or the head restarted)
+    """Stop every Ray job of this queue job that still runs (one per placement), and free its cards.
+    Idempotent: a job Ray never saw is fine."""
+    client = jobs_client(state)
+    for info in client.list_jobs():
+        if (info.metadata or {}).get(ID_KEY) == job_id and not info.status.is_terminal():
+            try:
+                client.stop_job(info.submission_id)
+            except RuntimeError:
+                pass  # it ended meanwhile
     release(job_id)

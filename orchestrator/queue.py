@@ -71,6 +71,12 @@ class JobRecord:
     reason: str
     attempts: int
 
+    @property
+    def ray_job_id(self) -> str:
+        """The Ray submission id of its current (or last) placement: Ray never reuses one, so a job placed again
+        after a restart runs as <id>-<attempt>."""
+        return self.id if self.attempts <= 1 else f"{self.id}-{self.attempts}"
+
 
 @dataclass(frozen=True)
 class Event:
@@ -163,6 +169,12 @@ class QueueStore:
             db.executemany("UPDATE jobs SET reason = ? WHERE id = ? AND state = 'queued'", [(r, j) for j, r in reasons.items()])
 
     # ------------------------------------------------------------------------------------ reads
+    def returns(self, job_id: str, source: str) -> int:
+        """How often the job went from `source` back to the queue: from running, a restart (a lost node or card,
+        a card out of memory); from placing, a launch that failed."""
+        return self._db.execute("SELECT COUNT(*) FROM job_events WHERE job_id = ? AND source = ? AND target = 'queued'",
+                                (job_id, source)).fetchone()[0]
+
     def get(self, job_id: str) -> JobRecord:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:

@@ -15,8 +15,44 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from workers.rank import RankWorker, card_env
 
 
+ROOT_CAUSE_WAIT_S = 10  # after the first rank fails, how long the others may take to say why they failed too
+# What a collective says when a peer vanished (gloo on CPU, NCCL on GPUs): a lost rank seen from a survivor.
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+             "Watchdog caught collective operation timeout", "remote process exited", "Socket Timeout")
+
+
+def failure_kind(err: BaseException) -> str:
+    """"oom": the card ran out of memory (torch.OutOfMemoryError); "lost": the rank's process or node died, or a
+    collective lost its peer; "error": anything else (a bug, bad data), which a restart would only repeat."""
+    cause = getattr(err, "cause", None)
+    if type(cause).__name__ == "OutOfMemoryError" or "torch.OutOfMemoryError" in str(err):
+        return "oom"
+    if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError)) or any(s in str(err) for s in LOST_PEER):
+        return "lost"
+    return "error"
+
+
 class RankFailed(RuntimeError):
-    pass
+    def __init__(self, message: str, kind: str, rank: int, card: dict):
+        super().__init__(message)
+        self.kind, self.rank, self.card = kind, rank, card
+
+    def record(self) -> dict:
+        """What the scheduler reads from the job's log to decide on a restart."""
+        return {"kind": self.kind, "rank": self.rank, "card": f"{self.card['node']}/{self.card['index']}", "node": self.card["node"],
+                "detail": str(self).splitlines()[0][:300]}
+
+
+def _root_cause(failures: dict[int, BaseException]) -> tuple[int, BaseException]:
+    """Of the ranks' failures, the one that explains the others: an out-of-memory card, then a rank whose process
+    or node died, then a survivor's broken collective."""
+    def order(item):
+        rank, err = item
+        kind = failure_kind(err)
+        died = isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError))
+        return ({"oom": 0, "lost": 1 if died else 2}.get(kind, 3), rank)
+
+    return min(failures.items(), key=order)
 
 
 def actor_name(job_id: str, rank: int, card: dict) -> str:
@@ -57,9 +93,22 @@ class WorkerGroup:
             try:
                 results[rank] = ray.get(done[0])
             except Exception as err:
+                failures = {rank: err} | self._other_failures(pending)
                 self.shutdown()
-                raise RankFailed(f"rank {rank} on {self.cards[rank]['node']}/{self.cards[rank]['index']} failed: {err}") from err
+                rank, err = _root_cause(failures)
+                card = self.cards[rank]
+                raise RankFailed(f"rank {rank} on {card['node']}/{card['index']} failed: {err}", failure_kind(err), rank, card) from err
         return [results[r] for r in range(world)]
+
+    def _other_failures(self, pending: dict) -> dict[int, BaseException]:
+        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=ROOT_CAUSE_WAIT_S)
+        failures = {}
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as err:
+                failures[pending[ref]] = err
+        return failures
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -69,6 +69,8 @@ def test_full_fine_tune_zero2_on_two_different_cards(scratch_run, demo_data):
     # not a terminal: plain progress lines at every tenth of the run instead of a live bar
     assert f"{job_id}: step 6/60, loss" in stdout and "60/60 steps" not in stdout
     assert re.search(rf"{job_id}: step 60/60, loss [0-9.]+, [0-9,]+ tokens/s, ETA 0:00:00\n", stdout)
+    log = zeromix("logs", job_id).stdout  # the Ray job's log: a readable line per step, once (not once per node)
+    assert [len(re.findall(rf"zeromix: step {k}/60, loss [0-9.]+, [0-9,]+ tokens/s, [0-9]+ ms/step", log)) for k in (1, 30, 60)] == [1, 1, 1]
     result = json.loads((out / "zeromix-result.json").read_text())
     assert {r["model"] for r in result["ranks"]} == {"GeForce GTX 1080 Ti", "GeForce RTX 3090"}
     assert {(r["zero_stage"], r["precision"]) for r in result["ranks"]} == {(2, "fp32")}

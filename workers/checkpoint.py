@@ -9,6 +9,13 @@ checkpoint whose files no longer match its manifest is skipped for the one befor
         step-30/
         latest                "step-30": written after step-30's manifest
         .partial/step-40/     a save in progress (or one that died)
+        .universal/step-30/   step-30 in DeepSpeed's universal form, made when a job resumes on other ranks
+
+Resuming on a different number of ranks (a node lost, or one come back), another ZeRO stage or precision: DeepSpeed's
+partitions are cut for the world size that saved them, so rank 0 first converts the checkpoint with
+DeepSpeed's own `ds_to_universal` (every parameter's weights and Adam moments whole, in one file each), and the
+engine loads that with `checkpoint.load_universal`. On a real multi-node cluster, output_dir must be storage
+every node sees (NFS): each rank writes its own shards there, and rank 0 reads them all.
 """
 
 from __future__ import annotations
@@ -17,10 +24,14 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
+UNIVERSAL = ".universal"
+CONVERT_TIMEOUT_S = 3600  # ds_to_universal reads and rewrites every shard: minutes for an 8B model's optimizer states
 LATEST = "latest"
 TAG_PREFIX = "step-"
 # Test-only fault injection: "kill-in-save:N" kills rank 0 after the shards of step N are written, before they
@@ -41,7 +52,7 @@ def save(engine, checkpoints: Path, step: int, rank: int, barrier, keep_last: in
     if rank == 0 and (staging / tag).exists():
         shutil.rmtree(staging / tag)  # left by a save that died
     barrier()
-    engine.save_checkpoint(str(staging), tag=tag, client_state={"step": step}, save_latest=False)
+    engine.save_checkpoint(str(staging), tag=tag, client_state={"step": step, **_universal_info()}, save_latest=False)
     barrier()  # every rank's shards are on disk
     if rank == 0:
         if os.environ.get(FAULT_ENV) == f"kill-in-save:{step}":
@@ -60,6 +71,42 @@ def _publish(checkpoints: Path, staged: Path, step: int, layout: dict) -> None:
     os.replace(staged, final)
     _write_atomically(final / MANIFEST, json.dumps({"step": step, "layout": layout, "files": files}, indent=1))
     _write_atomically(checkpoints / LATEST, staged.name)
+
+
+def _universal_info() -> dict:
+    """What ds_to_universal requires a checkpoint to carry (Megatron-DeepSpeed writes the same)."""
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
+
+    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+
+def layout(checkpoints: Path, tag: str) -> dict:
+    """The layout a checkpoint was made under (world size, micro-batches, accumulation, ZeRO stage)."""
+    return json.loads((checkpoints / tag / MANIFEST).read_text())["layout"]
+
+
+def loads_directly(saved: dict, now: dict) -> bool:
+    """DeepSpeed loads its own shards only on the world size, ZeRO stage and precision that wrote them (micro-
+    batches and offload do not matter: the partitions are cut by world size alone)."""
+    keys = ("world_size", "zero_stage", "precision")
+    return all(saved.get(k) == now[k] for k in keys)
+
+
+def universal(checkpoints: Path, tag: str) -> Path:
+    """Rank 0: the checkpoint in DeepSpeed's universal form, converted once (into a staging dir, then renamed)
+    and kept beside it until the checkpoint itself is pruned. Returns the directory to load from (its parent)."""
+    converted = checkpoints / UNIVERSAL / tag
+    if not converted.is_dir():
+        staging = checkpoints / UNIVERSAL / f".tmp-{tag}"
+        shutil.rmtree(staging, ignore_errors=True)
+        done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoints / tag),
+                               "--output_folder", str(staging), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                              capture_output=True, text=True, timeout=CONVERT_TIMEOUT_S)
+        if done.returncode != 0:
+            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"converting {checkpoints / tag} to DeepSpeed's universal form failed: {last[0]}")
+        os.replace(staging, converted)
+    return converted.parent
 
 
 def newest_complete(checkpoints: Path) -> tuple[str | None, list[str]]:
@@ -102,6 +149,7 @@ def _prune(checkpoints: Path, keep_last: int) -> None:
                       key=lambda d: int(d.name[len(TAG_PREFIX):]), reverse=True)
     for old in complete[keep_last:]:
         shutil.rmtree(old)
+        shutil.rmtree(checkpoints / UNIVERSAL / old.name, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:

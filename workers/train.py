@@ -89,6 +89,8 @@ class RankResult:
     # Model-state bytes this rank's engine holds after its first optimizer step (workers/memory_report.py)
     model_state_bytes: dict[str, int] = field(default_factory=dict)
     recomputes: bool = False  # activation checkpointing on in this rank's model, as transformers reports it
+    resumed_from: str = ""  # the checkpoint this run continued from, if any
+    universal: bool = False  # ... loaded through DeepSpeed's universal form (saved on other ranks or another stage)
 
 
 def utilisation(busy_s: list[float], wait_s: list[float]) -> list[float]:
@@ -132,6 +134,22 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     samples = tokenize(read_records(cfg.dataset), cfg.dataset, tokenizer, cfg.seq_len)
     sampler = GlobalBatchSampler(len(samples), cfg.micro_batches, cfg.grad_accum, cfg.seed)
 
+    # ----------------------------------------------------------------------------- where to resume from
+    # Decided before the engine exists: a checkpoint made on other ranks loads through DeepSpeed's universal
+    # form, which the engine must be configured for (workers/checkpoint.py).
+    out = Path(cfg.output_dir)
+    checkpoints = out / CHECKPOINT_DIR
+    layout = {"world_size": world, "micro_batches": list(cfg.micro_batches), "grad_accum": cfg.grad_accum,
+              "zero_stage": ds_config["zero_optimization"]["stage"], "precision": precision}
+    found = [_resume_point(checkpoints, layout) if rank == 0 else None]  # one rank reads every file's checksum
+    dist.broadcast_object_list(found, src=0)
+    tag, skipped, load_dir = found[0]
+    universal = tag is not None and load_dir != str(checkpoints)
+    for warning in skipped:
+        _say(rank, f"warning: {warning}")
+    if universal:
+        ds_config["checkpoint"] = {"load_universal": True}
+
     # ----------------------------------------------------------------------------- model
     # ZeRO-3 partitions weights as they are created; HfDeepSpeedConfig must exist before the model does.
     zero3 = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
@@ -155,27 +173,20 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     del zero3
 
     # ----------------------------------------------------------------------------- resume
-    out = Path(cfg.output_dir)
-    checkpoints = out / CHECKPOINT_DIR
     start_step = 0
-    found = [checkpoint.newest_complete(checkpoints) if rank == 0 else None]  # one rank reads every file's checksum
-    dist.broadcast_object_list(found, src=0)
-    tag, skipped = found[0]
-    for warning in skipped:
-        _say(rank, f"warning: {warning}")
     if tag:
-        _, client_state = engine.load_checkpoint(str(checkpoints), tag=tag)
+        _, client_state = engine.load_checkpoint(load_dir, tag=tag)
         start_step = int(client_state["step"])
-        _say(rank, f"resumed from {checkpoints / tag} at step {start_step}")
-    layout = {"world_size": world, "micro_batches": list(cfg.micro_batches), "grad_accum": cfg.grad_accum,
-              "zero_stage": ds_config["zero_optimization"]["stage"]}
+        how = " through its universal form (it was saved on other ranks)" if universal else ""
+        _say(rank, f"resumed from {checkpoints / tag} at step {start_step}{how}")
 
     def save(step: int) -> None:
         checkpoint.save(engine, checkpoints, step, rank, dist.barrier, cfg.keep_last, layout)
 
     # ----------------------------------------------------------------------------- loop
     result = RankResult(rank=rank, steps=start_step, precision=precision, device=_device_name(on_gpu),
-                        recomputes=engine.module.is_gradient_checkpointing)
+                        recomputes=engine.module.is_gradient_checkpointing, resumed_from=tag or "",
+                        universal=universal)
     slowdown = cfg.emulated_slowdown[rank] if cfg.emulated_slowdown else 1.0
     extra_per_sample_s = 0.0
     if cfg.emulated_slowdown:
@@ -241,6 +252,19 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     return result
 
 
+def _resume_point(checkpoints: Path, layout: dict) -> tuple[str | None, list[str], str | None]:
+    """Rank 0: the newest complete checkpoint, warnings for newer broken ones, and the directory to load it
+    from (its own, or its universal form when it was saved on another world size or ZeRO stage)."""
+    from workers import checkpoint
+
+    tag, skipped = checkpoint.newest_complete(checkpoints)
+    if tag is None:
+        return None, skipped, None
+    if checkpoint.loads_directly(checkpoint.layout(checkpoints, tag), layout):
+        return tag, skipped, str(checkpoints)
+    return tag, skipped, str(checkpoint.universal(checkpoints, tag))
+
+
 def _forward_cost_per_sample(engine, batch) -> float:
     """CPU time one more sample adds to a forward (the slope between 1 sample and the whole micro-batch), so
     the emulation slows compute and not the fixed cost of a call. CPU time: work done, not time waiting for
@@ -288,8 +312,11 @@ def _device_name(on_gpu: bool) -> str:
 
 
 def _progress(rank: int, **fields) -> None:
+    """One line per step, for a person first, then the record the CLI follows."""
     if rank == 0:
-        print(f"{PROGRESS_TAG} {json.dumps(fields)}", flush=True)
+        readable = (f"step {fields['step']}/{fields['of']}, loss {fields['loss']:.4f}, {fields['tokens_per_s']:,.0f} tokens/s, "
+                    f"{fields['step_time_s'] * 1000:.0f} ms/step")
+        print(f"zeromix: {readable}   {PROGRESS_TAG} {json.dumps(fields)}", flush=True)
 
 
 def _say(rank: int, text: str) -> None:

@@ -11,7 +11,7 @@ the clock differ, so the simulator proves the code that runs, not a copy of it.
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from orchestrator.inventory import ClusterSnapshot
 from orchestrator.jobspec import JobSpec
@@ -20,7 +20,17 @@ from orchestrator.queue import ACTIVE, JobRecord, QueueStore, StaleTransition
 from orchestrator.scheduler.policies import Decision, Policy, PolicyInput, RunningJob
 from orchestrator.scheduler.table import QueuedJob, ThroughputTable
 
-MAX_ATTEMPTS = 3  # launches that fail before a job is marked failed
+MAX_ATTEMPTS = 3  # launches that may fail before a job is marked failed
+MAX_RESTARTS = 3  # times a job that lost a card or node (or ran out of memory) is placed again
+
+
+class Ending(NamedTuple):
+    """How a running job ended. `retryable`: it lost a card, a node or its memory, not its mind: placing it
+    again, on the cards free then, resumes it from its last checkpoint."""
+
+    state: str  # succeeded | failed | cancelled | queued (Ray lost it: placed again)
+    reason: str
+    retryable: bool = False
 
 
 class Launcher(Protocol):
@@ -30,8 +40,8 @@ class Launcher(Protocol):
     def start(self, job: JobRecord, plan: Plan) -> None:
         """Reserve the plan's cards and start the job on them; raise if it could not (nothing left held)."""
 
-    def ended(self, running: list[JobRecord]) -> dict[str, tuple[str, str]]:
-        """Of these jobs, those no longer running: job id -> (new state, reason). 'queued' means lost."""
+    def ended(self, running: list[JobRecord]) -> dict[str, Ending]:
+        """Of these jobs, those no longer running, and how they ended."""
 
     def stop(self, job_id: str) -> None:
         """Stop the job if it runs and free its cards. Idempotent."""
@@ -89,8 +99,16 @@ class Scheduler:
 
     def _finish_ended(self) -> None:
         running = self.store.jobs(("running",))
-        for job_id, (state, reason) in self.launcher.ended(running).items():
+        for job_id, ending in self.launcher.ended(running).items():
             self.launcher.stop(job_id)  # the job's own exit frees its cards; this catches a driver that died first
+            state, reason = ending.state, ending.reason
+            if ending.retryable:
+                restarts = self.store.returns(job_id, "running")
+                if restarts < MAX_RESTARTS:
+                    state, reason = "queued", (f"{reason}; placed again on the cards free now, resuming from its last "
+                                               f"checkpoint (restart {restarts + 1} of {MAX_RESTARTS})")
+                else:
+                    reason = f"{reason}; not restarted again (it was restarted {MAX_RESTARTS} times)"
             self._transition(job_id, "running", state, reason)
 
     def _release_leaked(self, snapshot: ClusterSnapshot, active: set[str]) -> None:
@@ -104,13 +122,12 @@ class Scheduler:
         if not self._transition(record.id, "queued", "placing", f"placing on {describe}", cards=cards, plan=plan.summary()):
             return
         try:
-            self.launcher.start(record, plan)
+            self.launcher.start(self.store.get(record.id), plan)  # as placed: this placement's attempt number
         except Exception as err:  # a launch that failed leaves nothing held, and the job queued (or failed, in the end)
             self.launcher.stop(record.id)
-            attempts = self.store.get(record.id).attempts
-            final = attempts >= MAX_ATTEMPTS
-            self._transition(record.id, "placing", "failed" if final else "queued",
-                             f"launch {attempts} of {MAX_ATTEMPTS} failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            failed = self.store.returns(record.id, "placing") + 1
+            self._transition(record.id, "placing", "failed" if failed >= MAX_ATTEMPTS else "queued",
+                             f"launch {failed} of {MAX_ATTEMPTS} failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
             return
         est_end = self.clock() + plan.step.step_s * plan.total_steps
         if not self._transition(record.id, "placing", "running", f"running on {describe}", est_end=est_end):

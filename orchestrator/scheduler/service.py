@@ -18,10 +18,11 @@ from dataclasses import asdict
 from orchestrator import launch, registry
 from orchestrator.cluster_runtime import RAY_NAMESPACE, ClusterState, home
 from orchestrator.errors import ZeromixError
+from orchestrator.job_driver import FAILURE_TAG, tagged_records
 from orchestrator.jobspec import JobSpec
 from orchestrator.planner import Plan
 from orchestrator.queue import LIVE, JobRecord, QueueStore
-from orchestrator.scheduler import Scheduler
+from orchestrator.scheduler import Ending, Scheduler
 from orchestrator.scheduler.policies import policy
 
 ACTOR_NAME = "zeromix-scheduler"
@@ -44,21 +45,37 @@ class RayLaunch:
         return registry.snapshot()
 
     def start(self, job: JobRecord, plan: Plan) -> None:
-        launch.submit(self.state, JobSpec.model_validate(job.spec), plan, job.id)
+        launch.submit(self.state, JobSpec.model_validate(job.spec), plan, job.id, job.ray_job_id)
 
-    def ended(self, running: list[JobRecord]) -> dict[str, tuple[str, str]]:
+    def ended(self, running: list[JobRecord]) -> dict[str, Ending]:
         client, done = launch.jobs_client(self.state), {}
         for record in running:
             try:
-                info = client.get_job_info(record.id)
+                info = client.get_job_info(record.ray_job_id)
             except RuntimeError as err:
                 if "404" in str(err) or "does not exist" in str(err):
-                    done[record.id] = ("queued", "lost: Ray has no record of it (the head restarted?); queued again")
+                    done[record.id] = Ending("queued", "lost: Ray has no record of it (the head restarted?); queued again")
                 continue  # the Jobs API did not answer: ask again next round
-            if info.status.is_terminal():
-                done[record.id] = {"SUCCEEDED": ("succeeded", "finished"), "STOPPED": ("cancelled", "stopped in Ray")}.get(
-                    info.status.value, ("failed", f"failed: {(info.message or 'see `zeromix logs`').strip().splitlines()[-1][:300]}"))
+            if info.status.value == "SUCCEEDED":
+                done[record.id] = Ending("succeeded", "finished")
+            elif info.status.value == "STOPPED":
+                done[record.id] = Ending("cancelled", "stopped in Ray")
+            elif info.status.is_terminal():
+                done[record.id] = self._failure(client, record, info)
         return done
+
+    @staticmethod
+    def _failure(client, record: JobRecord, info) -> Ending:
+        """Why it failed, from the driver's failure record when there is one (worker_group.RankFailed)."""
+        try:
+            failure = next(iter(reversed(tagged_records(client.get_job_logs(record.ray_job_id), FAILURE_TAG))), None)
+        except RuntimeError:
+            failure = None
+        if failure is None:
+            return Ending("failed", f"failed: {(info.message or 'see `zeromix logs`').strip().splitlines()[-1][:300]}")
+        what = {"lost": "was lost (its process or node died, or a collective lost it)", "oom": "ran out of memory"}.get(failure["kind"], "failed")
+        return Ending("failed", f"rank {failure['rank']} on {failure['card']} {what}: {failure['detail'][:200]}",
+                      retryable=failure["kind"] in ("lost", "oom"))
 
     def stop(self, job_id: str) -> None:
         launch.stop(self.state, job_id)

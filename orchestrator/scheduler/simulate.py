@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from orchestrator.inventory import ClusterSnapshot
 from orchestrator.planner import Plan
 from orchestrator.queue import JobRecord, QueueStore
-from orchestrator.scheduler import Scheduler, spec_record
+from orchestrator.scheduler import Ending, Scheduler, spec_record
 from orchestrator.scheduler.policies import Policy
 from orchestrator.scheduler.table import QueuedJob
 from orchestrator.scheduler.trace import TraceJob
@@ -41,8 +41,8 @@ class SimulatedLaunch:
     def start(self, job: JobRecord, plan: Plan) -> None:
         self.running[job.id] = (tuple(r.card.resource for r in plan.ranks), self._clock() + plan.step.step_s * plan.total_steps)
 
-    def ended(self, running: list[JobRecord]) -> dict[str, tuple[str, str]]:
-        return {r.id: ("succeeded", "finished (simulated)") for r in running if self.running[r.id][1] <= self._clock()}
+    def ended(self, running: list[JobRecord]) -> dict[str, Ending]:
+        return {r.id: Ending("succeeded", "finished (simulated)") for r in running if self.running[r.id][1] <= self._clock()}
 
     def stop(self, job_id: str) -> None:
         self.running.pop(job_id, None)

@@ -1,0 +1,82 @@
+"""Resume: a job stopped and started again continues the same run. On the same ranks its weights equal an
+uninterrupted run's; on a different number of ranks (a node lost, or one come back) DeepSpeed's universal
+checkpoint carries the optimizer state over, and the weights agree within the heterogeneous-exactness bound.
+Real DeepSpeed on CPU ranks, ZeRO-2 and ZeRO-3, shrinking 3 -> 2 ranks and growing 2 -> 3."""
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from orchestrator.ds_config import Optimization, RankTuning, deepspeed_config
+from tests.test_exact_update import GRAD_ACCUM, LR, TOLERANCE, TOLERANCE_ADAMW, job, max_relative_difference
+from workers import checkpoint
+from workers.local_launch import run_local_ranks
+from workers.train import CHECKPOINT_DIR
+
+STEPS, HALF = 4, 2
+TWO_RANKS = (4, 2)  # the same global batch (12 samples) as job()'s three ranks (3, 1, 2) x 2 accumulation steps
+
+
+def on_ranks(config, micro: tuple[int, ...], stage: int):
+    opt = Optimization(LR["AdamW"], "constant", 0, 0.0, STEPS)
+    return dataclasses.replace(config, micro_batches=micro, activation_checkpointing=(False,) * len(micro),
+                               ds_configs=tuple(deepspeed_config(RankTuning(m, stage, False, False, "fp32"), GRAD_ACCUM, len(micro), 0.0, opt)
+                                                for m in micro))
+
+
+def weights(config) -> dict:
+    return load_file(f"{config.output_dir}/final/model.safetensors")
+
+
+def continued_from(straight, tmp_path, name: str, micro: tuple[int, ...], stage: int):
+    """A new output dir holding only the straight run's checkpoint at HALF, trained on to STEPS on `micro`."""
+    out = tmp_path / name
+    source, saved = Path(straight.output_dir) / CHECKPOINT_DIR, out / CHECKPOINT_DIR
+    shutil.copytree(source / checkpoint.tag_of(HALF), saved / checkpoint.tag_of(HALF))
+    (saved / checkpoint.LATEST).write_text(checkpoint.tag_of(HALF))
+    config = on_ranks(dataclasses.replace(straight, output_dir=str(out), checkpoint_every=0), micro, stage)
+    return config, run_local_ranks(config, timeout_s=400)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def straight(request, tmp_path_factory, demo_data, base_model):
+    """Three ranks, STEPS steps without a stop, a checkpoint every HALF steps."""
+    stage = request.param
+    out = tmp_path_factory.mktemp(f"straight-zero{stage}")
+    config = dataclasses.replace(on_ranks(job(out, demo_data, base_model, stage, "full", 0.0, steps=STEPS), (3, 1, 2), stage),
+                                 checkpoint_every=HALF, keep_last=5)
+    results = run_local_ranks(config, timeout_s=400)
+    return stage, config, results[0]
+
+
+def test_stopped_and_resumed_on_the_same_ranks_gives_the_same_weights_and_losses(straight, tmp_path):
+    stage, config, result = straight
+    resumed, results = continued_from(config, tmp_path, "same", (3, 1, 2), stage)
+    assert results[0]["steps"] == STEPS and len(results[0]["losses"]) == STEPS - HALF
+    assert results[0]["losses"] == pytest.approx(result["losses"][HALF:], rel=1e-6)
+    assert max_relative_difference(weights(resumed), weights(config)) < TOLERANCE
+
+
+def test_a_checkpoint_from_three_ranks_resumes_on_two(straight, tmp_path):
+    stage, config, result = straight
+    resumed, results = continued_from(config, tmp_path, "shrunk", TWO_RANKS, stage)
+    assert results[0]["steps"] == STEPS and results[0]["universal"]  # converted: the partitions were cut for 3 ranks
+    assert results[0]["losses"] == pytest.approx(result["losses"][HALF:], rel=1e-3)
+    # measured 1.1e-7 (ZeRO-2) and 1.3e-7 (ZeRO-3): the Adam moments came across whole; a fresh optimizer
+    # is off by 5e-2 after these two steps (measured by leaving the optimizer state out of the load)
+    assert max_relative_difference(weights(resumed), weights(config)) < TOLERANCE
+
+
+def test_a_checkpoint_from_two_ranks_resumes_on_three(straight, tmp_path, demo_data, base_model):
+    stage, config, result = straight
+    two = on_ranks(dataclasses.replace(config, output_dir=str(tmp_path / "two")), TWO_RANKS, stage)
+    run_local_ranks(dataclasses.replace(two, total_steps=HALF), timeout_s=400)  # stops at HALF (constant LR: same schedule)
+    grown, results = continued_from(two, tmp_path, "grown", (3, 1, 2), stage)
+    assert results[0]["steps"] == STEPS and results[0]["universal"]
+    assert results[0]["losses"] == pytest.approx(result["losses"][HALF:], rel=1e-3)
+    # the first half ran on two ranks: AdamW magnifies their other reduction order (measured 1.4e-4 and 2.7e-4),
+    # the bound of tests/test_exact_update.py
+    assert max_relative_difference(weights(grown), weights(config)) < TOLERANCE_ADAMW
