@@ -152,6 +152,16 @@ class ClusterSnapshot:
 
         return ClusterSnapshot(tuple(mark(n) for n in self.nodes))
 
+    def with_memory_caps(self, caps_mib: dict[str, int]) -> ClusterSnapshot:
+        """At most `caps_mib[card id]` MiB free on those cards: what one job learnt by running out of memory there."""
+        def cap(card: Card) -> Card:
+            if card.card_id not in caps_mib:
+                return card
+            free = min(caps_mib[card.card_id], card.facts.memory_free_mib or card.vram_mib)
+            return dataclasses.replace(card, facts=dataclasses.replace(card.facts, memory_free_mib=free))
+
+        return ClusterSnapshot(tuple(dataclasses.replace(n, cards=tuple(cap(c) for c in n.cards)) for n in self.nodes)) if caps_mib else self
+
 
 def card_spec(facts: CardFacts) -> catalog.GpuSpec:
     """The catalog row for a card, or an estimate from its NVML facts (marked `estimated`)."""

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     cards        TEXT,                     -- JSON list of card ids while placing/running, kept afterwards
     plan         TEXT,                     -- the plan it runs under (JSON summary)
     reason       TEXT NOT NULL DEFAULT '', -- why it is in its state: why it waits, why it failed
-    attempts     INTEGER NOT NULL DEFAULT 0
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    memory_caps  TEXT NOT NULL DEFAULT '{}'  -- card -> MiB the planner may use there, learnt from an out-of-memory (JSON)
 );
 CREATE TABLE IF NOT EXISTS job_events (
     job_id TEXT NOT NULL REFERENCES jobs(id),
@@ -70,6 +71,7 @@ class JobRecord:
     plan: dict | None
     reason: str
     attempts: int
+    memory_caps: dict[str, int]  # card id -> MiB the planner may use on it for this job (after it ran out of memory there)
 
     @property
     def ray_job_id(self) -> str:
@@ -103,6 +105,8 @@ class QueueStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)  # idempotent: every statement is CREATE ... IF NOT EXISTS
+        if "memory_caps" not in {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}:  # a queue from before it
+            self._db.execute("ALTER TABLE jobs ADD COLUMN memory_caps TEXT NOT NULL DEFAULT '{}'")
         if str(path) != ":memory:":
             os.chmod(path, 0o600)  # job specs name the user's paths: readable by the user only
 
@@ -130,7 +134,8 @@ class QueueStore:
         return self.get(job_id)
 
     def transition(self, job_id: str, expected: str | tuple[str, ...], target: str, reason: str, *,
-                   cards: tuple[str, ...] | None = None, plan: dict | None = None, est_end: float | None = None) -> JobRecord:
+                   cards: tuple[str, ...] | None = None, plan: dict | None = None, est_end: float | None = None,
+                   memory_caps: dict[str, int] | None = None) -> JobRecord:
         """Move a job from one of `expected` to `target`, atomically with its card holds: entering `placing`
         takes `cards` (refused if any is held), leaving the active states gives them back."""
         expected = (expected,) if isinstance(expected, str) else expected
@@ -157,6 +162,8 @@ class QueueStore:
                 fields["ended_at"] = now
             if target == "queued":
                 fields.update(est_end=None, started_at=None)
+            if memory_caps is not None:
+                fields["memory_caps"] = json.dumps(memory_caps)
             db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", (*fields.values(), job_id))
             db.execute("INSERT INTO job_events VALUES (?,?,?,?,?)", (job_id, now, row["state"], target, reason))
         return self.get(job_id)
@@ -214,4 +221,5 @@ def _record(row: sqlite3.Row) -> JobRecord:
         state=row["state"], submitted_at=row["submitted_at"], started_at=row["started_at"], ended_at=row["ended_at"],
         est_end=row["est_end"], cards=tuple(json.loads(row["cards"])) if row["cards"] else (),
         plan=json.loads(row["plan"]) if row["plan"] else None, reason=row["reason"], attempts=row["attempts"],
+        memory_caps=json.loads(row["memory_caps"]),
     )

@@ -32,6 +32,13 @@ def failure_kind(err: BaseException) -> str:
     return "error"
 
 
+def describe(err: BaseException) -> str:
+    """One line: a rank's own exception rather than Ray's wrapper around it (ray::RankWorker.run() (pid=...))."""
+    cause = getattr(err, "cause", None) or err
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"[:300]
+
+
 class RankFailed(RuntimeError):
     def __init__(self, message: str, kind: str, rank: int, card: dict):
         super().__init__(message)
@@ -40,7 +47,7 @@ class RankFailed(RuntimeError):
     def record(self) -> dict:
         """What the scheduler reads from the job's log to decide on a restart."""
         return {"kind": self.kind, "rank": self.rank, "card": f"{self.card['node']}/{self.card['index']}", "node": self.card["node"],
-                "detail": str(self).splitlines()[0][:300]}
+                "detail": str(self).split(" failed: ", 1)[-1]}
 
 
 def _root_cause(failures: dict[int, BaseException]) -> tuple[int, BaseException]:
@@ -97,7 +104,7 @@ class WorkerGroup:
                 self.shutdown()
                 rank, err = _root_cause(failures)
                 card = self.cards[rank]
-                raise RankFailed(f"rank {rank} on {card['node']}/{card['index']} failed: {err}", failure_kind(err), rank, card) from err
+                raise RankFailed(f"rank {rank} on {card['node']}/{card['index']} failed: {describe(err)}", failure_kind(err), rank, card) from err
         return [results[r] for r in range(world)]
 
     def _other_failures(self, pending: dict) -> dict[int, BaseException]:

@@ -1,7 +1,8 @@
-"""What homelabs do to a running job, on a real 3-node Ray cluster of this test's own (its nodes are
-unplugged here, so the session's shared cluster is left alone)."""
+"""What homelabs do to a running job, on a real 3-node Ray cluster of this module's own (a node is unplugged
+here, so the session's shared cluster is left alone): a card out of memory, a node gone mid-training."""
 
 import json
+import re
 import time
 
 import psutil
@@ -10,12 +11,14 @@ import pytest
 from tests.conftest import queue_store, submitted_id, wait_for_state, zeromix
 from tests.test_end_to_end import mean_token_loss
 from tests.test_lifecycle import cluster_file
+from workers.checkpoint import FAULT_ENV
 
 pytestmark = pytest.mark.cluster
 STEPS, EVERY = 400, 50  # about 12 s of training: long enough to unplug a node in the middle
 # two cards of these: the 3090 (desk) and the 3060 (closet) in bf16; without desk, the 3060 and the 1080 Ti (attic)
 # in fp32 -- other cards and another precision, so the checkpoint goes through its universal form
 MODELS = ("NVIDIA GeForce GTX 1080 Ti", "NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 3060 12GB")
+OOM_ABOVE = 12  # desk/0 "has memory" for this many samples of the tiny model, where the plan gives it 23
 
 
 def unplug(cluster_id: str, node: str) -> int:
@@ -30,14 +33,53 @@ def unplug(cluster_id: str, node: str) -> int:
     return len(gone)
 
 
-def test_a_node_unplugged_mid_training_is_survived_on_the_cards_left(isolated_home, tmp_path, demo_data):
+@pytest.fixture(scope="module")
+def own_cluster(tmp_path_factory, zeromix_home):
+    """A 3-node cluster of this module's own (a test unplugs one of its nodes), with the out-of-memory injection
+    armed for the job named oom-probe on desk/0 (workers/train.py `_injected_out_of_memory`)."""
+    import shutil
+
+    import ray
+
+    from orchestrator import cluster_runtime
+
+    cluster_runtime._ensure_token()
+    work = tmp_path_factory.mktemp("faults")
+    (work / "home").mkdir()
+    shutil.copy2(cluster_runtime.token_file(), work / "home" / "auth_token")  # Ray reads the token once per process
+    ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ZEROMIX_HOME", str(work / "home"))
+        zeromix("up", "--simulate", str(cluster_file(work)), timeout=240, env={FAULT_ENV: f"oom:oom-probe:desk/0:{OOM_ABOVE}"})
+        yield cluster_runtime.load_state(), work
+        ray.shutdown()
+        zeromix("down", check=False)
+
+
+def test_a_card_out_of_memory_is_planned_again_with_less_and_the_job_finishes(own_cluster, demo_data):
+    """desk/0 raises torch.OutOfMemoryError while its micro-batch is above OOM_ABOVE (the plan gives it 23). The
+    job is placed again with desk/0 capped below what the plan assumed, and finishes."""
+    state, work = own_cluster
+    job_id = submitted_id(zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", "--set", "name=oom-probe", "--set", "max_steps=20",
+                                  "--set", f"dataset.path={demo_data['pretrain']}", "--set", f"output_dir={work / 'oom'}").stdout)
+    assert wait_for_state(job_id, ("succeeded", "failed", "cancelled"), 400) == "succeeded", queue_store().get(job_id).reason
+    restart = next(e for e in queue_store().events(job_id) if (e.source, e.target) == ("running", "queued"))
+    assert re.search(r"rank \d on desk/0 ran out of memory: OutOfMemoryError: CUDA out of memory on desk/0 \(injected", restart.reason), restart.reason
+    assert "desk/0 is planned with at most" in restart.reason and "restart 1 of 3" in restart.reason
+    record = queue_store().get(job_id)
+    assert set(record.memory_caps) == {"desk/0"} and record.memory_caps["desk/0"] < 24 * 1024
+    micro = {r["card"]: r["micro_batch"] for r in record.plan["ranks"]}  # the new plan, as placed
+    assert 0 < micro.get("desk/0", 0) <= OOM_ABOVE or "desk/0" not in micro, micro
+    assert sum(micro.values()) * record.plan["grad_accum"] == 32  # the global batch is kept
+    result = json.loads((work / "oom" / "zeromix-result.json").read_text())
+    assert result["steps"] == 20
+
+
+def test_a_node_unplugged_mid_training_is_survived_on_the_cards_left(own_cluster, tmp_path, demo_data):
     """The job runs on desk/0 (RTX 3090) and closet/0 (RTX 3060); desk goes away after a checkpoint. The job
     notices, is placed again on closet/0 and attic/0 (GTX 1080 Ti, so fp32), resumes from its checkpoint (through
     the universal form), and finishes with every requested step and a loss as low as a run never interrupted."""
-    from orchestrator import cluster_runtime
-
-    zeromix("up", "--simulate", str(cluster_file(tmp_path)), timeout=240)
-    state = cluster_runtime.load_state()
+    state, _ = own_cluster
     spec = ["jobs/examples/tiny-llama-scratch.yaml", "--set", f"dataset.path={demo_data['pretrain']}", "--set", f"max_steps={STEPS}",
             "--set", f"checkpoint_every={EVERY}", "--set", f"gpus.models=[{', '.join(MODELS)}]"]
     job_id = submitted_id(zeromix("submit", *spec, "--set", f"output_dir={tmp_path / 'unplugged'}").stdout)

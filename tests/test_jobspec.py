@@ -144,3 +144,16 @@ def test_report_to_names_only_trackers_each_once_and_an_uninstalled_one_is_refus
     with pytest.raises(InputError, match=r"report_to\[0\]='mlflow' .*pip install 'zeromix\[mlflow\]'"):
         load_job(path)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "/abs", "x/../../y", ".hidden", "a\\b"])
+def test_a_job_name_cannot_become_a_path_outside_the_output_dir(tmp_path, demo_data, name):
+    """The job name ends up in ids, actor names, Ray submission ids and tracker runs: only [a-z0-9-] get in, so
+    it cannot climb out of a directory (every file a job writes is under its own output_dir)."""
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "model": {"init": "scratch", "path": str(TINY_LLAMA)},
+                                    "dataset": {"path": str(demo_data["pretrain"]), "text_field": "text"}, "max_steps": 1,
+                                    "output_dir": str(tmp_path / "out")}))
+    with pytest.raises(InputError, match=r"name=.* is not allowed; string should match pattern"):
+        load_job(path)
+    assert not (tmp_path / "out").exists()

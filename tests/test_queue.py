@@ -106,3 +106,29 @@ def test_find_takes_an_id_or_a_prefix_only_one_job_has(store):
         q.find("llama")
     with pytest.raises(KeyError):
         q.find("l%")  # LIKE wildcards are taken literally
+
+
+def test_a_restart_is_counted_and_a_memory_cap_kept_with_a_new_ray_id_per_placement(store):
+    """What the scheduler keeps about a job that lost a card or ran out of memory: how often it went back to the
+    queue (its restarts are bounded), what its out-of-memory card may use, and a Ray submission id per placement
+    (Ray never reuses one)."""
+    store, _ = store
+    store.submit("a-1", "a", {}, 10, 0)
+    store.transition("a-1", "queued", "placing", "p", cards=("desk/0",), plan={})
+    assert store.get("a-1").ray_job_id == "a-1"
+    store.transition("a-1", "placing", "running", "r")
+    store.transition("a-1", "running", "queued", "desk/0 ran out of memory", memory_caps={"desk/0": 9000})
+    store.transition("a-1", "queued", "placing", "p", cards=("desk/0",), plan={})
+    job = store.get("a-1")
+    assert (job.memory_caps, job.ray_job_id, store.returns("a-1", "running"), store.returns("a-1", "placing")) == ({"desk/0": 9000}, "a-1-2", 1, 0)
+
+
+def test_a_queue_from_before_memory_caps_is_upgraded_in_place(tmp_path):
+    path = tmp_path / "queue.db"
+    old = sqlite3.connect(path)
+    old.executescript("CREATE TABLE jobs (id TEXT PRIMARY KEY, name TEXT NOT NULL, spec TEXT NOT NULL, total_steps INTEGER NOT NULL, "
+                      "priority INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL, submitted_at REAL NOT NULL, started_at REAL, ended_at REAL, "
+                      "est_end REAL, cards TEXT NOT NULL DEFAULT '[]', plan TEXT, reason TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0);"
+                      "INSERT INTO jobs (id, name, spec, total_steps, state, submitted_at) VALUES ('old-1', 'old', '{}', 5, 'queued', 1.0);")
+    old.close()
+    assert QueueStore(path).get("old-1").memory_caps == {}

@@ -197,6 +197,7 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     gauges = RankGauges.for_rank(cfg.job_id, rank, cfg.plan)
     trackers = Trackers(cfg.report_to, out, cfg.job_id, cfg.plan, world, start_step) if rank == 0 and cfg.report_to else None
     for step in range(start_step, cfg.total_steps):
+        _injected_out_of_memory(cfg, rank)
         t0 = time.perf_counter()
         batches = [collate([samples[i] for i in idx], pad_id) for idx in sampler.rank_micro_batches(step, rank)]
         counts = torch.tensor([sum(b.loss_tokens for b in batches), sum(int(b.attention_mask.sum()) for b in batches)], dtype=torch.float64)
@@ -250,6 +251,22 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     dist.barrier()
     dist.destroy_process_group()
     return result
+
+
+def _injected_out_of_memory(cfg: TrainConfig, rank: int) -> None:
+    """Test-only (tests/test_faults.py): ZEROMIX_FAULT="oom:<job name>:<card>:<micro-batch>" makes that job's rank
+    on that card raise torch.OutOfMemoryError while its micro-batch is larger, as a card with less memory than
+    the plan assumed would. Nothing a user sets."""
+    import torch
+
+    from workers.checkpoint import FAULT_ENV
+
+    kind, _, rest = os.environ.get(FAULT_ENV, "").partition(":")
+    if kind != "oom" or not cfg.plan.get("ranks"):
+        return
+    job, card, most = rest.rsplit(":", 2)
+    if (cfg.plan["job"], cfg.plan["ranks"][rank]["card"]) == (job, card) and cfg.micro_batches[rank] > int(most):
+        raise torch.OutOfMemoryError(f"CUDA out of memory on {card} (injected by {FAULT_ENV}: micro-batch {cfg.micro_batches[rank]} > {most})")
 
 
 def _resume_point(checkpoints: Path, layout: dict) -> tuple[str | None, list[str], str | None]:

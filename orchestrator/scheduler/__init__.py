@@ -31,6 +31,14 @@ class Ending(NamedTuple):
     state: str  # succeeded | failed | cancelled | queued (Ray lost it: placed again)
     reason: str
     retryable: bool = False
+    out_of_memory: str | None = None  # the card that ran out of memory, if that was why
+
+
+def memory_cap_mib(plan: dict, card: str) -> int:
+    """What a card that ran out of memory may use for the job from now on: the plan's estimate for it less half
+    of its activations, so the planner gives it a smaller micro-batch, checkpointing or offload (or other cards)."""
+    parts = next(r for r in plan["ranks"] if r["card"] == card)["est_mem_breakdown_gib"]  # 4 significant figures each
+    return int((sum(parts.values()) - parts["activations"] / 2) * 1024)
 
 
 class Launcher(Protocol):
@@ -62,7 +70,7 @@ class Scheduler:
     def queued_job(self, record: JobRecord) -> QueuedJob:
         if record.id not in self._jobs:
             self._jobs[record.id] = QueuedJob(record.id, JobSpec.model_validate(record.spec), record.priority,
-                                              record.submitted_at, record.total_steps)
+                                              record.submitted_at, record.total_steps, tuple(sorted(record.memory_caps.items())))
         return self._jobs[record.id]
 
     def table(self, snapshot: ClusterSnapshot) -> ThroughputTable:
@@ -101,7 +109,11 @@ class Scheduler:
         running = self.store.jobs(("running",))
         for job_id, ending in self.launcher.ended(running).items():
             self.launcher.stop(job_id)  # the job's own exit frees its cards; this catches a driver that died first
-            state, reason = ending.state, ending.reason
+            state, reason, caps = ending.state, ending.reason, None
+            if ending.out_of_memory:
+                record = self.store.get(job_id)
+                caps = {**record.memory_caps, ending.out_of_memory: memory_cap_mib(record.plan, ending.out_of_memory)}
+                reason += f"; {ending.out_of_memory} is planned with at most {caps[ending.out_of_memory]:,} MiB for it from now on"
             if ending.retryable:
                 restarts = self.store.returns(job_id, "running")
                 if restarts < MAX_RESTARTS:
@@ -109,7 +121,7 @@ class Scheduler:
                                                f"checkpoint (restart {restarts + 1} of {MAX_RESTARTS})")
                 else:
                     reason = f"{reason}; not restarted again (it was restarted {MAX_RESTARTS} times)"
-            self._transition(job_id, "running", state, reason)
+            self._transition(job_id, "running", state, reason, memory_caps=caps)
 
     def _release_leaked(self, snapshot: ClusterSnapshot, active: set[str]) -> None:
         """A reservation whose job the queue does not count as active (cancelled meanwhile, or left by a crash)."""

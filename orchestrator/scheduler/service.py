@@ -75,7 +75,7 @@ class RayLaunch:
             return Ending("failed", f"failed: {(info.message or 'see `zeromix logs`').strip().splitlines()[-1][:300]}")
         what = {"lost": "was lost (its process or node died, or a collective lost it)", "oom": "ran out of memory"}.get(failure["kind"], "failed")
         return Ending("failed", f"rank {failure['rank']} on {failure['card']} {what}: {failure['detail'][:200]}",
-                      retryable=failure["kind"] in ("lost", "oom"))
+                      retryable=failure["kind"] in ("lost", "oom"), out_of_memory=failure["card"] if failure["kind"] == "oom" else None)
 
     def stop(self, job_id: str) -> None:
         launch.stop(self.state, job_id)

@@ -28,10 +28,11 @@ class QueuedJob:
     priority: int
     submitted_at: float
     total_steps: int
+    memory_caps: tuple[tuple[str, int], ...] = ()  # (card id, MiB): where it ran out of memory, what it may use there
 
     @property
     def shape(self) -> str:
-        return json.dumps(self.spec.model_dump(include=set(SHAPE_FIELDS), mode="json"), sort_keys=True)
+        return json.dumps([self.spec.model_dump(include=set(SHAPE_FIELDS), mode="json"), self.memory_caps], sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ class ThroughputTable:
             if free not in self._views:
                 self._views[free] = self.cluster.with_holders({c.resource: "another job" for c in self.cluster.cards if c.card_id not in free})
             try:
-                self._plans[key] = Outcome(make_plan(job.spec, self.facts(job), self._views[free], job.total_steps, suggest=False))
+                view = self._views[free].with_memory_caps(dict(job.memory_caps))
+                self._plans[key] = Outcome(make_plan(job.spec, self.facts(job), view, job.total_steps, suggest=False))
             except NoPlacement as err:
                 self._plans[key] = Outcome(None, str(err))
         shared = self._plans[key]  # planned for some job of this shape: make it this job's
