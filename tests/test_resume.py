@@ -1,7 +1,7 @@
-"""Resume: a job stopped and started again continues the same run. On the same ranks its weights equal an
-uninterrupted run's; on a different number of ranks (a node lost, or one come back) DeepSpeed's universal
-checkpoint carries the optimizer state over, and the weights agree within the heterogeneous-exactness bound.
-Real DeepSpeed on CPU ranks, ZeRO-2 and ZeRO-3, shrinking 3 -> 2 ranks and growing 2 -> 3."""
+"""Resume on a different number of ranks (a node lost, or one come back): DeepSpeed's universal checkpoint
+carries weights and optimizer state over, and the run continues as if uninterrupted, within the
+heterogeneous-exactness bound. Real DeepSpeed on CPU ranks, ZeRO-2 and ZeRO-3, shrinking 3 -> 2 ranks and
+growing 2 -> 3. (Resuming on the same ranks gives the uninterrupted run's weights: tests/test_checkpoints.py.)"""
 
 import dataclasses
 import shutil
@@ -50,14 +50,6 @@ def straight(request, tmp_path_factory, demo_data, base_model):
                                  checkpoint_every=HALF, keep_last=5)
     results = run_local_ranks(config, timeout_s=400)
     return stage, config, results[0]
-
-
-def test_stopped_and_resumed_on_the_same_ranks_gives_the_same_weights_and_losses(straight, tmp_path):
-    stage, config, result = straight
-    resumed, results = continued_from(config, tmp_path, "same", (3, 1, 2), stage)
-    assert results[0]["steps"] == STEPS and len(results[0]["losses"]) == STEPS - HALF
-    assert results[0]["losses"] == pytest.approx(result["losses"][HALF:], rel=1e-6)
-    assert max_relative_difference(weights(resumed), weights(config)) < TOLERANCE
 
 
 def test_a_checkpoint_from_three_ranks_resumes_on_two(straight, tmp_path):
