@@ -53,27 +53,31 @@ def test_shell_text_in_a_path_is_a_path_never_a_command(connected, demo_data, tm
 def test_a_token_in_the_environment_appears_in_no_log_metadata_result_or_database(isolated_home, demo_data, tmp_path):
     """A Hugging Face token exported where the cluster starts and the job is submitted (how a user hands gated
     models to the workers) must not be written anywhere zeromix or Ray keeps things: the job's output and
-    result, ZEROMIX_HOME (queue database, state), Ray's logs for this cluster, or the Ray job's metadata."""
+    result, its report, TensorBoard and W&B files, ZEROMIX_HOME (queue database, state), Ray's logs for this cluster,
+    or the Ray job's metadata."""
     from orchestrator import cluster_runtime
     from orchestrator.launch import jobs_client
     from tests.test_lifecycle import cluster_file
 
     secret = "hf_" + secrets.token_hex(16)
-    env = {"HF_TOKEN": secret, "HUGGING_FACE_HUB_TOKEN": secret}
+    env = {"HF_TOKEN": secret, "HUGGING_FACE_HUB_TOKEN": secret, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     zeromix("up", "--simulate", str(cluster_file(tmp_path)), env=env, timeout=240)
     out = tmp_path / "out"
     done = zeromix("submit", "--follow", "jobs/examples/tiny-llama-scratch.yaml", "--set", f"output_dir={out}",
-                   "--set", f"dataset.path={demo_data['pretrain']}", "--set", "max_steps=2", env=env)
+                   "--set", f"dataset.path={demo_data['pretrain']}", "--set", "max_steps=2", "--set", "report_to=[tensorboard, wandb]", env=env)
     state = cluster_runtime.load_state()
     job_id = submitted_id(done.stdout)
+    zeromix("report", job_id, env=env)
     assert job_status(state, job_id) == "SUCCEEDED"
     info = jobs_client(state).get_job_info(job_id)
     assert secret not in json.dumps({"metadata": info.metadata, "runtime_env": info.runtime_env, "message": info.message}, default=str)
     assert secret not in zeromix("logs", job_id, env=env).stdout
-    searched = 0
+    searched = []
     for root in (out, isolated_home, Path(state.temp_dir)):
         for path in root.rglob("*"):
             if path.is_file() and not path.is_symlink() and path.stat().st_size < 64 * 1024**2:
-                searched += 1
+                searched.append(path)
                 assert secret.encode() not in path.read_bytes(), path
-    assert searched > 50  # the job's files, the queue database, Ray's session logs
+    assert len(searched) > 50  # the job's files, the queue database, Ray's session logs
+    names = {p.name for p in searched}
+    assert "report.html" in names and any(n.startswith("events.out.tfevents") for n in names) and any(n.endswith(".wandb") for n in names)
