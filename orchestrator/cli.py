@@ -400,7 +400,8 @@ def _finish(job_id: str, outcome: tuple[str, dict | None]) -> dict:
 
 @app.command("queue")
 def queue_(show_all: bool = typer.Option(False, "--all", help="Finished jobs too."), as_json: bool = JsonOption):
-    """Jobs in the queue: state, cards, position and why a queued job waits. (`zeromix status` is the same.)"""
+    """Jobs in the queue (state, cards, position, why a queued job waits) and the cards, free or held.
+    (`zeromix status` is the same.)"""
     from orchestrator.scheduler.service import ensure_running
 
     state = cluster_runtime.connect()
@@ -409,8 +410,9 @@ def queue_(show_all: bool = typer.Option(False, "--all", help="Finished jobs too
     records = store.jobs() if show_all else store.jobs(LIVE)
     waiting = sorted((r for r in records if r.state == "queued"), key=lambda r: (-r.priority, r.submitted_at))
     rows = [queue_row(r, waiting) for r in records]
+    cards = [{"card": c.card_id, "gpu": c.short_name, "held_by": c.held_by} for c in registry.snapshot().cards]
     if as_json:
-        print(json.dumps({"jobs": rows}, indent=2))
+        print(json.dumps({"jobs": rows, "cards": cards}, indent=2))
         return
     if narrow():  # one line per job, its reason on the next: no cell wraps
         for row in rows:
@@ -425,6 +427,8 @@ def queue_(show_all: bool = typer.Option(False, "--all", help="Finished jobs too
                           time.strftime("%H:%M:%S", time.localtime(row["since"])), row["reason"])
         console.print(table)
     console.print(f"{len(waiting)} queued, {sum(r.state == 'running' for r in records)} running")
+    console.print("cards free: " + (", ".join(f"{c['card']} {short(c['gpu'])}" for c in cards if not c["held_by"]) or "none"))
+    console.print("cards held: " + (", ".join(f"{c['card']} by {c['held_by']}" for c in cards if c["held_by"]) or "none"))
 
 
 app.command("status", help="The same as `zeromix queue`.")(queue_)

@@ -218,6 +218,11 @@ def test_cancel_releases_the_cards(connected, demo_data):
     rows = json.loads(zeromix("nodes", "--json").stdout)["cards"]
     assert {r["card"] for r in rows if r["held_by"] == job_id} == held
     assert job_id in zeromix("queue").stdout
+    status = zeromix("status", env={"COLUMNS": "80"}).stdout  # jobs and cards, within 80 columns
+    words = " ".join(status.split())  # long lines are wrapped at 80 columns
+    assert f"desk/0 by {job_id}" in words and "attic/1 RTX 2080 Ti" in words.split("cards free:")[1]
+    assert max(len(line) for line in status.splitlines()) <= 80
+    assert {c["card"]: c["held_by"] for c in json.loads(zeromix("status", "--json").stdout)["cards"]}["attic/0"] == job_id
     started = time.monotonic()
     zeromix("cancel", job_id)
     assert_cards_free()
