@@ -59,7 +59,7 @@ def run_demo(cluster_file: str) -> None:
     console.print(f"model:    {scratch['final_dir']}")
     console.print(f"adapter:  {lora['final_dir']}")
     for name, job_id in (("scratch", scratch_id), ("lora", lora_id)):
-        output_dir = root / name
+        output_dir = (root / name).resolve()
         console.print(f"report:   {job_report.write(job_report.load_result(output_dir, job_id), output_dir / job_report.REPORT_FILE)}")
     console.print(f"dashboard: {state.dashboard_url}   (the cluster stays up; `zeromix down` stops it)")
     console.print(f"demo took {time.perf_counter() - started:.0f} s")
