@@ -46,6 +46,7 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
         "losses": first["losses"],
         "history": first["history"],  # every step, every card (workers/telemetry.StepStats.record): the report's data
         "plan": plan,
+        "resumed_from": first["resumed_from"] or None,  # the checkpoint this run took over from
         "tokens_per_s": round(sum(r["tokens_per_s"] for r in results) / len(results), 1),
         "final_dir": first["final_dir"],
         "step_time_s": round(first["step_time_s"], 4),  # measured, mean over the run

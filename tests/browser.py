@@ -74,14 +74,19 @@ class Browser:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout_s: float, what: str):
-        """Poll a JavaScript expression until it is truthy; its value."""
-        deadline = time.monotonic() + timeout_s
+        """Poll a JavaScript expression until it is truthy; its value. Until the page has loaded, an expression
+        may throw (no document.body yet): that counts as not yet."""
+        deadline, error = time.monotonic() + timeout_s, None
         while time.monotonic() < deadline:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except RuntimeError as err:
+                value, error = None, err
             if value:
                 return value
             time.sleep(0.5)
-        raise AssertionError(f"{what}: not seen within {timeout_s:.0f} s; page text: {str(self.evaluate('document.body.innerText'))[:500]!r}")
+        text = self.evaluate("document.body ? document.body.innerText : ''")
+        raise AssertionError(f"{what}: not seen within {timeout_s:.0f} s (last error: {error}); page text: {str(text)[:500]!r}")
 
     def screenshot(self, path: Path) -> Path:
         path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]))

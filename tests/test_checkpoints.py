@@ -39,7 +39,7 @@ def test_a_corrupt_checkpoint_is_skipped_for_the_one_before_and_old_ones_are_pru
     saved = tmp_path / "run" / "checkpoints"
     assert sorted(d.name for d in saved.iterdir() if d.name.startswith("step-")) == ["step-2", "step-3"]  # step-1 pruned
     manifest = json.loads((saved / "step-3" / checkpoint.MANIFEST).read_text())
-    assert manifest["step"] == 3 and manifest["layout"] == {"world_size": 3, "micro_batches": [3, 1, 2], "grad_accum": 2, "zero_stage": 2}
+    assert manifest["step"] == 3 and manifest["layout"] == {"world_size": 3, "micro_batches": [3, 1, 2], "grad_accum": 2, "zero_stage": 2, "precision": "fp32"}
     assert any("optim_states" in name for name in manifest["files"])  # every rank's optimizer partition is listed
     assert checkpoint.newest_complete(saved) == ("step-3", [])
 

@@ -102,6 +102,7 @@ def test_a_node_unplugged_mid_training_is_survived_on_the_cards_left(own_cluster
     assert result["steps"] == STEPS and {r["card"] for r in result["ranks"]} == {"closet/0", "attic/0"}
     resumed_at = result["history"][0]["step"] - 1  # this run took over from a checkpoint: not every step again
     assert resumed_at > 0 and resumed_at % EVERY == 0 and len(result["history"]) == STEPS - resumed_at
+    assert result["resumed_from"] == f"step-{resumed_at}"
     log = zeromix("logs", job_id).stdout
     assert "through its universal form" in log
 

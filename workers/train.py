@@ -113,11 +113,11 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     from transformers.integrations import HfDeepSpeedConfig
 
     from workers import checkpoint
-    from workers.telemetry import RankGauges, memory_in_use, reduce_step
-    from workers.tracking import Trackers
     from workers.data import GlobalBatchSampler, collate, read_records, tokenize
     from workers.memory_report import model_state_bytes
     from workers.precision import runnable_ds_config
+    from workers.telemetry import RankGauges, memory_in_use, reduce_step
+    from workers.tracking import Trackers
 
     os.environ.update(
         MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port),
