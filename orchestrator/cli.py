@@ -664,7 +664,7 @@ def render_result(result: dict) -> None:
 def follow(state, ray_job_id: str, total: int, job_id: str) -> tuple[str, dict | None]:
     """Follow a Ray job through its logs until it ends: a live progress bar on a terminal (step, loss,
     tokens/s, time left), plain lines at every tenth of the run elsewhere (CI, a pipe), then (status, result)."""
-    from orchestrator.job_driver import RESULT_TAG, tagged_records
+    from orchestrator.log_records import RESULT_TAG, tagged_records
 
     client = launch.jobs_client(state)
     seen, result, step_times = 0, None, []

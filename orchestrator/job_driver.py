@@ -11,28 +11,13 @@ from pathlib import Path
 import ray
 from ray.util.placement_group import remove_placement_group
 
+from orchestrator.log_records import FAILURE_TAG, RESULT_TAG
 from orchestrator.registry import placement_group_name
 from orchestrator.report import RESULT_FILE
 from orchestrator.worker_group import RankFailed, WorkerGroup
 from workers.train import TrainConfig, utilisation
 
-RESULT_TAG = "ZEROMIX_RESULT"
-FAILURE_TAG = "ZEROMIX_FAILURE"  # why a rank failed (worker_group.RankFailed.record): the scheduler restarts on it
 READY_TIMEOUT_S = 60
-
-
-def tagged_records(text: str, tag: str) -> list[dict]:
-    """The JSON objects that follow `tag` in a log. Ray forwards worker output asynchronously, so a tagged
-    record can share a line with another process's output: decode just the object after each tag."""
-    decoder = json.JSONDecoder()
-    records, start = [], text.find(tag)
-    while start != -1:
-        try:
-            records.append(decoder.raw_decode(text, start + len(tag) + 1)[0])
-        except json.JSONDecodeError:
-            pass  # not one of ours: each record is written with a single write() and cannot be split
-        start = text.find(tag, start + len(tag))
-    return records
 
 
 def report(config: TrainConfig, plan: dict, placements: list[dict], results: list[dict]) -> dict:

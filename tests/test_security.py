@@ -2,15 +2,18 @@
 shell command smuggled in through a field. On the session cluster."""
 
 import json
+import os
 import secrets
 import shutil
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_LLAMA, job_status, submitted_id, zeromix
+from tests.conftest import REPO, TINY_LLAMA, job_status, submitted_id, zeromix
 
 pytestmark = pytest.mark.cluster
 
@@ -81,3 +84,13 @@ def test_a_token_in_the_environment_appears_in_no_log_metadata_result_or_databas
     assert len(searched) > 50  # the job's files, the queue database, Ray's session logs
     names = {p.name for p in searched}
     assert "report.html" in names and any(n.startswith("events.out.tfevents") for n in names) and any(n.endswith(".wandb") for n in names)
+
+
+def test_no_command_imports_ray_before_its_auth_settings_are_in_the_environment():
+    """Ray reads RAY_AUTH_MODE and the token's path once, when it is first imported: a module that imports Ray
+    at load time makes every later connection go out without the token ("Missing authorization header"), which
+    the tests, whose environment already holds the settings, would never notice."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    code = "import sys, orchestrator.cli, orchestrator.demo, orchestrator.scheduler.service; print('ray' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]

@@ -18,8 +18,8 @@ from dataclasses import asdict
 from orchestrator import launch, registry
 from orchestrator.cluster_runtime import RAY_NAMESPACE, ClusterState, home
 from orchestrator.errors import ZeromixError
-from orchestrator.job_driver import FAILURE_TAG, tagged_records
 from orchestrator.jobspec import JobSpec
+from orchestrator.log_records import FAILURE_TAG, tagged_records
 from orchestrator.planner import Plan
 from orchestrator.queue import LIVE, JobRecord, QueueStore
 from orchestrator.scheduler import Ending, Scheduler
