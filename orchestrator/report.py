@@ -14,12 +14,13 @@ import html
 import io
 import json
 from pathlib import Path
+from statistics import fmean
 
 from orchestrator.errors import ZeromixError
+from orchestrator.planner.memory import GIB
 
 RESULT_FILE = "zeromix-result.json"  # orchestrator/job_driver.py writes it
 REPORT_FILE = "report.html"
-GIB = 1024**3
 
 
 def load_result(output_dir: str | Path, job_id: str) -> dict:
@@ -35,10 +36,6 @@ def load_result(output_dir: str | Path, job_id: str) -> dict:
 
 def _cards(result: dict) -> list[str]:
     return [f"{r['card']} {r['model']}" for r in result["ranks"]]
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def figures(result: dict) -> dict[str, bytes]:
@@ -72,9 +69,9 @@ def figures(result: dict) -> dict[str, bytes]:
     plots["Tokens per second per card over the run (measured)"] = png(fig)
 
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(cards) + 1.5))
-    compute = [_mean([h["compute_s"][r] for h in history]) for r in range(len(cards))]
-    wait = [_mean([h["wait_s"][r] for h in history]) for r in range(len(cards))]
-    comm = [_mean([h["comm_s"] for h in history])] * len(cards)
+    compute = [fmean([h["compute_s"][r] for h in history]) for r in range(len(cards))]
+    wait = [fmean([h["wait_s"][r] for h in history]) for r in range(len(cards))]
+    comm = [fmean([h["comm_s"] for h in history])] * len(cards)
     ax.barh(cards, compute, label="compute")
     ax.barh(cards, wait, left=compute, label="wait for slower cards")
     ax.barh(cards, comm, left=[c + w for c, w in zip(compute, wait)], label="communication")
@@ -87,7 +84,7 @@ def figures(result: dict) -> dict[str, bytes]:
     fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(10, 0.6 * len(cards) + 2))
     width = 0.4
     rows = range(len(cards))
-    measured_step = [_mean([h["step_time_s"][r] for h in history]) for r in rows]
+    measured_step = [fmean([h["step_time_s"][r] for h in history]) for r in rows]
     time_ax.barh([i - width / 2 for i in rows], [result["plan"]["est_step_s"]] * len(cards), width, label="plan (estimate)")
     time_ax.barh([i + width / 2 for i in rows], measured_step, width, label=f"measured on {result['ranks'][0]['device']}")
     time_ax.set(yticks=list(rows), yticklabels=cards, xlabel="seconds per optimizer step", title="Step time")
