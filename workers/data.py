@@ -62,15 +62,16 @@ def tokenize(records: list[dict], dataset: dict, tokenizer, seq_len: int) -> lis
 
 
 def collate(samples: list[Sample], pad_id: int) -> Batch:
-    """Right-pad to the longest sample of this micro-batch."""
+    """Right-pad to the longest sample of this micro-batch. Made in host memory: the loop moves each micro-batch
+    to the card as it runs it."""
     width = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long, device="cpu")
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(samples), width), dtype=torch.long, device="cpu")
     for row, s in enumerate(samples):
         n = len(s.input_ids)
-        ids[row, :n] = torch.tensor(s.input_ids)
-        labels[row, :n] = torch.tensor(s.labels)
+        ids[row, :n] = torch.tensor(s.input_ids, device="cpu")
+        labels[row, :n] = torch.tensor(s.labels, device="cpu")
         mask[row, :n] = 1
     return Batch(ids, mask, labels)
 

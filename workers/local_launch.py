@@ -10,7 +10,8 @@ import socket
 import time
 from dataclasses import asdict
 
-from workers.train import RankInfo, TrainConfig
+from workers.collectives import RankInfo
+from workers.train import TrainConfig
 
 
 def _rank(rank: int, world: int, config_json: str, port: int, results) -> None:

@@ -67,6 +67,7 @@ class RankWorker:
         return ray.util.get_node_ip_address(), port
 
     def run(self, config_json: str, rank: int, world_size: int, master_addr: str, master_port: int) -> dict:
-        from workers.train import RankInfo, TrainConfig, main
+        from workers.collectives import RankInfo
+        from workers.train import TrainConfig, main
 
         return asdict(main(TrainConfig.from_json(config_json), RankInfo(rank, world_size, master_addr, master_port)))

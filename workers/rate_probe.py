@@ -90,7 +90,7 @@ def measure(device_name: str, budget_s: float = SECONDS_PER_FIGURE) -> MeasuredR
     memory = copy_gb_per_s(torch.ones(n, device=device), torch.empty(n, device=device), budget_s)
     h2d = None
     if device.type == "cuda":
-        host = torch.ones(n, pin_memory=True)
+        host = torch.ones(n, device="cpu", pin_memory=True)
         h2d = round(copy_gb_per_s(host, torch.empty(n, device=device), budget_s), 2)
         del host
         torch.cuda.empty_cache()

@@ -85,18 +85,26 @@ def memory_in_use(on_gpu: bool) -> tuple[int, int]:
     return rss, max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux; its high-water mark lags
 
 
-def reduce_step(dist, step: int, loss_sum: float, loss_tokens: float, lr: float, tokens: int, step_time_s: float,
-                reduce_s: float, memory: tuple[int, int]) -> StepStats:
-    """One all-reduce of every rank's figures (and the summed token loss)."""
+def card_memory_peaks() -> dict[str, int]:
+    """On a card: the peaks of torch's allocator, allocated (tensors) and reserved (what it took from the card,
+    fragmentation included: what another process could not have), since the run began. Empty on CPU."""
     import torch
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    if not torch.cuda.is_available():
+        return {}
+    return {"max_allocated": torch.cuda.max_memory_allocated(), "max_reserved": torch.cuda.max_memory_reserved()}
+
+
+def reduce_step(comm, step: int, loss_sum: float, loss_tokens: float, lr: float, tokens: int, step_time_s: float,
+                reduce_s: float, memory: tuple[int, int]) -> StepStats:
+    """One all-reduce of every rank's figures (and the summed token loss), on the rank's device."""
+    import torch
+
     fields = 5
-    stats = torch.zeros(1 + fields * world, dtype=torch.float64)
+    stats = comm.zeros(1 + fields * comm.world, torch.float64)
     stats[0] = loss_sum
-    stats[1 + fields * rank: 1 + fields * (rank + 1)] = torch.tensor([tokens, step_time_s, reduce_s, *memory], dtype=torch.float64)
-    dist.all_reduce(stats)
-    per_rank = stats[1:].view(world, fields).tolist()
+    stats[1 + fields * comm.rank: 1 + fields * (comm.rank + 1)] = comm.tensor([tokens, step_time_s, reduce_s, *memory], torch.float64)
+    per_rank = comm.sum(stats)[1:].view(comm.world, fields).tolist()
     tokens_, times, reduces, used, peak = (tuple(column) for column in zip(*per_rank))
     return StepStats(step, stats[0].item() / loss_tokens, lr, tuple(int(t) for t in tokens_), times, reduces,
                      tuple(int(u) for u in used), tuple(int(p) for p in peak))

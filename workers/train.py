@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from workers.collectives import RankComm, RankInfo
+
 PROGRESS_TAG = "ZEROMIX_PROGRESS"  # rank 0 prints one JSON line per step after this tag; the CLI follows them
 CHECKPOINT_DIR = "checkpoints"
 FINAL_DIR = "final"
@@ -61,14 +63,6 @@ class TrainConfig:
         return json.dumps(asdict(self))
 
 
-@dataclass(frozen=True)
-class RankInfo:
-    rank: int
-    world_size: int
-    master_addr: str
-    master_port: int
-
-
 @dataclass
 class RankResult:
     rank: int
@@ -91,6 +85,8 @@ class RankResult:
     recomputes: bool = False  # activation checkpointing on in this rank's model, as transformers reports it
     resumed_from: str = ""  # the checkpoint this run continued from, if any
     universal: bool = False  # ... loaded through DeepSpeed's universal form (saved on other ranks or another stage)
+    # On a card: torch's allocator peaks over the training steps (before the final save), for the memory model's check
+    card_memory: dict[str, int] = field(default_factory=dict)
 
 
 def utilisation(busy_s: list[float], wait_s: list[float]) -> list[float]:
@@ -99,14 +95,16 @@ def utilisation(busy_s: list[float], wait_s: list[float]) -> list[float]:
 
 
 def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
-    import torch
+    """One rank of one job: join the job's process group, train, leave."""
+    comm = RankComm.join(info)
+    result = train(cfg, comm)
+    comm.leave()
+    return result
 
-    # ----------------------------------------------------------------------------- distributed setup
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
     import deepspeed
-    import torch.distributed as dist
+    import torch
     import torch.nn.functional as F
     from deepspeed.utils.timer import BACKWARD_REDUCE_GLOBAL_TIMER
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -116,17 +114,14 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     from workers.data import GlobalBatchSampler, collate, read_records, tokenize
     from workers.memory_report import model_state_bytes
     from workers.precision import runnable_ds_config
-    from workers.telemetry import RankGauges, memory_in_use, reduce_step
+    from workers.telemetry import RankGauges, card_memory_peaks, memory_in_use, reduce_step
     from workers.tracking import Trackers
 
-    os.environ.update(
-        MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port),
-        RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK="0",  # each rank sees only its own card
-    )
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world, on_gpu = comm.rank, comm.world, comm.on_gpu
     ds_config, precision = runnable_ds_config(cfg.ds_configs[rank], on_gpu)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
 
     # ----------------------------------------------------------------------------- data
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
@@ -141,9 +136,7 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     checkpoints = out / CHECKPOINT_DIR
     layout = {"world_size": world, "micro_batches": list(cfg.micro_batches), "grad_accum": cfg.grad_accum,
               "zero_stage": ds_config["zero_optimization"]["stage"], "precision": precision}
-    found = [_resume_point(checkpoints, layout) if rank == 0 else None]  # one rank reads every file's checksum
-    dist.broadcast_object_list(found, src=0)
-    tag, skipped, load_dir = found[0]
+    tag, skipped, load_dir = comm.from_first(_resume_point(checkpoints, layout) if rank == 0 else None)  # one rank reads the checksums
     universal = tag is not None and load_dir != str(checkpoints)
     for warning in skipped:
         _say(rank, f"warning: {warning}")
@@ -181,7 +174,7 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
         _say(rank, f"resumed from {checkpoints / tag} at step {start_step}{how}")
 
     def save(step: int) -> None:
-        checkpoint.save(engine, checkpoints, step, rank, dist.barrier, cfg.keep_last, layout)
+        checkpoint.save(engine, checkpoints, step, rank, comm.barrier, cfg.keep_last, layout)
 
     # ----------------------------------------------------------------------------- loop
     result = RankResult(rank=rank, steps=start_step, precision=precision, device=_device_name(on_gpu),
@@ -200,11 +193,10 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
         _injected_out_of_memory(cfg, rank)
         t0 = time.perf_counter()
         batches = [collate([samples[i] for i in idx], pad_id) for idx in sampler.rank_micro_batches(step, rank)]
-        counts = torch.tensor([sum(b.loss_tokens for b in batches), sum(int(b.attention_mask.sum()) for b in batches)], dtype=torch.float64)
-        my_tokens = int(counts[1].item())
-        dist.all_reduce(counts)  # global loss tokens N, and all tokens for throughput
-        global_loss_tokens = counts[0].item()
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        my_tokens = sum(int(b.attention_mask.sum()) for b in batches)
+        counts = comm.sum(comm.tensor([sum(b.loss_tokens for b in batches), my_tokens], torch.float64))
+        global_loss_tokens = counts[0].item()  # N: the loss tokens of the whole global batch (and counts[1] all its tokens)
+        loss_sum = comm.zeros((), torch.float64)  # beside the model's losses, on the rank's device
         for batch in batches:
             logits = engine(input_ids=batch.input_ids.to(engine.device), attention_mask=batch.attention_mask.to(engine.device)).logits
             if extra_per_sample_s:  # before backward, so the gradient collective waits for it
@@ -215,12 +207,12 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
             )
             engine.backward(token_losses * world / global_loss_tokens, scale_wrt_gas=False)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            loss_sum += token_losses.detach().double().cpu()
+            loss_sum += token_losses.detach().double()
         step_time = time.perf_counter() - t0
         if not result.model_state_bytes:  # optimizer states exist from the first step on
             result.model_state_bytes = model_state_bytes(engine)
         reduce_s = engine.get_wall_clock_timers().get(BACKWARD_REDUCE_GLOBAL_TIMER, 0.0) / 1000.0  # this step's, in ms
-        stats = reduce_step(dist, step + 1, loss_sum.item(), global_loss_tokens, scheduler.get_last_lr()[0], my_tokens,
+        stats = reduce_step(comm, step + 1, loss_sum.item(), global_loss_tokens, scheduler.get_last_lr()[0], my_tokens,
                             step_time, reduce_s, memory_in_use(on_gpu))
         result.history.append(stats.record())
         result.losses.append(stats.loss)
@@ -237,6 +229,7 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
             save(step + 1)
 
     # ----------------------------------------------------------------------------- save
+    result.card_memory = card_memory_peaks()
     if trackers:
         trackers.close()
     save(result.steps)
@@ -248,8 +241,6 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
         result.step_time_s = sum(sum(h["step_time_s"]) / world for h in steps) / len(steps)
         result.wait_s = [sum(h["wait_s"][r] for h in steps) / len(steps) for r in range(world)]
         result.busy_s = [sum(h["step_time_s"][r] - h["wait_s"][r] for h in steps) / len(steps) for r in range(world)]
-    dist.barrier()
-    dist.destroy_process_group()
     return result
 
 
