@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 STAMP  := $(VENV)/.zeromix-installed
 
-.PHONY: venv demo test bench bench-plan bench-scheduler down clean
+.PHONY: venv demo test gpu-check bench bench-plan bench-scheduler down clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# On a box with an NVIDIA card: the GPU tier (tests/test_gpu.py) and its figures, as JSON and Markdown, in
+# gpu-check/ (about 8 minutes on one card). TORCH_SPEC picks the build, e.g. cu126 for a Pascal card.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py --out gpu-check
 
 bench: $(STAMP)
 	$(BIN)/python bench/hetero_dp.py

@@ -92,14 +92,14 @@ def _parse_row(row: dict[str, str]) -> GpuSpec:
     )
 
 
-def _rows(filename: str) -> list[dict[str, str]]:
+def data_rows(filename: str) -> list[dict[str, str]]:
     with resources.files("orchestrator").joinpath("data", filename).open(newline="") as f:
         return list(csv.DictReader(f))
 
 
 @functools.cache
 def all_specs() -> tuple[GpuSpec, ...]:
-    return tuple(_parse_row(row) for row in _rows("gpu_specs.csv"))
+    return tuple(_parse_row(row) for row in data_rows("gpu_specs.csv"))
 
 
 def _key(name: str) -> str:
@@ -150,7 +150,7 @@ class ArchRates:
 def arch_rates() -> dict[tuple[int, int], ArchRates]:
     """Per-SM rates by compute capability (`data/arch_rates.csv`), for cards the table does not list."""
     table = {}
-    for row in _rows("arch_rates.csv"):
+    for row in data_rows("arch_rates.csv"):
         major, minor = row["compute_capability"].split(".")
         tensor = row["tensor_fp32acc_flop_per_clk_per_sm"]
         table[(int(major), int(minor))] = ArchRates(row["architecture"], int(row["fp32_lanes_per_sm"]), None if tensor == "n/a" else int(tensor))

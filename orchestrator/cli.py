@@ -21,7 +21,7 @@ from orchestrator.inventory import snapshot_from_config
 from orchestrator.jobspec import load_job, total_steps
 from orchestrator.model_facts import facts_from_config, read_config
 from orchestrator.planner import Plan, make_plan, step_time
-from orchestrator.planner.filters import usability
+from orchestrator.planner.filters import arch_span, cards_its_build_cannot_drive, sm, usability
 from orchestrator.planner.memory import GIB
 from orchestrator.queue import ACTIVE, LIVE, TERMINAL, StaleTransition
 from workers.train import PROGRESS_TAG
@@ -181,9 +181,11 @@ def nodes(as_json: bool = typer.Option(False, "--json", help="The same rows as J
         console.print("simulated nodes: cards declared in cluster.yaml, not probed; the maths runs on this machine's CPU")
     if any(r["rates"] == "catalog" for r in rows):
         console.print("RATES catalog: the planner assumes the catalog's peak; `zeromix probe` on that node measures its cards")
+    for node in snapshot.nodes:
+        if node.software:
+            console.print(box_build(node))
     if len(set(builds.values())) > 1:
-        console.print("different software builds: " + "; ".join(f"{n}: {b}" for n, b in builds.items())
-                      + ". A job runs one build, so cards on different builds never share a job.")
+        console.print("different software builds: a job runs one build, so cards on different builds never share a job")
     for node in snapshot.nodes:
         for warning in [*node.warnings, *(c.warning for c in node.cards if c.warning)]:
             console.print(f"[yellow]warning[/] ({node.name}): {warning}")
@@ -209,11 +211,22 @@ def card_row(card) -> dict:
             "measured": dataclasses.asdict(card.facts.measured) if card.facts.measured else None}
 
 
+def box_build(node) -> str:
+    """Which torch build a box runs, the kernels it ships, and the cards of the box it cannot drive."""
+    sw = node.software
+    cuda = f"CUDA {sw.torch_cuda}, kernels {arch_span(sw.torch_archs)}" if sw.torch_cuda else "CPU-only"
+    blind = cards_its_build_cannot_drive(node)
+    verdict = ("cannot drive " + ", ".join(f"{c.card_id} {c.short_name.removeprefix('GeForce ')} ({sm(c.compute_capability)})" for c in blind)
+               if blind else f"drives all {len(node.cards)} card(s)")
+    return f"{node.name}: torch {sw.torch_version} ({cuda}), NCCL {sw.nccl_version or 'none'}; {verdict}"
+
+
 def node_row(node) -> dict:
     return {"name": node.name, "address": node.address, "simulated": node.simulated, "cpus": node.cpus, "ram_gb": node.ram_gb,
             "link_gbit_per_s": node.link_gbit_per_s, "link_measured_gbit_per_s": node.link_measured_gbit_per_s, "nic": node.nic, "disk_free_gb": node.disk_free_gb,
             "p2p_pairs": node.p2p_pairs, "nvlink_pairs": node.nvlink_pairs,
-            "software": dataclasses.asdict(node.software) if node.software else None, "warnings": list(node.warnings)}
+            "software": dataclasses.asdict(node.software) if node.software else None,
+            "cannot_drive": [c.card_id for c in cards_its_build_cannot_drive(node)], "warnings": list(node.warnings)}
 
 
 @app.command()

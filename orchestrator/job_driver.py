@@ -40,7 +40,7 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
             {"rank": i, "card": c["card"], "model": c["model"], "micro_batch": config.micro_batches[i],
              "zero_stage": config.ds_configs[i]["zero_optimization"]["stage"], "precision": r["precision"],
              "device": p["device"], "cuda_visible_devices": p["cuda_visible_devices"],
-             "nvml_name": p["nvml_name"], "pci_bus_id": p["pci_bus_id"],
+             "nvml_name": p["nvml_name"], "uuid": p["uuid"], "pci_bus_id": p["pci_bus_id"],
              "busy_s": round(first["busy_s"][i], 4), "wait_s": round(first["wait_s"][i], 4),
              "utilisation": round(util[i], 3) if util else None,
              "est_compute_s": c["est_compute_s"],

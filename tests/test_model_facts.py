@@ -16,9 +16,11 @@ CONFIGS = Path(__file__).parents[1] / "orchestrator" / "data" / "model_configs"
 PUBLISHED = {
     "gpt2": 124_439_808,
     "llama-3.2-1b": 1_235_814_400,
+    "llama-3.2-3b": 3_212_749_824,
     "llama-3.1-8b": 8_030_261_248,
     "mistral-7b-v0.1": 7_241_732_096,
     "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-1.5b": 1_543_714_304,
     "qwen3-0.6b": 596_049_920,
     "gemma-2b": 2_506_172_416,
     "gemma-2-2b": 2_614_341_888,

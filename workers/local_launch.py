@@ -14,10 +14,10 @@ from workers.collectives import RankInfo
 from workers.train import TrainConfig
 
 
-def _rank(rank: int, world: int, config_json: str, port: int, results) -> None:
+def _rank(rank: int, world: int, config_json: str, port: int, results, threads: int) -> None:
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     from workers.train import main
 
     results.put(asdict(main(TrainConfig.from_json(config_json), RankInfo(rank, world, "127.0.0.1", port))))
@@ -29,15 +29,17 @@ def _rank(rank: int, world: int, config_json: str, port: int, results) -> None:
     os._exit(0)
 
 
-def run_local_ranks(config: TrainConfig, timeout_s: float = 600) -> list[dict]:
-    """Train on len(config.micro_batches) local CPU ranks (gloo); each rank's RankResult as a dict, by rank."""
+def run_local_ranks(config: TrainConfig, timeout_s: float = 600, threads_per_rank: int = 1) -> list[dict]:
+    """Train on len(config.micro_batches) local ranks (gloo on the CPU; NCCL where a card is visible, as
+    tests/test_gpu.py runs one rank); each rank's RankResult as a dict, by rank. One CPU thread per rank by
+    default: several ranks share this machine's cores."""
     world = len(config.micro_batches)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, world, config.to_json(), port, results)) for r in range(world)]
+    procs = [ctx.Process(target=_rank, args=(r, world, config.to_json(), port, results, threads_per_rank)) for r in range(world)]
     for p in procs:
         p.start()
     collected, deadline = [], time.monotonic() + timeout_s

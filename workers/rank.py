@@ -53,6 +53,7 @@ class RankWorker:
             "node_id": ray.get_runtime_context().get_node_id(),
             "cuda_visible_devices": visible,
             "nvml_name": seen["name"] if seen else None,
+            "uuid": seen["uuid"] if seen else None,
             "pci_bus_id": seen["pci_bus_id"] if seen else None,
             "device": device,
         }

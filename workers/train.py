@@ -44,6 +44,9 @@ class TrainConfig:
     # Benchmark only (bench/hetero_dp.py): rank r runs k_r times slower, to emulate mixed cards on CPU.
     # Job specs have no such field and the launcher never sets it.
     emulated_slowdown: tuple[float, ...] | None = None
+    # Measurement runs only (tests/test_gpu.py): train and report, but write no checkpoint and no final model
+    # (a 3B full fine-tune's checkpoint is ~50 GB). Job specs have no such field.
+    write_outputs: bool = True
     keep_last: int = 2  # complete checkpoints kept (workers/checkpoint.py)
     report_to: tuple[str, ...] = ()  # experiment trackers rank 0 writes (workers/tracking.py)
     plan: dict = field(default_factory=dict)  # the plan's summary: the trackers' config, each rank's metric labels
@@ -225,15 +228,16 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
             gauges.record(stats, rank)
         if trackers:
             trackers.log(stats)
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.total_steps:
+        if cfg.write_outputs and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.total_steps:
             save(step + 1)
 
     # ----------------------------------------------------------------------------- save
     result.card_memory = card_memory_peaks()
     if trackers:
         trackers.close()
-    save(result.steps)
-    result.final_dir = str(_save_final(engine, tokenizer, out, rank, zero3_stage=ds_config["zero_optimization"]["stage"] == 3))
+    if cfg.write_outputs:
+        save(result.steps)
+        result.final_dir = str(_save_final(engine, tokenizer, out, rank, zero3_stage=ds_config["zero_optimization"]["stage"] == 3))
     if result.history:
         steps = result.history
         train_time = sum(max(h["step_time_s"]) for h in steps)

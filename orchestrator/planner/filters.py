@@ -5,6 +5,7 @@ They read only the card and the job (never live cluster state), so a plan can be
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -75,7 +76,18 @@ class SupportsPrecision:
         return OK
 
 
-PASCAL_TORCH = "pip install torch --index-url https://download.pytorch.org/whl/cu126  (cu126 is the last build with Pascal and Volta)"
+@dataclass(frozen=True)
+class TorchBuild:
+    """One of PyTorch's CUDA builds and the kernels it ships (data/torch_builds.csv)."""
+
+    name: str  # cu126, cu128, ...
+    index_url: str
+    archs: tuple[str, ...]  # torch.cuda.get_arch_list() of its Linux wheel
+
+
+@functools.cache
+def torch_builds() -> tuple[TorchBuild, ...]:
+    return tuple(TorchBuild(r["build"], r["index_url"], tuple(r["archs"].split())) for r in catalog.data_rows("torch_builds.csv"))
 
 
 def torch_runs_on(archs: tuple[str, ...], cc: tuple[int, int]) -> bool:
@@ -91,6 +103,26 @@ def torch_runs_on(archs: tuple[str, ...], cc: tuple[int, int]) -> bool:
     return False
 
 
+def sm(cc: tuple[int, int]) -> str:
+    return f"sm_{cc[0]}{cc[1]}"
+
+
+def install_hint(cc: tuple[int, int]) -> str:
+    """The pip command for a build that drives this card, and which builds do."""
+    builds = [b for b in torch_builds() if torch_runs_on(b.archs, cc)]
+    if not builds:
+        return f"none of PyTorch's builds zeromix knows ({', '.join(b.name for b in torch_builds())}) has kernels for {sm(cc)}"
+    return f"pip install torch --index-url {builds[-1].index_url}  (PyTorch's builds with {sm(cc)} kernels: {', '.join(b.name for b in builds)})"
+
+
+def arch_span(archs: tuple[str, ...]) -> str:
+    """A build's kernels in a few words: 'sm_50..sm_90', plus the PTX it carries."""
+    sass = [a for a in archs if a.startswith("sm_")]
+    ptx = [a for a in archs if a.startswith("compute_")]
+    span = f"{sass[0]}..{sass[-1]}" if len(sass) > 1 else (sass[0] if sass else "no kernels")
+    return span + (f" + PTX {' '.join(ptx)}" if ptx else "")
+
+
 class TorchHasKernels:
     """Its node's torch must be a CUDA build with kernels for the card's architecture. Simulated nodes
     (maths on CPU) have nothing to check."""
@@ -101,15 +133,18 @@ class TorchHasKernels:
         sw = card.software
         if sw is None:
             return OK
-        sm = f"sm_{card.compute_capability[0]}{card.compute_capability[1]}"
         if sw.torch_cuda is None:
             return Verdict(False, f"torch {sw.torch_version} on {card.node} is a CPU-only build; install a CUDA build there, e.g. "
-                                  + ("pip install torch --index-url https://download.pytorch.org/whl/cu128" if card.compute_capability >= (7, 5) else PASCAL_TORCH))
+                                  + install_hint(card.compute_capability))
         if torch_runs_on(sw.torch_archs, card.compute_capability):
             return OK
-        fix = PASCAL_TORCH if card.compute_capability < (7, 5) else f"install a torch build whose arch list includes {sm}"
-        return Verdict(False, f"torch {sw.torch_version} (CUDA {sw.torch_cuda}) on {card.node} has no kernels for {sm} "
-                              f"(it ships {' '.join(sw.torch_archs) or 'none'}); {fix}")
+        return Verdict(False, f"torch {sw.torch_version} (CUDA {sw.torch_cuda}) on {card.node} has no kernels for {sm(card.compute_capability)} "
+                              f"(it ships {' '.join(sw.torch_archs) or 'none'}); {install_hint(card.compute_capability)}")
+
+
+def cards_its_build_cannot_drive(node) -> tuple[Card, ...]:
+    """The cards of a box that its own torch build has no kernels for (a CPU-only build drives none)."""
+    return tuple(c for c in node.cards if not TorchHasKernels().check(None, c).ok)
 
 
 # Filters that depend only on the card, not on a job: `zeromix nodes` shows their verdict as "usable".
