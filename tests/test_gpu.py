@@ -68,9 +68,16 @@ def this_box(tmp_path_factory):
     from workers.rate_probe import with_measured_rates
     from workers.registration import node_from_probe
 
+    from workers.gpu_probe import free_memory_mib
+
     probed = with_measured_rates(probe(str(tmp_path_factory.mktemp("offload"))))
     assert probed.cards, f"torch sees a card but NVML lists none: {probed.warnings}"
-    return node_from_probe(probed, "gpu-box", "127.0.0.1", None)
+    # The rate probe left this process a CUDA context on each card: plan with the memory a case's own process
+    # will find free, as a node's registration does after its probe.
+    torch.cuda.empty_cache()
+    free = free_memory_mib()
+    cards = tuple(dataclasses.replace(c, memory_free_mib=free.get(c.index, c.memory_free_mib)) for c in probed.cards)
+    return node_from_probe(dataclasses.replace(probed, cards=cards), "gpu-box", "127.0.0.1", None)
 
 
 def tensor_precision(cc: tuple[int, int]) -> str:
