@@ -1,6 +1,7 @@
 # The two commands a new user needs:  `make demo`  and  `make test`.
 # Both create (or reuse) .venv and install zeromix into it first.
 
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,8 +10,14 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 STAMP  := $(VENV)/.zeromix-installed
+# DeepSpeed compiles its CPU ops on first use into TORCH_EXTENSIONS_DIR, under a lock file. The default
+# (~/.cache/torch_extensions) is shared by every checkout on the machine: two checkouts rebuilt each other's ops
+# and one waited 400 s on the other's stale lock. Each venv gets its own; the Ray nodes `zeromix up` starts
+# inherit it.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
+REPORTS := .test-reports
 
-.PHONY: venv demo test gpu-check bench bench-plan bench-scheduler down clean
+.PHONY: venv demo test test-fast gpu-check bench bench-plan bench-scheduler down clean
 
 venv: $(STAMP)
 
@@ -26,8 +33,16 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/zeromix demo
 
+# Everything (the README's one command). Every pytest run writes .test-reports/junit.xml (pyproject.toml);
+# these also keep its output, the slowest tests at the end, in .test-reports/pytest.log.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	@mkdir -p $(REPORTS)
+	$(BIN)/python -m pytest -q 2>&1 | tee $(REPORTS)/pytest.log; exit $${PIPESTATUS[0]}
+
+# The edit-test loop: everything but the tests that start Ray clusters, DeepSpeed ranks or need a card.
+test-fast: $(STAMP)
+	@mkdir -p $(REPORTS)
+	$(BIN)/python -m pytest -q -m "not cluster and not deepspeed and not gpu" 2>&1 | tee $(REPORTS)/pytest.log; exit $${PIPESTATUS[0]}
 
 # On a box with an NVIDIA card: the GPU tier (tests/test_gpu.py) and its figures, as JSON and Markdown, in
 # gpu-check/ (about 8 minutes on one card). TORCH_SPEC picks the build, e.g. cu126 for a Pascal card.
@@ -47,4 +62,4 @@ down: $(STAMP)
 	$(BIN)/zeromix down
 
 clean:
-	rm -rf $(VENV) data runs
+	rm -rf $(VENV) data runs $(REPORTS)

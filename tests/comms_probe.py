@@ -1,5 +1,5 @@
 """Run under DeepSpeed's launcher by tests/test_comm_volume.py: real DeepSpeed on CPU ranks (gloo) with
-zeromix's own DeepSpeed configs and the comms logger on, for ZeRO 1/2/3 x full/LoRA x 1, 2, 4 accumulation
+zeromix's own DeepSpeed configs and the comms logger on, for ZeRO 1/2/3 x full/LoRA x 1 and 2 accumulation
 steps. Writes, per case, the bytes each kind of collective carried in one optimizer step (after one warm-up
 step), as the logger recorded them.
 
@@ -58,7 +58,7 @@ def one_case(stage: int, grad_accum: int, method: str, world: int, hpz: int = 1,
     for op, sizes in dist.comms_logger.comms_dict.items():
         logged[op] = sum(int(size) * entry[0] for size, entry in sizes.items() if int(size) > SCALAR_BYTES)
     weights = {name: p.ds_tensor.detach().clone() for name, p in engine.module.named_parameters()} if stage == 3 else {}
-    engine.destroy()  # 18 engines in one process: release each one's hooks and buffers before the next
+    engine.destroy()  # 12 engines in one process: release each one's hooks and buffers before the next
     checksum = float(sum(t.double().abs().sum() for t in weights.values()))  # this rank's partition after two steps
     return {"stage": stage, "grad_accum": grad_accum, "method": method, "world": world, "hpz": hpz, "max_live": max_live,
             "logged": logged, "partition_checksum": checksum}
@@ -70,7 +70,7 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[2] == "hpz":  # ZeRO++ hpZ over pairs of ranks, weights gathered twice per micro-step
         cases = [one_case(3, ga, "full", world, hpz, HPZ_MAX_LIVE) for hpz in (1, 2) for ga in (1, 2)]
     else:
-        cases = [one_case(s, ga, m, world) for m in ("full", "lora") for s in (1, 2, 3) for ga in (1, 2, 4)]
+        cases = [one_case(s, ga, m, world) for m in ("full", "lora") for s in (1, 2, 3) for ga in (1, 2)]
     if dist.get_rank() == 0:
         Path(sys.argv[1]).write_text(json.dumps({"config": CONFIG, "lora_r": LORA_R, "lora_targets": LORA_TARGETS, "cases": cases}))
     # Leave gloo in order: a rank that exits while its peers still hold the group open aborted once in CI

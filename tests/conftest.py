@@ -12,6 +12,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_LLAMA = REPO / "jobs" / "examples" / "tiny-llama"
+# What a fixture costs, as a marker: `make test-fast` leaves out tests that start clusters or DeepSpeed ranks.
+MARKED_BY_FIXTURE = {"cluster": "cluster", "connected": "cluster", "isolated_home": "cluster", "ds_runs": "deepspeed"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for name in {MARKED_BY_FIXTURE[f] for f in getattr(item, "fixturenames", ()) if f in MARKED_BY_FIXTURE}:
+            item.add_marker(name)
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +40,14 @@ def base_model(tmp_path_factory) -> str:
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA)).save_pretrained(path)
     AutoTokenizer.from_pretrained(TINY_LLAMA).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def ds_runs(tmp_path_factory):
+    """Every distinct three-rank DeepSpeed run of the session, trained once (tests/helpers.DeepSpeedRuns)."""
+    from tests.helpers import DeepSpeedRuns
+
+    return DeepSpeedRuns(tmp_path_factory.mktemp("ds-runs"))
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from orchestrator.advice import advise
 from orchestrator.errors import InputError
 from orchestrator.model_facts import facts_from_config
 from tests.conftest import REPO, zeromix
-from tests.test_model_facts import config
+from tests.helpers import model_config as config
 
 LLAMA_8B = facts_from_config(config("llama-3.1-8b"))
 

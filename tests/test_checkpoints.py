@@ -2,41 +2,54 @@
 
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
-from tests.test_exact_update import TOLERANCE, job, max_relative_difference, train
+from tests.helpers import TOLERANCE, final_weights, job, max_relative_difference
 from workers import checkpoint
 from workers.local_launch import run_local_ranks
 
+pytestmark = pytest.mark.deepspeed
 
-def test_a_rank_killed_in_the_middle_of_a_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path, demo_data, base_model,
-                                                                                           monkeypatch):
-    """Rank 0 is killed after every rank wrote step 2's shards and before they were moved into place. The
-    partial save stays in .partial/, `latest` still names step 1, and the job run again resumes from step 1
-    and ends with the weights an uninterrupted run reaches."""
-    config = dataclasses.replace(job(tmp_path / "run", demo_data, base_model, 2, "full", 0.0), checkpoint_every=1)
-    monkeypatch.setenv(checkpoint.FAULT_ENV, "kill-in-save:2")
-    with pytest.raises(RuntimeError, match=r"rank\(s\) \[0\] died"):
-        run_local_ranks(config, timeout_s=300)
-    monkeypatch.delenv(checkpoint.FAULT_ENV)
-    saved = tmp_path / "run" / "checkpoints"
-    assert (saved / "latest").read_text() == "step-1"
-    assert (saved / ".partial" / "step-2").is_dir() and not (saved / "step-2").exists()
-    assert checkpoint.newest_complete(saved) == ("step-1", [])
 
-    resumed = run_local_ranks(config)
+@pytest.fixture(scope="module")
+def killed_then_resumed(tmp_path_factory, demo_data, base_model):
+    """A job saving every step, its rank 0 killed after every rank wrote step 2's shards and before they were
+    moved into place; what its checkpoints looked like then; and the same job run again to its end."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    config = dataclasses.replace(job(out, demo_data, base_model, 2, "full", 0.0), checkpoint_every=1)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(checkpoint.FAULT_ENV, "kill-in-save:2")
+        with pytest.raises(RuntimeError, match=r"local ranks failed: rank 0 killed by signal 9"):
+            run_local_ranks(config, timeout_s=300)
+    saved = out / "checkpoints"
+    after_kill = {"latest": (saved / "latest").read_text(), "partial": (saved / ".partial" / "step-2").is_dir(),
+                  "moved": (saved / "step-2").exists(), "newest_complete": checkpoint.newest_complete(saved)}
+    return config, after_kill, run_local_ranks(config)
+
+
+def test_a_rank_killed_in_the_middle_of_a_save_leaves_the_previous_checkpoint_to_resume_from(killed_then_resumed, ds_runs, demo_data,
+                                                                                           base_model, tmp_path):
+    """The partial save stays in .partial/, `latest` still names step 1, and the job run again resumes from
+    step 1 and ends with the weights an uninterrupted run reaches."""
+    config, after_kill, resumed = killed_then_resumed
+    assert after_kill == {"latest": "step-1", "partial": True, "moved": False, "newest_complete": ("step-1", [])}
     assert resumed[0]["steps"] == 3 and len(resumed[0]["losses"]) == 2  # steps 2 and 3 run again, step 1 not
-    uninterrupted = train(job(tmp_path / "straight", demo_data, base_model, 2, "full", 0.0))
-    assert max_relative_difference(load_file(f"{config.output_dir}/final/model.safetensors"), uninterrupted) < TOLERANCE
-    assert not (saved / ".partial" / "step-2").exists()  # the next save cleared it
+    assert resumed[0]["resumed_from"] == "step-1"
+    uninterrupted = ds_runs.weights(job(tmp_path / "straight", demo_data, base_model, 2, "full", 0.0))
+    assert max_relative_difference(final_weights(config), uninterrupted) < TOLERANCE
+    assert not (Path(config.output_dir) / "checkpoints" / ".partial" / "step-2").exists()  # the next save cleared it
 
 
-def test_a_corrupt_checkpoint_is_skipped_for_the_one_before_and_old_ones_are_pruned(tmp_path, demo_data, base_model):
-    config = dataclasses.replace(job(tmp_path / "run", demo_data, base_model, 2, "full", 0.0), checkpoint_every=1, keep_last=2)
-    run_local_ranks(config)
-    saved = tmp_path / "run" / "checkpoints"
+def test_a_corrupt_checkpoint_is_skipped_for_the_one_before_and_old_ones_are_pruned(killed_then_resumed, tmp_path):
+    """The resumed job saved every step with keep_last 2: on a copy of its checkpoints, a flipped byte and a
+    missing manifest."""
+    config, _, _ = killed_then_resumed
+    saved = tmp_path / "checkpoints"
+    shutil.copytree(f"{config.output_dir}/checkpoints", saved)
+    assert config.keep_last == 2
     assert sorted(d.name for d in saved.iterdir() if d.name.startswith("step-")) == ["step-2", "step-3"]  # step-1 pruned
     manifest = json.loads((saved / "step-3" / checkpoint.MANIFEST).read_text())
     assert manifest["step"] == 3 and manifest["layout"] == {"world_size": 3, "micro_batches": [3, 1, 2], "grad_accum": 2, "zero_stage": 2, "precision": "fp32"}

@@ -8,7 +8,8 @@ import pytest
 from orchestrator.inventory import CardFacts, ClusterSnapshot, Software, build_node
 from orchestrator.planner import make_plan
 from orchestrator.planner.filters import cards_its_build_cannot_drive, torch_builds, torch_runs_on, usability
-from tests.test_planner import TINY, job
+from tests.helpers import TINY
+from tests.helpers import spec as job
 
 # torch.cuda.get_arch_list() of PyTorch's Linux wheels (orchestrator/data/torch_builds.csv)
 BUILDS = {b.name: b.archs for b in torch_builds()}

@@ -10,6 +10,7 @@ import torch
 
 from tests.browser import Browser, chromium_path
 from tests.conftest import REPO, TINY_LLAMA, job_status, queue_store, submitted_id, wait_for_state, zeromix
+from tests.helpers import mean_token_loss
 
 pytestmark = pytest.mark.cluster
 
@@ -21,15 +22,6 @@ def assert_cards_free():
     assert registry.live_placement_groups() == {}
     assert queue_store().holds() == {}
     assert [c.card_id for c in registry.snapshot().cards if c.held_by] == []
-
-
-def mean_token_loss(model, records: list[dict], dataset: dict, tokenizer) -> float:
-    from workers.data import collate, tokenize
-
-    batch = collate(tokenize(records, dataset, tokenizer, 32), tokenizer.pad_token_id)
-    with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1), ignore_index=-100).item()
 
 
 def test_nodes_lists_every_card_of_cluster_yaml(connected):

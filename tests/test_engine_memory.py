@@ -16,6 +16,8 @@ from orchestrator.planner import make_plan
 from tests.conftest import TINY_LLAMA
 from workers.local_launch import run_local_ranks
 
+pytestmark = pytest.mark.deepspeed
+
 # A small Llama (3.2 M parameters): large enough that DeepSpeed's alignment padding is noise.
 SMALL = {**json.loads((TINY_LLAMA / "config.json").read_text()), "hidden_size": 256, "intermediate_size": 768,
          "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4}

@@ -9,8 +9,7 @@ import psutil
 import pytest
 
 from tests.conftest import queue_store, submitted_id, wait_for_state, zeromix
-from tests.test_end_to_end import mean_token_loss
-from tests.test_lifecycle import cluster_file
+from tests.helpers import cluster_file, mean_token_loss
 from workers.checkpoint import FAULT_ENV
 
 pytestmark = pytest.mark.cluster

@@ -13,19 +13,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
 from tests.conftest import REPO, free_port, submitted_id, zeromix
+from tests.helpers import cluster_file
 
 pytestmark = pytest.mark.cluster
 
 
-def cluster_file(directory: Path, port: int | None = None, dashboard_port: int | None = None) -> Path:
-    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
-    config["head"].update(port=port or free_port(), dashboard_port=dashboard_port or free_port())
-    path = directory / "cluster.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def answers(port: int) -> bool:

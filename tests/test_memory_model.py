@@ -5,7 +5,7 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from orchestrator.planner.memory import TrainingShape, ZeroSetting, host_bytes, model_states
-from tests.test_model_facts import config
+from tests.helpers import model_config as config
 from orchestrator.model_facts import facts_from_config
 
 MODELS = ["llama-3.1-8b", "mistral-7b-v0.1", "qwen2.5-0.5b", "gpt2"]

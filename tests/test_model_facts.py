@@ -1,16 +1,14 @@
 """Exact parameter counts from config.json alone, for real public architectures (their configs are shipped
 as test data), checked against the published counts and against transformers' own model."""
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from orchestrator.errors import ZeromixError
 from orchestrator.model_facts import facts_from_config
+from tests.helpers import CONFIGS, model_config
 
-CONFIGS = Path(__file__).parents[1] / "orchestrator" / "data" / "model_configs"
 
 # Published parameter counts (model cards / safetensors metadata), tied embeddings counted once.
 PUBLISHED = {
@@ -29,8 +27,7 @@ PUBLISHED = {
 }
 
 
-def config(name: str) -> dict:
-    return json.loads((CONFIGS / name / "config.json").read_text())
+config = model_config
 
 
 def meta_model(name: str):

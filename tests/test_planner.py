@@ -6,21 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.cluster_config import load_cluster
-from orchestrator.inventory import snapshot_from_config
-from orchestrator.jobspec import JobSpec
-from orchestrator.model_facts import facts_from_config, read_config
 from orchestrator.planner import NoPlacement, RankCost, _step_lower_bound, make_plan, split_batch
-from tests.conftest import REPO, TINY_LLAMA
 
-HOMELAB = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
-TINY = facts_from_config(read_config(str(TINY_LLAMA)))
-
-
-def job(**fields) -> JobSpec:
-    base = {"name": "j", "model": {"path": "m"}, "dataset": {"path": "d", "text_field": "text"}, "max_steps": 10,
-            "output_dir": "o", "global_batch_size": 32, "seq_len": 64}
-    return JobSpec.model_validate({**base, **fields})
+from tests.helpers import HOMELAB, TINY
+from tests.helpers import spec as job
 
 
 def test_pascal_in_the_group_means_fp32_and_the_split_follows_the_rates():

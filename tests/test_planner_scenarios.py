@@ -2,30 +2,15 @@
 
 import pytest
 
-from orchestrator.cluster_config import ClusterConfig, load_cluster
-from orchestrator.inventory import snapshot_from_config
-from orchestrator.jobspec import JobSpec
 from orchestrator.model_facts import facts_from_config
 from orchestrator.planner import NoPlacement, make_plan, step_time
-from tests.conftest import REPO
-from tests.test_model_facts import config
+from tests.helpers import model_config as config
 
 LLAMA_1B = facts_from_config(config("llama-3.2-1b"))
 MISTRAL_7B = facts_from_config(config("mistral-7b-v0.1"))
 LLAMA_8B = facts_from_config(config("llama-3.1-8b"))
-HOMELAB = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
-
-
-def pool(*nodes: tuple[str, float, list[str]], link: str = "1GbE"):
-    """A pool of nodes (name, RAM GB, card names), as `zeromix plan --pool` reads it."""
-    entries = [{"name": n, "address": f"10.0.0.{i + 1}", "ram_gb": ram, "gpus": [{"model": m} for m in cards]} for i, (n, ram, cards) in enumerate(nodes)]
-    return snapshot_from_config(ClusterConfig.model_validate({"head": {"address": "10.0.0.1"}, "network": {"link": link}, "nodes": entries}))
-
-
-def job(**fields) -> JobSpec:
-    base = {"name": "j", "model": {"path": "m"}, "dataset": {"path": "d", "text_field": "text"}, "max_steps": 100,
-            "output_dir": "o", "global_batch_size": 32, "seq_len": 1024}
-    return JobSpec.model_validate({**base, **fields})
+from tests.helpers import HOMELAB, pool
+from tests.helpers import scenario as job
 
 
 def test_1_a_1080ti_and_3090_group_never_gets_bf16():

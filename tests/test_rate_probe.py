@@ -10,7 +10,11 @@ import pytest
 from orchestrator.inventory import MeasuredRates, node_from_record, node_to_record
 from orchestrator.planner import make_plan, step_time
 from tests.conftest import NVML_BOXES
-from tests.test_planner_scenarios import LLAMA_1B, job, pool
+from orchestrator.model_facts import facts_from_config
+from tests.helpers import model_config, pool
+from tests.helpers import scenario as job
+
+LLAMA_1B = facts_from_config(model_config("llama-3.2-1b"))
 from workers import gpu_probe, rate_probe
 
 

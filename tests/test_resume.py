@@ -8,13 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from orchestrator.ds_config import Optimization, RankTuning, deepspeed_config
-from tests.test_exact_update import GRAD_ACCUM, LR, TOLERANCE, TOLERANCE_ADAMW, job, max_relative_difference
+from tests.helpers import GRAD_ACCUM, LR, TOLERANCE, TOLERANCE_ADAMW, final_weights as weights, job, max_relative_difference
 from workers import checkpoint
 from workers.local_launch import run_local_ranks
 from workers.train import CHECKPOINT_DIR
+
+pytestmark = pytest.mark.deepspeed
 
 STEPS, HALF = 4, 2
 TWO_RANKS = (4, 2)  # the same global batch (12 samples) as job()'s three ranks (3, 1, 2) x 2 accumulation steps
@@ -25,10 +26,6 @@ def on_ranks(config, micro: tuple[int, ...], stage: int):
     return dataclasses.replace(config, micro_batches=micro, activation_checkpointing=(False,) * len(micro),
                                ds_configs=tuple(deepspeed_config(RankTuning(m, stage, False, False, "fp32"), GRAD_ACCUM, len(micro), 0.0, opt)
                                                 for m in micro))
-
-
-def weights(config) -> dict:
-    return load_file(f"{config.output_dir}/final/model.safetensors")
 
 
 def continued_from(straight, tmp_path, name: str, micro: tuple[int, ...], stage: int):

@@ -60,7 +60,7 @@ def test_a_token_in_the_environment_appears_in_no_log_metadata_result_or_databas
     or the Ray job's metadata."""
     from orchestrator import cluster_runtime
     from orchestrator.launch import jobs_client
-    from tests.test_lifecycle import cluster_file
+    from tests.helpers import cluster_file
 
     secret = "hf_" + secrets.token_hex(16)
     env = {"HF_TOKEN": secret, "HUGGING_FACE_HUB_TOKEN": secret, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}

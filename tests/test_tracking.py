@@ -6,9 +6,11 @@ import json
 
 import pytest
 
-from tests.test_exact_update import MICRO, job
+from tests.helpers import MICRO, job
 from workers.local_launch import run_local_ranks
 from workers.tracking import TENSORBOARD_DIR
+
+pytestmark = pytest.mark.deepspeed
 
 PLAN = {"job": "exact", "zero_stage": 2, "precision": "fp32", "grad_accum": 2, "est_step_s": 0.05, "est_tokens_per_s": 1000.0,
         "ranks": [{"card": f"box/{i}", "node": "box", "model": "GeForce RTX 3090", "micro_batch": m, "activation_checkpointing": False,

@@ -1,8 +1,16 @@
 """Run a job's ranks as local processes, without Ray: what the exactness tests and bench/hetero_dp.py use
-to drive the real training loop on one machine's CPU."""
+to drive the real training loop on one machine's CPU.
+
+Starting a rank used to cost more than most test runs train: each spawned process imported torch, DeepSpeed,
+transformers and PEFT again (some 10 s per rank on two cores, three ranks at a time). On the CPU, ranks are
+therefore forked from multiprocessing's fork server, which imports them once (`PRELOAD`) and then forks each
+rank in milliseconds. Where a card is visible, ranks are spawned: a process must not fork once CUDA is
+initialised, and importing DeepSpeed may initialise it.
+"""
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import queue
@@ -13,8 +21,29 @@ from dataclasses import asdict
 from workers.collectives import RankInfo
 from workers.train import TrainConfig
 
+DEATH_GRACE_S = 3
+PRELOAD = ["torch", "deepspeed", "transformers", "peft", "safetensors.torch", "workers.train", "workers.data", "workers.checkpoint",
+           "workers.telemetry", "workers.tracking", "workers.memory_report"]
 
-def _rank(rank: int, world: int, config_json: str, port: int, results, threads: int) -> None:
+
+@functools.cache
+def _context():
+    """The fork server's context on CPU (started at the first launch, then reused by every later one); spawn on a GPU box."""
+    import torch
+
+    if torch.cuda.is_available():
+        return multiprocessing.get_context("spawn")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when DeepSpeed is imported, in the server
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+def _rank(rank: int, world: int, config_json: str, port: int, results, threads: int, environ: dict[str, str]) -> None:
+    # The fork server's environment is the one it started with: take the launcher's as it is now (a test's
+    # fault injection, a tracker's offline mode, the card a GPU rank must see).
+    os.environ.clear()
+    os.environ.update(environ)
     import torch
 
     torch.set_num_threads(threads)
@@ -29,6 +58,11 @@ def _rank(rank: int, world: int, config_json: str, port: int, results, threads: 
     os._exit(0)
 
 
+def _death(rank: int, exitcode: int) -> str:
+    """A killed rank apart from one that exited with an error (its peers, once it is gone, do the latter)."""
+    return f"rank {rank} killed by signal {-exitcode}" if exitcode < 0 else f"rank {rank} exited with status {exitcode}"
+
+
 def run_local_ranks(config: TrainConfig, timeout_s: float = 600, threads_per_rank: int = 1) -> list[dict]:
     """Train on len(config.micro_batches) local ranks (gloo on the CPU; NCCL where a card is visible, as
     tests/test_gpu.py runs one rank); each rank's RankResult as a dict, by rank. One CPU thread per rank by
@@ -37,9 +71,10 @@ def run_local_ranks(config: TrainConfig, timeout_s: float = 600, threads_per_ran
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, world, config.to_json(), port, results, threads_per_rank)) for r in range(world)]
+    procs = [ctx.Process(target=_rank, args=(r, world, config.to_json(), port, results, threads_per_rank, dict(os.environ)))
+             for r in range(world)]
     for p in procs:
         p.start()
     collected, deadline = [], time.monotonic() + timeout_s
@@ -49,9 +84,13 @@ def run_local_ranks(config: TrainConfig, timeout_s: float = 600, threads_per_ran
         except queue.Empty:
             dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
             if dead or time.monotonic() > deadline:
+                grace = time.monotonic() + DEATH_GRACE_S  # the others may be dying of it: say what each did
+                for p in procs:
+                    p.join(timeout=max(0.0, grace - time.monotonic()))
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)] if dead else dead
                 for p in procs:
                     p.kill()
-                why = f"rank(s) {dead} died (exit {[procs[r].exitcode for r in dead]})" if dead else f"no result within {timeout_s:.0f} s"
+                why = "; ".join(_death(r, procs[r].exitcode) for r in dead) if dead else f"no result within {timeout_s:.0f} s"
                 raise RuntimeError(f"local ranks failed: {why}") from None
     for p in procs:
         p.join(timeout=60)
