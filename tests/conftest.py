@@ -64,17 +64,28 @@ def zeromix_home(tmp_path_factory) -> Path:
     os.environ.pop("ZEROMIX_HOME")
 
 
+def canary_env(secret: str) -> dict[str, str]:
+    """A Hugging Face token exported as a user hands gated models to the workers (and W&B kept offline)."""
+    return {"HF_TOKEN": secret, "HUGGING_FACE_HUB_TOKEN": secret, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory, zeromix_home):
+def hf_canary() -> str:
+    """The session cluster starts with this token in its environment; no log, metadata, result or database may
+    ever hold it (tests/test_security.py searches them all at the end)."""
+    import secrets
+
+    return "hf_" + secrets.token_hex(16)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory, zeromix_home, hf_canary):
     """The shipped homelab on free ports, in the session's ZEROMIX_HOME: started once, shared by every test
     that needs a running cluster (`zeromix up` also starts the scheduler)."""
-    import yaml
+    from tests.helpers import cluster_file
 
     work = tmp_path_factory.mktemp("cluster")
-    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
-    config["head"].update(port=free_port(), dashboard_port=free_port())
-    (work / "cluster.yaml").write_text(yaml.safe_dump(config))
-    up = zeromix("up", "--simulate", str(work / "cluster.yaml"), timeout=240)
+    up = zeromix("up", "--simulate", str(cluster_file(work)), timeout=240, env=canary_env(hf_canary))
     assert "3 nodes and 5 cards registered" in up.stdout and "scheduler: running" in up.stdout
     from orchestrator import cluster_runtime
 
@@ -83,6 +94,64 @@ def cluster(tmp_path_factory, zeromix_home):
 
     ray.shutdown()
     zeromix("down")
+
+
+@pytest.fixture(scope="session")
+def scratch_run(cluster, demo_data):
+    """The demo's first job (full, ZeRO-2, on the 1080 Ti and the 3090) through `zeromix submit --follow`, once
+    per session. Its model and output directories are named with shell text (`;`, `$(...)`, backticks): they
+    must stay paths, and the canary file those commands would make must never appear (tests/test_security.py)."""
+    import shutil
+
+    state, work = cluster
+    canary = work / "canary"
+    model = work / f"m; touch {canary}; $(touch {canary}) `touch {canary}`"
+    shutil.copytree(TINY_LLAMA, model)
+    out = work / f"scratch; touch {canary}"
+    done = zeromix("submit", "--follow", "jobs/examples/tiny-llama-scratch.yaml", "--set", f"model.path={model}", "--set", f"output_dir={out}",
+                   "--set", f"dataset.path={demo_data['pretrain']}", "--set", "max_steps=60")
+    return state, submitted_id(done.stdout), out, done.stdout
+
+
+LONG_JOB_CARD = "NVIDIA GeForce RTX 2080 Ti"  # attic/1: no other test's job asks for it
+
+
+@pytest.fixture(scope="session")
+def long_job(cluster, demo_data) -> str:
+    """One job that runs until it is cancelled, on the 2080 Ti alone: the tests of a running job (its holds, its
+    metrics, a scheduler killed under it) share it, rather than each placing a job of its own only to cancel it.
+    The one that cancels it (tests/test_scheduler_cluster.py, the scheduler's restart) runs last of them."""
+    state, work = cluster
+    done = zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", "--set", f"output_dir={work / 'long'}", "--set", "max_steps=100000",
+                   "--set", f"dataset.path={demo_data['pretrain']}", "--set", "gpus.count=1", "--set", f"gpus.models=[{LONG_JOB_CARD}]",
+                   "--set", "report_to=[]")
+    job_id = submitted_id(done.stdout)
+    yield job_id
+    zeromix("cancel", job_id, check=False)
+
+
+def running(job_id: str) -> str:
+    """The job, once it is running (a shared job's users each wait for that, whichever runs first)."""
+    assert wait_for_state(job_id, ("running",), 120) == "running"
+    return job_id
+
+
+def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.5):
+    """Poll `condition` until it is truthy; fail after `timeout_s` saying what never happened."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
+        time.sleep(every_s)
+    return value
+
+
+def wait_for_rounds(state, rounds: int, timeout_s: float = 60) -> None:
+    """Until the scheduler has run `rounds` more rounds (its own counter), rather than sleeping a guess."""
+    from orchestrator.scheduler.service import health
+
+    start = health(state)["ticks"]
+    wait_until(lambda: health(state)["ticks"] >= start + rounds, timeout_s, f"{rounds} scheduler rounds")
 
 
 @pytest.fixture
@@ -164,6 +233,34 @@ def zeromix(*args: str, check: bool = True, timeout: int = 300, env: dict | None
     if check and done.returncode != 0:
         raise AssertionError(f"zeromix {' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done
+
+
+def cli(*args: str, check: bool = True, columns: int = 200) -> subprocess.CompletedProcess:
+    """A command that needs no cluster (plan --pool, advise, make-trace, simulate, a refused spec), run in this
+    process through the CLI's own entry point, its error handling included: no interpreter to start and no
+    imports to pay again. (`zeromix` above runs the installed program as a user would.)"""
+    import contextlib
+    import io
+
+    from rich.console import Console
+
+    from orchestrator import cli as program
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved = sys.argv, program.console, os.getcwd()
+    sys.argv, program.console = ["zeromix", *args], Console(width=columns)
+    os.chdir(REPO)  # relative paths as `zeromix` below sees them
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            program.main()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    finally:
+        sys.argv, program.console, cwd = saved
+        os.chdir(cwd)
+    if check and code != 0:
+        raise AssertionError(f"zeromix {' '.join(args)} exited {code}:\n{out.getvalue()[-3000:]}\n{err.getvalue()[-3000:]}")
+    return subprocess.CompletedProcess(["zeromix", *args], code, out.getvalue(), err.getvalue())
 
 
 def nvml_box_env(box: str) -> dict[str, str]:

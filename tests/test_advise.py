@@ -8,7 +8,7 @@ from orchestrator import catalog
 from orchestrator.advice import advise
 from orchestrator.errors import InputError
 from orchestrator.model_facts import facts_from_config
-from tests.conftest import REPO, zeromix
+from tests.conftest import REPO, cli
 from tests.helpers import model_config as config
 
 LLAMA_8B = facts_from_config(config("llama-3.1-8b"))
@@ -44,7 +44,7 @@ def test_unknown_or_ambiguous_card_names_are_refused():
 
 
 def test_the_command_gives_json_with_the_exact_parameter_count():
-    done = zeromix("advise", "--model", str(REPO / "orchestrator/data/model_configs/qwen2.5-0.5b"), "--method", "full", "--seq-len", "1024",
+    done = cli("advise", "--model", str(REPO / "orchestrator/data/model_configs/qwen2.5-0.5b"), "--method", "full", "--seq-len", "1024",
                    "--batch", "8", "--cards", "RTX 3090,RTX 2080 Ti", "--json")
     answer = json.loads(done.stdout)
     assert answer["params"] == 494_032_768 and answer["method"] == "full"

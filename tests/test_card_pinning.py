@@ -26,7 +26,7 @@ def test_two_jobs_get_the_two_cards_of_one_mixed_node(tmp_path, demo_data, isola
     env = nvml_box_env("attic_1080ti_3090")
     zeromix("up", "--simulate", str(tmp_path / "cluster.yaml"), env=env, timeout=180)
     try:
-        common = ["--set", f"dataset.path={demo_data['pretrain']}", "--set", "max_steps=3", "--set", "gpus.count=1"]
+        common = ["--set", f"dataset.path={demo_data['pretrain']}", "--set", "max_steps=3", "--set", "gpus.count=1", "--set", "report_to=[]"]
         first = submitted_id(zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", *common, "--set", f"output_dir={tmp_path / 'a'}",
                                      "--set", "gpus.models=[RTX 3090]", env=env).stdout)
         second = submitted_id(zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", *common, "--set", f"output_dir={tmp_path / 'b'}",

@@ -1,14 +1,13 @@
 """What the terminal shows: tables readable at 80 columns (fewer columns, long text on its own lines, no
 cell cut to '…'), and the wide layout with every figure where there is room."""
 
-from tests.conftest import zeromix
+from tests.conftest import cli
 
 SCRATCH = "jobs/examples/tiny-llama-scratch.yaml"
 
 
 def plan_output(columns: int, demo_data) -> str:
-    return zeromix("plan", SCRATCH, "--pool", "cluster.yaml", "--set", f"dataset.path={demo_data['pretrain']}",
-                   env={"COLUMNS": str(columns)}).stdout
+    return cli("plan", SCRATCH, "--pool", "cluster.yaml", "--set", f"dataset.path={demo_data['pretrain']}", columns=columns).stdout
 
 
 def test_a_plan_reads_at_80_columns(demo_data):

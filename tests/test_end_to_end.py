@@ -3,25 +3,30 @@ jobs go through the CLI, DeepSpeed trains on CPU ranks, and transformers loads w
 
 import json
 import re
-import time
 
 import pytest
 import torch
 
 from tests.browser import Browser, chromium_path
-from tests.conftest import REPO, TINY_LLAMA, job_status, queue_store, submitted_id, wait_for_state, zeromix
+from tests.conftest import REPO, TINY_LLAMA, job_status, queue_store, running, submitted_id, zeromix
 from tests.helpers import mean_token_loss
 
 pytestmark = pytest.mark.cluster
 
 
-def assert_cards_free():
+def assert_released(*job_ids: str):
+    """These jobs hold no card, in Ray's placement groups, the queue or the registry; and every card still held is
+    held for a job the queue has running (the session's long job), so nothing else leaked either."""
     from orchestrator import cluster_runtime, registry
 
     cluster_runtime.connect()
-    assert registry.live_placement_groups() == {}
-    assert queue_store().holds() == {}
-    assert [c.card_id for c in registry.snapshot().cards if c.held_by] == []
+    store = queue_store()
+    running = {r.id for r in store.jobs(("running",))}
+    holders = {"placement groups": set(registry.live_placement_groups()), "queue": set(store.holds().values()),
+               "registry": {c.held_by for c in registry.snapshot().cards if c.held_by}}
+    for where, jobs in holders.items():
+        assert not jobs & set(job_ids), (where, jobs)
+        assert jobs <= running, (where, jobs, running)
 
 
 def test_nodes_lists_every_card_of_cluster_yaml(connected):
@@ -42,15 +47,6 @@ def test_nodes_lists_every_card_of_cluster_yaml(connected):
     narrow = zeromix("nodes", env={"COLUMNS": "80"}).stdout  # fewer columns, no cell cut or wrapped
     assert max(len(line) for line in narrow.splitlines()) <= 80 and "…" not in narrow
     assert [line.split()[:3] for line in narrow.splitlines() if line.strip().startswith("desk/1")] == [["desk/1", "RTX", "4090"]]
-
-
-@pytest.fixture(scope="module")
-def scratch_run(cluster, demo_data):
-    state, work = cluster
-    out = work / "scratch"
-    done = zeromix("submit", "--follow", "jobs/examples/tiny-llama-scratch.yaml", "--set", f"output_dir={out}",
-                   "--set", f"dataset.path={demo_data['pretrain']}", "--set", "max_steps=60")
-    return state, submitted_id(done.stdout), out, done.stdout
 
 
 def test_full_fine_tune_zero2_on_two_different_cards(scratch_run, demo_data):
@@ -79,7 +75,7 @@ def test_full_fine_tune_zero2_on_two_different_cards(scratch_run, demo_data):
     dataset = {"format": "jsonl", "text_field": "text"}
     before, after = mean_token_loss(initial, records, dataset, tokenizer), mean_token_loss(trained, records, dataset, tokenizer)
     assert after < before - 1.0, (before, after)
-    assert_cards_free()
+    assert_released(job_id)
 
 
 def test_plan_is_in_the_ray_job_metadata(scratch_run):
@@ -177,7 +173,7 @@ def test_lora_zero3_fine_tune_of_the_scratch_model(scratch_run, demo_data):
 
     state, _, scratch_out, _ = scratch_run
     out = scratch_out.parent / "lora"
-    done = zeromix("submit", "--follow", "jobs/examples/tiny-llama-lora-reverse.yaml", "--set", f"output_dir={out}",
+    done = zeromix("submit", "--follow", "jobs/examples/tiny-llama-lora-reverse.yaml", "--set", f"output_dir={out}", "--set", "report_to=[]",
                    "--set", f"model.path={scratch_out / 'final'}", "--set", f"dataset.path={demo_data['reverse-train']}",
                    "--set", "max_steps=40")
     job_id = submitted_id(done.stdout)
@@ -194,36 +190,25 @@ def test_lora_zero3_fine_tune_of_the_scratch_model(scratch_run, demo_data):
     before = mean_token_loss(base, records, dataset, tokenizer)
     tuned = PeftModel.from_pretrained(base, str(out / "final"))
     assert mean_token_loss(tuned, records, dataset, tokenizer) < before - 0.1  # measured: 1.76 -> 1.53
-    assert_cards_free()
+    assert_released(job_id)
 
 
-def test_cancel_releases_the_cards(connected, demo_data):
+def test_a_running_jobs_cards_show_as_held_everywhere(connected, long_job):
+    """Ray's placement groups, `zeromix nodes`, `queue` and `status` (within 80 columns) all say which card the
+    running job holds. (Cancelling it, and how soon its cards are free: tests/test_scheduler_cluster.py.)"""
     from orchestrator import registry
 
-    state, work = connected
-    done = zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", "--set", f"output_dir={work / 'cancelled'}",
-                   "--set", f"dataset.path={demo_data['pretrain']}", "--set", "max_steps=100000")
-    job_id = submitted_id(done.stdout)
-    wait_for_state(job_id, ("running",), 120)
+    job_id = running(long_job)
     held = {c.card_id for c in registry.snapshot().cards if c.held_by == job_id}
-    assert held == {"attic/0", "desk/0"}
+    assert held == {"attic/1"}
     rows = json.loads(zeromix("nodes", "--json").stdout)["cards"]
     assert {r["card"] for r in rows if r["held_by"] == job_id} == held
     assert job_id in zeromix("queue").stdout
     status = zeromix("status", env={"COLUMNS": "80"}).stdout  # jobs and cards, within 80 columns
     words = " ".join(status.split())  # long lines are wrapped at 80 columns
-    assert f"desk/0 by {job_id}" in words and "attic/1 RTX 2080 Ti" in words.split("cards free:")[1]
+    assert f"attic/1 by {job_id}" in words and "desk/0 RTX 3090" in words.split("cards free:")[1]
     assert max(len(line) for line in status.splitlines()) <= 80
-    assert {c["card"]: c["held_by"] for c in json.loads(zeromix("status", "--json").stdout)["cards"]}["attic/0"] == job_id
-    started = time.monotonic()
-    zeromix("cancel", job_id)
-    assert_cards_free()
-    assert time.monotonic() - started < 15  # cards free within seconds of the cancel
-    deadline = time.time() + 60
-    while job_status(state, job_id) not in ("STOPPED", "FAILED") and time.time() < deadline:
-        time.sleep(1)
-    assert job_status(state, job_id) == "STOPPED"
-    assert queue_store().get(job_id).state == "cancelled"
+    assert {c["card"]: c["held_by"] for c in json.loads(zeromix("status", "--json").stdout)["cards"]}["attic/1"] == job_id
 
 
 def test_a_job_that_fits_nowhere_reserves_nothing(connected, demo_data):
@@ -237,5 +222,5 @@ def test_a_job_that_fits_nowhere_reserves_nothing(connected, demo_data):
     assert done.stderr.startswith("zeromix: error: no placement for job 'tiny-llama-scratch': ")
     assert "To fix: lower gpus.count (needs 3, 2 eligible) or free more cards" in done.stderr
     assert len(list_jobs(state)) == before and len(queue_store().jobs()) == queued_before  # nothing queued
-    assert_cards_free()
+    assert_released()
     assert not (work / "never").exists()

@@ -3,17 +3,18 @@ here, so the session's shared cluster is left alone): a card out of memory, a no
 
 import json
 import re
-import time
+from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import queue_store, submitted_id, wait_for_state, zeromix
+from tests.conftest import queue_store, submitted_id, wait_for_state, wait_until, zeromix
 from tests.helpers import cluster_file, mean_token_loss
-from workers.checkpoint import FAULT_ENV
+from workers.faults import FAULT_ENV
 
 pytestmark = pytest.mark.cluster
-STEPS, EVERY = 200, 50  # about 6 s of training: long enough to unplug a node in the middle
+STEPS, EVERY = 200, 50
+HOLD_AT = 60  # the unplugged and the restarted job wait before this step (after the checkpoint at 50) until released
 # two cards of these: the 3090 (desk) and the 3060 (closet) in bf16; without desk, the 3060 and the 1080 Ti (attic)
 # in fp32 -- other cards and another precision, so the checkpoint goes through its universal form
 MODELS = ("NVIDIA GeForce GTX 1080 Ti", "NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 3060 12GB")
@@ -32,10 +33,17 @@ def unplug(cluster_id: str, node: str) -> int:
     return len(gone)
 
 
+def held(work, job: str) -> tuple[Path, Path]:
+    """The hold armed for `job` (workers/faults.py): the file its rank 0 writes when it waits, and the one that lets it go."""
+    return work / f"release-{job}.waiting", work / f"release-{job}"
+
+
 @pytest.fixture(scope="module")
 def own_cluster(tmp_path_factory, zeromix_home):
-    """A 3-node cluster of this module's own (a test unplugs one of its nodes), with the out-of-memory injection
-    armed for the job named oom-probe on desk/0 (workers/train.py `_injected_out_of_memory`)."""
+    """A 3-node cluster of this module's own (a test unplugs one of its nodes), with the test-only faults
+    (workers/faults.py) armed: out of memory for the job named oom-probe on desk/0, and a pause before step
+    HOLD_AT for the jobs named unplug-probe and restart-probe, so a node is unplugged and the head restarted
+    while the job is at a known step rather than at a guessed time."""
     import shutil
 
     import ray
@@ -49,7 +57,8 @@ def own_cluster(tmp_path_factory, zeromix_home):
     ray.shutdown()
     with pytest.MonkeyPatch.context() as env:
         env.setenv("ZEROMIX_HOME", str(work / "home"))
-        zeromix("up", "--simulate", str(cluster_file(work)), timeout=240, env={FAULT_ENV: f"oom:oom-probe:desk/0:{OOM_ABOVE}"})
+        faults = [f"oom:oom-probe:desk/0:{OOM_ABOVE}"] + [f"hold:{job}:{HOLD_AT}:{held(work, job)[1]}" for job in ("unplug-probe", "restart-probe")]
+        zeromix("up", "--simulate", str(cluster_file(work)), timeout=240, env={FAULT_ENV: ";".join(faults)})
         yield cluster_runtime.load_state(), work
         ray.shutdown()
         zeromix("down", check=False)
@@ -59,7 +68,7 @@ def test_a_card_out_of_memory_is_planned_again_with_less_and_the_job_finishes(ow
     """desk/0 raises torch.OutOfMemoryError while its micro-batch is above OOM_ABOVE (the plan gives it 23). The
     job is placed again with desk/0 capped below what the plan assumed, and finishes."""
     state, work = own_cluster
-    job_id = submitted_id(zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", "--set", "name=oom-probe", "--set", "max_steps=20",
+    job_id = submitted_id(zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", "--set", "report_to=[]", "--set", "name=oom-probe", "--set", "max_steps=20",
                                   "--set", f"dataset.path={demo_data['pretrain']}", "--set", f"output_dir={work / 'oom'}").stdout)
     assert wait_for_state(job_id, ("succeeded", "failed", "cancelled"), 400) == "succeeded", queue_store().get(job_id).reason
     restart = next(e for e in queue_store().events(job_id) if (e.source, e.target) == ("running", "queued"))
@@ -75,21 +84,21 @@ def test_a_card_out_of_memory_is_planned_again_with_less_and_the_job_finishes(ow
 
 
 def test_a_node_unplugged_mid_training_is_survived_on_the_cards_left(own_cluster, tmp_path, demo_data):
-    """The job runs on desk/0 (RTX 3090) and closet/0 (RTX 3060); desk goes away after a checkpoint. The job
-    notices, is placed again on closet/0 and attic/0 (GTX 1080 Ti, so fp32), resumes from its checkpoint (through
-    the universal form), and finishes with every requested step and a loss as low as a run never interrupted."""
-    state, _ = own_cluster
-    spec = ["jobs/examples/tiny-llama-scratch.yaml", "--set", f"dataset.path={demo_data['pretrain']}", "--set", f"max_steps={STEPS}",
+    """The job runs on desk/0 (RTX 3090) and closet/0 (RTX 3060); desk goes away after a checkpoint, while the job
+    is held before step HOLD_AT. The job notices, is placed again on closet/0 and attic/0 (GTX 1080 Ti, so fp32),
+    resumes from its checkpoint (through the universal form), and finishes with every requested step and a loss as
+    low as a run never interrupted."""
+    state, work = own_cluster
+    waiting, release = held(work, "unplug-probe")
+    spec = ["jobs/examples/tiny-llama-scratch.yaml", "--set", f"dataset.path={demo_data['pretrain']}", "--set", f"max_steps={STEPS}", "--set", "report_to=[]",
             "--set", f"checkpoint_every={EVERY}", "--set", f"gpus.models=[{', '.join(MODELS)}]"]
-    job_id = submitted_id(zeromix("submit", *spec, "--set", f"output_dir={tmp_path / 'unplugged'}").stdout)
+    job_id = submitted_id(zeromix("submit", *spec, "--set", "name=unplug-probe", "--set", f"output_dir={tmp_path / 'unplugged'}").stdout)
     wait_for_state(job_id, ("running",), 120)
     assert set(queue_store().get(job_id).cards) == {"desk/0", "closet/0"}
-    latest = tmp_path / "unplugged" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 120
-    while not latest.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert latest.exists(), "no checkpoint within 120 s"
+    wait_until(waiting.exists, 180, f"the job held before step {HOLD_AT}")
+    assert (tmp_path / "unplugged" / "checkpoints" / "latest").read_text() == f"step-{EVERY}"
     assert unplug(state.cluster_id, "desk") > 0
+    release.touch()  # the ranks left go on (into a collective whose peer is gone); the job placed again passes freely
 
     assert wait_for_state(job_id, ("succeeded", "failed", "cancelled"), 400) == "succeeded", queue_store().get(job_id).reason
     events = queue_store().events(job_id)
@@ -127,16 +136,17 @@ def test_a_head_restarted_under_a_running_job_requeues_it_and_it_resumes_from_it
     from orchestrator import cluster_runtime
 
     state, work = own_cluster
-    spec = ["jobs/examples/tiny-llama-scratch.yaml", "--set", f"dataset.path={demo_data['pretrain']}", "--set", f"max_steps={STEPS}",
-            "--set", f"checkpoint_every={EVERY}", "--set", f"gpus.models=[{', '.join(MODELS)}]", "--set", f"output_dir={tmp_path / 'out'}"]
+    waiting, release = held(work, "restart-probe")
+    spec = ["jobs/examples/tiny-llama-scratch.yaml", "--set", f"dataset.path={demo_data['pretrain']}", "--set", f"max_steps={STEPS}", "--set", "report_to=[]",
+            "--set", f"checkpoint_every={EVERY}", "--set", f"gpus.models=[{', '.join(MODELS)}]", "--set", f"output_dir={tmp_path / 'out'}",
+            "--set", "name=restart-probe"]
     job_id = submitted_id(zeromix("submit", *spec).stdout)
     wait_for_state(job_id, ("running",), 120)
-    latest, deadline = tmp_path / "out" / "checkpoints" / "latest", time.monotonic() + 120
-    while not latest.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert latest.exists(), "no checkpoint within 120 s"
+    wait_until(waiting.exists, 180, f"the job held before step {HOLD_AT}")
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text() == f"step-{EVERY}"
     ray.shutdown()
     zeromix("down")
+    release.touch()  # (the cluster started again below has no fault armed)
     assert queue_store().get(job_id).state == "running"  # as the queue last saw it
     zeromix("up", "--simulate", state.cluster_file, timeout=240)
     assert cluster_runtime.load_state().cluster_id != state.cluster_id

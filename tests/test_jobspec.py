@@ -2,13 +2,14 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from orchestrator.errors import InputError
 from orchestrator.jobspec import load_job, total_steps
-from tests.conftest import REPO, TINY_LLAMA
+from tests.conftest import REPO, TINY_LLAMA, cli
 
 
 @pytest.fixture
@@ -99,21 +100,22 @@ def test_yaml_syntax_and_overrides(tmp_path, write_spec):
 
 
 def test_cli_exits_2_with_one_line_and_submits_nothing(write_spec, tmp_path):
-    """The CLI path a user hits: a bad spec is refused before any cluster is contacted."""
+    """The CLI path a user hits, through the installed `zeromix` program: a bad spec is refused before any
+    cluster is contacted."""
     env = {"ZEROMIX_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", write_spec(seq_len=4)],
+    done = subprocess.run([str(Path(sys.executable).with_name("zeromix")), "submit", write_spec(seq_len=4)],
                           capture_output=True, text=True, cwd=REPO, env=env)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"zeromix: error: {tmp_path / 'job.yaml'}: seq_len=4 is not allowed; input should be greater than or equal to 8"]
     assert not (tmp_path / "home").exists()  # no cluster state, no token: nothing was touched
 
 
-def test_a_sequence_longer_than_the_model_takes_is_refused_before_the_cluster(write_spec, tmp_path):
+def test_a_sequence_longer_than_the_model_takes_is_refused_before_the_cluster(write_spec, tmp_path, monkeypatch):
     """The tiny Llama takes 64 positions: 128 would fail only inside training, after cards were reserved."""
-    env = {"ZEROMIX_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    monkeypatch.setenv("ZEROMIX_HOME", str(tmp_path / "home"))
     for command in (["submit", write_spec(seq_len=128)], ["advise", "--model", str(REPO / "jobs" / "examples" / "tiny-llama"),
                                                          "--method", "lora", "--seq-len", "128"]):
-        done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *command], capture_output=True, text=True, cwd=REPO, env=env)
+        done = cli(*command, check=False)
         assert done.returncode == 2
         (line,) = done.stderr.strip().splitlines()
         assert "seq_len=128 is not allowed; at most 64, this llama model's max_position_embeddings" in line or \

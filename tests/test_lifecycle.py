@@ -8,13 +8,13 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
 
-from tests.conftest import REPO, free_port, submitted_id, zeromix
+from tests.conftest import free_port, submitted_id, zeromix
 from tests.helpers import cluster_file
 
 pytestmark = pytest.mark.cluster
@@ -30,23 +30,52 @@ def answers(port: int) -> bool:
         return False
 
 
-def test_a_stale_record_is_an_error_that_says_what_to_do_and_up_replaces_it(isolated_home, tmp_path):
-    dead = free_port()
-    (isolated_home / "cluster.json").write_text(json.dumps({
-        "gcs_address": f"127.0.0.1:{dead}", "dashboard_url": f"http://127.0.0.1:{free_port()}", "cluster_file": str(tmp_path / "old.yaml"),
-        "simulated": True, "node": None, "cluster_id": "0badf00d"}))
-    started = time.monotonic()
-    refused = zeromix("queue", check=False, timeout=60)
-    assert refused.returncode == 2 and time.monotonic() - started < 30  # no wait on a GCS that is gone
-    assert f"does not answer at 127.0.0.1:{dead}" in refused.stderr and "starts it again (replacing the stale record)" in refused.stderr
+@pytest.fixture(scope="module")
+def second_cluster(tmp_path_factory, zeromix_home):
+    """The one cluster this module starts beside the session's, in a ZEROMIX_HOME of its own. It takes the default
+    ports when they are free (as the user's demo would); when something holds them (the user's `make demo`), it
+    goes on free ones and the demo is the default-port cluster to leave alone. Before it starts, its home holds a
+    stale record (a cluster that died): what `queue` and `up` said then is kept for the first test."""
+    import shutil
 
-    up = zeromix("up", "--simulate", str(cluster_file(tmp_path)), timeout=240)
-    assert f"(127.0.0.1:{dead}) no longer answers; replaced the stale record" in up.stdout
-    assert "3 nodes and 5 cards registered" in up.stdout
-    again = zeromix("up", "--simulate", str(tmp_path / "cluster.yaml"), timeout=120)  # idempotent: the live cluster is reused
+    import ray
+
+    from orchestrator import cluster_runtime
+
+    cluster_runtime._ensure_token()
+    work = tmp_path_factory.mktemp("lifecycle")
+    home = work / "home"
+    home.mkdir()
+    shutil.copy2(cluster_runtime.token_file(), home / "auth_token")  # Ray reads the token once per process
+    saved = os.environ["ZEROMIX_HOME"]
+    os.environ["ZEROMIX_HOME"] = str(home)
+    ray.shutdown()
+    try:
+        dead = free_port()
+        (home / "cluster.json").write_text(json.dumps({
+            "gcs_address": f"127.0.0.1:{dead}", "dashboard_url": f"http://127.0.0.1:{free_port()}", "cluster_file": str(work / "old.yaml"),
+            "simulated": True, "node": None, "cluster_id": "0badf00d"}))
+        refused = zeromix("queue", check=False, timeout=60)  # the deadline: it must not wait on a GCS that is gone
+        on_default_ports = not (answers(6379) or answers(8265))
+        config = cluster_file(work, 6379, 8265) if on_default_ports else cluster_file(work)
+        up = zeromix("up", "--simulate", str(config), timeout=240)
+        yield SimpleNamespace(home=home, work=work, config=config, dead=dead, refused=refused, up=up, on_default_ports=on_default_ports)
+    finally:
+        ray.shutdown()
+        zeromix("down", check=False)
+        os.environ["ZEROMIX_HOME"] = saved
+
+
+def test_a_stale_record_is_an_error_that_says_what_to_do_and_up_replaces_it(second_cluster):
+    refused, dead = second_cluster.refused, second_cluster.dead
+    assert refused.returncode == 2
+    assert f"does not answer at 127.0.0.1:{dead}" in refused.stderr and "starts it again (replacing the stale record)" in refused.stderr
+    assert f"(127.0.0.1:{dead}) no longer answers; replaced the stale record" in second_cluster.up.stdout
+    assert "3 nodes and 5 cards registered" in second_cluster.up.stdout
+    again = zeromix("up", "--simulate", str(second_cluster.config), timeout=120)  # idempotent: the live cluster is reused
     assert "already up: reusing" in again.stdout
-    (tmp_path / "other").mkdir()
-    refused = zeromix("up", "--simulate", str(cluster_file(tmp_path / "other")), check=False)
+    (second_cluster.work / "other").mkdir()
+    refused = zeromix("up", "--simulate", str(cluster_file(second_cluster.work / "other")), check=False)
     assert refused.returncode == 2 and "already part of a zeromix cluster" in refused.stderr and "run `zeromix down` first" in refused.stderr
 
 
@@ -83,11 +112,33 @@ def foreign_ray():
             proc.kill()
 
 
-def test_down_stops_only_what_zeromix_started(isolated_home, foreign_ray, tmp_path):
+def _env(proc: psutil.Process) -> dict:
+    try:
+        return proc.environ()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return {}
+
+
+def test_a_zeromix_cluster_on_the_default_ports_is_left_alone(cluster, zeromix_home, second_cluster, demo_data, tmp_path):
+    """Whether the default ports hold this module's cluster or the user's demo, a job on the test cluster leaves
+    that cluster running and working."""
+    assert answers(6379) and answers(8265)
+    session = {"ZEROMIX_HOME": str(zeromix_home)}
+    done = zeromix("submit", "--follow", "jobs/examples/tiny-llama-scratch.yaml", "--set", f"output_dir={tmp_path / 'beside'}", "--set", "report_to=[]",
+                   "--set", f"dataset.path={demo_data['pretrain']}", "--set", "max_steps=5", env=session)
+    assert "succeeded" in done.stdout, done.stdout[-2000:]
+    assert submitted_id(done.stdout)
+    assert answers(6379) and answers(8265)  # the default-port cluster still answers
+    if second_cluster.on_default_ports:
+        listing = json.loads(zeromix("nodes", "--json").stdout)  # and works: its cards, its scheduler
+        assert len(listing["cards"]) == 5 and "0 queued" in zeromix("queue").stdout
+
+
+def test_down_stops_only_what_zeromix_started(second_cluster, foreign_ray):
+    """(This module's cluster, taken down by this last test of the module.)"""
     port, mark = foreign_ray
     before = {p.pid for p in _foreign_processes(mark)}
-    zeromix("up", "--simulate", str(cluster_file(tmp_path)), timeout=240)
-    state = json.loads((isolated_home / "cluster.json").read_text())
+    state = json.loads((second_cluster.home / "cluster.json").read_text())
     ours = [p for p in psutil.process_iter() if _env(p).get("ZEROMIX_CLUSTER") == state["cluster_id"]]
     assert len(ours) >= 6  # 3 raylets, the GCS, the dashboard, agents, the scheduler's worker ...
     import ray
@@ -96,32 +147,6 @@ def test_down_stops_only_what_zeromix_started(isolated_home, foreign_ray, tmp_pa
     down = zeromix("down")
     assert "cluster stopped (" in down.stdout
     assert not [p for p in psutil.process_iter() if _env(p).get("ZEROMIX_CLUSTER") == state["cluster_id"]]
-    assert not (isolated_home / "cluster.json").exists()
+    assert not (second_cluster.home / "cluster.json").exists()
     assert {p.pid for p in _foreign_processes(mark)} == before and answers(port)  # the other Ray cluster never noticed
     assert "no cluster was up" in zeromix("down").stdout
-
-
-def _env(proc: psutil.Process) -> dict:
-    try:
-        return proc.environ()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return {}
-
-
-def test_a_zeromix_cluster_on_the_default_ports_is_left_alone(cluster, zeromix_home, isolated_home, demo_data, tmp_path):
-    """Whether or not the user's demo holds the default ports, a job on the test cluster leaves it running."""
-    if answers(6379) or answers(8265):
-        default_home = None  # something (the user's `make demo`) already listens there: it is the cluster to leave alone
-    else:
-        default_home = isolated_home
-        zeromix("up", "--simulate", str(REPO / "cluster.yaml"), timeout=240)
-        assert answers(6379) and answers(8265)
-    session = {"ZEROMIX_HOME": str(zeromix_home)}
-    done = zeromix("submit", "--follow", "jobs/examples/tiny-llama-scratch.yaml", "--set", f"output_dir={tmp_path / 'beside'}",
-                   "--set", f"dataset.path={demo_data['pretrain']}", "--set", "max_steps=5", env=session)
-    assert "succeeded" in done.stdout, done.stdout[-2000:]
-    assert submitted_id(done.stdout)
-    assert answers(6379) and answers(8265)  # the default-port cluster still answers
-    if default_home:
-        listing = json.loads(zeromix("nodes", "--json").stdout)  # and works: its cards, its scheduler
-        assert len(listing["cards"]) == 5 and "0 queued" in zeromix("queue").stdout

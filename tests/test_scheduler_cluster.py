@@ -3,11 +3,10 @@ job started by the scheduler alone, cancel in every state, and a scheduler kille
 while jobs are queued and running."""
 
 import json
-import time
 
 import pytest
 
-from tests.conftest import queue_store, submitted_id, wait_for_state, zeromix
+from tests.conftest import LONG_JOB_CARD, job_status, queue_store, running, submitted_id, wait_for_rounds, wait_for_state, wait_until, zeromix
 
 pytestmark = pytest.mark.cluster
 
@@ -17,8 +16,8 @@ OTHER_CARDS = "gpus.models=[NVIDIA GeForce GTX 1080 Ti, NVIDIA GeForce RTX 3060]
 
 
 def submit(work, demo_data, name: str, *sets: str) -> str:
-    done = zeromix("submit", SCRATCH, "--set", f"output_dir={work / name}", "--set", f"dataset.path={demo_data['pretrain']}", *(
-        arg for s in sets for arg in ("--set", s)))
+    done = zeromix("submit", SCRATCH, "--set", f"output_dir={work / name}", "--set", f"dataset.path={demo_data['pretrain']}",
+                   "--set", "report_to=[]", *(arg for s in sets for arg in ("--set", s)))
     return submitted_id(done.stdout)
 
 
@@ -63,47 +62,54 @@ def test_two_jobs_run_side_by_side_and_a_third_starts_when_cards_free(connected,
     assert done[third].started_at >= done[first].ended_at  # it got the desk cards only once they were free
     assert (done[first].started_at < done[second].ended_at) and (done[second].started_at < done[first].ended_at)  # side by side
     assert [e.target for e in store.events(third)] == ["queued", "placing", "running", "succeeded"]
-    assert live_holds() == {} and store.holds() == {}
+    ours = {first, second, third}  # (the session's long job may hold its card meanwhile)
+    assert not ours & set(live_holds().values()) and not ours & set(store.holds().values())
 
 
 def test_cancel_works_in_every_state(connected, demo_data):
     state, work = connected
-    running = submit(work, demo_data, "cancel-running", "max_steps=100000", DESK_BOX)
+    running_id = submit(work, demo_data, "cancel-running", "max_steps=100000", DESK_BOX)
     queued = submit(work, demo_data, "cancel-queued", "max_steps=100000", DESK_BOX)
-    wait_for_state(running, ("running",), 120)
+    wait_for_state(running_id, ("running",), 120)
     assert queue_store().get(queued).state == "queued"
 
     out = zeromix("cancel", queued).stdout
     assert "cancelled (was queued)" in out and queue_store().get(queued).state == "cancelled"
-    started = time.monotonic()
-    assert "cancelled (was running); its cards are free" in zeromix("cancel", running).stdout
-    assert live_holds() == {} and time.monotonic() - started < 15
-    assert "already ended (cancelled)" in zeromix("cancel", running).stdout
+    assert "cancelled (was running); its cards are free" in zeromix("cancel", running_id).stdout
+    # its cards free within seconds (a deadline, not a timing claim) and nothing else of it left
+    wait_until(lambda: running_id not in live_holds().values(), 60, f"{running_id}'s cards free after its cancel")
+    assert running_id not in queue_store().holds().values()
+    wait_until(lambda: job_status(state, running_id) in ("STOPPED", "FAILED"), 60, "Ray's job stopped")
+    assert job_status(state, running_id) == "STOPPED" and queue_store().get(running_id).state == "cancelled"
+    assert "already ended (cancelled)" in zeromix("cancel", running_id).stdout
     missing = zeromix("cancel", "no-such-job", check=False)
     assert missing.returncode == 2 and "no job 'no-such-job' in the queue" in missing.stderr
-    time.sleep(3)  # a few scheduler rounds: the queued job must not have started after all
-    assert queue_store().get(queued).state == "cancelled" and live_holds() == {}
+    wait_for_rounds(state, 3)  # a few scheduler rounds: the queued job must not have started after all
+    assert queue_store().get(queued).state == "cancelled" and not {running_id, queued} & set(live_holds().values())
 
 
-def test_a_killed_scheduler_comes_back_and_every_job_is_where_it_was(connected, demo_data):
+def test_a_killed_scheduler_comes_back_and_every_job_is_where_it_was(connected, demo_data, long_job):
+    """The session's long job runs on the 2080 Ti and another job waits for that card; the scheduler actor is
+    killed. Ray restarts it, both jobs are where they were, and once the long job is cancelled (the last test to
+    use it) the waiting one gets the card from the restarted scheduler and finishes."""
     import ray
 
     from orchestrator.scheduler.service import ACTOR_NAME, health
 
     state, work = connected
-    running = submit(work, demo_data, "restart-running", "max_steps=100000", DESK_BOX)
-    queued = submit(work, demo_data, "restart-queued", "max_steps=10", DESK_BOX)
-    wait_for_state(running, ("running",), 120)
-    before = {j: queue_store().get(j).state for j in (running, queued)}
+    running_id = running(long_job)
+    queued = submit(work, demo_data, "restart-queued", "max_steps=10", "gpus.count=1", f"gpus.models=[{LONG_JOB_CARD}]")
+    wait_for_rounds(state, 1)
+    before = {j: queue_store().get(j).state for j in (running_id, queued)}
 
     ray.kill(ray.get_actor(ACTOR_NAME, namespace="zeromix"), no_restart=False)  # Ray restarts it
     assert health(state)["policy"] == "gain"  # answers again, restarted by Ray
-    time.sleep(3)  # a few rounds of the new scheduler
+    wait_for_rounds(state, 3)  # a few rounds of the new scheduler
     store = queue_store()
-    assert {j: store.get(j).state for j in (running, queued)} == before == {running: "running", queued: "queued"}
-    assert live_holds() == {c: running for c in store.get(running).cards}
+    assert {j: store.get(j).state for j in (running_id, queued)} == before == {running_id: "running", queued: "queued"}
+    assert live_holds() == {c: running_id for c in store.get(running_id).cards}
     assert_nothing_double_booked()
 
-    zeromix("cancel", running)  # the queued job now gets the cards from the restarted scheduler
+    zeromix("cancel", running_id)  # the queued job now gets the card from the restarted scheduler
     assert wait_for_state(queued, ("succeeded", "failed"), 300) == "succeeded"
     assert_nothing_double_booked()

@@ -1,21 +1,16 @@
 """What a stranger on the home LAN, or a hostile job spec, must not get: the Jobs API without the token, or a
-shell command smuggled in through a field. On the session cluster."""
+shell command smuggled in through a field. On the session cluster (its tests are marked `cluster` by their fixtures)."""
 
 import json
 import os
-import secrets
-import shutil
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
 
-from tests.conftest import REPO, TINY_LLAMA, job_status, submitted_id, zeromix
-
-pytestmark = pytest.mark.cluster
+from tests.conftest import REPO, job_status, submitted_id, zeromix
 
 
 def _status(url: str, token: str | None) -> int:
@@ -37,50 +32,46 @@ def test_the_jobs_api_refuses_a_request_without_the_token(connected):
     assert _status(url, cluster_runtime.token_file().read_text().strip()) == 200
 
 
-def test_shell_text_in_a_path_is_a_path_never_a_command(connected, demo_data, tmp_path):
-    """A model directory and an output dir whose names hold `;`, `$(...)` and backticks: the job trains from and
-    writes to exactly those directories, and no command in them ever runs (the canary file stays absent)."""
-    state, _ = connected
-    canary = tmp_path / "canary"
-    hostile = f"m; touch {canary}; $(touch {canary}) `touch {canary}`"
-    model = tmp_path / hostile
-    shutil.copytree(TINY_LLAMA, model)
-    out = tmp_path / f"out; touch {canary}"
-    done = zeromix("submit", "--follow", "jobs/examples/tiny-llama-scratch.yaml", "--set", f"model.path={model}",
-                   "--set", f"output_dir={out}", "--set", f"dataset.path={demo_data['pretrain']}", "--set", "max_steps=2")
-    assert job_status(state, submitted_id(done.stdout)) == "SUCCEEDED"
+def test_shell_text_in_a_path_is_a_path_never_a_command(cluster, scratch_run):
+    """The session's scratch job ran from a model directory and into an output dir whose names hold `;`, `$(...)`
+    and backticks (tests/conftest.py): it trained from and wrote to exactly those directories, and no command in
+    them ever ran (the canary file stays absent)."""
+    _, work = cluster
+    state, job_id, out, _ = scratch_run
+    canary = work / "canary"
+    assert str(out) == f"{work}/scratch; touch {canary}"
+    assert (work / f"m; touch {canary}; $(touch {canary}) `touch {canary}`" / "config.json").is_file()  # the model it trained from
+    assert job_status(state, job_id) == "SUCCEEDED"
     assert (out / "final" / "model.safetensors").is_file()
     assert not canary.exists()
 
 
-def test_a_token_in_the_environment_appears_in_no_log_metadata_result_or_database(isolated_home, demo_data, tmp_path):
+def test_a_token_in_the_environment_appears_in_no_log_metadata_result_or_database(connected, hf_canary, zeromix_home, demo_data, tmp_path):
     """A Hugging Face token exported where the cluster starts and the job is submitted (how a user hands gated
-    models to the workers) must not be written anywhere zeromix or Ray keeps things: the job's output and
-    result, its report, TensorBoard and W&B files, ZEROMIX_HOME (queue database, state), Ray's logs for this cluster,
-    or the Ray job's metadata."""
-    from orchestrator import cluster_runtime
+    models to the workers; the session cluster started with it) must not be written anywhere zeromix or Ray
+    keeps things: this job's output and result, its report, TensorBoard and W&B files, ZEROMIX_HOME (queue
+    database, state), Ray's logs for the whole session's cluster (every job run on it so far), or the Ray job's
+    metadata."""
     from orchestrator.launch import jobs_client
-    from tests.helpers import cluster_file
+    from tests.conftest import canary_env
 
-    secret = "hf_" + secrets.token_hex(16)
-    env = {"HF_TOKEN": secret, "HUGGING_FACE_HUB_TOKEN": secret, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    zeromix("up", "--simulate", str(cluster_file(tmp_path)), env=env, timeout=240)
+    state, _ = connected
+    env = canary_env(hf_canary)
     out = tmp_path / "out"
     done = zeromix("submit", "--follow", "jobs/examples/tiny-llama-scratch.yaml", "--set", f"output_dir={out}",
                    "--set", f"dataset.path={demo_data['pretrain']}", "--set", "max_steps=2", "--set", "report_to=[tensorboard, wandb]", env=env)
-    state = cluster_runtime.load_state()
     job_id = submitted_id(done.stdout)
     zeromix("report", job_id, env=env)
     assert job_status(state, job_id) == "SUCCEEDED"
     info = jobs_client(state).get_job_info(job_id)
-    assert secret not in json.dumps({"metadata": info.metadata, "runtime_env": info.runtime_env, "message": info.message}, default=str)
-    assert secret not in zeromix("logs", job_id, env=env).stdout
+    assert hf_canary not in json.dumps({"metadata": info.metadata, "runtime_env": info.runtime_env, "message": info.message}, default=str)
+    assert hf_canary not in zeromix("logs", job_id, env=env).stdout
     searched = []
-    for root in (out, isolated_home, Path(state.temp_dir)):
+    for root in (out, zeromix_home, Path(state.temp_dir)):
         for path in root.rglob("*"):
             if path.is_file() and not path.is_symlink() and path.stat().st_size < 64 * 1024**2:
                 searched.append(path)
-                assert secret.encode() not in path.read_bytes(), path
+                assert hf_canary.encode() not in path.read_bytes(), path
     assert len(searched) > 50  # the job's files, the queue database, Ray's session logs
     names = {p.name for p in searched}
     assert "report.html" in names and any(n.startswith("events.out.tfevents") for n in names) and any(n.endswith(".wandb") for n in names)

@@ -10,7 +10,7 @@ from orchestrator.inventory import snapshot_from_config
 from orchestrator.scheduler import trace
 from orchestrator.scheduler.policies import policy
 from orchestrator.scheduler.simulate import simulate
-from tests.conftest import REPO, zeromix
+from tests.conftest import REPO, cli
 
 HOMELAB = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
 
@@ -55,13 +55,13 @@ def test_a_trace_row_with_a_bad_value_is_one_line_naming_the_line_and_column(tmp
 
 
 def test_the_simulate_command_prints_the_figures_and_draws_the_plot(tmp_path):
-    zeromix("make-trace", "--jobs", "30", "--seed", "2", "--out", str(tmp_path / "trace.csv"))
-    done = zeromix("simulate", "--trace", str(tmp_path / "trace.csv"), "--png", str(tmp_path / "sim.png"), "--json")
+    cli("make-trace", "--jobs", "30", "--seed", "2", "--out", str(tmp_path / "trace.csv"))
+    done = cli("simulate", "--trace", str(tmp_path / "trace.csv"), "--png", str(tmp_path / "sim.png"), "--json")
     report = json.loads(done.stdout.split("\nplot:")[0])
     assert [r["policy"] for r in report["results"]] == ["gain", "fifo-first-fit", "max-min-fairness"]
     assert all(r["avg_jct_h"] > 0 and r["makespan_h"] > 0 and set(r["utilisation"]) == {"attic/0", "attic/1", "desk/0", "desk/1", "closet/0"}
                for r in report["results"])
     png = (tmp_path / "sim.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    bad = zeromix("simulate", "--trace", str(tmp_path / "trace.csv"), "--policy", "random", check=False)
+    bad = cli("simulate", "--trace", str(tmp_path / "trace.csv"), "--policy", "random", check=False)
     assert bad.returncode == 2 and "--policy='random' is not allowed" in bad.stderr

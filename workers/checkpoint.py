@@ -28,15 +28,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from workers import faults
+
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
 UNIVERSAL = ".universal"
 CONVERT_TIMEOUT_S = 3600  # ds_to_universal reads and rewrites every shard: minutes for an 8B model's optimizer states
 LATEST = "latest"
 TAG_PREFIX = "step-"
-# Test-only fault injection: "kill-in-save:N" kills rank 0 after the shards of step N are written, before they
-# are moved into place, as a power cut or an OOM kill would. Nothing a user sets; tests/test_checkpoints.py uses it.
-FAULT_ENV = "ZEROMIX_FAULT"
 
 
 def tag_of(step: int) -> str:
@@ -55,8 +54,7 @@ def save(engine, checkpoints: Path, step: int, rank: int, barrier, keep_last: in
     engine.save_checkpoint(str(staging), tag=tag, client_state={"step": step, **_universal_info()}, save_latest=False)
     barrier()  # every rank's shards are on disk
     if rank == 0:
-        if os.environ.get(FAULT_ENV) == f"kill-in-save:{step}":
-            os.kill(os.getpid(), 9)
+        faults.kill_in_save(step)  # test-only (tests/test_checkpoints.py)
         _publish(checkpoints, staging / tag, step, layout)
         _prune(checkpoints, keep_last)
     barrier()  # nobody reads `latest` before it names this save

@@ -119,7 +119,7 @@ class RankGauges:
         self.gauges = {name: Gauge(name, description=text, tag_keys=RANK_TAGS) for name, text in RANK_METRICS.items()}
         for gauge in self.gauges.values():
             gauge.set_default_tags(tags)
-        self.gauges["zeromix_predicted_step_time_s"].set(predicted_step_s)
+        self.predicted_step_s = predicted_step_s
 
     @classmethod
     def for_rank(cls, job_id: str, rank: int, plan: dict) -> RankGauges | None:
@@ -135,6 +135,9 @@ class RankGauges:
         values = {"zeromix_loss": stats.loss, "zeromix_step": stats.step, "zeromix_tokens_per_s": stats.card_tokens_per_s(rank),
                   "zeromix_step_time_s": stats.step_time_s[rank], "zeromix_compute_s": stats.compute_s[rank],
                   "zeromix_wait_s": stats.wait_s[rank], "zeromix_comm_s": stats.comm_s,
-                  "zeromix_memory_bytes": stats.memory_bytes[rank], "zeromix_memory_peak_bytes": stats.peak_memory_bytes[rank]}
+                  "zeromix_memory_bytes": stats.memory_bytes[rank], "zeromix_memory_peak_bytes": stats.peak_memory_bytes[rank],
+                  # set with the others every step: set only once, at the start, it was missing from what Ray exported
+                  # for a job some minutes into its run (tests/test_observability.py), so a dashboard lost the line
+                  "zeromix_predicted_step_time_s": self.predicted_step_s}
         for name, value in values.items():
             self.gauges[name].set(value)

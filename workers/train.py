@@ -9,7 +9,6 @@ update is the gradient of the mean token loss over the whole global batch, whate
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -113,7 +112,7 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
-    from workers import checkpoint
+    from workers import checkpoint, faults
     from workers.data import GlobalBatchSampler, collate, read_records, tokenize
     from workers.memory_report import model_state_bytes
     from workers.precision import runnable_ds_config
@@ -193,7 +192,9 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
     gauges = RankGauges.for_rank(cfg.job_id, rank, cfg.plan)
     trackers = Trackers(cfg.report_to, out, cfg.job_id, cfg.plan, world, start_step) if rank == 0 and cfg.report_to else None
     for step in range(start_step, cfg.total_steps):
-        _injected_out_of_memory(cfg, rank)
+        if cfg.plan.get("ranks"):  # test-only injection points (workers/faults.py): a card out of memory, a pause
+            faults.out_of_memory(cfg.plan["job"], cfg.plan["ranks"][rank]["card"], cfg.micro_batches[rank])
+            faults.hold(cfg.plan["job"], step + 1, rank)
         t0 = time.perf_counter()
         batches = [collate([samples[i] for i in idx], pad_id) for idx in sampler.rank_micro_batches(step, rank)]
         my_tokens = sum(int(b.attention_mask.sum()) for b in batches)
@@ -246,22 +247,6 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
         result.wait_s = [sum(h["wait_s"][r] for h in steps) / len(steps) for r in range(world)]
         result.busy_s = [sum(h["step_time_s"][r] - h["wait_s"][r] for h in steps) / len(steps) for r in range(world)]
     return result
-
-
-def _injected_out_of_memory(cfg: TrainConfig, rank: int) -> None:
-    """Test-only (tests/test_faults.py): ZEROMIX_FAULT="oom:<job name>:<card>:<micro-batch>" makes that job's rank
-    on that card raise torch.OutOfMemoryError while its micro-batch is larger, as a card with less memory than
-    the plan assumed would. Nothing a user sets."""
-    import torch
-
-    from workers.checkpoint import FAULT_ENV
-
-    kind, _, rest = os.environ.get(FAULT_ENV, "").partition(":")
-    if kind != "oom" or not cfg.plan.get("ranks"):
-        return
-    job, card, most = rest.rsplit(":", 2)
-    if (cfg.plan["job"], cfg.plan["ranks"][rank]["card"]) == (job, card) and cfg.micro_batches[rank] > int(most):
-        raise torch.OutOfMemoryError(f"CUDA out of memory on {card} (injected by {FAULT_ENV}: micro-batch {cfg.micro_batches[rank]} > {most})")
 
 
 def _resume_point(checkpoints: Path, layout: dict) -> tuple[str | None, list[str], str | None]:

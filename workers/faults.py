@@ -1,0 +1,53 @@
+"""Test-only fault injection: where the suite makes a rank fail, or wait, as a homelab would. Nothing a user
+sets: ZEROMIX_FAULT holds entries separated by ";", each "<kind>:<arguments>", and a rank acts on those that
+name its job (by the plan's job name), card or step.
+
+    kill-in-save:<step>                  rank 0 dies after every rank wrote the shards of that step's checkpoint,
+                                         before they are moved into place (a power cut, an OOM kill)
+    oom:<job>:<card>:<micro-batch>       that job's rank on that card raises torch.OutOfMemoryError while its
+                                         micro-batch is larger (a card with less memory than the plan assumed)
+    hold:<job>:<step>:<release file>     that job's ranks wait before the step until the file exists (rank 0
+                                         writes <release file>.waiting first): a test acts on a job paused at a
+                                         known step instead of guessing how long training takes
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+FAULT_ENV = "ZEROMIX_FAULT"
+HOLD_DEADLINE_S = 600  # a test that never releases its hold must not leave a job waiting for ever
+
+
+def armed(kind: str) -> list[list[str]]:
+    """The arguments of each armed entry of this kind."""
+    entries = [e.strip() for e in os.environ.get(FAULT_ENV, "").split(";") if e.strip()]
+    return [e.split(":")[1:] for e in entries if e.split(":")[0] == kind]
+
+
+def kill_in_save(step: int) -> None:
+    if [str(step)] in armed("kill-in-save"):
+        os.kill(os.getpid(), 9)
+
+
+def out_of_memory(job: str, card: str, micro_batch: int) -> None:
+    import torch
+
+    for name, on, most in armed("oom"):
+        if (name, on) == (job, card) and micro_batch > int(most):
+            raise torch.OutOfMemoryError(f"CUDA out of memory on {card} (injected by {FAULT_ENV}: micro-batch {micro_batch} > {most})")
+
+
+def hold(job: str, step: int, rank: int) -> None:
+    for name, at, release in ((a[0], a[1], ":".join(a[2:])) for a in armed("hold")):
+        if (name, at) != (job, str(step)) or Path(release).exists():
+            continue
+        if rank == 0:
+            Path(f"{release}.waiting").write_text(str(step))
+        deadline = time.monotonic() + HOLD_DEADLINE_S
+        while not Path(release).exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"held before step {step} by {FAULT_ENV} for {HOLD_DEADLINE_S} s and never released ({release})")
+            time.sleep(0.1)
