@@ -198,8 +198,7 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
         t0 = time.perf_counter()
         batches = [collate([samples[i] for i in idx], pad_id) for idx in sampler.rank_micro_batches(step, rank)]
         my_tokens = sum(int(b.attention_mask.sum()) for b in batches)
-        counts = comm.sum(comm.tensor([sum(b.loss_tokens for b in batches), my_tokens], torch.float64))
-        global_loss_tokens = counts[0].item()  # N: the loss tokens of the whole global batch (and counts[1] all its tokens)
+        global_loss_tokens = comm.sum(comm.tensor([sum(b.loss_tokens for b in batches)], torch.float64)).item()  # N, over all ranks
         loss_sum = comm.zeros((), torch.float64)  # beside the model's losses, on the rank's device
         for batch in batches:
             logits = engine(input_ids=batch.input_ids.to(engine.device), attention_mask=batch.attention_mask.to(engine.device)).logits
