@@ -216,8 +216,10 @@ def box_build(node) -> str:
     sw = node.software
     cuda = f"CUDA {sw.torch_cuda}, kernels {arch_span(sw.torch_archs)}" if sw.torch_cuda else "CPU-only"
     blind = cards_its_build_cannot_drive(node)
-    verdict = ("cannot drive " + ", ".join(f"{c.card_id} {c.short_name.removeprefix('GeForce ')} ({sm(c.compute_capability)})" for c in blind)
-               if blind else f"drives all {len(node.cards)} card(s)")
+    if blind:
+        verdict = "cannot drive " + ", ".join(f"{c.card_id} {c.short_name.removeprefix('GeForce ')} ({sm(c.compute_capability)})" for c in blind)
+    else:
+        verdict = f"drives all {len(node.cards)} card(s)" if node.cards else "no cards"
     return f"{node.name}: torch {sw.torch_version} ({cuda}), NCCL {sw.nccl_version or 'none'}; {verdict}"
 
 

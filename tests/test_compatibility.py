@@ -126,6 +126,7 @@ def test_zeromix_nodes_says_per_box_which_build_it_runs_and_what_it_cannot_drive
     assert box_build(desk).endswith("(CUDA 12.6, kernels sm_50..sm_90), NCCL 2.26.2; drives all 2 card(s)")
     cpu = node("box", software("2.13.0+cpu", None, (), nccl=None), AMPERE)
     assert box_build(cpu) == "box: torch 2.13.0+cpu (CPU-only), NCCL none; cannot drive box/0 RTX 3090 (sm_86)"
+    assert box_build(node("head", software("2.13.0+cpu", None, (), nccl=None))).endswith("; no cards")
 
 
 def test_the_readme_build_table_agrees_with_the_builds_kernels():
