@@ -4,12 +4,18 @@ SPEEDS ARE EMULATED ON CPU. Every rank runs on this machine's CPU at the same sp
 times slower (k_r = the fastest planned card's catalog rate / this card's, at the plan's precision) by
 sleeping in proportion to its measured compute. The figures show what the split buys, not what the cards do.
 
-Three throughputs from one run:
-  uniform  every card gets the same micro-batch (plain DeepSpeed)
-  zeromix  the planner's per-card micro-batches
-  ideal    the sum of each card's throughput when it trains alone on its zeromix share
+Four throughputs from one run:
+  uniform    every card gets the same micro-batch (plain DeepSpeed)
+  planned    the planner's per-card micro-batches, kept for the whole run
+  corrected  the planner's, then corrected from measured speeds while training (workers/rebalance.py); measured
+             over the steps after its last change
+  ideal      the sum of each card's throughput when it trains alone on its planned share
 
-    .venv/bin/python bench/hetero_dp.py [--steps 16] [--global-batch 96]
+--wrong-rates CARD gives the planner rates wrong by 2x for that card (it believes it twice as fast as the
+emulation makes it), as a wrong catalog row, a throttled card or a riser would: the planned split is then wrong,
+and the correction has to find the right one.
+
+    .venv/bin/python bench/hetero_dp.py [--steps 16] [--correction-steps 30] [--global-batch 96] [--wrong-rates "RTX 3090"]
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from orchestrator.inventory import snapshot_from_config
 from orchestrator.jobspec import JobSpec
 from orchestrator.launch import train_config
 from orchestrator.model_facts import facts_from_config
-from orchestrator.planner import Plan, make_plan
+from orchestrator.planner import Plan, make_plan, step_time
 from orchestrator.demo.task import TINY_LLAMA, write_demo_data
 from workers.local_launch import run_local_ranks
 from workers.train import utilisation
@@ -48,18 +54,46 @@ def with_micro_batches(plan: Plan, micro: list[int]) -> Plan:
     return dataclasses.replace(plan, ranks=ranks)
 
 
-def measure(job: JobSpec, plan: Plan, slowdown: list[float], out: Path) -> dict:
+STEADY_STEPS = 4  # at least this many steps measured after the correction's last change
+
+
+def measure(job: JobSpec, plan: Plan, slowdown: list[float], out: Path, correct: bool = False) -> dict:
+    """The median step over the steps after warm-up or, with the correction on, after its last change (whose
+    first step warms up again)."""
     config = dataclasses.replace(train_config(job, plan, out.name), output_dir=str(out), emulated_slowdown=tuple(slowdown))
-    results = run_local_ranks(config)
-    step = statistics.median(results[0]["step_times"][WARMUP_STEPS:])
-    return {"micro_batches": [r.tuning.micro_batch for r in plan.ranks], "step_s": step, "samples_per_s": plan.global_batch / step,
-            "utilisation": utilisation(results[0]["busy_s"], results[0]["wait_s"])}
+    if not correct:
+        config = dataclasses.replace(config, micro_batch_caps=())
+    first = run_local_ranks(config)[0]
+    changes, history = first["rebalances"], first["history"]
+    settled = changes[-1]["step"] if changes else WARMUP_STEPS
+    timed = [h for h in history if h["step"] > settled] or history[-STEADY_STEPS:]
+    step = statistics.median(max(h["step_time_s"]) for h in timed)
+    cards = range(len(plan.ranks))
+    wait = [statistics.fmean(h["wait_s"][r] for h in timed) for r in cards]
+    busy = [statistics.fmean(h["step_time_s"][r] for h in timed) - wait[r] for r in cards]
+    return {"micro_batches": list(history[-1]["split"]), "step_s": step, "samples_per_s": plan.global_batch / step,
+            "utilisation": utilisation(busy, wait), "changes": [(c["step"], c["new"]) for c in changes], "timed_steps": len(timed)}
+
+
+def believed_twice_as_fast(snapshot, card_name: str):
+    """The cluster as a planner misinformed about one card model would see it: twice its catalog rates."""
+    def wrong(card):
+        if card.short_name.removeprefix("GeForce ") != card_name.removeprefix("GeForce "):
+            return card
+        spec = card.spec
+        return dataclasses.replace(card, spec=dataclasses.replace(
+            spec, fp32_tflops=2 * spec.fp32_tflops, mem_bandwidth_gbs=2 * spec.mem_bandwidth_gbs,
+            tensor_tflops_fp32acc=spec.tensor_tflops_fp32acc and 2 * spec.tensor_tflops_fp32acc))
+
+    return dataclasses.replace(snapshot, nodes=tuple(dataclasses.replace(n, cards=tuple(wrong(c) for c in n.cards)) for n in snapshot.nodes))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--correction-steps", type=int, default=30, help="steps of the corrected run (it measures, then changes)")
     parser.add_argument("--global-batch", type=int, default=96)
+    parser.add_argument("--wrong-rates", metavar="CARD", choices=TRIO, help="the planner believes this card twice as fast as it is")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="zeromix-bench-"))
@@ -72,18 +106,27 @@ def main() -> None:
         "dataset": {"path": str(data["pretrain"]), "text_field": "text"}, "seq_len": 32,
         "global_batch_size": args.global_batch, "max_steps": args.steps, "output_dir": str(work / "out"),
         "optimizer": {"lr": 1e-3, "schedule": "constant"}, "gpus": {"count": 3, "models": TRIO}, "deepspeed": {"zero_stage": 2},
+        "report_to": [],
     })
-    plan = make_plan(job, facts_from_config(BENCH_MODEL), snapshot_from_config(load_cluster(REPO / "cluster.yaml")), args.steps)
-    rates = [r.rate_tflops for r in plan.ranks]
+    homelab = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
+    believed = believed_twice_as_fast(homelab, args.wrong_rates) if args.wrong_rates else homelab
+    plan = make_plan(job, facts_from_config(BENCH_MODEL), believed, args.steps)
+    true_cards = {c.card_id: c for c in homelab.cards}
+    rates = [step_time.card_tflops(true_cards[r.card.card_id], plan.precision) for r in plan.ranks]  # the emulation's truth
     slowdown = [BASE_SLOWDOWN * max(rates) / rate for rate in rates]
     names = [r.card.short_name for r in plan.ranks]
     print(f"SPEEDS ARE EMULATED ON CPU: each rank sleeps to run {BASE_SLOWDOWN:g} x k times slower, k from the catalog rates.")
     print(f"plan: {', '.join(f'{n} ({rate:g} TFLOPS {r.tuning.precision}, k={k / BASE_SLOWDOWN:.2f})' for n, rate, r, k in zip(names, rates, plan.ranks, slowdown))}")
-    print(f"global batch {plan.global_batch} = micro-batches x {plan.grad_accum} accumulation step(s); {args.steps} steps, first {WARMUP_STEPS} untimed\n")
+    if args.wrong_rates:
+        print(f"THE PLANNER WAS GIVEN WRONG RATES: it believes the {args.wrong_rates} twice as fast as the emulation makes it")
+    print(f"global batch {plan.global_batch} = micro-batches x {plan.grad_accum} accumulation step(s); {args.steps} steps "
+          f"({args.correction_steps} for the corrected run), first {WARMUP_STEPS} (or those up to the last correction) untimed\n")
 
     per_card = args.global_batch // (len(plan.ranks) * plan.grad_accum)
     uniform = measure(job, with_micro_batches(plan, [per_card] * len(plan.ranks)), slowdown, work / "uniform")
-    zeromix = measure(job, plan, slowdown, work / "zeromix")
+    planned = measure(job, plan, slowdown, work / "planned")
+    corrected = measure(job.model_copy(update={"max_steps": args.correction_steps}), dataclasses.replace(plan, total_steps=args.correction_steps),
+                        slowdown, work / "corrected", correct=True)
     solos = []
     for i, rank in enumerate(plan.ranks):
         solo_plan = dataclasses.replace(plan, ranks=(rank,))
@@ -92,14 +135,18 @@ def main() -> None:
     ideal = sum(s["samples_per_s"] for s in solos)
 
     print(f"{'split':10s} {'micro-batches':>16s} {'step (s)':>9s} {'samples/s':>10s} {'of ideal':>9s}  utilisation per card")
-    for name, row in (("uniform", uniform), ("zeromix", zeromix)):
+    for name, row in (("uniform", uniform), ("planned", planned), ("corrected", corrected)):
         util = ", ".join(f"{n} {u:.0%}" for n, u in zip(names, row["utilisation"]))
         print(f"{name:10s} {str(row['micro_batches']):>16s} {row['step_s']:9.3f} {row['samples_per_s']:10.1f} {row['samples_per_s'] / ideal:9.0%}  {util}")
     print(f"{'ideal':10s} {'(solo sum)':>16s} {'':9s} {ideal:10.1f} {1:9.0%}  " + ", ".join(f"{n} alone {s['samples_per_s']:.1f}/s" for n, s in zip(names, solos)))
-    print()
-    speedup, share = zeromix["samples_per_s"] / uniform["samples_per_s"], zeromix["samples_per_s"] / ideal
-    print(f"zeromix vs uniform: {speedup:.2f}x (target >= 1.5x: {'met' if speedup >= 1.5 else 'NOT MET'})")
-    print(f"zeromix vs ideal:   {share:.0%} (target >= 90%: {'met' if share >= 0.9 else 'NOT MET'})")
+    print(f"corrections: {', '.join(f'from step {step}: {new}' for step, new in corrected['changes']) or 'none'}; "
+          f"the corrected row is timed over its last {corrected['timed_steps']} steps\n")
+    speedup, share, fixed = (planned["samples_per_s"] / uniform["samples_per_s"], planned["samples_per_s"] / ideal,
+                             corrected["samples_per_s"] / ideal)
+    goal = 0.90 if args.wrong_rates else 0.95
+    print(f"planned vs uniform:  {speedup:.2f}x (target >= 1.5x: {'met' if speedup >= 1.5 else 'NOT MET'})")
+    print(f"planned vs ideal:    {share:.0%}")
+    print(f"corrected vs ideal:  {fixed:.0%} (target >= {goal:.0%}: {'met' if fixed >= goal else 'NOT MET'})")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -181,6 +181,8 @@ def nodes(as_json: bool = typer.Option(False, "--json", help="The same rows as J
         console.print("simulated nodes: cards declared in cluster.yaml, not probed; the maths runs on this machine's CPU")
     if any(r["rates"] == "catalog" for r in rows):
         console.print("RATES catalog: the planner assumes the catalog's peak; `zeromix probe` on that node measures its cards")
+    if any(r["training_speed"] for r in rows):
+        console.print("RATES x<f>: jobs trained on that card f times as fast as the planner estimated; its plans are scaled by f")
     for node in snapshot.nodes:
         if node.software:
             console.print(box_build(node))
@@ -207,7 +209,9 @@ def card_row(card) -> dict:
             "compute_capability": f"{card.compute_capability[0]}.{card.compute_capability[1]}", "sm_count": spec.sm_count, "bf16": spec.bf16,
             "bandwidth_gbs": spec.mem_bandwidth_gbs, "estimated": spec.estimated, "unconfirmed": sorted(spec.unconfirmed),
             "usable": verdict.ok, "why_not": verdict.reason or None, "held_by": card.held_by,
-            "rates": "measured" if card.facts.measured else "catalog",
+            "rates": ("measured" if card.facts.measured else "catalog")
+                     + (f" x{card.facts.training_speed:g}" if card.facts.training_speed else ""),
+            "training_speed": card.facts.training_speed,
             "measured": dataclasses.asdict(card.facts.measured) if card.facts.measured else None}
 
 
@@ -674,6 +678,8 @@ def render_result(result: dict) -> None:
                   f"the plan estimated {duration(result['est_step_s'])} for the real cards")
     console.print(f"loss {result['first_loss']:.4f} -> {result['last_loss']:.4f} over {result['steps']} steps, "
                   f"{result['tokens_per_s']:.0f} tokens/s per rank (measured); saved to {result['final_dir']}")
+    for change in result.get("rebalances") or []:
+        console.print(f"split corrected from step {change['step']}: {change['old']} -> {change['new']} (measured speeds)")
 
 
 def follow(state, ray_job_id: str, total: int, job_id: str) -> tuple[str, dict | None]:

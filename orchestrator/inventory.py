@@ -53,6 +53,10 @@ class CardFacts:
     pcie_gen: int | None = None
     pcie_width: int | None = None
     measured: MeasuredRates | None = None  # None: not probed (a declared card, a card torch cannot see)
+    # How fast jobs really trained on this card, over the planner's estimate for them (1.3: 30% faster), from
+    # their measured busy times (workers/rebalance.measured_speeds), averaged over jobs; None: no job has
+    # measured it. The planner scales the card's rates by it. A new probe (join, `zeromix probe`) starts afresh.
+    training_speed: float | None = None
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,11 @@ import ray
 from ray.util.placement_group import remove_placement_group
 
 from orchestrator.log_records import FAILURE_TAG, RESULT_TAG
+from orchestrator import registry
 from orchestrator.registry import placement_group_name
 from orchestrator.report import RESULT_FILE
 from orchestrator.worker_group import RankFailed, WorkerGroup
+from workers.rebalance import measured_speeds
 from workers.train import TrainConfig, utilisation
 
 READY_TIMEOUT_S = 60
@@ -30,6 +32,7 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
         "last_loss": first["last_loss"],
         "losses": first["losses"],
         "history": first["history"],  # every step, every card (workers/telemetry.StepStats.record): the report's data
+        "rebalances": first["rebalances"],  # each correction of the split from measured speeds (workers/rebalance.py)
         "plan": plan,
         "resumed_from": first["resumed_from"] or None,  # the checkpoint this run took over from
         "tokens_per_s": round(sum(r["tokens_per_s"] for r in results) / len(results), 1),
@@ -38,6 +41,7 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
         "est_step_s": plan["est_step_s"],  # the plan's estimate, for the real cards
         "ranks": [
             {"rank": i, "card": c["card"], "model": c["model"], "micro_batch": config.micro_batches[i],
+             "final_micro_batch": first["history"][-1]["split"][i] if first["history"] else config.micro_batches[i],
              "zero_stage": config.ds_configs[i]["zero_optimization"]["stage"], "precision": r["precision"],
              "device": p["device"], "cuda_visible_devices": p["cuda_visible_devices"],
              "nvml_name": p["nvml_name"], "uuid": p["uuid"], "pci_bus_id": p["pci_bus_id"],
@@ -74,6 +78,9 @@ def main() -> int:
             raise
         summary = report(config, plan, placements, results)
         Path(config.output_dir, RESULT_FILE).write_text(json.dumps(summary, indent=2))
+        learnt = registry.record_training_speeds(measured_speeds(summary["history"], plan))
+        if learnt:
+            print(f"zeromix: the measured speeds of {', '.join(learnt)} are in their nodes' records for the next plans", flush=True)
         brief = {k: v for k, v in summary.items() if k not in ("history", "plan")}  # those are in the file
         sys.stdout.write(f"\n{RESULT_TAG} {json.dumps(brief)}\n")  # one write: other threads print too
         sys.stdout.flush()

@@ -104,6 +104,8 @@ class JobSpec(StrictModel):
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     output_dir: str
     checkpoint_every: int = Field(0, ge=0, description="Optimizer steps between checkpoints; 0 = only at the end.")
+    rebalance: bool = Field(True, description="Move samples between cards while training when their measured speeds "
+                                              "disagree with the plan's (workers/rebalance.py); false keeps the planned split.")
     keep_last: int = Field(2, ge=1, le=1000, description="Complete checkpoints kept; older ones are deleted after each save.")
     priority: int = Field(0, ge=-100, le=100)
     seed: int = 0

@@ -40,6 +40,7 @@ def train_config(job: JobSpec, plan: Plan, job_id: str) -> TrainConfig:
         total_steps=plan.total_steps, ds_configs=tuple(plan.ds_configs(job)),
         activation_checkpointing=tuple(r.tuning.activation_checkpointing for r in plan.ranks), output_dir=job.output_dir,
         checkpoint_every=job.checkpoint_every, keep_last=job.keep_last, seed=job.seed,
+        micro_batch_caps=tuple(r.micro_cap for r in plan.ranks) if job.rebalance and len(plan.ranks) > 1 else (),
         report_to=tuple(job.report_to), plan=plan.summary(),
     )
 

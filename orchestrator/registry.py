@@ -88,6 +88,37 @@ def snapshot(live_free_memory: bool = False) -> ClusterSnapshot:
     return _with_free_memory(current, free_memory([n.name for n in nodes if not n.simulated])) if live_free_memory else current
 
 
+SPEED_MEMORY = 0.5  # each job's figure weighs this much against what earlier jobs measured
+SPEED_BOUNDS = (0.2, 5.0)  # beyond these, a measurement says more about the job than about the card
+
+
+def record_training_speeds(speeds: dict[str, float]) -> list[str]:
+    """Fold what a job measured (card id -> its training speed over the plan's estimate) into its nodes' records:
+    the next plan on those cards starts from it. Real nodes only: a simulated card's maths ran on this machine's
+    CPU and says nothing about the card. Returns the cards updated."""
+    from ray.experimental import internal_kv
+
+    by_node: dict[str, dict[int, float]] = {}
+    for card_id, speed in speeds.items():
+        node, _, index = card_id.rpartition("/")
+        by_node.setdefault(node, {})[int(index)] = speed
+    updated = []
+    for node, cards in by_node.items():
+        key = f"node/{node}".encode()
+        raw = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+        record = json.loads(raw) if raw else None
+        if not record or record["simulated"]:
+            continue
+        for card in record["cards"]:
+            if card["index"] in cards:
+                now = min(max(cards[card["index"]], SPEED_BOUNDS[0]), SPEED_BOUNDS[1])
+                before = card.get("training_speed")
+                card["training_speed"] = round(now if before is None else SPEED_MEMORY * now + (1 - SPEED_MEMORY) * before, 3)
+                updated.append(f"{node}/{card['index']}")
+        internal_kv._internal_kv_put(key, json.dumps(record).encode(), overwrite=True, namespace=KV_NAMESPACE)
+    return updated
+
+
 def _with_free_memory(current: ClusterSnapshot, free: dict[str, dict[int, int]]) -> ClusterSnapshot:
     def update(node):
         here = free.get(node.name, {})

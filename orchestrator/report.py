@@ -68,6 +68,13 @@ def figures(result: dict) -> dict[str, bytes]:
     ax.legend(fontsize="small")
     plots["Tokens per second per card over the run (measured)"] = png(fig)
 
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for rank, card in enumerate(cards):
+        ax.step(steps, [h["split"][rank] for h in history], where="post", label=card)
+    ax.set(xlabel="optimizer step", ylabel="samples per micro-step", title="The split: each card's micro-batch")
+    ax.legend(fontsize="small")
+    plots["Each card's micro-batch over the run: the plan's, then as measured speeds corrected it"] = png(fig)
+
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(cards) + 1.5))
     compute = [fmean([h["compute_s"][r] for h in history]) for r in range(len(cards))]
     wait = [fmean([h["wait_s"][r] for h in history]) for r in range(len(cards))]
@@ -135,9 +142,19 @@ Saved to {e(str(result['final_dir']))}.</p>
 utilisation (busy time over step time) is measured.</p>
 <table><tr><th>rank</th><th>card</th><th>model</th><th>micro-batch</th><th>checkpointing</th><th>offload</th>
 <th>est. GiB</th><th>TFLOPS (source)</th><th>est. compute s</th><th>utilisation</th></tr>{plan_rows}</table>
-<h2>The run</h2>{images}
+<h2>The run</h2>{_rebalances(result)}{images}
 </body></html>
 """
+
+
+def _rebalances(result: dict) -> str:
+    changes = result.get("rebalances") or []
+    if not changes:
+        return "<p>The split stayed as planned: the measured speeds never said otherwise by more than 5% of a step.</p>"
+    rows = "".join(f"<tr><td>{c['step']}</td><td>{c['old']}</td><td>{c['new']}</td>"
+                   f"<td>{', '.join(f'{x:.3g}' for x in c['per_sample_s'])}</td><td>{html.escape(c['why'])}</td></tr>" for c in changes)
+    return ("<p>The split was corrected from measured speeds (the same global batch and samples in every step):</p>"
+            f"<table><tr><th>from step</th><th>old</th><th>new</th><th>s per sample (measured)</th><th>why</th></tr>{rows}</table>")
 
 
 def write(result: dict, path: Path) -> Path:

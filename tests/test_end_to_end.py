@@ -106,7 +106,7 @@ def test_plan_is_in_the_ray_job_metadata(scratch_run):
 
 def test_tensorboard_holds_every_step_and_the_report_has_every_plot(scratch_run):
     """The job spec's default report_to (tensorboard) on a real cluster run, read back with TensorBoard's own
-    reader; `zeromix report` writes one HTML file with the plan and four embedded plots."""
+    reader; `zeromix report` writes one HTML file with the plan and five embedded plots."""
     import base64
     import io
 
@@ -127,7 +127,7 @@ def test_tensorboard_holds_every_step_and_the_report_has_every_plot(scratch_run)
     page = (out / "report.html").read_text()
     assert job_id in page and "ZeRO-2" in page and "attic/0" in page and "desk/0" in page
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 4
+    assert len(images) == 5
     for data in images:
         width, height = Image.open(io.BytesIO(base64.b64decode(data))).size
         assert width > 300 and height > 150
@@ -160,7 +160,7 @@ def test_the_ray_dashboard_and_the_report_in_headless_chromium(scratch_run, tmp_
         browser.open((out / "report.html").as_uri())
         sizes = browser.wait_for("document.readyState === 'complete' && Array.from(document.images).every(i => i.complete) && "
                                  "Array.from(document.images).map(i => [i.naturalWidth, i.naturalHeight])", 30, "the report's plots")
-        assert len(sizes) == 4 and all(w > 0 and h > 0 for w, h in sizes)
+        assert len(sizes) == 5 and all(w > 0 and h > 0 for w, h in sizes)
         browser.screenshot(artifacts / "report.png")
     finally:
         browser.close()

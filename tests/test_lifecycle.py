@@ -2,12 +2,15 @@
 started, no command waits without a deadline, and a zeromix cluster on the default ports (the user's
 demo) is left alone by everything the tests do."""
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +33,31 @@ def answers(port: int) -> bool:
         return False
 
 
+DEFAULT_PORTS_LOCK = Path("/tmp/zeromix-tests-default-ports.lock")  # shared by every checkout's suite on this machine
+DEFAULT_PORTS_WAIT_S = 600
+
+
+@contextlib.contextmanager
+def default_ports_turn():
+    """Two suites run at once (two checkouts) must not both start a cluster on the default ports, nor stop one
+    while the other checks that it is left alone: each takes its turn with this module under an flock, which the
+    kernel releases with the process, so a killed suite leaves no stale lock behind."""
+    with DEFAULT_PORTS_LOCK.open("a") as lock:
+        deadline = time.monotonic() + DEFAULT_PORTS_WAIT_S
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"another test suite held {DEFAULT_PORTS_LOCK} for {DEFAULT_PORTS_WAIT_S} s: is one stuck?") from None
+                time.sleep(1)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="module")
 def second_cluster(tmp_path_factory, zeromix_home):
     """The one cluster this module starts beside the session's, in a ZEROMIX_HOME of its own. It takes the default
@@ -50,20 +78,21 @@ def second_cluster(tmp_path_factory, zeromix_home):
     saved = os.environ["ZEROMIX_HOME"]
     os.environ["ZEROMIX_HOME"] = str(home)
     ray.shutdown()
-    try:
-        dead = free_port()
-        (home / "cluster.json").write_text(json.dumps({
-            "gcs_address": f"127.0.0.1:{dead}", "dashboard_url": f"http://127.0.0.1:{free_port()}", "cluster_file": str(work / "old.yaml"),
-            "simulated": True, "node": None, "cluster_id": "0badf00d"}))
-        refused = zeromix("queue", check=False, timeout=60)  # the deadline: it must not wait on a GCS that is gone
-        on_default_ports = not (answers(6379) or answers(8265))
-        config = cluster_file(work, 6379, 8265) if on_default_ports else cluster_file(work)
-        up = zeromix("up", "--simulate", str(config), timeout=240)
-        yield SimpleNamespace(home=home, work=work, config=config, dead=dead, refused=refused, up=up, on_default_ports=on_default_ports)
-    finally:
-        ray.shutdown()
-        zeromix("down", check=False)
-        os.environ["ZEROMIX_HOME"] = saved
+    with default_ports_turn():
+        try:
+            dead = free_port()
+            (home / "cluster.json").write_text(json.dumps({
+                "gcs_address": f"127.0.0.1:{dead}", "dashboard_url": f"http://127.0.0.1:{free_port()}", "cluster_file": str(work / "old.yaml"),
+                "simulated": True, "node": None, "cluster_id": "0badf00d"}))
+            refused = zeromix("queue", check=False, timeout=60)  # the deadline: it must not wait on a GCS that is gone
+            on_default_ports = not (answers(6379) or answers(8265))
+            config = cluster_file(work, 6379, 8265) if on_default_ports else cluster_file(work)
+            up = zeromix("up", "--simulate", str(config), timeout=240)
+            yield SimpleNamespace(home=home, work=work, config=config, dead=dead, refused=refused, up=up, on_default_ports=on_default_ports)
+        finally:
+            ray.shutdown()
+            zeromix("down", check=False)
+            os.environ["ZEROMIX_HOME"] = saved
 
 
 def test_a_stale_record_is_an_error_that_says_what_to_do_and_up_replaces_it(second_cluster):

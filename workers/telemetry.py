@@ -27,6 +27,7 @@ RANK_METRICS = {
     "zeromix_memory_bytes": "Memory in use: torch's allocated bytes on a GPU, the process's RSS on CPU.",
     "zeromix_memory_peak_bytes": "Peak memory so far: torch's max allocated on a GPU, the process's max RSS on CPU.",
     "zeromix_predicted_step_time_s": "The plan's estimated optimizer-step time (an estimate).",
+    "zeromix_micro_batch": "Samples this card takes per micro-step now (the self-correcting split moves it).",
 }
 RANK_TAGS = ("job_id", "rank", "node", "card", "model")  # not "job": Prometheus keeps that label for its scrape job
 
@@ -43,6 +44,8 @@ class StepStats:
     reduce_s: tuple[float, ...]
     memory_bytes: tuple[int, ...]
     peak_memory_bytes: tuple[int, ...]
+    split: tuple[int, ...]  # each card's micro-batch in this step
+    next_split: tuple[int, ...] = ()  # rank 0's correction of the split (workers/rebalance.py), for every rank to switch to; () if none
 
     @property
     def comm_s(self) -> float:
@@ -96,18 +99,24 @@ def card_memory_peaks() -> dict[str, int]:
 
 
 def reduce_step(comm, step: int, loss_sum: float, loss_tokens: float, lr: float, tokens: int, step_time_s: float,
-                reduce_s: float, memory: tuple[int, int]) -> StepStats:
-    """One all-reduce of every rank's figures (and the summed token loss), on the rank's device."""
+                reduce_s: float, memory: tuple[int, int], split: tuple[int, ...], proposal: tuple[int, ...] = ()) -> StepStats:
+    """One all-reduce of every rank's figures (and the summed token loss), on the rank's device. Rank 0's
+    `proposal` (a new split) rides in it: every rank learns it in this same collective."""
     import torch
 
-    fields = 5
-    stats = comm.zeros(1 + fields * comm.world, torch.float64)
+    fields, world = 5, comm.world
+    stats = comm.zeros(1 + world + fields * world, torch.float64)
     stats[0] = loss_sum
-    stats[1 + fields * comm.rank: 1 + fields * (comm.rank + 1)] = comm.tensor([tokens, step_time_s, reduce_s, *memory], torch.float64)
-    per_rank = comm.sum(stats)[1:].view(comm.world, fields).tolist()
+    if comm.rank == 0 and proposal:
+        stats[1: 1 + world] = comm.tensor(proposal, torch.float64)
+    mine = 1 + world + fields * comm.rank
+    stats[mine: mine + fields] = comm.tensor([tokens, step_time_s, reduce_s, *memory], torch.float64)
+    summed = comm.sum(stats).tolist()
+    per_rank = [summed[1 + world + fields * r: 1 + world + fields * (r + 1)] for r in range(world)]
     tokens_, times, reduces, used, peak = (tuple(column) for column in zip(*per_rank))
-    return StepStats(step, stats[0].item() / loss_tokens, lr, tuple(int(t) for t in tokens_), times, reduces,
-                     tuple(int(u) for u in used), tuple(int(p) for p in peak))
+    next_split = tuple(int(n) for n in summed[1: 1 + world]) if any(summed[1: 1 + world]) else ()
+    return StepStats(step, summed[0] / loss_tokens, lr, tuple(int(t) for t in tokens_), times, reduces,
+                     tuple(int(u) for u in used), tuple(int(p) for p in peak), tuple(split), next_split)
 
 
 class RankGauges:
@@ -138,6 +147,6 @@ class RankGauges:
                   "zeromix_memory_bytes": stats.memory_bytes[rank], "zeromix_memory_peak_bytes": stats.peak_memory_bytes[rank],
                   # set with the others every step: set only once, at the start, it was missing from what Ray exported
                   # for a job some minutes into its run (tests/test_observability.py), so a dashboard lost the line
-                  "zeromix_predicted_step_time_s": self.predicted_step_s}
+                  "zeromix_predicted_step_time_s": self.predicted_step_s, "zeromix_micro_batch": stats.split[rank]}
         for name, value in values.items():
             self.gauges[name].set(value)

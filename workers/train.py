@@ -8,6 +8,7 @@ update is the gradient of the mean token loss over the whole global batch, whate
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,9 +41,13 @@ class TrainConfig:
     output_dir: str
     checkpoint_every: int
     seed: int
-    # Benchmark only (bench/hetero_dp.py): rank r runs k_r times slower, to emulate mixed cards on CPU.
-    # Job specs have no such field and the launcher never sets it.
+    # Benchmark only (bench/hetero_dp.py): rank r runs k_r times slower, to emulate mixed cards on CPU, from the
+    # optimizer step after `emulated_slowdown_from` on. Job specs have no such field and the launcher never sets it.
     emulated_slowdown: tuple[float, ...] | None = None
+    emulated_slowdown_from: int = 0
+    # Per rank, the largest micro-batch its card holds at its planned settings (the plan's memory model): the
+    # self-correcting split (workers/rebalance.py) moves samples within these. Empty: the split stays as planned.
+    micro_batch_caps: tuple[int, ...] = ()
     # Measurement runs only (tests/test_gpu.py): train and report, but write no checkpoint and no final model
     # (a 3B full fine-tune's checkpoint is ~50 GB). Job specs have no such field.
     write_outputs: bool = True
@@ -57,6 +62,7 @@ class TrainConfig:
         raw["ds_configs"] = tuple(raw["ds_configs"])
         raw["activation_checkpointing"] = tuple(raw["activation_checkpointing"])
         raw["report_to"] = tuple(raw.get("report_to", ()))
+        raw["micro_batch_caps"] = tuple(raw.get("micro_batch_caps", ()))
         if raw.get("emulated_slowdown") is not None:
             raw["emulated_slowdown"] = tuple(raw["emulated_slowdown"])
         return cls(**raw)
@@ -82,6 +88,7 @@ class RankResult:
     busy_s: list[float] = field(default_factory=list)  # time not spent waiting for slower ranks
     wait_s: list[float] = field(default_factory=list)  # time blocked in gradient reduction beyond the fastest rank's
     history: list[dict] = field(default_factory=list)  # every step this run, every card's figures (StepStats.record)
+    rebalances: list[dict] = field(default_factory=list)  # each change of the split (workers/rebalance.Rebalance.record)
     # Model-state bytes this rank's engine holds after its first optimizer step (workers/memory_report.py)
     model_state_bytes: dict[str, int] = field(default_factory=dict)
     recomputes: bool = False  # activation checkpointing on in this rank's model, as transformers reports it
@@ -116,6 +123,7 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
     from workers.data import GlobalBatchSampler, collate, read_records, tokenize
     from workers.memory_report import model_state_bytes
     from workers.precision import runnable_ds_config
+    from workers.rebalance import SplitTuner
     from workers.telemetry import RankGauges, card_memory_peaks, memory_in_use, reduce_step
     from workers.tracking import Trackers
 
@@ -191,9 +199,14 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
     _quiet_deepspeed_timer_log()
     gauges = RankGauges.for_rank(cfg.job_id, rank, cfg.plan)
     trackers = Trackers(cfg.report_to, out, cfg.job_id, cfg.plan, world, start_step) if rank == 0 and cfg.report_to else None
+    # The split each step runs (the plan's until measured speeds correct it: rank 0's tuner decides, every rank
+    # learns the change in the step's all-reduce and switches at the same step).
+    split = cfg.micro_batches
+    tuner = SplitTuner(split, cfg.micro_batch_caps, cfg.grad_accum) if rank == 0 and cfg.micro_batch_caps else None
+    pending = None  # rank 0's change, on its way to every rank in the next all-reduce
     for step in range(start_step, cfg.total_steps):
         if cfg.plan.get("ranks"):  # test-only injection points (workers/faults.py): a card out of memory, a pause
-            faults.out_of_memory(cfg.plan["job"], cfg.plan["ranks"][rank]["card"], cfg.micro_batches[rank])
+            faults.out_of_memory(cfg.plan["job"], cfg.plan["ranks"][rank]["card"], split[rank])
             faults.hold(cfg.plan["job"], step + 1, rank)
         t0 = time.perf_counter()
         batches = [collate([samples[i] for i in idx], pad_id) for idx in sampler.rank_micro_batches(step, rank)]
@@ -202,7 +215,7 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
         loss_sum = comm.zeros((), torch.float64)  # beside the model's losses, on the rank's device
         for batch in batches:
             logits = engine(input_ids=batch.input_ids.to(engine.device), attention_mask=batch.attention_mask.to(engine.device)).logits
-            if extra_per_sample_s:  # before backward, so the gradient collective waits for it
+            if extra_per_sample_s and step >= cfg.emulated_slowdown_from:  # before backward: the gradient collective waits for it
                 time.sleep(extra_per_sample_s * batch.input_ids.shape[0])
             token_losses = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1).to(engine.device),
@@ -216,7 +229,18 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
             result.model_state_bytes = model_state_bytes(engine)
         reduce_s = engine.get_wall_clock_timers().get(BACKWARD_REDUCE_GLOBAL_TIMER, 0.0) / 1000.0  # this step's, in ms
         stats = reduce_step(comm, step + 1, loss_sum.item(), global_loss_tokens, scheduler.get_last_lr()[0], my_tokens,
-                            step_time, reduce_s, memory_in_use(on_gpu))
+                            step_time, reduce_s, memory_in_use(on_gpu), split, pending.new if pending else ())
+        if tuner and not pending:
+            pending = tuner.observe(step + 1, stats.compute_s, max(stats.step_time_s))
+            pending = pending if pending and pending.step <= cfg.total_steps else None  # (none left to run with it)
+        elif stats.next_split:  # every rank: the next step, and those after, take their samples by the new split
+            split = stats.next_split
+            sampler = dataclasses.replace(sampler, micro_batches=split)
+            if tuner:
+                tuner.applied(split)
+                result.rebalances.append(pending.record())
+                _say(rank, f"split corrected from step {pending.step}: {list(pending.old)} -> {list(pending.new)}; {pending.why}")
+                pending = None
         result.history.append(stats.record())
         result.losses.append(stats.loss)
         result.step_times.append(step_time)

@@ -49,6 +49,9 @@ class RankPlan:
     rate_tflops: float  # what the card achieves in training at the plan's precision (step_time.card_tflops)
     rate_source: str  # "measured" or "catalog"
     env: dict[str, str]  # NCCL settings for this rank
+    # The largest micro-batch this card holds at its settings (the memory model): how far the self-correcting
+    # split (workers/rebalance.py) may grow its share when it turns out faster than planned
+    micro_cap: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,7 @@ class Plan:
             "est_host_gib": {node: round(b / GIB, 2) for node, b in self.host_bytes_per_node.items()},
             "ranks": [{"card": r.card.card_id, "node": r.card.node, "index": r.card.index, "resource": r.card.resource,
                        "model": r.card.short_name, "uuid": r.card.facts.uuid, "micro_batch": r.tuning.micro_batch,
+                       "micro_batch_cap": r.micro_cap,
                        "activation_checkpointing": r.tuning.activation_checkpointing,
                        "vram_gib": round(r.card.vram_mib / 1024, 1), "capacity_gib": round(r.capacity_bytes / GIB, 2),
                        "est_mem_gib": round(r.memory.total / GIB, 2), "est_mem_breakdown_gib": _breakdown(r.memory),
@@ -465,7 +469,8 @@ def _tune(ctx: _Job, group: list[Card]) -> Plan | None:
                     envs = nccl_env(group, ctx.snapshot)
                     ranks = tuple(
                         RankPlan(card, RankTuning(m, z.stage, z.offload_optimizer, z.offload_params, precision, ckpt, z.hpz),
-                                 memory.estimate(shapes[ckpt], z, world, m), capacity, rate, step_time.rate_source(card, precision), env)
+                                 memory.estimate(shapes[ckpt], z, world, m), capacity, rate, step_time.rate_source(card, precision), env,
+                                 card_caps(ckpt, z)[capacity])
                         for card, capacity, z, m, ckpt, rate, env in zip(group, capacities, zeros, micro, recompute, rates, envs))
                     best = Plan(job.name, ranks, grad_accum, zero, precision, ctx.total_steps, ctx.facts.n_params,
                                 ctx.trainable, host, (), estimate, targets)

@@ -138,24 +138,23 @@ def _measured_tflops(card: Card, precision: str) -> float | None:
 
 def rate_source(card: Card, precision: str) -> str:
     """Where a card's rate comes from, as `zeromix nodes` and the plan say it."""
-    return "measured" if _measured_tflops(card, precision) else "catalog"
+    speed = card.facts.training_speed
+    return ("measured" if _measured_tflops(card, precision) else "catalog") + (f" x{speed:.2g} from runs" if speed else "")
 
 
 def card_tflops(card: Card, precision: str) -> float:
     """The TFLOPS a card achieves in a training step: measured x MEASURED_RATE_EFFICIENCY, else catalog x
-    ASSUMED_EFFICIENCY."""
+    ASSUMED_EFFICIENCY; scaled by how fast earlier jobs really trained there (`CardFacts.training_speed`)."""
     measured = _measured_tflops(card, precision)
-    if measured:
-        return measured * MEASURED_RATE_EFFICIENCY
-    return card.spec.matmul_tflops(precision) * ASSUMED_EFFICIENCY
+    rate = measured * MEASURED_RATE_EFFICIENCY if measured else card.spec.matmul_tflops(precision) * ASSUMED_EFFICIENCY
+    return rate * (card.facts.training_speed or 1.0)
 
 
 def card_gb_per_s(card: Card) -> float:
     """The memory bandwidth training's non-matmul ops reach on a card: measured x MEASURED_BANDWIDTH_EFFICIENCY,
-    else catalog x ASSUMED_BANDWIDTH_EFFICIENCY."""
-    if card.facts.measured:
-        return card.facts.measured.memory_gb_s * MEASURED_BANDWIDTH_EFFICIENCY
-    return card.spec.mem_bandwidth_gbs * ASSUMED_BANDWIDTH_EFFICIENCY
+    else catalog x ASSUMED_BANDWIDTH_EFFICIENCY; scaled as `card_tflops` is."""
+    gb_s = card.facts.measured.memory_gb_s * MEASURED_BANDWIDTH_EFFICIENCY if card.facts.measured else card.spec.mem_bandwidth_gbs * ASSUMED_BANDWIDTH_EFFICIENCY
+    return gb_s * (card.facts.training_speed or 1.0)
 
 
 def pcie_gb_per_s(card: Card) -> float:

@@ -1,0 +1,132 @@
+"""The split corrects itself (workers/rebalance.py): the tuner on its own, and three real DeepSpeed ranks with one
+of them slowed in the middle of the run."""
+
+import dataclasses
+import json
+
+import pytest
+
+from orchestrator.launch import train_config
+from orchestrator.planner import make_plan
+from orchestrator.planner.memory import TrainingShape, ZeroSetting, max_micro_batch
+from tests.helpers import HOMELAB, MICRO, TINY, TOLERANCE, final_weights, job, max_relative_difference, spec
+from workers.rebalance import WARMUP_STEPS, WINDOW_STEPS, SplitTuner, fit_line
+
+
+def feed(tuner: SplitTuner, per_sample: list[float], fixed: list[float], steps: int, start: int = 1):
+    """Steps whose busy times follow these cards' lines at the tuner's split; the first change proposed, if any."""
+    for step in range(start, start + steps):
+        busy = tuple(tuner.grad_accum * (f + s * n) for f, s, n in zip(fixed, per_sample, tuner.split))
+        change = tuner.observe(step, busy, max(busy) * 1.1)
+        if change:
+            return change
+    return None
+
+
+def test_a_card_slower_than_planned_gives_samples_to_the_others_within_their_caps():
+    tuner = SplitTuner((8, 8, 8), caps=(12, 12, 9), grad_accum=2)
+    change = feed(tuner, per_sample=[0.2, 0.1, 0.1], fixed=[0.0, 0.0, 0.0], steps=WARMUP_STEPS + WINDOW_STEPS)
+    assert change is not None and sum(change.new) == 24 and change.old == (8, 8, 8)
+    assert change.new[0] < 8 and change.new[2] <= 9  # the slow card gives, the third takes no more than it holds
+    assert change.step == WARMUP_STEPS + WINDOW_STEPS + 2  # decided after that step, sent in the next, run from the one after
+    assert change.per_sample_s == pytest.approx((0.2, 0.1, 0.1)) and max(change.predicted_busy_s) < max(change.busy_s)
+    assert "the slowest card sets the step" in change.why
+
+
+def test_a_balanced_split_is_left_alone_and_a_small_gain_is_not_worth_a_change():
+    assert feed(SplitTuner((4, 8), caps=(16, 16), grad_accum=1), [0.2, 0.1], [0.0, 0.0], steps=20) is None
+    # 9 vs 10 samples' worth: moving one sample would save ~5% of the busy time, 4.5% of the step (threshold 5%)
+    assert feed(SplitTuner((10, 10), caps=(16, 16), grad_accum=1), [0.1, 0.09], [0.0, 0.0], steps=20) is None
+
+
+def test_after_a_change_the_new_split_is_measured_before_the_next_decision():
+    tuner = SplitTuner((6, 6), caps=(12, 12), grad_accum=1)
+    first = feed(tuner, [0.3, 0.1], [0.0, 0.0], steps=WARMUP_STEPS + WINDOW_STEPS)
+    tuner.applied(first.new)
+    # one step to warm up at the new split, then a full window: no decision before that
+    assert feed(tuner, [0.3, 0.1], [0.0, 0.0], steps=WINDOW_STEPS, start=10) is None
+
+
+def test_two_sizes_seen_separate_the_fixed_cost_from_the_per_sample_cost():
+    assert fit_line({4: 0.5 + 4 * 0.25}) == (0.0, pytest.approx(1.5 / 4))  # one size: all of it per sample
+    fixed, per_sample = fit_line({4: 0.5 + 4 * 0.25, 10: 0.5 + 10 * 0.25})
+    assert (fixed, per_sample) == (pytest.approx(0.5), pytest.approx(0.25))
+    assert fit_line({4: 2.0, 8: 1.0}) == (0.0, 1.0 / 8)  # faster with more samples: noise, not a line to trust
+
+
+def test_the_plan_carries_each_cards_memory_cap_and_jobs_may_keep_the_planned_split():
+    j = spec(gpus={"count": 2, "models": ["GTX 1080 Ti", "RTX 3090"]})
+    plan = make_plan(j, TINY, HOMELAB, 10)
+    for rank in plan.ranks:
+        shape = TrainingShape(TINY, plan.trainable, j.seq_len, plan.precision, rank.tuning.activation_checkpointing)
+        zero = ZeroSetting(rank.tuning.zero_stage, rank.tuning.offload_optimizer, rank.tuning.offload_params)
+        assert rank.micro_cap == max_micro_batch(shape, zero, len(plan.ranks), rank.capacity_bytes) >= rank.tuning.micro_batch
+    assert [r["micro_batch_cap"] for r in plan.summary()["ranks"]] == [r.micro_cap for r in plan.ranks]
+    assert train_config(j, plan, "j-1").micro_batch_caps == tuple(r.micro_cap for r in plan.ranks)
+    assert train_config(j.model_copy(update={"rebalance": False}), plan, "j-1").micro_batch_caps == ()
+
+
+SLOW_FROM, STEPS = 2, 10  # rank 0 (3 of the 6 samples per micro-step) runs 30x slower from step 3 on
+
+
+@pytest.mark.deepspeed
+def test_a_rank_slowed_mid_run_moves_the_split_and_the_weights_are_those_of_the_planned_split(ds_runs, tmp_path, demo_data, base_model):
+    planned = job(tmp_path / "planned", demo_data, base_model, 2, "full", 0.0, steps=STEPS, optimizer="SGD")
+    slowed = dataclasses.replace(planned, output_dir=str(tmp_path / "slowed"), micro_batch_caps=(4, 4, 4),
+                                 emulated_slowdown=(30.0, 1.0, 1.0), emulated_slowdown_from=SLOW_FROM)
+    ran, ranks = ds_runs.run(slowed)
+    changes, history = ranks[0]["rebalances"], ranks[0]["history"]
+    assert changes, "the split never moved"
+    first = changes[0]
+    assert first["old"] == list(MICRO) and first["new"][0] < MICRO[0] and sum(first["new"]) == sum(MICRO)
+    assert first["step"] <= SLOW_FROM + 1 + WINDOW_STEPS + 2  # measured for a window, then one step to tell every rank
+    assert all(max(c["new"]) <= 4 for c in changes)  # within the caps
+    assert list(history[first["step"] - 1]["split"]) == first["new"]  # every rank ran it from that step on
+    assert [h["step"] for h in history] == list(range(1, STEPS + 1))  # no step skipped or repeated
+    reference = ds_runs.run(planned)[1][0]["history"]
+    assert [sum(h["tokens"]) for h in history] == [sum(h["tokens"]) for h in reference]  # the same samples in every step
+    assert all(tuple(h["split"]) == MICRO for h in reference)  # no caps, no tuner: the planned split throughout
+    assert max_relative_difference(final_weights(ran), ds_runs.weights(planned)) < TOLERANCE
+
+
+def test_what_a_job_measured_becomes_the_speed_the_next_plan_assumes():
+    """measured_speeds: the plan's compute per step over the median measured at the planned split, after warm-up;
+    a card with half the speed then gets about half the samples of its twin."""
+    from workers.rebalance import measured_speeds
+
+    plan = {"ranks": [{"card": "box/0", "micro_batch": 4, "est_compute_s": 0.2}, {"card": "box/1", "micro_batch": 4, "est_compute_s": 0.2}]}
+    history = [{"step": s, "split": [4, 4], "compute_s": [0.4 if s > WARMUP_STEPS else 9.0, 0.2]} for s in range(1, 8)]
+    assert measured_speeds(history, plan) == {"box/0": pytest.approx(0.5), "box/1": pytest.approx(1.0)}
+    assert measured_speeds(history[:WARMUP_STEPS + 1], plan) == {}  # too few steps measured to say
+
+    from orchestrator.inventory import CardFacts, ClusterSnapshot, build_node
+
+    twins = [CardFacts(i, "NVIDIA GeForce RTX 3090", 24576, 24576, (8, 6), training_speed=speed) for i, speed in enumerate((0.5, None))]
+    box = build_node("box", "10.0.0.1", 64, 16, 10.0, twins, simulated=False)
+    plan = make_plan(spec(gpus={"count": 2}), TINY, ClusterSnapshot((box,)), 10)
+    micro = {r.card.card_id: r.tuning.micro_batch for r in plan.ranks}
+    assert micro["box/1"] == pytest.approx(2 * micro["box/0"], abs=2)
+    assert [r.rate_source for r in plan.ranks if r.card.card_id == "box/0"] == ["catalog x0.5 from runs"]
+
+
+def test_measured_speeds_go_into_real_nodes_records_and_never_into_simulated_ones(connected):
+    """On the session cluster's registry: a real node's record (published as `join` would) takes the speeds,
+    averaged with what earlier jobs measured; a simulated node's does not."""
+    from ray.experimental import internal_kv
+
+    from orchestrator import registry
+    from orchestrator.inventory import CardFacts, build_node
+
+    state, _ = connected
+    ghost = build_node("ghost-box", "10.9.9.9", 64, 16, 10.0, [CardFacts(0, "NVIDIA GeForce RTX 3090", 24576, 24576, (8, 6))], simulated=False)
+    registry.publish(state.gcs_address, ghost)
+    key = b"node/ghost-box"
+    try:
+        assert registry.record_training_speeds({"ghost-box/0": 0.5, "desk/0": 0.5}) == ["ghost-box/0"]
+        assert registry.record_training_speeds({"ghost-box/0": 1.5}) == ["ghost-box/0"]
+        record = json.loads(internal_kv._internal_kv_get(key, namespace=registry.KV_NAMESPACE))
+        assert record["cards"][0]["training_speed"] == pytest.approx(1.0)  # 0.5, then half-way to 1.5
+        desk = json.loads(internal_kv._internal_kv_get(b"node/desk", namespace=registry.KV_NAMESPACE))
+        assert all(c.get("training_speed") is None for c in desk["cards"])
+    finally:
+        internal_kv._internal_kv_del(key, namespace=registry.KV_NAMESPACE)
