@@ -3,6 +3,7 @@ of them slowed in the middle of the run."""
 
 import dataclasses
 import json
+from collections import deque
 
 import pytest
 
@@ -130,3 +131,15 @@ def test_measured_speeds_go_into_real_nodes_records_and_never_into_simulated_one
         assert all(c.get("training_speed") is None for c in desk["cards"])
     finally:
         internal_kv._internal_kv_del(key, namespace=registry.KV_NAMESPACE)
+
+
+def test_it_never_goes_back_to_a_split_it_measured_no_better():
+    """A split left for another is returned to only when it measured better than where the job is now."""
+    tuner = SplitTuner((4, 4), caps=(8, 8), grad_accum=1)
+    # 0.2 and 0.12 s per sample: (3, 5) is the fit's best split (0.6 s for both cards, where (4, 4) takes 0.8)
+    tuner.seen = [{4: deque([0.8] * 3, maxlen=3), 3: deque([0.6] * 3, maxlen=3)}, {4: deque([0.48] * 3, maxlen=3), 5: deque([0.6] * 3, maxlen=3)}]
+    tuner._since_change = WINDOW_STEPS
+    tuner.left = {(3, 5): 0.95}  # tried, and its slowest card took 0.95 s there
+    assert tuner.observe(20, (0.8, 0.48), 0.9) is None  # measured no better than now: it stays
+    tuner.left = {(3, 5): 0.5}  # had it measured better, back it goes
+    assert tuner.observe(21, (0.8, 0.48), 0.9).new == (3, 5)

@@ -23,6 +23,7 @@ than `threshold` of the step; after one, the new split is measured for `window` 
 from __future__ import annotations
 
 import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 from orchestrator.planner import RankCost, split_batch
@@ -82,8 +83,11 @@ class SplitTuner:
     threshold: float = THRESHOLD
     window: int = WINDOW_STEPS
     warmup: int = WARMUP_STEPS
-    # card -> micro-batch size -> busy seconds per micro-step, one per measured step
-    seen: list[dict[int, list[float]]] = field(default_factory=list)
+    # card -> micro-batch size -> busy seconds per micro-step of its last `window` measured steps (a card that
+    # slows down mid-run is judged by how it runs now)
+    seen: list[dict[int, deque]] = field(default_factory=list)
+    # splits run and left, with the slowest card's busy seconds there: never back to one that was no better
+    left: dict[tuple[int, ...], float] = field(default_factory=dict)
     _since_change: int = 0
 
     def __post_init__(self):
@@ -97,7 +101,7 @@ class SplitTuner:
         if self._since_change <= 0:
             return None
         for card, busy in enumerate(busy_s):
-            self.seen[card].setdefault(self.split[card], []).append(busy / self.grad_accum)
+            self.seen[card].setdefault(self.split[card], deque(maxlen=self.window)).append(busy / self.grad_accum)
         if self._since_change < self.window:
             return None
         lines = [fit_line({n: statistics.median(ts) for n, ts in seen.items()}) for seen in self.seen]
@@ -105,15 +109,18 @@ class SplitTuner:
         new = split_batch(sum(self.split), costs, [fixed for fixed, _ in lines])
         if new is None or tuple(new) == self.split:
             return None
-        now = [statistics.median(self.seen[card][n][-self.window:]) * self.grad_accum for card, n in enumerate(self.split)]
+        now = [statistics.median(self.seen[card][n]) * self.grad_accum for card, n in enumerate(self.split)]
         predicted = [(fixed + per_sample * n) * self.grad_accum for (fixed, per_sample), n in zip(lines, new)]
         if (max(now) - max(predicted)) <= self.threshold * step_s:
             return None
+        if tuple(new) in self.left and self.left[tuple(new)] >= max(now) - self.threshold * step_s:
+            return None  # measured there already, and it was no better: no oscillating between two splits
         return Rebalance(step + 2, self.split, tuple(new), tuple(s for _, s in lines), tuple(f for f, _ in lines), tuple(now),
                          tuple(predicted), step_s)
 
     def applied(self, split: tuple[int, ...]) -> None:
         """Every rank runs `split` from now on: measure it afresh (its first step warms up again)."""
+        self.left[self.split] = max(statistics.median(self.seen[card][n]) for card, n in enumerate(self.split)) * self.grad_accum
         self.split, self._since_change = tuple(split), -1
 
 
