@@ -1,15 +1,20 @@
 """What zeromix's per-card split buys, for a GTX 1080 Ti + RTX 3090 + RTX 4090 plan, with real DeepSpeed.
 
-SPEEDS ARE EMULATED ON CPU. Every rank runs on this machine's CPU at the same speed; rank r is made k_r
-times slower (k_r = the fastest planned card's catalog rate / this card's, at the plan's precision) by
-sleeping in proportion to its measured compute. The figures show what the split buys, not what the cards do.
+SPEEDS ARE EMULATED ON CPU. Every rank runs on this machine's CPU at the same speed; rank r also sleeps
+BASE_SECONDS_PER_SAMPLE x k_r per sample before its backward (k_r = the fastest planned card's catalog rate / this
+card's, at the plan's precision), so the emulated cards differ as the catalog says and the real compute, the same
+on every rank, is a small part. The figures show what the split buys, not what the cards do.
 
 Four throughputs from one run:
   uniform    every card gets the same micro-batch (plain DeepSpeed)
   planned    the planner's per-card micro-batches, kept for the whole run
   corrected  the planner's, then corrected from measured speeds while training (workers/rebalance.py); measured
              over the steps after its last change
-  ideal      the sum of each card's throughput when it trains alone on its planned share
+  ideal      the sum of each card's throughput when it trains alone (no other rank to wait for, no gradient
+             exchange) on the share the planner gives it with the right rates, the three solo runs at the same
+             time, as the three ranks of the other rows share this machine's cores (run one after another, each
+             solo had a core to itself and the sum overstated what any split on this CPU could reach: a split with
+             every card 99-100% busy measured 87-94% of it). One yardstick for every row and for --wrong-rates.
 
 --wrong-rates CARD gives the planner rates wrong by 2x for that card (it believes it twice as fast as the
 emulation makes it), as a wrong catalog row, a throttled card or a riser would: the planned split is then wrong,
@@ -26,6 +31,7 @@ import json
 import shutil
 import statistics
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from orchestrator.cluster_config import load_cluster
@@ -41,9 +47,9 @@ from workers.train import utilisation
 REPO = Path(__file__).resolve().parents[1]
 TRIO = ["GTX 1080 Ti", "RTX 3090", "RTX 4090"]
 WARMUP_STEPS = 4  # first steps include lazy initialisation; not timed
-# Every rank is slowed by BASE_SLOWDOWN * k_r. The common factor keeps the cards' ratios (the k_r) and makes
-# emulated time dominate, so three ranks sharing two CPU cores do not slow each other's real compute much.
-BASE_SLOWDOWN = 4.0
+# Every rank sleeps BASE_SECONDS_PER_SAMPLE * k_r per sample: fixed seconds, the same in every run (an emulation
+# calibrated per run against each rank's measured compute varied by +-20% between runs, more than what was measured)
+BASE_SECONDS_PER_SAMPLE = 0.04
 # Wider than the demo's model so that compute, not DeepSpeed's fixed per-step cost, dominates a step.
 BENCH_MODEL = {**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
                "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128}
@@ -57,10 +63,10 @@ def with_micro_batches(plan: Plan, micro: list[int]) -> Plan:
 STEADY_STEPS = 4  # at least this many steps measured after the correction's last change
 
 
-def measure(job: JobSpec, plan: Plan, slowdown: list[float], out: Path, correct: bool = False) -> dict:
+def measure(job: JobSpec, plan: Plan, sleep_s: list[float], out: Path, correct: bool = False) -> dict:
     """The median step over the steps after warm-up or, with the correction on, after its last change (whose
     first step warms up again)."""
-    config = dataclasses.replace(train_config(job, plan, out.name), output_dir=str(out), emulated_slowdown=tuple(slowdown))
+    config = dataclasses.replace(train_config(job, plan, out.name), output_dir=str(out), emulated_seconds_per_sample=tuple(sleep_s))
     if not correct:
         config = dataclasses.replace(config, micro_batch_caps=())
     first = run_local_ranks(config)[0]
@@ -76,14 +82,12 @@ def measure(job: JobSpec, plan: Plan, slowdown: list[float], out: Path, correct:
 
 
 def believed_twice_as_fast(snapshot, card_name: str):
-    """The cluster as a planner misinformed about one card model would see it: twice its catalog rates."""
+    """The cluster as a planner misinformed about one card model would see it: twice its rates (through the same
+    knob measured training speeds turn, `CardFacts.training_speed`)."""
     def wrong(card):
         if card.short_name.removeprefix("GeForce ") != card_name.removeprefix("GeForce "):
             return card
-        spec = card.spec
-        return dataclasses.replace(card, spec=dataclasses.replace(
-            spec, fp32_tflops=2 * spec.fp32_tflops, mem_bandwidth_gbs=2 * spec.mem_bandwidth_gbs,
-            tensor_tflops_fp32acc=spec.tensor_tflops_fp32acc and 2 * spec.tensor_tflops_fp32acc))
+        return dataclasses.replace(card, facts=dataclasses.replace(card.facts, training_speed=2.0))
 
     return dataclasses.replace(snapshot, nodes=tuple(dataclasses.replace(n, cards=tuple(wrong(c) for c in n.cards)) for n in snapshot.nodes))
 
@@ -111,34 +115,39 @@ def main() -> None:
     homelab = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
     believed = believed_twice_as_fast(homelab, args.wrong_rates) if args.wrong_rates else homelab
     plan = make_plan(job, facts_from_config(BENCH_MODEL), believed, args.steps)
+    rightly = make_plan(job, facts_from_config(BENCH_MODEL), homelab, args.steps)  # the ideal's shares
     true_cards = {c.card_id: c for c in homelab.cards}
     rates = [step_time.card_tflops(true_cards[r.card.card_id], plan.precision) for r in plan.ranks]  # the emulation's truth
-    slowdown = [BASE_SLOWDOWN * max(rates) / rate for rate in rates]
+    sleep_s = [BASE_SECONDS_PER_SAMPLE * max(rates) / rate for rate in rates]
     names = [r.card.short_name for r in plan.ranks]
-    print(f"SPEEDS ARE EMULATED ON CPU: each rank sleeps to run {BASE_SLOWDOWN:g} x k times slower, k from the catalog rates.")
-    print(f"plan: {', '.join(f'{n} ({rate:g} TFLOPS {r.tuning.precision}, k={k / BASE_SLOWDOWN:.2f})' for n, rate, r, k in zip(names, rates, plan.ranks, slowdown))}")
+    print(f"SPEEDS ARE EMULATED ON CPU: each rank sleeps {BASE_SECONDS_PER_SAMPLE * 1000:g} ms x k per sample, k from the catalog rates.")
+    print(f"cards: {', '.join(f'{n} ({rate:g} TFLOPS {r.tuning.precision}, k={k / BASE_SECONDS_PER_SAMPLE:.2f})' for n, rate, r, k in zip(names, rates, plan.ranks, sleep_s))}")
     if args.wrong_rates:
         print(f"THE PLANNER WAS GIVEN WRONG RATES: it believes the {args.wrong_rates} twice as fast as the emulation makes it")
     print(f"global batch {plan.global_batch} = micro-batches x {plan.grad_accum} accumulation step(s); {args.steps} steps "
           f"({args.correction_steps} for the corrected run), first {WARMUP_STEPS} (or those up to the last correction) untimed\n")
 
     per_card = args.global_batch // (len(plan.ranks) * plan.grad_accum)
-    uniform = measure(job, with_micro_batches(plan, [per_card] * len(plan.ranks)), slowdown, work / "uniform")
-    planned = measure(job, plan, slowdown, work / "planned")
+    uniform = measure(job, with_micro_batches(plan, [per_card] * len(plan.ranks)), sleep_s, work / "uniform")
+    planned = measure(job, plan, sleep_s, work / "planned")
     corrected = measure(job.model_copy(update={"max_steps": args.correction_steps}), dataclasses.replace(plan, total_steps=args.correction_steps),
-                        slowdown, work / "corrected", correct=True)
-    solos = []
-    for i, rank in enumerate(plan.ranks):
-        solo_plan = dataclasses.replace(plan, ranks=(rank,))
+                        sleep_s, work / "corrected", correct=True)
+    def solo(i: int) -> dict:
+        share = next(r for r in rightly.ranks if r.card.card_id == plan.ranks[i].card.card_id)
+        solo_plan = dataclasses.replace(rightly, ranks=(share,))
         solo_job = job.model_copy(update={"global_batch_size": solo_plan.global_batch})
-        solos.append(measure(solo_job, solo_plan, [slowdown[i]], work / f"solo-{i}"))
+        return measure(solo_job, solo_plan, [sleep_s[i]], work / f"solo-{i}")
+
+    with ThreadPoolExecutor(len(plan.ranks)) as pool:  # all at once, as the trio's ranks share the cores
+        solos = list(pool.map(solo, range(len(plan.ranks))))
     ideal = sum(s["samples_per_s"] for s in solos)
 
     print(f"{'split':10s} {'micro-batches':>16s} {'step (s)':>9s} {'samples/s':>10s} {'of ideal':>9s}  utilisation per card")
     for name, row in (("uniform", uniform), ("planned", planned), ("corrected", corrected)):
         util = ", ".join(f"{n} {u:.0%}" for n, u in zip(names, row["utilisation"]))
         print(f"{name:10s} {str(row['micro_batches']):>16s} {row['step_s']:9.3f} {row['samples_per_s']:10.1f} {row['samples_per_s'] / ideal:9.0%}  {util}")
-    print(f"{'ideal':10s} {'(solo sum)':>16s} {'':9s} {ideal:10.1f} {1:9.0%}  " + ", ".join(f"{n} alone {s['samples_per_s']:.1f}/s" for n, s in zip(names, solos)))
+    shares = [s["micro_batches"][0] for s in solos]
+    print(f"{'ideal':10s} {str(shares):>16s} {'':9s} {ideal:10.1f} {1:9.0%}  " + ", ".join(f"{n} alone {s['samples_per_s']:.1f}/s" for n, s in zip(names, solos)))
     print(f"corrections: {', '.join(f'from step {step}: {new}' for step, new in corrected['changes']) or 'none'}; "
           f"the corrected row is timed over its last {corrected['timed_steps']} steps\n")
     speedup, share, fixed = (planned["samples_per_s"] / uniform["samples_per_s"], planned["samples_per_s"] / ideal,

@@ -91,16 +91,16 @@ def test_straggler_accounting_and_emulation_stay_out_of_real_jobs(tmp_path, demo
     from orchestrator.planner import make_plan
     from tests.conftest import REPO
 
-    config = dataclasses.replace(job(tmp_path, demo_data, base_model, 2, "full", 0.0), emulated_slowdown=(1.0, 1.0, 40.0))
+    config = dataclasses.replace(job(tmp_path, demo_data, base_model, 2, "full", 0.0), emulated_seconds_per_sample=(0.0, 0.0, 0.05))
     ranks = run_local_ranks(config)
     first = ranks[0]
     assert len(first["step_times"]) == STEPS and len(first["busy_s"]) == len(first["wait_s"]) == len(MICRO)
     util = utilisation(first["busy_s"], first["wait_s"])
     assert util[2] == pytest.approx(1.0) and max(util[:2]) < 0.8  # ranks 0 and 1 wait for the slowed rank 2
-    assert json.loads(config.to_json())["emulated_slowdown"] == [1.0, 1.0, 40.0]
+    assert json.loads(config.to_json())["emulated_seconds_per_sample"] == [0.0, 0.0, 0.05]
     # A submitted job: no spec field can ask for it, and the launcher's config leaves it off.
-    assert "emulated_slowdown" not in JobSpec.model_fields
+    assert "emulated_seconds_per_sample" not in JobSpec.model_fields
     spec = JobSpec.model_validate({"name": "j", "model": {"path": "m"}, "dataset": {"path": "d", "text_field": "text"},
                                    "max_steps": 3, "output_dir": "o"})
     plan = make_plan(spec, facts_from_config(read_config(str(TINY_LLAMA))), snapshot_from_config(load_cluster(REPO / "cluster.yaml")), 3)
-    assert train_config(spec, plan, "j-1").emulated_slowdown is None
+    assert train_config(spec, plan, "j-1").emulated_seconds_per_sample is None

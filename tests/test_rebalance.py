@@ -67,14 +67,14 @@ def test_the_plan_carries_each_cards_memory_cap_and_jobs_may_keep_the_planned_sp
     assert train_config(j.model_copy(update={"rebalance": False}), plan, "j-1").micro_batch_caps == ()
 
 
-SLOW_FROM, STEPS = 2, 10  # rank 0 (3 of the 6 samples per micro-step) runs 30x slower from step 3 on
+SLOW_FROM, STEPS = 2, 10  # rank 0 (3 of the 6 samples per micro-step) sleeps 50 ms a sample from step 3 on
 
 
 @pytest.mark.deepspeed
 def test_a_rank_slowed_mid_run_moves_the_split_and_the_weights_are_those_of_the_planned_split(ds_runs, tmp_path, demo_data, base_model):
     planned = job(tmp_path / "planned", demo_data, base_model, 2, "full", 0.0, steps=STEPS, optimizer="SGD")
     slowed = dataclasses.replace(planned, output_dir=str(tmp_path / "slowed"), micro_batch_caps=(4, 4, 4),
-                                 emulated_slowdown=(30.0, 1.0, 1.0), emulated_slowdown_from=SLOW_FROM)
+                                 emulated_seconds_per_sample=(0.05, 0.0, 0.0), emulated_from=SLOW_FROM)
     ran, ranks = ds_runs.run(slowed)
     changes, history = ranks[0]["rebalances"], ranks[0]["history"]
     assert changes, "the split never moved"

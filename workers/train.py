@@ -41,10 +41,11 @@ class TrainConfig:
     output_dir: str
     checkpoint_every: int
     seed: int
-    # Benchmark only (bench/hetero_dp.py): rank r runs k_r times slower, to emulate mixed cards on CPU, from the
-    # optimizer step after `emulated_slowdown_from` on. Job specs have no such field and the launcher never sets it.
-    emulated_slowdown: tuple[float, ...] | None = None
-    emulated_slowdown_from: int = 0
+    # Benchmark and tests only (bench/hetero_dp.py): rank r sleeps this long per sample before its backward, to
+    # emulate slower cards on one CPU, from the optimizer step after `emulated_from` on. Job specs have no such
+    # field and the launcher never sets it.
+    emulated_seconds_per_sample: tuple[float, ...] | None = None
+    emulated_from: int = 0
     # Per rank, the largest micro-batch its card holds at its planned settings (the plan's memory model): the
     # self-correcting split (workers/rebalance.py) moves samples within these. Empty: the split stays as planned.
     micro_batch_caps: tuple[int, ...] = ()
@@ -63,8 +64,8 @@ class TrainConfig:
         raw["activation_checkpointing"] = tuple(raw["activation_checkpointing"])
         raw["report_to"] = tuple(raw.get("report_to", ()))
         raw["micro_batch_caps"] = tuple(raw.get("micro_batch_caps", ()))
-        if raw.get("emulated_slowdown") is not None:
-            raw["emulated_slowdown"] = tuple(raw["emulated_slowdown"])
+        if raw.get("emulated_seconds_per_sample") is not None:
+            raw["emulated_seconds_per_sample"] = tuple(raw["emulated_seconds_per_sample"])
         return cls(**raw)
 
     def to_json(self) -> str:
@@ -190,12 +191,9 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
     result = RankResult(rank=rank, steps=start_step, precision=precision, device=_device_name(on_gpu),
                         recomputes=engine.module.is_gradient_checkpointing, resumed_from=tag or "",
                         universal=universal)
-    slowdown = cfg.emulated_slowdown[rank] if cfg.emulated_slowdown else 1.0
-    extra_per_sample_s = 0.0
-    if cfg.emulated_slowdown:
-        _say(rank, f"SPEED EMULATION ON (benchmark only): ranks compute {list(cfg.emulated_slowdown)} times slower")
-        probe = collate([samples[i] for i in sampler.rank_micro_batches(0, rank)[0]], pad_id)
-        extra_per_sample_s = (slowdown - 1.0) * 3 * _forward_cost_per_sample(engine, probe)  # backward ~ 2x forward
+    extra_per_sample_s = cfg.emulated_seconds_per_sample[rank] if cfg.emulated_seconds_per_sample else 0.0
+    if cfg.emulated_seconds_per_sample:
+        _say(rank, f"SPEED EMULATION ON (benchmark only): ranks sleep {list(cfg.emulated_seconds_per_sample)} s per sample")
     _quiet_deepspeed_timer_log()
     gauges = RankGauges.for_rank(cfg.job_id, rank, cfg.plan)
     trackers = Trackers(cfg.report_to, out, cfg.job_id, cfg.plan, world, start_step) if rank == 0 and cfg.report_to else None
@@ -215,7 +213,7 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
         loss_sum = comm.zeros((), torch.float64)  # beside the model's losses, on the rank's device
         for batch in batches:
             logits = engine(input_ids=batch.input_ids.to(engine.device), attention_mask=batch.attention_mask.to(engine.device)).logits
-            if extra_per_sample_s and step >= cfg.emulated_slowdown_from:  # before backward: the gradient collective waits for it
+            if extra_per_sample_s and step >= cfg.emulated_from:  # before backward: the gradient collective waits for it
                 time.sleep(extra_per_sample_s * batch.input_ids.shape[0])
             token_losses = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1).to(engine.device),
@@ -283,27 +281,6 @@ def _resume_point(checkpoints: Path, layout: dict) -> tuple[str | None, list[str
     if checkpoint.loads_directly(checkpoint.layout(checkpoints, tag), layout):
         return tag, skipped, str(checkpoints)
     return tag, skipped, str(checkpoint.universal(checkpoints, tag))
-
-
-def _forward_cost_per_sample(engine, batch) -> float:
-    """CPU time one more sample adds to a forward (the slope between 1 sample and the whole micro-batch), so
-    the emulation slows compute and not the fixed cost of a call. CPU time: work done, not time waiting for
-    a core. Best of five, to shed noise."""
-    import torch
-
-    def cost(n: int) -> float:
-        best = float("inf")
-        for _ in range(5):
-            start = time.thread_time()
-            with torch.no_grad():
-                engine(input_ids=batch.input_ids[:n].to(engine.device), attention_mask=batch.attention_mask[:n].to(engine.device))
-            best = min(best, time.thread_time() - start)
-        return best
-
-    n = batch.input_ids.shape[0]
-    if n == 1:
-        return cost(1)
-    return max(0.0, (cost(n) - cost(1)) / (n - 1))
 
 
 def _quiet_deepspeed_timer_log() -> None:
