@@ -23,7 +23,7 @@ from orchestrator.model_facts import facts_from_config, read_config
 from orchestrator.planner import Plan, make_plan, step_time
 from orchestrator.planner.filters import arch_span, cards_its_build_cannot_drive, sm, usability
 from orchestrator.planner.memory import GIB
-from orchestrator.queue import ACTIVE, LIVE, TERMINAL, StaleTransition
+from orchestrator.queue import ACTIVE, LIVE, TERMINAL, OutputDirTaken, StaleTransition
 from workers.train import PROGRESS_TAG
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune on a homelab of mixed NVIDIA cards with DeepSpeed ZeRO on Ray.")
@@ -341,12 +341,11 @@ def enqueue(job_file: str, overrides: list[str]) -> tuple[str, Plan]:
     state = cluster_runtime.connect()
     steps = total_steps(job)
     preview = make_plan(job, facts, registry.snapshot().with_holders({}), steps)
-    store = _queue()
-    clash = next((r for r in store.jobs(LIVE) if r.spec.get("output_dir") == job.output_dir), None)
-    if clash:
-        raise InputError(job_file, "output_dir", job.output_dir, f"job {clash.id} ({clash.state}) writes there; choose another")
     job_id = launch.new_job_id(job)
-    store.submit(job_id, job.name, spec_record(job), steps, job.priority)
+    try:
+        _queue().submit(job_id, job.name, spec_record(job), steps, job.priority)
+    except OutputDirTaken as clash:
+        raise InputError(job_file, "output_dir", job.output_dir, f"{clash}; choose another") from None
     ensure_running(state).poke.remote()
     return job_id, preview
 
@@ -421,17 +420,17 @@ def _finish(job_id: str, outcome: tuple[str, dict | None]) -> dict:
 def queue_(show_all: bool = typer.Option(False, "--all", help="Finished jobs too."), as_json: bool = JsonOption):
     """Jobs in the queue (state, cards, position, why a queued job waits) and the cards, free or held.
     (`zeromix status` is the same.)"""
-    from orchestrator.scheduler.service import ensure_running
+    from orchestrator.scheduler.service import health
 
     state = cluster_runtime.connect()
-    ensure_running(state)  # a queue with no scheduler would never move
+    scheduler = health(state)  # started if it is not running: a queue with no scheduler would never move
     store = _queue()
     records = store.jobs() if show_all else store.jobs(LIVE)
     waiting = sorted((r for r in records if r.state == "queued"), key=lambda r: (-r.priority, r.submitted_at))
     rows = [queue_row(r, waiting) for r in records]
     cards = [{"card": c.card_id, "gpu": c.short_name, "held_by": c.held_by} for c in registry.snapshot().cards]
     if as_json:
-        print(json.dumps({"jobs": rows, "cards": cards}, indent=2))
+        print(json.dumps({"jobs": rows, "cards": cards, "scheduler": scheduler}, indent=2))
         return
     if narrow():  # one line per job, its reason on the next: no cell wraps
         for row in rows:
@@ -448,6 +447,8 @@ def queue_(show_all: bool = typer.Option(False, "--all", help="Finished jobs too
     console.print(f"{len(waiting)} queued, {sum(r.state == 'running' for r in records)} running")
     console.print("cards free: " + (", ".join(f"{c['card']} {short(c['gpu'])}" for c in cards if not c["held_by"]) or "none"))
     console.print("cards held: " + (", ".join(f"{c['card']} by {c['held_by']}" for c in cards if c["held_by"]) or "none"))
+    console.print(f"scheduler: policy {scheduler['policy']}, {scheduler['rounds']} rounds; "
+                  + (f"the last one stopped: {scheduler['last_error']}" if scheduler["last_error"] else "the last one completed"))
 
 
 app.command("status", help="The same as `zeromix queue`.")(queue_)
@@ -674,6 +675,10 @@ def render_result(result: dict) -> None:
         table.add_row(str(r["rank"]), r["card"], short(r["model"]), str(r["micro_batch"]), str(r["zero_stage"]), r["precision"],
                       *([] if narrow() else [r["device"]]), util, states)
     console.print(table)
+    if result["first_loss"] is None:
+        console.print(f"resumed from {result['resumed_from']} at its last step ({result['steps']}): nothing left to train; "
+                      f"saved to {result['final_dir']}")
+        return
     console.print(f"step time {duration(result['step_time_s'])} measured on {result['ranks'][0]['device']}; "
                   f"the plan estimated {duration(result['est_step_s'])} for the real cards")
     console.print(f"loss {result['first_loss']:.4f} -> {result['last_loss']:.4f} over {result['steps']} steps, "

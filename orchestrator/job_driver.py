@@ -23,8 +23,11 @@ READY_TIMEOUT_S = 60
 
 
 def report(config: TrainConfig, plan: dict, placements: list[dict], results: list[dict]) -> dict:
+    """The job's result. A run resumed at its last step (its driver died after the final save) trained no step:
+    its figures per step are None, and it still succeeds."""
     first, cards = results[0], plan["ranks"]
     util = utilisation(first["busy_s"], first["wait_s"])
+    ran = bool(first["history"])
     return {
         "job_id": config.job_id,
         "steps": first["steps"],
@@ -37,7 +40,7 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
         "resumed_from": first["resumed_from"] or None,  # the checkpoint this run took over from
         "tokens_per_s": round(sum(r["tokens_per_s"] for r in results) / len(results), 1),
         "final_dir": first["final_dir"],
-        "step_time_s": round(first["step_time_s"], 4),  # measured, mean over the run
+        "step_time_s": round(first["step_time_s"], 4) if ran else None,  # measured, mean over the run
         "est_step_s": plan["est_step_s"],  # the plan's estimate, for the real cards
         "ranks": [
             {"rank": i, "card": c["card"], "model": c["model"], "micro_batch": config.micro_batches[i],
@@ -45,7 +48,7 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
              "zero_stage": config.ds_configs[i]["zero_optimization"]["stage"], "precision": r["precision"],
              "device": p["device"], "cuda_visible_devices": p["cuda_visible_devices"],
              "nvml_name": p["nvml_name"], "uuid": p["uuid"], "pci_bus_id": p["pci_bus_id"],
-             "busy_s": round(first["busy_s"][i], 4), "wait_s": round(first["wait_s"][i], 4),
+             "busy_s": round(first["busy_s"][i], 4) if ran else None, "wait_s": round(first["wait_s"][i], 4) if ran else None,
              "utilisation": round(util[i], 3) if util else None,
              "est_compute_s": c["est_compute_s"],
              # measured from the engine's tensors vs the plan's estimate (weights + gradients + optimizer)

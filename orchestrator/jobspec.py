@@ -82,7 +82,9 @@ class GpuConstraints(StrictModel):
 
 
 class DeepSpeedSpec(StrictModel):
-    zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
+    # No 0: zeromix weights each rank's gradients by its share of the step's loss tokens inside ZeRO's reduction;
+    # DeepSpeed's stage 0 reduces them its own way, so uneven micro-batches would not give the uniform update.
+    zero_stage: Literal["auto", 1, 2, 3] = "auto"
     offload: Literal["auto", "none", "optimizer", "optimizer+params"] = "auto"
     activation_checkpointing: Literal["auto", True, False] = "auto"
     gradient_clipping: float = Field(1.0, ge=0, description="Max global grad norm; 0 turns clipping off.")
@@ -103,7 +105,8 @@ class JobSpec(StrictModel):
     gpus: GpuConstraints = GpuConstraints()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     output_dir: str
-    checkpoint_every: int = Field(0, ge=0, description="Optimizer steps between checkpoints; 0 = only at the end.")
+    checkpoint_every: int | None = Field(None, ge=0, description="Optimizer steps between checkpoints; 0 = only at the end; "
+                                                                 "unset: about every 10 minutes of training (from the plan's step time)")
     rebalance: bool = Field(True, description="Move samples between cards while training when their measured speeds "
                                               "disagree with the plan's (workers/rebalance.py); false keeps the planned split.")
     keep_last: int = Field(2, ge=1, le=1000, description="Complete checkpoints kept; older ones are deleted after each save.")
@@ -184,6 +187,17 @@ def _check_files(source: str, spec: JobSpec) -> JobSpec:
             "output_dir": str(out),
         }
     )
+
+
+def check_inputs_still_there(job_id: str, spec: JobSpec) -> None:
+    """Just before a queued job is placed: its model, tokenizer and data may have moved since it was submitted
+    (hours ago, on a disk that is now unmounted). One line naming the path, instead of a rank's library error."""
+    source, gone = f"job {job_id}", "it is gone (moved or deleted since the job was submitted)"
+    for field, value in (("model.path", spec.model.path), ("model.tokenizer", spec.model.tokenizer)):
+        if value and Path(value).is_absolute() and not Path(value, "config.json" if field == "model.path" else "").exists():
+            raise InputError(source, field, value, gone)  # submit stored local paths absolute; else a Hugging Face id
+    if not Path(spec.dataset.path).is_file():
+        raise InputError(source, "dataset.path", spec.dataset.path, gone)
 
 
 def _check_trackers(source: str, report_to: list[str]) -> None:

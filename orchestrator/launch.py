@@ -30,6 +30,18 @@ def new_job_id(job: JobSpec) -> str:
     return f"{job.name}-{secrets.token_hex(3)}"
 
 
+CHECKPOINT_EVERY_S = 600  # a job that says nothing loses at most about this much training to a lost node
+
+
+def checkpoint_every(job: JobSpec, plan: Plan) -> int:
+    """The job's own cadence, else the steps in about CHECKPOINT_EVERY_S of training at the plan's estimated step
+    time (0, only at the end, when the whole run is shorter)."""
+    if job.checkpoint_every is not None:
+        return job.checkpoint_every
+    steps = max(1, round(CHECKPOINT_EVERY_S / plan.step.step_s))
+    return steps if steps < plan.total_steps else 0
+
+
 def train_config(job: JobSpec, plan: Plan, job_id: str) -> TrainConfig:
     return TrainConfig(
         job_id=job_id, model_init=job.model.init, model_path=job.model.path,
@@ -39,7 +51,7 @@ def train_config(job: JobSpec, plan: Plan, job_id: str) -> TrainConfig:
         seq_len=job.seq_len, micro_batches=tuple(r.tuning.micro_batch for r in plan.ranks), grad_accum=plan.grad_accum,
         total_steps=plan.total_steps, ds_configs=tuple(plan.ds_configs(job)),
         activation_checkpointing=tuple(r.tuning.activation_checkpointing for r in plan.ranks), output_dir=job.output_dir,
-        checkpoint_every=job.checkpoint_every, keep_last=job.keep_last, seed=job.seed,
+        checkpoint_every=checkpoint_every(job, plan), keep_last=job.keep_last, seed=job.seed,
         micro_batch_caps=tuple(r.micro_cap for r in plan.ranks) if job.rebalance and len(plan.ranks) > 1 else (),
         report_to=tuple(job.report_to), plan=plan.summary(),
     )

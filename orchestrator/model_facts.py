@@ -79,6 +79,8 @@ def read_config(model_dir: str) -> dict:
     path = Path(model_dir) / "config.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if Path(model_dir).is_absolute():  # a directory, not a Hugging Face id: gone, or never a model
+        raise ZeromixError(f"{model_dir}: no config.json found locally (the directory is gone or holds none)")
     from huggingface_hub import try_to_load_from_cache  # a Hugging Face id already in the local cache
 
     cached = try_to_load_from_cache(model_dir, "config.json")

@@ -17,10 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-STATES = ("queued", "placing", "running", "succeeded", "failed", "cancelled")
-ACTIVE = ("placing", "running")  # states that hold cards
-LIVE = ("queued", *ACTIVE)  # not ended: what `cancel` can still stop
-TERMINAL = ("succeeded", "failed", "cancelled")
+from orchestrator.job_states import ACTIVE, LIVE, STATES, TERMINAL, check_move
+
+__all__ = ["ACTIVE", "LIVE", "STATES", "TERMINAL", "JobRecord", "OutputDirTaken", "QueueStore", "StaleTransition"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -89,6 +88,14 @@ class Event:
     reason: str
 
 
+class OutputDirTaken(Exception):
+    """Two live jobs would write into one directory (and load each other's checkpoints)."""
+
+    def __init__(self, output_dir: str, job_id: str, state: str):
+        super().__init__(f"job {job_id} ({state}) writes there")
+        self.output_dir, self.job_id, self.state = output_dir, job_id, state
+
+
 class StaleTransition(Exception):
     """The job was not in the state the caller expected: someone else changed it first."""
 
@@ -127,7 +134,11 @@ class QueueStore:
     def submit(self, job_id: str, name: str, spec: dict, total_steps: int, priority: int, reason: str = "queued; waiting for the scheduler's next round",
                at: float | None = None) -> JobRecord:
         at = self.clock() if at is None else at
-        with self._transaction() as db:
+        with self._transaction() as db:  # BEGIN IMMEDIATE: no other submit runs between the check and the insert
+            output_dir = spec.get("output_dir")
+            for row in db.execute(f"SELECT id, state, spec FROM jobs WHERE state IN ({','.join('?' * len(LIVE))})", LIVE):
+                if output_dir and json.loads(row["spec"]).get("output_dir") == output_dir:
+                    raise OutputDirTaken(output_dir, row["id"], row["state"])
             db.execute("INSERT INTO jobs (id, name, spec, total_steps, priority, state, submitted_at, reason) VALUES (?,?,?,?,?,?,?,?)",
                        (job_id, name, json.dumps(spec), total_steps, priority, "queued", at, reason))
             db.execute("INSERT INTO job_events VALUES (?,?,?,?,?)", (job_id, at, None, "queued", reason))
@@ -139,7 +150,6 @@ class QueueStore:
         """Move a job from one of `expected` to `target`, atomically with its card holds: entering `placing`
         takes `cards` (refused if any is held), leaving the active states gives them back."""
         expected = (expected,) if isinstance(expected, str) else expected
-        assert target in STATES
         now = self.clock()
         with self._transaction() as db:
             row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -147,6 +157,7 @@ class QueueStore:
                 raise KeyError(job_id)
             if row["state"] not in expected:
                 raise StaleTransition(f"job {job_id} is {row['state']}, not {'/'.join(expected)}")
+            check_move(row["state"], target)
             fields = {"state": target, "reason": reason}
             if target == "placing":
                 try:

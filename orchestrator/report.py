@@ -158,5 +158,14 @@ def _rebalances(result: dict) -> str:
 
 
 def write(result: dict, path: Path) -> Path:
-    path.write_text(render(result, figures(result)))
+    path.write_text(render(result, figures(result)) if result["history"] else _nothing_trained(result))
     return path
+
+
+def _nothing_trained(result: dict) -> str:
+    """A run resumed at its last step (its driver died after the final save) trained nothing: no figures."""
+    e = html.escape
+    return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>zeromix report: {e(result['job_id'])}</title></head>"
+            f"<body><h1>zeromix report: {e(result['job_id'])}</h1><p>This run resumed from {e(str(result['resumed_from']))} at its last "
+            f"step ({result['steps']}): nothing was left to train. The model is in {e(str(result['final_dir']))}; the figures of the "
+            "steps are in the report of the run that trained them.</p></body></html>\n")

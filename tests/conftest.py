@@ -150,8 +150,8 @@ def wait_for_rounds(state, rounds: int, timeout_s: float = 60) -> None:
     """Until the scheduler has run `rounds` more rounds (its own counter), rather than sleeping a guess."""
     from orchestrator.scheduler.service import health
 
-    start = health(state)["ticks"]
-    wait_until(lambda: health(state)["ticks"] >= start + rounds, timeout_s, f"{rounds} scheduler rounds")
+    start = health(state)["rounds"]
+    wait_until(lambda: health(state)["rounds"] >= start + rounds, timeout_s, f"{rounds} scheduler rounds")
 
 
 @pytest.fixture

@@ -62,7 +62,8 @@ def test_valid_spec_loads_with_absolute_paths(write_spec, tmp_path):
     ({"lora__r": 8}, "job.yaml: lora={'r': 8} is not allowed; a lora section needs method: lora"),
     ({"gpus__count": 2, "gpus__min": 1}, "job.yaml: gpus={'count': 2, 'min': 1} is not allowed; give either count, or min/max, not both"),
     ({"gpus__models": ["RTX 3099"]}, "job.yaml: gpus.models[0]='RTX 3099' is not allowed; not a card in the catalog; did you mean 'GeForce RTX 3090', 'GeForce RTX 3090 Ti', 'GeForce RTX 5090'?"),
-    ({"deepspeed__zero_stage": 4}, "job.yaml: deepspeed.zero_stage=4 is not allowed; input should be 'auto', 0, 1, 2 or 3"),
+    ({"deepspeed__zero_stage": 4}, "job.yaml: deepspeed.zero_stage=4 is not allowed; input should be 'auto', 1, 2 or 3"),
+    ({"deepspeed__zero_stage": 0}, "job.yaml: deepspeed.zero_stage=0 is not allowed; input should be 'auto', 1, 2 or 3"),
     ({"batch_size": 16}, "job.yaml: batch_size=16 is not allowed; unknown key; allowed keys here: checkpoint_every, dataset, deepspeed, epochs, global_batch_size, gpus, keep_last, lora, max_steps, method, model, name, optimizer, output_dir, precision, priority, rebalance, report_to, seed, seq_len"),
     ({"optimizer__lr": 0}, "job.yaml: optimizer.lr=0 is not allowed; input should be greater than 0"),
 ])

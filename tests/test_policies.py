@@ -74,6 +74,19 @@ def test_a_job_that_has_waited_long_goes_before_a_short_one_that_just_arrived():
     assert cards == {"long": ["desk/0"]} and "needs desk/0" in decision.waiting["short"]
 
 
+def test_a_low_priority_job_waits_behind_higher_ones_for_a_bounded_time_not_for_ever():
+    """AGING_PER_HOUR points an hour: after (10 - -10) / 6 = 3 h 20 min a priority -10 job queues as an equal of
+    the priority 10 jobs, and among them it has waited longest. Before that, every newly arrived 10 goes first."""
+    from orchestrator.scheduler.policies.gain import AGING_PER_HOUR
+
+    box = pool(("desk", ["NVIDIA GeForce RTX 3090"]))
+    low = job("low", steps=200, priority=-10, submitted_at=0.0)
+    equal_after_s = (10 - -10) / AGING_PER_HOUR * 3600
+    for now, first in ((equal_after_s - 60, "high"), (equal_after_s + 60, "low")):
+        high = job("high", steps=200, priority=10, submitted_at=now - 30)  # a stream of them: one just arrived
+        assert decide("gain", box, [low, high], now=now)[0] == {first: ["desk/0"]}
+
+
 def test_constraints_hold_and_the_reason_names_who_holds_the_card_until_when():
     boxes = pool(("desk", ["NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 2080 Ti"]))
     only_3060 = job("picky", models=["RTX 2080 Ti"])

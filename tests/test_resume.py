@@ -69,3 +69,27 @@ def test_a_checkpoint_from_two_ranks_resumes_on_three(straight, tmp_path, demo_d
     # the first half ran on two ranks: AdamW magnifies their other reduction order (measured 1.4e-4 and 2.7e-4),
     # the bound of tests/test_exact_update.py
     assert max_relative_difference(weights(grown), weights(config)) < TOLERANCE_ADAMW
+
+
+def test_a_job_resumed_at_its_last_step_succeeds_with_nothing_to_train(ds_runs, tmp_path, demo_data, base_model):
+    """Its driver died after the final save (a node lost at the very end): placed again, it resumes at its last
+    step, trains nothing, leaves its checkpoint as it was and reports success, not an IndexError."""
+    from orchestrator.job_driver import report
+    from orchestrator.report import write
+
+    finished, _ = ds_runs.run(job(tmp_path / "uniform", demo_data, base_model, 2, "full", 0.5))  # shared with test_exact_update
+    again = dataclasses.replace(finished, output_dir=str(tmp_path / "again"))
+    shutil.copytree(finished.output_dir, again.output_dir)
+    saved = {p.relative_to(again.output_dir): p.stat().st_mtime_ns for p in (Path(again.output_dir) / CHECKPOINT_DIR).rglob("*")}
+    results = run_local_ranks(again)
+    assert [r["steps"] for r in results] == [finished.total_steps] * 3 and results[0]["history"] == []
+    assert results[0]["resumed_from"] == checkpoint.tag_of(finished.total_steps)
+    assert {p.relative_to(again.output_dir): p.stat().st_mtime_ns for p in (Path(again.output_dir) / CHECKPOINT_DIR).rglob("*")} == saved
+    assert max_relative_difference(weights(again), weights(finished)) == 0.0
+    cards = [{"card": f"box/{r}", "model": "NVIDIA GeForce RTX 3090", "est_compute_s": 0.1,
+              "est_mem_breakdown_gib": {"weights": 0.1, "gradients": 0.1, "optimizer": 0.2}} for r in range(3)]
+    placements = [{"device": "cpu", "cuda_visible_devices": "", "nvml_name": "", "uuid": "", "pci_bus_id": ""}] * 3
+    summary = report(again, {"ranks": cards, "est_step_s": 0.1}, placements, results)
+    assert (summary["steps"], summary["first_loss"], summary["step_time_s"]) == (finished.total_steps, None, None)
+    page = write(summary, tmp_path / "report.html").read_text()
+    assert "nothing was left to train" in page and checkpoint.tag_of(finished.total_steps) in page

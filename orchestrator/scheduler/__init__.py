@@ -10,15 +10,22 @@ the clock differ, so the simulator proves the code that runs, not a copy of it.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import NamedTuple, Protocol
 
+import pydantic
+
+from orchestrator.errors import ZeromixError
 from orchestrator.inventory import ClusterSnapshot
 from orchestrator.jobspec import JobSpec
 from orchestrator.planner import Plan
 from orchestrator.queue import ACTIVE, JobRecord, QueueStore, StaleTransition
 from orchestrator.scheduler.policies import Decision, Policy, PolicyInput, RunningJob
 from orchestrator.scheduler.table import QueuedJob, ThroughputTable
+from orchestrator.schema import from_validation_error
+
+log = logging.getLogger("zeromix.scheduler")
 
 MAX_ATTEMPTS = 3  # launches that may fail before a job is marked failed
 MAX_RESTARTS = 3  # times a job that lost a card or node (or ran out of memory) is placed again
@@ -28,7 +35,7 @@ class Ending(NamedTuple):
     """How a running job ended. `retryable`: it lost a card, a node or its memory, not its mind: placing it
     again, on the cards free then, resumes it from its last checkpoint."""
 
-    state: str  # succeeded | failed | cancelled | queued (Ray lost it: placed again)
+    state: str  # succeeded | failed | cancelled
     reason: str
     retryable: bool = False
     out_of_memory: str | None = None  # the card that ran out of memory, if that was why
@@ -45,6 +52,13 @@ class Launcher(Protocol):
     def cluster(self) -> ClusterSnapshot:
         """Every live card, each marked with the job whose reservation holds it."""
 
+    def reserving(self) -> set[str]:
+        """The jobs that hold a reservation, on any node, live or gone (a gone node's reservation takes its card
+        back when the node returns)."""
+
+    def check_inputs(self, job_id: str, spec: JobSpec) -> None:
+        """Just before placing: raise a ZeromixError naming a path the job reads that is gone."""
+
     def start(self, job: JobRecord, plan: Plan) -> None:
         """Reserve the plan's cards and start the job on them; raise if it could not (nothing left held)."""
 
@@ -53,6 +67,15 @@ class Launcher(Protocol):
 
     def stop(self, job_id: str) -> None:
         """Stop the job if it runs and free its cards. Idempotent."""
+
+
+def stored_spec(record: JobRecord) -> JobSpec:
+    """The job's spec as the queue stored it, validated by today's code: a field an upgrade no longer accepts is
+    one line naming it."""
+    try:
+        return JobSpec.model_validate(record.spec)
+    except pydantic.ValidationError as err:
+        raise from_validation_error(f"job {record.id}'s stored spec", JobSpec, err) from None
 
 
 def spec_record(spec: JobSpec) -> dict:
@@ -66,49 +89,80 @@ class Scheduler:
         self._table: ThroughputTable | None = None
         self._jobs: dict[str, QueuedJob] = {}  # parsed once per job, not once per round
         self.cards_free = self.cards_held = 0  # as the last round saw them
+        self.rounds = 0  # ended so far
+        self.last_error: str | None = None  # why the last round stopped early, one line; None when it completed
 
     def queued_job(self, record: JobRecord) -> QueuedJob:
         if record.id not in self._jobs:
-            self._jobs[record.id] = QueuedJob(record.id, JobSpec.model_validate(record.spec), record.priority,
+            self._jobs[record.id] = QueuedJob(record.id, stored_spec(record), record.priority,
                                               record.submitted_at, record.total_steps, tuple(sorted(record.memory_caps.items())))
         return self._jobs[record.id]
 
     def table(self, snapshot: ClusterSnapshot) -> ThroughputTable:
-        """Rebuilt when the cluster's cards change (a node joined or left), else kept with its cache."""
-        cards = [c.card_id for c in snapshot.cards]
-        if self._table is None or [c.card_id for c in self._table.cluster.cards] != cards:
-            self._table = ThroughputTable(snapshot.with_holders({}))
+        """Rebuilt when anything the planner reads about the cards changes (a node joined or left, `zeromix probe`
+        measured new rates, a job recorded a card's speed, a driver was upgraded), else kept with its cache."""
+        cluster = snapshot.with_holders({})
+        if self._table is None or self._table.cluster != cluster:
+            self._table = ThroughputTable(cluster)
         return self._table
 
     def recover(self) -> None:
         """After a (re)start: a job caught between queued and running is stopped and queued again, so
         nothing runs twice; running jobs are checked against Ray on the first tick."""
-        for record in self.store.jobs(("placing",)):
-            self.launcher.stop(record.id)
-            self._transition(record.id, "placing", "queued", "the scheduler restarted while placing it; queued again")
+        self._requeue_placing("the scheduler restarted while placing it; queued again")
 
     def tick(self) -> Decision:
+        """One round. A job that breaks it (an unreadable spec or model, a planner error) fails on its own with
+        its reason and the round goes on; anything else that stops a round is kept in `last_error`."""
+        try:
+            decision = self._round()
+        except Exception as err:
+            self.last_error = f"round {self.rounds + 1}: {type(err).__name__}: {_first_line(err)}"
+            raise
+        finally:
+            self.rounds += 1  # rounds ended, whether they completed or not
+        self.last_error = None
+        return decision
+
+    def _round(self) -> Decision:
         self._finish_ended()
+        self._requeue_placing("an earlier round stopped while placing it; queued again")  # none, unless a round broke
         snapshot = self.launcher.cluster()
         active = self.store.jobs(ACTIVE)
-        self._release_leaked(snapshot, {r.id for r in active})
+        self._release_leaked({r.id for r in active})
         held = {**{c.card_id: c.held_by for c in snapshot.cards if c.held_by}, **self.store.holds()}
         now = self.clock()
         running = tuple(RunningJob(r.id, r.cards, r.est_end or now) for r in active)
-        queue = tuple(self.queued_job(r) for r in self.store.jobs(("queued",)))
+        table = self.table(snapshot)
+        queue = self._plannable(self.store.jobs(("queued",)), table)
         self._jobs = {job.id: job for job in queue}  # only queued jobs are parsed again; the rest are forgotten
         free = tuple(c for c in snapshot.cards if c.card_id not in held)
         self.cards_free, self.cards_held = len(free), len(snapshot.cards) - len(free)
-        decision = self.policy.allocate(PolicyInput(now, queue, free, running, self.table(snapshot)))
+        decision = self.policy.allocate(PolicyInput(now, queue, free, running, table))
         for assignment in decision.assignments:
             self._start(self.store.get(assignment.job_id), assignment.plan)
         self.store.set_reasons(decision.waiting)
         return decision
 
+    def _plannable(self, records: list[JobRecord], table: ThroughputTable) -> tuple[QueuedJob, ...]:
+        """The queued jobs the policy may see. One whose stored spec no longer validates (an upgrade), whose model
+        config cannot be read (moved, a disk gone) or that the planner cannot plan fails here with that reason:
+        a job that cannot be planned must not stop the others."""
+        plannable = []
+        for record in records:
+            try:
+                job = self.queued_job(record)
+                table.best(job)  # reads its model's config and plans it on the whole cluster; the policy reuses it
+            except Exception as err:
+                self._transition(record.id, "queued", "failed", f"cannot be planned any more: {type(err).__name__}: {_first_line(err)}")
+                continue
+            plannable.append(job)
+        return tuple(plannable)
+
     def _finish_ended(self) -> None:
         running = self.store.jobs(("running",))
         for job_id, ending in self.launcher.ended(running).items():
-            self.launcher.stop(job_id)  # the job's own exit frees its cards; this catches a driver that died first
+            self._stop(job_id)  # the job's own exit frees its cards; this catches a driver that died first
             state, reason, caps = ending.state, ending.reason, None
             if ending.out_of_memory:
                 record = self.store.get(job_id)
@@ -123,27 +177,46 @@ class Scheduler:
                     reason = f"{reason}; not restarted again (it was restarted {MAX_RESTARTS} times)"
             self._transition(job_id, "running", state, reason, memory_caps=caps)
 
-    def _release_leaked(self, snapshot: ClusterSnapshot, active: set[str]) -> None:
-        """A reservation whose job the queue does not count as active (cancelled meanwhile, or left by a crash)."""
-        for holder in {c.held_by for c in snapshot.cards if c.held_by} - active:
-            self.launcher.stop(holder)
+    def _release_leaked(self, active: set[str]) -> None:
+        """A reservation whose job the queue does not count as active (cancelled meanwhile, or left by a crash or
+        a stop that failed), also on a node that is gone now."""
+        for holder in self.launcher.reserving() - active:
+            self._stop(holder)
 
     def _start(self, record: JobRecord, plan: Plan) -> None:
         cards = tuple(r.card.card_id for r in plan.ranks)
         describe = " + ".join(f"{r.card.card_id} {r.card.short_name}" for r in plan.ranks)
+        try:
+            self.launcher.check_inputs(record.id, stored_spec(record))
+        except ZeromixError as err:
+            self._transition(record.id, "queued", "failed", str(err))
+            return
         if not self._transition(record.id, "queued", "placing", f"placing on {describe}", cards=cards, plan=plan.summary()):
             return
         try:
             self.launcher.start(self.store.get(record.id), plan)  # as placed: this placement's attempt number
         except Exception as err:  # a launch that failed leaves nothing held, and the job queued (or failed, in the end)
-            self.launcher.stop(record.id)
+            self._stop(record.id)
             failed = self.store.returns(record.id, "placing") + 1
             self._transition(record.id, "placing", "failed" if failed >= MAX_ATTEMPTS else "queued",
-                             f"launch {failed} of {MAX_ATTEMPTS} failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+                             f"launch {failed} of {MAX_ATTEMPTS} failed: {_first_line(err)}")
             return
         est_end = self.clock() + plan.step.step_s * plan.total_steps
         if not self._transition(record.id, "placing", "running", f"running on {describe}", est_end=est_end):
-            self.launcher.stop(record.id)  # cancelled while it was being placed
+            self._stop(record.id)  # cancelled while it was being placed
+
+    def _requeue_placing(self, reason: str) -> None:
+        for record in self.store.jobs(("placing",)):
+            self._stop(record.id)
+            self._transition(record.id, "placing", "queued", reason)
+
+    def _stop(self, job_id: str) -> None:
+        """Stop a job's Ray side. One that fails (the Jobs API down) leaves a reservation that `_release_leaked`
+        frees on a later round; it must never leave the job's state unrecorded."""
+        try:
+            self.launcher.stop(job_id)
+        except Exception as err:
+            log.warning("stopping job %s failed (its cards are freed on a later round): %s", job_id, _first_line(err))
 
     def _transition(self, job_id: str, expected, target: str, reason: str, **fields) -> bool:
         try:
@@ -151,3 +224,8 @@ class Scheduler:
             return True
         except StaleTransition:
             return False
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__

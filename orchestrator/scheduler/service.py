@@ -18,7 +18,7 @@ from dataclasses import asdict
 from orchestrator import launch, registry
 from orchestrator.cluster_runtime import RAY_NAMESPACE, ClusterState, home
 from orchestrator.errors import ZeromixError
-from orchestrator.jobspec import JobSpec
+from orchestrator.jobspec import JobSpec, check_inputs_still_there
 from orchestrator.log_records import FAILURE_TAG, tagged_records
 from orchestrator.planner import Plan
 from orchestrator.queue import LIVE, JobRecord, QueueStore
@@ -44,6 +44,12 @@ class RayLaunch:
     def cluster(self):
         return registry.snapshot()
 
+    def reserving(self) -> set[str]:
+        return set(registry.live_placement_groups())
+
+    def check_inputs(self, job_id: str, spec: JobSpec) -> None:
+        check_inputs_still_there(job_id, spec)
+
     def start(self, job: JobRecord, plan: Plan) -> None:
         launch.submit(self.state, JobSpec.model_validate(job.spec), plan, job.id, job.ray_job_id)
 
@@ -54,7 +60,7 @@ class RayLaunch:
                 info = client.get_job_info(record.ray_job_id)
             except RuntimeError as err:
                 if "404" in str(err) or "does not exist" in str(err):
-                    done[record.id] = Ending("queued", "lost: Ray has no record of it (the head restarted?); queued again")
+                    done[record.id] = Ending("failed", "lost: Ray has no record of it (the head restarted?)", retryable=True)
                 continue  # the Jobs API did not answer: ask again next round
             if info.status.value == "SUCCEEDED":
                 done[record.id] = Ending("succeeded", "finished")
@@ -105,7 +111,6 @@ class SchedulerService:
         self.scheduler = Scheduler(QueueStore(db_path), RayLaunch(ClusterState(**state)), policy(policy_name))
         self.scheduler.recover()
         self.gauges = ClusterGauges()
-        self.ticks, self.last_error = 0, None
         self._wake = threading.Event()
         threading.Thread(target=self._loop, name="zeromix-scheduler", daemon=True).start()
 
@@ -114,11 +119,8 @@ class SchedulerService:
             try:
                 self.scheduler.tick()
                 self.gauges.record(self.scheduler)
-                self.last_error = None
-            except Exception:  # one bad round must not stop the scheduler; it is logged and retried
-                self.last_error = traceback.format_exc(limit=3)
-                log.error("scheduling round failed:\n%s", self.last_error)
-            self.ticks += 1
+            except Exception:  # one bad round must not stop the scheduler: `zeromix queue` shows it, the log has it all
+                log.error("scheduling round failed:\n%s", traceback.format_exc(limit=5))
             self._wake.wait(TICK_S)
             self._wake.clear()
 
@@ -127,7 +129,7 @@ class SchedulerService:
         self._wake.set()
 
     def health(self) -> dict:
-        return {"policy": self.scheduler.policy.name, "ticks": self.ticks, "last_error": self.last_error}
+        return {"policy": self.scheduler.policy.name, "rounds": self.scheduler.rounds, "last_error": self.scheduler.last_error}
 
 
 def ensure_running(state: ClusterState, policy_name: str = "gain"):

@@ -12,6 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from orchestrator.inventory import ClusterSnapshot
+from orchestrator.jobspec import JobSpec
 from orchestrator.planner import Plan
 from orchestrator.queue import JobRecord, QueueStore
 from orchestrator.scheduler import Ending, Scheduler, spec_record
@@ -37,6 +38,12 @@ class SimulatedLaunch:
 
     def cluster(self) -> ClusterSnapshot:
         return self._cluster.with_holders({res: job for job, (resources, _) in self.running.items() for res in resources})
+
+    def reserving(self) -> set[str]:
+        return set(self.running)
+
+    def check_inputs(self, job_id: str, spec: JobSpec) -> None:
+        """A trace's jobs name models by their shipped configs and no data files: nothing to look for."""
 
     def start(self, job: JobRecord, plan: Plan) -> None:
         self.running[job.id] = (tuple(r.card.resource for r in plan.ranks), self._clock() + plan.step.step_s * plan.total_steps)

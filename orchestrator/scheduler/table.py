@@ -9,6 +9,7 @@ each distinct shape once per free set, not each job.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 from orchestrator.inventory import ClusterSnapshot
@@ -50,31 +51,50 @@ class Outcome:
         return self.plan.step.step_s * total_steps
 
 
+class Bounded(OrderedDict):
+    """A cache that forgets its least recently used entries beyond `limit`: a scheduler that runs for months
+    sees endless shapes and free sets, and must not grow with them."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def get_or_make(self, key, make):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = make()
+        if len(self) > self.limit:
+            self.popitem(last=False)
+        return value
+
+
+PLAN_CACHE = 20_000  # plans (shape, free cards); one round of 200 queued jobs on 64 cards makes about 2,000
+VIEW_CACHE = 2_000  # the cluster as seen with only some cards free
+FACTS_CACHE = 500  # parsed model configs
+
+
 class ThroughputTable:
     def __init__(self, cluster: ClusterSnapshot):
         self.cluster = cluster  # every card, none held: what "best" is measured against
-        self._plans: dict[tuple[str, frozenset[str]], Outcome] = {}
-        self._views: dict[frozenset[str], ClusterSnapshot] = {}  # the cluster with all but these cards held
-        self._facts: dict[str, ModelFacts] = {}
+        self._plans: Bounded = Bounded(PLAN_CACHE)  # (shape, free cards) -> Outcome
+        self._views: Bounded = Bounded(VIEW_CACHE)  # free cards -> the cluster with all others held
+        self._facts: Bounded = Bounded(FACTS_CACHE)  # model path -> ModelFacts
 
     def facts(self, job: QueuedJob) -> ModelFacts:
-        path = job.spec.model.path
-        if path not in self._facts:
-            self._facts[path] = facts_from_config(read_config(path))
-        return self._facts[path]
+        return self._facts.get_or_make(job.spec.model.path, lambda: facts_from_config(read_config(job.spec.model.path)))
 
     def plan(self, job: QueuedJob, free: frozenset[str]) -> Outcome:
         """The planner's best plan for the job on the `free` cards (the others count as held)."""
-        key = (job.shape, free)
-        if key not in self._plans:
-            if free not in self._views:
-                self._views[free] = self.cluster.with_holders({c.resource: "another job" for c in self.cluster.cards if c.card_id not in free})
+        def make() -> Outcome:
+            view = self._views.get_or_make(free, lambda: self.cluster.with_holders(
+                {c.resource: "another job" for c in self.cluster.cards if c.card_id not in free}))
             try:
-                view = self._views[free].with_memory_caps(dict(job.memory_caps))
-                self._plans[key] = Outcome(make_plan(job.spec, self.facts(job), view, job.total_steps, suggest=False))
+                return Outcome(make_plan(job.spec, self.facts(job), view.with_memory_caps(dict(job.memory_caps)), job.total_steps, suggest=False))
             except NoPlacement as err:
-                self._plans[key] = Outcome(None, str(err))
-        shared = self._plans[key]  # planned for some job of this shape: make it this job's
+                return Outcome(None, str(err))
+
+        shared = self._plans.get_or_make((job.shape, free), make)  # planned for some job of this shape: make it this job's
         if shared.plan and (shared.plan.job_name, shared.plan.total_steps) != (job.spec.name, job.total_steps):
             return Outcome(replace(shared.plan, job_name=job.spec.name, total_steps=job.total_steps))
         return shared

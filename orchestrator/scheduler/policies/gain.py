@@ -82,11 +82,11 @@ class Gain:
         return decision
 
     def _urgency(self, job: QueuedJob, x: PolicyInput) -> tuple:
-        """Priority first; within a priority, highest response ratio next: (waited + run) / run on its best
-        cards. Short jobs go first, and every waiting job's ratio grows until it is first: no starvation."""
+        """Priority first, aged; within a priority, highest response ratio next: (waited + run) / run on its best
+        cards, so short jobs go first and every waiting job's ratio grows until it is first."""
         best = x.table.best(job)
         run = best.duration_s(job.total_steps) if best.plan else float("inf")
-        return (-job.priority, -((x.now - job.submitted_at) + run) / run, job.submitted_at)
+        return (-aged_priority(job, x), -((x.now - job.submitted_at) + run) / run, job.submitted_at)
 
     def _place(self, job: QueuedJob, x: PolicyInput, free: set[str], reservation: Reservation | None) -> Outcome | None:
         """Its best plan on the free cards, keeping off reserved cards unless it ends before they are needed,
@@ -154,6 +154,15 @@ class Gain:
             if outcome.plan:
                 return Reservation(job.id, frozenset(outcome.cards), running.est_end, running.est_end + outcome.duration_s(job.total_steps))
         return None
+
+
+def aged_priority(job: QueuedJob, x: PolicyInput) -> int:
+    """The highest priority among the queued jobs that its own priority plus AGING_PER_HOUR per hour waited has
+    reached: after (q - p) / AGING_PER_HOUR hours a priority-p job queues as an equal of the priority-q jobs
+    (first by response ratio among them), so no stream of higher-priority jobs keeps it waiting for ever. Whole
+    priority classes, not a sliding score: within a class the order stays shortest-response-ratio first."""
+    reached = job.priority + AGING_PER_HOUR * max(0.0, x.now - job.submitted_at) / 3600
+    return max((j.priority for j in x.queue if job.priority <= j.priority <= reached), default=job.priority)
 
 
 def _whole_free_boxes(x: PolicyInput, pool: set[str]) -> set[str]:

@@ -1,0 +1,146 @@
+"""The controller's promises, each on the real Scheduler, QueueStore and gain policy with Ray's double
+(tests/controller_world.py): milliseconds each. Every test here failed on the code before its fix."""
+
+import dataclasses
+import shutil
+
+import pytest
+
+from orchestrator.queue import OutputDirTaken, QueueStore
+from orchestrator.scheduler import MAX_ATTEMPTS, table as table_module
+from orchestrator.scheduler.table import Bounded, QueuedJob, ThroughputTable
+from tests.controller_world import World
+
+
+@pytest.fixture
+def world(tmp_path):
+    return World.make(tmp_path)
+
+
+def test_a_job_whose_stored_spec_no_longer_validates_fails_alone_and_the_others_start(world):
+    good = world.submit(world.spec())
+    old = world.spec()
+    broken = world.submit(old, stored={**old.model_dump(mode="json", exclude_unset=True), "deepspeed": {"zero_stage": 0}})
+    world.scheduler.tick()
+    assert world.state(good) == "running"
+    record = world.store.get(broken)
+    assert record.state == "failed"
+    assert record.reason == (f"cannot be planned any more: InputError: job {broken}'s stored spec: deepspeed.zero_stage=0 is not "
+                             "allowed; input should be 'auto', 1, 2 or 3")
+    assert world.scheduler.last_error is None and world.scheduler.rounds == 1
+
+
+def test_a_job_whose_model_config_cannot_be_read_fails_alone_with_the_path(world):
+    lost = world.submit(world.spec("qwen2.5-0.5b", method="lora"))
+    shutil.rmtree(world.model_dir("qwen2.5-0.5b"))  # the disk it was on is unmounted before the first round
+    good = world.submit(world.spec())
+    world.scheduler.tick()
+    assert world.state(good) == "running"
+    record = world.store.get(lost)
+    assert record.state == "failed" and "no config.json found locally" in record.reason and "model-qwen2.5-0.5b" in record.reason
+
+
+def test_a_model_gone_after_it_was_planned_fails_just_before_placing_with_one_line(world):
+    first = world.submit(world.spec(gpus={"count": 5}))  # all five cards: the next job waits, planned
+    waiting = world.submit(world.spec("qwen2.5-0.5b", method="lora"))
+    world.scheduler.tick()
+    assert (world.state(first), world.state(waiting)) == ("running", "queued")
+    shutil.rmtree(world.model_dir("qwen2.5-0.5b"))
+    world.ray.endings[first] = _finished()
+    world.scheduler.tick()
+    record = world.store.get(waiting)
+    assert record.state == "failed" and waiting not in world.ray.starts
+    assert record.reason.startswith(f"job {waiting}: model.path='{world.root}"[:60])  # the path, cut at 80 characters
+    assert record.reason.endswith(" is not allowed; it is gone (moved or deleted since the job was submitted)")
+
+
+def test_a_launch_and_its_cleanup_both_failing_leave_the_job_queued_and_its_cards_freed_next_round(world):
+    job = world.submit(world.spec())
+    world.ray.fail_start = world.ray.fail_stop = True
+
+    def start_that_reserves_then_fails(record, plan):  # as launch.submit: the reservation is made, the Jobs API is down
+        world.ray.reservations[record.id] = tuple(r.card.resource for r in plan.ranks)
+        raise RuntimeError("Failed to submit job: 503 Service Unavailable")
+
+    world.ray.start = start_that_reserves_then_fails
+    world.scheduler.tick()
+    record = world.store.get(job)
+    assert record.state == "queued" and record.reason == f"launch 1 of {MAX_ATTEMPTS} failed: Failed to submit job: 503 Service Unavailable"
+    assert world.store.holds() == {} and world.ray.reservations  # the queue holds nothing; Ray's reservation leaked
+    world.ray.fail_stop = False
+    del world.ray.start  # Ray answers again
+    world.ray.fail_start = False
+    world.scheduler.tick()
+    assert world.state(job) == "running" and list(world.ray.reservations) == [job]
+
+
+def test_a_round_that_breaks_is_counted_and_shown_and_the_next_one_clears_it(world):
+    world.submit(world.spec())
+    cluster = world.ray.cluster
+    world.ray.cluster = lambda: (_ for _ in ()).throw(RuntimeError("GCS unavailable"))
+    with pytest.raises(RuntimeError):
+        world.scheduler.tick()
+    assert (world.scheduler.rounds, world.scheduler.last_error) == (1, "round 1: RuntimeError: GCS unavailable")
+    world.ray.cluster = cluster
+    world.scheduler.tick()
+    assert (world.scheduler.rounds, world.scheduler.last_error) == (2, None)
+
+
+def test_two_live_jobs_never_share_an_output_dir_even_from_two_clients_at_once(tmp_path, world):
+    path = tmp_path / "queue.db"
+    first, second = QueueStore(path), QueueStore(path)  # two `zeromix submit`s, each with its own connection
+    spec = world.spec()
+    first.submit("a-1", spec.name, spec.model_dump(mode="json"), 10, 0)
+    with pytest.raises(OutputDirTaken, match="job a-1 \\(queued\\) writes there"):
+        second.submit("b-1", spec.name, spec.model_dump(mode="json"), 10, 0)
+    assert [r.id for r in second.jobs()] == ["a-1"]  # nothing half-written
+    first.transition("a-1", "queued", "cancelled", "cancelled by the user")
+    second.submit("b-1", spec.name, spec.model_dump(mode="json"), 10, 0)  # a dead job's directory may be reused
+
+
+def test_the_table_is_rebuilt_when_a_cards_record_changes_not_only_when_cards_come_or_go(world):
+    snapshot = world.ray.cluster()
+    table = world.scheduler.table(snapshot)
+    assert world.scheduler.table(world.ray.cluster()) is table  # nothing changed: the cache is kept
+    desk = snapshot.node("desk")
+    slower = dataclasses.replace(desk, cards=tuple(dataclasses.replace(c, facts=dataclasses.replace(c.facts, training_speed=0.5))
+                                                   for c in desk.cards))  # a job measured desk's cards at half the plan
+    changed = dataclasses.replace(snapshot, nodes=tuple(slower if n.name == "desk" else n for n in snapshot.nodes))
+    rebuilt = world.scheduler.table(changed)
+    assert rebuilt is not table
+    job = QueuedJob("j", world.spec(gpus={"models": ["RTX 4090"]}), 0, 0.0, 100)
+    assert rebuilt.best(job).plan.step.step_s > 1.5 * table.best(job).plan.step.step_s
+
+
+def test_the_tables_caches_forget_the_least_recently_used_beyond_their_bound(monkeypatch, world):
+    cache = Bounded(2)
+    assert [cache.get_or_make(k, lambda k=k: k * 10) for k in (1, 2, 1, 3)] == [10, 20, 10, 30]
+    assert list(cache) == [1, 3]  # 2 was the least recently used
+    monkeypatch.setattr(table_module, "PLAN_CACHE", 3)
+    table = ThroughputTable(world.ray.cluster())
+    job = QueuedJob("j", world.spec(), 0, 0.0, 100)
+    cards = [c.card_id for c in table.cluster.cards]
+    for i in range(len(cards)):
+        table.plan(job, frozenset(cards[: i + 1]))
+    assert len(table._plans) == 3
+
+
+def test_a_job_without_a_checkpoint_cadence_saves_about_every_ten_minutes_of_training(world):
+    from orchestrator.launch import CHECKPOINT_EVERY_S, train_config
+    from orchestrator.model_facts import facts_from_config, read_config
+    from orchestrator.planner import make_plan
+
+    spec = world.spec("qwen2.5-0.5b", method="lora", max_steps=100_000, seq_len=1024)
+    plan = make_plan(spec, facts_from_config(read_config(spec.model.path)), world.ray.cluster(), 100_000)
+    every = train_config(spec, plan, "j-1").checkpoint_every
+    assert every == round(CHECKPOINT_EVERY_S / plan.step.step_s) and 0 < every < 100_000
+    assert train_config(spec.model_copy(update={"checkpoint_every": 0}), plan, "j-1").checkpoint_every == 0  # only at the end
+    assert train_config(spec.model_copy(update={"checkpoint_every": 7}), plan, "j-1").checkpoint_every == 7
+    short = make_plan(spec, facts_from_config(read_config(spec.model.path)), world.ray.cluster(), 10)
+    assert train_config(spec, short, "j-1").checkpoint_every == 0  # the whole run is shorter than ten minutes
+
+
+def _finished():
+    from orchestrator.scheduler import Ending
+
+    return Ending("succeeded", "finished")
