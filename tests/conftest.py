@@ -244,11 +244,11 @@ def cli(*args: str, check: bool = True, columns: int = 200) -> subprocess.Comple
 
     from rich.console import Console
 
-    from orchestrator import cli as program
+    from orchestrator.cli import commands as program, render
 
     out, err, code = io.StringIO(), io.StringIO(), 0
-    saved = sys.argv, program.console, os.getcwd()
-    sys.argv, program.console = ["zeromix", *args], Console(width=columns)
+    saved = sys.argv, render.console, os.getcwd()
+    sys.argv, render.console = ["zeromix", *args], Console(width=columns)
     os.chdir(REPO)  # relative paths as `zeromix` below sees them
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -256,7 +256,7 @@ def cli(*args: str, check: bool = True, columns: int = 200) -> subprocess.Comple
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     finally:
-        sys.argv, program.console, cwd = saved
+        sys.argv, render.console, cwd = saved
         os.chdir(cwd)
     if check and code != 0:
         raise AssertionError(f"zeromix {' '.join(args)} exited {code}:\n{out.getvalue()[-3000:]}\n{err.getvalue()[-3000:]}")

@@ -116,7 +116,7 @@ def test_a_pascal_box_on_cu126_and_a_blackwell_box_on_cu130_never_share_a_job():
 
 
 def test_zeromix_nodes_says_per_box_which_build_it_runs_and_what_it_cannot_drive():
-    from orchestrator.cli import box_build, node_row
+    from orchestrator.cli.render import box_build, node_row
 
     attic = node("attic", software("2.13.0+cu130", "13.0", CU130, nccl="2.27.7"), PASCAL, AMPERE)
     assert box_build(attic) == ("attic: torch 2.13.0+cu130 (CUDA 13.0, kernels sm_75..sm_120 + PTX compute_120), NCCL 2.27.7; "

@@ -66,6 +66,31 @@ def test_two_jobs_run_side_by_side_and_a_third_starts_when_cards_free(connected,
     assert not ours & set(live_holds().values()) and not ours & set(store.holds().values())
 
 
+def test_a_box_that_joined_submits_follows_and_reads_its_job_through_the_heads_queue(connected, demo_data, tmp_path):
+    """A joined box has a ZEROMIX_HOME of its own and no queue: `submit --follow` there queues the job on the head
+    (it used to store it in a queue.db of its own that no scheduler read, and follow it for ever), follows it to
+    its end, and `queue` and `logs` there show the same job."""
+    import dataclasses
+    import shutil
+
+    from orchestrator import cluster_runtime
+
+    state, work = connected
+    box = tmp_path / "joined-box-home"
+    box.mkdir()
+    shutil.copy2(cluster_runtime.token_file(), box / "auth_token")
+    (box / "cluster.json").write_text(json.dumps({**dataclasses.asdict(state), "dashboard_url": None, "node": "desk"}))
+    on_box = {"ZEROMIX_HOME": str(box)}
+    done = zeromix("submit", "--follow", SCRATCH, "--set", f"output_dir={work / 'from-a-joined-box'}", "--set", "max_steps=3",
+                   "--set", f"dataset.path={demo_data['pretrain']}", "--set", "report_to=[]", env=on_box, timeout=300)
+    job = submitted_id(done.stdout)
+    assert f"{job}: succeeded" in done.stdout and "loss" in done.stdout.split(f"{job}: succeeded")[1]  # its result, drawn
+    assert not (box / "state").exists()  # no queue of its own
+    assert queue_store().get(job).state == "succeeded"
+    assert job in [r["job"] for r in json.loads(zeromix("queue", "--json", "--all", env=on_box).stdout)["jobs"]]
+    assert "ZEROMIX_RESULT" in zeromix("logs", job, env=on_box).stdout
+
+
 def test_cancel_works_in_every_state(connected, demo_data):
     state, work = connected
     running_id = submit(work, demo_data, "cancel-running", "max_steps=100000", DESK_BOX)

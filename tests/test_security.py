@@ -82,6 +82,6 @@ def test_no_command_imports_ray_before_its_auth_settings_are_in_the_environment(
     at load time makes every later connection go out without the token ("Missing authorization header"), which
     the tests, whose environment already holds the settings, would never notice."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    code = "import sys, orchestrator.cli, orchestrator.demo, orchestrator.scheduler.service; print('ray' in sys.modules)"
+    code = "import sys, orchestrator.cli.commands, orchestrator.client, orchestrator.demo, orchestrator.scheduler.service; print('ray' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert done.stdout.strip() == "False", done.stderr[-2000:]

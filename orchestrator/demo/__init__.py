@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from orchestrator import cluster_runtime
+from orchestrator import client, cluster_runtime
 from orchestrator import report as job_report
-from orchestrator.cli import console, start_scheduler, submit_job
+from orchestrator.cli import render
+from orchestrator.cli.render import console
+from orchestrator.errors import ZeromixError
 from orchestrator.demo.task import exact_match, write_demo_data
 
 SCRATCH_JOB = "jobs/examples/tiny-llama-scratch.yaml"
@@ -23,7 +25,7 @@ def _ensure_cluster(cluster_file: str) -> cluster_runtime.ClusterState:
     console.print("  already up: reusing it" if result.reused else "  started")
     for node in snapshot.nodes:
         console.print(f"  {node.name}: " + ", ".join(c.short_name for c in node.cards))
-    start_scheduler(result.state)
+    client.start_scheduler(result.state)
     return result.state
 
 
@@ -38,6 +40,18 @@ def _accuracies(model_dir: Path, adapter_dir: Path, eval_path: Path) -> tuple[fl
     return before, exact_match(tuned, tokenizer, eval_path)
 
 
+def submit_and_follow(job_file: str, overrides: list[str]) -> tuple[str, dict]:
+    """Queue a job, show its plan and follow it to its end; stops the demo if it did not succeed."""
+    done = client.submit(job_file, overrides)
+    console.print(f"submitted [bold]{done.job_id}[/]")
+    render.plan(done.preview)
+    end = render.follow(client.watch(done.job_id))
+    if end.state != "succeeded" or end.result is None:
+        raise ZeromixError(f"the demo's job {done.job_id} ended {end.state}; `zeromix logs {done.job_id}` says why")
+    render.job_result(end.result)
+    return done.job_id, end.result
+
+
 def run_demo(cluster_file: str) -> None:
     started = time.perf_counter()
     data = write_demo_data(Path("data/demo"))
@@ -45,9 +59,9 @@ def run_demo(cluster_file: str) -> None:
     root = Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
 
     console.rule("1/2  train a tiny Llama from scratch (full, ZeRO-2)")
-    scratch_id, scratch = submit_job(SCRATCH_JOB, [f"output_dir={root}/scratch"])
+    scratch_id, scratch = submit_and_follow(SCRATCH_JOB, [f"output_dir={root}/scratch"])
     console.rule("2/2  LoRA-fine-tune it on a new instruction (ZeRO-3)")
-    lora_id, lora = submit_job(LORA_JOB, [f"output_dir={root}/lora", f"model.path={root}/scratch/final"])
+    lora_id, lora = submit_and_follow(LORA_JOB, [f"output_dir={root}/lora", f"model.path={root}/scratch/final"])
 
     before, after = _accuracies(Path(scratch["final_dir"]), Path(lora["final_dir"]), data["reverse-eval"])
     console.rule("summary")

@@ -21,7 +21,7 @@ from orchestrator.errors import ZeromixError
 from orchestrator.jobspec import JobSpec, check_inputs_still_there
 from orchestrator.log_records import FAILURE_TAG, tagged_records
 from orchestrator.planner import Plan
-from orchestrator.queue import LIVE, JobRecord, QueueStore
+from orchestrator.queue import LIVE, JobRecord, OutputDirTaken, QueueStore, StaleTransition
 from orchestrator.scheduler import Ending, Scheduler
 from orchestrator.scheduler.policies import policy
 
@@ -108,9 +108,12 @@ class SchedulerService:
     """The actor's body (wrapped with ray.remote in `ensure_running`)."""
 
     def __init__(self, state: dict, db_path: str, policy_name: str):
-        self.scheduler = Scheduler(QueueStore(db_path), RayLaunch(ClusterState(**state)), policy(policy_name))
+        self.launch = RayLaunch(ClusterState(**state))
+        self.scheduler = Scheduler(QueueStore(db_path), self.launch, policy(policy_name))
         self.scheduler.recover()
         self.gauges = ClusterGauges()
+        # The clients' own connection to the queue (the rounds' transactions are the loop thread's), one call at a time.
+        self.queue, self._queue_lock = QueueStore(db_path), threading.Lock()
         self._wake = threading.Event()
         threading.Thread(target=self._loop, name="zeromix-scheduler", daemon=True).start()
 
@@ -127,6 +130,56 @@ class SchedulerService:
     def poke(self) -> None:
         """A job was submitted or cancelled: run a round now rather than at the next tick."""
         self._wake.set()
+
+    # ---------------------------------------------------------------------------- the clients' calls (client.py)
+    def submit(self, job_id: str, name: str, spec: dict, total_steps: int, priority: int) -> str | None:
+        """Queue a job; None, or why not (another live job writes into its output_dir)."""
+        with self._queue_lock:
+            try:
+                self.queue.submit(job_id, name, spec, total_steps, priority)
+            except OutputDirTaken as clash:
+                return str(clash)
+        self.poke()
+        return None
+
+    def jobs(self, states: tuple[str, ...] | None) -> list[JobRecord]:
+        with self._queue_lock:
+            return self.queue.jobs(states) if states else self.queue.jobs()
+
+    def find(self, prefix: str) -> tuple[JobRecord | None, str]:
+        """The job with this id, or the only one whose id starts so; else None and why."""
+        with self._queue_lock:
+            try:
+                return self.queue.find(prefix), ""
+            except KeyError as err:
+                return None, err.args[0]
+
+    def cancel(self, job_id: str) -> tuple[str, bool]:
+        """(the state it was in, whether this call cancelled it); its Ray side is stopped and its cards freed."""
+        with self._queue_lock:
+            was = self.queue.get(job_id).state
+            try:
+                self.queue.transition(job_id, LIVE, "cancelled", "cancelled by the user")
+            except StaleTransition:
+                return self.queue.get(job_id).state, False
+        try:
+            self.launch.stop(job_id)  # idempotent; if Ray does not answer, the next rounds free its cards
+        except Exception as err:
+            log.warning("stopping cancelled job %s failed (its cards are freed on a later round): %s", job_id, err)
+        self.poke()
+        return was, True
+
+    def job_output(self, ray_job_id: str, offset: int) -> tuple[str | None, str | None, int]:
+        """(Ray's status, the complete lines of its log after `offset`, the new offset); (None, None, offset) for a
+        job Ray does not know. Read on the head, whose Jobs API listens on loopback only."""
+        client = launch.jobs_client(self.launch.state)
+        try:
+            status = client.get_job_status(ray_job_id)
+            text = client.get_job_logs(ray_job_id)  # after the status: a finished job's last lines are in it
+        except RuntimeError:
+            return None, None, offset
+        end = text.rfind("\n") + 1
+        return status.value, text[offset:end], max(offset, end)
 
     def health(self) -> dict:
         return {"policy": self.scheduler.policy.name, "rounds": self.scheduler.rounds, "last_error": self.scheduler.last_error}

@@ -1,0 +1,228 @@
+"""What a user asks of zeromix, as functions that return values: the CLI and the demo draw them, tests call them.
+
+Every call about jobs goes to the scheduler actor on the head, which owns the queue: `submit` on a joined box
+stores the job in the head's queue, as it does on the head, and `watch` follows it from anywhere. Nothing here
+prints; following a job yields its changes (`Waiting`, `Step`, `Ended`) for a renderer to draw.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from orchestrator import cluster_runtime, registry
+from orchestrator.cluster_config import load_cluster
+from orchestrator.errors import InputError, ZeromixError
+from orchestrator.inventory import snapshot_from_config
+from orchestrator.job_states import LIVE, TERMINAL
+from orchestrator.jobspec import JobSpec, load_job, total_steps
+from orchestrator.log_records import RESULT_TAG, tagged_records
+from orchestrator.model_facts import ModelFacts, facts_from_config, read_config
+from orchestrator.planner import Plan, make_plan
+from orchestrator.queue import JobRecord
+from workers.train import PROGRESS_TAG
+
+POLL_S = 1.0
+CALL_TIMEOUT_S = 30  # one answer from the scheduler actor
+PLACING_TIMEOUT_S = 180  # a job being placed (reserve + submit) that takes longer is reported
+END_RECORDED_TIMEOUT_S = 60  # Ray says a job ended; the scheduler records it on its next round
+
+
+# ------------------------------------------------------------------------------------------ the scheduler
+def scheduler():
+    """The scheduler actor, started on the head if it is not running (a queue nobody schedules never moves)."""
+    from orchestrator.scheduler.service import ensure_running
+
+    return ensure_running(cluster_runtime.connect())
+
+
+def _ask(method: str, *args):
+    """One call to the scheduler actor, with a deadline."""
+    import ray
+
+    try:
+        return ray.get(getattr(scheduler(), method).remote(*args), timeout=CALL_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise ZeromixError(f"the zeromix scheduler did not answer {method} within {CALL_TIMEOUT_S} s; `zeromix queue` "
+                           "again in a minute, and its log is in the Ray dashboard (actor zeromix-scheduler)") from None
+
+
+def start_scheduler(state: cluster_runtime.ClusterState) -> None:
+    from orchestrator.scheduler.service import ensure_running
+
+    cluster_runtime.connect(state)
+    ensure_running(state)
+
+
+# ------------------------------------------------------------------------------------------ plan and submit
+def job_and_facts(job_file: str, overrides: list[str]) -> tuple[JobSpec, ModelFacts]:
+    job = load_job(job_file, overrides=overrides)  # schema and paths are checked before the cluster is touched
+    facts = facts_from_config(read_config(job.model.path))
+    facts.check_seq_len(job.seq_len, job_file)
+    return job, facts
+
+
+def plan(job_file: str, overrides: list[str], pool: str | None = None) -> Plan:
+    """Against the live cluster's cards (free memory as NVML reports it now), or a pool file without Ray."""
+    job, facts = job_and_facts(job_file, overrides)
+    if pool:
+        return make_plan(job, facts, snapshot_from_config(load_cluster(pool)), total_steps(job))
+    cluster_runtime.connect()
+    return make_plan(job, facts, registry.snapshot(live_free_memory=True), total_steps(job))
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    preview: Plan  # on the whole cluster, nothing held: where it would run if it were alone
+
+
+def submit(job_file: str, overrides: list[str]) -> Submitted:
+    """Validate against files and the cluster's cards (a job that fits nowhere is refused, nothing stored), then
+    queue it on the head."""
+    from orchestrator.launch import new_job_id
+    from orchestrator.scheduler import spec_record
+
+    job, facts = job_and_facts(job_file, overrides)
+    cluster_runtime.connect()
+    steps = total_steps(job)
+    preview = make_plan(job, facts, registry.snapshot().with_holders({}), steps)
+    job_id = new_job_id(job)
+    clash = _ask("submit", job_id, job.name, spec_record(job), steps, job.priority)
+    if clash:
+        raise InputError(job_file, "output_dir", job.output_dir, f"{clash}; choose another")
+    return Submitted(job_id, preview)
+
+
+# ------------------------------------------------------------------------------------------ the queue
+@dataclass(frozen=True)
+class QueueView:
+    jobs: list[JobRecord]
+    cards: list[dict]  # card, gpu, held_by
+    scheduler: dict  # policy, rounds, last_error
+
+    @property
+    def waiting(self) -> list[JobRecord]:
+        return sorted((r for r in self.jobs if r.state == "queued"), key=lambda r: (-r.priority, r.submitted_at))
+
+
+def queue(show_all: bool = False) -> QueueView:
+    health = _ask("health")
+    jobs = _ask("jobs", None if show_all else LIVE)
+    cards = [{"card": c.card_id, "gpu": c.short_name, "held_by": c.held_by} for c in registry.snapshot().cards]
+    return QueueView(jobs, cards, health)
+
+
+def job(job_id: str) -> JobRecord:
+    """A job by id, or by a prefix only one job has."""
+    record, why_not = _ask("find", job_id)
+    if record is None:
+        raise ZeromixError(f"no job {why_not!r} in the queue; `zeromix queue --all` lists them")
+    return record
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    job_id: str
+    was: str  # the state it left, or the terminal state it had already reached
+    cancelled: bool
+
+
+def cancel(job_id: str) -> Cancelled:
+    record = job(job_id)
+    if record.state in TERMINAL:
+        return Cancelled(record.id, record.state, False)
+    was, cancelled = _ask("cancel", record.id)
+    return Cancelled(record.id, was, cancelled)
+
+
+def logs(job_id: str) -> str:
+    """Its Ray job's whole log (empty for a job that never started)."""
+    record = job(job_id)
+    if record.state == "queued" and not record.attempts:
+        return ""
+    text = _ask("job_output", record.ray_job_id, 0)[1]
+    if text is None:
+        raise ZeromixError(f"Ray has no logs for {record.id} (it ended before the head restarted?)")
+    return text
+
+
+def write_report(job_id: str, out: str | None) -> Path:
+    from orchestrator import report as job_report
+
+    record = job(job_id)
+    output_dir = Path(record.spec["output_dir"])
+    return job_report.write(job_report.load_result(output_dir, record.id), Path(out) if out else output_dir / job_report.REPORT_FILE)
+
+
+# ------------------------------------------------------------------------------------------ watching
+@dataclass(frozen=True)
+class Waiting:
+    job_id: str
+    state: str  # queued | placing
+    reason: str
+
+
+@dataclass(frozen=True)
+class Step:
+    job_id: str
+    step: int
+    of: int
+    loss: float
+    tokens_per_s: float
+    step_time_s: float
+
+
+@dataclass(frozen=True)
+class Ended:
+    job_id: str
+    state: str  # succeeded | failed | cancelled
+    result: dict | None  # the driver's result, when it finished
+
+
+def watch(job_id: str) -> Iterator[Waiting | Step | Ended]:
+    """A job's life from now to its end: each change of why it waits, each step while it runs, its end. A job
+    restarted after a lost card goes back to waiting and is followed again. Waiting in the queue has no deadline
+    (the caller stops watching, not the job); being placed, and the end being recorded, have one."""
+    record, last, placing_since, result = job(job_id), None, None, None
+    while True:
+        while (record := _get(record.id)).state in ("queued", "placing"):
+            if (record.state, record.reason) != last:
+                yield Waiting(record.id, record.state, record.reason)
+                last = (record.state, record.reason)
+            placing_since = (placing_since or time.monotonic()) if record.state == "placing" else None
+            if placing_since and time.monotonic() - placing_since > PLACING_TIMEOUT_S:
+                raise ZeromixError(f"{record.id} has been placing for {PLACING_TIMEOUT_S} s; `zeromix queue` says why, "
+                                   "and the scheduler's log is in the Ray dashboard (actor zeromix-scheduler)")
+            time.sleep(POLL_S)
+        if record.state == "running":
+            result = yield from _steps(record)
+            last = None
+        deadline = time.monotonic() + END_RECORDED_TIMEOUT_S
+        while (record := _get(record.id)).state == "running" and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        if record.state in TERMINAL:
+            yield Ended(record.id, record.state, result)
+            return
+        if record.state == "running":
+            raise ZeromixError(f"Ray says {record.ray_job_id} ended but the scheduler has not recorded it within "
+                               f"{END_RECORDED_TIMEOUT_S} s; `zeromix queue` shows whether its rounds run")
+
+
+def _get(job_id: str) -> JobRecord:
+    return _ask("find", job_id)[0]
+
+
+def _steps(record: JobRecord) -> Iterator[Step]:
+    """Its progress lines from the Ray job's log until Ray says it ended; returns its result, if it wrote one."""
+    offset, result = 0, None
+    while True:
+        status, text, offset = _ask("job_output", record.ray_job_id, offset)
+        for step in tagged_records(text or "", PROGRESS_TAG):
+            yield Step(record.id, step["step"], step["of"], step["loss"], step["tokens_per_s"], step["step_time_s"])
+        result = next(iter(tagged_records(text or "", RESULT_TAG)), result)
+        if status is None or status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return result
+        time.sleep(POLL_S)
