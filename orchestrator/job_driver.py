@@ -13,6 +13,7 @@ from ray.util.placement_group import remove_placement_group
 
 from orchestrator.log_records import FAILURE_TAG, RESULT_TAG
 from orchestrator import registry
+from orchestrator.launch import CONFIG_KEY_ENV, load_train_config
 from orchestrator.registry import placement_group_name
 from orchestrator.report import RESULT_FILE
 from orchestrator.worker_group import RankFailed, WorkerGroup
@@ -60,15 +61,17 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
 
 
 def main() -> int:
-    config = TrainConfig.from_json(os.environ["ZEROMIX_TRAIN_CONFIG"])
+    ray.init(namespace="zeromix")
+    key = os.environ[CONFIG_KEY_ENV]
+    config = load_train_config(key)
+    attempt = key.rsplit("/", 1)[1]  # this placement's Ray job id: its rank actors' names are its own
     plan = config.plan
     cards = plan["ranks"]
-    ray.init(namespace="zeromix")
     group_pg = ray.util.get_placement_group(placement_group_name(config.job_id))
     group = None
     try:
         ray.get(group_pg.ready(), timeout=READY_TIMEOUT_S)
-        group = WorkerGroup(group_pg, cards, config.job_id)
+        group = WorkerGroup(group_pg, cards, attempt)
         placements = group.where()
         for c, p in zip(cards, placements):
             print(f"zeromix: rank on {c['card']} ({c['model']}) sees CUDA_VISIBLE_DEVICES={p['cuda_visible_devices']}, "

@@ -7,6 +7,8 @@ too; the scheduler's rounds catch a driver that died without doing so.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import secrets
 import shlex
@@ -17,13 +19,15 @@ from orchestrator.cluster_runtime import ClusterState
 from orchestrator.errors import ZeromixError
 from orchestrator.jobspec import JobSpec
 from orchestrator.planner import Plan
-from orchestrator.registry import live_placement_groups, placement_group_name
+from orchestrator.registry import KV_NAMESPACE, live_placement_groups, placement_group_name
 from workers.train import TrainConfig
 
 RESERVE_TIMEOUT_S = 30
+HTTP_TIMEOUT_S = 30  # one request to the Jobs API
 AGENT_WAIT_S = 60
 METADATA_KEY = "zeromix_job"  # present on every job zeromix submits
 ID_KEY = "zeromix_id"  # the queue's job id, the same for every placement of the job
+CONFIG_KEY_ENV = "ZEROMIX_TRAIN_CONFIG_KEY"  # where in Ray's KV store the job's driver finds its train config
 
 
 def new_job_id(job: JobSpec) -> str:
@@ -82,34 +86,85 @@ def release(job_id: str) -> bool:
 
 
 def jobs_client(state: ClusterState):
-    from ray.job_submission import JobSubmissionClient
+    """The head's Jobs API client, one per address and token (each new one asks the server for its version)."""
+    from orchestrator.cluster_runtime import token_file
 
     if state.dashboard_url is None:
         raise ZeromixError("job commands run on the head: its dashboard and Jobs API listen on its loopback only")
-    return JobSubmissionClient(state.dashboard_url)
+    token = token_file().read_text() if token_file().exists() else ""
+    return _client(state.dashboard_url, hashlib.sha256(token.encode()).hexdigest())
+
+
+@functools.lru_cache(maxsize=8)
+def _client(url: str, token_digest: str):
+    """Ray's client sends its requests with no timeout: a Jobs API that stopped answering would hold the scheduler's
+    round, a cancel or a follow for ever. Each request here gives up after HTTP_TIMEOUT_S, as a RuntimeError (what
+    callers already treat as "did not answer")."""
+    import requests
+    from ray.job_submission import JobSubmissionClient
+
+    class Client(JobSubmissionClient):
+        def _do_request(self, method, endpoint, **kwargs):
+            kwargs.setdefault("timeout", HTTP_TIMEOUT_S)
+            try:
+                return super()._do_request(method, endpoint, **kwargs)
+            except requests.RequestException as err:
+                raise RuntimeError(f"the Jobs API at {url} did not answer within {HTTP_TIMEOUT_S} s ({type(err).__name__})") from None
+
+    return Client(url)
 
 
 def submit(state: ClusterState, job: JobSpec, plan: Plan, job_id: str, ray_job_id: str | None = None) -> str:
     """Reserve the plan's cards and start the Ray job (as `ray_job_id`: a job placed again after a restart gets
     a new one); on any failure nothing stays held."""
-    config = train_config(job, plan, job_id)
+    attempt = ray_job_id or job_id
     reserve(job_id, plan)
     try:
+        store_train_config(job_id, attempt, train_config(job, plan, job_id))
         _submit_when_agent_ready(
             jobs_client(state),
-            submission_id=ray_job_id or job_id,
+            submission_id=attempt,
             # Ray runs the entrypoint through a shell: only this interpreter's path goes in it, quoted; every field
-            # of the job travels as JSON in the runtime env, never as shell text.
+            # of the job travels as JSON in Ray's KV store, never as shell text.
             entrypoint=shlex.join([sys.executable, "-m", "orchestrator.job_driver"]),
             entrypoint_num_cpus=0,
-            runtime_env={"env_vars": {"ZEROMIX_TRAIN_CONFIG": config.to_json()}},  # the plan travels in it
+            runtime_env={"env_vars": {CONFIG_KEY_ENV: config_key(job_id, attempt)}},
             metadata={METADATA_KEY: job.name, ID_KEY: job_id, "job_name": plan.title, "zeromix_plan": json.dumps(plan.summary()),
                       "zeromix_priority": str(job.priority), "zeromix_output_dir": job.output_dir},
         )
     except BaseException:
         release(job_id)
+        forget_train_configs(job_id)
         raise
     return job_id
+
+
+def config_key(job_id: str, attempt: str) -> str:
+    return f"train-config/{job_id}/{attempt}"
+
+
+def store_train_config(job_id: str, attempt: str, config: TrainConfig) -> None:
+    """The whole train config, by reference: in an environment variable it would hit Linux's 128 KiB cap on one
+    variable at about 60 ranks (the plan and one DeepSpeed config per rank)."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(config_key(job_id, attempt), config.to_json(), namespace=KV_NAMESPACE)
+
+
+def load_train_config(key: str) -> TrainConfig:
+    from ray.experimental import internal_kv
+
+    raw = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+    if raw is None:
+        raise ZeromixError(f"no train config under {key} in Ray's KV store (the job was stopped, or the head restarted); "
+                           "the scheduler places the job again")
+    return TrainConfig.from_json(raw.decode())
+
+
+def forget_train_configs(job_id: str) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(f"train-config/{job_id}/", del_by_prefix=True, namespace=KV_NAMESPACE)
 
 
 def _submit_when_agent_ready(client, **job) -> None:
@@ -141,3 +196,4 @@ def stop(state: ClusterState, job_id: str) -> None:
             except RuntimeError:
                 pass  # it ended meanwhile
     release(job_id)
+    forget_train_configs(job_id)

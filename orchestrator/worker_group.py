@@ -70,6 +70,8 @@ def actor_name(job_id: str, rank: int, card: dict) -> str:
 
 class WorkerGroup:
     def __init__(self, placement_group, cards: list[dict], job_id: str):
+        """`job_id`: this placement's Ray job id (`<id>-<attempt>` after the first), so a job placed again at once
+        never meets its last placement's actors' names."""
         remote = ray.remote(RankWorker)
         self.cards = cards
         self.actors = []

@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import TOLERANCE, final_weights, job, max_relative_difference
 from workers import checkpoint
-from workers.faults import FAULT_ENV
+from workers.faults import environment as faults_env
 from workers.local_launch import run_local_ranks
 
 pytestmark = pytest.mark.deepspeed
@@ -22,7 +22,8 @@ def killed_then_resumed(tmp_path_factory, demo_data, base_model):
     out = tmp_path_factory.mktemp("killed") / "run"
     config = dataclasses.replace(job(out, demo_data, base_model, 2, "full", 0.0), checkpoint_every=1)
     with pytest.MonkeyPatch.context() as env:
-        env.setenv(FAULT_ENV, "kill-in-save:2")
+        for name, value in faults_env("kill-in-save:2").items():
+            env.setenv(name, value)
         with pytest.raises(RuntimeError, match=r"local ranks failed: rank 0 killed by signal 9"):
             run_local_ranks(config, timeout_s=300)
     saved = out / "checkpoints"

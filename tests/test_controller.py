@@ -144,3 +144,21 @@ def _finished():
     from orchestrator.scheduler import Ending
 
     return Ending("succeeded", "finished")
+
+
+def test_a_jobs_api_that_never_answers_is_given_up_on_not_waited_for(monkeypatch):
+    """Ray's client sends requests without a timeout; zeromix's gives up after HTTP_TIMEOUT_S, as the RuntimeError
+    its callers treat as "did not answer" (a round goes on, a follow says so)."""
+    import socket
+    import time
+
+    from orchestrator import launch
+
+    monkeypatch.setattr(launch, "HTTP_TIMEOUT_S", 1)
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="did not answer within 1 s"):
+            launch._client(f"http://127.0.0.1:{silent.getsockname()[1]}", "no token")
+        assert time.monotonic() - started < 10

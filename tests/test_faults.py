@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import queue_store, submitted_id, wait_for_state, wait_until, zeromix
 from tests.helpers import cluster_file, mean_token_loss
-from workers.faults import FAULT_ENV
+from workers.faults import environment as faults_env
 
 pytestmark = pytest.mark.cluster
 STEPS, EVERY = 200, 50
@@ -58,7 +58,7 @@ def own_cluster(tmp_path_factory, zeromix_home):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("ZEROMIX_HOME", str(work / "home"))
         faults = [f"oom:oom-probe:desk/0:{OOM_ABOVE}"] + [f"hold:{job}:{HOLD_AT}:{held(work, job)[1]}" for job in ("unplug-probe", "restart-probe")]
-        zeromix("up", "--simulate", str(cluster_file(work)), timeout=240, env={FAULT_ENV: ";".join(faults)})
+        zeromix("up", "--simulate", str(cluster_file(work)), timeout=240, env=faults_env(*faults))
         yield cluster_runtime.load_state(), work
         ray.shutdown()
         zeromix("down", check=False)

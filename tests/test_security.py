@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 
 from tests.conftest import REPO, job_status, submitted_id, zeromix
 
@@ -85,3 +86,20 @@ def test_no_command_imports_ray_before_its_auth_settings_are_in_the_environment(
     code = "import sys, orchestrator.cli.commands, orchestrator.client, orchestrator.demo, orchestrator.scheduler.service; print('ray' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+def test_a_fault_hook_in_a_users_environment_does_nothing(monkeypatch, tmp_path):
+    """The test-only hooks act only where the suite armed them too: ZEROMIX_FAULT alone, as a stray line in a
+    user's shell profile would leave it, kills, fails and holds nothing."""
+    import torch
+
+    from workers import faults
+
+    monkeypatch.delenv(faults.ARM_ENV, raising=False)
+    monkeypatch.setenv(faults.FAULT_ENV, f"kill-in-save:2;oom:job:desk/0:1;hold:job:3:{tmp_path / 'never'}")
+    faults.kill_in_save(2)  # would kill this process
+    faults.out_of_memory("job", "desk/0", 8)  # would raise
+    assert faults.armed("hold") == []
+    monkeypatch.setenv(faults.ARM_ENV, faults.ARMED)
+    with pytest.raises(torch.OutOfMemoryError):
+        faults.out_of_memory("job", "desk/0", 8)

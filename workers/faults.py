@@ -1,6 +1,6 @@
 """Test-only fault injection: where the suite makes a rank fail, or wait, as a homelab would. Nothing a user
 sets: ZEROMIX_FAULT holds entries separated by ";", each "<kind>:<arguments>", and a rank acts on those that
-name its job (by the plan's job name), card or step.
+name its job (by the plan's job name), card or step, and only where the suite also set ARM_ENV (`environment`).
 
     kill-in-save:<step>                  rank 0 dies after every rank wrote the shards of that step's checkpoint,
                                          before they are moved into place (a power cut, an OOM kill)
@@ -18,11 +18,21 @@ import time
 from pathlib import Path
 
 FAULT_ENV = "ZEROMIX_FAULT"
+# The second key: entries act only where the test suite also set this, so a stray ZEROMIX_FAULT in a user's
+# environment (a copied shell profile, an old CI file) never kills or stalls a real job.
+ARM_ENV, ARMED = "ZEROMIX_TEST_SUITE_ARMS_FAULTS", "yes, this is zeromix's test suite"
 HOLD_DEADLINE_S = 600  # a test that never releases its hold must not leave a job waiting for ever
 
 
+def environment(*entries: str) -> dict[str, str]:
+    """What a test puts in the environment of the ranks it wants these faults in."""
+    return {FAULT_ENV: ";".join(entries), ARM_ENV: ARMED}
+
+
 def armed(kind: str) -> list[list[str]]:
-    """The arguments of each armed entry of this kind."""
+    """The arguments of each armed entry of this kind (none unless the suite armed them)."""
+    if os.environ.get(ARM_ENV) != ARMED:
+        return []
     entries = [e.strip() for e in os.environ.get(FAULT_ENV, "").split(";") if e.strip()]
     return [e.split(":")[1:] for e in entries if e.split(":")[0] == kind]
 
