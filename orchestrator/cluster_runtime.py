@@ -78,14 +78,34 @@ def auth_env() -> dict[str, str]:
 
 
 def _ensure_token() -> None:
+    """The cluster's token, made once; a token file found readable by others (copied in by hand) is made 0600."""
     path = token_file()
     if path.exists():
+        os.chmod(path, 0o600)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
+    _write_secret(path, secrets.token_hex(32))
 
+
+def _write_secret(path: Path, text: str) -> None:
+    """Readable by this user only, whatever mode a file already there had (O_CREAT's mode applies only to a new one)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def rotate_token() -> Path:
+    """A new token for the next `up`. Ray reads the token when its processes start, so a running cluster keeps
+    its own: rotating needs the cluster down, and every other box needs the new copy before it joins again."""
+    current, _ = _stale_record_check()
+    if current:
+        raise ZeromixError(f"a zeromix cluster is up here ({current.gcs_address}); `zeromix down` first, then `zeromix up --rotate-token`")
+    _write_secret(token_file(), secrets.token_hex(32))
+    return token_file()
+
+
+HEAD_CONNECT_TIMEOUT_S = 5  # `join`: the head's GCS port must accept a connection within this
 
 NOT_IN_A_CLUSTER = ("this machine is in no zeromix cluster; start one with `zeromix up` (or `zeromix up --simulate "
                     "cluster.yaml`), or join one with `zeromix join --address HEAD:PORT`")
@@ -280,15 +300,22 @@ def join(head: str, name: str, token_path: str | None, offload_dir: str, link_gb
     head_ip, _, port = head.rpartition(":")
     if not head_ip or not port.isdigit():
         raise InputError("command line", "--address", head, "the head's HOST:PORT, e.g. 192.168.1.10:6379 (as `zeromix up` printed it)")
-    _install_token(token_path)
+    candidate = _stage_token(token_path)
     found = probe(offload_dir, head_ip=head_ip)
     node = node_from_probe(with_measured_rates(found) if measure_rates else found, _check_name(name), found.host.address, link_gbit_per_s)
-    os.environ.update(auth_env())
+    os.environ.update({**auth_env(), "RAY_AUTH_TOKEN_PATH": str(candidate)})  # before this process first imports Ray
     try:
+        with socket.create_connection((head_ip, int(port)), timeout=HEAD_CONNECT_TIMEOUT_S):
+            pass  # Ray's own client waits about 40 s for a GCS that is not there
         taken = registry.live_node_names(head)
-    except Exception as err:  # unreachable head, wrong token
+    except Exception as err:  # unreachable head, wrong token: a token that worked before stays
+        if candidate != token_file():
+            candidate.unlink(missing_ok=True)
         raise ZeromixError(f"cannot reach the zeromix head at {head}: {err}. Is `zeromix up --address` running there, "
-                           "and is its auth_token the one in this machine's ZEROMIX_HOME?") from None
+                           "and is the token the head's ZEROMIX_HOME/auth_token?") from None
+    if candidate != token_file():
+        os.replace(candidate, token_file())  # it works: it becomes this box's token
+        os.environ.update(auth_env())
     if node.name in taken:
         raise InputError("command line", "--name", node.name, f"a different node already uses this name (taken: {', '.join(sorted(taken))})")
     cluster_id = _new_cluster_id()
@@ -335,20 +362,21 @@ def reprobe() -> Node:
     return node if state.is_head else _with_measured_link(state, node)
 
 
-def _install_token(token_path: str | None) -> None:
-    """Put the head's token in this machine's ZEROMIX_HOME (mode 0600), or check one is there."""
-    path = token_file()
+def _stage_token(token_path: str | None) -> Path:
+    """The token to join with: a copy of --token-file beside this box's own (mode 0600), which replaces it only once
+    the head accepted it; else the one already in ZEROMIX_HOME."""
     if token_path:
         try:
             token = Path(token_path).expanduser().read_text().strip()
         except OSError as err:
             raise InputError("command line", "--token-file", token_path, f"a readable copy of the head's auth_token ({err.strerror})") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token)
-    elif not path.exists():
-        raise ZeromixError(f"no auth token at {path}: copy the head's ZEROMIX_HOME/auth_token here, or pass --token-file PATH")
+        candidate = token_file().with_name("auth_token.candidate")
+        _write_secret(candidate, token)
+        return candidate
+    if not token_file().exists():
+        raise ZeromixError(f"no auth token at {token_file()}: copy the head's ZEROMIX_HOME/auth_token here (mode 0600), or pass --token-file PATH")
+    os.chmod(token_file(), 0o600)
+    return token_file()
 
 
 def down() -> int | None:

@@ -13,7 +13,9 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from orchestrator import catalog
 from orchestrator.errors import InputError
+from orchestrator.model_facts import read_config
 from orchestrator.schema import StrictModel, load_yaml
+from workers.checkpoint import CHECKPOINT_DIR, made_for_another, what_it_trains
 
 FINAL_DIR = "final"  # <output_dir>/final holds the finished model or adapter
 
@@ -180,6 +182,10 @@ def _check_files(source: str, spec: JobSpec) -> JobSpec:
         raise InputError(source, "output_dir", spec.output_dir, "it exists and is not a directory")
     if (out / FINAL_DIR).exists():
         raise InputError(source, "output_dir", spec.output_dir, f"it already holds a finished run ({out / FINAL_DIR}); choose a new output_dir or remove that one")
+    foreign = made_for_another(out / CHECKPOINT_DIR, what_it_trains(read_config(model_path), spec.method, spec.lora_config.r))
+    if foreign:
+        raise InputError(source, "output_dir", spec.output_dir, f"its checkpoints ({foreign}) are of another model or method; "
+                         "choose a new output_dir or move them away")
     return spec.model_copy(
         update={
             "model": spec.model.model_copy(update={"path": model_path, "tokenizer": tokenizer}),

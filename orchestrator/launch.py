@@ -7,6 +7,7 @@ too; the scheduler's rounds catch a driver that died without doing so.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -61,6 +62,14 @@ def train_config(job: JobSpec, plan: Plan, job_id: str) -> TrainConfig:
     )
 
 
+def trains(job: JobSpec) -> str:
+    """What the job's checkpoints are of (workers/checkpoint.what_it_trains)."""
+    from orchestrator.model_facts import read_config
+    from workers.checkpoint import what_it_trains
+
+    return what_it_trains(read_config(job.model.path), job.method, job.lora_config.r)
+
+
 def reserve(job_id: str, plan: Plan):
     """A detached placement group holding exactly the planned cards, or an error and nothing held."""
     from ray.util.placement_group import placement_group, remove_placement_group
@@ -95,6 +104,14 @@ def jobs_client(state: ClusterState):
     return _client(state.dashboard_url, hashlib.sha256(token.encode()).hexdigest())
 
 
+class JobsApiError(RuntimeError):
+    """The Jobs API answered with an error status (Ray's own client raises a bare RuntimeError holding the text)."""
+
+    def __init__(self, status: int, text: str):
+        super().__init__(f"Request failed with status code {status}: {text}.")
+        self.status = status
+
+
 @functools.lru_cache(maxsize=8)
 def _client(url: str, token_digest: str):
     """Ray's client sends its requests with no timeout: a Jobs API that stopped answering would hold the scheduler's
@@ -104,6 +121,9 @@ def _client(url: str, token_digest: str):
     from ray.job_submission import JobSubmissionClient
 
     class Client(JobSubmissionClient):
+        def _raise_error(self, r):
+            raise JobsApiError(r.status_code, r.text)
+
         def _do_request(self, method, endpoint, **kwargs):
             kwargs.setdefault("timeout", HTTP_TIMEOUT_S)
             try:
@@ -120,7 +140,7 @@ def submit(state: ClusterState, job: JobSpec, plan: Plan, job_id: str, ray_job_i
     attempt = ray_job_id or job_id
     reserve(job_id, plan)
     try:
-        store_train_config(job_id, attempt, train_config(job, plan, job_id))
+        store_train_config(job_id, attempt, dataclasses.replace(train_config(job, plan, job_id), trains=trains(job)))
         _submit_when_agent_ready(
             jobs_client(state),
             submission_id=attempt,

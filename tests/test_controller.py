@@ -162,3 +162,29 @@ def test_a_jobs_api_that_never_answers_is_given_up_on_not_waited_for(monkeypatch
         with pytest.raises(RuntimeError, match="did not answer within 1 s"):
             launch._client(f"http://127.0.0.1:{silent.getsockname()[1]}", "no token")
         assert time.monotonic() - started < 10
+
+
+def test_the_failure_policy_reads_typed_signals_and_decides_restart_replan_or_fail(world):
+    """One table (orchestrator/scheduler/failures.py): Ray's status and the driver's failure kind, never text."""
+    from orchestrator.model_facts import facts_from_config, read_config
+    from orchestrator.planner import make_plan
+    from orchestrator.scheduler import failures
+
+    spec = world.spec(gpus={"count": 2})
+    plan = make_plan(spec, facts_from_config(read_config(spec.model.path)), world.ray.cluster(), 100).summary()
+    card = plan["ranks"][0]["card"]
+    record = {"rank": 0, "card": card, "kind": "oom", "detail": "CUDA out of memory"}
+    assert failures.from_ray("SUCCEEDED", None, None) == failures.Ending("succeeded", "finished")
+    assert failures.from_ray("STOPPED", None, None).state == "cancelled"
+    assert failures.from_ray("FAILED", "Job entrypoint failed\nValueError: bad data", None) == failures.Ending("failed", "failed: ValueError: bad data")
+    bug = failures.from_ray("FAILED", "", {**record, "kind": "error", "detail": "ValueError: bad data"})
+    assert not bug.retryable and failures.decide(bug, 0, plan, {}).state == "failed"
+    lost = failures.from_ray("FAILED", "", {**record, "kind": "lost", "detail": "node died"})
+    assert failures.decide(lost, 0, plan, {}) == ("queued", f"rank 0 on {card} was lost (its process or node died, or a collective "
+                                                  "lost it): node died; placed again on the cards free now, resuming from its last "
+                                                  "checkpoint (restart 1 of 3)", None)
+    assert failures.decide(lost, failures.MAX_RESTARTS, plan, {}).state == "failed"
+    oom = failures.decide(failures.from_ray("FAILED", "", record), 1, plan, {"other/0": 1000})
+    parts = plan["ranks"][0]["est_mem_breakdown_gib"]
+    assert oom.state == "queued" and oom.memory_caps == {"other/0": 1000, card: int((sum(parts.values()) - parts["activations"] / 2) * 1024)}
+    assert failures.decide(failures.UNKNOWN_TO_RAY, 2, plan, {}).reason.endswith("(restart 3 of 3)")

@@ -88,6 +88,31 @@ def test_a_finished_run_is_never_overwritten(write_spec, tmp_path):
         f"job.yaml: output_dir='{tmp_path / 'out'}' is not allowed; it already holds a finished run ({tmp_path / 'out' / 'final'}); choose a new output_dir or remove that one")
 
 
+def test_checkpoints_of_another_model_in_the_output_dir_are_refused_at_submit_and_never_loaded(write_spec, tmp_path):
+    """An output_dir used again: its checkpoints (complete, with a manifest) are of another model or method. The
+    spec is refused naming them; a rank asked to resume there refuses too, loading and overwriting nothing."""
+    import json
+
+    from workers import checkpoint
+    from workers.train import _resume_point
+
+    config = json.loads((TINY_LLAMA / "config.json").read_text())
+    saved = tmp_path / "out" / checkpoint.CHECKPOINT_DIR
+    staged = saved / checkpoint.PARTIAL / "step-5"
+    staged.mkdir(parents=True)
+    (staged / "shard.pt").write_bytes(b"weights")
+    other = checkpoint.what_it_trains(config, "lora", 8)  # a LoRA run of the same base wrote them
+    checkpoint._publish(saved, staged, 5, {"trains": other})  # as rank 0 publishes a save
+    assert message(write_spec()) == (f"job.yaml: output_dir={str(tmp_path / 'out')!r} is not allowed; its checkpoints "
+                                     "(step-5) are of another model or method; choose a new output_dir or move them away")
+    mine = checkpoint.what_it_trains(config, "full", 8)
+    with pytest.raises(RuntimeError, match="step-5 was made for another model or method; nothing was loaded or overwritten"):
+        _resume_point(saved, {"trains": mine})
+    # The same model and method resume as before.
+    assert load_job(write_spec(method="lora")).output_dir == str(tmp_path / "out")
+    assert _resume_point(saved, {"trains": other, "world_size": None, "zero_stage": None, "precision": None})[0] == "step-5"
+
+
 def test_yaml_syntax_and_overrides(tmp_path, write_spec):
     bad = tmp_path / "broken.yaml"
     bad.write_text("name: x\nmodel: [unclosed\n")

@@ -103,3 +103,37 @@ def test_a_fault_hook_in_a_users_environment_does_nothing(monkeypatch, tmp_path)
     monkeypatch.setenv(faults.ARM_ENV, faults.ARMED)
     with pytest.raises(torch.OutOfMemoryError):
         faults.out_of_memory("job", "desk/0", 8)
+
+
+def test_the_token_is_readable_by_its_user_only_and_a_new_one_replaces_a_working_one_only_once_the_head_took_it(monkeypatch, tmp_path):
+    import stat
+
+    from orchestrator import cluster_runtime
+    from tests.conftest import free_port
+
+    def mode(path):
+        return stat.S_IMODE(path.stat().st_mode)
+
+    monkeypatch.setenv("ZEROMIX_HOME", str(tmp_path / "home"))
+    for key in cluster_runtime.auth_env():  # join sets these in this process: put back after the test
+        monkeypatch.setenv(key, os.environ.get(key, ""))
+    token = cluster_runtime.token_file()
+    token.parent.mkdir()
+    token.write_text("copied-in-by-hand")
+    token.chmod(0o644)
+    cluster_runtime._ensure_token()
+    assert (token.read_text(), mode(token)) == ("copied-in-by-hand", 0o600)
+
+    copy = tmp_path / "zm-token"  # a copy the user made, readable by all
+    copy.write_text("a-wrong-token\n")
+    copy.chmod(0o644)
+    with pytest.raises(cluster_runtime.ZeromixError, match="cannot reach the zeromix head"):
+        cluster_runtime.join(f"127.0.0.1:{free_port()}", "box", str(copy), str(tmp_path / "offload"), None, measure_rates=False)
+    assert (token.read_text(), mode(token)) == ("copied-in-by-hand", 0o600)  # the working token stays
+    assert sorted(p.name for p in token.parent.iterdir()) == ["auth_token"]  # and the candidate is gone
+
+    staged = cluster_runtime._stage_token(str(copy))
+    assert (staged.read_text(), mode(staged)) == ("a-wrong-token", 0o600) and staged != token
+
+    assert cluster_runtime.rotate_token() == token  # no cluster up here
+    assert token.read_text() != "copied-in-by-hand" and len(token.read_text()) == 64 and mode(token) == 0o600

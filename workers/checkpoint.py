@@ -30,6 +30,7 @@ from pathlib import Path
 
 from workers import faults
 
+CHECKPOINT_DIR = "checkpoints"  # under the job's output_dir
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
 UNIVERSAL = ".universal"
@@ -40,6 +41,27 @@ TAG_PREFIX = "step-"
 
 def tag_of(step: int) -> str:
     return f"{TAG_PREFIX}{step}"
+
+
+VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")  # rewritten by a save, same model
+
+
+def what_it_trains(model_config: dict, method: str, lora_r: int) -> str:
+    """A digest of what a checkpoint's weights are: the model's config and the method (with LoRA, its rank). Not
+    the model's path (a moved model is the same model) nor the optimizer's settings (a resume may change them)."""
+    shape = {"config": {k: v for k, v in model_config.items() if k not in VOLATILE_CONFIG_KEYS}, "method": method,
+             "lora_r": lora_r if method == "lora" else None}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def made_for_another(checkpoints: Path, trains: str) -> str | None:
+    """The newest complete checkpoint here that another model or method made (an output_dir used again), or None.
+    A checkpoint from before the digest was recorded says nothing and passes."""
+    tag, _ = newest_complete(checkpoints)
+    if tag is None or not trains:
+        return None
+    theirs = layout(checkpoints, tag).get("trains")
+    return tag if theirs and theirs != trains else None
 
 
 def save(engine, checkpoints: Path, step: int, rank: int, barrier, keep_last: int, layout: dict) -> None:

@@ -14,10 +14,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from workers.checkpoint import CHECKPOINT_DIR
 from workers.collectives import RankComm, RankInfo
 
 PROGRESS_TAG = "ZEROMIX_PROGRESS"  # rank 0 prints one JSON line per step after this tag; the CLI follows them
-CHECKPOINT_DIR = "checkpoints"
 FINAL_DIR = "final"
 
 
@@ -46,6 +46,8 @@ class TrainConfig:
     # field and the launcher never sets it.
     emulated_seconds_per_sample: tuple[float, ...] | None = None
     emulated_from: int = 0
+    # What the weights are (workers/checkpoint.what_it_trains): a checkpoint made for another model is never loaded.
+    trains: str = ""
     # Per rank, the largest micro-batch its card holds at its planned settings (the plan's memory model): the
     # self-correcting split (workers/rebalance.py) moves samples within these. Empty: the split stays as planned.
     micro_batch_caps: tuple[int, ...] = ()
@@ -146,7 +148,7 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
     out = Path(cfg.output_dir)
     checkpoints = out / CHECKPOINT_DIR
     layout = {"world_size": world, "micro_batches": list(cfg.micro_batches), "grad_accum": cfg.grad_accum,
-              "zero_stage": ds_config["zero_optimization"]["stage"], "precision": precision}
+              "zero_stage": ds_config["zero_optimization"]["stage"], "precision": precision, "trains": cfg.trains}
     tag, skipped, load_dir = comm.from_first(_resume_point(checkpoints, layout) if rank == 0 else None)  # one rank reads the checksums
     universal = tag is not None and load_dir != str(checkpoints)
     for warning in skipped:
@@ -275,6 +277,10 @@ def _resume_point(checkpoints: Path, layout: dict) -> tuple[str | None, list[str
     from (its own, or its universal form when it was saved on another world size or ZeRO stage)."""
     from workers import checkpoint
 
+    foreign = checkpoint.made_for_another(checkpoints, layout["trains"])
+    if foreign:
+        raise RuntimeError(f"{checkpoints / foreign} was made for another model or method; nothing was loaded or overwritten: "
+                           "give the job a new output_dir, or move those checkpoints away")
     tag, skipped = checkpoint.newest_complete(checkpoints)
     if tag is None:
         return None, skipped, None

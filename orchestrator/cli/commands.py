@@ -38,9 +38,14 @@ def up(simulate: Optional[str] = typer.Option(None, "--simulate", metavar="CLUST
        port: int = typer.Option(6379, "--port", min=1024, max=65535),
        dashboard_port: int = typer.Option(8265, "--dashboard-port", min=1024, max=65535),
        offload_dir: Optional[str] = typer.Option(None, "--offload-dir", help="Where CPU offload may spill (default: ZEROMIX_HOME/offload)."),
-       link: Optional[str] = LinkOption, skip_rate_probe: bool = SkipProbeOption):
+       link: Optional[str] = LinkOption, skip_rate_probe: bool = SkipProbeOption,
+       rotate_token: bool = typer.Option(False, "--rotate-token", help="Make a new auth token first (the cluster must be down; "
+                                         "every other box then needs the new copy).")):
     """Start the cluster: the head on this machine with its own cards (probed through NVML, their rates
     measured), or with --simulate the whole cluster.yaml homelab on this machine."""
+    if rotate_token:
+        render.console.print(f"zeromix: a new auth token is in {cluster_runtime.rotate_token()} (mode 0600); other boxes need "
+                             "this copy before they join again")
     if simulate:
         result, snapshot = cluster_runtime.up_simulated(simulate)
         render.notes(result)
@@ -82,6 +87,8 @@ def join(address: str = typer.Option(..., "--address", metavar="HEAD:PORT", help
     render.notes(result)
     render.registered(node)
     render.console.print(f"joined {address}; `zeromix nodes` on the head lists every card")
+    if token_file:
+        render.console.print(f"zeromix: the token is now in {cluster_runtime.token_file()} (mode 0600); delete your copy at {token_file}")
 
 
 @app.command()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import pydantic
 
@@ -21,31 +21,14 @@ from orchestrator.inventory import ClusterSnapshot
 from orchestrator.jobspec import JobSpec
 from orchestrator.planner import Plan
 from orchestrator.queue import ACTIVE, JobRecord, QueueStore, StaleTransition
+from orchestrator.scheduler import failures
+from orchestrator.scheduler.failures import MAX_ATTEMPTS, MAX_RESTARTS, Ending
 from orchestrator.scheduler.policies import Decision, Policy, PolicyInput, RunningJob
 from orchestrator.scheduler.table import QueuedJob, ThroughputTable
 from orchestrator.schema import from_validation_error
 
 log = logging.getLogger("zeromix.scheduler")
-
-MAX_ATTEMPTS = 3  # launches that may fail before a job is marked failed
-MAX_RESTARTS = 3  # times a job that lost a card or node (or ran out of memory) is placed again
-
-
-class Ending(NamedTuple):
-    """How a running job ended. `retryable`: it lost a card, a node or its memory, not its mind: placing it
-    again, on the cards free then, resumes it from its last checkpoint."""
-
-    state: str  # succeeded | failed | cancelled
-    reason: str
-    retryable: bool = False
-    out_of_memory: str | None = None  # the card that ran out of memory, if that was why
-
-
-def memory_cap_mib(plan: dict, card: str) -> int:
-    """What a card that ran out of memory may use for the job from now on: the plan's estimate for it less half
-    of its activations, so the planner gives it a smaller micro-batch, checkpointing or offload (or other cards)."""
-    parts = next(r for r in plan["ranks"] if r["card"] == card)["est_mem_breakdown_gib"]  # 4 significant figures each
-    return int((sum(parts.values()) - parts["activations"] / 2) * 1024)
+__all__ = ["MAX_ATTEMPTS", "MAX_RESTARTS", "Ending", "Launcher", "Scheduler", "spec_record", "stored_spec"]
 
 
 class Launcher(Protocol):
@@ -163,19 +146,9 @@ class Scheduler:
         running = self.store.jobs(("running",))
         for job_id, ending in self.launcher.ended(running).items():
             self._stop(job_id)  # the job's own exit frees its cards; this catches a driver that died first
-            state, reason, caps = ending.state, ending.reason, None
-            if ending.out_of_memory:
-                record = self.store.get(job_id)
-                caps = {**record.memory_caps, ending.out_of_memory: memory_cap_mib(record.plan, ending.out_of_memory)}
-                reason += f"; {ending.out_of_memory} is planned with at most {caps[ending.out_of_memory]:,} MiB for it from now on"
-            if ending.retryable:
-                restarts = self.store.returns(job_id, "running")
-                if restarts < MAX_RESTARTS:
-                    state, reason = "queued", (f"{reason}; placed again on the cards free now, resuming from its last "
-                                               f"checkpoint (restart {restarts + 1} of {MAX_RESTARTS})")
-                else:
-                    reason = f"{reason}; not restarted again (it was restarted {MAX_RESTARTS} times)"
-            self._transition(job_id, "running", state, reason, memory_caps=caps)
+            record = self.store.get(job_id)
+            verdict = failures.decide(ending, self.store.returns(job_id, "running"), record.plan, record.memory_caps)
+            self._transition(job_id, "running", verdict.state, verdict.reason, memory_caps=verdict.memory_caps)
 
     def _release_leaked(self, active: set[str]) -> None:
         """A reservation whose job the queue does not count as active (cancelled meanwhile, or left by a crash or

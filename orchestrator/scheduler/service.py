@@ -22,7 +22,7 @@ from orchestrator.jobspec import JobSpec, check_inputs_still_there
 from orchestrator.log_records import FAILURE_TAG, tagged_records
 from orchestrator.planner import Plan
 from orchestrator.queue import LIVE, JobRecord, OutputDirTaken, QueueStore, StaleTransition
-from orchestrator.scheduler import Ending, Scheduler
+from orchestrator.scheduler import Ending, Scheduler, failures
 from orchestrator.scheduler.policies import policy
 
 ACTOR_NAME = "zeromix-scheduler"
@@ -58,30 +58,24 @@ class RayLaunch:
         for record in running:
             try:
                 info = client.get_job_info(record.ray_job_id)
-            except RuntimeError as err:
-                if "404" in str(err) or "does not exist" in str(err):
-                    done[record.id] = Ending("failed", "lost: Ray has no record of it (the head restarted?)", retryable=True)
+            except launch.JobsApiError as err:
+                if err.status == 404:
+                    done[record.id] = failures.UNKNOWN_TO_RAY
+                continue  # any other answer: ask again next round
+            except RuntimeError:
                 continue  # the Jobs API did not answer: ask again next round
-            if info.status.value == "SUCCEEDED":
-                done[record.id] = Ending("succeeded", "finished")
-            elif info.status.value == "STOPPED":
-                done[record.id] = Ending("cancelled", "stopped in Ray")
-            elif info.status.is_terminal():
-                done[record.id] = self._failure(client, record, info)
+            if info.status.is_terminal():
+                failure = self._failure_record(client, record) if info.status.value == "FAILED" else None
+                done[record.id] = failures.from_ray(info.status.value, info.message, failure)
         return done
 
     @staticmethod
-    def _failure(client, record: JobRecord, info) -> Ending:
-        """Why it failed, from the driver's failure record when there is one (worker_group.RankFailed)."""
+    def _failure_record(client, record: JobRecord) -> dict | None:
+        """The driver's failure record (worker_group.RankFailed), if it wrote one."""
         try:
-            failure = next(iter(reversed(tagged_records(client.get_job_logs(record.ray_job_id), FAILURE_TAG))), None)
+            return next(iter(reversed(tagged_records(client.get_job_logs(record.ray_job_id), FAILURE_TAG))), None)
         except RuntimeError:
-            failure = None
-        if failure is None:
-            return Ending("failed", f"failed: {(info.message or 'see `zeromix logs`').strip().splitlines()[-1][:300]}")
-        what = {"lost": "was lost (its process or node died, or a collective lost it)", "oom": "ran out of memory"}.get(failure["kind"], "failed")
-        return Ending("failed", f"rank {failure['rank']} on {failure['card']} {what}: {failure['detail'][:200]}",
-                      retryable=failure["kind"] in ("lost", "oom"), out_of_memory=failure["card"] if failure["kind"] == "oom" else None)
+            return None
 
     def stop(self, job_id: str) -> None:
         launch.stop(self.state, job_id)
