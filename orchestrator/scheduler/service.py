@@ -28,6 +28,7 @@ from orchestrator.scheduler.policies import policy
 ACTOR_NAME = "zeromix-scheduler"
 TICK_S = 1.0
 READY_TIMEOUT_S = 60
+API = 2  # the calls clients make (orchestrator/client.py); 1: before the clients reached the queue through the actor
 log = logging.getLogger("zeromix.scheduler")
 
 
@@ -176,31 +177,57 @@ class SchedulerService:
         return status.value, text[offset:end], max(offset, end)
 
     def health(self) -> dict:
-        return {"policy": self.scheduler.policy.name, "rounds": self.scheduler.rounds, "last_error": self.scheduler.last_error}
+        return {"api": API, "policy": self.scheduler.policy.name, "rounds": self.scheduler.rounds, "last_error": self.scheduler.last_error}
 
 
 def ensure_running(state: ClusterState, policy_name: str = "gain"):
     """The scheduler actor, started on the head if it is not running, once it answers. Needs a connected
-    Ray driver. An actor Ray is restarting answers after its restart; the wait has a deadline."""
+    Ray driver. An actor Ray is restarting answers after its restart; the wait has a deadline. One that an
+    older zeromix started (a cluster left up across an upgrade) does not know today's calls: it is replaced."""
     import ray
 
     actor = ray.remote(SchedulerService).options(
         name=ACTOR_NAME, namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
         resources={registry.HEAD_RESOURCE: 0.001}, max_restarts=-1, max_concurrency=4)
-    handle = actor.remote(asdict(state), str(queue_path()), policy_name)
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        try:
-            ray.get(handle.health.remote(), timeout=max(1.0, deadline - time.monotonic()))
-            return handle
-        except ray.exceptions.ActorUnavailableError:  # being restarted by Ray: ask again
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        except ray.exceptions.GetTimeoutError:
+    while time.monotonic() < deadline:
+        handle = actor.remote(asdict(state), str(queue_path()), policy_name)
+        answer = _answer(handle, deadline)
+        if answer is None:
             break
+        if answer.get("api") == API:
+            return handle
+        log.warning("replacing the scheduler an older zeromix started (api %s, this one is %s)", answer.get("api"), API)
+        ray.kill(handle, no_restart=True)
+        while _named_actor_exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
     raise ZeromixError(f"the zeromix scheduler did not answer within {READY_TIMEOUT_S} s; its log is under "
                        f"{state.temp_dir or '/tmp/ray'}/*/session_latest/logs (worker-*.err); then `zeromix down` and `zeromix up`")
+
+
+def _answer(handle, deadline: float) -> dict | None:
+    """Its health, or None if it did not answer by the deadline."""
+    import ray
+
+    while True:
+        try:
+            return ray.get(handle.health.remote(), timeout=max(1.0, deadline - time.monotonic()))
+        except ray.exceptions.ActorUnavailableError:  # being restarted by Ray: ask again
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.5)
+        except ray.exceptions.GetTimeoutError:
+            return None
+
+
+def _named_actor_exists() -> bool:
+    import ray
+
+    try:
+        ray.get_actor(ACTOR_NAME, namespace=RAY_NAMESPACE)
+        return True
+    except ValueError:
+        return False
 
 
 def health(state: ClusterState) -> dict:
