@@ -18,6 +18,7 @@ from orchestrator.inventory import snapshot_from_config
 from orchestrator.jobspec import JobSpec
 from orchestrator.model_facts import facts_from_config, read_config
 from tests.conftest import REPO, TINY_LLAMA, free_port
+from workers.checkpoint import what_it_trains
 from workers.train import TrainConfig
 
 CONFIGS = REPO / "orchestrator" / "data" / "model_configs"
@@ -93,9 +94,10 @@ def job(out, demo_data, base_model, stage: int, method: str, clip: float, steps:
         dataset = {"path": str(demo_data["reverse-train"]), "format": "jsonl", "text_field": None, "prompt_field": "prompt", "completion_field": "completion"}
     else:
         dataset = {"path": str(demo_data["pretrain"]), "format": "jsonl", "text_field": "text", "prompt_field": None, "completion_field": None}
+    model_path = str(TINY_LLAMA) if method == "full" else base_model
     return TrainConfig(
         job_id="exact", model_init="scratch" if method == "full" else "pretrained",
-        model_path=str(TINY_LLAMA) if method == "full" else base_model, tokenizer_path=str(TINY_LLAMA),
+        model_path=model_path, tokenizer_path=str(TINY_LLAMA), trains=what_it_trains(read_config(model_path), method, LORA["r"]),
         dataset=dataset, method=method, lora=LORA, seq_len=SEQ, micro_batches=MICRO, grad_accum=GRAD_ACCUM,
         total_steps=steps, ds_configs=tuple(ds), activation_checkpointing=recompute, output_dir=str(out),
         checkpoint_every=0, seed=0,

@@ -54,7 +54,8 @@ def test_a_corrupt_checkpoint_is_skipped_for_the_one_before_and_old_ones_are_pru
     assert config.keep_last == 2
     assert sorted(d.name for d in saved.iterdir() if d.name.startswith("step-")) == ["step-2", "step-3"]  # step-1 pruned
     manifest = json.loads((saved / "step-3" / checkpoint.MANIFEST).read_text())
-    assert manifest["step"] == 3 and manifest["layout"] == {"world_size": 3, "micro_batches": [3, 1, 2], "grad_accum": 2, "zero_stage": 2, "precision": "fp32"}
+    assert manifest["step"] == 3 and manifest["layout"] == {"world_size": 3, "micro_batches": [3, 1, 2], "grad_accum": 2, "zero_stage": 2, "precision": "fp32",
+                                                         "trains": config.trains}  # what the weights are: a reused output_dir is refused
     assert any("optim_states" in name for name in manifest["files"])  # every rank's optimizer partition is listed
     assert checkpoint.newest_complete(saved) == ("step-3", [])
 
