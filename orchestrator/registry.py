@@ -151,3 +151,37 @@ def free_memory(nodes: list[str]) -> dict[str, dict[int, int]]:
     for ref in set(pending) - set(done):
         ray.cancel(ref, force=True)
     return answers
+
+
+SHARED_PROBE_TIMEOUT_S = 30
+
+
+def nodes_that_cannot_see(directory: str, nodes: list[str]) -> list[str]:
+    """Of these nodes, those that do not see a file written into `directory` here (the head): a job across boxes
+    writes its checkpoint shards from every rank into its output_dir, and rank 0 reads them all."""
+    import os
+    import secrets
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from workers.registration import NODE_LABEL
+
+    ray_ids = {n["Labels"].get(NODE_LABEL): n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f".zeromix-shared-{secrets.token_hex(4)}")
+    open(probe, "w").close()
+    try:
+        look = ray.remote(num_cpus=0)(_exists)
+        refs = {node: look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(ray_ids[node], soft=False)).remote(probe)
+                for node in nodes if node in ray_ids}
+        seen = dict(zip(refs, ray.get(list(refs.values()), timeout=SHARED_PROBE_TIMEOUT_S)))
+    finally:
+        os.remove(probe)
+    return [node for node in nodes if not seen.get(node)]
+
+
+def _exists(path: str) -> bool:
+    import os
+
+    return os.path.exists(path)

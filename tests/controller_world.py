@@ -35,6 +35,7 @@ class FakeRay:
     fail_start: bool = False
     fail_stop: bool = False
     starts: list[str] = field(default_factory=list)
+    local_dirs: list[Path] = field(default_factory=list)  # directories on the head's (attic's) own disk
 
     def cluster(self) -> ClusterSnapshot:
         holders = {res: job for job, resources in self.reservations.items() for res in resources}
@@ -42,6 +43,10 @@ class FakeRay:
 
     def reserving(self) -> set[str]:
         return set(self.reservations)
+
+    def nodes_that_cannot_see(self, directory: str, nodes: list[str]) -> list[str]:
+        """As the probe file answers: every node sees a directory on shared storage; `local_dirs` are not shared."""
+        return [n for n in nodes if n != "attic" and any(directory.startswith(str(d)) for d in self.local_dirs)]
 
     def check_inputs(self, job_id: str, spec: JobSpec) -> None:
         check_inputs_still_there(job_id, spec)

@@ -188,3 +188,18 @@ def test_the_failure_policy_reads_typed_signals_and_decides_restart_replan_or_fa
     parts = plan["ranks"][0]["est_mem_breakdown_gib"]
     assert oom.state == "queued" and oom.memory_caps == {"other/0": 1000, card: int((sum(parts.values()) - parts["activations"] / 2) * 1024)}
     assert failures.decide(failures.UNKNOWN_TO_RAY, 2, plan, {}).reason.endswith("(restart 3 of 3)")
+
+
+def test_a_job_across_boxes_whose_output_dir_not_every_box_sees_fails_with_one_line(world, tmp_path):
+    local = tmp_path / "the-heads-own-disk"
+    world.ray.local_dirs.append(local)
+    across = world.submit(world.spec(gpus={"count": 5}, output_dir=str(local / "run")))  # five cards: three boxes
+    world.scheduler.tick()
+    record = world.store.get(across)
+    assert record.state == "failed" and across not in world.ray.starts and world.store.holds() == {}
+    assert record.reason == (f"job {across}: output_dir={str(local / 'run')!r} is not allowed; closet, desk cannot see it, and a "
+                             "job across boxes (attic, closet, desk) needs an output_dir every one of them sees (NFS): each rank "
+                             "writes its shards there")
+    one_box = world.submit(world.spec(gpus={"count": 1}, output_dir=str(local / "run-1")))
+    world.scheduler.tick()
+    assert world.state(one_box) == "running"  # on one box, its own disk will do

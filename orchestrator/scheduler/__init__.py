@@ -42,6 +42,9 @@ class Launcher(Protocol):
     def check_inputs(self, job_id: str, spec: JobSpec) -> None:
         """Just before placing: raise a ZeromixError naming a path the job reads that is gone."""
 
+    def nodes_that_cannot_see(self, directory: str, nodes: list[str]) -> list[str]:
+        """Of these nodes, those that do not see what the head writes into `directory` (not shared storage)."""
+
     def start(self, job: JobRecord, plan: Plan) -> None:
         """Reserve the plan's cards and start the job on them; raise if it could not (nothing left held)."""
 
@@ -159,10 +162,21 @@ class Scheduler:
     def _start(self, record: JobRecord, plan: Plan) -> None:
         cards = tuple(r.card.card_id for r in plan.ranks)
         describe = " + ".join(f"{r.card.card_id} {r.card.short_name}" for r in plan.ranks)
+        spec = stored_spec(record)
+        nodes = sorted({r.card.node for r in plan.ranks})
         try:
-            self.launcher.check_inputs(record.id, stored_spec(record))
+            self.launcher.check_inputs(record.id, spec)
+            blind = self.launcher.nodes_that_cannot_see(spec.output_dir, nodes) if len(nodes) > 1 else []
         except ZeromixError as err:
             self._transition(record.id, "queued", "failed", str(err))
+            return
+        except Exception as err:  # could not look (a node slow to answer): the job waits for the next round
+            self.store.set_reasons({record.id: f"could not check its output_dir from {', '.join(nodes)} ({_first_line(err)}); tried again next round"})
+            return
+        if blind:
+            self._transition(record.id, "queued", "failed", (
+                f"job {record.id}: output_dir={spec.output_dir!r} is not allowed; {', '.join(blind)} cannot see it, and a job "
+                f"across boxes ({', '.join(nodes)}) needs an output_dir every one of them sees (NFS): each rank writes its shards there"))
             return
         if not self._transition(record.id, "queued", "placing", f"placing on {describe}", cards=cards, plan=plan.summary()):
             return

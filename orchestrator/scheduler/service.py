@@ -51,6 +51,9 @@ class RayLaunch:
     def check_inputs(self, job_id: str, spec: JobSpec) -> None:
         check_inputs_still_there(job_id, spec)
 
+    def nodes_that_cannot_see(self, directory: str, nodes: list[str]) -> list[str]:
+        return registry.nodes_that_cannot_see(directory, nodes)
+
     def start(self, job: JobRecord, plan: Plan) -> None:
         launch.submit(self.state, JobSpec.model_validate(job.spec), plan, job.id, job.ray_job_id)
 

@@ -42,6 +42,9 @@ class SimulatedLaunch:
     def reserving(self) -> set[str]:
         return set(self.running)
 
+    def nodes_that_cannot_see(self, directory: str, nodes: list[str]) -> list[str]:
+        return []  # no files: a trace's jobs write nothing
+
     def check_inputs(self, job_id: str, spec: JobSpec) -> None:
         """A trace's jobs name models by their shipped configs and no data files: nothing to look for."""
 
