@@ -31,22 +31,33 @@ END_RECORDED_TIMEOUT_S = 60  # Ray says a job ended; the scheduler records it on
 
 
 # ------------------------------------------------------------------------------------------ the scheduler
+_schedulers: dict[str, object] = {}  # cluster id -> the scheduler actor's handle, found once per process
+
+
 def scheduler():
     """The scheduler actor, started on the head if it is not running (a queue nobody schedules never moves)."""
     from orchestrator.scheduler.service import ensure_running
 
-    return ensure_running(cluster_runtime.connect())
+    state = cluster_runtime.connect()
+    if state.cluster_id not in _schedulers:
+        _schedulers[state.cluster_id] = ensure_running(state)
+    return _schedulers[state.cluster_id]
 
 
 def _ask(method: str, *args):
-    """One call to the scheduler actor, with a deadline."""
+    """One call to the scheduler actor, with a deadline. An actor replaced meanwhile is looked up again once."""
     import ray
 
-    try:
-        return ray.get(getattr(scheduler(), method).remote(*args), timeout=CALL_TIMEOUT_S)
-    except ray.exceptions.GetTimeoutError:
-        raise ZeromixError(f"the zeromix scheduler did not answer {method} within {CALL_TIMEOUT_S} s; `zeromix queue` "
-                           "again in a minute, and its log is in the Ray dashboard (actor zeromix-scheduler)") from None
+    for attempt in (1, 2):
+        try:
+            return ray.get(getattr(scheduler(), method).remote(*args), timeout=CALL_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise ZeromixError(f"the zeromix scheduler did not answer {method} within {CALL_TIMEOUT_S} s; `zeromix queue` "
+                               "again in a minute, and its log is in the Ray dashboard (actor zeromix-scheduler)") from None
+        except ray.exceptions.RayActorError:
+            _schedulers.clear()
+            if attempt == 2:
+                raise
 
 
 def start_scheduler(state: cluster_runtime.ClusterState) -> None:

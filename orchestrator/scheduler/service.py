@@ -215,7 +215,7 @@ def _answer(handle, deadline: float) -> dict | None:
     while True:
         try:
             return ray.get(handle.health.remote(), timeout=max(1.0, deadline - time.monotonic()))
-        except ray.exceptions.ActorUnavailableError:  # being restarted by Ray: ask again
+        except ray.exceptions.ActorUnavailableError:  # being restarted by Ray (or the call met its death): ask again
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.5)
@@ -234,6 +234,8 @@ def _named_actor_exists() -> bool:
 
 
 def health(state: ClusterState) -> dict:
-    import ray
-
-    return ray.get(ensure_running(state).health.remote(), timeout=READY_TIMEOUT_S)
+    """Its policy, rounds and last error. Asked again while Ray restarts it (a call can land just as it dies)."""
+    answer = _answer(ensure_running(state), time.monotonic() + READY_TIMEOUT_S)
+    if answer is None:
+        raise ZeromixError(f"the zeromix scheduler did not answer within {READY_TIMEOUT_S} s; `zeromix down` and `zeromix up`")
+    return answer
