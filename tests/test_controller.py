@@ -150,7 +150,6 @@ def test_a_jobs_api_that_never_answers_is_given_up_on_not_waited_for(monkeypatch
     """Ray's client sends requests without a timeout; zeromix's gives up after HTTP_TIMEOUT_S, as the RuntimeError
     its callers treat as "did not answer" (a round goes on, a follow says so)."""
     import socket
-    import time
 
     from orchestrator import launch
 
@@ -158,10 +157,8 @@ def test_a_jobs_api_that_never_answers_is_given_up_on_not_waited_for(monkeypatch
     with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen()
-        started = time.monotonic()
-        with pytest.raises(RuntimeError, match="did not answer within 1 s"):
+        with pytest.raises(RuntimeError, match="did not answer within 1 s"):  # without the timeout: a hang, cut by pytest-timeout
             launch._client(f"http://127.0.0.1:{silent.getsockname()[1]}", "no token")
-        assert time.monotonic() - started < 10
 
 
 def test_the_failure_policy_reads_typed_signals_and_decides_restart_replan_or_fail(world):
