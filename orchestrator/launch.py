@@ -184,7 +184,7 @@ def load_train_config(key: str) -> TrainConfig:
 def forget_train_configs(job_id: str) -> None:
     from ray.experimental import internal_kv
 
-    internal_kv._internal_kv_del(f"train-config/{job_id}/", del_by_prefix=True, namespace=KV_NAMESPACE)
+    internal_kv._internal_kv_del(config_key(job_id, ""), del_by_prefix=True, namespace=KV_NAMESPACE)
 
 
 def _submit_when_agent_ready(client, **job) -> None:

@@ -162,7 +162,7 @@ class Scheduler:
     def _start(self, record: JobRecord, plan: Plan) -> None:
         cards = tuple(r.card.card_id for r in plan.ranks)
         describe = " + ".join(f"{r.card.card_id} {r.card.short_name}" for r in plan.ranks)
-        spec = stored_spec(record)
+        spec = self.queued_job(record).spec  # parsed once this round, for the policy
         nodes = sorted({r.card.node for r in plan.ranks})
         try:
             self.launcher.check_inputs(record.id, spec)
