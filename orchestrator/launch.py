@@ -14,7 +14,6 @@ import json
 import secrets
 import shlex
 import sys
-import time
 
 from orchestrator.cluster_runtime import ClusterState
 from orchestrator.errors import ZeromixError
@@ -26,6 +25,7 @@ from workers.train import TrainConfig
 RESERVE_TIMEOUT_S = 30
 HTTP_TIMEOUT_S = 30  # one request to the Jobs API
 AGENT_WAIT_S = 60
+AGENT_RETRY_S = 1.0
 METADATA_KEY = "zeromix_job"  # present on every job zeromix submits
 ID_KEY = "zeromix_id"  # the queue's job id, the same for every placement of the job
 CONFIG_KEY_ENV = "ZEROMIX_TRAIN_CONFIG_KEY"  # where in Ray's KV store the job's driver finds its train config
@@ -189,16 +189,15 @@ def forget_train_configs(job_id: str) -> None:
 
 def _submit_when_agent_ready(client, **job) -> None:
     """Right after `up`, the head's job agent may not have registered yet and Ray answers 500 "No available
-    agent"; that one error is worth waiting out, any other is not."""
-    deadline = time.monotonic() + AGENT_WAIT_S
-    while True:
-        try:
+    agent"; that one error is worth waiting out (AGENT_WAIT_S), any other is not."""
+    from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_fixed
+
+    def no_agent_yet(err: BaseException) -> bool:
+        return isinstance(err, JobsApiError) and err.status == 500 and "No available agent" in str(err)
+
+    for attempt in Retrying(retry=retry_if_exception(no_agent_yet), stop=stop_after_delay(AGENT_WAIT_S), wait=wait_fixed(AGENT_RETRY_S), reraise=True):
+        with attempt:
             client.submit_job(**job)
-            return
-        except RuntimeError as err:
-            if "No available agent" not in str(err) or time.monotonic() > deadline:
-                raise
-            time.sleep(1)
 
 
 def list_jobs(state: ClusterState) -> list:

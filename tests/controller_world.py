@@ -6,6 +6,7 @@ and data, which a test may delete."""
 from __future__ import annotations
 
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class FakeRay:
     fail_stop: bool = False
     starts: list[str] = field(default_factory=list)
     local_dirs: list[Path] = field(default_factory=list)  # directories on the head's (attic's) own disk
+    slow: dict[str, threading.Event] = field(default_factory=dict)  # job id -> its start waits for this (a slow launch)
 
     def cluster(self) -> ClusterSnapshot:
         holders = {res: job for job, resources in self.reservations.items() for res in resources}
@@ -54,6 +56,8 @@ class FakeRay:
     def start(self, job: JobRecord, plan: Plan) -> None:
         if self.fail_start:
             raise RayDown("Failed to submit job: 503 Service Unavailable")
+        if job.id in self.slow:
+            self.slow[job.id].wait(timeout=30)
         self.reservations[job.id] = tuple(r.card.resource for r in plan.ranks)
         self.starts.append(job.id)
 

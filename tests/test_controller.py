@@ -3,13 +3,15 @@
 
 import dataclasses
 import shutil
+import threading
+import time
 
 import pytest
 
 from orchestrator.queue import OutputDirTaken, QueueStore
-from orchestrator.scheduler import MAX_ATTEMPTS, table as table_module
+from orchestrator.scheduler import MAX_ATTEMPTS, binding, table as table_module
 from orchestrator.scheduler.table import Bounded, QueuedJob, ThroughputTable
-from tests.controller_world import World
+from tests.controller_world import Clock, World
 
 
 @pytest.fixture
@@ -161,6 +163,31 @@ def test_a_jobs_api_that_never_answers_is_given_up_on_not_waited_for(monkeypatch
             launch._client(f"http://127.0.0.1:{silent.getsockname()[1]}", "no token")
 
 
+def test_a_submit_waits_out_a_head_whose_job_agent_is_not_up_yet_and_nothing_else(monkeypatch):
+    """Right after `up` the Jobs API answers 500 "No available agent": that is waited out; any other answer is
+    the launch's failure at once."""
+    from orchestrator import launch
+
+    monkeypatch.setattr(launch, "AGENT_RETRY_S", 0.01)
+
+    class JobsApi:
+        def __init__(self, answers):
+            self.answers, self.calls = list(answers), 0
+
+        def submit_job(self, **job):
+            self.calls += 1
+            if self.answers:
+                raise self.answers.pop(0)
+
+    starting = JobsApi([launch.JobsApiError(500, "No available agent to submit job")] * 3)
+    launch._submit_when_agent_ready(starting, submission_id="a")
+    assert starting.calls == 4
+    refusing = JobsApi([launch.JobsApiError(400, "entrypoint is empty"), None])
+    with pytest.raises(launch.JobsApiError, match="status code 400"):
+        launch._submit_when_agent_ready(refusing, submission_id="b")
+    assert refusing.calls == 1
+
+
 def test_the_failure_policy_reads_typed_signals_and_decides_restart_replan_or_fail(world):
     """One table (orchestrator/scheduler/failures.py): Ray's status and the driver's failure kind, never text."""
     from orchestrator.model_facts import facts_from_config, read_config
@@ -200,3 +227,43 @@ def test_a_job_across_boxes_whose_output_dir_not_every_box_sees_fails_with_one_l
     one_box = world.submit(world.spec(gpus={"count": 1}, output_dir=str(local / "run-1")))
     world.scheduler.tick()
     assert world.state(one_box) == "running"  # on one box, its own disk will do
+
+
+def test_a_slow_launch_holds_only_its_own_job_and_is_given_up_at_its_deadline(tmp_path):
+    """Launches run apart from the round (scheduler/binding.py): while one hangs, the next job starts; past the
+    deadline its job is queued again, placed again only once the hung call has returned and been undone."""
+    world, moment = World.make(tmp_path, "fifo-first-fit"), Clock(0.0)  # FIFO: both jobs are placed in the first round
+    world.scheduler.binder = binder = binding.Threads(deadline_s=180, clock=moment)
+    hung, quick = world.submit(world.spec(gpus={"count": 2})), world.submit(world.spec(gpus={"count": 1}))
+    world.ray.slow[hung] = threading.Event()
+    world.scheduler.tick()
+    _wait_for(lambda: quick in world.ray.starts)
+    world.scheduler.tick()
+    assert (world.state(hung), world.state(quick)) == ("placing", "running")
+
+    moment.now = 181.0
+    world.scheduler.tick()
+    record = world.store.get(hung)
+    assert (record.state, record.reason) == ("queued", f"launch 1 of {MAX_ATTEMPTS} failed: took longer than 180 s (its cards are freed once Ray answers)")
+    world.scheduler.tick()
+    assert world.state(hung) == "queued" and hung in binder.busy()  # not placed again while its call hangs
+
+    world.ray.slow.pop(hung).set()  # Ray answers at last: the late launch reserved cards, which are given back
+    _wait_for(lambda: not binder.running())
+    assert hung in world.ray.reservations
+    world.scheduler.tick()  # collects the late launch and hands over its stop
+    _wait_for(lambda: not binder.running())
+    assert hung not in world.ray.reservations
+    world.scheduler.tick()  # collects the stop; the job is placed again
+    _wait_for(lambda: not binder.running())
+    world.scheduler.tick()
+    assert world.state(hung) == "running" and world.ray.starts.count(hung) == 2
+    cards = [res for resources in world.ray.reservations.values() for res in resources]
+    assert len(cards) == len(set(cards)) == 3
+
+
+def _wait_for(condition, deadline_s: float = 10.0) -> None:
+    end = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < end, "the binder's threads did not finish within 10 s"
+        time.sleep(0.01)

@@ -1,7 +1,10 @@
 """The scheduler: one round (`tick`) turns the queue and the free cards into started jobs.
 
-    finish what ended -> free cards (Ray's live reservations and the queue's holds) -> the policy's
-    assignments -> for each: queued -> placing (cards held in the queue) -> reserve + launch -> running
+    finish what ended -> collect the launches and stops that ended (binding.py) -> free cards (Ray's live
+    reservations and the queue's holds) -> the policy's assignments -> for each: queued -> placing (cards held
+    in the queue) -> the launch handed to the binder -> (this round or a later one) running, or queued again
+
+Launching and stopping run apart from the round (binding.py), so a slow launch holds only its own job.
 
 The same class runs the long-lived scheduler on the head (service.py: Ray launches, wall clock) and the
 simulator (simulate.py: virtual time, launches that only compute when they end). Only the `Launcher` and
@@ -22,6 +25,7 @@ from orchestrator.jobspec import JobSpec
 from orchestrator.planner import Plan
 from orchestrator.queue import ACTIVE, JobRecord, QueueStore, StaleTransition
 from orchestrator.scheduler import failures
+from orchestrator.scheduler.binding import Binder, Inline
 from orchestrator.scheduler.failures import MAX_ATTEMPTS, MAX_RESTARTS, Ending
 from orchestrator.scheduler.policies import Decision, Policy, PolicyInput, RunningJob
 from orchestrator.scheduler.table import QueuedJob, ThroughputTable
@@ -70,8 +74,11 @@ def spec_record(spec: JobSpec) -> dict:
 
 
 class Scheduler:
-    def __init__(self, store: QueueStore, launcher: Launcher, policy: Policy, clock=time.time):
+    def __init__(self, store: QueueStore, launcher: Launcher, policy: Policy, clock=time.time, binder: Binder | None = None):
         self.store, self.launcher, self.policy, self.clock = store, launcher, policy, clock
+        self.binder = binder or Inline()
+        self._launching: dict[str, Plan] = {}  # job id -> the plan of its launch in flight
+        self._given_up: set[str] = set()  # launches past their deadline: the job is queued again, stopped once the call returns
         self._table: ThroughputTable | None = None
         self._jobs: dict[str, QueuedJob] = {}  # parsed once per job, not once per round
         self.cards_free = self.cards_held = 0  # as the last round saw them
@@ -113,20 +120,23 @@ class Scheduler:
     def _round(self) -> Decision:
         self._finish_ended()
         self._requeue_placing("an earlier round stopped while placing it; queued again")  # none, unless a round broke
+        self._settle()
         snapshot = self.launcher.cluster()
         active = self.store.jobs(ACTIVE)
-        self._release_leaked({r.id for r in active})
+        busy = self.binder.busy()  # not placed again, nor stopped, until their calls return
+        self._release_leaked({r.id for r in active} | busy)
         held = {**{c.card_id: c.held_by for c in snapshot.cards if c.held_by}, **self.store.holds()}
         now = self.clock()
         running = tuple(RunningJob(r.id, r.cards, r.est_end or now) for r in active)
         table = self.table(snapshot)
-        queue = self._plannable(self.store.jobs(("queued",)), table)
+        queue = self._plannable([r for r in self.store.jobs(("queued",)) if r.id not in busy], table)
         self._jobs = {job.id: job for job in queue}  # only queued jobs are parsed again; the rest are forgotten
         free = tuple(c for c in snapshot.cards if c.card_id not in held)
         self.cards_free, self.cards_held = len(free), len(snapshot.cards) - len(free)
         decision = self.policy.allocate(PolicyInput(now, queue, free, running, table))
         for assignment in decision.assignments:
             self._start(self.store.get(assignment.job_id), assignment.plan)
+        self._settle()  # the launches that ended already (all of them, with the inline binder)
         self.store.set_reasons(decision.waiting)
         return decision
 
@@ -161,7 +171,6 @@ class Scheduler:
 
     def _start(self, record: JobRecord, plan: Plan) -> None:
         cards = tuple(r.card.card_id for r in plan.ranks)
-        describe = " + ".join(f"{r.card.card_id} {r.card.short_name}" for r in plan.ranks)
         spec = self.queued_job(record).spec  # parsed once this round, for the policy
         nodes = sorted({r.card.node for r in plan.ranks})
         try:
@@ -178,32 +187,53 @@ class Scheduler:
                 f"job {record.id}: output_dir={spec.output_dir!r} is not allowed; {', '.join(blind)} cannot see it, and a job "
                 f"across boxes ({', '.join(nodes)}) needs an output_dir every one of them sees (NFS): each rank writes its shards there"))
             return
-        if not self._transition(record.id, "queued", "placing", f"placing on {describe}", cards=cards, plan=plan.summary()):
+        if not self._transition(record.id, "queued", "placing", f"placing on {_cards(plan)}", cards=cards, plan=plan.summary()):
             return
-        try:
-            self.launcher.start(self.store.get(record.id), plan)  # as placed: this placement's attempt number
-        except Exception as err:  # a launch that failed leaves nothing held, and the job queued (or failed, in the end)
-            self._stop(record.id)
-            failed = self.store.returns(record.id, "placing") + 1
-            self._transition(record.id, "placing", "failed" if failed >= MAX_ATTEMPTS else "queued",
-                             f"launch {failed} of {MAX_ATTEMPTS} failed: {_first_line(err)}")
-            return
-        est_end = self.clock() + plan.step.step_s * plan.total_steps
-        if not self._transition(record.id, "placing", "running", f"running on {describe}", est_end=est_end):
-            self._stop(record.id)  # cancelled while it was being placed
+        placed = self.store.get(record.id)  # as placed: this placement's attempt number (read here: the store is this thread's)
+        self._launching[record.id] = plan
+        self.binder.launch(record.id, lambda: self.launcher.start(placed, plan))
+
+    def _settle(self) -> None:
+        """The binder's news: a launch past its deadline gives its job back to the queue; a launch that ended
+        makes its job run, or queues it again (failed, in the end); a stop that failed is logged (`_release_leaked`
+        frees its cards on a later round)."""
+        for job_id in self.binder.overdue() - self._given_up:
+            self._given_up.add(job_id)
+            self._launch_failed(job_id, f"took longer than {self.binder.deadline_s:.0f} s (its cards are freed once Ray answers)")
+        for outcome in self.binder.outcomes():
+            job_id = outcome.job_id
+            if outcome.what == "stop":
+                if outcome.error:
+                    log.warning("stopping job %s failed (its cards are freed on a later round): %s", job_id, _first_line(outcome.error))
+                continue
+            plan = self._launching.pop(job_id, None)
+            if plan is None:  # given up at its deadline, and queued again meanwhile: whatever it started goes
+                self._given_up.discard(job_id)
+                self._stop(job_id)
+            elif outcome.error:  # a launch that failed leaves nothing held, and the job queued (or failed, in the end)
+                self._stop(job_id)
+                self._launch_failed(job_id, _first_line(outcome.error))
+            elif not self._transition(job_id, "placing", "running", f"running on {_cards(plan)}",
+                                      est_end=self.clock() + plan.step.step_s * plan.total_steps):
+                self._stop(job_id)  # cancelled while it was being placed
+
+    def _launch_failed(self, job_id: str, why: str) -> None:
+        self._launching.pop(job_id, None)
+        failed = self.store.returns(job_id, "placing") + 1
+        self._transition(job_id, "placing", "failed" if failed >= MAX_ATTEMPTS else "queued", f"launch {failed} of {MAX_ATTEMPTS} failed: {why}")
 
     def _requeue_placing(self, reason: str) -> None:
+        """Jobs in `placing` with no launch in flight (a round that broke, a scheduler that restarted)."""
+        busy = self.binder.busy()
         for record in self.store.jobs(("placing",)):
-            self._stop(record.id)
-            self._transition(record.id, "placing", "queued", reason)
+            if record.id not in busy:
+                self._stop(record.id)
+                self._transition(record.id, "placing", "queued", reason)
 
     def _stop(self, job_id: str) -> None:
-        """Stop a job's Ray side. One that fails (the Jobs API down) leaves a reservation that `_release_leaked`
-        frees on a later round; it must never leave the job's state unrecorded."""
-        try:
-            self.launcher.stop(job_id)
-        except Exception as err:
-            log.warning("stopping job %s failed (its cards are freed on a later round): %s", job_id, _first_line(err))
+        """Stop a job's Ray side, through the binder. One that fails (the Jobs API down) leaves a reservation that
+        `_release_leaked` frees on a later round; it must never leave the job's state unrecorded."""
+        self.binder.stop(job_id, lambda: self.launcher.stop(job_id))
 
     def _transition(self, job_id: str, expected, target: str, reason: str, **fields) -> bool:
         try:
@@ -211,6 +241,10 @@ class Scheduler:
             return True
         except StaleTransition:
             return False
+
+
+def _cards(plan: Plan) -> str:
+    return " + ".join(f"{r.card.card_id} {r.card.short_name}" for r in plan.ranks)
 
 
 def _first_line(err: Exception) -> str:

@@ -22,7 +22,7 @@ from orchestrator.jobspec import JobSpec, check_inputs_still_there
 from orchestrator.log_records import FAILURE_TAG, tagged_records
 from orchestrator.planner import Plan
 from orchestrator.queue import LIVE, JobRecord, OutputDirTaken, QueueStore, StaleTransition
-from orchestrator.scheduler import Ending, Scheduler, failures
+from orchestrator.scheduler import Ending, Scheduler, binding, failures
 from orchestrator.scheduler.policies import policy
 
 ACTOR_NAME = "zeromix-scheduler"
@@ -107,7 +107,7 @@ class SchedulerService:
 
     def __init__(self, state: dict, db_path: str, policy_name: str):
         self.launch = RayLaunch(ClusterState(**state))
-        self.scheduler = Scheduler(QueueStore(db_path), self.launch, policy(policy_name))
+        self.scheduler = Scheduler(QueueStore(db_path), self.launch, policy(policy_name), binder=binding.Threads())
         self.scheduler.recover()
         self.gauges = ClusterGauges()
         # The clients' own connection to the queue (the rounds' transactions are the loop thread's), one call at a time.
@@ -209,18 +209,18 @@ def ensure_running(state: ClusterState, policy_name: str = "gain"):
 
 
 def _answer(handle, deadline: float) -> dict | None:
-    """Its health, or None if it did not answer by the deadline."""
+    """Its health, or None if it did not answer by the deadline. An actor Ray is restarting (or a call that met
+    its death) is asked again."""
     import ray
+    from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
-    while True:
-        try:
-            return ray.get(handle.health.remote(), timeout=max(1.0, deadline - time.monotonic()))
-        except ray.exceptions.ActorUnavailableError:  # being restarted by Ray (or the call met its death): ask again
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.5)
-        except ray.exceptions.GetTimeoutError:
-            return None
+    try:
+        for attempt in Retrying(retry=retry_if_exception_type(ray.exceptions.ActorUnavailableError),
+                                stop=stop_after_delay(max(0.0, deadline - time.monotonic())), wait=wait_fixed(0.5), reraise=True):
+            with attempt:
+                return ray.get(handle.health.remote(), timeout=max(1.0, deadline - time.monotonic()))
+    except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+        return None
 
 
 def _named_actor_exists() -> bool:
