@@ -18,16 +18,15 @@ from orchestrator.errors import InputError, ZeromixError
 from orchestrator.inventory import snapshot_from_config
 from orchestrator.job_states import LIVE, TERMINAL
 from orchestrator.jobspec import JobSpec, load_job, total_steps
-from orchestrator.log_records import RESULT_TAG, tagged_records
 from orchestrator.model_facts import ModelFacts, facts_from_config, read_config
 from orchestrator.planner import Plan, make_plan
 from orchestrator.queue import JobRecord
-from workers.train import PROGRESS_TAG
+from workers import job_records
 
 POLL_S = 1.0
 CALL_TIMEOUT_S = 30  # one answer from the scheduler actor
-PLACING_TIMEOUT_S = 180  # a job being placed (reserve + submit) that takes longer is reported
-END_RECORDED_TIMEOUT_S = 60  # Ray says a job ended; the scheduler records it on its next round
+PLACING_TIMEOUT_S = 240  # a job being placed (reserve + submit) that takes longer is reported (the binder gives up at 180 s)
+END_RECORDED_TIMEOUT_S = 60  # the job wrote its result or failure; the scheduler records its end on a round after Ray's
 
 
 # ------------------------------------------------------------------------------------------ the scheduler
@@ -154,7 +153,7 @@ def logs(job_id: str) -> str:
     record = job(job_id)
     if record.state == "queued" and not record.attempts:
         return ""
-    text = _ask("job_output", record.ray_job_id, 0)[1]
+    text = _ask("job_log", record.ray_job_id)
     if text is None:
         raise ZeromixError(f"Ray has no logs for {record.id} (it ended before the head restarted?)")
     return text
@@ -197,7 +196,7 @@ def watch(job_id: str) -> Iterator[Waiting | Step | Ended]:
     """A job's life from now to its end: each change of why it waits, each step while it runs, its end. A job
     restarted after a lost card goes back to waiting and is followed again. Waiting in the queue has no deadline
     (the caller stops watching, not the job); being placed, and the end being recorded, have one."""
-    record, last, placing_since, result = job(job_id), None, None, None
+    record, last, placing_since = job(job_id), None, None
     while True:
         while (record := _get(record.id)).state in ("queued", "placing"):
             if (record.state, record.reason) != last:
@@ -209,17 +208,11 @@ def watch(job_id: str) -> Iterator[Waiting | Step | Ended]:
                                    "and the scheduler's log is in the Ray dashboard (actor zeromix-scheduler)")
             time.sleep(POLL_S)
         if record.state == "running":
-            result = yield from _steps(record)
+            record = yield from _steps(record)
             last = None
-        deadline = time.monotonic() + END_RECORDED_TIMEOUT_S
-        while (record := _get(record.id)).state == "running" and time.monotonic() < deadline:
-            time.sleep(POLL_S)
         if record.state in TERMINAL:
-            yield Ended(record.id, record.state, result)
+            yield Ended(record.id, record.state, job_records.get(record.ray_job_id, "result") if record.attempts else None)
             return
-        if record.state == "running":
-            raise ZeromixError(f"Ray says {record.ray_job_id} ended but the scheduler has not recorded it within "
-                               f"{END_RECORDED_TIMEOUT_S} s; `zeromix queue` shows whether its rounds run")
 
 
 def _get(job_id: str) -> JobRecord:
@@ -227,13 +220,21 @@ def _get(job_id: str) -> JobRecord:
 
 
 def _steps(record: JobRecord) -> Iterator[Step]:
-    """Its progress lines from the Ray job's log until Ray says it ended; returns its result, if it wrote one."""
-    offset, result = 0, None
+    """Each step of this placement, from the progress rank 0 posts (workers/job_records.py), until the scheduler
+    records that it ended; returns the job's record then. A job that wrote its end but is still recorded as
+    running after END_RECORDED_TIMEOUT_S is reported (the scheduler's rounds do not run)."""
+    attempt, seen, ended_at = record.ray_job_id, 0, None
     while True:
-        status, text, offset = _ask("job_output", record.ray_job_id, offset)
-        for step in tagged_records(text or "", PROGRESS_TAG):
-            yield Step(record.id, step["step"], step["of"], step["loss"], step["tokens_per_s"], step["step_time_s"])
-        result = next(iter(tagged_records(text or "", RESULT_TAG)), result)
-        if status is None or status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            return result
+        for step in job_records.get(attempt, "progress") or []:
+            if step["step"] > seen:
+                seen = step["step"]
+                yield Step(record.id, step["step"], step["of"], step["loss"], step["tokens_per_s"], step["step_time_s"])
+        now = _get(record.id)
+        if now.state != "running" or now.ray_job_id != attempt:
+            return now
+        if ended_at is None and (job_records.get(attempt, "result") or job_records.get(attempt, "failure")):
+            ended_at = time.monotonic()
+        if ended_at and time.monotonic() - ended_at > END_RECORDED_TIMEOUT_S:
+            raise ZeromixError(f"{record.id} ended but the scheduler has not recorded it within {END_RECORDED_TIMEOUT_S} s; "
+                               "`zeromix queue` shows whether its rounds run")
         time.sleep(POLL_S)

@@ -11,12 +11,12 @@ from pathlib import Path
 import ray
 from ray.util.placement_group import remove_placement_group
 
-from orchestrator.log_records import FAILURE_TAG, RESULT_TAG
 from orchestrator import registry
 from orchestrator.launch import CONFIG_KEY_ENV, load_train_config
 from orchestrator.registry import placement_group_name
 from orchestrator.report import RESULT_FILE
 from orchestrator.worker_group import RankFailed, WorkerGroup
+from workers import job_records
 from workers.rebalance import measured_speeds
 from workers.train import TrainConfig, utilisation
 
@@ -62,9 +62,8 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
 
 def main() -> int:
     ray.init(namespace="zeromix")
-    key = os.environ[CONFIG_KEY_ENV]
-    config = load_train_config(key)
-    attempt = key.rsplit("/", 1)[1]  # this placement's Ray job id: its rank actors' names are its own
+    config = load_train_config(os.environ[CONFIG_KEY_ENV])
+    attempt = config.attempt  # this placement's Ray job id: its rank actors' names and its records are its own
     plan = config.plan
     cards = plan["ranks"]
     group_pg = ray.util.get_placement_group(placement_group_name(config.job_id))
@@ -79,17 +78,15 @@ def main() -> int:
         try:
             results = group.run(config.to_json())
         except RankFailed as failed:
-            sys.stdout.write(f"\n{FAILURE_TAG} {json.dumps(failed.record())}\n")
-            sys.stdout.flush()
+            job_records.put(attempt, "failure", failed.record())  # before the driver exits: the scheduler reads it then
             raise
         summary = report(config, plan, placements, results)
         Path(config.output_dir, RESULT_FILE).write_text(json.dumps(summary, indent=2))
         learnt = registry.record_training_speeds(measured_speeds(summary["history"], plan))
         if learnt:
             print(f"zeromix: the measured speeds of {', '.join(learnt)} are in their nodes' records for the next plans", flush=True)
-        brief = {k: v for k, v in summary.items() if k not in ("history", "plan")}  # those are in the file
-        sys.stdout.write(f"\n{RESULT_TAG} {json.dumps(brief)}\n")  # one write: other threads print too
-        sys.stdout.flush()
+        job_records.put(attempt, "result", {k: v for k, v in summary.items() if k not in ("history", "plan")})  # those are in the file
+        print(f"zeromix: finished {summary['steps']} steps; the result is in {Path(config.output_dir, RESULT_FILE)}", flush=True)
         return 0
     finally:
         if group:

@@ -140,7 +140,7 @@ def submit(state: ClusterState, job: JobSpec, plan: Plan, job_id: str, ray_job_i
     attempt = ray_job_id or job_id
     reserve(job_id, plan)
     try:
-        store_train_config(job_id, attempt, dataclasses.replace(train_config(job, plan, job_id), trains=trains(job)))
+        store_train_config(job_id, attempt, dataclasses.replace(train_config(job, plan, job_id), trains=trains(job), attempt=attempt))
         _submit_when_agent_ready(
             jobs_client(state),
             submission_id=attempt,

@@ -45,7 +45,7 @@ class RankFailed(RuntimeError):
         self.kind, self.rank, self.card = kind, rank, card
 
     def record(self) -> dict:
-        """What the scheduler reads from the job's log to decide on a restart."""
+        """What the driver posts (workers/job_records.py) and the scheduler decides a restart on."""
         return {"kind": self.kind, "rank": self.rank, "card": f"{self.card['node']}/{self.card['index']}", "node": self.card["node"],
                 "detail": str(self).split(" failed: ", 1)[-1]}
 

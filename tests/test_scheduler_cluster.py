@@ -89,7 +89,7 @@ def test_a_box_that_joined_submits_follows_and_reads_its_job_through_the_heads_q
     assert not (box / "state").exists()  # no queue of its own
     assert queue_store().get(job).state == "succeeded"
     assert job in [r["job"] for r in json.loads(zeromix("queue", "--json", "--all", env=on_box).stdout)["jobs"]]
-    assert "ZEROMIX_RESULT" in zeromix("logs", job, env=on_box).stdout
+    assert "zeromix: finished 3 steps; the result is in" in zeromix("logs", job, env=on_box).stdout
 
 
 def test_cancel_works_in_every_state(connected, demo_data):

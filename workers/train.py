@@ -17,7 +17,6 @@ from pathlib import Path
 from workers.checkpoint import CHECKPOINT_DIR
 from workers.collectives import RankComm, RankInfo
 
-PROGRESS_TAG = "ZEROMIX_PROGRESS"  # rank 0 prints one JSON line per step after this tag; the CLI follows them
 FINAL_DIR = "final"
 
 
@@ -57,6 +56,7 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept (workers/checkpoint.py)
     report_to: tuple[str, ...] = ()  # experiment trackers rank 0 writes (workers/tracking.py)
     plan: dict = field(default_factory=dict)  # the plan's summary: the trackers' config, each rank's metric labels
+    attempt: str = ""  # this placement's Ray job id: where rank 0 posts its progress (workers/job_records.py); "" outside a job
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
@@ -122,7 +122,7 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
-    from workers import checkpoint, faults
+    from workers import checkpoint, faults, job_records
     from workers.data import GlobalBatchSampler, collate, read_records, tokenize
     from workers.memory_report import model_state_bytes
     from workers.precision import runnable_ds_config
@@ -198,6 +198,7 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
         _say(rank, f"SPEED EMULATION ON (benchmark only): ranks sleep {list(cfg.emulated_seconds_per_sample)} s per sample")
     _quiet_deepspeed_timer_log()
     gauges = RankGauges.for_rank(cfg.job_id, rank, cfg.plan)
+    progress = job_records.Progress.for_rank(cfg.attempt, rank)
     trackers = Trackers(cfg.report_to, out, cfg.job_id, cfg.plan, world, start_step) if rank == 0 and cfg.report_to else None
     # The split each step runs (the plan's until measured speeds correct it: rank 0's tuner decides, every rank
     # learns the change in the step's all-reduce and switches at the same step).
@@ -246,7 +247,7 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
         result.step_times.append(step_time)
         result.first_loss = result.first_loss if result.first_loss is not None else stats.loss
         result.last_loss, result.steps = stats.loss, step + 1
-        _progress(rank, step=step + 1, of=cfg.total_steps, loss=round(stats.loss, 5), lr=stats.lr,
+        _progress(rank, progress, step=step + 1, of=cfg.total_steps, loss=round(stats.loss, 5), lr=stats.lr,
                   step_time_s=round(step_time, 4), tokens_per_s=round(stats.tokens_per_s, 1))
         if gauges:
             gauges.record(stats, rank)
@@ -314,12 +315,13 @@ def _device_name(on_gpu: bool) -> str:
     return torch.cuda.get_device_name(0) if on_gpu else "cpu"
 
 
-def _progress(rank: int, **fields) -> None:
-    """One line per step, for a person first, then the record the CLI follows."""
+def _progress(rank: int, progress, **fields) -> None:
+    """One line per step in the job's log, for a person; the same step posted where `--follow` reads it."""
     if rank == 0:
-        readable = (f"step {fields['step']}/{fields['of']}, loss {fields['loss']:.4f}, {fields['tokens_per_s']:,.0f} tokens/s, "
-                    f"{fields['step_time_s'] * 1000:.0f} ms/step")
-        print(f"zeromix: {readable}   {PROGRESS_TAG} {json.dumps(fields)}", flush=True)
+        print(f"zeromix: step {fields['step']}/{fields['of']}, loss {fields['loss']:.4f}, {fields['tokens_per_s']:,.0f} tokens/s, "
+              f"{fields['step_time_s'] * 1000:.0f} ms/step", flush=True)
+    if progress:
+        progress.post(fields)
 
 
 def _say(rank: int, text: str) -> None:

@@ -248,16 +248,17 @@ def follow(events: Iterator[Waiting | Step | Ended]) -> Ended:
     (CI, a pipe); a restarted job gets a new bar. Returns its end."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tokens/s"), TextColumn("ETA"), TimeRemainingColumn())
-    bar, task = None, None
+    bar, task, tenths = None, None, 0
     try:
         for event in events:
             if isinstance(event, Step):
                 if bar is None:
                     bar = Progress(*columns, console=console, transient=False, disable=not console.is_terminal)
                     bar.start()
-                    task = bar.add_task(event.job_id, total=event.of, completed=event.step - 1, loss="-", speed="-")
+                    task, tenths = bar.add_task(event.job_id, total=event.of, completed=event.step - 1, loss="-", speed="-"), (event.step - 1) * 10 // event.of
                 bar.update(task, completed=event.step, loss=f"{event.loss:.4f}", speed=f"{event.tokens_per_s:,.0f}")
-                if not console.is_terminal and (event.step % max(1, event.of // 10) == 0 or event.step == event.of):
+                if not console.is_terminal and (event.step * 10 // event.of > tenths or event.step == event.of):
+                    tenths = event.step * 10 // event.of
                     left = bar.tasks[0].time_remaining
                     console.print(f"{event.job_id}: step {event.step}/{event.of}, loss {event.loss:.4f}, "
                                   f"{event.tokens_per_s:,.0f} tokens/s, ETA {clock_duration(left) if left is not None else '-'}")

@@ -19,16 +19,16 @@ from orchestrator import launch, registry
 from orchestrator.cluster_runtime import RAY_NAMESPACE, ClusterState, home
 from orchestrator.errors import ZeromixError
 from orchestrator.jobspec import JobSpec, check_inputs_still_there
-from orchestrator.log_records import FAILURE_TAG, tagged_records
 from orchestrator.planner import Plan
 from orchestrator.queue import LIVE, JobRecord, OutputDirTaken, QueueStore, StaleTransition
 from orchestrator.scheduler import Ending, Scheduler, binding, failures
 from orchestrator.scheduler.policies import policy
+from workers import job_records
 
 ACTOR_NAME = "zeromix-scheduler"
 TICK_S = 1.0
 READY_TIMEOUT_S = 60
-API = 2  # the calls clients make (orchestrator/client.py); 1: before the clients reached the queue through the actor
+API = 3  # the calls clients make (orchestrator/client.py); 2: progress read from job logs; 1: before the clients reached the queue through the actor
 log = logging.getLogger("zeromix.scheduler")
 
 
@@ -69,17 +69,9 @@ class RayLaunch:
             except RuntimeError:
                 continue  # the Jobs API did not answer: ask again next round
             if info.status.is_terminal():
-                failure = self._failure_record(client, record) if info.status.value == "FAILED" else None
+                failure = job_records.get(record.ray_job_id, "failure") if info.status.value == "FAILED" else None
                 done[record.id] = failures.from_ray(info.status.value, info.message, failure)
         return done
-
-    @staticmethod
-    def _failure_record(client, record: JobRecord) -> dict | None:
-        """The driver's failure record (worker_group.RankFailed), if it wrote one."""
-        try:
-            return next(iter(reversed(tagged_records(client.get_job_logs(record.ray_job_id), FAILURE_TAG))), None)
-        except RuntimeError:
-            return None
 
     def stop(self, job_id: str) -> None:
         launch.stop(self.state, job_id)
@@ -167,17 +159,13 @@ class SchedulerService:
         self.poke()
         return was, True
 
-    def job_output(self, ray_job_id: str, offset: int) -> tuple[str | None, str | None, int]:
-        """(Ray's status, the complete lines of its log after `offset`, the new offset); (None, None, offset) for a
-        job Ray does not know. Read on the head, whose Jobs API listens on loopback only."""
-        client = launch.jobs_client(self.launch.state)
+    def job_log(self, ray_job_id: str) -> str | None:
+        """The Ray job's whole log; None for a job Ray does not know. Read on the head, whose Jobs API listens on
+        loopback only."""
         try:
-            status = client.get_job_status(ray_job_id)
-            text = client.get_job_logs(ray_job_id)  # after the status: a finished job's last lines are in it
+            return launch.jobs_client(self.launch.state).get_job_logs(ray_job_id)
         except RuntimeError:
-            return None, None, offset
-        end = text.rfind("\n") + 1
-        return status.value, text[offset:end], max(offset, end)
+            return None
 
     def health(self) -> dict:
         return {"api": API, "policy": self.scheduler.policy.name, "rounds": self.scheduler.rounds, "last_error": self.scheduler.last_error}
