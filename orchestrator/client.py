@@ -111,11 +111,14 @@ def submit(job_file: str, overrides: list[str]) -> Submitted:
 class QueueView:
     jobs: list[JobRecord]
     cards: list[dict]  # card, gpu, held_by
-    scheduler: dict  # policy, rounds, last_error
+    scheduler: dict  # policy, rounds, last_error, turns
 
     @property
     def waiting(self) -> list[JobRecord]:
-        return sorted((r for r in self.jobs if r.state == "queued"), key=lambda r: (-r.priority, r.submitted_at))
+        """The queued jobs in the order the scheduler's last round served them (the gain policy: priority, aged by
+        waiting, then shortest response ratio); jobs it has not seen yet after them, in arrival order."""
+        turn = {job_id: i for i, job_id in enumerate(self.scheduler.get("turns", []))}
+        return sorted((r for r in self.jobs if r.state == "queued"), key=lambda r: (turn.get(r.id, len(turn)), r.submitted_at))
 
 
 def queue(show_all: bool = False) -> QueueView:

@@ -221,9 +221,9 @@ def test_a_job_across_boxes_whose_output_dir_not_every_box_sees_fails_with_one_l
     world.scheduler.tick()
     record = world.store.get(across)
     assert record.state == "failed" and across not in world.ray.starts and world.store.holds() == {}
-    assert record.reason == (f"job {across}: output_dir={str(local / 'run')!r} is not allowed; closet, desk cannot see it, and a "
-                             "job across boxes (attic, closet, desk) needs an output_dir every one of them sees (NFS): each rank "
-                             "writes its shards there")
+    assert record.reason.startswith(f"job {across}: output_dir='{local}"[:60])  # the path, cut at 80 characters
+    assert record.reason.endswith(" is not allowed; closet, desk cannot see it, and a job across boxes (attic, closet, desk) needs "
+                                  "an output_dir every one of them sees (NFS): each rank writes its shards there")
     one_box = world.submit(world.spec(gpus={"count": 1}, output_dir=str(local / "run-1")))
     world.scheduler.tick()
     assert world.state(one_box) == "running"  # on one box, its own disk will do
@@ -267,3 +267,20 @@ def _wait_for(condition, deadline_s: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < end, "the binder's threads did not finish within 10 s"
         time.sleep(0.01)
+
+
+def test_the_queues_positions_are_the_order_the_scheduler_serves_aged_priority_included(world):
+    """`zeromix queue`'s POS: a priority -10 job that has waited 4 hours is served before a priority 10 one that
+    just arrived (gain's aging: equal after 3 h 20 min), and the queue says so (it used to sort by priority alone)."""
+    from orchestrator.client import QueueView
+
+    world.submit(world.spec(gpus={"count": 5}, max_steps=100_000))  # every card, for days
+    world.scheduler.tick()
+    low = world.submit(world.spec(priority=-10), at=world.clock.now)
+    for hours, first in ((1, "high"), (4, "low")):
+        world.clock.now += hours * 3600
+        high = world.submit(world.spec(priority=10), at=world.clock.now)
+        world.scheduler.tick()
+        view = QueueView(world.store.jobs(), [], {"turns": list(world.scheduler.turns)})
+        assert view.waiting[0].id == {"low": low, "high": high}[first]
+        world.store.transition(high, ("queued",), "cancelled", "the next hour's stream")

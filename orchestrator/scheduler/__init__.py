@@ -19,7 +19,7 @@ from typing import Protocol
 
 import pydantic
 
-from orchestrator.errors import ZeromixError
+from orchestrator.errors import InputError
 from orchestrator.inventory import ClusterSnapshot
 from orchestrator.jobspec import JobSpec
 from orchestrator.planner import Plan
@@ -44,7 +44,7 @@ class Launcher(Protocol):
         back when the node returns)."""
 
     def check_inputs(self, job_id: str, spec: JobSpec) -> None:
-        """Just before placing: raise a ZeromixError naming a path the job reads that is gone."""
+        """Just before placing: raise an InputError naming a path the job reads that is gone."""
 
     def nodes_that_cannot_see(self, directory: str, nodes: list[str]) -> list[str]:
         """Of these nodes, those that do not see what the head writes into `directory` (not shared storage)."""
@@ -84,6 +84,7 @@ class Scheduler:
         self.cards_free = self.cards_held = 0  # as the last round saw them
         self.rounds = 0  # ended so far
         self.last_error: str | None = None  # why the last round stopped early, one line; None when it completed
+        self.turns: tuple[str, ...] = ()  # the queued jobs in the order the last round's policy served them
 
     def queued_job(self, record: JobRecord) -> QueuedJob:
         if record.id not in self._jobs:
@@ -134,6 +135,7 @@ class Scheduler:
         free = tuple(c for c in snapshot.cards if c.card_id not in held)
         self.cards_free, self.cards_held = len(free), len(snapshot.cards) - len(free)
         decision = self.policy.allocate(PolicyInput(now, queue, free, running, table))
+        self.turns = decision.turns or tuple(job.id for job in queue)
         for assignment in decision.assignments:
             self._start(self.store.get(assignment.job_id), assignment.plan)
         self._settle()  # the launches that ended already (all of them, with the inline binder)
@@ -170,28 +172,26 @@ class Scheduler:
             self._stop(holder)
 
     def _start(self, record: JobRecord, plan: Plan) -> None:
-        cards = tuple(r.card.card_id for r in plan.ranks)
+        """queued -> placing, its cards held in the queue; the launch itself is the binder's."""
         spec = self.queued_job(record).spec  # parsed once this round, for the policy
-        nodes = sorted({r.card.node for r in plan.ranks})
-        try:
-            self.launcher.check_inputs(record.id, spec)
-            blind = self.launcher.nodes_that_cannot_see(spec.output_dir, nodes) if len(nodes) > 1 else []
-        except ZeromixError as err:
-            self._transition(record.id, "queued", "failed", str(err))
-            return
-        except Exception as err:  # could not look (a node slow to answer): the job waits for the next round
-            self.store.set_reasons({record.id: f"could not check its output_dir from {', '.join(nodes)} ({_first_line(err)}); tried again next round"})
-            return
-        if blind:
-            self._transition(record.id, "queued", "failed", (
-                f"job {record.id}: output_dir={spec.output_dir!r} is not allowed; {', '.join(blind)} cannot see it, and a job "
-                f"across boxes ({', '.join(nodes)}) needs an output_dir every one of them sees (NFS): each rank writes its shards there"))
-            return
-        if not self._transition(record.id, "queued", "placing", f"placing on {_cards(plan)}", cards=cards, plan=plan.summary()):
+        if not self._transition(record.id, "queued", "placing", f"placing on {_cards(plan)}",
+                                cards=tuple(r.card.card_id for r in plan.ranks), plan=plan.summary()):
             return
         placed = self.store.get(record.id)  # as placed: this placement's attempt number (read here: the store is this thread's)
         self._launching[record.id] = plan
-        self.binder.launch(record.id, lambda: self.launcher.start(placed, plan))
+        self.binder.launch(record.id, lambda: self._launch(placed, spec, plan))
+
+    def _launch(self, record: JobRecord, spec: JobSpec, plan: Plan) -> None:
+        """The binding cycle's call (on the binder's thread: no queue here). A path the job reads that is gone, or an
+        output_dir some of its boxes cannot see, is an InputError: the job fails with it, nothing is launched."""
+        self.launcher.check_inputs(record.id, spec)
+        nodes = sorted({r.card.node for r in plan.ranks})
+        blind = self.launcher.nodes_that_cannot_see(spec.output_dir, nodes) if len(nodes) > 1 else []
+        if blind:
+            raise InputError(f"job {record.id}", "output_dir", spec.output_dir, (
+                f"{', '.join(blind)} cannot see it, and a job across boxes ({', '.join(nodes)}) needs an output_dir every "
+                "one of them sees (NFS): each rank writes its shards there"))
+        self.launcher.start(record, plan)
 
     def _settle(self) -> None:
         """The binder's news: a launch past its deadline gives its job back to the queue; a launch that ended
@@ -210,6 +210,9 @@ class Scheduler:
             if plan is None:  # given up at its deadline, and queued again meanwhile: whatever it started goes
                 self._given_up.discard(job_id)
                 self._stop(job_id)
+            elif isinstance(outcome.error, InputError):  # its files: no launch will do better
+                self._stop(job_id)
+                self._transition(job_id, "placing", "failed", str(outcome.error))
             elif outcome.error:  # a launch that failed leaves nothing held, and the job queued (or failed, in the end)
                 self._stop(job_id)
                 self._launch_failed(job_id, _first_line(outcome.error))

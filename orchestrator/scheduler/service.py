@@ -168,7 +168,8 @@ class SchedulerService:
             return None
 
     def health(self) -> dict:
-        return {"api": API, "policy": self.scheduler.policy.name, "rounds": self.scheduler.rounds, "last_error": self.scheduler.last_error}
+        return {"api": API, "policy": self.scheduler.policy.name, "rounds": self.scheduler.rounds, "last_error": self.scheduler.last_error,
+                "turns": list(self.scheduler.turns)}
 
 
 def ensure_running(state: ClusterState, policy_name: str = "gain"):

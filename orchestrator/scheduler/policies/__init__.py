@@ -54,6 +54,7 @@ class Assignment:
 class Decision:
     assignments: list[Assignment] = field(default_factory=list)
     waiting: dict[str, str] = field(default_factory=dict)  # job id -> why it waits, one line
+    turns: tuple[str, ...] = ()  # the queued jobs in the order this policy served them (aged priority first); () = arrival order
 
 
 class Policy(Protocol):

@@ -45,6 +45,7 @@ class Gain:
         running = list(x.running)  # grows with this round's starts, so later jobs see when those cards free up
         reservation: Reservation | None = None
         order = sorted(x.queue, key=lambda j: self._urgency(j, x))
+        decision.turns = tuple(j.id for j in order)
         for position, job in enumerate(order):
             if position >= WINDOW:
                 decision.waiting[job.id] = f"{position} job(s) ahead of it in priority order"
