@@ -44,7 +44,7 @@ def test_a_job_whose_model_config_cannot_be_read_fails_alone_with_the_path(world
 
 def test_a_model_gone_after_it_was_planned_fails_just_before_placing_with_one_line(world):
     first = world.submit(world.spec(gpus={"count": 5}))  # all five cards: the next job waits, planned
-    waiting = world.submit(world.spec("qwen2.5-0.5b", method="lora"))
+    waiting = world.submit(world.spec("qwen2.5-0.5b", method="lora", priority=-1))
     world.scheduler.tick()
     assert (world.state(first), world.state(waiting)) == ("running", "queued")
     shutil.rmtree(world.model_dir("qwen2.5-0.5b"))

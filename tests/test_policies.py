@@ -108,3 +108,54 @@ def test_an_unknown_policy_is_one_clear_error():
 
     with pytest.raises(InputError, match="--policy='lottery' is not allowed; one of gain, fifo-first-fit, max-min-fairness"):
         policy("lottery")
+
+
+# ------------------------------------------------------------------------------------------ bounded waits (issue 20)
+DESK_AND_ATTIC = (("desk", ["NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 4090"]), ("attic", ["NVIDIA GeForce GTX 1080 Ti"]))
+
+
+def test_a_job_waits_for_a_faster_card_only_counting_the_jobs_ahead_that_wait_for_it_too():
+    """Three bf16 jobs whose best card is the busy 4090 (1.7x the 3090 for them). The first waits for it; the
+    second would end later in line behind the first than on the free 3090 now, so it starts there (it used to
+    wait too, as if it alone would get the 4090, and the 3090 sat idle)."""
+    box = pool(*DESK_AND_ATTIC)
+    jobs = [job(f"j{i}", steps=2000, submitted_at=float(i)) for i in range(3)]
+    on_4090 = ThroughputTable(box).plan(jobs[0], frozenset({"desk/1"})).duration_s(2000)
+    running = [RunningJob("holder", ("desk/1",), 0.1 * on_4090)]
+    cards, decision, _ = decide("gain", box, jobs, running, now=10.0)
+    assert cards == {"j1": ["desk/0"]}
+    assert decision.waiting["j0"].startswith("waits for faster cards")
+    assert "waits for faster cards" not in decision.waiting["j2"]
+
+
+def test_a_job_below_a_quarter_of_its_best_speed_waits_for_a_bounded_time_then_takes_the_slow_card():
+    """On the 1080 Ti a bf16 job keeps 11% of its 4090 speed: it waits for better cards, but only until it has
+    waited PATIENCE times its run on its best cards; then it takes the 1080 Ti rather than wait for ever."""
+    from orchestrator.scheduler.policies.gain import PATIENCE
+
+    box = pool(("desk", ["NVIDIA GeForce RTX 4090"]), ("attic", ["NVIDIA GeForce GTX 1080 Ti"]))
+    late = job("late", steps=200)
+    best_s = ThroughputTable(box).best(late).duration_s(200)
+    running = [RunningJob("week-long", ("desk/0",), 7 * 24 * 3600.0)]
+    cards, decision, _ = decide("gain", box, [late], running, now=60.0)
+    assert cards == {} and "of its best speed (estimate); it waits for better ones until about" in decision.waiting["late"]
+    assert decide("gain", box, [late], running, now=PATIENCE * best_s + 1)[0] == {"late": ["attic/0"]}
+
+
+def test_backfill_takes_a_reserved_card_when_that_is_faster_and_ends_before_it_is_needed():
+    """The two-card job at the head reserves desk's pair from when its 3090 frees (in 2 hours). A short bf16 job
+    ends on the reserved 4090 well before then: it goes there, not to the 1080 Ti nobody reserved (11% speed)."""
+    box = pool(*DESK_AND_ATTIC)
+    running = [RunningJob("first", ("desk/0",), 7200.0)]
+    pair = job("pair", gpus=2, steps=500, priority=5, models=["RTX 3090", "RTX 4090"])
+    cards, decision, _ = decide("gain", box, [pair, job("short", steps=200)], running)
+    assert cards == {"short": ["desk/1"]} and decision.waiting["pair"].startswith("expected to start about")
+
+
+def test_a_card_left_free_goes_to_a_job_beyond_the_first_32_that_fits_it():
+    """32 two-card jobs ahead (a higher priority) cannot use the one free card; the 33rd, a one-card job, takes it
+    (it used to wait its turn while the card sat idle)."""
+    box = pool(("desk", ["NVIDIA GeForce RTX 3090"] * 2))
+    running = [RunningJob("long", ("desk/0",), 100 * 3600.0)]
+    pairs = [job(f"pair{i}", gpus=2, steps=20000, submitted_at=float(i), priority=1) for i in range(32)]
+    assert decide("gain", box, [*pairs, job("one", steps=200, submitted_at=40.0)], running, now=50.0)[0] == {"one": ["desk/1"]}

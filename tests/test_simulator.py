@@ -65,3 +65,42 @@ def test_the_simulate_command_prints_the_figures_and_draws_the_plot(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     bad = cli("simulate", "--trace", str(tmp_path / "trace.csv"), "--policy", "random", check=False)
     assert bad.returncode == 2 and "--policy='random' is not allowed" in bad.stderr
+
+
+def test_a_run_costs_start_weights_checkpoints_and_an_estimate_error_the_policy_never_sees():
+    """With the measured costs a job's run is its start, reading its weights, its checkpoints and its steps at the
+    planner's step time times a drawn error; the scheduler still only knows the estimate (its est_end)."""
+    from orchestrator.scheduler.simulate import Costs
+
+    one = [trace.TraceJob("solo", 0.0, "llama-3.2-1b", "full", 1024, 16, 3000, 1, 0)]
+    costs = Costs.measured(seed=4)
+    result = simulate(HOMELAB, one, policy("gain"), costs)
+    (job,) = result.jobs
+    estimate = job.total_steps * job.plan["est_step_s"]  # the summary's step time has 3 significant digits
+    assert job.est_end - job.started_at == pytest.approx(estimate, rel=0.005)
+    took = job.ended_at - job.started_at
+    assert abs(took / (job.est_end - job.started_at) - 1) > 0.01 and took > costs.start_s
+    assert took == pytest.approx(result.alone_s["solo"], rel=1e-6) and result.slowdowns == [pytest.approx(1.0)]
+    saves = (took - costs.start_s) // costs.checkpoint_every_s
+    assert saves >= 1  # a full fine-tune of a 1B model for hours: at least one checkpoint charged
+    assert simulate(HOMELAB, one, policy("gain"), Costs.measured(seed=4)).jobs[0].ended_at == job.ended_at  # drawn from the seed
+
+
+def test_the_simulator_names_every_job_that_never_ran_and_why():
+    """A policy that never places anything: every job is reported with the scheduler's last reason, and the CLI's
+    table lists them."""
+    from orchestrator.cli import render
+    from orchestrator.scheduler.policies import Decision
+
+    class Never:
+        name = "never"
+
+        def allocate(self, x):
+            return Decision(waiting={job.id: "this policy starts nothing" for job in x.queue})
+
+    jobs = trace.generate(3, 6.0, seed=5)
+    result = simulate(HOMELAB, jobs, Never())
+    assert result.never_ran == {j.job_id: "this policy starts nothing" for j in jobs}
+    with render.console.capture() as shown:
+        render.simulation([render.sim_row(result)], len(jobs), "cluster.yaml", result.costs)
+    assert all(f"never: {j.job_id} never ran: this policy starts nothing" in shown.get() for j in jobs)

@@ -3,6 +3,7 @@ the answer with `render`; it decides nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import Optional
@@ -288,37 +289,44 @@ def demo(cluster: str = "cluster.yaml"):
 
 @app.command("make-trace")
 def make_trace(out: str = typer.Option("trace.csv", "--out", "-o"), jobs: int = typer.Option(200, "--jobs", min=1, max=100000),
-               rate: float = typer.Option(6.0, "--rate", min=0.01, help="Arrivals per hour (Poisson)."),
+               rate: float = typer.Option(6.0, "--rate", min=0.01, help="Arrivals per hour (poisson-mix only)."),
+               family: str = typer.Option("poisson-mix", "--family", help="poisson-mix, bursts, long-then-short, vram-heavy, priority-mix."),
+               scale: float = typer.Option(1.0, "--scale", min=0.01, help="Arrivals this many times as often (a pool this many times the homelab)."),
                seed: int = typer.Option(1, "--seed")):
-    """Write a job trace for `zeromix simulate`: Poisson arrivals, heavy-tailed lengths, a homelab's job mix."""
+    """Write a job trace for `zeromix simulate`: one of the trace families (orchestrator/scheduler/trace.py)."""
     from orchestrator.scheduler import trace
 
-    trace.write(trace.generate(jobs, rate, seed), out)
-    render.console.print(f"{jobs} jobs, about {rate:g} per hour, seed {seed}: {out}")
+    made = trace.generate(jobs, rate * scale, seed) if family == "poisson-mix" else trace.family(family, jobs, seed, scale)
+    trace.write(made, out)
+    render.console.print(f"{jobs} jobs, {family}, seed {seed}, over {made[-1].arrival_s / 3600:.1f} h: {out}")
 
 
 @app.command()
 def simulate(cluster: str = typer.Option("cluster.yaml", "--cluster", metavar="CLUSTER_YAML"),
              trace_file: str = typer.Option(..., "--trace", metavar="TRACE_CSV", help="From `zeromix make-trace`, or your own."),
              policy_names: Optional[list[str]] = typer.Option(None, "--policy", help="gain, fifo-first-fit, max-min-fairness (repeat; default all)."),
+             exact: bool = typer.Option(False, "--exact", help="Charge only steps x the planner's step time: no start, load, checkpoint or estimate error."),
+             error: Optional[float] = typer.Option(None, "--error", min=0.0, max=2.0, help="Sigma of the log-normal estimate error (default: sim_costs.yaml's)."),
+             seed: int = typer.Option(0, "--seed", help="Draws each job's estimate error."),
              png: Optional[str] = typer.Option(None, "--png", help="Write the queue and each card's occupancy over time here."),
              as_json: bool = JsonOption):
-    """Replay a job trace through the real queue, scheduler, policy and planner in virtual time (job
-    lengths are the planner's step-time estimates), and compare policies."""
+    """Replay a job trace through the real queue, scheduler, policy and planner in virtual time, charging what a
+    real cluster charges (orchestrator/data/sim_costs.yaml), and compare policies."""
     from orchestrator.scheduler import trace
     from orchestrator.scheduler.policies import POLICY_NAMES, policy
-    from orchestrator.scheduler.simulate import render_png, simulate as run
+    from orchestrator.scheduler.simulate import Costs, render_png, simulate as run
 
     names = policy_names or list(POLICY_NAMES)
     chosen = [policy(n) for n in names]  # an unknown name fails before any work
     snapshot = snapshot_from_config(load_cluster(cluster))
     jobs = trace.read(trace_file)
-    results = [run(snapshot, jobs, p) for p in chosen]
+    costs = Costs.NONE if exact else Costs.measured(seed=seed, estimate_sigma=error)
+    results = [run(snapshot, jobs, p, costs) for p in chosen]
     rows = [render.sim_row(r) for r in results]
     if as_json:
-        print(json.dumps({"cluster": cluster, "trace": trace_file, "jobs": len(jobs), "results": rows}, indent=2))
+        print(json.dumps({"cluster": cluster, "trace": trace_file, "jobs": len(jobs), "costs": dataclasses.asdict(costs), "results": rows}, indent=2))
     else:
-        render.simulation(rows, len(jobs), cluster)
+        render.simulation(rows, len(jobs), cluster, costs)
     if png:
         render_png(results, png)
         render.console.print(f"plot: {png}")

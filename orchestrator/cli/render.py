@@ -5,6 +5,7 @@ columns and long text goes on its own lines."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Iterator
 
@@ -285,24 +286,41 @@ def clock_duration(seconds: float) -> str:
 
 # ------------------------------------------------------------------------------------------ simulation
 def sim_row(result) -> dict:
+    """One policy's figures; None where no job finished."""
+    def hours(seconds: float) -> float | None:
+        return None if math.isnan(seconds) else round(seconds / 3600, 2)
+
     return {"policy": result.policy, "jobs_run": len(result.jct_s), "rejected": len(result.rejected),
-            "avg_jct_h": round(result.avg_jct_s / 3600, 2), "p95_jct_h": round(result.p95_jct_s / 3600, 2),
-            "makespan_h": round(result.makespan_s / 3600, 2),
-            "utilisation": {card: round(u, 3) for card, u in result.utilisation().items()}}
+            "avg_jct_h": hours(result.avg_jct_s), "p95_jct_h": hours(result.p95_jct_s), "makespan_h": hours(result.makespan_s),
+            "max_slowdown": round(max(result.slowdowns), 1) if result.slowdowns else None,
+            "idle_while_waiting_card_h": round(result.idle_while_waiting_s / 3600, 1), "never_ran": result.never_ran,
+            "utilisation": {card: None if math.isnan(u) else round(u, 3) for card, u in result.utilisation().items()}}
 
 
-def simulation(rows: list[dict], n_jobs: int, cluster: str) -> None:
+def simulation(rows: list[dict], n_jobs: int, cluster: str, costs) -> None:
     fifo = next((r for r in rows if r["policy"] == "fifo-first-fit"), None)
-    table = Table("POLICY", "AVG JCT", "P95 JCT", "MAKESPAN", "VS FIFO (AVG / MAKESPAN)",
-                  title=f"{n_jobs} jobs on {cluster} (simulated: job lengths are the planner's estimates)")
+    charged = ("steps x the planner's step time only" if not costs.start_s else
+               f"start {costs.start_s:g} s, weights at {costs.load_gb_per_s:g} GB/s, checkpoints at {costs.checkpoint_gb_per_s:g} GB/s, "
+               f"estimate error sigma {costs.estimate_sigma:g}")
+    table = Table("POLICY", "AVG JCT", "P95 JCT", "MAKESPAN", "MAX SLOWDOWN", "IDLE WHILE WAITING", "VS FIFO (AVG / MAKESPAN)",
+                  title=f"{n_jobs} jobs on {cluster} (simulated; charged: {charged})")
+    def shown(value, form: str) -> str:
+        return "-" if value is None else form.format(value)
+
     for r in rows:
-        ratio = f"{r['avg_jct_h'] / fifo['avg_jct_h']:.2f}x / {r['makespan_h'] / fifo['makespan_h']:.2f}x" if fifo else "-"
-        table.add_row(r["policy"], f"{r['avg_jct_h']:.2f} h", f"{r['p95_jct_h']:.2f} h", f"{r['makespan_h']:.1f} h", ratio)
+        ratio = "-"
+        if fifo and r["avg_jct_h"] and fifo["avg_jct_h"]:
+            ratio = f"{r['avg_jct_h'] / fifo['avg_jct_h']:.2f}x / {r['makespan_h'] / fifo['makespan_h']:.2f}x"
+        table.add_row(r["policy"], shown(r["avg_jct_h"], "{:.2f} h"), shown(r["p95_jct_h"], "{:.2f} h"), shown(r["makespan_h"], "{:.1f} h"),
+                      shown(r["max_slowdown"], "{:.1f}x"), f"{r['idle_while_waiting_card_h']:.1f} card-h", ratio)
     console.print(table)
     cards = Table("CARD", *(r["policy"] for r in rows), title="utilisation (busy share of the makespan)")
     for card in rows[0]["utilisation"]:
-        cards.add_row(card, *(f"{r['utilisation'][card]:.0%}" for r in rows))
+        cards.add_row(card, *(shown(r["utilisation"][card], "{:.0%}") for r in rows))
     console.print(cards)
+    for r in rows:
+        for job_id, why in r["never_ran"].items():
+            console.print(f"{r['policy']}: {job_id} never ran: {why}")
     rejected = rows[0]["rejected"]
     if rejected:
         console.print(f"{rejected} job(s) of the trace fit nowhere in this cluster and were refused at submit")

@@ -1,15 +1,25 @@
 """The simulator: a job trace replayed through the real queue, scheduler, policy and planner in virtual time.
 
-Only two things are simulated: the clock, and the launch, which starts nothing and says the job ends
-after total_steps x the planner's step time (an estimate). Everything else is the code that runs on the
-head: the SQLite queue (in memory), `Scheduler.tick`, the policy, `make_plan`. So a policy's figures
-here are the figures of the code users run, on their cluster.yaml. Deterministic: same trace, same result.
+Two things are simulated: the clock, and the launch, which starts nothing and says when the job would end.
+Everything else is the code that runs on the head: the SQLite queue (in memory), `Scheduler.tick`, the
+policy, `make_plan`. So a policy's figures here are the figures of the code users run, on their cluster.yaml.
+
+A run costs what a real one costs (`Costs`, from orchestrator/data/sim_costs.yaml, each figure marked
+measured or estimate): starting the Ray job and its ranks, reading the weights, a checkpoint about every ten
+minutes, and a step time that is the planner's estimate times an error the policy never sees (log-normal,
+drawn once per job from the seed). `Costs.NONE` replays the planner's estimates exactly, as the simulator did
+before. Deterministic: same trace, costs and seed, same result.
 """
 
 from __future__ import annotations
 
+import math
+import random
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
 
 from orchestrator.inventory import ClusterSnapshot
 from orchestrator.jobspec import JobSpec
@@ -17,8 +27,44 @@ from orchestrator.planner import Plan
 from orchestrator.queue import JobRecord, QueueStore
 from orchestrator.scheduler import Ending, Scheduler, spec_record
 from orchestrator.scheduler.policies import Policy
-from orchestrator.scheduler.table import QueuedJob
+from orchestrator.scheduler.table import QueuedJob, ThroughputTable
 from orchestrator.scheduler.trace import TraceJob
+
+COSTS_FILE = Path(__file__).resolve().parents[1] / "data" / "sim_costs.yaml"
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Costs:
+    start_s: float  # the Ray job, its rank actors, imports and DeepSpeed's engine, before the weights are read
+    load_gb_per_s: float  # reading the weights (bf16 on disk)
+    checkpoint_gb_per_s: float  # writing a checkpoint: full, weights and Adam states (14 bytes a parameter); LoRA, the adapter's (16)
+    checkpoint_every_s: float  # launch.CHECKPOINT_EVERY_S: the default cadence
+    estimate_sigma: float  # true step time / the planner's estimate ~ log-normal(0, sigma); 0: exact
+    seed: int = 0
+
+    @classmethod
+    def measured(cls, seed: int = 0, estimate_sigma: float | None = None) -> Costs:
+        """The figures of sim_costs.yaml, with the default checkpoint cadence (launch.CHECKPOINT_EVERY_S)."""
+        from orchestrator.launch import CHECKPOINT_EVERY_S
+
+        figures = {k: v["value"] for k, v in yaml.safe_load(COSTS_FILE.read_text()).items()}
+        if estimate_sigma is not None:
+            figures["estimate_sigma"] = estimate_sigma
+        return cls(seed=seed, checkpoint_every_s=CHECKPOINT_EVERY_S, **figures)
+
+    def run_s(self, job_id: str, plan: Plan) -> float:
+        """How long the job takes on this plan's cards, start to end (the truth the policy does not see)."""
+        error = math.exp(random.Random(f"{self.seed}:{job_id}").gauss(0.0, self.estimate_sigma)) if self.estimate_sigma else 1.0
+        train_s = plan.step.step_s * plan.total_steps * error
+        saves = int(train_s // self.checkpoint_every_s) if self.checkpoint_every_s else 0
+        state_bytes = plan.n_params * 14 if plan.trainable == plan.n_params else plan.trainable * 16
+        load_s = plan.n_params * 2 / GB / self.load_gb_per_s if self.load_gb_per_s else 0.0
+        save_s = state_bytes / GB / self.checkpoint_gb_per_s if self.checkpoint_gb_per_s else 0.0
+        return self.start_s + load_s + train_s + saves * save_s
+
+
+Costs.NONE = Costs(start_s=0.0, load_gb_per_s=0.0, checkpoint_gb_per_s=0.0, checkpoint_every_s=0.0, estimate_sigma=0.0)
 
 
 class VirtualClock:
@@ -30,10 +76,10 @@ class VirtualClock:
 
 
 class SimulatedLaunch:
-    """A `Launcher` whose jobs end when the planner says they would."""
+    """A `Launcher` whose jobs end when their costs say."""
 
-    def __init__(self, cluster: ClusterSnapshot, clock: VirtualClock):
-        self._cluster, self._clock = cluster, clock
+    def __init__(self, cluster: ClusterSnapshot, clock: VirtualClock, costs: Costs = Costs.NONE):
+        self._cluster, self._clock, self.costs = cluster, clock, costs
         self.running: dict[str, tuple[tuple[str, ...], float]] = {}  # job id -> (card resources, end)
 
     def cluster(self) -> ClusterSnapshot:
@@ -49,7 +95,7 @@ class SimulatedLaunch:
         """A trace's jobs name models by their shipped configs and no data files: nothing to look for."""
 
     def start(self, job: JobRecord, plan: Plan) -> None:
-        self.running[job.id] = (tuple(r.card.resource for r in plan.ranks), self._clock() + plan.step.step_s * plan.total_steps)
+        self.running[job.id] = (tuple(r.card.resource for r in plan.ranks), self._clock() + self.costs.run_s(job.id, plan))
 
     def ended(self, running: list[JobRecord]) -> dict[str, Ending]:
         return {r.id: Ending("succeeded", "finished (simulated)") for r in running if self.running[r.id][1] <= self._clock()}
@@ -70,6 +116,19 @@ class SimResult:
     card_ids: list[str]
     rounds: int
     unfinished: list[str] = field(default_factory=list)
+    alone_s: dict[str, float] = field(default_factory=dict)  # job id -> its run alone on its best cards, at the same costs
+    idle_while_waiting_s: float = 0.0  # card-seconds a card was free while a queued job could have started on it
+    costs: Costs = Costs.NONE
+
+    @property
+    def never_ran(self) -> dict[str, str]:
+        """Job id -> why it was still waiting when the trace ended (the scheduler's last reason)."""
+        return {j.id: j.reason for j in self.jobs if j.started_at is None}
+
+    @property
+    def slowdowns(self) -> list[float]:
+        """Each finished job's JCT over its run alone on its best cards."""
+        return [(j.ended_at - j.submitted_at) / self.alone_s[j.id] for j in self.jobs if j.ended_at is not None and self.alone_s.get(j.id)]
 
     @property
     def jct_s(self) -> list[float]:
@@ -77,16 +136,18 @@ class SimResult:
 
     @property
     def avg_jct_s(self) -> float:
-        return statistics.fmean(self.jct_s)
+        """NaN when no job finished (so are p95 and the makespan)."""
+        return statistics.fmean(self.jct_s) if self.jct_s else math.nan
 
     @property
     def p95_jct_s(self) -> float:
         values = sorted(self.jct_s)
-        return values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
+        return values[min(len(values) - 1, round(0.95 * (len(values) - 1)))] if values else math.nan
 
     @property
     def makespan_s(self) -> float:
-        return max(j.ended_at for j in self.jobs if j.ended_at is not None) - min(j.submitted_at for j in self.jobs)
+        ends = [j.ended_at for j in self.jobs if j.ended_at is not None]
+        return max(ends) - min(j.submitted_at for j in self.jobs) if ends else math.nan
 
     def occupancy(self) -> list[tuple[str, str, float, float]]:
         """(card, job, start, end) for every job that ran."""
@@ -99,13 +160,14 @@ class SimResult:
         return {card: b / self.makespan_s for card, b in busy.items()}
 
 
-def simulate(cluster: ClusterSnapshot, trace: list[TraceJob], policy: Policy) -> SimResult:
+def simulate(cluster: ClusterSnapshot, trace: list[TraceJob], policy: Policy, costs: Costs = Costs.NONE) -> SimResult:
     clock = VirtualClock(trace[0].arrival_s if trace else 0.0)
     store = QueueStore(":memory:", clock)
-    launch = SimulatedLaunch(cluster, clock)
+    launch = SimulatedLaunch(cluster, clock, costs)
     scheduler = Scheduler(store, launch, policy, clock)
     table = scheduler.table(cluster)
     arrivals, rejected, queue_length, rounds = list(reversed(trace)), {}, [], 0
+    alone, idle_s = {}, 0.0
     while True:
         while arrivals and arrivals[-1].arrival_s <= clock.now:
             job = arrivals.pop()
@@ -115,16 +177,31 @@ def simulate(cluster: ClusterSnapshot, trace: list[TraceJob], policy: Policy) ->
                 rejected[job.job_id] = best.why_not
                 continue
             store.submit(job.job_id, spec.name, spec_record(spec), job.steps, job.priority, at=job.arrival_s)
+            alone[job.job_id] = costs.run_s(job.job_id, best.plan)
         scheduler.tick()
         rounds += 1
-        queue_length.append((clock.now, len(store.jobs(("queued",)))))
+        queued = store.jobs(("queued",))
+        queue_length.append((clock.now, len(queued)))
         upcoming = [t for t in (arrivals[-1].arrival_s if arrivals else None, launch.next_end()) if t is not None]
         if not upcoming:
             break
+        idle_s += len(_usable_by_waiting(scheduler, launch.cluster(), queued, table)) * (min(upcoming) - clock.now)
         clock.now = min(upcoming)
     jobs = store.jobs()
     return SimResult(policy.name, jobs, rejected, queue_length, [c.card_id for c in cluster.cards], rounds,
-                     [j.id for j in jobs if j.ended_at is None])
+                     [j.id for j in jobs if j.ended_at is None], alone, idle_s, costs)
+
+
+def _usable_by_waiting(scheduler: Scheduler, snapshot: ClusterSnapshot, queued: list[JobRecord], table: ThroughputTable) -> set[str]:
+    """The free cards some queued job could start on now (its planner's plan on the free cards uses them)."""
+    free = frozenset(c.card_id for c in snapshot.cards if not c.held_by)
+    usable: set[str] = set()
+    for record in queued:
+        if usable >= free:
+            break
+        outcome = table.plan(scheduler.queued_job(record), free)
+        usable |= set(outcome.cards) if outcome.plan else set()
+    return usable
 
 
 def render_png(results: list[SimResult], path: str) -> None:

@@ -52,20 +52,110 @@ class TraceJob:
 
 
 def generate(n_jobs: int, jobs_per_hour: float, seed: int) -> list[TraceJob]:
+    """The Poisson mix: Philly-like lengths, 70% LoRA, a few urgent and background jobs."""
     rng = random.Random(seed)
     jobs, t = [], 0.0
     for i in range(n_jobs):
         t += rng.expovariate(jobs_per_hour / 3600)
         method = "lora" if rng.random() < 0.7 else "full"
-        model = rng.choice(LORA_MODELS if method == "lora" else FULL_MODELS)
-        steps = int(min(20000, max(20, rng.lognormvariate(math.log(200), 1.2))))
+        model, steps = rng.choice(LORA_MODELS if method == "lora" else FULL_MODELS), _philly_steps(rng)
         jobs.append(TraceJob(
             job_id=f"t{i:04d}", arrival_s=round(t, 1), model=model, method=method,
             seq_len=rng.choice((512, 1024, 2048)), global_batch=rng.choice((8, 16, 32)), steps=steps,
-            gpus=1 if rng.random() < 0.6 else 2,
-            priority=rng.choices([p for p, _ in PRIORITIES], [w for _, w in PRIORITIES])[0],
-            precision="fp32" if rng.random() < FP32_SHARE else "auto"))
+            gpus=1 if rng.random() < 0.6 else 2, priority=_priority(rng), precision="fp32" if rng.random() < FP32_SHARE else "auto"))
     return jobs
+
+
+# ------------------------------------------------------------------------------------------ trace families
+# Written apart from `generate`, from what homelab users describe, to judge a policy on workloads it was not
+# tuned on. Each takes the load of the shipped five-card homelab; `scale` multiplies the arrival rate (and the
+# burst sizes) for a pool `scale` times as large.
+
+def bursts(n_jobs: int, seed: int, scale: float = 1.0) -> list[TraceJob]:
+    """Someone sweeps hyper-parameters: every ~3 h a burst of 8-20 small LoRA jobs (0.5-1.5B, 1-4 minutes each on a
+    4090 to an hour) within ten minutes, beside a stream of full fine-tunes that run for hours."""
+    rng = random.Random(seed)
+    jobs, t, burst_at = [], 0.0, 0.0
+    while len(jobs) < n_jobs:
+        burst_at += rng.expovariate(1 / (3 * 3600 / scale))
+        while t < burst_at and len(jobs) < n_jobs:  # the long stream, about one every 4 hours
+            t += rng.expovariate(scale / (4 * 3600))
+            jobs.append(_job(rng, f"b{len(jobs):04d}", t, "full", rng.choice(FULL_MODELS), rng.randint(2000, 8000), rng.choice((1, 2)), 0))
+        for _ in range(min(n_jobs - len(jobs), round(rng.randint(8, 20) * scale))):
+            jobs.append(_job(rng, f"b{len(jobs):04d}", burst_at + rng.uniform(0, 600), "lora",
+                             rng.choice(("qwen2.5-0.5b", "qwen3-0.6b", "llama-3.2-1b", "qwen2.5-1.5b")), rng.randint(20, 400), 1, 0))
+    return sorted(jobs, key=lambda j: j.arrival_s)
+
+
+def long_then_short(n_jobs: int, seed: int, scale: float = 1.0) -> list[TraceJob]:
+    """Head of line: a few long full fine-tunes (many hours) submitted first, then many short jobs one to three
+    minutes apart. A policy that lets the long jobs take every card, or keeps cards for them, makes the short
+    ones wait for hours."""
+    rng = random.Random(seed)
+    n_long = max(2, round(n_jobs * 0.06))
+    jobs = [_job(rng, f"h{i:04d}", i * 60.0, "full", rng.choice(FULL_MODELS), rng.randint(8000, 20000), rng.choice((1, 2)), 0)
+            for i in range(n_long)]
+    t = n_long * 60.0
+    while len(jobs) < n_jobs:
+        t += rng.uniform(60, 180) / scale
+        jobs.append(_job(rng, f"h{len(jobs):04d}", t, "lora", rng.choice(LORA_MODELS[:4]), rng.randint(20, 300), 1, 0))
+    return jobs
+
+
+def vram_heavy(n_jobs: int, seed: int, scale: float = 1.0) -> list[TraceJob]:
+    """Mostly 7-8B LoRA at long sequences, which only the 24 GB cards take, beside small jobs that fit anywhere."""
+    rng = random.Random(seed)
+    jobs, t = [], 0.0
+    for i in range(n_jobs):
+        t += rng.expovariate(4 * scale / 3600)
+        big = rng.random() < 0.65
+        model = rng.choice(("mistral-7b-v0.1", "llama-3.1-8b")) if big else rng.choice(LORA_MODELS[:4])
+        jobs.append(_job(rng, f"v{i:04d}", t, "lora", model, _philly_steps(rng), 1, _priority(rng), seq_len=2048 if big else None))
+    return jobs
+
+
+def priority_mix(n_jobs: int, seed: int, scale: float = 1.0) -> list[TraceJob]:
+    """A third urgent and short (priority 10), a third ordinary, a third background and long (priority -10)."""
+    rng = random.Random(seed)
+    jobs, t = [], 0.0
+    for i in range(n_jobs):
+        t += rng.expovariate(6 * scale / 3600)
+        kind = rng.randrange(3)
+        priority, steps = ((10, rng.randint(20, 200)), (0, _philly_steps(rng)), (-10, rng.randint(1000, 6000)))[kind]
+        method = "lora" if rng.random() < 0.7 else "full"
+        jobs.append(_job(rng, f"p{i:04d}", t, method, rng.choice(LORA_MODELS[:5] if method == "lora" else FULL_MODELS), steps,
+                         1 if rng.random() < 0.6 else 2, priority))
+    return jobs
+
+
+FAMILIES = {
+    "poisson-mix": lambda n, seed, scale=1.0: generate(n, 6.0 * scale, seed),
+    "bursts": bursts,
+    "long-then-short": long_then_short,
+    "vram-heavy": vram_heavy,
+    "priority-mix": priority_mix,
+}
+
+
+def family(name: str, n_jobs: int, seed: int, scale: float = 1.0) -> list[TraceJob]:
+    if name not in FAMILIES:
+        raise InputError("command line", "--family", name, f"one of {', '.join(FAMILIES)}")
+    return FAMILIES[name](n_jobs, seed, scale)
+
+
+def _job(rng: random.Random, job_id: str, at: float, method: str, model: str, steps: int, gpus: int, priority: int,
+         seq_len: int | None = None) -> TraceJob:
+    return TraceJob(job_id=job_id, arrival_s=round(at, 1), model=model, method=method,
+                    seq_len=seq_len or rng.choice((512, 1024, 2048)), global_batch=rng.choice((8, 16, 32)), steps=steps,
+                    gpus=gpus, priority=priority, precision="fp32" if rng.random() < FP32_SHARE else "auto")
+
+
+def _philly_steps(rng: random.Random) -> int:
+    return int(min(20000, max(20, rng.lognormvariate(math.log(200), 1.2))))
+
+
+def _priority(rng: random.Random) -> int:
+    return rng.choices([p for p, _ in PRIORITIES], [w for _, w in PRIORITIES])[0]
 
 
 def write(jobs: list[TraceJob], path: str | Path) -> None:

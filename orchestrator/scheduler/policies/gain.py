@@ -1,14 +1,19 @@
 """The default policy: heterogeneity-aware placement with backfill.
 
-Each round, jobs in order of priority (plus aging, so nothing starves), then arrival:
+Each round, jobs in order of priority (plus aging, so nothing starves), then response ratio:
   1. The planner's throughput table says how fast the job runs on the free cards and on its best cards
      (normalised per job, as in Gavel). A 1080 Ti is worth little to a bf16 job and much to an fp32 one:
      when a job of the same priority waiting behind gains more from the cards this job would take than
-     this job loses by taking others, this job takes the others (comparative advantage).
-  2. Start now, or wait for better cards? A job whose best cards free up soon (running jobs' estimated
-     ends) waits when it would finish sooner on them than on what is free now.
+     this job loses by taking others, this job takes the others (comparative advantage), provided both
+     then start.
+  2. Start now, or wait for better cards? A job waits for its best cards only when, after the jobs ahead of
+     it that wait for the same cards have had them, it would still end sooner on them than on the cards free
+     now. A job that would get under MIN_SHARE of its best speed from the free cards waits too, but only
+     until it has waited PATIENCE times its run on its best cards. So every wait for better cards is bounded:
+     by the estimated ends of running jobs and of the jobs ahead, or by PATIENCE x its own best run.
   3. The first job that cannot start reserves the cards it will get when running jobs end (EASY backfill):
-     later jobs may use those cards only if they end before that time (estimates).
+     later jobs may use those cards only if they end before that time (estimates), and take them when that
+     is faster than the cards nobody reserved.
   4. No fragmentation: a job that fits on the cards left over in part-used boxes, nearly as fast, goes
      there rather than splitting a whole free box whose cards one job could use together over PCIe.
 """
@@ -21,9 +26,10 @@ from orchestrator.scheduler.policies import Assignment, Decision, PolicyInput, R
 from orchestrator.scheduler.table import Outcome, QueuedJob
 
 AGING_PER_HOUR = 6.0  # priority points a queued job gains per hour of waiting
-WINDOW = 32  # jobs considered per round, in order; the rest wait their turn
+WINDOW = 32  # jobs considered per round, in order; beyond it, only while cards are still free
 NEARLY_AS_FAST = 0.9  # "nearly as fast" for the fragmentation rule
-MIN_SHARE = 0.25  # never start a job below this share of its best speed while running jobs will free cards
+MIN_SHARE = 0.25  # a job is not started below this share of its best speed (it would hold slow cards 4x as long) ...
+PATIENCE = 30.0  # ... once it has waited this many times its run on its best cards, it takes what is free
 RIVALS = 4  # later jobs checked for a better use of this job's cards
 SWAP_MARGIN = 0.1  # ... and by how much better it must be
 WAIT_MARGIN = 0.9  # wait for better cards only when that ends the job at least 10% sooner (of its run)
@@ -43,11 +49,13 @@ class Gain:
     def allocate(self, x: PolicyInput) -> Decision:
         decision, free = Decision(), set(x.free_ids)
         running = list(x.running)  # grows with this round's starts, so later jobs see when those cards free up
+        claims: dict[str, float] = {}  # card -> until when jobs ahead, waiting for it, would use it (estimate)
         reservation: Reservation | None = None
-        order = sorted(x.queue, key=lambda j: self._urgency(j, x))
+        drain_s = _drain_s(x)
+        order = sorted(x.queue, key=lambda j: self._urgency(j, x, drain_s))
         decision.turns = tuple(j.id for j in order)
         for position, job in enumerate(order):
-            if position >= WINDOW:
+            if position >= WINDOW and not free:
                 decision.waiting[job.id] = f"{position} job(s) ahead of it in priority order"
                 continue
             best = x.table.best(job)
@@ -56,7 +64,7 @@ class Gain:
                 continue
             now = self._place(job, x, free, reservation)
             if now is None:
-                reservation = reservation or self._reserve(job, x, free)
+                reservation = reservation or self._reserve(job, x, free, running)
                 lead = ""
                 if reservation and reservation.job_id == job.id:
                     lead = f"expected to start about {clock(reservation.at)} (estimate)"
@@ -65,15 +73,16 @@ class Gain:
                             "(estimate), so it waits")
                 decision.waiting[job.id] = why_waiting(job, x, lead)
                 continue
-            now = self._leave_to_rival(job, now, order[position + 1:WINDOW], x, free, reservation)
+            now = self._leave_to_rival(job, now, order[position + 1:WINDOW], x, free, reservation, running, claims)
             share = x.table.normalised(job, now)
-            if share < MIN_SHARE and running:
-                reservation = reservation or self._reserve(job, x, free)
-                decision.waiting[job.id] = why_waiting(job, x, f"the free cards would give it {share:.0%} of its best speed (estimate); "
-                                                                "it waits for better ones")
+            if share < MIN_SHARE and running and x.now - job.submitted_at < PATIENCE * best.duration_s(job.total_steps):
+                reservation = reservation or self._reserve(job, x, free, running)
+                decision.waiting[job.id] = why_waiting(job, x, f"the free cards would give it {share:.0%} of its best speed (estimate); it "
+                                                                f"waits for better ones until about {clock(job.submitted_at + PATIENCE * best.duration_s(job.total_steps))}")
                 continue
-            waits_until = self._better_soon(job, now, best, x, running, reservation)
+            waits_until = self._better_soon(job, now, x, running, reservation, claims)
             if waits_until is not None:
+                claims.update({card: waits_until for card in best.cards})
                 decision.waiting[job.id] = why_waiting(job, x, f"waits for faster cards: it would end about {clock(waits_until)} on them, "
                                                                  f"later on the free {' + '.join(r.card.short_name for r in now.plan.ranks)}")
                 continue
@@ -82,35 +91,44 @@ class Gain:
             running.append(RunningJob(job.id, now.cards, x.now + now.duration_s(job.total_steps)))
         return decision
 
-    def _urgency(self, job: QueuedJob, x: PolicyInput) -> tuple:
-        """Priority first, aged; within a priority, highest response ratio next: (waited + run) / run on its best
-        cards, so short jobs go first and every waiting job's ratio grows until it is first."""
+    def _urgency(self, job: QueuedJob, x: PolicyInput, drain_s: float) -> tuple:
+        """Priority first, aged. Within a priority, a job that alone runs longer than the whole queue takes to drain
+        goes first, longest first (started last, it would set the makespan); then the highest response ratio,
+        (waited + run) / run on its best cards, so short jobs go next and every waiting job's ratio grows until
+        it is first."""
         best = x.table.best(job)
         run = best.duration_s(job.total_steps) if best.plan else float("inf")
-        return (-aged_priority(job, x), -((x.now - job.submitted_at) + run) / run, job.submitted_at)
+        critical = run > drain_s and best.plan is not None
+        return (-aged_priority(job, x), not critical, -run if critical else -((x.now - job.submitted_at) + run) / run, job.submitted_at)
 
     def _place(self, job: QueuedJob, x: PolicyInput, free: set[str], reservation: Reservation | None) -> Outcome | None:
-        """Its best plan on the free cards, keeping off reserved cards unless it ends before they are needed,
-        and in part-used boxes when that is nearly as fast."""
-        options = [free - reservation.cards, free] if reservation else [free]
-        for pool in options:
+        """Its fastest plan on the free cards, on reserved cards only if it ends before they are needed, and in
+        part-used boxes when that is nearly as fast."""
+        candidates = []
+        for pool in ([free - reservation.cards, free] if reservation else [free]):
             outcome = x.table.plan(job, frozenset(pool))
             if not outcome.plan:
                 continue
             if reservation and set(outcome.cards) & reservation.cards and x.now + outcome.duration_s(job.total_steps) > reservation.at:
                 continue
-            leftovers = pool - _whole_free_boxes(x, pool)
-            if leftovers != pool and leftovers:
-                packed = x.table.plan(job, frozenset(leftovers))
-                if packed.plan and packed.plan.step.tokens_per_s >= NEARLY_AS_FAST * outcome.plan.step.tokens_per_s:
-                    return packed
-            return outcome
-        return None
+            candidates.append(self._packed(job, x, pool, outcome))
+        return max(candidates, key=lambda o: o.plan.step.tokens_per_s, default=None)
+
+    @staticmethod
+    def _packed(job: QueuedJob, x: PolicyInput, pool: set[str], outcome: Outcome) -> Outcome:
+        """The plan on the cards of part-used boxes instead, when it is nearly as fast: whole free boxes stay whole."""
+        leftovers = pool - _whole_free_boxes(x, pool)
+        if leftovers != pool and leftovers:
+            packed = x.table.plan(job, frozenset(leftovers))
+            if packed.plan and packed.plan.step.tokens_per_s >= NEARLY_AS_FAST * outcome.plan.step.tokens_per_s:
+                return packed
+        return outcome
 
     def _leave_to_rival(self, job: QueuedJob, now: Outcome, rivals: list[QueuedJob], x: PolicyInput, free: set[str],
-                        reservation: Reservation | None) -> Outcome:
+                        reservation: Reservation | None, running: list[RunningJob], claims: dict[str, float]) -> Outcome:
         """Other free cards for this job when a waiting job of the same priority values the cards it would
-        take more: the sum of normalised throughputs (Gavel's measure) grows by more than SWAP_MARGIN."""
+        take more: the sum of normalised throughputs (Gavel's measure) grows by more than SWAP_MARGIN, and
+        neither job would then wait for better cards (a swap that leaves both waiting helps nobody)."""
         taken = set(now.cards)
         for rival in [r for r in rivals if r.priority == job.priority][:RIVALS]:
             theirs = x.table.plan(rival, frozenset(free))
@@ -121,40 +139,52 @@ class Gain:
                 continue
             keep = x.table.normalised(job, now) + x.table.normalised(rival, x.table.plan(rival, frozenset(free - taken)))
             swap = x.table.normalised(job, other) + x.table.normalised(rival, theirs)
-            if swap > keep * (1 + SWAP_MARGIN):
+            if (swap > keep * (1 + SWAP_MARGIN) and self._better_soon(job, other, x, running, reservation, claims) is None
+                    and self._better_soon(rival, theirs, x, running, reservation, claims) is None):
                 return other
         return now
 
-    def _better_soon(self, job: QueuedJob, now: Outcome, best: Outcome, x: PolicyInput, running: list[RunningJob],
-                     reservation: Reservation | None) -> float | None:
-        """When its best cards free up soon enough that waiting for them ends this job sooner than starting
-        now, the time it would end that way; else None. A card held by a running job frees at its estimated
-        end; one reserved for the head job, when that job would end on it; one left to a job that gains more
-        from it this round, or held outside the queue, gives no estimate and so no reason to wait."""
+    @staticmethod
+    def _better_soon(job: QueuedJob, now: Outcome, x: PolicyInput, running: list[RunningJob],
+                     reservation: Reservation | None, claims: dict[str, float]) -> float | None:
+        """When waiting for its best cards ends this job sooner than starting now, the time it would end that
+        way; else None. A card held by a running job frees at its estimated end, and then goes to the jobs
+        ahead of this one that wait for it (`claims`: until they would end); one reserved for the head job,
+        when that job would end on it; a card with no such estimate gives no reason to wait."""
+        best = x.table.best(job)
         if set(best.cards) <= set(now.cards) or x.table.normalised(job, now) >= 1.0:
             return None
         free_at = x.now
         for card in best.cards:
             holder = next((r for r in running if card in r.cards), None)
             if holder:
-                free_at = max(free_at, holder.est_end)
+                free_at = max(free_at, holder.est_end, claims.get(card, 0.0))
             elif reservation and card in reservation.cards:
-                free_at = max(free_at, reservation.until)
+                free_at = max(free_at, reservation.until, claims.get(card, 0.0))
             else:
                 return None
         end_waiting = free_at + best.duration_s(job.total_steps)
         end_now = x.now + now.duration_s(job.total_steps)
         return end_waiting if end_waiting < x.now + WAIT_MARGIN * (end_now - x.now) else None
 
-    def _reserve(self, job: QueuedJob, x: PolicyInput, free: set[str]) -> Reservation | None:
-        """The cards this job gets, and when, if running jobs end as estimated and nothing else starts."""
+    def _reserve(self, job: QueuedJob, x: PolicyInput, free: set[str], running: list[RunningJob]) -> Reservation | None:
+        """The cards this job gets, and when, if running jobs (this round's starts included) end as estimated and
+        nothing else starts."""
         pool = set(free)
-        for running in sorted(x.running, key=lambda r: r.est_end):
-            pool |= set(running.cards)
+        for holder in sorted(running, key=lambda r: r.est_end):
+            pool |= set(holder.cards)
             outcome = x.table.plan(job, frozenset(pool))
             if outcome.plan:
-                return Reservation(job.id, frozenset(outcome.cards), running.est_end, running.est_end + outcome.duration_s(job.total_steps))
+                return Reservation(job.id, frozenset(outcome.cards), holder.est_end, holder.est_end + outcome.duration_s(job.total_steps))
         return None
+
+
+def _drain_s(x: PolicyInput) -> float:
+    """How long the cards would take to run every queued job on its best cards and finish the running ones, if
+    the work spread evenly over them (an estimate)."""
+    queued = sum(best.duration_s(job.total_steps) * len(best.cards) for job in x.queue if (best := x.table.best(job)).plan)
+    running = sum(max(0.0, r.est_end - x.now) * len(r.cards) for r in x.running)
+    return (queued + running) / max(1, len(x.table.cluster.cards))
 
 
 def aged_priority(job: QueuedJob, x: PolicyInput) -> int:
