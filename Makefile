@@ -56,7 +56,7 @@ bench-plan: $(STAMP)
 	$(BIN)/python bench/planning_time.py
 
 bench-scheduler: $(STAMP)
-	$(BIN)/python bench/scheduler.py
+	$(BIN)/python bench/scheduler.py --seeds 11 12
 
 down: $(STAMP)
 	$(BIN)/zeromix down

@@ -16,10 +16,18 @@ TINY_LLAMA = REPO / "jobs" / "examples" / "tiny-llama"
 MARKED_BY_FIXTURE = {"cluster": "cluster", "connected": "cluster", "isolated_home": "cluster", "ds_runs": "deepspeed"}
 
 
+# The one test that cancels the session's long job: it runs after every other user of that job, in any file order.
+CANCELS_THE_LONG_JOB = "test_a_killed_scheduler_comes_back_and_every_job_is_where_it_was"
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         for name in {MARKED_BY_FIXTURE[f] for f in getattr(item, "fixturenames", ()) if f in MARKED_BY_FIXTURE}:
             item.add_marker(name)
+    long_job_users = [i for i, item in enumerate(items) if "long_job" in getattr(item, "fixturenames", ())]
+    last = next((i for i in long_job_users if items[i].name == CANCELS_THE_LONG_JOB), None)
+    if last is not None and last != long_job_users[-1]:
+        items.insert(long_job_users[-1], items.pop(last))  # just after the last other user
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +128,7 @@ LONG_JOB_CARD = "NVIDIA GeForce RTX 2080 Ti"  # attic/1: no other test's job ask
 def long_job(cluster, demo_data) -> str:
     """One job that runs until it is cancelled, on the 2080 Ti alone: the tests of a running job (its holds, its
     metrics, a scheduler killed under it) share it, rather than each placing a job of its own only to cancel it.
-    The one that cancels it (tests/test_scheduler_cluster.py, the scheduler's restart) runs last of them."""
+    The one that cancels it (tests/test_scheduler_cluster.py, the scheduler's restart) is moved after the others."""
     state, work = cluster
     done = zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", "--set", f"output_dir={work / 'long'}", "--set", "max_steps=100000",
                    "--set", f"dataset.path={demo_data['pretrain']}", "--set", "gpus.count=1", "--set", f"gpus.models=[{LONG_JOB_CARD}]",
