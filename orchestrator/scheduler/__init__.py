@@ -44,7 +44,7 @@ class Launcher(Protocol):
         back when the node returns)."""
 
     def check_inputs(self, job_id: str, spec: JobSpec) -> None:
-        """Just before placing: raise an InputError naming a path the job reads that is gone."""
+        """First thing in its launch: raise an InputError naming a path the job reads that is gone."""
 
     def nodes_that_cannot_see(self, directory: str, nodes: list[str]) -> list[str]:
         """Of these nodes, those that do not see what the head writes into `directory` (not shared storage)."""
