@@ -14,6 +14,7 @@ import math
 import random
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Iterator
 
 import pydantic
 
@@ -53,10 +54,8 @@ class TraceJob:
 
 def generate(n_jobs: int, jobs_per_hour: float, seed: int) -> list[TraceJob]:
     """The Poisson mix: Philly-like lengths, 70% LoRA, a few urgent and background jobs."""
-    rng = random.Random(seed)
-    jobs, t = [], 0.0
-    for i in range(n_jobs):
-        t += rng.expovariate(jobs_per_hour / 3600)
+    rng, jobs = random.Random(seed), []
+    for i, t in _poisson(rng, n_jobs, jobs_per_hour):
         method = "lora" if rng.random() < 0.7 else "full"
         model, steps = rng.choice(LORA_MODELS if method == "lora" else FULL_MODELS), _philly_steps(rng)
         jobs.append(TraceJob(
@@ -104,10 +103,8 @@ def long_then_short(n_jobs: int, seed: int, scale: float = 1.0) -> list[TraceJob
 
 def vram_heavy(n_jobs: int, seed: int, scale: float = 1.0) -> list[TraceJob]:
     """Mostly 7-8B LoRA at long sequences, which only the 24 GB cards take, beside small jobs that fit anywhere."""
-    rng = random.Random(seed)
-    jobs, t = [], 0.0
-    for i in range(n_jobs):
-        t += rng.expovariate(4 * scale / 3600)
+    rng, jobs = random.Random(seed), []
+    for i, t in _poisson(rng, n_jobs, 4 * scale):
         big = rng.random() < 0.65
         model = rng.choice(("mistral-7b-v0.1", "llama-3.1-8b")) if big else rng.choice(LORA_MODELS[:4])
         jobs.append(_job(rng, f"v{i:04d}", t, "lora", model, _philly_steps(rng), 1, _priority(rng), seq_len=2048 if big else None))
@@ -116,10 +113,8 @@ def vram_heavy(n_jobs: int, seed: int, scale: float = 1.0) -> list[TraceJob]:
 
 def priority_mix(n_jobs: int, seed: int, scale: float = 1.0) -> list[TraceJob]:
     """A third urgent and short (priority 10), a third ordinary, a third background and long (priority -10)."""
-    rng = random.Random(seed)
-    jobs, t = [], 0.0
-    for i in range(n_jobs):
-        t += rng.expovariate(6 * scale / 3600)
+    rng, jobs = random.Random(seed), []
+    for i, t in _poisson(rng, n_jobs, 6 * scale):
         kind = rng.randrange(3)
         priority, steps = ((10, rng.randint(20, 200)), (0, _philly_steps(rng)), (-10, rng.randint(1000, 6000)))[kind]
         method = "lora" if rng.random() < 0.7 else "full"
@@ -148,6 +143,15 @@ def _job(rng: random.Random, job_id: str, at: float, method: str, model: str, st
     return TraceJob(job_id=job_id, arrival_s=round(at, 1), model=model, method=method,
                     seq_len=seq_len or rng.choice((512, 1024, 2048)), global_batch=rng.choice((8, 16, 32)), steps=steps,
                     gpus=gpus, priority=priority, precision="fp32" if rng.random() < FP32_SHARE else "auto")
+
+
+def _poisson(rng: random.Random, n_jobs: int, per_hour: float) -> Iterator[tuple[int, float]]:
+    """(index, arrival time in seconds) of n Poisson arrivals; each drawn only when the caller asks for it, so a
+    trace's other draws interleave with them as they always did (same seed, same trace)."""
+    t = 0.0
+    for i in range(n_jobs):
+        t += rng.expovariate(per_hour / 3600)
+        yield i, t
 
 
 def _philly_steps(rng: random.Random) -> int:
