@@ -270,14 +270,15 @@ def _wait_for(condition, deadline_s: float = 10.0) -> None:
 
 
 def test_the_queues_positions_are_the_order_the_scheduler_serves_aged_priority_included(world):
-    """`zeromix queue`'s POS: a priority -10 job that has waited 4 hours is served before a priority 10 one that
-    just arrived (gain's aging: equal after 3 h 20 min), and the queue says so (it used to sort by priority alone)."""
+    """`zeromix queue`'s POS: a priority -10 job is served after a priority 10 one that arrives with it, and once it
+    has waited 4 hours before one that just arrived (gain's aging: equal after 3 h 20 min; it is also past its due
+    time by then), and the queue says so (it used to sort by priority alone)."""
     from orchestrator.client import QueueView
 
     world.submit(world.spec(gpus={"count": 5}, max_steps=100_000))  # every card, for days
     world.scheduler.tick()
     low = world.submit(world.spec(priority=-10), at=world.clock.now)
-    for hours, first in ((1, "high"), (4, "low")):
+    for hours, first in ((0, "high"), (4, "low")):
         world.clock.now += hours * 3600
         high = world.submit(world.spec(priority=10), at=world.clock.now)
         world.scheduler.tick()

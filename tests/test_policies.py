@@ -80,11 +80,29 @@ def test_a_low_priority_job_waits_behind_higher_ones_for_a_bounded_time_not_for_
     from orchestrator.scheduler.policies.gain import AGING_PER_HOUR
 
     box = pool(("desk", ["NVIDIA GeForce RTX 3090"]))
-    low = job("low", steps=200, priority=-10, submitted_at=0.0)
+    low = job("low", steps=5000, priority=-10, submitted_at=0.0)  # 40 min: not due (DUE x its run) before 5 h
     equal_after_s = (10 - -10) / AGING_PER_HOUR * 3600
     for now, first in ((equal_after_s - 60, "high"), (equal_after_s + 60, "low")):
         high = job("high", steps=200, priority=10, submitted_at=now - 30)  # a stream of them: one just arrived
         assert decide("gain", box, [low, high], now=now)[0] == {first: ["desk/0"]}
+
+
+def test_a_job_past_its_due_time_goes_before_a_higher_priority_one():
+    """Aging would take (100 - -100) / 6 = 33 hours here; the due rule bounds the wait sooner: a job is due DUE x
+    (its run + the work ahead of it) after it was submitted, and a due job goes first whatever its priority."""
+    from orchestrator.scheduler.policies.gain import DUE, due_times
+
+    box = pool(("desk", ["NVIDIA GeForce RTX 3090"]))
+    low = job("low", steps=200, priority=-100, submitted_at=0.0)
+    run_s = ThroughputTable(box).best(low).duration_s(200)
+    for now, first in ((DUE * run_s - 60, "high"), (DUE * run_s + 60, "low")):
+        high = job("high", steps=200, priority=100, submitted_at=now - 30)
+        cards, _, x = decide("gain", box, [low, high], now=now)
+        assert due_times(x)["low"] == pytest.approx(DUE * run_s)  # nothing was ahead of it when it came
+        assert cards == {first: ["desk/0"]}
+    holder = [RunningJob("holder", ("desk/0",), now + 3600, submitted_at=now - 10)]  # came after it; the queue says why low is first
+    _, decision, x = decide("gain", box, [low, high], holder, now=now)
+    assert x.now >= due_times(x)["low"] and decision.waiting["low"].startswith("due since about")
 
 
 def test_constraints_hold_and_the_reason_names_who_holds_the_card_until_when():
@@ -159,3 +177,19 @@ def test_a_card_left_free_goes_to_a_job_beyond_the_first_32_that_fits_it():
     running = [RunningJob("long", ("desk/0",), 100 * 3600.0)]
     pairs = [job(f"pair{i}", gpus=2, steps=20000, submitted_at=float(i), priority=1) for i in range(32)]
     assert decide("gain", box, [*pairs, job("one", steps=200, submitted_at=40.0)], running, now=50.0)[0] == {"one": ["desk/1"]}
+
+
+def test_a_plan_made_on_more_free_cards_is_reused_only_where_a_fresh_plan_would_agree():
+    """Within a round the free cards only shrink; the table answers from a larger free set when that plan's cards
+    are all still free. Each answer equals what the planner gives on those cards from a cold table."""
+    boxes = pool(("desk", ["NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 3090"]), ("attic", ["NVIDIA GeForce RTX 2080 Ti", "NVIDIA GeForce GTX 1080 Ti"]))
+    everything = frozenset(c.card_id for c in boxes.cards)
+    for queued in (job("lora"), job("pair", gpus=2, method="full", model="llama-3.2-1b"), job("fp32", precision="fp32")):
+        warm = ThroughputTable(boxes)
+        chosen = set(warm.plan(queued, everything).cards)
+        for gone in sorted(everything):
+            free = everything - {gone}
+            fresh = ThroughputTable(boxes).plan(queued, free)
+            again = warm.plan(queued, free)
+            assert (again.cards, again.plan.step.step_s) == (fresh.cards, fresh.plan.step.step_s), (queued.id, gone)
+            assert gone in chosen or again.plan is warm.plan(queued, everything).plan  # reused, not planned again

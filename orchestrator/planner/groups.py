@@ -7,7 +7,7 @@ must; it ranks them by a quick throughput estimate and tunes the best few in ful
 
 from __future__ import annotations
 
-from itertools import combinations
+from itertools import combinations, islice
 
 from orchestrator.inventory import Card
 from orchestrator.planner.step_time import card_tflops
@@ -49,10 +49,10 @@ def candidate_groups(eligible: list[Card], lo: int, hi: int, precision_for) -> l
             low = lowest(node_set, floor)
             if low is None or (floor > (0, 0) and everything >= floor):
                 continue  # no card that high, or none lower: nothing new
-            fastest = [c for c in fastest_first(precision_for(low)) if c.node in members and c.compute_capability >= floor]
+            fastest = tuple(islice((c for c in fastest_first(precision_for(low)) if c.node in members and c.compute_capability >= floor), hi))
             # every card the job may take, or only as few as it must: with no collective at all, one card can
             # beat several; in between, more cards only add compute at almost the same communication cost
-            for group in (tuple(fastest[:hi]), tuple(fastest[:max(lo, 1)])):
+            for group in (fastest, fastest[:max(lo, 1)]):
                 key = frozenset(c.card_id for c in group)
                 if len(group) >= lo and key not in seen:
                     seen.add(key)

@@ -128,7 +128,7 @@ class Scheduler:
         self._release_leaked({r.id for r in active} | busy)
         held = {**{c.card_id: c.held_by for c in snapshot.cards if c.held_by}, **self.store.holds()}
         now = self.clock()
-        running = tuple(RunningJob(r.id, r.cards, r.est_end or now) for r in active)
+        running = tuple(RunningJob(r.id, r.cards, r.est_end or now, r.submitted_at) for r in active)
         table = self.table(snapshot)
         queue = self._plannable([r for r in self.store.jobs(("queued",)) if r.id not in busy], table)
         self._jobs = {job.id: job for job in queue}  # only queued jobs are parsed again; the rest are forgotten

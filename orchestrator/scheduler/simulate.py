@@ -118,6 +118,7 @@ class SimResult:
     unfinished: list[str] = field(default_factory=list)
     alone_s: dict[str, float] = field(default_factory=dict)  # job id -> its run alone on its best cards, at the same costs
     idle_while_waiting_s: float = 0.0  # card-seconds a card was free while a queued job could have started on it
+    ahead_s: dict[str, float] = field(default_factory=dict)  # job id -> the work ahead of it when it arrived (see `work_ahead_s`)
     costs: Costs = Costs.NONE
 
     @property
@@ -167,7 +168,7 @@ def simulate(cluster: ClusterSnapshot, trace: list[TraceJob], policy: Policy, co
     scheduler = Scheduler(store, launch, policy, clock)
     table = scheduler.table(cluster)
     arrivals, rejected, queue_length, rounds = list(reversed(trace)), {}, [], 0
-    alone, idle_s = {}, 0.0
+    alone, ahead, idle_s = {}, {}, 0.0
     while True:
         while arrivals and arrivals[-1].arrival_s <= clock.now:
             job = arrivals.pop()
@@ -176,8 +177,9 @@ def simulate(cluster: ClusterSnapshot, trace: list[TraceJob], policy: Policy, co
             if best.plan is None:
                 rejected[job.job_id] = best.why_not
                 continue
+            ahead[job.job_id] = work_ahead_s(cluster, store.jobs(("queued", "placing")), launch, alone, clock.now)
             store.submit(job.job_id, spec.name, spec_record(spec), job.steps, job.priority, at=job.arrival_s)
-            alone[job.job_id] = costs.run_s(job.job_id, best.plan)
+            alone[job.job_id] = (costs.run_s(job.job_id, best.plan), len(best.plan.ranks))
         scheduler.tick()
         rounds += 1
         queued = store.jobs(("queued",))
@@ -189,7 +191,16 @@ def simulate(cluster: ClusterSnapshot, trace: list[TraceJob], policy: Policy, co
         clock.now = min(upcoming)
     jobs = store.jobs()
     return SimResult(policy.name, jobs, rejected, queue_length, [c.card_id for c in cluster.cards], rounds,
-                     [j.id for j in jobs if j.ended_at is None], alone, idle_s, costs)
+                     [j.id for j in jobs if j.ended_at is None], {k: run for k, (run, _) in alone.items()}, idle_s, ahead, costs)
+
+
+def work_ahead_s(cluster: ClusterSnapshot, queued: list[JobRecord], launch: SimulatedLaunch, alone: dict[str, tuple[float, int]],
+                 now: float) -> float:
+    """The queue ahead of a job that arrives now, in seconds of the whole cluster: each queued job's run alone on
+    its best cards and what is left of each running one, in card-seconds, spread over all the cluster's cards."""
+    card_s = sum(run_s * n_cards for run_s, n_cards in (alone[j.id] for j in queued))
+    card_s += sum(max(0.0, end - now) * len(resources) for resources, end in launch.running.values())
+    return card_s / len(cluster.cards)
 
 
 def _usable_by_waiting(scheduler: Scheduler, snapshot: ClusterSnapshot, queued: list[JobRecord], table: ThroughputTable) -> set[str]:

@@ -3,13 +3,15 @@
 Every figure comes from `make_plan`, the same planner `zeromix plan` uses (an estimate), so a policy, the
 real scheduler and the simulator rank jobs by the same numbers. A plan depends only on the job's shape and
 on which cards are free, so answers are cached by (shape, free cards): a round over 200 queued jobs plans
-each distinct shape once per free set, not each job.
+each distinct shape once per free set, not each job. Within a round the free set only shrinks, so a plan made
+on a larger free set whose cards are all still free is the answer again (the planner chose it over those same
+cards and more), and a shape that fitted nowhere on a larger set fits nowhere on a smaller one.
 """
 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 
 from orchestrator.inventory import ClusterSnapshot
@@ -72,6 +74,7 @@ class Bounded(OrderedDict):
 PLAN_CACHE = 20_000  # plans (shape, free cards); one round of 200 queued jobs on 64 cards makes about 2,000
 VIEW_CACHE = 2_000  # the cluster as seen with only some cards free
 FACTS_CACHE = 500  # parsed model configs
+LARGER_POOLS_KEPT = 8  # per shape, the latest free sets it was planned on, for the smaller sets that follow in a round
 
 
 class ThroughputTable:
@@ -80,6 +83,7 @@ class ThroughputTable:
         self._plans: Bounded = Bounded(PLAN_CACHE)  # (shape, free cards) -> Outcome
         self._views: Bounded = Bounded(VIEW_CACHE)  # free cards -> the cluster with all others held
         self._facts: Bounded = Bounded(FACTS_CACHE)  # model path -> ModelFacts
+        self._recent: Bounded = Bounded(VIEW_CACHE)  # shape -> deque of (free cards, Outcome), latest last
 
     def facts(self, job: QueuedJob) -> ModelFacts:
         return self._facts.get_or_make(job.spec.model.path, lambda: facts_from_config(read_config(job.spec.model.path)))
@@ -87,12 +91,18 @@ class ThroughputTable:
     def plan(self, job: QueuedJob, free: frozenset[str]) -> Outcome:
         """The planner's best plan for the job on the `free` cards (the others count as held)."""
         def make() -> Outcome:
-            view = self._views.get_or_make(free, lambda: self.cluster.with_holders(
-                {c.resource: "another job" for c in self.cluster.cards if c.card_id not in free}))
-            try:
-                return Outcome(make_plan(job.spec, self.facts(job), view.with_memory_caps(dict(job.memory_caps)), job.total_steps, suggest=False))
-            except NoPlacement as err:
-                return Outcome(None, str(err))
+            recent = self._recent.get_or_make(job.shape, lambda: deque(maxlen=LARGER_POOLS_KEPT))
+            outcome = _from_larger_pool(recent, free)
+            if outcome is None:
+                view = self._views.get_or_make(free, lambda: self.cluster.with_holders(
+                    {c.resource: "another job" for c in self.cluster.cards if c.card_id not in free}))
+                try:
+                    outcome = Outcome(make_plan(job.spec, self.facts(job), view.with_memory_caps(dict(job.memory_caps)),
+                                                job.total_steps, suggest=False))
+                except NoPlacement as err:
+                    outcome = Outcome(None, str(err))
+            recent.append((free, outcome))
+            return outcome
 
         shared = self._plans.get_or_make((job.shape, free), make)  # planned for some job of this shape: make it this job's
         if shared.plan and (shared.plan.job_name, shared.plan.total_steps) != (job.spec.name, job.total_steps):
@@ -109,3 +119,12 @@ class ThroughputTable:
         if not outcome.plan or not best.plan:
             return 0.0
         return outcome.plan.step.tokens_per_s / best.plan.step.tokens_per_s
+
+
+def _from_larger_pool(recent: deque, free: frozenset[str]) -> Outcome | None:
+    """The outcome planned on a superset of `free` that holds here too: its plan's cards are all still free, or
+    it found no plan at all."""
+    for pool, outcome in reversed(recent):
+        if free <= pool and (outcome.plan is None or set(outcome.cards) <= free):
+            return outcome
+    return None

@@ -26,6 +26,7 @@ class RunningJob:
     id: str
     cards: tuple[str, ...]
     est_end: float  # an estimate, from its plan
+    submitted_at: float = 0.0  # when it entered the queue
 
 
 @dataclass(frozen=True)
