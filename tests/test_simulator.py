@@ -128,3 +128,32 @@ def test_no_job_waits_past_the_bound_the_readme_states(family):
         if job.started_at > at + left + ahead + 1.0:
             late.append(f"{job.id} started {(job.started_at - at - left - ahead) / 3600:.1f} h past its bound")
     assert not late, late
+
+
+def test_jobs_whose_host_ram_together_exceeds_a_box_do_not_run_there_together():
+    """Two full fine-tunes of gemma-2-2b, one card each: the planner offloads their optimizer states (about 58 GiB of
+    host RAM each, estimates), so each fits desk (64 GB) alone, not both at once. The second waits, saying why, and
+    starts when the first ends. Two llama-3.2-1b fine-tunes (about 28 GiB each) share the box."""
+    from orchestrator.queue import QueueStore
+    from orchestrator.scheduler import Scheduler, spec_record
+    from orchestrator.scheduler.simulate import SimulatedLaunch, VirtualClock
+
+    def pair(model):
+        return [trace.TraceJob(f"{model[:5]}-{i}", 0.0, model, "full", 512, 8, 200, 1, 0) for i in range(2)]
+
+    result = simulate(HOMELAB, pair("gemma-2-2b"), policy("gain"))
+    first, second = sorted(result.jobs, key=lambda j: j.started_at)
+    assert {first.cards[0].split("/")[0], second.cards[0].split("/")[0]} == {"desk"}
+    assert second.started_at >= first.ended_at  # never together on desk
+    assert all(j.plan["est_host_gib"]["desk"] > 30 for j in result.jobs)
+    small = simulate(HOMELAB, pair("llama-3.2-1b"), policy("gain"))
+    assert [j.started_at for j in small.jobs] == [0.0, 0.0]  # together: 2 x 28 GiB fit in 60
+
+    clock = VirtualClock(0.0)  # the reason, as `zeromix queue` shows it while the first runs
+    store = QueueStore(":memory:", clock)
+    scheduler = Scheduler(store, SimulatedLaunch(HOMELAB, clock), policy("gain"), clock)
+    for job in pair("gemma-2-2b"):
+        store.submit(job.job_id, job.spec().name, spec_record(job.spec()), job.steps, job.priority, at=0.0)
+    scheduler.tick()
+    (waiting,) = store.jobs(("queued",))
+    assert waiting.reason.startswith("host RAM on desk: it needs about 58 GiB beside job(s) gemma-") and "of the 60 GiB" in waiting.reason

@@ -1,8 +1,9 @@
 """The scheduler: one round (`tick`) turns the queue and the free cards into started jobs.
 
     finish what ended -> collect the launches and stops that ended (binding.py) -> free cards (Ray's live
-    reservations and the queue's holds) -> the policy's assignments -> for each: queued -> placing (cards held
-    in the queue) -> the launch handed to the binder -> (this round or a later one) running, or queued again
+    reservations and the queue's holds) -> the policy's assignments -> for each that the boxes' host RAM
+    takes beside the jobs already there (host_ram.py): queued -> placing (cards held in the queue) -> the
+    launch handed to the binder -> (this round or a later one) running, or queued again
 
 Launching and stopping run apart from the round (binding.py), so a slow launch holds only its own job.
 
@@ -27,6 +28,7 @@ from orchestrator.queue import ACTIVE, JobRecord, QueueStore, StaleTransition
 from orchestrator.scheduler import failures
 from orchestrator.scheduler.binding import Binder, Inline
 from orchestrator.scheduler.failures import MAX_ATTEMPTS, MAX_RESTARTS, Ending
+from orchestrator.scheduler.host_ram import HostRam
 from orchestrator.scheduler.policies import Decision, Policy, PolicyInput, RunningJob
 from orchestrator.scheduler.table import QueuedJob, ThroughputTable
 from orchestrator.schema import from_validation_error
@@ -136,8 +138,16 @@ class Scheduler:
         self.cards_free, self.cards_held = len(free), len(snapshot.cards) - len(free)
         decision = self.policy.allocate(PolicyInput(now, queue, free, running, table))
         self.turns = decision.turns or tuple(job.id for job in queue)
+        ram, started = HostRam.in_use(snapshot, active), []
         for assignment in decision.assignments:
+            short = ram.shortfall(assignment.job_id, assignment.plan)
+            if short:  # the policy plans each job on cards; the boxes' RAM is shared by every job placed on them
+                decision.waiting[assignment.job_id] = short
+                continue
+            ram.take(assignment.job_id, assignment.plan)
             self._start(self.store.get(assignment.job_id), assignment.plan)
+            started.append(assignment)
+        decision.assignments = started
         self._settle()  # the launches that ended already (all of them, with the inline binder)
         self.store.set_reasons(decision.waiting)
         return decision

@@ -1,0 +1,46 @@
+"""Host RAM is one box's, shared by every job placed on it. The planner counts one job's need (DeepSpeed's
+accounting: offloaded optimizer states, the base a LoRA rank loads) against the box alone; this counts the jobs
+placed together, so two offloading fine-tunes that each need 58 GiB do not both start on a 64 GB box. A plan
+the planner accepted on a box with nothing else on it always starts there: this only keeps jobs apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from orchestrator.inventory import ClusterSnapshot
+from orchestrator.planner import HOST_RAM_RESERVED, Plan
+from orchestrator.planner.memory import GIB
+from orchestrator.queue import JobRecord
+
+
+@dataclass
+class HostRam:
+    capacity: dict[str, float]  # node -> bytes its jobs may use: its RAM less what the OS and data pipeline keep
+    used: dict[str, float] = field(default_factory=dict)  # node -> bytes its active jobs' plans need (estimates)
+    users: dict[str, list[str]] = field(default_factory=dict)  # node -> the active jobs with ranks there
+
+    @classmethod
+    def in_use(cls, snapshot: ClusterSnapshot, active: list[JobRecord]) -> HostRam:
+        ram = cls({node.name: node.ram_gb * GIB - HOST_RAM_RESERVED for node in snapshot.nodes})
+        for record in active:
+            ram._add(record.id, {node: gib * GIB for node, gib in (record.plan or {}).get("est_host_gib", {}).items()})
+        return ram
+
+    def shortfall(self, job_id: str, plan: Plan) -> str | None:
+        """Why this plan cannot start beside the jobs already on its boxes, one line; None when it can."""
+        for node, need in plan.host_bytes_per_node.items():
+            others, used = self.users.get(node), self.used.get(node, 0.0)
+            if others and node in self.capacity and used + need > self.capacity[node]:
+                return (f"host RAM on {node}: it needs about {need / GIB:.0f} GiB beside job(s) {', '.join(others)} using about "
+                        f"{used / GIB:.0f} GiB of the {self.capacity[node] / GIB:.0f} GiB jobs may use there (estimates); "
+                        "it waits until they end")
+        return None
+
+    def take(self, job_id: str, plan: Plan) -> None:
+        self._add(job_id, plan.host_bytes_per_node)
+
+    def _add(self, job_id: str, need: dict[str, float]) -> None:
+        for node, amount in need.items():
+            self.used[node] = self.used.get(node, 0.0) + amount
+            self.users.setdefault(node, []).append(job_id)
