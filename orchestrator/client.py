@@ -151,6 +151,15 @@ def cancel(job_id: str) -> Cancelled:
     return Cancelled(record.id, was, cancelled)
 
 
+def move(job_id: str) -> tuple[str, str, bool]:
+    """(its id, its state, whether it was asked to move): only a running job can be."""
+    record = job(job_id)
+    if record.state != "running":
+        return record.id, record.state, False
+    was, asked = _ask("move", record.id)
+    return record.id, was, asked
+
+
 def logs(job_id: str) -> str:
     """Its Ray job's whole log (empty for a job that never started)."""
     record = job(job_id)

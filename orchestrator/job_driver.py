@@ -80,6 +80,11 @@ def main() -> int:
         except RankFailed as failed:
             job_records.put(attempt, "failure", failed.record())  # before the driver exits: the scheduler reads it then
             raise
+        if results[0]["stopped_early"]:  # the scheduler moves it: the next placement resumes from this checkpoint
+            job_records.put(attempt, "result", {"stopped_at": results[0]["steps"], "of": config.total_steps})
+            print(f"zeromix: stopped after step {results[0]['steps']} of {config.total_steps} with a checkpoint, as the scheduler "
+                  "asked; it is placed again and resumes there", flush=True)
+            return 0
         summary = report(config, plan, placements, results)
         Path(config.output_dir, RESULT_FILE).write_text(json.dumps(summary, indent=2))
         learnt = registry.record_training_speeds(measured_speeds(summary["history"], plan))

@@ -9,7 +9,8 @@ scheduler's fuzzer (tests/test_controller_fuzz.py) checks every job's history ag
     placing -> failed     the launch failed too often
     placing -> cancelled
     running -> succeeded | failed | cancelled
-    running -> queued     it lost a card, a node or its memory: placed again, resuming from its checkpoint
+    running -> queued     it lost a card, a node or its memory, or it was moved (stopped with a checkpoint): placed
+                          again, resuming from its checkpoint
 """
 
 from __future__ import annotations

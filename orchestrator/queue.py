@@ -193,6 +193,11 @@ class QueueStore:
         return self._db.execute("SELECT COUNT(*) FROM job_events WHERE job_id = ? AND source = ? AND target = 'queued'",
                                 (job_id, source)).fetchone()[0]
 
+    def moves(self, job_id: str) -> int:
+        """How often the scheduler (or its user) moved the job: stopped it with a checkpoint and queued it again."""
+        return self._db.execute("SELECT COUNT(*) FROM job_events WHERE job_id = ? AND source = 'running' AND target = 'queued' "
+                                "AND reason LIKE 'moved:%'", (job_id,)).fetchone()[0]
+
     def get(self, job_id: str) -> JobRecord:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:

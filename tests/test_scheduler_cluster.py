@@ -114,6 +114,36 @@ def test_cancel_works_in_every_state(connected, demo_data):
     assert queue_store().get(queued).state == "cancelled" and not {running_id, queued} & set(live_holds().values())
 
 
+def test_a_moved_job_stops_with_a_checkpoint_is_placed_again_and_runs_every_step_once(connected, demo_data):
+    """`zeromix move`, through the path the scheduler's own moves take: the request in Ray's KV store, rank 0 reads it
+    and tells every rank in the step's all-reduce, each saves at that step and stops, the job is queued again with
+    the reason and placed again, and it resumes from that checkpoint: steps 1..k in the first placement, k+1..N in
+    the second, each once. Not a restart (those stay counted apart)."""
+    from workers import job_records
+
+    state, work = connected
+    steps = 300
+    job = submit(work, demo_data, "moved", f"max_steps={steps}", "checkpoint_every=100000", DESK_BOX)  # no checkpoint but the move's
+    first = queue_store().get(running(job)).ray_job_id
+    wait_until(lambda: (job_records.get(first, "progress") or [{"step": 0}])[-1]["step"] >= 10, 120, "ten steps")
+    assert "stops at its next step with a checkpoint" in zeromix("move", job).stdout
+
+    assert wait_for_state(job, ("succeeded", "failed", "cancelled"), 300) == "succeeded", queue_store().get(job).reason
+    store = queue_store()
+    moved = [e for e in store.events(job) if (e.source, e.target) == ("running", "queued")]
+    assert len(moved) == 1 and store.moves(job) == 1, [e.reason for e in moved]
+    at = int(moved[0].reason.split("stopped after step ")[1].split()[0])
+    assert moved[0].reason == (f"moved: stopped after step {at} of {steps} with a checkpoint because its user asked (zeromix move); "
+                               "placed again, resuming there")
+    assert job_records.get(first, "result") == {"stopped_at": at, "of": steps}
+    result = json.loads((work / "moved" / "zeromix-result.json").read_text())
+    assert result["resumed_from"] == f"step-{at}" and result["steps"] == steps
+    assert [h["step"] for h in result["history"]] == list(range(at + 1, steps + 1))  # the rest, each once
+    assert [e.target for e in store.events(job)] == ["queued", "placing", "running", "queued", "placing", "running", "succeeded"]
+    done_again = zeromix("move", job, check=False)
+    assert done_again.returncode == 1 and "is succeeded, not running; nothing to move" in done_again.stdout
+
+
 def test_a_killed_scheduler_comes_back_and_every_job_is_where_it_was(connected, demo_data, long_job):
     """The session's long job runs on the 2080 Ti and another job waits for that card; the scheduler actor is
     killed. Ray restarts it, both jobs are where they were, and once the long job is cancelled (the last test to

@@ -3,6 +3,7 @@
     progress  rank 0's last steps, rewritten after every step (`zeromix submit --follow` draws them)
     result    the driver's summary once the job has finished (the whole of it is zeromix-result.json)
     failure   why a rank failed (worker_group.RankFailed.record): the scheduler decides on a restart from it
+    move      the scheduler's request to stop at the next step with a checkpoint (it places the job again)
 
 The job's log stays for people: it is never parsed. Ray is imported inside the functions: the CLI reads records
 after its auth settings are in the environment (Ray reads them once, at import).
@@ -16,7 +17,7 @@ from typing import Literal
 
 NAMESPACE = "zeromix-jobs"
 KEPT_STEPS = 64  # steps in one progress record: a follower reading once a second misses none below 64 steps/s
-Kind = Literal["progress", "result", "failure"]
+Kind = Literal["progress", "result", "failure", "move"]
 
 
 def put(attempt: str, kind: Kind, record) -> None:
@@ -49,3 +50,7 @@ class Progress:
     def post(self, step: dict) -> None:
         self.recent.append(step)
         put(self.attempt, "progress", list(self.recent))
+
+    def stop_requested(self) -> bool:
+        """The scheduler asked this placement to stop with a checkpoint (read once a step, beside the post)."""
+        return get(self.attempt, "move") is not None

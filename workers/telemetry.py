@@ -46,6 +46,7 @@ class StepStats:
     peak_memory_bytes: tuple[int, ...]
     split: tuple[int, ...]  # each card's micro-batch in this step
     next_split: tuple[int, ...] = ()  # rank 0's correction of the split (workers/rebalance.py), for every rank to switch to; () if none
+    stop: bool = False  # rank 0 was asked to stop here (the scheduler moves the job): every rank saves a checkpoint and stops
 
     @property
     def comm_s(self) -> float:
@@ -99,16 +100,20 @@ def card_memory_peaks() -> dict[str, int]:
 
 
 def reduce_step(comm, step: int, loss_sum: float, loss_tokens: float, lr: float, tokens: int, step_time_s: float,
-                reduce_s: float, memory: tuple[int, int], split: tuple[int, ...], proposal: tuple[int, ...] = ()) -> StepStats:
+                reduce_s: float, memory: tuple[int, int], split: tuple[int, ...], proposal: tuple[int, ...] = (),
+                stop: bool = False) -> StepStats:
     """One all-reduce of every rank's figures (and the summed token loss), on the rank's device. Rank 0's
-    `proposal` (a new split) rides in it: every rank learns it in this same collective."""
+    `proposal` (a new split) and `stop` (a request to stop after this step) ride in it: every rank learns them in
+    this same collective."""
     import torch
 
     fields, world = 5, comm.world
-    stats = comm.zeros(1 + world + fields * world, torch.float64)
+    stats = comm.zeros(2 + world + fields * world, torch.float64)
     stats[0] = loss_sum
     if comm.rank == 0 and proposal:
         stats[1: 1 + world] = comm.tensor(proposal, torch.float64)
+    if comm.rank == 0 and stop:
+        stats[-1] = 1.0
     mine = 1 + world + fields * comm.rank
     stats[mine: mine + fields] = comm.tensor([tokens, step_time_s, reduce_s, *memory], torch.float64)
     summed = comm.sum(stats).tolist()
@@ -116,7 +121,7 @@ def reduce_step(comm, step: int, loss_sum: float, loss_tokens: float, lr: float,
     tokens_, times, reduces, used, peak = (tuple(column) for column in zip(*per_rank))
     next_split = tuple(int(n) for n in summed[1: 1 + world]) if any(summed[1: 1 + world]) else ()
     return StepStats(step, summed[0] / loss_tokens, lr, tuple(int(t) for t in tokens_), times, reduces,
-                     tuple(int(u) for u in used), tuple(int(p) for p in peak), tuple(split), next_split)
+                     tuple(int(u) for u in used), tuple(int(p) for p in peak), tuple(split), next_split, summed[-1] > 0)
 
 
 class RankGauges:

@@ -96,6 +96,7 @@ class RankResult:
     model_state_bytes: dict[str, int] = field(default_factory=dict)
     recomputes: bool = False  # activation checkpointing on in this rank's model, as transformers reports it
     resumed_from: str = ""  # the checkpoint this run continued from, if any
+    stopped_early: bool = False  # stopped with a checkpoint before its last step, as the scheduler asked (it moves the job)
     universal: bool = False  # ... loaded through DeepSpeed's universal form (saved on other ranks or another stage)
     # On a card: torch's allocator peaks over the training steps (before the final save), for the memory model's check
     card_memory: dict[str, int] = field(default_factory=dict)
@@ -229,8 +230,9 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
         if not result.model_state_bytes:  # optimizer states exist from the first step on
             result.model_state_bytes = model_state_bytes(engine)
         reduce_s = engine.get_wall_clock_timers().get(BACKWARD_REDUCE_GLOBAL_TIMER, 0.0) / 1000.0  # this step's, in ms
+        stop = progress is not None and progress.stop_requested()  # rank 0 reads the request; the all-reduce tells the rest
         stats = reduce_step(comm, step + 1, loss_sum.item(), global_loss_tokens, scheduler.get_last_lr()[0], my_tokens,
-                            step_time, reduce_s, memory_in_use(on_gpu), split, pending.new if pending else ())
+                            step_time, reduce_s, memory_in_use(on_gpu), split, pending.new if pending else (), stop)
         if tuner and not pending:
             pending = tuner.observe(step + 1, stats.compute_s, max(stats.step_time_s))
             pending = pending if pending and pending.step <= cfg.total_steps else None  # (none left to run with it)
@@ -253,6 +255,10 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
             gauges.record(stats, rank)
         if trackers:
             trackers.log(stats)
+        if stats.stop and step + 1 < cfg.total_steps:  # the scheduler moves the job: it goes on from here elsewhere
+            result.stopped_early = True
+            _say(rank, f"stopping after step {step + 1} with a checkpoint: the scheduler places the job again")
+            break
         if cfg.write_outputs and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.total_steps:
             save(step + 1)
 
@@ -262,7 +268,8 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
         trackers.close()
     if cfg.write_outputs:
         save(result.steps)
-        result.final_dir = str(_save_final(engine, tokenizer, out, rank, zero3_stage=ds_config["zero_optimization"]["stage"] == 3))
+        if not result.stopped_early:
+            result.final_dir = str(_save_final(engine, tokenizer, out, rank, zero3_stage=ds_config["zero_optimization"]["stage"] == 3))
     if result.history:
         steps = result.history
         train_time = sum(max(h["step_time_s"]) for h in steps)

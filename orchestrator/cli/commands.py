@@ -246,6 +246,19 @@ def cancel(job_id: str):
 
 
 @app.command()
+def move(job_id: str):
+    """Stop a running job at its next step with a checkpoint and place it again (on the cards the policy picks
+    then); it resumes from that checkpoint, every step done once. The scheduler does the same to move a job to
+    faster cards."""
+    job, state, asked = client.move(job_id)
+    if not asked:
+        render.console.print(f"zeromix: {job} is {state}, not running; nothing to move")
+        raise typer.Exit(1)
+    render.console.print(f"zeromix: {job} stops at its next step with a checkpoint and is placed again "
+                         "(`zeromix queue` shows where it goes)")
+
+
+@app.command()
 def report(job_id: str, out: Optional[str] = typer.Option(None, "--out", "-o", help="Where to write it; default: <output_dir>/report.html.")):
     """Write a finished job's report: one HTML file (plan, loss, tokens/s per card, where each card's step goes,
     estimates beside measurements) that opens offline."""

@@ -27,7 +27,7 @@ from orchestrator.planner import Plan
 from orchestrator.queue import ACTIVE, JobRecord, QueueStore, StaleTransition
 from orchestrator.scheduler import failures
 from orchestrator.scheduler.binding import Binder, Inline
-from orchestrator.scheduler.failures import MAX_ATTEMPTS, MAX_RESTARTS, Ending
+from orchestrator.scheduler.failures import MAX_ATTEMPTS, MAX_MOVES, MAX_RESTARTS, Ending
 from orchestrator.scheduler.host_ram import HostRam
 from orchestrator.scheduler.policies import Decision, Policy, PolicyInput, RunningJob
 from orchestrator.scheduler.table import QueuedJob, ThroughputTable
@@ -60,6 +60,9 @@ class Launcher(Protocol):
     def stop(self, job_id: str) -> None:
         """Stop the job if it runs and free its cards. Idempotent."""
 
+    def move(self, job: JobRecord, reason: str) -> None:
+        """Ask the running job to stop at its next step with a checkpoint; `ended` then says it was moved."""
+
 
 def stored_spec(record: JobRecord) -> JobSpec:
     """The job's spec as the queue stored it, validated by today's code: a field an upgrade no longer accepts is
@@ -80,6 +83,7 @@ class Scheduler:
         self.store, self.launcher, self.policy, self.clock = store, launcher, policy, clock
         self.binder = binder or Inline()
         self._launching: dict[str, Plan] = {}  # job id -> the plan of its launch in flight
+        self._moving: set[str] = set()  # running jobs asked to stop with a checkpoint, until they have
         self._given_up: set[str] = set()  # launches past their deadline: the job is queued again, stopped once the call returns
         self._table: ThroughputTable | None = None
         self._jobs: dict[str, QueuedJob] = {}  # parsed once per job, not once per round
@@ -148,6 +152,7 @@ class Scheduler:
             self._start(self.store.get(assignment.job_id), assignment.plan)
             started.append(assignment)
         decision.assignments = started
+        self._move(decision.moves, active)
         self._settle()  # the launches that ended already (all of them, with the inline binder)
         self.store.set_reasons(decision.waiting)
         return decision
@@ -172,7 +177,9 @@ class Scheduler:
         for job_id, ending in self.launcher.ended(running).items():
             self._stop(job_id)  # the job's own exit frees its cards; this catches a driver that died first
             record = self.store.get(job_id)
-            verdict = failures.decide(ending, self.store.returns(job_id, "running"), record.plan, record.memory_caps)
+            restarts = self.store.returns(job_id, "running") - self.store.moves(job_id)
+            verdict = failures.decide(ending, restarts, record.plan, record.memory_caps)
+            self._moving.discard(job_id)
             self._transition(job_id, "running", verdict.state, verdict.reason, memory_caps=verdict.memory_caps)
 
     def _release_leaked(self, active: set[str]) -> None:
@@ -180,6 +187,15 @@ class Scheduler:
         a stop that failed), also on a node that is gone now."""
         for holder in self.launcher.reserving() - active:
             self._stop(holder)
+
+    def _move(self, moves: dict[str, str], active: list[JobRecord]) -> None:
+        """Ask the jobs the policy moves to stop with a checkpoint (once each, at most MAX_MOVES times a job); each is
+        queued again when it has, resuming there."""
+        for record in active:
+            if record.id in moves and record.state == "running" and record.id not in self._moving and self.store.moves(record.id) < MAX_MOVES:
+                self.launcher.move(record, moves[record.id])
+                self._moving.add(record.id)
+                log.info("moving %s: %s", record.id, moves[record.id])
 
     def _start(self, record: JobRecord, plan: Plan) -> None:
         """queued -> placing, its cards held in the queue; the launch itself is the binder's."""

@@ -6,6 +6,8 @@ of the Jobs API (404: Ray has no such job), and the kind the driver wrote in its
 torch.OutOfMemoryError, anything else a failure of the job itself). Then:
 
     succeeded, cancelled                   recorded as they are
+    moved (stopped with a checkpoint,      queued again with the scheduler's reason, resuming from that checkpoint;
+      as the scheduler asked)                not a restart
     lost, or unknown to Ray                queued again, on the cards free then, resuming from its checkpoint
     out of memory on a card                the same, with that card capped for this job (the planner gives it less)
     anything else (a bug, bad data)        failed, with the driver's reason
@@ -18,6 +20,7 @@ from typing import NamedTuple
 
 MAX_ATTEMPTS = 3  # launches that may fail before a job is marked failed
 MAX_RESTARTS = 3  # times a job that lost a card or node (or ran out of memory) is placed again
+MAX_MOVES = 2  # times the policy may stop a job with a checkpoint to place it again (moves are not restarts)
 RETRYABLE_KINDS = ("lost", "oom")
 
 
@@ -25,7 +28,7 @@ class Ending(NamedTuple):
     """How a running job ended. `retryable`: it lost a card, a node or its memory, not its mind: placing it
     again, on the cards free then, resumes it from its last checkpoint."""
 
-    state: str  # succeeded | failed | cancelled
+    state: str  # succeeded | failed | cancelled | moved
     reason: str
     retryable: bool = False
     out_of_memory: str | None = None  # the card that ran out of memory, if that was why
@@ -37,8 +40,12 @@ class Verdict(NamedTuple):
     memory_caps: dict[str, int] | None  # the job's caps from now on, when an out-of-memory card changed them
 
 
-def from_ray(status: str, message: str | None, failure: dict | None) -> Ending:
-    """A job Ray says ended (SUCCEEDED, STOPPED or FAILED), with the driver's failure record when it wrote one."""
+def from_ray(status: str, message: str | None, failure: dict | None, result: dict | None = None, move: dict | None = None) -> Ending:
+    """A job Ray says ended (SUCCEEDED, STOPPED or FAILED), with the driver's failure or result record and the
+    scheduler's move request when there are."""
+    if status == "SUCCEEDED" and result and "stopped_at" in result:
+        return Ending("moved", f"moved: stopped after step {result['stopped_at']} of {result['of']} with a checkpoint "
+                               f"because {(move or {}).get('reason', 'the scheduler asked')}; placed again, resuming there")
     if status == "SUCCEEDED":
         return Ending("succeeded", "finished")
     if status == "STOPPED":
@@ -55,6 +62,8 @@ UNKNOWN_TO_RAY = Ending("failed", "lost: Ray has no record of it (the head resta
 
 def decide(ending: Ending, restarts: int, plan: dict | None, memory_caps: dict[str, int]) -> Verdict:
     """What a job that ended this way becomes, given how often it was restarted already."""
+    if ending.state == "moved":
+        return Verdict("queued", ending.reason, None)
     reason, caps = ending.reason, None
     if ending.out_of_memory and plan:
         caps = {**memory_caps, ending.out_of_memory: memory_cap_mib(plan, ending.out_of_memory)}

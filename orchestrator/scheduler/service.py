@@ -28,7 +28,7 @@ from workers import job_records
 ACTOR_NAME = "zeromix-scheduler"
 TICK_S = 1.0
 READY_TIMEOUT_S = 60
-API = 3  # the calls clients make (orchestrator/client.py); 2: progress read from job logs; 1: before the clients reached the queue through the actor
+API = 4  # the calls clients make (orchestrator/client.py); 3: before `move`; 2: progress read from job logs; 1: before the clients reached the queue through the actor
 log = logging.getLogger("zeromix.scheduler")
 
 
@@ -70,11 +70,16 @@ class RayLaunch:
                 continue  # the Jobs API did not answer: ask again next round
             if info.status.is_terminal():
                 failure = job_records.get(record.ray_job_id, "failure") if info.status.value == "FAILED" else None
-                done[record.id] = failures.from_ray(info.status.value, info.message, failure)
+                result = job_records.get(record.ray_job_id, "result") if info.status.value == "SUCCEEDED" else None
+                done[record.id] = failures.from_ray(info.status.value, info.message, failure, result,
+                                                    job_records.get(record.ray_job_id, "move"))
         return done
 
     def stop(self, job_id: str) -> None:
         launch.stop(self.state, job_id)
+
+    def move(self, job: JobRecord, reason: str) -> None:
+        job_records.put(job.ray_job_id, "move", {"reason": reason})
 
 
 class ClusterGauges:
@@ -158,6 +163,16 @@ class SchedulerService:
             log.warning("stopping cancelled job %s failed (its cards are freed on a later round): %s", job_id, err)
         self.poke()
         return was, True
+
+    def move(self, job_id: str) -> tuple[str, bool]:
+        """(its state, whether it was asked to move): a running job stops at its next step with a checkpoint and is
+        placed again, resuming there."""
+        with self._queue_lock:
+            record = self.queue.get(job_id)
+        if record.state != "running":
+            return record.state, False
+        self.launch.move(record, "its user asked (zeromix move)")
+        return record.state, True
 
     def job_log(self, ray_job_id: str) -> str | None:
         """The Ray job's whole log; None for a job Ray does not know. Read on the head, whose Jobs API listens on

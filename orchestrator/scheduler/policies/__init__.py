@@ -56,6 +56,7 @@ class Decision:
     assignments: list[Assignment] = field(default_factory=list)
     waiting: dict[str, str] = field(default_factory=dict)  # job id -> why it waits, one line
     turns: tuple[str, ...] = ()  # the queued jobs in the order this policy served them (aged priority first); () = arrival order
+    moves: dict[str, str] = field(default_factory=dict)  # running job id -> why it should stop with a checkpoint and be placed again
 
 
 class Policy(Protocol):
