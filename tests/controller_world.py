@@ -38,6 +38,7 @@ class FakeRay:
     starts: list[str] = field(default_factory=list)
     local_dirs: list[Path] = field(default_factory=list)  # directories on the head's (attic's) own disk
     slow: dict[str, threading.Event] = field(default_factory=dict)  # job id -> its start waits for this (a slow launch)
+    moves: list[tuple[str, str]] = field(default_factory=list)  # (job id, why): the requests to stop with a checkpoint
 
     def cluster(self) -> ClusterSnapshot:
         holders = {res: job for job, resources in self.reservations.items() for res in resources}
@@ -63,6 +64,9 @@ class FakeRay:
 
     def ended(self, running: list[JobRecord]) -> dict[str, Ending]:
         return {r.id: self.endings.pop(r.id) for r in running if r.id in self.endings}
+
+    def move(self, job: JobRecord, reason: str) -> None:
+        self.moves.append((job.id, reason))
 
     def stop(self, job_id: str) -> None:
         if self.fail_stop:

@@ -212,6 +212,45 @@ def test_the_failure_policy_reads_typed_signals_and_decides_restart_replan_or_fa
     parts = plan["ranks"][0]["est_mem_breakdown_gib"]
     assert oom.state == "queued" and oom.memory_caps == {"other/0": 1000, card: int((sum(parts.values()) - parts["activations"] / 2) * 1024)}
     assert failures.decide(failures.UNKNOWN_TO_RAY, 2, plan, {}).reason.endswith("(restart 3 of 3)")
+    moved = failures.from_ray("SUCCEEDED", None, None, {"stopped_at": 40, "of": 100}, {"reason": "faster cards are free"})
+    assert failures.decide(moved, failures.MAX_RESTARTS, plan, {}) == (  # a move is not a restart: none left does not matter
+        "queued", "moved: stopped after step 40 of 100 with a checkpoint because faster cards are free; placed again, resuming there", None)
+
+
+def test_a_job_the_policy_moves_is_asked_once_requeued_with_the_reason_and_moved_at_most_max_moves_times(world):
+    """The policy says which running jobs to move; the scheduler asks each once (not again every round while it
+    saves), queues it again when it has stopped, and stops asking after MAX_MOVES moves. Moves are not restarts:
+    a lost node after two moves is still restarted."""
+    from orchestrator.scheduler import failures
+    from orchestrator.scheduler.policies.fifo import FifoFirstFit
+
+    class MovesEverything:
+        name = "moves-everything"
+
+        def allocate(self, x):
+            decision = FifoFirstFit().allocate(x)
+            decision.moves = {r.id: "faster cards are free (test)" for r in x.running}
+            return decision
+
+    world.scheduler.policy = MovesEverything()
+    job = world.submit(world.spec())
+    world.scheduler.tick()  # placed and running
+    for n in range(1, failures.MAX_MOVES + 2):
+        world.scheduler.tick()
+        world.scheduler.tick()  # still saving: not asked again
+        asked = [j for j, _ in world.ray.moves if j == job]
+        assert len(asked) == min(n, failures.MAX_MOVES)
+        if n > failures.MAX_MOVES:
+            break
+        world.ray.endings[job] = failures.from_ray("SUCCEEDED", None, None, {"stopped_at": 10 * n, "of": 100}, {"reason": world.ray.moves[-1][1]})
+        world.scheduler.tick()  # queued again with the reason, and placed again in the same round
+        assert world.store.get(job).state == "running" and world.store.moves(job) == n
+    assert [e.reason for e in world.store.events(job) if e.target == "queued"][1:] == [
+        f"moved: stopped after step {10 * n} of 100 with a checkpoint because faster cards are free (test); placed again, resuming there"
+        for n in (1, 2)]
+    world.ray.endings[job] = failures.UNKNOWN_TO_RAY  # then a node is lost: its first restart, not its third
+    world.scheduler.tick()
+    assert [e.reason for e in world.store.events(job) if e.target == "queued"][-1].endswith("(restart 1 of 3)")
 
 
 def test_a_job_across_boxes_whose_output_dir_not_every_box_sees_fails_with_one_line(world, tmp_path):

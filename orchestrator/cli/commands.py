@@ -347,7 +347,9 @@ def simulate(cluster: str = typer.Option("cluster.yaml", "--cluster", metavar="C
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # without standalone mode, click returns typer.Exit's code instead of exiting
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except ZeromixError as err:
         print(f"zeromix: error: {err}", file=sys.stderr)
         sys.exit(2)
