@@ -32,7 +32,8 @@ from orchestrator.inventory import snapshot_from_config  # noqa: E402
 from orchestrator.queue import QueueStore  # noqa: E402
 from orchestrator.scheduler import Scheduler, spec_record  # noqa: E402
 from orchestrator.scheduler.policies import POLICY_NAMES, policy  # noqa: E402
-from orchestrator.scheduler.simulate import Costs, SimulatedLaunch, VirtualClock, simulate  # noqa: E402
+from orchestrator.scheduler.costs import Costs  # noqa: E402
+from orchestrator.scheduler.simulate import SimulatedLaunch, VirtualClock, simulate  # noqa: E402
 from orchestrator.scheduler.trace import FAMILIES, family  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def families_on_pools(n_jobs: int, seeds: list[int]) -> bool:
     print(f"{n_jobs}-job traces, seeds {seeds}; times are simulated (planner estimates x costs); the error column is the "
           f"estimate error the policy does not see")
     header = (f"{'family':<16} {'pool':<14} {'error':>5} {'policy':<17} {'avg JCT':>8} {'p95':>8} {'makespan':>9} {'max slow':>8} "
-              f"{'idle&wait':>9} {'never':>5}   {'avg/FIFO':>8} {'p95/FIFO':>8} {'mksp/FIFO':>9}")
+              f"{'idle&wait':>9} {'moves':>5} {'never':>5}   {'avg/FIFO':>8} {'p95/FIFO':>8} {'mksp/FIFO':>9}")
     print(header)
     for pool_name, pool in pools().items():
         scale = len(pool.cards) / 5
@@ -76,7 +77,7 @@ def families_on_pools(n_jobs: int, seeds: list[int]) -> bool:
                         row = (r.avg_jct_s / fifo.avg_jct_s, r.p95_jct_s / fifo.p95_jct_s, r.makespan_s / fifo.makespan_s)
                         print(f"{name if p == POLICY_NAMES[0] else '':<16} {pool_name:<14} {error:>5.2f} {p:<17} "
                               f"{r.avg_jct_s / 3600:>6.2f} h {r.p95_jct_s / 3600:>6.2f} h {r.makespan_s / 3600:>7.1f} h "
-                              f"{max(r.slowdowns):>8.1f} {r.idle_while_waiting_s / 3600:>7.1f} h {len(r.never_ran):>5}   "
+                              f"{max(r.slowdowns):>8.1f} {r.idle_while_waiting_s / 3600:>7.1f} h {r.moves:>5} {len(r.never_ran):>5}   "
                               f"{row[0]:>7.2f}x {row[1]:>7.2f}x {row[2]:>8.2f}x", flush=True)
                         if p == DEFAULT:
                             ratios.append(row[0])

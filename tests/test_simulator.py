@@ -70,7 +70,7 @@ def test_the_simulate_command_prints_the_figures_and_draws_the_plot(tmp_path):
 def test_a_run_costs_start_weights_checkpoints_and_an_estimate_error_the_policy_never_sees():
     """With the measured costs a job's run is its start, reading its weights, its checkpoints and its steps at the
     planner's step time times a drawn error; the scheduler still only knows the estimate (its est_end)."""
-    from orchestrator.scheduler.simulate import Costs
+    from orchestrator.scheduler.costs import Costs
 
     one = [trace.TraceJob("solo", 0.0, "llama-3.2-1b", "full", 1024, 16, 3000, 1, 0)]
     costs = Costs.measured(seed=4)
@@ -115,7 +115,7 @@ def test_no_job_waits_past_the_bound_the_readme_states(family):
     the estimates the policy sees). The policy before the due rule broke it by 1 to 80 h on two of these
     families."""
     from orchestrator.scheduler.policies.gain import DUE, PATIENCE
-    from orchestrator.scheduler.simulate import Costs
+    from orchestrator.scheduler.costs import Costs
 
     result = simulate(HOMELAB, trace.family(family, 200, seed=11), policy("gain"), Costs.measured(seed=11))
     assert not result.never_ran and not result.unfinished
@@ -157,3 +157,38 @@ def test_jobs_whose_host_ram_together_exceeds_a_box_do_not_run_there_together():
     scheduler.tick()
     (waiting,) = store.jobs(("queued",))
     assert waiting.reason.startswith("host RAM on desk: it needs about 58 GiB beside job(s) gemma-") and "of the 60 GiB" in waiting.reason
+
+
+def test_a_job_started_on_a_slow_card_moves_when_a_faster_one_frees_and_ends_sooner():
+    """A box of a 4090 and a 1080 Ti. A LoRA job holds the 4090 for 8 h; an fp32 fine-tune arrives that would take
+    3 h there and 11.3 h on the 1080 Ti: waiting would end it later, so it starts on the 1080 Ti. When the 4090
+    frees, with about 3.3 h left, it moves there (a checkpoint, start and load: the measured costs) and ends after
+    about 9 h instead of 11.3, every one of its steps counted once (its second placement runs only the rest)."""
+    from orchestrator.cluster_config import ClusterConfig
+    from orchestrator.scheduler.costs import Costs
+    from orchestrator.scheduler.table import QueuedJob, ThroughputTable
+
+    box = snapshot_from_config(ClusterConfig.model_validate({"head": {"address": "10.0.0.1"}, "nodes": [
+        {"name": "desk", "address": "10.0.0.1", "ram_gb": 64, "cpus": 8,
+         "gpus": [{"model": "NVIDIA GeForce RTX 4090"}, {"model": "NVIDIA GeForce GTX 1080 Ti"}]}]}))
+    table = ThroughputTable(box)
+
+    def steps_for(job: trace.TraceJob, card: str, hours: float) -> int:
+        queued = QueuedJob(job.job_id, job.spec(), 0, 0.0, job.steps)
+        return round(hours * 3600 / table.plan(queued, frozenset({card})).plan.step.step_s)
+
+    first = trace.TraceJob("first", 0.0, "qwen2.5-0.5b", "lora", 512, 8, 1, 1, 0)
+    first = trace.TraceJob(**{**first.__dict__, "steps": steps_for(first, "desk/0", 8.0)})
+    long = trace.TraceJob("long", 60.0, "llama-3.2-1b", "full", 512, 8, 1, 1, 0, precision="fp32")
+    long = trace.TraceJob(**{**long.__dict__, "steps": steps_for(long, "desk/0", 3.0)})
+    result = simulate(box, [first, long], policy("gain"), Costs.measured(seed=1, estimate_sigma=0.0))
+
+    moved = {j.id: j for j in result.jobs}["long"]
+    assert moved.state == "succeeded" and moved.cards == ("desk/0",)  # it ended on the 4090
+    reasons = [e.reason for e in result.events if e.job_id == "long" and (e.source, e.target) == ("running", "queued")]
+    assert len(reasons) == 1 and reasons[0].startswith("moved: stopped after step ")
+    assert "because faster cards are free: on desk/0 GeForce RTX 4090 it would end in about " in reasons[0]
+    on_the_1080ti_s = long.steps / steps_for(long, "desk/1", 1.0) * 3600  # its whole run there (estimate)
+    jct = moved.ended_at - long.arrival_s
+    assert 8 * 3600 < jct < 0.85 * on_the_1080ti_s  # after the first job's 8 h, well before its run on the 1080 Ti
+    assert moved.ended_at - moved.started_at < 0.5 * 3 * 3600  # the 4090 ran only the rest: about 1 h and the move

@@ -327,7 +327,8 @@ def simulate(cluster: str = typer.Option("cluster.yaml", "--cluster", metavar="C
     real cluster charges (orchestrator/data/sim_costs.yaml), and compare policies."""
     from orchestrator.scheduler import trace
     from orchestrator.scheduler.policies import POLICY_NAMES, policy
-    from orchestrator.scheduler.simulate import Costs, render_png, simulate as run
+    from orchestrator.scheduler.costs import Costs
+    from orchestrator.scheduler.simulate import render_png, simulate as run
 
     names = policy_names or list(POLICY_NAMES)
     chosen = [policy(n) for n in names]  # an unknown name fails before any work

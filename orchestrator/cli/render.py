@@ -293,7 +293,7 @@ def sim_row(result) -> dict:
     return {"policy": result.policy, "jobs_run": len(result.jct_s), "rejected": len(result.rejected),
             "avg_jct_h": hours(result.avg_jct_s), "p95_jct_h": hours(result.p95_jct_s), "makespan_h": hours(result.makespan_s),
             "max_slowdown": round(max(result.slowdowns), 1) if result.slowdowns else None,
-            "idle_while_waiting_card_h": round(result.idle_while_waiting_s / 3600, 1), "never_ran": result.never_ran,
+            "idle_while_waiting_card_h": round(result.idle_while_waiting_s / 3600, 1), "moves": result.moves, "never_ran": result.never_ran,
             "utilisation": {card: None if math.isnan(u) else round(u, 3) for card, u in result.utilisation().items()}}
 
 
@@ -302,7 +302,7 @@ def simulation(rows: list[dict], n_jobs: int, cluster: str, costs) -> None:
     charged = ("steps x the planner's step time only" if not costs.start_s else
                f"start {costs.start_s:g} s, weights at {costs.load_gb_per_s:g} GB/s, checkpoints at {costs.checkpoint_gb_per_s:g} GB/s, "
                f"estimate error sigma {costs.estimate_sigma:g}")
-    table = Table("POLICY", "AVG JCT", "P95 JCT", "MAKESPAN", "MAX SLOWDOWN", "IDLE WHILE WAITING", "VS FIFO (AVG / MAKESPAN)",
+    table = Table("POLICY", "AVG JCT", "P95 JCT", "MAKESPAN", "MAX SLOWDOWN", "IDLE WHILE WAITING", "MOVES", "VS FIFO (AVG / MAKESPAN)",
                   title=f"{n_jobs} jobs on {cluster} (simulated; charged: {charged})")
     def shown(value, form: str) -> str:
         return "-" if value is None else form.format(value)
@@ -312,7 +312,7 @@ def simulation(rows: list[dict], n_jobs: int, cluster: str, costs) -> None:
         if fifo and r["avg_jct_h"] and fifo["avg_jct_h"]:
             ratio = f"{r['avg_jct_h'] / fifo['avg_jct_h']:.2f}x / {r['makespan_h'] / fifo['makespan_h']:.2f}x"
         table.add_row(r["policy"], shown(r["avg_jct_h"], "{:.2f} h"), shown(r["p95_jct_h"], "{:.2f} h"), shown(r["makespan_h"], "{:.1f} h"),
-                      shown(r["max_slowdown"], "{:.1f}x"), f"{r['idle_while_waiting_card_h']:.1f} card-h", ratio)
+                      shown(r["max_slowdown"], "{:.1f}x"), f"{r['idle_while_waiting_card_h']:.1f} card-h", str(r["moves"]), ratio)
     console.print(table)
     cards = Table("CARD", *(r["policy"] for r in rows), title="utilisation (busy share of the makespan)")
     for card in rows[0]["utilisation"]:

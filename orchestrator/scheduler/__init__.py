@@ -84,6 +84,7 @@ class Scheduler:
         self.binder = binder or Inline()
         self._launching: dict[str, Plan] = {}  # job id -> the plan of its launch in flight
         self._moving: set[str] = set()  # running jobs asked to stop with a checkpoint, until they have
+        self._steps_done: dict[str, int] = {}  # a moved job -> the step it resumes after (for its estimated end)
         self._given_up: set[str] = set()  # launches past their deadline: the job is queued again, stopped once the call returns
         self._table: ThroughputTable | None = None
         self._jobs: dict[str, QueuedJob] = {}  # parsed once per job, not once per round
@@ -97,6 +98,16 @@ class Scheduler:
             self._jobs[record.id] = QueuedJob(record.id, stored_spec(record), record.priority,
                                               record.submitted_at, record.total_steps, tuple(sorted(record.memory_caps.items())))
         return self._jobs[record.id]
+
+    def _running_job(self, record: JobRecord) -> QueuedJob | None:
+        """A running job as the policy plans a move of it; None while it is being placed, or if its stored spec no
+        longer reads (it runs on; it is just never moved)."""
+        if record.state != "running":
+            return None
+        try:
+            return self.queued_job(record)
+        except InputError:
+            return None
 
     def table(self, snapshot: ClusterSnapshot) -> ThroughputTable:
         """Rebuilt when anything the planner reads about the cards changes (a node joined or left, `zeromix probe`
@@ -134,10 +145,11 @@ class Scheduler:
         self._release_leaked({r.id for r in active} | busy)
         held = {**{c.card_id: c.held_by for c in snapshot.cards if c.held_by}, **self.store.holds()}
         now = self.clock()
-        running = tuple(RunningJob(r.id, r.cards, r.est_end or now, r.submitted_at) for r in active)
+        running = tuple(RunningJob(r.id, r.cards, r.est_end or now, r.submitted_at, r.started_at or now,
+                                   self._running_job(r)) for r in active)
         table = self.table(snapshot)
         queue = self._plannable([r for r in self.store.jobs(("queued",)) if r.id not in busy], table)
-        self._jobs = {job.id: job for job in queue}  # only queued jobs are parsed again; the rest are forgotten
+        self._jobs = {job.id: job for job in (*queue, *(r.job for r in running if r.job))}  # the ended are forgotten
         free = tuple(c for c in snapshot.cards if c.card_id not in held)
         self.cards_free, self.cards_held = len(free), len(snapshot.cards) - len(free)
         decision = self.policy.allocate(PolicyInput(now, queue, free, running, table))
@@ -180,6 +192,10 @@ class Scheduler:
             restarts = self.store.returns(job_id, "running") - self.store.moves(job_id)
             verdict = failures.decide(ending, restarts, record.plan, record.memory_caps)
             self._moving.discard(job_id)
+            if ending.steps_done is not None:
+                self._steps_done[job_id] = ending.steps_done
+            elif verdict.state != "queued":
+                self._steps_done.pop(job_id, None)
             self._transition(job_id, "running", verdict.state, verdict.reason, memory_caps=verdict.memory_caps)
 
     def _release_leaked(self, active: set[str]) -> None:
@@ -243,7 +259,7 @@ class Scheduler:
                 self._stop(job_id)
                 self._launch_failed(job_id, _first_line(outcome.error))
             elif not self._transition(job_id, "placing", "running", f"running on {_cards(plan)}",
-                                      est_end=self.clock() + plan.step.step_s * plan.total_steps):
+                                      est_end=self.clock() + plan.step.step_s * (plan.total_steps - self._steps_done.get(job_id, 0))):
                 self._stop(job_id)  # cancelled while it was being placed
 
     def _launch_failed(self, job_id: str, why: str) -> None:

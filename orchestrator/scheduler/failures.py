@@ -32,6 +32,7 @@ class Ending(NamedTuple):
     reason: str
     retryable: bool = False
     out_of_memory: str | None = None  # the card that ran out of memory, if that was why
+    steps_done: int | None = None  # a moved job: the step it stopped after (its checkpoint's)
 
 
 class Verdict(NamedTuple):
@@ -45,7 +46,8 @@ def from_ray(status: str, message: str | None, failure: dict | None, result: dic
     scheduler's move request when there are."""
     if status == "SUCCEEDED" and result and "stopped_at" in result:
         return Ending("moved", f"moved: stopped after step {result['stopped_at']} of {result['of']} with a checkpoint "
-                               f"because {(move or {}).get('reason', 'the scheduler asked')}; placed again, resuming there")
+                               f"because {(move or {}).get('reason', 'the scheduler asked')}; placed again, resuming there",
+                      steps_done=result["stopped_at"])
     if status == "SUCCEEDED":
         return Ending("succeeded", "finished")
     if status == "STOPPED":

@@ -14,57 +14,19 @@ before. Deterministic: same trace, costs and seed, same result.
 from __future__ import annotations
 
 import math
-import random
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import yaml
 
 from orchestrator.inventory import ClusterSnapshot
 from orchestrator.jobspec import JobSpec
 from orchestrator.planner import Plan
-from orchestrator.queue import JobRecord, QueueStore
-from orchestrator.scheduler import Ending, Scheduler, spec_record
+from orchestrator.queue import Event, JobRecord, QueueStore
+from orchestrator.scheduler import Ending, Scheduler, failures, spec_record
+from orchestrator.scheduler.costs import Costs
 from orchestrator.scheduler.policies import Policy
 from orchestrator.scheduler.table import QueuedJob, ThroughputTable
 from orchestrator.scheduler.trace import TraceJob
 
-COSTS_FILE = Path(__file__).resolve().parents[1] / "data" / "sim_costs.yaml"
-GB = 1e9
-
-
-@dataclass(frozen=True)
-class Costs:
-    start_s: float  # the Ray job, its rank actors, imports and DeepSpeed's engine, before the weights are read
-    load_gb_per_s: float  # reading the weights (bf16 on disk)
-    checkpoint_gb_per_s: float  # writing a checkpoint: full, weights and Adam states (14 bytes a parameter); LoRA, the adapter's (16)
-    checkpoint_every_s: float  # launch.CHECKPOINT_EVERY_S: the default cadence
-    estimate_sigma: float  # true step time / the planner's estimate ~ log-normal(0, sigma); 0: exact
-    seed: int = 0
-
-    @classmethod
-    def measured(cls, seed: int = 0, estimate_sigma: float | None = None) -> Costs:
-        """The figures of sim_costs.yaml, with the default checkpoint cadence (launch.CHECKPOINT_EVERY_S)."""
-        from orchestrator.launch import CHECKPOINT_EVERY_S
-
-        figures = {k: v["value"] for k, v in yaml.safe_load(COSTS_FILE.read_text()).items()}
-        if estimate_sigma is not None:
-            figures["estimate_sigma"] = estimate_sigma
-        return cls(seed=seed, checkpoint_every_s=CHECKPOINT_EVERY_S, **figures)
-
-    def run_s(self, job_id: str, plan: Plan) -> float:
-        """How long the job takes on this plan's cards, start to end (the truth the policy does not see)."""
-        error = math.exp(random.Random(f"{self.seed}:{job_id}").gauss(0.0, self.estimate_sigma)) if self.estimate_sigma else 1.0
-        train_s = plan.step.step_s * plan.total_steps * error
-        saves = int(train_s // self.checkpoint_every_s) if self.checkpoint_every_s else 0
-        state_bytes = plan.n_params * 14 if plan.trainable == plan.n_params else plan.trainable * 16
-        load_s = plan.n_params * 2 / GB / self.load_gb_per_s if self.load_gb_per_s else 0.0
-        save_s = state_bytes / GB / self.checkpoint_gb_per_s if self.checkpoint_gb_per_s else 0.0
-        return self.start_s + load_s + train_s + saves * save_s
-
-
-Costs.NONE = Costs(start_s=0.0, load_gb_per_s=0.0, checkpoint_gb_per_s=0.0, checkpoint_every_s=0.0, estimate_sigma=0.0)
 
 
 class VirtualClock:
@@ -76,11 +38,15 @@ class VirtualClock:
 
 
 class SimulatedLaunch:
-    """A `Launcher` whose jobs end when their costs say."""
+    """A `Launcher` whose jobs end when their costs say. A job asked to move stops after the checkpoint it then
+    saves, and its next placement runs only the steps it had left (plus starting and loading again)."""
 
     def __init__(self, cluster: ClusterSnapshot, clock: VirtualClock, costs: Costs = Costs.NONE):
         self._cluster, self._clock, self.costs = cluster, clock, costs
         self.running: dict[str, tuple[tuple[str, ...], float]] = {}  # job id -> (card resources, end)
+        self._runs: dict[str, tuple[float, float, float, Plan]] = {}  # job id -> (start, end, share of its steps, plan)
+        self._left: dict[str, float] = {}  # job id -> share of its steps left after its last move
+        self._moved: dict[str, tuple[str, int]] = {}  # job id -> (why, the step it stops after), until it has
 
     def cluster(self) -> ClusterSnapshot:
         return self._cluster.with_holders({res: job for job, (resources, _) in self.running.items() for res in resources})
@@ -95,10 +61,31 @@ class SimulatedLaunch:
         """A trace's jobs name models by their shipped configs and no data files: nothing to look for."""
 
     def start(self, job: JobRecord, plan: Plan) -> None:
-        self.running[job.id] = (tuple(r.card.resource for r in plan.ranks), self._clock() + self.costs.run_s(job.id, plan))
+        now, share = self._clock(), self._left.get(job.id, 1.0)
+        end = now + self.costs.run_s(job.id, plan, share)
+        self.running[job.id] = (tuple(r.card.resource for r in plan.ranks), end)
+        self._runs[job.id] = (now, end, share, plan)
+
+    def move(self, job: JobRecord, reason: str) -> None:
+        """It stops after saving a checkpoint; its steps count in proportion to the training time it had."""
+        start, end, share, plan = self._runs[job.id]
+        fixed = self.costs.start_s + self.costs.load_s(plan)
+        done = share * min(1.0, max(0.0, (self._clock() - start - fixed) / max(1e-9, end - start - fixed)))
+        self._left[job.id] = share - done
+        self._moved[job.id] = (reason, round((1 - self._left[job.id]) * plan.total_steps))
+        self.running[job.id] = (self.running[job.id][0], min(end, self._clock() + self.costs.save_s(plan)))
 
     def ended(self, running: list[JobRecord]) -> dict[str, Ending]:
-        return {r.id: Ending("succeeded", "finished (simulated)") for r in running if self.running[r.id][1] <= self._clock()}
+        ended = {}
+        for r in running:
+            if self.running[r.id][1] > self._clock():
+                continue
+            if r.id in self._moved:
+                why, step = self._moved.pop(r.id)
+                ended[r.id] = failures.from_ray("SUCCEEDED", None, None, {"stopped_at": step, "of": r.total_steps}, {"reason": why})
+            else:
+                ended[r.id] = Ending("succeeded", "finished (simulated)")
+        return ended
 
     def stop(self, job_id: str) -> None:
         self.running.pop(job_id, None)
@@ -119,12 +106,18 @@ class SimResult:
     alone_s: dict[str, float] = field(default_factory=dict)  # job id -> its run alone on its best cards, at the same costs
     idle_while_waiting_s: float = 0.0  # card-seconds a card was free while a queued job could have started on it
     ahead_s: dict[str, float] = field(default_factory=dict)  # job id -> the work ahead of it when it arrived (see `work_ahead_s`)
+    events: list[Event] = field(default_factory=list)  # every job's moves between states, with the reasons
     costs: Costs = Costs.NONE
 
     @property
     def never_ran(self) -> dict[str, str]:
         """Job id -> why it was still waiting when the trace ended (the scheduler's last reason)."""
         return {j.id: j.reason for j in self.jobs if j.started_at is None}
+
+    @property
+    def moves(self) -> int:
+        """Running jobs stopped with a checkpoint and placed again (the policy's moves)."""
+        return sum(1 for e in self.events if e.source == "running" and e.reason.startswith("moved:"))
 
     @property
     def slowdowns(self) -> list[float]:
@@ -191,7 +184,7 @@ def simulate(cluster: ClusterSnapshot, trace: list[TraceJob], policy: Policy, co
         clock.now = min(upcoming)
     jobs = store.jobs()
     return SimResult(policy.name, jobs, rejected, queue_length, [c.card_id for c in cluster.cards], rounds,
-                     [j.id for j in jobs if j.ended_at is None], {k: run for k, (run, _) in alone.items()}, idle_s, ahead, costs)
+                     [j.id for j in jobs if j.ended_at is None], {k: run for k, (run, _) in alone.items()}, idle_s, ahead, store.events(), costs)
 
 
 def work_ahead_s(cluster: ClusterSnapshot, queued: list[JobRecord], launch: SimulatedLaunch, alone: dict[str, tuple[float, int]],
