@@ -209,7 +209,11 @@ class Scheduler:
         queued again when it has, resuming there."""
         for record in active:
             if record.id in moves and record.state == "running" and record.id not in self._moving and self.store.moves(record.id) < MAX_MOVES:
-                self.launcher.move(record, moves[record.id])
+                try:
+                    self.launcher.move(record, moves[record.id])
+                except Exception as err:  # Ray's KV store did not take it: the policy asks again next round
+                    log.warning("asking %s to move failed: %s", record.id, _first_line(err))
+                    continue
                 self._moving.add(record.id)
                 log.info("moving %s: %s", record.id, moves[record.id])
 

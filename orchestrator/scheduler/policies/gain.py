@@ -107,9 +107,9 @@ class Gain:
             decision.assignments.append(Assignment(job.id, now.plan))
             free -= set(now.cards)
             running.append(RunningJob(job.id, now.cards, x.now + now.duration_s(job.total_steps), job.submitted_at))
-        waiting = [j for j in order if j.id in decision.waiting]
-        if free and not any(x.table.plan(j, frozenset(free)).plan for j in waiting[:WINDOW]):
-            decision.moves = self._moves(x, free)
+        waiting, unreserved = [j for j in order if j.id in decision.waiting], free - (reservation.cards if reservation else set())
+        if unreserved and not any(x.table.plan(j, frozenset(free)).plan for j in waiting[:WINDOW]):
+            decision.moves = self._moves(x, unreserved)
         return decision
 
     @staticmethod
