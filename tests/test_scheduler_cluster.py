@@ -122,7 +122,7 @@ def test_a_moved_job_stops_with_a_checkpoint_is_placed_again_and_runs_every_step
     from workers import job_records
 
     state, work = connected
-    steps = 300
+    steps = 150
     job = submit(work, demo_data, "moved", f"max_steps={steps}", "checkpoint_every=100000", DESK_BOX)  # no checkpoint but the move's
     first = queue_store().get(running(job)).ray_job_id
     wait_until(lambda: (job_records.get(first, "progress") or [{"step": 0}])[-1]["step"] >= 10, 120, "ten steps")

@@ -152,12 +152,13 @@ class Scheduler:
         self._jobs = {job.id: job for job in (*queue, *(r.job for r in running if r.job))}  # the ended are forgotten
         free = tuple(c for c in snapshot.cards if c.card_id not in held)
         self.cards_free, self.cards_held = len(free), len(snapshot.cards) - len(free)
-        decision = self.policy.allocate(PolicyInput(now, queue, free, running, table))
+        ram = HostRam.in_use(snapshot, active)
+        decision = self.policy.allocate(PolicyInput(now, queue, free, running, table, ram.copy()))
         self.turns = decision.turns or tuple(job.id for job in queue)
-        ram, started = HostRam.in_use(snapshot, active), []
+        started = []
         for assignment in decision.assignments:
             short = ram.shortfall(assignment.job_id, assignment.plan)
-            if short:  # the policy plans each job on cards; the boxes' RAM is shared by every job placed on them
+            if short:  # a policy that does not count the boxes' RAM (gain does) placed two jobs that overcommit one
                 decision.waiting[assignment.job_id] = short
                 continue
             ram.take(assignment.job_id, assignment.plan)

@@ -27,15 +27,22 @@ class HostRam:
             ram._add(record.id, {node: gib * GIB for node, gib in (record.plan or {}).get("est_host_gib", {}).items()})
         return ram
 
+    def crowded(self, plan: Plan) -> list[str]:
+        """The plan's boxes whose RAM it would take past what jobs may use there, beside the jobs already on them."""
+        return [node for node, need in plan.host_bytes_per_node.items()
+                if self.users.get(node) and node in self.capacity and self.used.get(node, 0.0) + need > self.capacity[node]]
+
     def shortfall(self, job_id: str, plan: Plan) -> str | None:
         """Why this plan cannot start beside the jobs already on its boxes, one line; None when it can."""
-        for node, need in plan.host_bytes_per_node.items():
-            others, used = self.users.get(node), self.used.get(node, 0.0)
-            if others and node in self.capacity and used + need > self.capacity[node]:
-                return (f"host RAM on {node}: it needs about {need / GIB:.0f} GiB beside job(s) {', '.join(others)} using about "
-                        f"{used / GIB:.0f} GiB of the {self.capacity[node] / GIB:.0f} GiB jobs may use there (estimates); "
-                        "it waits until they end")
+        for node in self.crowded(plan):
+            need, used = plan.host_bytes_per_node[node], self.used[node]
+            return (f"host RAM on {node}: it needs about {need / GIB:.0f} GiB beside job(s) {', '.join(self.users[node])} using "
+                    f"about {used / GIB:.0f} GiB of the {self.capacity[node] / GIB:.0f} GiB jobs may use there (estimates); "
+                    "it waits until they end")
         return None
+
+    def copy(self) -> HostRam:
+        return HostRam(dict(self.capacity), dict(self.used), {node: list(jobs) for node, jobs in self.users.items()})
 
     def take(self, job_id: str, plan: Plan) -> None:
         self._add(job_id, plan.host_bytes_per_node)

@@ -18,6 +18,7 @@ from typing import Protocol
 from orchestrator.errors import InputError
 from orchestrator.inventory import Card
 from orchestrator.planner import Plan
+from orchestrator.scheduler.host_ram import HostRam
 from orchestrator.scheduler.table import QueuedJob, ThroughputTable
 
 
@@ -38,6 +39,7 @@ class PolicyInput:
     free: tuple[Card, ...]  # usable now, in the cluster's listing order
     running: tuple[RunningJob, ...]
     table: ThroughputTable
+    host_ram: HostRam | None = None  # what the running jobs' plans use of each box's RAM (None: not counted)
 
     @property
     def free_ids(self) -> frozenset[str]:

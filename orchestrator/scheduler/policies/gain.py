@@ -36,6 +36,7 @@ import math
 from dataclasses import dataclass
 
 from orchestrator.scheduler.costs import Costs
+from orchestrator.scheduler.host_ram import HostRam
 from orchestrator.scheduler.policies import Assignment, Decision, PolicyInput, RunningJob, clock, why_waiting
 from orchestrator.scheduler.table import Outcome, QueuedJob
 
@@ -68,6 +69,7 @@ class Gain:
         running = list(x.running)  # grows with this round's starts, so later jobs see when those cards free up
         claims: dict[str, float] = {}  # card -> until when jobs ahead, waiting for it, would use it (estimate)
         reservation: Reservation | None = None
+        ram = x.host_ram.copy() if x.host_ram else HostRam({})  # grows with this round's starts
         drain_s, due_at = _drain_s(x), due_times(x)
         order = sorted(x.queue, key=lambda j: (0, due_at[j.id]) if self._due(j, x, due_at) else (1, *self._urgency(j, x, drain_s)))
         decision.turns = tuple(j.id for j in order)
@@ -104,6 +106,12 @@ class Gain:
                     f"waits for faster cards: it would end about {clock(waits_until)} on them, "
                     f"later on the free {' + '.join(r.card.short_name for r in now.plan.ranks)}")))
                 continue
+            fits = self._within_host_ram(job, now, x, ram, free, reservation)
+            if fits is None:
+                decision.waiting[job.id] = why_waiting(job, x, ram.shortfall(job.id, now.plan))
+                continue
+            now = fits
+            ram.take(job.id, now.plan)
             decision.assignments.append(Assignment(job.id, now.plan))
             free -= set(now.cards)
             running.append(RunningJob(job.id, now.cards, x.now + now.duration_s(job.total_steps), job.submitted_at))
@@ -111,6 +119,16 @@ class Gain:
         if unreserved and not any(x.table.plan(j, frozenset(free)).plan for j in waiting[:WINDOW]):
             decision.moves = self._moves(x, unreserved)
         return decision
+
+    def _within_host_ram(self, job: QueuedJob, now: Outcome, x: PolicyInput, ram: HostRam, free: set[str],
+                         reservation: Reservation | None) -> Outcome | None:
+        """Its plan, or, when that would take a box's RAM past what jobs may use there beside those already on it, its
+        plan on the free cards of the other boxes (None when there is none)."""
+        crowded = set(ram.crowded(now.plan))
+        if not crowded:
+            return now
+        elsewhere = self._place(job, x, {c.card_id for c in x.free if c.card_id in free and c.node not in crowded}, reservation)
+        return elsewhere if elsewhere and not ram.crowded(elsewhere.plan) else None
 
     @staticmethod
     def _moves(x: PolicyInput, free: set[str]) -> dict[str, str]:
