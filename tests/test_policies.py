@@ -193,27 +193,3 @@ def test_a_plan_made_on_more_free_cards_is_reused_only_where_a_fresh_plan_would_
             again = warm.plan(queued, free)
             assert (again.cards, again.plan.step.step_s) == (fresh.cards, fresh.plan.step.step_s), (queued.id, gone)
             assert gone in chosen or again.plan is warm.plan(queued, everything).plan  # reused, not planned again
-
-
-def test_a_long_job_on_a_slow_card_moves_to_a_faster_free_one_nobody_queued_wants():
-    """Gain's moves: a fine-tune with 10 of its 11 hours left on the 1080 Ti while the 4090 beside it is free and
-    no queued job can use it moves there (its rest, plus the checkpoint, start and load a move costs, is far
-    shorter). Not when a queued job can take the 4090, and not with only minutes left."""
-    box = pool(("desk", ["NVIDIA GeForce RTX 4090", "NVIDIA GeForce GTX 1080 Ti"]))
-    table = ThroughputTable(box)
-    probe = job("slow", method="full", model="llama-3.2-1b")
-    per_step_slow = table.plan(probe, frozenset({"desk/1"})).plan.step.step_s
-    slow = job("slow", steps=round(11 * 3600 / per_step_slow), method="full", model="llama-3.2-1b")
-    now = 3600.0
-
-    def on_the_1080ti(rest_s: float) -> RunningJob:
-        return RunningJob("slow", ("desk/1",), now + rest_s, 0.0, now + rest_s - 11 * 3600, slow)
-
-    cards, decision, _ = decide("gain", box, [], [on_the_1080ti(10 * 3600)], now=now)
-    assert cards == {} and list(decision.moves) == ["slow"]
-    assert decision.moves["slow"].startswith("faster cards are free: on desk/0 GeForce RTX 4090 it would end in about ")
-    assert "instead of 10.0 h" in decision.moves["slow"] and "(estimates)" in decision.moves["slow"]
-    wants_it = job("queued", submitted_at=now - 60)  # fits the 4090: it gets it, nothing moves
-    cards, decision, _ = decide("gain", box, [wants_it], [on_the_1080ti(10 * 3600)], now=now)
-    assert cards == {"queued": ["desk/0"]} and decision.moves == {}
-    assert decide("gain", box, [], [on_the_1080ti(20 * 60)], now=now)[1].moves == {}  # 20 minutes left: stays

@@ -160,11 +160,24 @@ def test_jobs_whose_host_ram_together_exceeds_a_box_do_not_run_there_together():
     assert waiting.reason.startswith("host RAM on desk: it needs about 58 GiB beside job(s) gemma-") and "of the 60 GiB" in waiting.reason
 
 
-def test_a_job_started_on_a_slow_card_moves_when_a_faster_one_frees_and_ends_sooner():
-    """A box of a 4090 and a 1080 Ti. A LoRA job holds the 4090 for 8 h; an fp32 fine-tune arrives that would take
-    3 h there and 11.3 h on the 1080 Ti: waiting would end it later, so it starts on the 1080 Ti. When the 4090
-    frees, with about 3.3 h left, it moves there (a checkpoint, start and load: the measured costs) and ends after
-    about 9 h instead of 11.3, every one of its steps counted once (its second placement runs only the rest)."""
+def test_a_moved_job_stops_after_its_checkpoint_and_its_next_placement_runs_only_its_rest():
+    """The simulator's side of a move (Decision.moves; `zeromix move` on a real cluster). A box of a 4090 and a
+    1080 Ti: a LoRA job holds the 4090 for 8 h; an fp32 fine-tune that would take 3 h there and 11.3 h on the
+    1080 Ti starts on the 1080 Ti (waiting would end it later). A policy that moves it when the 4090 frees (gain,
+    plus that one move) gets it back on the 4090 at once (a moved job goes first), with only its rest to run and
+    the measured costs of a checkpoint, a start and a load; it is not counted as a restart."""
+    from orchestrator.scheduler.policies.gain import Gain
+
+    class GainMovingLong(Gain):
+        def allocate(self, x):
+            decision = super().allocate(x)
+            if "desk/0" in decision_free(x, decision) and any(r.id == "long" and r.cards == ("desk/1",) for r in x.running):
+                decision.moves = {"long": "the 4090 is free (test)"}
+            return decision
+
+    def decision_free(x, decision):
+        return x.free_ids - {r.card.card_id for a in decision.assignments for r in a.plan.ranks}
+
     from orchestrator.cluster_config import ClusterConfig
     from orchestrator.scheduler.costs import Costs
     from orchestrator.scheduler.table import QueuedJob, ThroughputTable
@@ -182,13 +195,13 @@ def test_a_job_started_on_a_slow_card_moves_when_a_faster_one_frees_and_ends_soo
     first = trace.TraceJob(**{**first.__dict__, "steps": steps_for(first, "desk/0", 8.0)})
     long = trace.TraceJob("long", 60.0, "llama-3.2-1b", "full", 512, 8, 1, 1, 0, precision="fp32")
     long = trace.TraceJob(**{**long.__dict__, "steps": steps_for(long, "desk/0", 3.0)})
-    result = simulate(box, [first, long], policy("gain"), Costs.measured(seed=1, estimate_sigma=0.0))
+    result = simulate(box, [first, long], GainMovingLong(), Costs.measured(seed=1, estimate_sigma=0.0))
 
     moved = {j.id: j for j in result.jobs}["long"]
     assert moved.state == "succeeded" and moved.cards == ("desk/0",)  # it ended on the 4090
     reasons = [e.reason for e in result.events if e.job_id == "long" and (e.source, e.target) == ("running", "queued")]
     assert len(reasons) == 1 and reasons[0].startswith("moved: stopped after step ")
-    assert "because faster cards are free: on desk/0 GeForce RTX 4090 it would end in about " in reasons[0]
+    assert reasons[0].endswith("because the 4090 is free (test); placed again, resuming there") and result.moves == 1
     on_the_1080ti_s = long.steps / steps_for(long, "desk/1", 1.0) * 3600  # its whole run there (estimate)
     jct = moved.ended_at - long.arrival_s
     assert 8 * 3600 < jct < 0.85 * on_the_1080ti_s  # after the first job's 8 h, well before its run on the 1080 Ti

@@ -95,8 +95,9 @@ class Scheduler:
 
     def queued_job(self, record: JobRecord) -> QueuedJob:
         if record.id not in self._jobs:
-            self._jobs[record.id] = QueuedJob(record.id, stored_spec(record), record.priority,
-                                              record.submitted_at, record.total_steps, tuple(sorted(record.memory_caps.items())))
+            self._jobs[record.id] = QueuedJob(record.id, stored_spec(record), record.priority, record.submitted_at,
+                                              record.total_steps, tuple(sorted(record.memory_caps.items())),
+                                              moved=record.state == "queued" and record.id in self._steps_done)
         return self._jobs[record.id]
 
     def _running_job(self, record: JobRecord) -> QueuedJob | None:
@@ -195,6 +196,7 @@ class Scheduler:
             self._moving.discard(job_id)
             if ending.steps_done is not None:
                 self._steps_done[job_id] = ending.steps_done
+                self._jobs.pop(job_id, None)  # parsed again as a moved job
             elif verdict.state != "queued":
                 self._steps_done.pop(job_id, None)
             self._transition(job_id, "running", verdict.state, verdict.reason, memory_caps=verdict.memory_caps)

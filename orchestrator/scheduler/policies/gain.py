@@ -1,7 +1,7 @@
 """The default policy: heterogeneity-aware placement with backfill.
 
-Each round, jobs in order: first those past their due time (a bound on every job's wait, below), earliest due
-first; then the others by priority (plus aging), then response ratio:
+Each round, jobs in order: first those it has just moved (rule 6), then those past their due time (a bound on
+every job's wait, below), earliest due first; then the others by priority (plus aging), then response ratio:
   1. The planner's throughput table says how fast the job runs on the free cards and on its best cards
      (normalised per job, as in Gavel). A 1080 Ti is worth little to a bf16 job and much to an fp32 one:
      when a job of the same priority waiting behind gains more from the cards this job would take than
@@ -24,10 +24,8 @@ first; then the others by priority (plus aging), then response ratio:
      MIN_SHARE was tried: on the Poisson mix with estimate error it raised the average JCT from 18 to 47 h.)
   5. No fragmentation: a job that fits on the cards left over in part-used boxes, nearly as fast, goes
      there rather than splitting a whole free box whose cards one job could use together over PCIe.
-  6. Moves. When cards stay free that no waiting job can use, a running job that would end sooner on them (with
-     its own cards), counting what the move costs (a checkpoint, starting and loading again), by more than
-     1 - MOVE_GAIN of its rest, is moved: it stops with a checkpoint and is placed again (scheduler: at most
-     MAX_MOVES times a job).
+  6. A job just moved (`zeromix move`: stopped with a checkpoint to be placed again) goes first. This policy moves
+     no job itself yet: moving a job to faster cards that free up was tried and made the averages worse (README).
 """
 
 from __future__ import annotations
@@ -35,7 +33,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from orchestrator.scheduler.costs import Costs
 from orchestrator.scheduler.host_ram import HostRam
 from orchestrator.scheduler.policies import Assignment, Decision, PolicyInput, RunningJob, clock, why_waiting
 from orchestrator.scheduler.table import Outcome, QueuedJob
@@ -48,8 +45,6 @@ PATIENCE = 30.0  # ... once it has waited this many times its run on its best ca
 RIVALS = 4  # later jobs checked for a better use of this job's cards
 SWAP_MARGIN = 0.1  # ... and by how much better it must be
 WAIT_MARGIN = 0.9  # wait for better cards only when that ends the job at least 10% sooner (of its run)
-MOVE_GAIN = 0.8  # a running job moves to faster free cards when its rest there, move included, is under 80% of its rest now
-MOVE_MIN_REST_S = 1800.0  # ... and only with at least half an hour left where it runs
 DUE = 8.0  # a job is due after DUE x (its run + the work ahead of it): it then goes first, whatever its priority
 
 
@@ -71,7 +66,8 @@ class Gain:
         reservation: Reservation | None = None
         ram = x.host_ram.copy() if x.host_ram else HostRam({})  # grows with this round's starts
         drain_s, due_at = _drain_s(x), due_times(x)
-        order = sorted(x.queue, key=lambda j: (0, due_at[j.id]) if self._due(j, x, due_at) else (1, *self._urgency(j, x, drain_s)))
+        order = sorted(x.queue, key=lambda j: (-1, j.submitted_at) if j.moved else (0, due_at[j.id]) if self._due(j, x, due_at)
+                       else (1, *self._urgency(j, x, drain_s)))
         decision.turns = tuple(j.id for j in order)
         for position, job in enumerate(order):
             if position >= WINDOW and not free:
@@ -115,9 +111,6 @@ class Gain:
             decision.assignments.append(Assignment(job.id, now.plan))
             free -= set(now.cards)
             running.append(RunningJob(job.id, now.cards, x.now + now.duration_s(job.total_steps), job.submitted_at))
-        waiting, unreserved = [j for j in order if j.id in decision.waiting], free - (reservation.cards if reservation else set())
-        if unreserved and not any(x.table.plan(j, frozenset(free)).plan for j in waiting[:WINDOW]):
-            decision.moves = self._moves(x, unreserved)
         return decision
 
     def _within_host_ram(self, job: QueuedJob, now: Outcome, x: PolicyInput, ram: HostRam, free: set[str],
@@ -129,29 +122,6 @@ class Gain:
             return now
         elsewhere = self._place(job, x, {c.card_id for c in x.free if c.card_id in free and c.node not in crowded}, reservation)
         return elsewhere if elsewhere and not ram.crowded(elsewhere.plan) else None
-
-    @staticmethod
-    def _moves(x: PolicyInput, free: set[str]) -> dict[str, str]:
-        """Running jobs that would end sooner on faster cards nobody queued can use: each with its own cards and the
-        free ones, it moves when its estimated rest there, plus the checkpoint, start and load a move costs (the
-        measured figures of sim_costs.yaml), is under MOVE_GAIN of its rest where it runs. Longest rest first; a
-        free card goes to one move only."""
-        costs, moves = Costs.measured(), {}
-        for r in sorted(x.running, key=lambda r: r.est_end, reverse=True):
-            rest = r.est_end - x.now
-            if r.job is None or rest < MOVE_MIN_REST_S or not free:
-                continue
-            there = x.table.plan(r.job, frozenset(free | set(r.cards)))
-            if not there.plan or set(there.cards) <= set(r.cards):
-                continue
-            share = rest / max(1e-9, r.est_end - r.started_at)
-            rest_there = share * there.duration_s(r.job.total_steps) + costs.move_s(there.plan)
-            if rest_there < MOVE_GAIN * rest:
-                moves[r.id] = (f"faster cards are free: on {' + '.join(f'{p.card.card_id} {p.card.short_name}' for p in there.plan.ranks)} "
-                               f"it would end in about {_duration(rest_there)} instead of {_duration(rest)}, the move costing about "
-                               f"{_duration(costs.move_s(there.plan))} (estimates)")
-                free -= set(there.cards)
-        return moves
 
     @staticmethod
     def _due(job: QueuedJob, x: PolicyInput, due_at: dict[str, float]) -> bool:
@@ -285,10 +255,6 @@ def aged_priority(job: QueuedJob, x: PolicyInput) -> int:
     priority classes, not a sliding score: within a class the order stays shortest-response-ratio first."""
     reached = job.priority + AGING_PER_HOUR * max(0.0, x.now - job.submitted_at) / 3600
     return max((j.priority for j in x.queue if job.priority <= j.priority <= reached), default=job.priority)
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{max(1, round(seconds / 60))} min"
 
 
 def _whole_free_boxes(x: PolicyInput, pool: set[str]) -> set[str]:
