@@ -85,6 +85,7 @@ class Scheduler:
         self._launching: dict[str, Plan] = {}  # job id -> the plan of its launch in flight
         self._moving: set[str] = set()  # running jobs asked to stop with a checkpoint, until they have
         self._steps_done: dict[str, int] = {}  # a moved job -> the step it resumes after (for its estimated end)
+        self._just_moved: set[str] = set()  # moved and queued again, not yet placed: the policy places them first
         self._given_up: set[str] = set()  # launches past their deadline: the job is queued again, stopped once the call returns
         self._table: ThroughputTable | None = None
         self._jobs: dict[str, QueuedJob] = {}  # parsed once per job, not once per round
@@ -97,7 +98,7 @@ class Scheduler:
         if record.id not in self._jobs:
             self._jobs[record.id] = QueuedJob(record.id, stored_spec(record), record.priority, record.submitted_at,
                                               record.total_steps, tuple(sorted(record.memory_caps.items())),
-                                              moved=record.state == "queued" and record.id in self._steps_done)
+                                              moved=record.id in self._just_moved)
         return self._jobs[record.id]
 
     def _running_job(self, record: JobRecord) -> QueuedJob | None:
@@ -194,9 +195,10 @@ class Scheduler:
             restarts = self.store.returns(job_id, "running") - self.store.moves(job_id)
             verdict = failures.decide(ending, restarts, record.plan, record.memory_caps)
             self._moving.discard(job_id)
+            self._jobs.pop(job_id, None)  # parsed again as it is queued now (moved or not)
             if ending.steps_done is not None:
                 self._steps_done[job_id] = ending.steps_done
-                self._jobs.pop(job_id, None)  # parsed again as a moved job
+                self._just_moved.add(job_id)
             elif verdict.state != "queued":
                 self._steps_done.pop(job_id, None)
             self._transition(job_id, "running", verdict.state, verdict.reason, memory_caps=verdict.memory_caps)
@@ -227,6 +229,7 @@ class Scheduler:
                                 cards=tuple(r.card.card_id for r in plan.ranks), plan=plan.summary()):
             return
         placed = self.store.get(record.id)  # as placed: this placement's attempt number (read here: the store is this thread's)
+        self._just_moved.discard(record.id)
         self._launching[record.id] = plan
         self.binder.launch(record.id, lambda: self._launch(placed, spec, plan))
 
