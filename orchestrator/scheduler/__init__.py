@@ -101,16 +101,6 @@ class Scheduler:
                                               moved=record.id in self._just_moved)
         return self._jobs[record.id]
 
-    def _running_job(self, record: JobRecord) -> QueuedJob | None:
-        """A running job as the policy plans a move of it; None while it is being placed, or if its stored spec no
-        longer reads (it runs on; it is just never moved)."""
-        if record.state != "running":
-            return None
-        try:
-            return self.queued_job(record)
-        except InputError:
-            return None
-
     def table(self, snapshot: ClusterSnapshot) -> ThroughputTable:
         """Rebuilt when anything the planner reads about the cards changes (a node joined or left, `zeromix probe`
         measured new rates, a job recorded a card's speed, a driver was upgraded), else kept with its cache."""
@@ -147,19 +137,18 @@ class Scheduler:
         self._release_leaked({r.id for r in active} | busy)
         held = {**{c.card_id: c.held_by for c in snapshot.cards if c.held_by}, **self.store.holds()}
         now = self.clock()
-        running = tuple(RunningJob(r.id, r.cards, r.est_end or now, r.submitted_at, r.started_at or now,
-                                   self._running_job(r)) for r in active)
+        running = tuple(RunningJob(r.id, r.cards, r.est_end or now, r.submitted_at) for r in active)
         table = self.table(snapshot)
         queue = self._plannable([r for r in self.store.jobs(("queued",)) if r.id not in busy], table)
-        self._jobs = {job.id: job for job in (*queue, *(r.job for r in running if r.job))}  # the ended are forgotten
+        self._jobs = {job.id: job for job in queue}  # only queued jobs are parsed again; the rest are forgotten
         free = tuple(c for c in snapshot.cards if c.card_id not in held)
         self.cards_free, self.cards_held = len(free), len(snapshot.cards) - len(free)
         ram = HostRam.in_use(snapshot, active)
-        decision = self.policy.allocate(PolicyInput(now, queue, free, running, table, ram.copy()))
+        decision = self.policy.allocate(PolicyInput(now, queue, free, running, table, ram))  # (gain counts on a copy)
         self.turns = decision.turns or tuple(job.id for job in queue)
         started = []
         for assignment in decision.assignments:
-            short = ram.shortfall(assignment.job_id, assignment.plan)
+            short = ram.shortfall(assignment.plan)
             if short:  # a policy that does not count the boxes' RAM (gain does) placed two jobs that overcommit one
                 decision.waiting[assignment.job_id] = short
                 continue
@@ -195,7 +184,7 @@ class Scheduler:
             restarts = self.store.returns(job_id, "running") - self.store.moves(job_id)
             verdict = failures.decide(ending, restarts, record.plan, record.memory_caps)
             self._moving.discard(job_id)
-            self._jobs.pop(job_id, None)  # parsed again as it is queued now (moved or not)
+            self._jobs.pop(job_id, None)  # parsed again when queued: moved or not
             if ending.steps_done is not None:
                 self._steps_done[job_id] = ending.steps_done
                 self._just_moved.add(job_id)

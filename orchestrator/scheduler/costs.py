@@ -1,11 +1,10 @@
 """What a run costs beyond its steps on a real cluster: starting, reading the weights, checkpoints, and how far
 the planner's step time is from the truth. From orchestrator/data/sim_costs.yaml (each figure marked measured or
-estimate). The simulator charges them; the policy weighs a move against them.
+estimate). The simulator charges them, a move's too (the checkpoint it saves, and starting and loading again).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ class Costs:
     seed: int = 0
 
     @classmethod
-    @functools.lru_cache(maxsize=64)
     def measured(cls, seed: int = 0, estimate_sigma: float | None = None) -> Costs:
         """The figures of sim_costs.yaml, with the default checkpoint cadence (launch.CHECKPOINT_EVERY_S)."""
         from orchestrator.launch import CHECKPOINT_EVERY_S
@@ -46,10 +44,6 @@ class Costs:
         train_s = plan.step.step_s * plan.total_steps * share * error
         saves = int(train_s // self.checkpoint_every_s) if self.checkpoint_every_s else 0
         return self.start_s + self.load_s(plan) + train_s + saves * self.save_s(plan)
-
-    def move_s(self, plan: Plan) -> float:
-        """What moving a job costs beyond its steps: a checkpoint, and starting and loading again (an estimate)."""
-        return self.save_s(plan) + self.start_s + self.load_s(plan)
 
     def load_s(self, plan: Plan) -> float:
         return plan.n_params * 2 / GB / self.load_gb_per_s if self.load_gb_per_s else 0.0

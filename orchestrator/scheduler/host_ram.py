@@ -32,7 +32,7 @@ class HostRam:
         return [node for node, need in plan.host_bytes_per_node.items()
                 if self.users.get(node) and node in self.capacity and self.used.get(node, 0.0) + need > self.capacity[node]]
 
-    def shortfall(self, job_id: str, plan: Plan) -> str | None:
+    def shortfall(self, plan: Plan) -> str | None:
         """Why this plan cannot start beside the jobs already on its boxes, one line; None when it can."""
         for node in self.crowded(plan):
             need, used = plan.host_bytes_per_node[node], self.used[node]

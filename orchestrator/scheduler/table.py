@@ -32,7 +32,7 @@ class QueuedJob:
     submitted_at: float
     total_steps: int
     memory_caps: tuple[tuple[str, int], ...] = ()  # (card id, MiB): where it ran out of memory, what it may use there
-    moved: bool = False  # stopped with a checkpoint by the policy, to be placed again at once
+    moved: bool = False  # just stopped with a checkpoint to be placed again (a move): gain places it first
 
     @property
     def shape(self) -> str:

@@ -28,8 +28,6 @@ class RunningJob:
     cards: tuple[str, ...]
     est_end: float  # an estimate, from its plan
     submitted_at: float = 0.0  # when it entered the queue
-    started_at: float = 0.0  # when this placement started
-    job: QueuedJob | None = None  # its spec, for planning a move (None: this round's own starts)
 
 
 @dataclass(frozen=True)

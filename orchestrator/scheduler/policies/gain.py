@@ -104,7 +104,7 @@ class Gain:
                 continue
             fits = self._within_host_ram(job, now, x, ram, free, reservation)
             if fits is None:
-                decision.waiting[job.id] = why_waiting(job, x, ram.shortfall(job.id, now.plan))
+                decision.waiting[job.id] = why_waiting(job, x, ram.shortfall(now.plan))
                 continue
             now = fits
             ram.take(job.id, now.plan)
