@@ -32,7 +32,7 @@ class RankTuning:
     offload_params: bool
     precision: str  # fp32 | fp16 | bf16
     # Per card: transformers recomputes each decoder layer's forward in backward. Per process, it changes no
-    # maths (the same RNG state is replayed), only this rank's memory and time; see planner._checkpointing_modes.
+    # maths (the same RNG state is replayed), only this rank's memory and time; see planner/tuning._checkpointing_modes.
     activation_checkpointing: bool = False
     # ZeRO-3 across boxes: ZeRO++ hierarchical partitioning over this many cards (those of one box, which must be
     # consecutive ranks), so backward's weight gathers stay inside the box. 1: off.

@@ -147,7 +147,11 @@ class ClusterSnapshot:
         return tuple(card for node in self.nodes for card in node.cards)
 
     def node(self, name: str) -> Node:
-        return next(n for n in self.nodes if n.name == name)
+        return self._by_name[name]
+
+    @cached_property
+    def _by_name(self) -> dict[str, Node]:  # the planner asks for nodes by name thousands of times per plan
+        return {n.name: n for n in self.nodes}
 
     def with_holders(self, holders: dict[str, str]) -> ClusterSnapshot:
         """Mark cards (by resource name) as held by the given job ids."""

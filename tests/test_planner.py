@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.planner import NoPlacement, RankCost, _step_lower_bound, make_plan, split_batch
+from orchestrator.planner import NoPlacement, make_plan
+from orchestrator.planner.split import RankCost, split_batch, step_lower_bound
 
 from tests.helpers import HOMELAB, TINY
 from tests.helpers import spec as job
@@ -96,7 +97,7 @@ def test_the_lower_bound_that_skips_settings_never_exceeds_a_real_split(ranks, g
         micro = split_batch(global_batch // grad_accum, costs_, [f / grad_accum for f in fixed])
         if micro:
             step = max(c.seconds(m) * grad_accum + f for c, m, f in zip(costs_, micro, fixed))
-            assert _step_lower_bound(global_batch, plain, fixed) <= step * (1 + 1e-12)
+            assert step_lower_bound(global_batch, plain, fixed) <= step * (1 + 1e-12)
 
 
 def test_a_rank_recomputes_only_past_what_fits_without():

@@ -212,9 +212,9 @@ def test_13_zero3_across_boxes_gathers_for_backward_inside_each_box():
     assert plan.zero.hpz == 2 and "hpZ over 2 cards per box" in plan.settings
     assert [r.card.node for r in plan.ranks] in (["a", "a", "b", "b"], ["b", "b", "a", "a"])
     assert {c["zero_optimization"]["zero_hpz_partition_size"] for c in plan.ds_configs(spec)} == {2}
-    without = step_time.overheads(facts=LLAMA_8B, trainable=plan.trainable, zeros=[plan.zero._replace(hpz=1)] * 4,
-                                  precision=plan.precision, link_gb_s=1 / 8 * step_time.LINK_EFFICIENCY, pcie_gb_s=28.4,
-                                  most_ranks_on_a_node=2, grad_accum=plan.grad_accum)[0]
+    inputs = step_time.StepInputs(LLAMA_8B, plan.trainable, "full", 1024, plan.precision, (), (1.0,) * 4, (1.0,) * 4,
+                                  1 / 8 * step_time.LINK_EFFICIENCY, 28.4, 2)
+    without = inputs.overheads((plan.zero._replace(hpz=1),) * 4, plan.grad_accum)[0]
     assert plan.step.comm_s < 0.8 * without  # the gradients' reduce-scatter still crosses the network in full
     volumes = [step_time.comm_volume(plan.trainable, LLAMA_8B.n_params, 4, 3, plan.grad_accum, 2, 4, hpz) for hpz in (1, 2)]
     assert volumes[1].all_gather == pytest.approx(volumes[0].all_gather / 2) and volumes[1].all_gather_in_box > 0

@@ -26,7 +26,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
-from orchestrator.planner import RankCost, split_batch
+from orchestrator.planner.split import RankCost, split_batch
 
 WARMUP_STEPS = 2  # the first steps pay lazy initialisation; not measured
 WINDOW_STEPS = 3  # steps measured at a split before deciding on it (the median of them, per card)

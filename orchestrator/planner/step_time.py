@@ -22,6 +22,7 @@ communication and offload are added to compute, not overlapped with it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from orchestrator.ds_config import STAGE3_MAX_LIVE_PARAMETERS
 from orchestrator.inventory import Card, Node
@@ -235,26 +236,44 @@ def offload_seconds(trainable: int, n_params: int, world: int, zero: ZeroSetting
     return copies / (pcie_gb_s * 1e9) + adam
 
 
-def overheads(*, facts: ModelFacts, trainable: int, zeros: list[ZeroSetting], precision: str, link_gb_s: float,
-              pcie_gb_s: float, most_ranks_on_a_node: int, grad_accum: int) -> tuple[float, tuple[float, ...]]:
-    """What an optimizer step costs besides compute: (communication, the same on every rank; offload per rank)."""
-    zero, world, c = zeros[0], len(zeros), bytes_per_value(precision)
-    grad_bytes = 4 if (zero.stage == 3 and precision == "bf16") else c  # ds_config.py: fp32 accumulation there
-    volume = comm_volume(trainable, facts.n_params, world, zero.stage, grad_accum, c, grad_bytes, zero.hpz)
-    comm = volume.wire_bytes(world) / (link_gb_s * 1e9) + volume.box_wire_bytes(zero.hpz) / (pcie_gb_s * 1e9)
-    by_setting = {z: offload_seconds(trainable, facts.n_params, world, z, grad_accum, c, pcie_gb_s, most_ranks_on_a_node) for z in set(zeros)}
-    return comm, tuple(by_setting[z] for z in zeros)
+@dataclass(frozen=True)
+class StepInputs:
+    """What a group's step time depends on besides its settings: the job and model, each card's rates (one entry
+    per rank, in rank order) and the links between the cards. Made once per candidate group (planner/tuning.py)."""
 
+    facts: ModelFacts
+    trainable: int
+    method: str
+    seq_len: int
+    precision: str
+    lora_targets: tuple[str, ...]
+    rates_tflops: tuple[float, ...]
+    bandwidths_gb_s: tuple[float, ...]
+    link_gb_s: float  # the slowest link the group's collectives cross
+    pcie_gb_s: float  # the slowest card's PCIe slot
+    most_ranks_on_a_node: int
 
-def estimate(*, facts: ModelFacts, trainable: int, method: str, seq_len: int, activation_checkpointing: list[bool],
-             samples_per_rank: list[float], rates_tflops: list[float], bandwidths_gb_s: list[float], zeros: list[ZeroSetting],
-             precision: str, lora_targets: tuple[str, ...], link_gb_s: float, pcie_gb_s: float, most_ranks_on_a_node: int,
-             grad_accum: int) -> StepEstimate:
-    """`activation_checkpointing`, `samples_per_rank`, `rates_tflops`, `bandwidths_gb_s` and `zeros`: one entry per
-    rank (every rank runs the same ZeRO stage; offload may differ per rank)."""
-    work = {ckpt: token_work(facts, seq_len, method, ckpt, precision, lora_targets) for ckpt in set(activation_checkpointing)}
-    compute = tuple(work[ckpt].seconds(rate, gb_s) * n * seq_len
-                    for ckpt, n, rate, gb_s in zip(activation_checkpointing, samples_per_rank, rates_tflops, bandwidths_gb_s))
-    comm, offload = overheads(facts=facts, trainable=trainable, zeros=zeros, precision=precision, link_gb_s=link_gb_s,
-                              pcie_gb_s=pcie_gb_s, most_ranks_on_a_node=most_ranks_on_a_node, grad_accum=grad_accum)
-    return StepEstimate(compute, comm, offload, sum(samples_per_rank) * seq_len)
+    @cached_property
+    def _work(self) -> dict[bool, TokenWork]:
+        return {ckpt: token_work(self.facts, self.seq_len, self.method, ckpt, self.precision, self.lora_targets) for ckpt in (False, True)}
+
+    def seconds_per_sample(self, rank: int, activation_checkpointing: bool) -> float:
+        return self._work[activation_checkpointing].seconds(self.rates_tflops[rank], self.bandwidths_gb_s[rank]) * self.seq_len
+
+    def overheads(self, zeros: tuple[ZeroSetting, ...], grad_accum: int) -> tuple[float, tuple[float, ...]]:
+        """What an optimizer step costs besides compute: (communication, the same on every rank; offload per
+        rank). `zeros`: one per rank (every rank runs the same ZeRO stage; offload may differ per rank)."""
+        zero, world, c = zeros[0], len(zeros), bytes_per_value(self.precision)
+        grad_bytes = 4 if (zero.stage == 3 and self.precision == "bf16") else c  # ds_config.py: fp32 accumulation there
+        volume = comm_volume(self.trainable, self.facts.n_params, world, zero.stage, grad_accum, c, grad_bytes, zero.hpz)
+        comm = volume.wire_bytes(world) / (self.link_gb_s * 1e9) + volume.box_wire_bytes(zero.hpz) / (self.pcie_gb_s * 1e9)
+        by_setting = {z: offload_seconds(self.trainable, self.facts.n_params, world, z, grad_accum, c, self.pcie_gb_s,
+                                         self.most_ranks_on_a_node) for z in set(zeros)}
+        return comm, tuple(by_setting[z] for z in zeros)
+
+    def estimate(self, activation_checkpointing: list[bool], samples_per_rank: list[float], zeros: tuple[ZeroSetting, ...],
+                 grad_accum: int) -> StepEstimate:
+        """The step of a setting: per rank, whether it recomputes and its samples per optimizer step."""
+        compute = tuple(self.seconds_per_sample(r, ckpt) * n for r, (ckpt, n) in enumerate(zip(activation_checkpointing, samples_per_rank)))
+        comm, offload = self.overheads(zeros, grad_accum)
+        return StepEstimate(compute, comm, offload, sum(samples_per_rank) * self.seq_len)
