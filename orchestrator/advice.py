@@ -18,11 +18,15 @@ from orchestrator.planner import NoPlacement, Plan, make_plan
 PAIRED_CARDS = 12  # pairs are formed from the best this many single cards
 
 
+METHODS = ("qlora", "lora", "full")  # what `--method all` compares
+
+
 @dataclass(frozen=True)
 class Advice:
     cards: tuple[str, ...]  # catalog names; two for a pair in one box
     plan: Plan | None  # None: it cannot run the job
     why_not: str | None
+    method: str = "lora"
 
     @property
     def tokens_per_s(self) -> float:
@@ -38,7 +42,7 @@ class Advice:
     def summary(self) -> dict:
         p = self.plan
         return {
-            "cards": list(self.cards), "fits": p is not None, "why_not": self.why_not,
+            "cards": list(self.cards), "method": self.method, "fits": p is not None, "why_not": self.why_not,
             "zero_stage": p.zero.stage if p else None,
             "offload": p.offload if p else None,
             "precision": p.precision if p else None, "activation_checkpointing": p.checkpointing if p else None,
@@ -60,21 +64,24 @@ def _try(job: JobSpec, facts: ModelFacts, cards: tuple[catalog.GpuSpec, ...], ho
     pool = snapshot_from_config(ClusterConfig.model_validate({"head": {"address": "10.0.0.1"}, "nodes": [box]}))
     names = tuple(s.name for s in cards)
     try:
-        plan = make_plan(job.model_copy(update={"gpus": job.gpus.model_copy(update={"count": len(cards)})}), facts, pool, 1)
+        plan = make_plan(job.model_copy(update={"gpus": job.gpus.model_copy(update={"count": len(cards)})}), facts, pool, 1, suggest=False)
     except NoPlacement as err:
-        return Advice(names, None, str(err).removeprefix(f"no placement for job {job.name!r}: "))
-    return Advice(tuple(r.card.short_name for r in plan.ranks), plan, None)  # in rank order, as the micro-batches are
+        return Advice(names, None, str(err).removeprefix(f"no placement for job {job.name!r}: "), job.method)
+    return Advice(tuple(r.card.short_name for r in plan.ranks), plan, None, job.method)  # in rank order, as the micro-batches are
 
 
 def advise(facts: ModelFacts, method: str, seq_len: int, batch: int, host_ram_gb: float, card_names: list[str] | None = None) -> list[Advice]:
-    """Every single card, then pairs of the best, ranked: those that run the job first, fastest first."""
+    """Every single card, then pairs of the best, ranked: those that run the job first, fastest first. `method`
+    "all": each of QLoRA, LoRA and full fine-tuning, on each card set, in one ranking."""
     specs = list(catalog.all_specs()) if not card_names else [_spec(name) for name in card_names]
-    job = _job(facts, method, seq_len, batch)
-    singles = [_try(job, facts, (s,), host_ram_gb) for s in specs]
-    ranked = sorted(zip(specs, singles), key=lambda pair: (-pair[1].tokens_per_s, -pair[0].vram_gib))
-    best = [spec for spec, _ in ranked[:PAIRED_CARDS]] if not card_names else specs
-    pairs = [_try(job, facts, pair, host_ram_gb) for pair in combinations_with_replacement(best, 2)]
-    return sorted(singles + pairs, key=lambda a: (a.plan is None, -a.tokens_per_s, len(a.cards), a.cards))
+    rows = []
+    for each in (METHODS if method == "all" else (method,)):
+        job = _job(facts, each, seq_len, batch)
+        singles = [_try(job, facts, (s,), host_ram_gb) for s in specs]
+        ranked = sorted(zip(specs, singles), key=lambda pair: (-pair[1].tokens_per_s, -pair[0].vram_gib))
+        best = [spec for spec, _ in ranked[:PAIRED_CARDS]] if not card_names else specs
+        rows += singles + [_try(job, facts, pair, host_ram_gb) for pair in combinations_with_replacement(best, 2)]
+    return sorted(rows, key=lambda a: (a.plan is None, -a.tokens_per_s, len(a.cards), a.cards, METHODS.index(a.method)))
 
 
 def _spec(name: str) -> catalog.GpuSpec:

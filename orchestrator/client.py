@@ -15,11 +15,11 @@ from typing import Iterator
 from orchestrator import cluster_runtime, registry
 from orchestrator.cluster_config import load_cluster
 from orchestrator.errors import InputError, ZeromixError
-from orchestrator.inventory import snapshot_from_config
+from orchestrator.inventory import ClusterSnapshot, snapshot_from_config
 from orchestrator.job_states import LIVE, TERMINAL
 from orchestrator.jobspec import JobSpec, load_job, total_steps
 from orchestrator.model_facts import ModelFacts, facts_from_config, read_config
-from orchestrator.planner import Plan, make_plan
+from orchestrator.planner import Plan, make_plan, on_the_same_cards
 from orchestrator.queue import JobRecord
 from workers import job_records
 
@@ -74,13 +74,24 @@ def job_and_facts(job_file: str, overrides: list[str]) -> tuple[JobSpec, ModelFa
     return job, facts
 
 
-def plan(job_file: str, overrides: list[str], pool: str | None = None) -> Plan:
+@dataclass(frozen=True)
+class Planned:
+    plan: Plan
+    # QLoRA: the same job with a 16-bit base (method lora) on the same cards: its plan, or why it does not fit
+    as_lora: Plan | str | None = None
+
+
+def plan(job_file: str, overrides: list[str], pool: str | None = None) -> Planned:
     """Against the live cluster's cards (free memory as NVML reports it now), or a pool file without Ray."""
     job, facts = job_and_facts(job_file, overrides)
     if pool:
-        return make_plan(job, facts, snapshot_from_config(load_cluster(pool)), total_steps(job))
-    cluster_runtime.connect()
-    return make_plan(job, facts, registry.snapshot(live_free_memory=True), total_steps(job))
+        snapshot = snapshot_from_config(load_cluster(pool))
+    else:
+        cluster_runtime.connect()
+        snapshot = registry.snapshot(live_free_memory=True)
+    chosen = make_plan(job, facts, snapshot, total_steps(job))
+    as_lora = on_the_same_cards(job.model_copy(update={"method": "lora", "quant": None}), facts, snapshot, chosen) if job.method == "qlora" else None
+    return Planned(chosen, as_lora)
 
 
 @dataclass(frozen=True)
@@ -98,12 +109,26 @@ def submit(job_file: str, overrides: list[str]) -> Submitted:
     job, facts = job_and_facts(job_file, overrides)
     cluster_runtime.connect()
     steps = total_steps(job)
-    preview = make_plan(job, facts, registry.snapshot().with_holders({}), steps)
+    snapshot = registry.snapshot().with_holders({})
+    _check_simulated_nodes_run_qlora(job_file, job, snapshot)
+    preview = make_plan(job, facts, snapshot, steps)
     job_id = new_job_id(job)
     clash = _ask("submit", job_id, job.name, spec_record(job), steps, job.priority)
     if clash:
         raise InputError(job_file, "output_dir", job.output_dir, f"{clash}; choose another")
     return Submitted(job_id, preview)
+
+
+def _check_simulated_nodes_run_qlora(job_file: str, job: JobSpec, snapshot: ClusterSnapshot) -> None:
+    """A real node reports whether it has bitsandbytes (the planner leaves its cards out if not, saying so); simulated
+    nodes run their ranks in this machine's Python, so it is checked here."""
+    if job.method != "qlora" or not any(n.simulated for n in snapshot.nodes):
+        return
+    from workers.gpu_probe import installed_version
+
+    if not installed_version("bitsandbytes"):
+        raise InputError(job_file, "method", job.method, "it needs bitsandbytes, which this machine's Python (where the simulated "
+                                                          "nodes run) lacks: pip install 'zeromix[qlora]'")
 
 
 # ------------------------------------------------------------------------------------------ the queue

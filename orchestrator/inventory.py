@@ -70,6 +70,7 @@ class Software:
     deepspeed_version: str | None
     driver_version: str | None
     cuda_driver_version: str | None
+    bitsandbytes_version: str | None = None  # for QLoRA (`zeromix[qlora]`); None: not installed
 
     @property
     def build(self) -> str:

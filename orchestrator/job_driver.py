@@ -38,6 +38,8 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
         "history": first["history"],  # every step, every card (workers/telemetry.StepStats.record): the report's data
         "rebalances": first["rebalances"],  # each correction of the split from measured speeds (workers/rebalance.py)
         "plan": plan,
+        "method": config.method,
+        "base": _base(config, first),
         "resumed_from": first["resumed_from"] or None,  # the checkpoint this run took over from
         "tokens_per_s": round(sum(r["tokens_per_s"] for r in results) / len(results), 1),
         "final_dir": first["final_dir"],
@@ -58,6 +60,15 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
             for i, (c, p, r) in enumerate(zip(cards, placements, results))
         ],
     }
+
+
+def _base(config: TrainConfig, first: dict) -> str:
+    """What the frozen base (or the trained model) was, as the ranks held it."""
+    if config.method != "qlora":
+        return f"{first['precision']} weights"
+    q = config.four_bit
+    return (f"4-bit {q['type']}{', double-quantised' if q['double_quant'] else ''}: {first['quantised_layers']} linear layers "
+            f"quantised (bitsandbytes), the rest in {first['precision']}")
 
 
 def main() -> int:

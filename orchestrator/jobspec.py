@@ -18,6 +18,7 @@ from orchestrator.schema import StrictModel, load_yaml
 from workers.checkpoint import CHECKPOINT_DIR, made_for_another, what_it_trains
 
 FINAL_DIR = "final"  # <output_dir>/final holds the finished model or adapter
+ADAPTER_METHODS = ("lora", "qlora")  # a frozen base (16-bit, or 4-bit for qlora) and trained LoRA adapters
 
 
 class ModelSpec(StrictModel):
@@ -53,6 +54,15 @@ class LoraSpec(StrictModel):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | None = Field(None, min_length=1, description="Default: PEFT's choice for the architecture.")
+
+
+class QuantSpec(StrictModel):
+    """The 4-bit base of a QLoRA job (bitsandbytes' Linear4bit): every linear layer of the decoder stack is
+    quantised, its packed values held in uint8; embeddings, the output head and norms stay in the compute dtype."""
+
+    bits: Literal[4] = 4
+    type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="Quantise the block scales too (about 0.37 bits less per weight).")
 
 
 class OptimizerSpec(StrictModel):
@@ -96,7 +106,7 @@ class JobSpec(StrictModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
     model: ModelSpec
     dataset: DatasetSpec
-    method: Literal["full", "lora"] = "full"
+    method: Literal["full", "lora", "qlora"] = "full"
     lora: LoraSpec | None = Field(None, validate_default=True)
     seq_len: int = Field(512, ge=8, le=131072)
     global_batch_size: int = Field(8, ge=1, le=65536, description="Samples per optimizer step, over all cards.")
@@ -104,6 +114,7 @@ class JobSpec(StrictModel):
     epochs: float | None = Field(None, gt=0, validate_default=True)
     optimizer: OptimizerSpec = OptimizerSpec()
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    quant: QuantSpec | None = Field(None, validate_default=True)  # method qlora
     gpus: GpuConstraints = GpuConstraints()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     output_dir: str
@@ -120,8 +131,23 @@ class JobSpec(StrictModel):
     @field_validator("lora")
     @classmethod
     def _lora_needs_method(cls, value: LoraSpec | None, info: ValidationInfo) -> LoraSpec | None:
-        if value is not None and info.data.get("method") != "lora":
-            raise ValueError("a lora section needs method: lora")
+        if value is not None and info.data.get("method") not in ADAPTER_METHODS:
+            raise ValueError("a lora section needs method: lora or qlora")
+        return value
+
+    @field_validator("quant")
+    @classmethod
+    def _quant_needs_method(cls, value: QuantSpec | None, info: ValidationInfo) -> QuantSpec | None:
+        if value is not None and info.data.get("method") != "qlora":
+            raise ValueError("a quant section needs method: qlora")
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _qlora_needs_a_pretrained_base(cls, value: str, info: ValidationInfo) -> str:
+        model = info.data.get("model")
+        if value == "qlora" and model is not None and model.init == "scratch":
+            raise ValueError("qlora quantises a pretrained base: set model.init: pretrained, or use method full to train from scratch")
         return value
 
     @field_validator("epochs")
@@ -129,6 +155,14 @@ class JobSpec(StrictModel):
     def _one_length(cls, value: float | None, info: ValidationInfo) -> float | None:
         if (value is None) == (info.data.get("max_steps") is None):
             raise ValueError("give exactly one of max_steps or epochs")
+        return value
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _qlora_at_zero_1_or_2(cls, value: DeepSpeedSpec, info: ValidationInfo) -> DeepSpeedSpec:
+        if info.data.get("method") == "qlora" and (value.zero_stage == 3 or value.offload == "optimizer+params"):
+            raise ValueError(f"zero_stage {value.zero_stage}, offload {value.offload}: qlora runs at ZeRO-1 or 2 without parameter offload "
+                             "(each rank loads the whole 4-bit base, so ZeRO-3 would not lower its peak); use zero_stage auto, 1 or 2")
         return value
 
     @field_validator("report_to")
@@ -139,6 +173,15 @@ class JobSpec(StrictModel):
     @property
     def lora_config(self) -> LoraSpec:
         return self.lora or LoraSpec()
+
+    @property
+    def quant_config(self) -> QuantSpec:
+        return self.quant or QuantSpec()
+
+    @property
+    def adapters(self) -> bool:
+        """LoRA or QLoRA: a frozen base, and adapters that train."""
+        return self.method in ADAPTER_METHODS
 
 
 def load_job(path: str | Path, check_files: bool = True, overrides: list[str] = ()) -> JobSpec:

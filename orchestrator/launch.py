@@ -53,6 +53,7 @@ def train_config(job: JobSpec, plan: Plan, job_id: str) -> TrainConfig:
         tokenizer_path=job.model.tokenizer or job.model.path,
         dataset=job.dataset.model_dump(), method=job.method,
         lora={**job.lora_config.model_dump(), "target_modules": list(plan.lora_targets)},
+        four_bit=dataclasses.asdict(plan.four_bit) if plan.four_bit else {},
         seq_len=job.seq_len, micro_batches=tuple(r.tuning.micro_batch for r in plan.ranks), grad_accum=plan.grad_accum,
         total_steps=plan.total_steps, ds_configs=tuple(plan.ds_configs(job)),
         activation_checkpointing=tuple(r.tuning.activation_checkpointing for r in plan.ranks), output_dir=job.output_dir,

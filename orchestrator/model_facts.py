@@ -74,6 +74,17 @@ class ModelFacts:
     def lora_targets(self) -> list[str]:
         return sorted({l.name for l in self.layer_linears})
 
+    @property
+    def quantised_linears(self) -> tuple[Linear, ...]:
+        """One layer's linears that bitsandbytes replaces with 4-bit ones: every nn.Linear of the decoder stack (not
+        GPT-2's Conv1D layers; never the output head, which transformers keeps in the compute dtype)."""
+        return () if self.model_type in NOT_QUANTISED else self.layer_linears
+
+    @cached_property
+    def quantised_weights(self) -> int:
+        """Weights a 4-bit base holds in 4 bits (their biases stay in the compute dtype)."""
+        return self.n_layers * sum(l.fan_in * l.fan_out for l in self.quantised_linears)
+
 
 def read_config(model_dir: str) -> dict:
     path = Path(model_dir) / "config.json"
@@ -133,6 +144,7 @@ def _layer(c: dict) -> tuple[list[Linear], int, int, int]:
 
 SUPPORTED = ("gemma", "gemma2", "gpt2", "llama", "mistral", "phi", "phi3", "qwen2", "qwen3")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+NOT_QUANTISED = {"gpt2"}  # its layers are transformers' Conv1D, which bitsandbytes leaves as they are
 
 
 def _lora_defaults() -> dict[str, tuple[str, ...]]:

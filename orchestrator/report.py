@@ -138,7 +138,7 @@ Saved to {e(str(result['final_dir']))}.</p>
 <h2>The plan</h2>
 <p>ZeRO-{plan['zero_stage']}, {e(plan['precision'])}, offload {e(str(plan['offload']))}, activation checkpointing
 {e(str(plan['activation_checkpointing']))}, {plan['grad_accum']} accumulation step(s), global batch {plan['global_batch']},
-{plan['trainable_params']:,} of {plan['params']:,} parameters trained. Memory, rates and times are the planner's estimates;
+{plan['trainable_params']:,} of {plan['params']:,} parameters trained ({e(result.get('method', '?'))}; base: {e(result.get('base', '?'))}). Memory, rates and times are the planner's estimates;
 utilisation (busy time over step time) is measured.</p>
 <table><tr><th>rank</th><th>card</th><th>model</th><th>micro-batch</th><th>checkpointing</th><th>offload</th>
 <th>est. GiB</th><th>TFLOPS (source)</th><th>est. compute s</th><th>utilisation</th></tr>{plan_rows}</table>

@@ -71,6 +71,7 @@ def mean_token_loss(model, records: list[dict], dataset: dict, tokenizer) -> flo
 MICRO, GRAD_ACCUM, STEPS, SEQ = (3, 1, 2), 2, 3, 32
 LR = {"SGD": 0.5, "AdamW": 1e-3}
 LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+FOUR_BIT = {"type": "nf4", "double_quant": True}  # QLoRA's base, as a plan gives it (its `why` the worker does not read)
 # Max relative difference per tensor (|difference| / max |weight|), fp32.
 TOLERANCE = 1e-5
 # With AdamW three ranks measured up to 1.2e-4 (ZeRO-1/2, full) and 5.3e-4 (ZeRO-3, full); LoRA under 1e-5;
@@ -90,7 +91,7 @@ def job(out, demo_data, base_model, stage: int, method: str, clip: float, steps:
         for config in ds:
             config["optimizer"] = {"type": "SGD", "params": {"lr": LR["SGD"], "momentum": 0.0, "weight_decay": 0.0}}
             config["zero_allow_untested_optimizer"] = True
-    if method == "lora":  # instruction data: loss on the completion only, so loss tokens differ per sample
+    if method != "full":  # instruction data: loss on the completion only, so loss tokens differ per sample
         dataset = {"path": str(demo_data["reverse-train"]), "format": "jsonl", "text_field": None, "prompt_field": "prompt", "completion_field": "completion"}
     else:
         dataset = {"path": str(demo_data["pretrain"]), "format": "jsonl", "text_field": "text", "prompt_field": None, "completion_field": None}
@@ -100,14 +101,14 @@ def job(out, demo_data, base_model, stage: int, method: str, clip: float, steps:
         model_path=model_path, tokenizer_path=str(TINY_LLAMA), trains=what_it_trains(read_config(model_path), method, LORA["r"]),
         dataset=dataset, method=method, lora=LORA, seq_len=SEQ, micro_batches=MICRO, grad_accum=GRAD_ACCUM,
         total_steps=steps, ds_configs=tuple(ds), activation_checkpointing=recompute, output_dir=str(out),
-        checkpoint_every=0, seed=0,
+        checkpoint_every=0, seed=0, four_bit=FOUR_BIT if method == "qlora" else {},
     )
 
 
 def final_weights(config: TrainConfig) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    name = "adapter_model.safetensors" if config.method == "lora" else "model.safetensors"
+    name = "adapter_model.safetensors" if config.method != "full" else "model.safetensors"
     return load_file(f"{config.output_dir}/final/{name}")
 
 
@@ -158,9 +159,11 @@ def reference(config: TrainConfig, initial: dict, weighting: str) -> dict[str, t
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from workers.data import GlobalBatchSampler, collate, read_records, tokenize
+    from workers.train import load_four_bit
 
-    if config.method == "lora":
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(config.model_path), LoraConfig(
+    if config.method != "full":
+        base = load_four_bit(config.model_path, FOUR_BIT, "fp32", "cpu") if config.method == "qlora" else AutoModelForCausalLM.from_pretrained(config.model_path)
+        model = get_peft_model(base, LoraConfig(
             r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
         set_peft_model_state_dict(model, initial)
     else:
@@ -197,7 +200,7 @@ def reference(config: TrainConfig, initial: dict, weighting: str) -> dict[str, t
         if clip:
             torch.nn.utils.clip_grad_norm_(trainable, clip)
         optimizer.step()
-    state = get_peft_model_state_dict(model) if config.method == "lora" else model.state_dict()
+    state = get_peft_model_state_dict(model) if config.method != "full" else model.state_dict()
     return {k: v.detach() for k, v in state.items()}
 
 

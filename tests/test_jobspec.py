@@ -51,7 +51,7 @@ def test_valid_spec_loads_with_absolute_paths(write_spec, tmp_path):
 
 
 @pytest.mark.parametrize("changes, expected", [
-    ({"method": "qlora"}, "job.yaml: method='qlora' is not allowed; input should be 'full' or 'lora'"),
+    ({"method": "dora"}, "job.yaml: method='dora' is not allowed; input should be 'full', 'lora' or 'qlora'"),
     ({"seq_len": 4}, "job.yaml: seq_len=4 is not allowed; input should be greater than or equal to 8"),
     ({"global_batch_size": "lots"}, "job.yaml: global_batch_size='lots' is not allowed; input should be a valid integer, unable to parse string as an integer"),
     ({"precision": "fp8"}, "job.yaml: precision='fp8' is not allowed; input should be 'auto', 'fp32', 'fp16' or 'bf16'"),
@@ -59,12 +59,12 @@ def test_valid_spec_loads_with_absolute_paths(write_spec, tmp_path):
     ({"output_dir": None}, "job.yaml: output_dir is missing; it is required"),
     ({"epochs": 2}, "job.yaml: epochs=2 is not allowed; give exactly one of max_steps or epochs"),
     ({"lora__r": 0, "method": "lora"}, "job.yaml: lora.r=0 is not allowed; input should be greater than or equal to 1"),
-    ({"lora__r": 8}, "job.yaml: lora={'r': 8} is not allowed; a lora section needs method: lora"),
+    ({"lora__r": 8}, "job.yaml: lora={'r': 8} is not allowed; a lora section needs method: lora or qlora"),
     ({"gpus__count": 2, "gpus__min": 1}, "job.yaml: gpus={'count': 2, 'min': 1} is not allowed; give either count, or min/max, not both"),
     ({"gpus__models": ["RTX 3099"]}, "job.yaml: gpus.models[0]='RTX 3099' is not allowed; not a card in the catalog; did you mean 'GeForce RTX 3090', 'GeForce RTX 3090 Ti', 'GeForce RTX 5090'?"),
     ({"deepspeed__zero_stage": 4}, "job.yaml: deepspeed.zero_stage=4 is not allowed; input should be 'auto', 1, 2 or 3"),
     ({"deepspeed__zero_stage": 0}, "job.yaml: deepspeed.zero_stage=0 is not allowed; input should be 'auto', 1, 2 or 3"),
-    ({"batch_size": 16}, "job.yaml: batch_size=16 is not allowed; unknown key; allowed keys here: checkpoint_every, dataset, deepspeed, epochs, global_batch_size, gpus, keep_last, lora, max_steps, method, model, name, optimizer, output_dir, precision, priority, rebalance, report_to, seed, seq_len"),
+    ({"batch_size": 16}, "job.yaml: batch_size=16 is not allowed; unknown key; allowed keys here: checkpoint_every, dataset, deepspeed, epochs, global_batch_size, gpus, keep_last, lora, max_steps, method, model, name, optimizer, output_dir, precision, priority, quant, rebalance, report_to, seed, seq_len"),
     ({"optimizer__lr": 0}, "job.yaml: optimizer.lr=0 is not allowed; input should be greater than 0"),
 ])
 def test_schema_errors_name_field_value_and_allowed(write_spec, changes, expected):

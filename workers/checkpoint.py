@@ -50,7 +50,7 @@ def what_it_trains(model_config: dict, method: str, lora_r: int) -> str:
     """A digest of what a checkpoint's weights are: the model's config and the method (with LoRA, its rank). Not
     the model's path (a moved model is the same model) nor the optimizer's settings (a resume may change them)."""
     shape = {"config": {k: v for k, v in model_config.items() if k not in VOLATILE_CONFIG_KEYS}, "method": method,
-             "lora_r": lora_r if method == "lora" else None}
+             "lora_r": lora_r if method != "full" else None}
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -143,11 +143,15 @@ def software_facts(driver_version: str | None = None, cuda_driver_version: str |
             nccl = ".".join(str(x) for x in torch.cuda.nccl.version())
         except (AttributeError, RuntimeError):
             nccl = None  # a build without NCCL (Windows, CPU)
+    return Software(torch.__version__, torch.version.cuda, tuple(torch.cuda.get_arch_list()), nccl, installed_version("deepspeed"),
+                    driver_version, cuda_driver_version, installed_version("bitsandbytes"))
+
+
+def installed_version(package: str) -> str | None:
     try:
-        deepspeed = metadata.version("deepspeed")
+        return metadata.version(package)
     except metadata.PackageNotFoundError:
-        deepspeed = None
-    return Software(torch.__version__, torch.version.cuda, tuple(torch.cuda.get_arch_list()), nccl, deepspeed, driver_version, cuda_driver_version)
+        return None
 
 
 def _route_interface(head_ip: str) -> tuple[str, str | None, int | None]:

@@ -29,8 +29,8 @@ class TrainConfig:
     model_path: str
     tokenizer_path: str
     dataset: dict  # path, format, text_field | prompt_field + completion_field
-    method: str  # "full" | "lora"
-    lora: dict  # r, alpha, dropout, target_modules (used when method == "lora")
+    method: str  # "full" | "lora" | "qlora"
+    lora: dict  # r, alpha, dropout, target_modules (used when method is lora or qlora)
     seq_len: int
     micro_batches: tuple[int, ...]  # per rank, in rank order
     grad_accum: int  # the same on every rank: ZeRO-2/3 hang or crash otherwise
@@ -57,6 +57,7 @@ class TrainConfig:
     report_to: tuple[str, ...] = ()  # experiment trackers rank 0 writes (workers/tracking.py)
     plan: dict = field(default_factory=dict)  # the plan's summary: the trackers' config, each rank's metric labels
     attempt: str = ""  # this placement's Ray job id: where rank 0 posts its progress (workers/job_records.py); "" outside a job
+    four_bit: dict = field(default_factory=dict)  # qlora: type, double_quant (the plan's FourBitBase); {} otherwise
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
@@ -100,6 +101,7 @@ class RankResult:
     universal: bool = False  # ... loaded through DeepSpeed's universal form (saved on other ranks or another stage)
     # On a card: torch's allocator peaks over the training steps (before the final save), for the memory model's check
     card_memory: dict[str, int] = field(default_factory=dict)
+    quantised_layers: int = 0  # QLoRA: the base's linear layers this rank's model holds in 4 bits (bitsandbytes' Linear4bit)
 
 
 def utilisation(busy_s: list[float], wait_s: list[float]) -> list[float]:
@@ -162,11 +164,13 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
     zero3 = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
     if cfg.model_init == "scratch":
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model_path))
+    elif cfg.method == "qlora":
+        model = load_four_bit(cfg.model_path, cfg.four_bit, precision, comm.device)
     else:
         model = AutoModelForCausalLM.from_pretrained(cfg.model_path)
     if cfg.activation_checkpointing[rank]:
         model.gradient_checkpointing_enable()
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
         if cfg.activation_checkpointing[rank]:
@@ -193,7 +197,7 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
     # ----------------------------------------------------------------------------- loop
     result = RankResult(rank=rank, steps=start_step, precision=precision, device=_device_name(on_gpu),
                         recomputes=engine.module.is_gradient_checkpointing, resumed_from=tag or "",
-                        universal=universal)
+                        universal=universal, quantised_layers=sum(type(p).__name__ == "Params4bit" for p in engine.module.parameters()))
     extra_per_sample_s = cfg.emulated_seconds_per_sample[rank] if cfg.emulated_seconds_per_sample else 0.0
     if cfg.emulated_seconds_per_sample:
         _say(rank, f"SPEED EMULATION ON (benchmark only): ranks sleep {list(cfg.emulated_seconds_per_sample)} s per sample")
@@ -278,6 +282,23 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
         result.wait_s = [sum(h["wait_s"][r] for h in steps) / len(steps) for r in range(world)]
         result.busy_s = [sum(h["step_time_s"][r] - h["wait_s"][r] for h in steps) / len(steps) for r in range(world)]
     return result
+
+
+def load_four_bit(model_path: str, four_bit: dict, precision: str, device):
+    """QLoRA's base: every linear layer of the decoder stack quantised to 4 bits as it loads (bitsandbytes; packed
+    in uint8, which DeepSpeed's cast to the compute dtype leaves alone; the output head, embeddings and norms in the
+    compute dtype), frozen and made ready for adapters by PEFT."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision.split()[0]]  # ("fp32 (fp16 planned; ...)")
+    quantise = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=four_bit["type"], bnb_4bit_use_double_quant=four_bit["double_quant"],
+                                  bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
+    model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quantise, dtype=compute, device_map={"": device})
+    # Checkpointing, if any, is switched on as for LoRA (per card); PEFT freezes the base and upcasts its 16-bit
+    # parts to fp32, which DeepSpeed casts back to the compute dtype under fp16/bf16.
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def _resume_point(checkpoints: Path, layout: dict) -> tuple[str | None, list[str], str | None]:

@@ -135,16 +135,20 @@ def plan(job_file: str, set_: Optional[list[str]] = SetOption, as_json: bool = t
          pool: Optional[str] = typer.Option(None, "--pool", metavar="CLUSTER_YAML",
                                             help="Plan against the cards this file describes (cluster.yaml format); no cluster needed.")):
     """Show the cards, per-card DeepSpeed settings and estimates a job would get, and why other cards are left out. Reserves nothing."""
-    chosen = client.plan(job_file, set_ or [], pool)
+    planned = client.plan(job_file, set_ or [], pool)
     if as_json:
-        print(json.dumps(chosen.summary(), indent=2))
+        beside = planned.as_lora
+        print(json.dumps({**planned.plan.summary(), **({"as_lora": beside.summary() if not isinstance(beside, str) else {"fits": False, "why": beside}}
+                                                         if beside is not None else {})}, indent=2))
     else:
-        render.plan(chosen)
+        render.plan(planned.plan)
+        if planned.as_lora is not None:
+            render.as_lora(planned.plan, planned.as_lora)
 
 
 @app.command()
 def advise(model: str = typer.Option(..., "--model", metavar="ID_OR_CONFIG_DIR", help="A directory with config.json, or a Hugging Face id in the local cache."),
-           method: str = typer.Option("lora", "--method", help="lora or full"),
+           method: str = typer.Option("all", "--method", help="qlora, lora, full, or all (each of them on each card set)"),
            seq_len: int = typer.Option(2048, "--seq-len", min=8),
            batch: int = typer.Option(32, "--batch", min=1, help="Global batch size (samples per optimizer step)."),
            cards: Optional[str] = typer.Option(None, "--cards", help='Only these cards, e.g. "RTX 3090,GTX 1080 Ti" (default: the whole catalog).'),
@@ -155,8 +159,8 @@ def advise(model: str = typer.Option(..., "--model", metavar="ID_OR_CONFIG_DIR",
     and at how many tokens per joule (estimates), ranked."""
     from orchestrator.advice import advise as run_advice
 
-    if method not in ("lora", "full"):
-        raise InputError("command line", "--method", method, "lora or full")
+    if method not in ("qlora", "lora", "full", "all"):
+        raise InputError("command line", "--method", method, "qlora, lora, full or all")
     facts = facts_from_config(read_config(model))
     facts.check_seq_len(seq_len, "command line", "--seq-len")
     names = [n.strip() for n in cards.split(",") if n.strip()] if cards else None
@@ -168,13 +172,13 @@ def advise(model: str = typer.Option(..., "--model", metavar="ID_OR_CONFIG_DIR",
         return
     render.console.print(f"{model}: {facts.model_type}, {facts.n_params:,} parameters; {method}, seq_len {seq_len}, global batch {batch}, "
                   f"host RAM {host_ram:g} GB. Throughput and efficiency are estimates (TDP as power).")
-    table = Table("#", "CARDS", "RUNS?", "CONFIG", "MICRO-BATCH", "TOKENS/S", "TOKENS/J")
+    table = Table("#", "CARDS", "METHOD", "RUNS?", "CONFIG", "MICRO-BATCH", "TOKENS/S", "TOKENS/J")
     for i, a in enumerate(rows[:top], 1):
         d = a.summary()
         config = f"ZeRO-{d['zero_stage']}, offload {d['offload']}, {d['precision']}" + ("" if d["activation_checkpointing"] == "off" else ", ckpt " + d["activation_checkpointing"].removeprefix("on").strip()).rstrip() if a.plan else "-"
         micro = "+".join(map(str, d["micro_batches"])) + (f" x{d['grad_accum']}" if a.plan and d["grad_accum"] > 1 else "") if a.plan else "-"
         names = f"2 x {a.cards[0]}" if len(a.cards) == 2 and a.cards[0] == a.cards[1] else " + ".join(a.cards)
-        table.add_row(str(i), names, "yes" if a.plan else f"no: {a.why_not[:160]}", config, micro,
+        table.add_row(str(i), names, a.method, "yes" if a.plan else f"no: {a.why_not[:160]}", config, micro,
                       f"{a.tokens_per_s:,.0f}" if a.plan else "-", f"{a.tokens_per_joule:.2f}" if a.plan else "-")
     render.console.print(table)
 

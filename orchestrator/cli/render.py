@@ -199,6 +199,8 @@ def plan(p: Plan) -> None:
                   f"(the slowest card, {p.ranks[slowest].card.card_id}) + communication {duration(s.comm_s)}; "
                   f"about {s.tokens_per_s:,.0f} tokens/s (estimate)")
     console.print("host RAM for model states (estimate): " + ", ".join(f"{n} {b / GIB:.1f} GiB" for n, b in p.host_bytes_per_node.items()))
+    if p.four_bit:
+        console.print(f"{p.four_bit.describe()}: {p.four_bit.why}")
     env = {k: v for r in p.ranks for k, v in r.env.items()}
     if env:
         console.print("NCCL: " + " ".join(f"{k}={v}" for k, v in sorted(env.items())))
@@ -211,6 +213,18 @@ def plan(p: Plan) -> None:
         for x in p.rejected:
             left_out.add_row(x.card_id, x.card, x.reason)
         console.print(left_out)
+
+
+def as_lora(qlora: Plan, lora: Plan | str) -> None:
+    """Beside a QLoRA plan: what the same job with a 16-bit base would need on the same cards."""
+    if isinstance(lora, str):
+        console.print(f"LoRA with a 16-bit base on the same cards: does not fit: {lora}; the 4-bit base is "
+                      f"{qlora.ranks[0].memory.weights / GIB:.1f} GiB a card here (estimates)")
+        return
+    most = max(r.memory.total for r in lora.ranks) / GIB
+    console.print(f"LoRA with a 16-bit base on the same cards: {lora.settings}, {lora.precision}, on {len(lora.ranks)} card(s), "
+                  f"up to {most:.1f} GiB a card, about {lora.step.tokens_per_s:,.0f} tokens/s vs {qlora.step.tokens_per_s:,.0f} "
+                  "for QLoRA (estimates)")
 
 
 def duration(seconds: float) -> str:
@@ -237,6 +251,8 @@ def job_result(result: dict) -> None:
         return
     console.print(f"step time {duration(result['step_time_s'])} measured on {result['ranks'][0]['device']}; "
                   f"the plan estimated {duration(result['est_step_s'])} for the real cards")
+    if result.get("method") == "qlora":
+        console.print(f"base: {result['base']}; the adapter alone was saved")
     console.print(f"loss {result['first_loss']:.4f} -> {result['last_loss']:.4f} over {result['steps']} steps, "
                   f"{result['tokens_per_s']:.0f} tokens/s per rank (measured); saved to {result['final_dir']}")
     for change in result.get("rebalances") or []:

@@ -18,12 +18,12 @@ from orchestrator.model_facts import ModelFacts
 from orchestrator.planner import step_time
 from orchestrator.planner.filters import DEFAULT_FILTERS
 from orchestrator.planner.groups import candidate_groups
-from orchestrator.planner.memory import GIB, TrainingShape, ZeroSetting
+from orchestrator.planner.memory import GIB, ZeroSetting
 from orchestrator.planner.plan import Plan, RankPlan, Rejection
 from orchestrator.planner.precision import precision_for, resolve_precision
-from orchestrator.planner.tuning import HOST_RAM_RESERVED, PlanInput, host_bytes, host_ram_ok, quick_tokens_per_s, tune
+from orchestrator.planner.tuning import HOST_RAM_RESERVED, PlanInput, host_bytes, host_ram_ok, quick_tokens_per_s, training_shape, tune
 
-__all__ = ["HOST_RAM_RESERVED", "NoPlacement", "Plan", "RankPlan", "Rejection", "lora_targets", "make_plan", "precision_for",
+__all__ = ["HOST_RAM_RESERVED", "NoPlacement", "Plan", "RankPlan", "Rejection", "lora_targets", "make_plan", "on_the_same_cards", "precision_for",
            "resolve_precision", "step_time", "suggestions"]
 FULLY_TUNED_GROUPS = 8  # candidate groups tuned in full, best quick estimate first
 MOST_GROUPS_TRIED = 32  # ... or more, while none of them fits
@@ -70,15 +70,28 @@ def make_plan(job: JobSpec, facts: ModelFacts, snapshot: ClusterSnapshot, total_
     return replace(best, rejected=ordered)
 
 
+def on_the_same_cards(job: JobSpec, facts: ModelFacts, snapshot: ClusterSnapshot, plan: Plan) -> Plan | str:
+    """A variant of a job planned on exactly the cards of `plan` (for `zeromix plan` to show, e.g., what LoRA with a
+    16-bit base would need where QLoRA runs): its plan, or in a few words why it does not fit there."""
+    chosen = {r.card.card_id for r in plan.ranks}
+    only = ClusterSnapshot(tuple(replace(n, cards=tuple(c for c in n.cards if c.card_id in chosen)) for n in snapshot.nodes
+                                 if any(c.card_id in chosen for c in n.cards)))
+    pinned = job.model_copy(update={"gpus": job.gpus.model_copy(update={"count": len(chosen), "models": None})})
+    try:
+        return make_plan(pinned, facts, only, plan.total_steps, suggest=False)
+    except NoPlacement:
+        return "no ZeRO/offload/checkpointing setting holds it on these cards (estimate)"
+
+
 def lora_targets(job: JobSpec, facts: ModelFacts) -> tuple[str, ...]:
     """The modules LoRA adapts: the spec's, or PEFT's default for the architecture. Nothing for a full fine-tune."""
-    if job.method != "lora":
+    if not job.adapters:
         return ()
     return tuple(job.lora_config.target_modules or facts.default_lora_targets)
 
 
 def _trainable(job: JobSpec, facts: ModelFacts) -> int:
-    if job.method != "lora":
+    if not job.adapters:
         return facts.n_params
     targets = lora_targets(job, facts)
     trainable = facts.lora_params(job.lora_config.r, list(targets))
@@ -151,7 +164,7 @@ def _no_placement_message(ctx: PlanInput, lo: int, eligible: list[Card], rejecte
     else:
         reasons += ". The model does not fit in any ZeRO/offload/checkpointing setting on the eligible cards (estimate)"
     if eligible and job.deepspeed.offload != "none":
-        shape = TrainingShape(ctx.facts, ctx.trainable, job.seq_len, "bf16", True, job.method == "lora")
+        shape = training_shape(ctx, "bf16", True)
         need = host_bytes(shape, (ZeroSetting(3, True, False),) * len(eligible), eligible)
         short = [f"{n} needs about {b / GIB:.0f} GiB, has {ctx.snapshot.node(n).ram_gb:g} GB" for n, b in need.items()
                  if not host_ram_ok(ctx.snapshot, {n: b})]
@@ -175,6 +188,8 @@ def suggestions(ctx: PlanInput) -> list[str]:
                       job.model_copy(update={"deepspeed": job.deepspeed.model_copy(update={"activation_checkpointing": "auto"})})))
     if job.method == "full":
         tries.append(("use method: lora", job.model_copy(update={"method": "lora"})))
+    if job.method != "qlora" and job.model.init == "pretrained":
+        tries.append(("use method: qlora (a 4-bit base)", job.model_copy(update={"method": "qlora"})))
     seq = job.seq_len // 2
     while seq >= 64:
         tries.append((f"shorten seq_len to {seq} (now {job.seq_len})", job.model_copy(update={"seq_len": seq})))

@@ -142,6 +142,46 @@ class TorchHasKernels:
                               f"(it ships {' '.join(sw.torch_archs) or 'none'}); {install_hint(card.compute_capability)}")
 
 
+FOUR_BIT_LOWEST_CC = (6, 0)  # bitsandbytes' 4-bit (NF4/FP4) kernels; LLM.int8 would need 7.5
+
+
+@functools.cache
+def _bitsandbytes_libraries() -> tuple[tuple[tuple[int, int], tuple[int, int]], ...]:
+    """(CUDA version from which a bitsandbytes library is used, the lowest compute capability it has code for)."""
+    rows = catalog.data_rows("bitsandbytes_cuda.csv")
+    return tuple(sorted((_version(r["cuda_from"]), divmod(int(r["lowest_sm"]), 10)) for r in rows))
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split(".") + ["0"])[:2]
+    return int(major), int(minor)
+
+
+class FourBitKernels:
+    """QLoRA runs bitsandbytes' 4-bit kernels on the card: compute capability 6.0+, bitsandbytes installed on its
+    node, and a bitsandbytes library with code for it (chosen by torch's CUDA version: 12.8 has no sm_6x, 13.x
+    starts at sm_75). A simulated node runs on the head's machine, where `zeromix submit` checks the install."""
+
+    name = "method qlora"
+
+    def check(self, job: JobSpec, card: Card) -> Verdict:
+        if job.method != "qlora":
+            return OK
+        cc = card.compute_capability
+        if cc < FOUR_BIT_LOWEST_CC:
+            return Verdict(False, f"bitsandbytes' 4-bit kernels need compute capability 6.0+ ({sm(cc)} has none); use method lora or full here")
+        sw = card.software
+        if sw is None or sw.torch_cuda is None:
+            return OK  # simulated, or a CPU-only build (TorchHasKernels says so)
+        if not sw.bitsandbytes_version:
+            return Verdict(False, f"bitsandbytes is not installed on {card.node}; there: pip install 'zeromix[qlora]'")
+        lowest = max((low for since, low in _bitsandbytes_libraries() if since <= _version(sw.torch_cuda)), default=(0, 0))
+        if cc < lowest:
+            return Verdict(False, f"bitsandbytes' library for CUDA {sw.torch_cuda} has no code for {sm(cc)} (it starts at {sm(lowest)}); "
+                                  f"install a torch build on an older CUDA on {card.node}: {install_hint(cc)}")
+        return OK
+
+
 def cards_its_build_cannot_drive(node) -> tuple[Card, ...]:
     """The cards of a box that its own torch build has no kernels for (a CPU-only build drives none)."""
     return tuple(c for c in node.cards if not TorchHasKernels().check(None, c).ok)
@@ -149,7 +189,7 @@ def cards_its_build_cannot_drive(node) -> tuple[Card, ...]:
 
 # Filters that depend only on the card, not on a job: `zeromix nodes` shows their verdict as "usable".
 CARD_FILTERS = (TorchHasKernels(),)
-DEFAULT_FILTERS = (NotHeld(), *CARD_FILTERS, AllowedModel(), MinVram(), MinComputeCapability(), SupportsPrecision())
+DEFAULT_FILTERS = (NotHeld(), *CARD_FILTERS, AllowedModel(), MinVram(), MinComputeCapability(), SupportsPrecision(), FourBitKernels())
 
 
 def usability(card: Card) -> Verdict:

@@ -27,6 +27,7 @@ GIB = 1024**3
 CUDA_CONTEXT_BYTES = 600 * 1024**2  # CUDA context + cuBLAS workspace, typical for recent drivers
 ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation on top of everything else
 HOST_BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' additional_buffer_factor for host memory
+LOAD_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size: the most of a checkpoint a 4-bit load holds in host RAM
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class MemoryEstimate:
     activations: int
     buckets: int  # communication buckets (gradient reduce, all-gather / prefetch)
     overhead: int  # CUDA context and allocator slack
+    dequantised: int = 0  # QLoRA: a 4-bit weight dequantised to the compute dtype for its matmul, forward and backward
 
     @property
     def model_states(self) -> int:
@@ -46,7 +48,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.model_states + self.activations + self.buckets + self.overhead
+        return self.model_states + self.activations + self.buckets + self.overhead + self.dequantised
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,28 @@ class TrainingShape:
     precision: str  # fp32 | fp16 | bf16
     activation_checkpointing: bool
     lora: bool = False  # the base is frozen: only the adapters have gradients and optimizer state
+    four_bit: FourBit | None = None  # QLoRA: the base's linear layers held in 4 bits (bitsandbytes)
+
+
+class FourBit(NamedTuple):
+    """How bitsandbytes stores a 4-bit weight: two values a byte, and one absmax scale per block of 64 weights
+    (fp32; or, double-quantised, uint8 with an fp32 scale per 256 blocks and a 256-entry fp32 code)."""
+
+    double_quant: bool
+
+
+BLOCK = 64  # weights per absmax block, bitsandbytes' default for 4-bit
+NESTED_BLOCK = 256  # absmax values per second-level block (double quantisation)
+
+
+def four_bit_bytes(weights: int, double_quant: bool) -> int:
+    """One quantised linear's bytes as bitsandbytes allocates them: the packed weight and its quant state (checked
+    tensor by tensor against Linear4bit on CPU: tests/test_qlora.py)."""
+    blocks = -(-weights // BLOCK)
+    packed, code = -(-weights // 2), 16 * 4  # the NF4/FP4 code book: 16 fp32 values
+    if not double_quant:
+        return packed + 4 * blocks + code
+    return packed + blocks + 4 * -(-blocks // NESTED_BLOCK) + 256 * 4 + 4 + code  # uint8 absmax, nested absmax, its code, offset
 
 
 class ZeroSetting(NamedTuple):  # a tuple: hashed in C, and the planner keys its caches by it
@@ -80,9 +104,9 @@ def bytes_per_value(precision: str) -> int:
 def model_states(shape: TrainingShape, zero: ZeroSetting, world: int) -> tuple[int, int, int, int]:
     """(weights, gradients, optimizer, gathered) bytes on the card for one rank."""
     c = bytes_per_value(shape.precision)
-    p, t = shape.facts.n_params, shape.trainable
+    t = shape.trainable
     state_bytes = 16 if c == 2 else 12  # fp32 master + Adam m, v (DeepSpeed clones the master even in fp32); + fp32 gradient when mixed
-    weights = p * c
+    weights = base_bytes(shape)
     gradients = t * c
     optimizer = t * state_bytes // (world if zero.stage >= 1 else 1)
     gathered = 0
@@ -100,6 +124,24 @@ def model_states(shape: TrainingShape, zero: ZeroSetting, world: int) -> tuple[i
     if zero.offload_params:
         weights = 0
     return weights, gradients, optimizer, gathered
+
+
+def base_bytes(shape: TrainingShape) -> int:
+    """The whole model's weights as one rank holds them unpartitioned: in the compute dtype, or for QLoRA the
+    decoder's linear weights in 4 bits and the rest (embeddings, output head, norms, biases) in the compute dtype."""
+    f, c = shape.facts, bytes_per_value(shape.precision)
+    if not shape.four_bit:
+        return f.n_params * c
+    quantised = f.n_layers * sum(four_bit_bytes(l.fan_in * l.fan_out, shape.four_bit.double_quant) for l in f.quantised_linears)
+    return quantised + (f.n_params - f.quantised_weights) * c
+
+
+def dequantised_bytes(shape: TrainingShape) -> int:
+    """QLoRA: the largest 4-bit weight dequantised to the compute dtype for its matmul, in forward and again in
+    backward (bitsandbytes frees each after use)."""
+    if not shape.four_bit or not shape.facts.quantised_linears:
+        return 0
+    return 2 * bytes_per_value(shape.precision) * max(l.fan_in * l.fan_out for l in shape.facts.quantised_linears)
 
 
 def host_bytes(shape: TrainingShape, zero: ZeroSetting, ranks_here: int, world: int) -> int:
@@ -130,7 +172,9 @@ def _lora_host_bytes(shape: TrainingShape, zero: ZeroSetting, ranks_here: int, s
     f, t = shape.facts, shape.trainable
     adapters = 16 * t * share if zero.offload_optimizer else 0
     if zero.stage == 3 and zero.offload_params:
-        base = bytes_per_value(shape.precision) * f.n_params * share  # the base's partitions live in host RAM
+        base = base_bytes(shape) * share  # the base's partitions live in host RAM
+    elif shape.four_bit:  # each rank reads the checkpoint shard by shard and quantises it on its card
+        base = min(f.load_bytes * f.n_params, LOAD_SHARD_BYTES) * ranks_here
     elif zero.stage == 3:
         base = f.load_bytes * f.largest_layer_params * ranks_here  # zero.Init: one module at a time
     else:
@@ -164,8 +208,9 @@ def estimate(shape: TrainingShape, zero: ZeroSetting, world: int, micro_batch: i
     weights, gradients, optimizer, gathered = model_states(shape, zero, world)
     activations = activation_bytes_per_sample(shape) * micro_batch
     buckets = bucket_bytes(shape, zero)
-    slack = int((weights + gradients + optimizer + gathered + activations + buckets) * ALLOCATOR_SLACK)
-    return MemoryEstimate(weights, gradients, optimizer, gathered, activations, buckets, CUDA_CONTEXT_BYTES + slack)
+    dequantised = dequantised_bytes(shape)
+    slack = int((weights + gradients + optimizer + gathered + activations + buckets + dequantised) * ALLOCATOR_SLACK)
+    return MemoryEstimate(weights, gradients, optimizer, gathered, activations, buckets, CUDA_CONTEXT_BYTES + slack, dequantised)
 
 
 def max_micro_batch(shape: TrainingShape, zero: ZeroSetting, world: int, capacity: int) -> int:

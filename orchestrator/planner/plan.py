@@ -3,6 +3,7 @@ it left out, with why. Data only; `tuning.py` and `__init__.py` make it."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from orchestrator.ds_config import Optimization, RankTuning, deepspeed_config
@@ -34,6 +35,18 @@ class RankPlan:
 
 
 @dataclass(frozen=True)
+class FourBitBase:
+    """QLoRA: the frozen base's linear layers in 4 bits (bitsandbytes)."""
+
+    type: str  # nf4 | fp4
+    double_quant: bool
+    why: str  # how the cards hold it, in words
+
+    def describe(self) -> str:
+        return f"4-bit {self.type} base{', double-quantised' if self.double_quant else ''}"
+
+
+@dataclass(frozen=True)
 class Plan:
     job_name: str
     ranks: tuple[RankPlan, ...]
@@ -47,6 +60,7 @@ class Plan:
     rejected: tuple[Rejection, ...]
     step: step_time.StepEstimate  # an estimate
     lora_targets: tuple[str, ...] = ()  # the modules LoRA adapts (resolved: the spec's or PEFT's default); () for full
+    four_bit: FourBitBase | None = None  # QLoRA's 4-bit base; None for full and LoRA
 
     @property
     def global_batch(self) -> int:
@@ -66,9 +80,8 @@ class Plan:
 
     @property
     def settings(self) -> str:
-        if self.offload != self.zero.offload:
-            return f"ZeRO-{self.zero.stage}, offload {self.offload}"
-        return self.zero.describe()
+        zero = f"ZeRO-{self.zero.stage}, offload {self.offload}" if self.offload != self.zero.offload else self.zero.describe()
+        return f"{zero}, {self.four_bit.describe()}" if self.four_bit else zero
 
     @property
     def title(self) -> str:
@@ -102,6 +115,7 @@ class Plan:
             "activation_checkpointing": self.checkpointing,
             "grad_accum": self.grad_accum, "global_batch": self.global_batch, "total_steps": self.total_steps,
             "params": self.n_params, "trainable_params": self.trainable, "lora_targets": list(self.lora_targets),
+            "four_bit": dataclasses.asdict(self.four_bit) if self.four_bit else None,
             "est_step_s": _sig(self.step.step_s), "est_compute_s": _sig(max(self.step.compute_s)),
             "est_comm_s": _sig(self.step.comm_s), "est_offload_s": _sig(max(self.step.offload_s)),
             "est_tokens_per_s": _sig(self.step.tokens_per_s),
@@ -121,7 +135,7 @@ class Plan:
 
 
 def _breakdown(m: MemoryEstimate) -> dict[str, float]:
-    parts = ("weights", "gradients", "optimizer", "gathered", "activations", "buckets", "overhead")
+    parts = ("weights", "gradients", "optimizer", "gathered", "activations", "buckets", "overhead", "dequantised")
     return {p: float(f"{getattr(m, p) / GIB:.4g}") for p in parts}
 
 

@@ -53,6 +53,7 @@ VALUES_PER_HIDDEN, VALUES_PER_INTERMEDIATE, VALUES_PER_VOCAB, VALUES_PER_ADAPTED
 # on CPU (step time with / without checkpointing, 5M-100M models, five runs); Hugging Face documents about 20%
 # on the whole step for GPUs, which 0.7 of a forward gives
 RECOMPUTE_FRACTION = 0.7
+DEQUANTISE_READ_BYTES = 0.5 + 1 / 64  # a 4-bit weight and its share of a block's uint8 scale
 CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed's CPU Adam on one homelab CPU (AVX2, 8-16 cores); an assumption
 PCIE_GBS_PER_LANE = {3.0: 0.985, 4.0: 1.969, 5.0: 3.938}  # GB/s per lane and direction
 LINK_EFFICIENCY = 0.9  # achieved / line rate
@@ -252,6 +253,7 @@ class StepInputs:
     link_gb_s: float  # the slowest link the group's collectives cross
     pcie_gb_s: float  # the slowest card's PCIe slot
     most_ranks_on_a_node: int
+    four_bit: bool = False  # QLoRA: every micro-step dequantises the base's 4-bit weights before their matmuls
 
     @cached_property
     def _work(self) -> dict[bool, TokenWork]:
@@ -259,6 +261,15 @@ class StepInputs:
 
     def seconds_per_sample(self, rank: int, activation_checkpointing: bool) -> float:
         return self._work[activation_checkpointing].seconds(self.rates_tflops[rank], self.bandwidths_gb_s[rank]) * self.seq_len
+
+    def dequantise_s(self, rank: int, passes: int) -> float:
+        """QLoRA, per micro-step: every 4-bit weight dequantised `passes` times (forward, backward's input gradient,
+        a recomputed forward), each reading its packed half byte (and scales) and writing the compute dtype; bound
+        by memory bandwidth, whatever the micro-batch."""
+        if not self.four_bit:
+            return 0.0
+        moved = self.facts.quantised_weights * (DEQUANTISE_READ_BYTES + bytes_per_value(self.precision))
+        return passes * moved / (self.bandwidths_gb_s[rank] * 1e9)
 
     def overheads(self, zeros: tuple[ZeroSetting, ...], grad_accum: int) -> tuple[float, tuple[float, ...]]:
         """What an optimizer step costs besides compute: (communication, the same on every rank; offload per
@@ -274,6 +285,7 @@ class StepInputs:
     def estimate(self, activation_checkpointing: list[bool], samples_per_rank: list[float], zeros: tuple[ZeroSetting, ...],
                  grad_accum: int) -> StepEstimate:
         """The step of a setting: per rank, whether it recomputes and its samples per optimizer step."""
-        compute = tuple(self.seconds_per_sample(r, ckpt) * n for r, (ckpt, n) in enumerate(zip(activation_checkpointing, samples_per_rank)))
+        compute = tuple(self.seconds_per_sample(r, ckpt) * n + self.dequantise_s(r, 3 if ckpt else 2) * grad_accum
+                        for r, (ckpt, n) in enumerate(zip(activation_checkpointing, samples_per_rank)))
         comm, offload = self.overheads(zeros, grad_accum)
         return StepEstimate(compute, comm, offload, sum(samples_per_rank) * self.seq_len)

@@ -22,9 +22,9 @@ from orchestrator.inventory import Card, ClusterSnapshot
 from orchestrator.jobspec import JobSpec
 from orchestrator.model_facts import ModelFacts
 from orchestrator.planner import memory, step_time
-from orchestrator.planner.memory import GIB, TrainingShape, ZeroSetting
+from orchestrator.planner.memory import GIB, FourBit, TrainingShape, ZeroSetting
 from orchestrator.planner.nccl import nccl_env
-from orchestrator.planner.plan import Plan, RankPlan
+from orchestrator.planner.plan import FourBitBase, Plan, RankPlan
 from orchestrator.planner.precision import resolve_precision
 from orchestrator.planner.split import RankCost, best_split, step_lower_bound
 
@@ -75,9 +75,8 @@ class Group:
         self.step = step_time.StepInputs(
             given.facts, given.trainable, job.method, job.seq_len, self.precision, given.lora_targets,
             tuple(step_time.card_tflops(c, self.precision) for c in cards), tuple(step_time.card_gb_per_s(c) for c in cards),
-            link, pcie, max(Counter(c.node for c in cards).values()))
-        lora = job.method == "lora"
-        self.shapes = {ckpt: TrainingShape(given.facts, given.trainable, job.seq_len, self.precision, ckpt, lora) for ckpt in (False, True)}
+            link, pcie, max(Counter(c.node for c in cards).values()), job.method == "qlora")
+        self.shapes = {ckpt: training_shape(given, self.precision, ckpt) for ckpt in (False, True)}
         self.plain_s = [self.step.seconds_per_sample(r, False) for r in range(self.world)]
         self._caps: dict[tuple[bool, ZeroSetting], dict[int, int]] = {}
         self._fixed: dict[tuple[tuple[ZeroSetting, ...], int], tuple[float, ...]] = {}
@@ -93,13 +92,19 @@ class Group:
 
     def fixed_s(self, zeros: tuple[ZeroSetting, ...], grad_accum: int) -> tuple[float, ...]:
         """Per rank, what a step costs besides compute (communication and offload): the same for every checkpointing mode."""
-        if (zeros, grad_accum) not in self._fixed:
+        if (zeros, grad_accum) not in self._fixed:  # (QLoRA's dequantisation: forward and backward; a recompute adds one more)
             comm, offload = self.step.overheads(zeros, grad_accum)
-            self._fixed[zeros, grad_accum] = tuple(comm + o for o in offload)
+            self._fixed[zeros, grad_accum] = tuple(comm + o + self.step.dequantise_s(r, 2) * grad_accum for r, o in enumerate(offload))
         return self._fixed[zeros, grad_accum]
 
     def host_bytes(self, zeros: tuple[ZeroSetting, ...]) -> dict[str, int]:
         return host_bytes(self.shapes[False], zeros, self.cards)
+
+
+def training_shape(given: PlanInput, precision: str, activation_checkpointing: bool) -> TrainingShape:
+    job = given.job
+    four_bit = FourBit(job.quant_config.double_quant) if job.method == "qlora" else None
+    return TrainingShape(given.facts, given.trainable, job.seq_len, precision, activation_checkpointing, job.adapters, four_bit)
 
 
 def settings(group: Group) -> Iterator[Setting]:
@@ -176,7 +181,17 @@ def _assemble(group: Group, best: Scored) -> Plan:
                  step_time.rate_source(card, group.precision), envs[i], caps[ckpt][i])
         for i, (card, cap_bytes, z, m, ckpt) in enumerate(zip(group.cards, group.capacities, setting.zeros, best.micro, best.recompute)))
     return Plan(given.job.name, ranks, best.grad_accum, setting.zero, group.precision, given.total_steps, given.facts.n_params,
-                given.trainable, group.host_bytes(setting.zeros), (), best.step, given.lora_targets)
+                given.trainable, group.host_bytes(setting.zeros), (), best.step, given.lora_targets, _four_bit_base(group, setting.zero))
+
+
+def _four_bit_base(group: Group, zero: ZeroSetting) -> FourBitBase | None:
+    """QLoRA: how the 4-bit base is held."""
+    job = group.given.job
+    if job.method != "qlora":
+        return None
+    quant, size = job.quant_config, memory.base_bytes(group.shapes[False]) / GIB
+    return FourBitBase(quant.type, quant.double_quant, f"every card holds the whole 4-bit base (about {size:.1f} GiB, estimate): "
+                                                     f"ZeRO-{zero.stage} splits only the adapters' states")
 
 
 def _rank_costs(group: Group, setting: Setting) -> list[RankCost]:
@@ -188,7 +203,12 @@ def _rank_costs(group: Group, setting: Setting) -> list[RankCost]:
 
 
 def zero_options(job: JobSpec) -> list[ZeroSetting]:
-    stages = [2, 3] if job.deepspeed.zero_stage == "auto" else [job.deepspeed.zero_stage]
+    """The ZeRO stages and offloads the job allows, in the order ties are settled. QLoRA runs at ZeRO-1 or 2: its
+    4-bit base is frozen and small, every card holds all of it, and only the adapters' states are split (ZeRO-3
+    would not lower the peak: each rank loads the whole 4-bit base before DeepSpeed could partition it,
+    DeepSpeed#5660)."""
+    qlora = job.method == "qlora"
+    stages = ([1, 2] if qlora else [2, 3]) if job.deepspeed.zero_stage == "auto" else [job.deepspeed.zero_stage]
     offloads = {"auto": [(False, False), (True, False), (True, True)], "none": [(False, False)],
                 "optimizer": [(True, False)], "optimizer+params": [(True, True)]}[job.deepspeed.offload]
     return [ZeroSetting(s, o, p) for o, p in offloads for s in stages if not (p and s != 3) and not (o and s == 0)]
