@@ -51,3 +51,15 @@ def test_the_command_gives_json_with_the_exact_parameter_count():
     first = answer["options"][0]
     assert first["fits"] and first["est_tokens_per_s"] > 0 and first["zero_stage"] in (2, 3) and first["precision"] in ("bf16", "fp16")
     assert "GeForce RTX 3090" in first["cards"]
+
+
+def test_qlora_lora_and_full_are_offered_side_by_side():
+    """The default `--method all`: each card and pair answered for each method in one ranking. On a 12 GB card an
+    8B model runs only as QLoRA without offloading its base."""
+    rows = advise(LLAMA_8B, "all", 512, 16, 32, ["RTX 3060 12GB"])
+    assert sorted((a.method, len(a.cards)) for a in rows) == sorted((m, n) for m in ("qlora", "lora", "full") for n in (1, 2))
+    lone = {a.method: a for a in rows if len(a.cards) == 1}
+    assert lone["qlora"].plan is not None and lone["qlora"].plan.four_bit is not None and lone["qlora"].summary()["method"] == "qlora"
+    assert lone["qlora"].plan.offload == "none"
+    assert lone["full"].plan is None
+    assert lone["lora"].plan is None or lone["lora"].plan.zero.offload_params  # a 16-bit 8B base does not fit 12 GB as it is

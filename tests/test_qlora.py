@@ -111,7 +111,8 @@ def test_the_planned_4bit_base_is_what_the_worker_loads(tmp_path, name):
     measured = _tensor_bytes(adapted)
     shape = TrainingShape(facts, facts.lora_params(16, targets), 512, "fp32", False, True, FourBit(True))
     planned = base_bytes(shape) + 4 * shape.trainable  # the base, and the adapters' fp32 weights
-    assert abs(planned - measured) / measured < 0.05, (planned, measured)
+    print(f"\n{name}: planned {planned:,} bytes, measured {measured:,} ({planned / measured - 1:+.2%})")
+    assert abs(planned - measured) / measured < 0.001, (planned, measured)  # measured: within 256 bytes (rotary buffers)
     quantised = sum(1 for m in adapted.modules() if isinstance(m, bnb.nn.Linear4bit))
     assert quantised == len(facts.quantised_linears)  # every linear of the layer, and not the output head
 
@@ -210,8 +211,7 @@ def test_a_real_config_trains_on_uneven_qlora_ranks_as_one_process_does(ds_runs,
     assert [r["quantised_layers"] for r in ranks] == [2 * 7] * 3  # q, k, v, o, gate, up, down in each of two layers
     initial, trained = ds_runs.initial(config), ds_runs.weights(config)
     exact = reference(config, initial, "tokens")
-    assert max_relative_difference(trained, exact) < TOLERANCE
-    assert max_relative_difference(reference(config, initial, "per_rank_mean"), exact) > 10 * TOLERANCE
+    assert max_relative_difference(trained, exact) < TOLERANCE  # (that this tolerance tells the weightings apart: above)
 
 
 def test_the_adapter_loads_back_onto_the_4bit_base_with_the_same_logits(ds_runs, tmp_path, demo_data, base_model):
@@ -268,3 +268,27 @@ def test_a_qlora_job_resumes_from_its_checkpoint_on_another_number_of_ranks(ds_r
     assert results[0]["resumed_from"] == "step-2" and results[0]["universal"] and results[0]["steps"] == three.total_steps
     uninterrupted = ds_runs.weights(job(tmp_path / "whole", demo_data, base_model, 2, "qlora", 0.5))
     assert max_relative_difference(final_weights(two), uninterrupted) < TOLERANCE_ADAMW
+
+
+def test_a_qlora_job_is_refused_at_submit_where_the_simulated_nodes_lack_bitsandbytes(monkeypatch):
+    """Simulated nodes run their ranks in this machine's Python: without bitsandbytes there, submit refuses the job in
+    one line with the command that installs it, before anything is queued."""
+    from importlib import metadata
+
+    from orchestrator import client
+
+    real = metadata.version
+
+    def version(package: str) -> str:
+        if package == "bitsandbytes":
+            raise metadata.PackageNotFoundError(package)
+        return real(package)
+
+    monkeypatch.setattr(metadata, "version", version)
+    spec = load_job(EXAMPLE, check_files=False)
+    with pytest.raises(InputError) as err:
+        client._check_simulated_nodes_run_qlora("job.yaml", spec, HOMELAB)
+    assert str(err.value).startswith("job.yaml: method='qlora' is not allowed; it needs bitsandbytes") and "pip install 'zeromix[qlora]'" in str(err.value)
+    client._check_simulated_nodes_run_qlora("job.yaml", spec.model_copy(update={"method": "lora", "quant": None}), HOMELAB)  # LoRA does not need it
+    monkeypatch.setattr(metadata, "version", real)
+    client._check_simulated_nodes_run_qlora("job.yaml", spec, HOMELAB)  # installed here: accepted

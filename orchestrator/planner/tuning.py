@@ -120,7 +120,7 @@ def settings(group: Group) -> Iterator[Setting]:
 
 def fits_host_ram(group: Group, setting: Setting) -> bool:
     if not any(z.offload_optimizer or z.offload_params for z in setting.zeros):
-        return True  # loading the model is checked where the job starts, not here
+        return True  # host RAM then holds the model only while it loads: the plan reports it, the scheduler's round counts it per box
     return host_ram_ok(group.given.snapshot, group.host_bytes(setting.zeros))
 
 
