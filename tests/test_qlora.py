@@ -26,7 +26,7 @@ from orchestrator.planner.filters import torch_builds
 from orchestrator.planner.memory import FourBit, TrainingShape, base_bytes, four_bit_bytes
 from tests.conftest import REPO, TINY_LLAMA, cli
 from tests.helpers import (FOUR_BIT, HOMELAB, LORA, TINY, TOLERANCE, TOLERANCE_ADAMW, job, max_relative_difference, model_config,
-                           reference)
+                           pool, reference)
 from tests.helpers import spec as planner_spec
 
 
@@ -292,3 +292,31 @@ def test_a_qlora_job_is_refused_at_submit_where_the_simulated_nodes_lack_bitsand
     client._check_simulated_nodes_run_qlora("job.yaml", spec.model_copy(update={"method": "lora", "quant": None}), HOMELAB)  # LoRA does not need it
     monkeypatch.setattr(metadata, "version", real)
     client._check_simulated_nodes_run_qlora("job.yaml", spec, HOMELAB)  # installed here: accepted
+
+
+def test_the_scheduler_places_qlora_jobs_by_its_throughput_table():
+    """QLoRA jobs in a trace go through the same queue, throughput table and policy as any other: an 8B QLoRA job
+    and an 8B LoRA job arrive together on the homelab and both run to the end."""
+    from orchestrator.scheduler import trace
+    from orchestrator.scheduler.policies import policy
+    from orchestrator.scheduler.simulate import simulate
+
+    jobs = [trace.TraceJob("q", 0.0, "llama-3.1-8b", "qlora", 512, 16, 20, 1, 0), trace.TraceJob("l", 0.0, "llama-3.1-8b", "lora", 512, 16, 20, 1, 0)]
+    result = simulate(HOMELAB, jobs, policy("gain"))
+    ran = {j.id: j for j in result.jobs}
+    assert ran["q"].state == ran["l"].state == "succeeded"
+    assert ran["q"].cards and ran["l"].cards
+
+
+def test_the_result_and_the_report_say_the_base_was_4bit(ds_runs, tmp_path, demo_data, base_model):
+    from orchestrator.job_driver import report
+    from orchestrator.report import write
+
+    config, ranks = ds_runs.run(job(tmp_path / "run", demo_data, base_model, 2, "qlora", 0.5, optimizer="SGD"))
+    three = pool(("box", 64, ["RTX 3090", "RTX 3090", "RTX 3090"]))
+    plan = make_plan(planner_spec(method="qlora", global_batch_size=12, gpus={"count": 3}), TINY, three, config.total_steps).summary()
+    placements = [{"device": "cpu", "cuda_visible_devices": "", "nvml_name": "", "uuid": "", "pci_bus_id": ""}] * 3
+    summary = report(config, plan, placements, ranks)
+    assert summary["method"] == "qlora"
+    assert summary["base"] == "4-bit nf4, double-quantised: 14 linear layers quantised (bitsandbytes), the rest in fp32"
+    assert "base: 4-bit nf4, double-quantised: 14 linear layers" in write(summary, tmp_path / "report.html").read_text()
