@@ -193,6 +193,25 @@ def test_lora_zero3_fine_tune_of_the_scratch_model(scratch_run, demo_data):
     assert_released(job_id)
 
 
+def test_qlora_of_the_scratch_model_through_the_cluster(scratch_run, demo_data):
+    """The LoRA example as QLoRA, through `zeromix submit` and Ray: each rank quantises the base as it loads (the
+    bitsandbytes CPU backend here), trains the adapters at ZeRO-1/2 in bf16, and only the adapter is saved."""
+    state, _, scratch_out, _ = scratch_run
+    out = scratch_out.parent / "qlora"
+    done = zeromix("submit", "--follow", "jobs/examples/tiny-llama-lora-reverse.yaml", "--set", "method=qlora", "--set", "deepspeed.zero_stage=auto",
+                   "--set", f"output_dir={out}", "--set", "report_to=[]", "--set", f"model.path={scratch_out / 'final'}",
+                   "--set", f"dataset.path={demo_data['reverse-train']}", "--set", "max_steps=12")
+    job_id = submitted_id(done.stdout)
+    assert job_status(state, job_id) == "SUCCEEDED"
+    result = json.loads((out / "zeromix-result.json").read_text())
+    assert result["method"] == "qlora" and result["base"].startswith("4-bit nf4, double-quantised: 14 linear layers quantised")
+    assert {(r["model"], r["precision"]) for r in result["ranks"]} == {("GeForce RTX 3090", "bf16"), ("GeForce RTX 4090", "bf16")}
+    assert {r["zero_stage"] for r in result["ranks"]} <= {1, 2} and result["plan"]["four_bit"]["type"] == "nf4"
+    assert (out / "final" / "adapter_config.json").is_file() and not (out / "final" / "model.safetensors").exists()
+    assert result["last_loss"] < result["first_loss"]
+    assert_released(job_id)
+
+
 def test_a_running_jobs_cards_show_as_held_everywhere(connected, long_job):
     """Ray's placement groups, `zeromix nodes`, `queue` and `status` (within 80 columns) all say which card the
     running job holds. (Cancelling it, and how soon its cards are free: tests/test_scheduler_cluster.py.)"""
