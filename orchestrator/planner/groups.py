@@ -33,8 +33,15 @@ def candidate_groups(eligible: list[Card], lo: int, hi: int, precision_for) -> l
             by_rate[precision] = sorted(eligible, key=lambda c: (-card_tflops(c, precision), c.card_id))
         return by_rate[precision]
 
-    def lowest(node_set, floor) -> tuple[int, int] | None:
-        return min((lowest_at[n][floor] for n in node_set if lowest_at[n][floor]), default=None)
+    lowest_of: dict[tuple, dict] = {(): {f: None for f in floors}}
+
+    def lowest(node_set) -> dict:
+        """Per floor, the set's lowest compute capability at or above it: from the set without its last node (every
+        set's prefix is a set enumerated before it)."""
+        if node_set not in lowest_of:
+            before, last = lowest(node_set[:-1]), lowest_at[node_set[-1]]
+            lowest_of[node_set] = {f: min((x for x in (before[f], last[f]) if x), default=None) for f in floors}
+        return lowest_of[node_set]
 
     node_rate = {n: sum(card_tflops(c, precision_for(lowest_at[n][(0, 0)])) for c in cards) for n, cards in by_node.items()}
     nodes = sorted(by_node, key=lambda n: -node_rate[n])
@@ -44,11 +51,13 @@ def candidate_groups(eligible: list[Card], lo: int, hi: int, precision_for) -> l
         node_sets = [tuple(nodes[:k]) for k in range(1, len(nodes) + 1)]
     seen, groups = set(), []
     for node_set in node_sets:
-        members, everything = set(node_set), lowest(node_set, (0, 0))
+        lows = lowest(node_set)
+        everything = lows[(0, 0)]
         for floor in floors:
-            low = lowest(node_set, floor)
+            low = lows[floor]
             if low is None or (floor > (0, 0) and everything >= floor):
                 continue  # no card that high, or none lower: nothing new
+            members = set(node_set)
             fastest = tuple(islice((c for c in fastest_first(precision_for(low)) if c.node in members and c.compute_capability >= floor), hi))
             # every card the job may take, or only as few as it must: with no collective at all, one card can
             # beat several; in between, more cards only add compute at almost the same communication cost

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 
 from orchestrator.inventory import ClusterSnapshot
@@ -37,22 +38,47 @@ class VirtualClock:
         return self.now
 
 
+@dataclass
+class _Run:
+    """One placement of a job in virtual time. Its costs (start, load, steps, checkpoints) are counted in seconds
+    as it would run alone; sharing its boxes' network links with other jobs stretches what is left of them."""
+
+    plan: Plan
+    resources: tuple[str, ...]
+    nodes: frozenset[str]
+    share: float  # of the job's steps this placement runs (less after a move)
+    alone_s: float  # the whole placement, alone (Costs.run_s)
+    fixed_s: float  # of which starting and loading the weights
+    network_fraction: float  # of what is left, the share spent in collectives over the network (0 inside one box)
+    left_s: float = 0.0  # of alone_s, still to run
+    slowdown: float = 1.0  # its pace now: wall seconds per second of alone_s
+    end: float = 0.0
+
+
 class SimulatedLaunch:
-    """A `Launcher` whose jobs end when their costs say. A job asked to move stops after the checkpoint it then
-    saves, and its next placement runs only the steps it had left (plus starting and loading again)."""
+    """A `Launcher` whose jobs end when their costs say. Jobs that span boxes share each box's network link: a
+    link that k such jobs use at once gives each of them 1/k of it, so their collectives take k times as long
+    while that lasts (each is retimed whenever a job starts or stops). A job asked to move stops after the
+    checkpoint it then saves, and its next placement runs only the steps it had left (plus starting and loading
+    again)."""
 
     def __init__(self, cluster: ClusterSnapshot, clock: VirtualClock, costs: Costs = Costs.NONE):
         self._cluster, self._clock, self.costs = cluster, clock, costs
-        self.running: dict[str, tuple[tuple[str, ...], float]] = {}  # job id -> (card resources, end)
-        self._runs: dict[str, tuple[float, float, float, Plan]] = {}  # job id -> (start, end, share of its steps, plan)
+        self._runs: dict[str, _Run] = {}
+        self._retimed_at = clock()
         self._left: dict[str, float] = {}  # job id -> share of its steps left after its last move
         self._moved: dict[str, tuple[str, int]] = {}  # job id -> (why, the step it stops after), until it has
 
+    @property
+    def running(self) -> dict[str, tuple[tuple[str, ...], float]]:
+        """Job id -> (card resources, when it ends at today's sharing)."""
+        return {job_id: (run.resources, run.end) for job_id, run in self._runs.items()}
+
     def cluster(self) -> ClusterSnapshot:
-        return self._cluster.with_holders({res: job for job, (resources, _) in self.running.items() for res in resources})
+        return self._cluster.with_holders({res: job_id for job_id, run in self._runs.items() for res in run.resources})
 
     def reserving(self) -> set[str]:
-        return set(self.running)
+        return set(self._runs)
 
     def nodes_that_cannot_see(self, directory: str, nodes: list[str]) -> list[str]:
         return []  # no files: a trace's jobs write nothing
@@ -61,24 +87,28 @@ class SimulatedLaunch:
         """A trace's jobs name models by their shipped configs and no data files: nothing to look for."""
 
     def start(self, job: JobRecord, plan: Plan) -> None:
-        now, share = self._clock(), self._left.get(job.id, 1.0)
-        end = now + self.costs.run_s(job.id, plan, share)
-        self.running[job.id] = (tuple(r.card.resource for r in plan.ranks), end)
-        self._runs[job.id] = (now, end, share, plan)
+        share = self._left.get(job.id, 1.0)
+        alone, fixed = self.costs.run_s(job.id, plan, share), self.costs.start_s + self.costs.load_s(plan)
+        nodes = frozenset(r.card.node for r in plan.ranks)
+        network = plan.step.comm_s / plan.step.step_s * max(0.0, alone - fixed) / alone if len(nodes) > 1 and alone > 0 else 0.0
+        self._retime()
+        self._runs[job.id] = _Run(plan, tuple(r.card.resource for r in plan.ranks), nodes, share, alone, fixed, network, left_s=alone)
+        self._retime()
 
     def move(self, job: JobRecord, reason: str) -> None:
         """It stops after saving a checkpoint; its steps count in proportion to the training time it had."""
-        start, end, share, plan = self._runs[job.id]
-        fixed = self.costs.start_s + self.costs.load_s(plan)
-        done = share * min(1.0, max(0.0, (self._clock() - start - fixed) / max(1e-9, end - start - fixed)))
-        self._left[job.id] = share - done
-        self._moved[job.id] = (reason, round((1 - self._left[job.id]) * plan.total_steps))
-        self.running[job.id] = (self.running[job.id][0], min(end, self._clock() + self.costs.save_s(plan)))
+        self._retime()
+        run = self._runs[job.id]
+        done = run.share * min(1.0, max(0.0, (run.alone_s - run.left_s - run.fixed_s) / max(1e-9, run.alone_s - run.fixed_s)))
+        self._left[job.id] = run.share - done
+        self._moved[job.id] = (reason, round((1 - self._left[job.id]) * run.plan.total_steps))
+        run.left_s, run.network_fraction = min(run.left_s, self.costs.save_s(run.plan)), 0.0  # the save: no collectives
+        self._retime()
 
     def ended(self, running: list[JobRecord]) -> dict[str, Ending]:
         ended = {}
         for r in running:
-            if self.running[r.id][1] > self._clock():
+            if self._runs[r.id].end > self._clock():
                 continue
             if r.id in self._moved:
                 why, step = self._moved.pop(r.id)
@@ -88,10 +118,25 @@ class SimulatedLaunch:
         return ended
 
     def stop(self, job_id: str) -> None:
-        self.running.pop(job_id, None)
+        self._retime()
+        if self._runs.pop(job_id, None):
+            self._retime()
 
     def next_end(self) -> float | None:
-        return min((end for _, end in self.running.values()), default=None)
+        return min((run.end for run in self._runs.values()), default=None)
+
+    def _retime(self) -> None:
+        """Charge every run the time since the last retiming at the pace it had, then set each one's pace and end
+        from who shares its boxes' links now."""
+        now = self._clock()
+        for run in self._runs.values():
+            run.left_s = max(0.0, run.left_s - (now - self._retimed_at) / run.slowdown)
+        on_link = Counter(node for run in self._runs.values() if run.network_fraction for node in run.nodes)
+        for run in self._runs.values():
+            sharing = max(on_link[n] for n in run.nodes) if run.network_fraction else 1
+            run.slowdown = 1.0 + (sharing - 1) * run.network_fraction
+            run.end = now + run.left_s * run.slowdown
+        self._retimed_at = now
 
 
 @dataclass
