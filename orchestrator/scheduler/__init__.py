@@ -29,6 +29,7 @@ from orchestrator.scheduler import failures
 from orchestrator.scheduler.binding import Binder, Inline
 from orchestrator.scheduler.failures import MAX_ATTEMPTS, MAX_MOVES, MAX_RESTARTS, Ending
 from orchestrator.scheduler.host_ram import HostRam
+from orchestrator.scheduler.links import NetworkLinks
 from orchestrator.scheduler.policies import Decision, Policy, PolicyInput, RunningJob
 from orchestrator.scheduler.table import QueuedJob, ThroughputTable
 from orchestrator.schema import from_validation_error
@@ -101,6 +102,20 @@ class Scheduler:
                                               moved=record.id in self._just_moved)
         return self._jobs[record.id]
 
+    def _running(self, record: JobRecord, now: float, table: ThroughputTable) -> RunningJob:
+        """An active job as the policy sees it. One the policy may move must be running (not still placing), not
+        already asked to move, moved fewer than MAX_MOVES times, and still plannable: its spec parses and its model
+        config is still there (a job that cannot be planned must not stop the round)."""
+        movable = record.state == "running" and record.id not in self._moving and self.store.moves(record.id) < MAX_MOVES
+        try:
+            job = self.queued_job(record) if movable else None
+            if job:
+                table.best(job)
+        except Exception:  # the policy will not move it; the job itself runs on as placed
+            job = None
+        return RunningJob(record.id, record.cards, record.est_end or now, record.submitted_at, job,
+                          (record.plan or {}).get("est_step_s", 0.0), job is not None)
+
     def table(self, snapshot: ClusterSnapshot) -> ThroughputTable:
         """Rebuilt when anything the planner reads about the cards changes (a node joined or left, `zeromix probe`
         measured new rates, a job recorded a card's speed, a driver was upgraded), else kept with its cache."""
@@ -137,14 +152,15 @@ class Scheduler:
         self._release_leaked({r.id for r in active} | busy)
         held = {**{c.card_id: c.held_by for c in snapshot.cards if c.held_by}, **self.store.holds()}
         now = self.clock()
-        running = tuple(RunningJob(r.id, r.cards, r.est_end or now, r.submitted_at) for r in active)
         table = self.table(snapshot)
+        running = tuple(self._running(r, now, table) for r in active)
         queue = self._plannable([r for r in self.store.jobs(("queued",)) if r.id not in busy], table)
-        self._jobs = {job.id: job for job in queue}  # only queued jobs are parsed again; the rest are forgotten
+        self._jobs = {job.id: job for job in (*queue, *(r.job for r in running if r.job))}  # the others are forgotten
         free = tuple(c for c in snapshot.cards if c.card_id not in held)
         self.cards_free, self.cards_held = len(free), len(snapshot.cards) - len(free)
         ram = HostRam.in_use(snapshot, active)
-        decision = self.policy.allocate(PolicyInput(now, queue, free, running, table, ram))  # (gain counts on a copy)
+        links = NetworkLinks.in_use(active, now)
+        decision = self.policy.allocate(PolicyInput(now, queue, free, running, table, ram, links))  # (gain counts on copies)
         self.turns = decision.turns or tuple(job.id for job in queue)
         started = []
         for assignment in decision.assignments:

@@ -19,6 +19,7 @@ class HostRam:
     capacity: dict[str, float]  # node -> bytes its jobs may use: its RAM less what the OS and data pipeline keep
     used: dict[str, float] = field(default_factory=dict)  # node -> bytes its active jobs' plans need (estimates)
     users: dict[str, list[str]] = field(default_factory=dict)  # node -> the active jobs with ranks there
+    needs: dict[str, dict[str, float]] = field(default_factory=dict)  # job id -> node -> bytes its plan needs there
 
     @classmethod
     def in_use(cls, snapshot: ClusterSnapshot, active: list[JobRecord]) -> HostRam:
@@ -42,12 +43,22 @@ class HostRam:
         return None
 
     def copy(self) -> HostRam:
-        return HostRam(dict(self.capacity), dict(self.used), {node: list(jobs) for node, jobs in self.users.items()})
+        return HostRam(dict(self.capacity), dict(self.used), {node: list(jobs) for node, jobs in self.users.items()},
+                       dict(self.needs))
+
+    def without(self, job_id: str) -> HostRam:
+        """As if that job had ended: for placing it again (a move) beside the others."""
+        ram = HostRam(dict(self.capacity))
+        for other, need in self.needs.items():
+            if other != job_id:
+                ram._add(other, need)
+        return ram
 
     def take(self, job_id: str, plan: Plan) -> None:
         self._add(job_id, plan.host_bytes_per_node)
 
     def _add(self, job_id: str, need: dict[str, float]) -> None:
+        self.needs[job_id] = need
         for node, amount in need.items():
             self.used[node] = self.used.get(node, 0.0) + amount
             self.users.setdefault(node, []).append(job_id)

@@ -19,6 +19,7 @@ from orchestrator.errors import InputError
 from orchestrator.inventory import Card
 from orchestrator.planner import Plan
 from orchestrator.scheduler.host_ram import HostRam
+from orchestrator.scheduler.links import NetworkLinks
 from orchestrator.scheduler.table import QueuedJob, ThroughputTable
 
 
@@ -28,6 +29,9 @@ class RunningJob:
     cards: tuple[str, ...]
     est_end: float  # an estimate, from its plan
     submitted_at: float = 0.0  # when it entered the queue
+    job: QueuedJob | None = None  # its spec, as the table plans it; None: a policy may not move it
+    est_step_s: float = 0.0  # its plan's step time (an estimate)
+    movable: bool = False  # running (not placing), not being moved already, moved fewer than MAX_MOVES times
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class PolicyInput:
     running: tuple[RunningJob, ...]
     table: ThroughputTable
     host_ram: HostRam | None = None  # what the running jobs' plans use of each box's RAM (None: not counted)
+    links: NetworkLinks | None = None  # which running jobs span boxes, through whose links (None: not counted)
 
     @property
     def free_ids(self) -> frozenset[str]:

@@ -6,7 +6,7 @@ every job's wait, below), earliest due first; then the others by priority (plus 
      (normalised per job, as in Gavel). A 1080 Ti is worth little to a bf16 job and much to an fp32 one:
      when a job of the same priority waiting behind gains more from the cards this job would take than
      this job loses by taking others, this job takes the others (comparative advantage), provided both
-     then start.
+     then start and this one keeps MIN_SHARE of its best speed.
   2. Start now, or wait for better cards? A job waits for its best cards only when, after the jobs ahead of
      it that wait for the same cards have had them, it would still end sooner on them than on the cards free
      now. A job that would get under MIN_SHARE of its best speed from the free cards waits too, but only
@@ -24,16 +24,29 @@ every job's wait, below), earliest due first; then the others by priority (plus 
      MIN_SHARE was tried: on the Poisson mix with estimate error it raised the average JCT from 18 to 47 h.)
   5. No fragmentation: a job that fits on the cards left over in part-used boxes, nearly as fast, goes
      there rather than splitting a whole free box whose cards one job could use together over PCIe.
-  6. A job just moved (`zeromix move`: stopped with a checkpoint to be placed again) goes first. This policy moves
-     no job itself yet: moving a job to faster cards that free up was tried and made the averages worse (README).
+  6. A job just moved (stopped with a checkpoint to be placed again: rule 8, or `zeromix move`) goes first and
+     takes its fastest plan on the free cards where the boxes have room (rule 7): it was moved for them.
+  7. What a box's jobs share (links.py, host_ram.py). A plan goes only where the boxes' host RAM holds it beside
+     the jobs already there, else on the other boxes' free cards. A plan across boxes whose network links other
+     jobs across boxes already use is priced at what it will cost: its collectives slowed by the sharing, plus the
+     time it adds to those jobs; a plan that keeps off those links goes instead when it ends sooner than that.
+     Every rule above then judges the plan the job would really get.
+  8. Moves. Cards still free once every queued job has had its turn (and not reserved for the head job) may go
+     to a running job, longest rest first: it stops at its next step with a checkpoint and is placed again, first,
+     when its rest on the cards it would get (its own and those free) plus the measured cost of the move (saving
+     the checkpoint, starting, loading the weights: sim_costs.yaml) is under MOVE_GAIN of its rest where it runs.
+     The scheduler moves a job at most MAX_MOVES times; the reason is in the job's events and `zeromix queue`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
+from orchestrator.scheduler.costs import Costs
 from orchestrator.scheduler.host_ram import HostRam
+from orchestrator.scheduler.links import NetworkLinks
 from orchestrator.scheduler.policies import Assignment, Decision, PolicyInput, RunningJob, clock, why_waiting
 from orchestrator.scheduler.table import Outcome, QueuedJob
 
@@ -46,6 +59,7 @@ RIVALS = 4  # later jobs checked for a better use of this job's cards
 SWAP_MARGIN = 0.1  # ... and by how much better it must be
 WAIT_MARGIN = 0.9  # wait for better cards only when that ends the job at least 10% sooner (of its run)
 DUE = 8.0  # a job is due after DUE x (its run + the work ahead of it): it then goes first, whatever its priority
+MOVE_GAIN = 0.8  # move a running job only when its rest elsewhere, the move's cost included, is under 80% of its rest
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,18 @@ class Reservation:
     until: float  # when that job is expected to end on them (an estimate)
 
 
+@dataclass
+class Boxes:
+    """What the jobs placed on a box share, this round's starts included: its host RAM and its network link."""
+
+    ram: HostRam
+    links: NetworkLinks
+
+    def run_s(self, job: QueuedJob, outcome: Outcome) -> float:
+        """Its run on these cards with the links shared as they are now (an estimate)."""
+        return outcome.duration_s(job.total_steps) * self.links.stretch(outcome.plan)
+
+
 class Gain:
     name = "gain"
 
@@ -64,7 +90,8 @@ class Gain:
         running = list(x.running)  # grows with this round's starts, so later jobs see when those cards free up
         claims: dict[str, float] = {}  # card -> until when jobs ahead, waiting for it, would use it (estimate)
         reservation: Reservation | None = None
-        ram = x.host_ram.copy() if x.host_ram else HostRam({})  # grows with this round's starts
+        boxes = Boxes(x.host_ram.copy() if x.host_ram else HostRam({}),  # both grow with this round's starts
+                      x.links.copy() if x.links else NetworkLinks())
         drain_s, due_at = _drain_s(x), due_times(x)
         order = sorted(x.queue, key=lambda j: (-1, j.submitted_at) if j.moved else (0, due_at[j.id]) if self._due(j, x, due_at)
                        else (1, *self._urgency(j, x, drain_s)))
@@ -88,40 +115,96 @@ class Gain:
                             "(estimate), so it waits")
                 decision.waiting[job.id] = why_waiting(job, x, self._noting_due(job, x, due_at, lead))
                 continue
-            now = self._leave_to_rival(job, now, order[position + 1:WINDOW], x, free, reservation, running, claims)
-            share = x.table.normalised(job, now)
+            roomy = self._with_room(job, now, x, boxes, free, reservation)
+            if roomy is None:
+                decision.waiting[job.id] = why_waiting(job, x, boxes.ram.shortfall(now.plan))
+                continue
+            if job.moved:  # moved for the cards free now (rule 6): it takes them, it does not wait for others
+                self._start(job, roomy, x, boxes, decision, free, running)
+                continue
+            now = self._leave_to_rival(job, roomy, order[position + 1:WINDOW], x, free, reservation, running, claims, boxes)
+            share = x.table.normalised(job, now) / boxes.links.stretch(now.plan)
             if share < MIN_SHARE and running and x.now - job.submitted_at < PATIENCE * best.duration_s(job.total_steps):
                 reservation = reservation or self._reserve(job, x, free, running)
                 decision.waiting[job.id] = why_waiting(job, x, f"the free cards would give it {share:.0%} of its best speed (estimate); it "
                                                                 f"waits for better ones until about {clock(job.submitted_at + PATIENCE * best.duration_s(job.total_steps))}")
                 continue
-            waits_until = self._better_soon(job, now, x, running, reservation, claims)
+            waits_until = self._better_soon(job, now, x, running, reservation, claims, boxes)
             if waits_until is not None:
                 claims.update({card: waits_until for card in best.cards})
                 decision.waiting[job.id] = why_waiting(job, x, self._noting_due(job, x, due_at, (
                     f"waits for faster cards: it would end about {clock(waits_until)} on them, "
                     f"later on the free {' + '.join(r.card.short_name for r in now.plan.ranks)}")))
                 continue
-            fits = self._within_host_ram(job, now, x, ram, free, reservation)
-            if fits is None:
-                decision.waiting[job.id] = why_waiting(job, x, ram.shortfall(now.plan))
-                continue
-            now = fits
-            ram.take(job.id, now.plan)
-            decision.assignments.append(Assignment(job.id, now.plan))
-            free -= set(now.cards)
-            running.append(RunningJob(job.id, now.cards, x.now + now.duration_s(job.total_steps), job.submitted_at))
+            self._start(job, now, x, boxes, decision, free, running)
+        decision.moves = self._moves(x, free - (reservation.cards if reservation else set()), boxes)
         return decision
 
-    def _within_host_ram(self, job: QueuedJob, now: Outcome, x: PolicyInput, ram: HostRam, free: set[str],
-                         reservation: Reservation | None) -> Outcome | None:
-        """Its plan, or, when that would take a box's RAM past what jobs may use there beside those already on it, its
-        plan on the free cards of the other boxes (None when there is none)."""
-        crowded = set(ram.crowded(now.plan))
-        if not crowded:
+    @staticmethod
+    def _start(job: QueuedJob, now: Outcome, x: PolicyInput, boxes: Boxes, decision: Decision, free: set[str],
+               running: list[RunningJob]) -> None:
+        """Assign it; what later jobs in this round see (free cards, running jobs, RAM and links) counts it."""
+        run_s = boxes.run_s(job, now)
+        boxes.ram.take(job.id, now.plan)
+        boxes.links.take(job.id, now.plan, run_s)
+        decision.assignments.append(Assignment(job.id, now.plan))
+        free -= set(now.cards)
+        running.append(RunningJob(job.id, now.cards, x.now + run_s, job.submitted_at))
+
+    @staticmethod
+    def _moves(x: PolicyInput, spare: set[str], boxes: Boxes) -> dict[str, str]:
+        """Running jobs that end sooner on the spare cards (rule 8): job id -> why, one line."""
+        moves: dict[str, str] = {}
+        for r in sorted(x.running, key=lambda r: r.est_end, reverse=True):
+            if not spare:
+                break
+            if not (r.movable and r.job and r.est_step_s):
+                continue
+            rest = r.est_end - x.now
+            there = x.table.plan(r.job, frozenset(spare | set(r.cards)))
+            if not there.plan or set(there.cards) == set(r.cards):
+                continue
+            if boxes.ram.without(r.id).crowded(there.plan):
+                continue  # its boxes there have no room for it beside the other jobs
+            moved_s = rest / r.est_step_s * there.plan.step.step_s * boxes.links.stretch(there.plan) + _move_cost_s(there)
+            if moved_s < MOVE_GAIN * rest:
+                cards = " + ".join(f"{rank.card.card_id} {rank.card.short_name}" for rank in there.plan.ranks)
+                moves[r.id] = (f"on {cards} its rest would take about {moved_s / 3600:.1f} h instead of {rest / 3600:.1f} h "
+                               "where it runs (estimates; the checkpoint, the start and the weights' load counted)")
+                spare -= set(there.cards)
+        return moves
+
+    def _with_room(self, job: QueuedJob, now: Outcome, x: PolicyInput, boxes: Boxes, free: set[str],
+                   reservation: Reservation | None) -> Outcome | None:
+        """The plan it gets where its boxes have room (rule 7): off boxes whose host RAM it would overcommit (None
+        when the other boxes cannot take it), and off busy network links when that ends it sooner."""
+        crowded = set(boxes.ram.crowded(now.plan))
+        if crowded:
+            now = self._place(job, x, {c.card_id for c in x.free if c.card_id in free and c.node not in crowded}, reservation)
+            if now is None or boxes.ram.crowded(now.plan):
+                return None
+        return self._off_busy_links(job, now, x, boxes, free)
+
+    @staticmethod
+    def _off_busy_links(job: QueuedJob, now: Outcome, x: PolicyInput, boxes: Boxes, free: set[str]) -> Outcome:
+        """A plan across boxes whose links other such jobs use costs its own run slowed by the sharing plus the time
+        it adds to them; the fastest plan that uses no busy link (on the boxes with quiet links, or inside one of
+        its busy boxes) goes instead when it ends sooner than that. Estimates."""
+        links = boxes.links
+        if links.sharing(now.plan) == 1:
             return now
-        elsewhere = self._place(job, x, {c.card_id for c in x.free if c.card_id in free and c.node not in crowded}, reservation)
-        return elsewhere if elsewhere and not ram.crowded(elsewhere.plan) else None
+        run = now.duration_s(job.total_steps)
+        cost = run * links.stretch(now.plan) + links.added_s(now.plan, run)
+        busy = links.busy_nodes()
+        usable = [c for c in x.free if c.card_id in free]
+        pools = [{c.card_id for c in usable if c.node not in busy}]
+        pools += [{c.card_id for c in usable if c.node == node} for node in {r.card.node for r in now.plan.ranks} & busy]
+        for pool in pools:
+            other = x.table.plan(job, frozenset(pool)) if pool else None
+            if (other and other.plan and links.sharing(other.plan) == 1 and not boxes.ram.crowded(other.plan)
+                    and other.duration_s(job.total_steps) < cost):
+                now, cost = other, other.duration_s(job.total_steps)
+        return now
 
     @staticmethod
     def _due(job: QueuedJob, x: PolicyInput, due_at: dict[str, float]) -> bool:
@@ -165,10 +248,13 @@ class Gain:
         return outcome
 
     def _leave_to_rival(self, job: QueuedJob, now: Outcome, rivals: list[QueuedJob], x: PolicyInput, free: set[str],
-                        reservation: Reservation | None, running: list[RunningJob], claims: dict[str, float]) -> Outcome:
+                        reservation: Reservation | None, running: list[RunningJob], claims: dict[str, float],
+                        boxes: Boxes) -> Outcome:
         """Other free cards for this job when a waiting job of the same priority values the cards it would
-        take more: the sum of normalised throughputs (Gavel's measure) grows by more than SWAP_MARGIN, and
-        neither job would then wait for better cards (a swap that leaves both waiting helps nobody)."""
+        take more: the sum of normalised throughputs (Gavel's measure) grows by more than SWAP_MARGIN, neither job
+        would then wait for better cards (a swap that leaves both waiting helps nobody), and this one keeps MIN_SHARE
+        of its best speed (a 7B LoRA once gave its 4090 away and ran 212 h on a 3090 and a 3060 across boxes, 24 h
+        on its best cards)."""
         taken = set(now.cards)
         for rival in [r for r in rivals if r.priority == job.priority][:RIVALS]:
             if set(x.table.best(rival).cards) <= free - taken:
@@ -177,18 +263,19 @@ class Gain:
             if not theirs.plan or not taken & set(theirs.cards):
                 continue
             other = self._place(job, x, free - set(theirs.cards), reservation)
-            if other is None:
-                continue
+            other = other and self._with_room(job, other, x, boxes, free - set(theirs.cards), reservation)
+            if other is None or x.table.normalised(job, other) / boxes.links.stretch(other.plan) < MIN_SHARE:
+                continue  # not onto cards it would crawl on
             keep = x.table.normalised(job, now) + x.table.normalised(rival, x.table.plan(rival, frozenset(free - taken)))
             swap = x.table.normalised(job, other) + x.table.normalised(rival, theirs)
-            if (swap > keep * (1 + SWAP_MARGIN) and self._better_soon(job, other, x, running, reservation, claims) is None
-                    and self._better_soon(rival, theirs, x, running, reservation, claims) is None):
+            if (swap > keep * (1 + SWAP_MARGIN) and self._better_soon(job, other, x, running, reservation, claims, boxes) is None
+                    and self._better_soon(rival, theirs, x, running, reservation, claims, boxes) is None):
                 return other
         return now
 
     @staticmethod
     def _better_soon(job: QueuedJob, now: Outcome, x: PolicyInput, running: list[RunningJob],
-                     reservation: Reservation | None, claims: dict[str, float]) -> float | None:
+                     reservation: Reservation | None, claims: dict[str, float], boxes: Boxes) -> float | None:
         """When waiting for its best cards ends this job sooner than starting now, the time it would end that
         way; else None. A card held by a running job frees at its estimated end, and then goes to the jobs
         ahead of this one that wait for it (`claims`: until they would end); one reserved for the head job,
@@ -206,7 +293,7 @@ class Gain:
             else:
                 return None
         end_waiting = free_at + best.duration_s(job.total_steps)
-        end_now = x.now + now.duration_s(job.total_steps)
+        end_now = x.now + boxes.run_s(job, now)
         return end_waiting if end_waiting < x.now + WAIT_MARGIN * (end_now - x.now) else None
 
     def _reserve(self, job: QueuedJob, x: PolicyInput, free: set[str], running: list[RunningJob]) -> Reservation | None:
@@ -219,6 +306,17 @@ class Gain:
             if outcome.plan:
                 return Reservation(job.id, frozenset(outcome.cards), holder.est_end, holder.est_end + outcome.duration_s(job.total_steps))
         return None
+
+
+@functools.cache
+def _costs() -> Costs:
+    return Costs.measured()
+
+
+def _move_cost_s(outcome: Outcome) -> float:
+    """Saving its checkpoint, starting again and loading the weights (sim_costs.yaml: measured or estimate)."""
+    costs = _costs()
+    return costs.save_s(outcome.plan) + costs.start_s + costs.load_s(outcome.plan)
 
 
 def due_times(x: PolicyInput) -> dict[str, float]:
