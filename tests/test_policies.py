@@ -289,7 +289,7 @@ def test_a_running_job_moves_to_faster_cards_nobody_queued_takes_when_that_ends_
     assert on_4090.cards == ("desk/0",) and on_4090.plan.step.step_s < 0.5 * step_s
 
     def running(rest_s: float, movable: bool = True):
-        return [RunningJob("fine-tune", ("desk/1",), 1000.0 + rest_s, 0.0, fine_tune, step_s, movable)]
+        return [RunningJob("fine-tune", ("desk/1",), 1000.0 + rest_s, 0.0, fine_tune if movable else None, step_s)]
 
     _, decision, _ = decide("gain", box, [], running(3 * 3600.0), now=1000.0)
     assert list(decision.moves) == ["fine-tune"]

@@ -114,7 +114,7 @@ class Scheduler:
         except Exception:  # the policy will not move it; the job itself runs on as placed
             job = None
         return RunningJob(record.id, record.cards, record.est_end or now, record.submitted_at, job,
-                          (record.plan or {}).get("est_step_s", 0.0), job is not None)
+                          (record.plan or {}).get("est_step_s", 0.0))
 
     def table(self, snapshot: ClusterSnapshot) -> ThroughputTable:
         """Rebuilt when anything the planner reads about the cards changes (a node joined or left, `zeromix probe`

@@ -29,9 +29,8 @@ class RunningJob:
     cards: tuple[str, ...]
     est_end: float  # an estimate, from its plan
     submitted_at: float = 0.0  # when it entered the queue
-    job: QueuedJob | None = None  # its spec, as the table plans it; None: a policy may not move it
+    job: QueuedJob | None = None  # its spec, as the table plans it, when a policy may move it (see Scheduler._running)
     est_step_s: float = 0.0  # its plan's step time (an estimate)
-    movable: bool = False  # running (not placing), not being moved already, moved fewer than MAX_MOVES times
 
 
 @dataclass(frozen=True)

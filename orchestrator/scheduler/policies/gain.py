@@ -158,7 +158,7 @@ class Gain:
         for r in sorted(x.running, key=lambda r: r.est_end, reverse=True):
             if not spare:
                 break
-            if not (r.movable and r.job and r.est_step_s):
+            if not (r.job and r.est_step_s):
                 continue
             rest = r.est_end - x.now
             there = x.table.plan(r.job, frozenset(spare | set(r.cards)))
