@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.planner import NoPlacement, make_plan
-from orchestrator.planner.split import RankCost, split_batch, step_lower_bound
+from orchestrator.planner.split import RankCost, best_split, split_batch, split_fits, step_lower_bound
 
 from tests.helpers import HOMELAB, TINY
 from tests.helpers import spec as job
@@ -98,6 +98,16 @@ def test_the_lower_bound_that_skips_settings_never_exceeds_a_real_split(ranks, g
         if micro:
             step = max(c.seconds(m) * grad_accum + f for c, m, f in zip(costs_, micro, fixed))
             assert step_lower_bound(global_batch, plain, fixed) <= step * (1 + 1e-12)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.5, 200.0), st.integers(0, 16), st.integers(0, 24)), min_size=1, max_size=6),
+       st.sampled_from([1, 3, 8, 12, 32, 60]))
+def test_a_group_counts_as_fitting_exactly_when_some_split_fits(ranks, global_batch):
+    """A group another group's plan already beats is not tuned in full, only asked whether it fits (if not, the
+    planner drops its smallest card and tries again): that answer must be best_split's."""
+    costs_ = [RankCost(1 / rate, cap, 4 / 3 / rate, recompute_cap) for rate, cap, recompute_cap in ranks]
+    assert split_fits(global_batch, costs_) == (best_split(global_batch, costs_) is not None)
 
 
 def test_a_rank_recomputes_only_past_what_fits_without():

@@ -21,7 +21,7 @@ from orchestrator.planner.groups import candidate_groups
 from orchestrator.planner.memory import GIB, ZeroSetting
 from orchestrator.planner.plan import Plan, RankPlan, Rejection
 from orchestrator.planner.precision import precision_for, resolve_precision
-from orchestrator.planner.tuning import HOST_RAM_RESERVED, PlanInput, host_bytes, host_ram_ok, quick_tokens_per_s, training_shape, tune
+from orchestrator.planner.tuning import HOST_RAM_RESERVED, Group, PlanInput, fits, host_bytes, host_ram_ok, quick_tokens_per_s, training_shape, tune
 
 __all__ = ["HOST_RAM_RESERVED", "NoPlacement", "Plan", "RankPlan", "Rejection", "lora_targets", "make_plan", "on_the_same_cards", "precision_for",
            "resolve_precision", "step_time", "suggestions"]
@@ -34,9 +34,11 @@ class NoPlacement(ZeromixError):
 
 
 def make_plan(job: JobSpec, facts: ModelFacts, snapshot: ClusterSnapshot, total_steps: int, filters=DEFAULT_FILTERS,
-              suggest: bool = True) -> Plan:
+              suggest: bool = True, groups_seen: dict | None = None) -> Plan:
     """The fastest plan for the job on these cards. `suggest`: when nothing fits, plan variants of the job
-    to say what would."""
+    to say what would. `groups_seen`: a dict a caller that plans many jobs on one cluster keeps (the scheduler's
+    throughput table): the candidate groups depend only on the eligible cards, the job's card bounds and its
+    precision, so jobs alike in those share one enumeration."""
     trainable = _trainable(job, facts)
     ctx = PlanInput(job, facts, snapshot, trainable, lora_targets(job, facts), total_steps)
     rejected: dict[str, Rejection] = {}
@@ -51,13 +53,18 @@ def make_plan(job: JobSpec, facts: ModelFacts, snapshot: ClusterSnapshot, total_
 
     lo, hi = job.gpus.bounds
     hi = min(hi or len(eligible), job.global_batch_size)
-    groups = candidate_groups(eligible, lo, hi, lambda lowest: precision_for(job.precision, lowest))
-    groups.sort(key=lambda g: -quick_tokens_per_s(ctx, list(g)))
+    key = (frozenset(c.card_id for c in eligible), lo, hi, job.precision)
+    seen = groups_seen if groups_seen is not None else {}
+    if key not in seen:  # by card id: a job's memory caps give its cards other capacities, not other groups
+        seen[key] = [[c.card_id for c in g] for g in candidate_groups(eligible, lo, hi, lambda lowest: precision_for(job.precision, lowest))]
+    card = {c.card_id: c for c in eligible}
+    groups = [Group(ctx, [card[i] for i in ids]) for ids in seen[key]]
+    groups.sort(key=lambda g: -quick_tokens_per_s(g))
     best, misfits = None, {}
     for tried, group in enumerate(groups[:MOST_GROUPS_TRIED]):
         if best is not None and tried >= FULLY_TUNED_GROUPS:
             break
-        plan, dropped = _fit(ctx, list(group), lo)
+        plan, dropped = _fit(group, lo, best.step.step_s if best else None)
         if plan and (best is None or plan.step.tokens_per_s > best.step.tokens_per_s):
             best, misfits = plan, dropped
     if best is None:
@@ -121,18 +128,21 @@ def _one_build(cards: list[Card], rejected: dict[str, Rejection]) -> list[Card]:
     return kept
 
 
-def _fit(ctx: PlanInput, group: list[Card], lo: int) -> tuple[Plan | None, dict[str, Rejection]]:
-    """Tune the group; while nothing fits, drop its smallest card (the likeliest misfit) and try again."""
+def _fit(group: Group, lo: int, to_beat: float | None) -> tuple[Plan | None, dict[str, Rejection]]:
+    """Tune the group (None when it cannot beat `to_beat` seconds a step); while nothing fits, drop its smallest
+    card (the likeliest misfit) and try again."""
     dropped: dict[str, Rejection] = {}
-    while len(group) >= max(lo, 1):
-        plan = tune(ctx, group)
-        if plan:
+    while True:
+        plan = tune(group, to_beat)
+        if plan or (to_beat is not None and fits(group)):
             return plan, dropped
-        smallest = min(group, key=lambda c: (c.vram_mib, c.card_id))
+        smallest = min(group.cards, key=lambda c: (c.vram_mib, c.card_id))
         dropped[smallest.card_id] = Rejection(smallest.card_id, smallest.short_name,
                                               "the model does not fit on it beside the others in any ZeRO/offload setting (estimate)")
-        group = [c for c in group if c is not smallest]
-    return None, dropped
+        rest = [c for c in group.cards if c is not smallest]
+        if len(rest) < max(lo, 1):
+            return None, dropped
+        group = Group(group.given, rest)
 
 
 
@@ -140,7 +150,7 @@ def _left_out(ctx: PlanInput, plan: Plan, card: Card, hi: int) -> Rejection:
     chosen = [r.card for r in plan.ranks]
     if len(chosen) >= hi:
         return Rejection(card.card_id, card.short_name, f"the job takes at most {hi} card(s) (gpus, global_batch_size); faster ones were chosen")
-    with_plan = tune(ctx, [*chosen, card])
+    with_plan = tune(Group(ctx, [*chosen, card]))
     if with_plan is None:
         return Rejection(card.card_id, card.short_name, "with it the model fits in no ZeRO/offload setting on every card of the group (estimate)")
     without, with_it = plan.step.tokens_per_s, with_plan.step.tokens_per_s

@@ -81,6 +81,17 @@ def best_split(global_batch: int, costs: list[RankCost], fixed_s=None) -> tuple[
     return best
 
 
+def split_fits(global_batch: int, costs: list[RankCost]) -> bool:
+    """Whether `best_split` finds a split: every rank takes a sample, and some accumulation count leaves each
+    micro-step at least one sample a rank and no more than the caps hold (the fewest samples a micro-step: the
+    largest such count)."""
+    n = len(costs)
+    if n > global_batch or min(c.cap for c in costs) < 1:
+        return False
+    fewest = min(global_batch // g for g in range(1, global_batch + 1) if global_batch % g == 0 and global_batch // g >= n)
+    return fewest <= sum(c.cap for c in costs)
+
+
 def step_lower_bound(global_batch: int, plain_s: list[float], fixed: tuple[float, ...]) -> float:
     """No split's step beats this: every rank at its plain (fastest) seconds per sample, fractions of samples
     allowed, all finishing together; and no rank finishes before its fixed cost."""

@@ -7,7 +7,7 @@
     fits_host_ram(...)       an offloading setting needs its boxes' host RAM
     score(group, setting)    per-card micro-batches and one accumulation count within every card's memory that
                              make the fastest step (split.py), and that step's time (step_time.py)
-    tune(...)                the fastest setting that fits, assembled into a Plan; None when none fits
+    tune(...)                the fastest setting that fits (and beats the best group so far), assembled into a Plan
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from orchestrator.planner.memory import GIB, FourBit, TrainingShape, ZeroSetting
 from orchestrator.planner.nccl import nccl_env
 from orchestrator.planner.plan import FourBitBase, Plan, RankPlan
 from orchestrator.planner.precision import resolve_precision
-from orchestrator.planner.split import RankCost, best_split, step_lower_bound
+from orchestrator.planner.split import RankCost, best_split, split_fits, step_lower_bound
 
 HOST_RAM_RESERVED = 4 * GIB  # for the OS and the data pipeline; DeepSpeed's 1.5x buffer is already in the need
 
@@ -139,32 +139,37 @@ def score(group: Group, setting: Setting, to_beat: float | None = None) -> Score
     return Scored(setting, micro, grad_accum, recompute, step)
 
 
-def tune(given: PlanInput, cards: list[Card]) -> Plan | None:
-    """The fastest setting for this group that fits, or None."""
-    group = Group(given, cards)
+def tune(group: Group, to_beat: float | None = None) -> Plan | None:
+    """The fastest setting for this group that fits and beats `to_beat` seconds a step (another group's best),
+    or None."""
     best: Scored | None = None
     for setting in settings(group):
         if not fits_host_ram(group, setting):
             continue
-        scored = score(group, setting, best.step.step_s if best else None)
-        if scored and (best is None or scored.step.step_s < best.step.step_s):
-            best = scored
+        scored = score(group, setting, to_beat)
+        if scored and (to_beat is None or scored.step.step_s < to_beat):
+            best, to_beat = scored, scored.step.step_s
     return _assemble(group, best) if best else None
 
 
-def quick_tokens_per_s(given: PlanInput, cards: list[Card]) -> float:
+def fits(group: Group) -> bool:
+    """Whether any setting holds the job on this group (what `tune` under a bound cannot tell when it returns None)."""
+    batch = group.given.job.global_batch_size
+    return any(fits_host_ram(group, s) and split_fits(batch, _rank_costs(group, s)) for s in settings(group))
+
+
+def quick_tokens_per_s(group: Group) -> float:
     """To rank groups before tuning any: samples split in proportion to rate (fractions allowed), with the first
     ZeRO/offload setting in which one sample fits on every card of the group (checkpointing on): a group of small
     cards that needs ZeRO-3 pays for ZeRO-3's traffic here already, and for as many accumulation steps as its
     memory forces (ZeRO-2/3 communicate in every one). 0 when nothing fits."""
-    group = Group(given, cards)
-    for zero in zero_options(given.job):
+    for zero in zero_options(group.given.job):
         caps = group.caps(True, (zero,) * group.world)
         if min(caps) >= 1:
             break
     else:
         return 0.0
-    global_batch = given.job.global_batch_size
+    global_batch = group.given.job.global_batch_size
     grad_accum = -(-global_batch // sum(caps))
     rates = group.step.rates_tflops
     samples = [global_batch * r / sum(rates) for r in rates]

@@ -62,13 +62,16 @@ class Bounded(OrderedDict):
         super().__init__()
         self.limit = limit
 
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        if len(self) > self.limit:
+            self.popitem(last=False)
+
     def get_or_make(self, key, make):
         if key in self:
             self.move_to_end(key)
             return self[key]
         value = self[key] = make()
-        if len(self) > self.limit:
-            self.popitem(last=False)
         return value
 
 
@@ -85,6 +88,7 @@ class ThroughputTable:
         self._views: Bounded = Bounded(VIEW_CACHE)  # free cards -> the cluster with all others held
         self._facts: Bounded = Bounded(FACTS_CACHE)  # model path -> ModelFacts
         self._recent: Bounded = Bounded(VIEW_CACHE)  # shape -> deque of (free cards, Outcome), latest last
+        self._groups: Bounded = Bounded(PLAN_CACHE)  # the planner's candidate groups, shared by jobs alike (make_plan)
 
     def facts(self, job: QueuedJob) -> ModelFacts:
         return self._facts.get_or_make(job.spec.model.path, lambda: facts_from_config(read_config(job.spec.model.path)))
@@ -99,7 +103,7 @@ class ThroughputTable:
                     {c.resource: "another job" for c in self.cluster.cards if c.card_id not in free}))
                 try:
                     outcome = Outcome(make_plan(job.spec, self.facts(job), view.with_memory_caps(dict(job.memory_caps)),
-                                                job.total_steps, suggest=False))
+                                                job.total_steps, suggest=False, groups_seen=self._groups))
                 except NoPlacement as err:
                     outcome = Outcome(None, str(err))
             recent.append((free, outcome))
