@@ -55,6 +55,22 @@ BENCH_MODEL = {**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 768, "num_
                "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128}
 
 
+def trio_job(work: Path, model_config: dict, steps: int, global_batch: int, pretrain_lines: int, **fields) -> JobSpec:
+    """A full fine-tune from scratch of `model_config` (the tiny Llama's tokenizer) on the demo's text, on the
+    homelab's 1080 Ti, 3090 and 4090, ZeRO-2: what the CPU benches train."""
+    model_dir = work / "model"
+    shutil.copytree(REPO / "jobs" / "examples" / "tiny-llama", model_dir)
+    (model_dir / "config.json").write_text(json.dumps(model_config))
+    data = write_demo_data(work / "data", pretrain_lines=pretrain_lines, reverse_train=10, reverse_eval=5)
+    return JobSpec.model_validate({
+        "name": "bench", "model": {"init": "scratch", "path": str(model_dir)},
+        "dataset": {"path": str(data["pretrain"]), "text_field": "text"}, "seq_len": 32,
+        "global_batch_size": global_batch, "max_steps": steps, "output_dir": str(work / "out"),
+        "optimizer": {"lr": 1e-3, "schedule": "constant"}, "gpus": {"count": 3, "models": TRIO}, "deepspeed": {"zero_stage": 2},
+        "report_to": [], **fields,
+    })
+
+
 def with_micro_batches(plan: Plan, micro: list[int]) -> Plan:
     ranks = tuple(dataclasses.replace(r, tuning=dataclasses.replace(r.tuning, micro_batch=m)) for r, m in zip(plan.ranks, micro))
     return dataclasses.replace(plan, ranks=ranks)
@@ -101,17 +117,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="zeromix-bench-"))
-    model_dir = work / "model"
-    shutil.copytree(REPO / "jobs" / "examples" / "tiny-llama", model_dir)
-    (model_dir / "config.json").write_text(json.dumps(BENCH_MODEL))
-    data = write_demo_data(work / "data", pretrain_lines=2000, reverse_train=10, reverse_eval=5)
-    job = JobSpec.model_validate({
-        "name": "bench", "model": {"init": "scratch", "path": str(model_dir)},
-        "dataset": {"path": str(data["pretrain"]), "text_field": "text"}, "seq_len": 32,
-        "global_batch_size": args.global_batch, "max_steps": args.steps, "output_dir": str(work / "out"),
-        "optimizer": {"lr": 1e-3, "schedule": "constant"}, "gpus": {"count": 3, "models": TRIO}, "deepspeed": {"zero_stage": 2},
-        "report_to": [],
-    })
+    job = trio_job(work, BENCH_MODEL, args.steps, args.global_batch, pretrain_lines=2000)
     homelab = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
     believed = believed_twice_as_fast(homelab, args.wrong_rates) if args.wrong_rates else homelab
     plan = make_plan(job, facts_from_config(BENCH_MODEL), believed, args.steps)

@@ -63,6 +63,20 @@ def train_config(job: JobSpec, plan: Plan, job_id: str) -> TrainConfig:
     )
 
 
+def with_outer_steps(config: TrainConfig, boxes: list[int], inner_steps: int, outer_lr: float = 0.7, outer_momentum: float = 0.9,
+                     wire: str = "fp32") -> TrainConfig:
+    """The run as outer steps across boxes (workers/outer_steps.py): `boxes` ranks per box, the config's ranks
+    listed box by box. Each box is a DeepSpeed world of its own, so each rank's batch-size check counts its box's
+    ranks; checkpoints and split tuning are not in this mode yet. (DiLoCo's outer lr 0.7 and momentum 0.9.)"""
+    if sum(boxes) != len(config.micro_batches):
+        raise ValueError(f"boxes {boxes} hold {sum(boxes)} ranks; the run has {len(config.micro_batches)}")
+    per_rank = [size for size in boxes for _ in range(size)]
+    ds = tuple({**c, "train_batch_size": c["train_micro_batch_size_per_gpu"] * c["gradient_accumulation_steps"] * n}
+               for c, n in zip(config.ds_configs, per_rank))
+    outer = {"boxes": list(boxes), "inner_steps": inner_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum, "wire": wire}
+    return dataclasses.replace(config, ds_configs=ds, outer=outer, checkpoint_every=0, micro_batch_caps=())
+
+
 def trains(job: JobSpec) -> str:
     """What the job's checkpoints are of (workers/checkpoint.what_it_trains)."""
     from orchestrator.model_facts import read_config

@@ -151,10 +151,11 @@ class DeepSpeedRuns:
         return self.weights(start)
 
 
-def reference(config: TrainConfig, initial: dict, weighting: str) -> dict[str, torch.Tensor]:
+def reference(config: TrainConfig, initial: dict, weighting: str, groups: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
     """One process, whole global batches, from the ranks' own initial weights. weighting="tokens": mean loss
-    over every loss token of the global batch (what zeromix claims); "per_rank_mean": each rank's own mean,
-    averaged (the naive way)."""
+    over every loss token of the global batch (what zeromix claims); "per_rank_mean": each group's own mean
+    token loss, averaged (the naive way), the groups being single ranks or `groups` (ranks per group, in order:
+    the boxes of outer-step mode)."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -191,6 +192,9 @@ def reference(config: TrainConfig, initial: dict, weighting: str) -> dict[str, t
                     logits[:, :-1].reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
                 count += batch.loss_tokens
             parts.append((total, count))
+        if groups:
+            bounds = [sum(groups[:g]) for g in range(len(groups) + 1)]
+            parts = [(sum(t for t, _ in parts[a:b]), sum(c for _, c in parts[a:b])) for a, b in zip(bounds, bounds[1:])]
         assert len({c for _, c in parts}) > 1, "the case must give ranks different numbers of loss tokens"
         if weighting == "tokens":
             loss = sum(t for t, _ in parts) / sum(c for _, c in parts)

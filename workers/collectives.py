@@ -21,10 +21,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RankInfo:
-    rank: int
+    rank: int  # within the group it joins: the job's, or in outer-step mode its box's
     world_size: int
     master_addr: str
     master_port: int
+    # Outer-step mode (workers/outer_steps.py): every box is a DeepSpeed world of its own, and its rank 0 also joins
+    # the leaders' group across boxes at outer_addr:outer_port (box 0's leader hosts it).
+    box: int = 0
+    boxes: int = 1
+    first_rank: int = 0  # the job-wide index of the box's rank 0: the job's config lists ranks box by box
+    outer_addr: str = ""
+    outer_port: int = 0
 
 
 class CollectiveOffDevice(RuntimeError):
@@ -33,9 +40,14 @@ class CollectiveOffDevice(RuntimeError):
 
 @dataclass(frozen=True)
 class RankComm:
-    rank: int
+    rank: int  # in this group (the box's, in outer-step mode)
     world: int
     device: torch.device
+    job_rank: int = -1  # the rank's index in the job's config (rank + the box's first rank); -1: the same as rank
+
+    @property
+    def me(self) -> int:
+        return self.rank if self.job_rank < 0 else self.job_rank
 
     @classmethod
     def join(cls, info: RankInfo) -> RankComm:
@@ -55,7 +67,7 @@ class RankComm:
         if on_gpu:
             torch.cuda.set_device(device)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
-        return cls(dist.get_rank(), dist.get_world_size(), device)
+        return cls(dist.get_rank(), dist.get_world_size(), device, info.first_rank + dist.get_rank())
 
     @property
     def on_gpu(self) -> bool:
@@ -78,6 +90,14 @@ class RankComm:
 
         self._check(tensor, "sum")
         dist.all_reduce(tensor)
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's tensor on every rank, in place; returns the tensor."""
+        import torch.distributed as dist
+
+        self._check(tensor, "broadcast")
+        dist.broadcast(tensor, src=0)
         return tensor
 
     def from_first(self, value):
@@ -110,3 +130,46 @@ class RankComm:
                 f"{what}: a {tuple(tensor.shape)} {tensor.dtype} tensor on {tensor.device}, but this rank's collectives "
                 f"run on {self.device}; NCCL has no CPU collectives, so every tensor a collective sees must be made on "
                 f"the rank's device (RankComm.tensor / RankComm.zeros)")
+
+
+@dataclass
+class BoxLink:
+    """The group of box leaders (each box's rank 0) across the slow link between boxes, for outer steps. It is
+    gloo over TCP whatever the boxes run inside (a 1 GbE link between boxes is what gloo's TCP is for), so its
+    tensors live in host memory, as the outer state does (workers/outer_steps.py); every byte handed to it is
+    counted, so the traffic across boxes is measured, not estimated."""
+
+    box: int
+    boxes: int
+    group: object  # torch.distributed.ProcessGroupGloo, outside the default group the box's DeepSpeed uses
+    store: object  # its rendezvous (kept alive with the group)
+    bytes_sent: int = 0  # payload this leader handed to collectives across boxes
+
+    @classmethod
+    def join(cls, info: RankInfo, timeout_s: float = 600) -> BoxLink:
+        """Box 0's leader hosts the rendezvous; the others connect to it (each waits up to `timeout_s` for the
+        rest, then fails naming the address)."""
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        wait = timedelta(seconds=timeout_s)
+        try:
+            store = dist.TCPStore(info.outer_addr, info.outer_port, info.boxes, is_master=info.box == 0, timeout=wait)
+            group = dist.ProcessGroupGloo(dist.PrefixStore("boxes", store), info.box, info.boxes, wait)
+        except Exception as err:  # (torch raises several kinds for a peer that never came)
+            raise RuntimeError(f"box {info.box}: the leaders of the {info.boxes} boxes did not meet at {info.outer_addr}:"
+                               f"{info.outer_port} within {timeout_s:.0f} s ({err}); check that every box reaches that address") from err
+        return cls(info.box, info.boxes, group, store)
+
+    def exchange(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every box's `tensor` (same shape and dtype on each), in box order."""
+        import torch
+
+        if tensor.device.type != "cpu":
+            raise CollectiveOffDevice(f"exchange across boxes: a {tuple(tensor.shape)} tensor on {tensor.device}; the link "
+                                      "between boxes is gloo over TCP and takes host tensors (the outer state lives in host RAM)")
+        out = [torch.empty_like(tensor) for _ in range(self.boxes)]
+        self.group.allgather([out], [tensor]).wait()
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        return out

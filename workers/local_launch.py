@@ -39,7 +39,7 @@ def _context():
     return context
 
 
-def _rank(rank: int, world: int, config_json: str, port: int, results, threads: int, environ: dict[str, str]) -> None:
+def _rank(info: RankInfo, config_json: str, results, threads: int, environ: dict[str, str]) -> None:
     # The fork server's environment is the one it started with: take the launcher's as it is now (a test's
     # fault injection, a tracker's offline mode, the card a GPU rank must see).
     os.environ.clear()
@@ -49,7 +49,7 @@ def _rank(rank: int, world: int, config_json: str, port: int, results, threads: 
     torch.set_num_threads(threads)
     from workers.train import main
 
-    results.put(asdict(main(TrainConfig.from_json(config_json), RankInfo(rank, world, "127.0.0.1", port))))
+    results.put(asdict(main(TrainConfig.from_json(config_json), info)))
     results.close()
     results.join_thread()  # the result is handed over before the hard exit below
     # Done and saved. Skip interpreter teardown: a C++ thread left joinable by the gloo/DeepSpeed stack
@@ -63,18 +63,35 @@ def _death(rank: int, exitcode: int) -> str:
     return f"rank {rank} killed by signal {-exitcode}" if exitcode < 0 else f"rank {rank} exited with status {exitcode}"
 
 
+def rank_infos(config: TrainConfig) -> list[RankInfo]:
+    """Where each local rank meets its peers: one group over every rank, or in outer-step mode one per box (ranks
+    listed box by box) and the box leaders' link across them."""
+    world = len(config.micro_batches)
+    boxes = tuple(config.outer["boxes"]) if config.outer else (world,)
+    outer_port = _free_port() if config.outer else 0
+    infos, first = [], 0
+    for box, size in enumerate(boxes):
+        port = _free_port()
+        infos += [RankInfo(r, size, "127.0.0.1", port, box, len(boxes), first, "127.0.0.1", outer_port) for r in range(size)]
+        first += size
+    return infos
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_local_ranks(config: TrainConfig, timeout_s: float = 600, threads_per_rank: int = 1) -> list[dict]:
     """Train on len(config.micro_batches) local ranks (gloo on the CPU; NCCL where a card is visible, as
     tests/test_gpu.py runs one rank); each rank's RankResult as a dict, by rank. One CPU thread per rank by
     default: several ranks share this machine's cores."""
     world = len(config.micro_batches)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = _context()
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, world, config.to_json(), port, results, threads_per_rank, dict(os.environ)))
-             for r in range(world)]
+    procs = [ctx.Process(target=_rank, args=(info, config.to_json(), results, threads_per_rank, dict(os.environ)))
+             for info in rank_infos(config)]
     for p in procs:
         p.start()
     collected, deadline = [], time.monotonic() + timeout_s

@@ -58,6 +58,9 @@ class TrainConfig:
     plan: dict = field(default_factory=dict)  # the plan's summary: the trackers' config, each rank's metric labels
     attempt: str = ""  # this placement's Ray job id: where rank 0 posts its progress (workers/job_records.py); "" outside a job
     four_bit: dict = field(default_factory=dict)  # qlora: type, double_quant (the plan's FourBitBase); {} otherwise
+    # Outer-step mode across boxes (workers/outer_steps.OuterConfig): boxes (ranks per box), inner_steps, outer_lr,
+    # outer_momentum, wire. {}: one synchronous DeepSpeed world over every rank.
+    outer: dict = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
@@ -102,6 +105,8 @@ class RankResult:
     # On a card: torch's allocator peaks over the training steps (before the final save), for the memory model's check
     card_memory: dict[str, int] = field(default_factory=dict)
     quantised_layers: int = 0  # QLoRA: the base's linear layers this rank's model holds in 4 bits (bitsandbytes' Linear4bit)
+    outer_steps: int = 0  # outer-step mode: outer steps taken
+    outer_bytes_sent: int = 0  # ... and, on a box's leader, the bytes it handed to the link between boxes (counted)
 
 
 def utilisation(busy_s: list[float], wait_s: list[float]) -> list[float]:
@@ -110,14 +115,18 @@ def utilisation(busy_s: list[float], wait_s: list[float]) -> list[float]:
 
 
 def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
-    """One rank of one job: join the job's process group, train, leave."""
+    """One rank of one job: join the job's process group (its box's, in outer-step mode, and the leaders' link
+    across boxes on a box's rank 0), train, leave."""
+    from workers.collectives import BoxLink
+
     comm = RankComm.join(info)
-    result = train(cfg, comm)
+    link = BoxLink.join(info) if cfg.outer and comm.rank == 0 else None
+    result = train(cfg, comm, link)
     comm.leave()
     return result
 
 
-def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
+def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
     import deepspeed
     import torch
     import torch.nn.functional as F
@@ -128,13 +137,18 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
     from workers import checkpoint, faults, job_records
     from workers.data import GlobalBatchSampler, collate, read_records, tokenize
     from workers.memory_report import model_state_bytes
+    from workers.outer_steps import OuterConfig, OuterSteps
     from workers.precision import runnable_ds_config
     from workers.rebalance import SplitTuner
     from workers.telemetry import RankGauges, card_memory_peaks, memory_in_use, reduce_step
     from workers.tracking import Trackers
 
-    rank, world, on_gpu = comm.rank, comm.world, comm.on_gpu
-    ds_config, precision = runnable_ds_config(cfg.ds_configs[rank], on_gpu)
+    # rank: in this rank's DeepSpeed world (its box's, in outer-step mode); me: its index in the job's config
+    rank, world, on_gpu, me = comm.rank, comm.world, comm.on_gpu, comm.me
+    outer = OuterConfig.from_dict(cfg.outer) if cfg.outer else None
+    ds_config, precision = runnable_ds_config(cfg.ds_configs[me], on_gpu)
+    if outer and (ds_config["zero_optimization"]["stage"] > 2 or cfg.checkpoint_every or cfg.micro_batch_caps):
+        raise ValueError("outer-step mode runs ZeRO-1/2 without checkpoints or split tuning for now (workers/outer_steps.py)")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -155,7 +169,7 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
     tag, skipped, load_dir = comm.from_first(_resume_point(checkpoints, layout) if rank == 0 else None)  # one rank reads the checksums
     universal = tag is not None and load_dir != str(checkpoints)
     for warning in skipped:
-        _say(rank, f"warning: {warning}")
+        _say(me, f"warning: {warning}")
     if universal:
         ds_config["checkpoint"] = {"load_universal": True}
 
@@ -168,12 +182,12 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
         model = load_four_bit(cfg.model_path, cfg.four_bit, precision, comm.device)
     else:
         model = AutoModelForCausalLM.from_pretrained(cfg.model_path)
-    if cfg.activation_checkpointing[rank]:
+    if cfg.activation_checkpointing[me]:
         model.gradient_checkpointing_enable()
     if cfg.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
-        if cfg.activation_checkpointing[rank]:
+        if cfg.activation_checkpointing[me]:
             model.enable_input_require_grads()
         model = get_peft_model(model, LoraConfig(
             r=cfg.lora["r"], lora_alpha=cfg.lora["alpha"], lora_dropout=cfg.lora["dropout"],
@@ -182,6 +196,7 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     del zero3
+    outer_steps = OuterSteps(outer, trainable, comm, link) if outer else None
 
     # ----------------------------------------------------------------------------- resume
     start_step = 0
@@ -189,35 +204,36 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
         _, client_state = engine.load_checkpoint(load_dir, tag=tag)
         start_step = int(client_state["step"])
         how = " through its universal form (it was saved on other ranks)" if universal else ""
-        _say(rank, f"resumed from {checkpoints / tag} at step {start_step}{how}")
+        _say(me, f"resumed from {checkpoints / tag} at step {start_step}{how}")
 
     def save(step: int) -> None:
         checkpoint.save(engine, checkpoints, step, rank, comm.barrier, cfg.keep_last, layout)
 
     # ----------------------------------------------------------------------------- loop
-    result = RankResult(rank=rank, steps=start_step, precision=precision, device=_device_name(on_gpu),
+    result = RankResult(rank=me, steps=start_step, precision=precision, device=_device_name(on_gpu),
                         recomputes=engine.module.is_gradient_checkpointing, resumed_from=tag or "",
                         universal=universal, quantised_layers=sum(type(p).__name__ == "Params4bit" for p in engine.module.parameters()))
-    extra_per_sample_s = cfg.emulated_seconds_per_sample[rank] if cfg.emulated_seconds_per_sample else 0.0
+    extra_per_sample_s = cfg.emulated_seconds_per_sample[me] if cfg.emulated_seconds_per_sample else 0.0
     if cfg.emulated_seconds_per_sample:
-        _say(rank, f"SPEED EMULATION ON (benchmark only): ranks sleep {list(cfg.emulated_seconds_per_sample)} s per sample")
+        _say(me, f"SPEED EMULATION ON (benchmark only): ranks sleep {list(cfg.emulated_seconds_per_sample)} s per sample")
     _quiet_deepspeed_timer_log()
-    gauges = RankGauges.for_rank(cfg.job_id, rank, cfg.plan)
-    progress = job_records.Progress.for_rank(cfg.attempt, rank)
-    trackers = Trackers(cfg.report_to, out, cfg.job_id, cfg.plan, world, start_step) if rank == 0 and cfg.report_to else None
+    gauges = RankGauges.for_rank(cfg.job_id, me, cfg.plan)
+    progress = job_records.Progress.for_rank(cfg.attempt, me)
+    trackers = Trackers(cfg.report_to, out, cfg.job_id, cfg.plan, world, start_step) if me == 0 and cfg.report_to else None
     # The split each step runs (the plan's until measured speeds correct it: rank 0's tuner decides, every rank
     # learns the change in the step's all-reduce and switches at the same step).
-    split = cfg.micro_batches
+    # In outer-step mode each box is a world of its own: its figures are its ranks' (its slice of the split).
+    split = cfg.micro_batches[me - rank: me - rank + world]
     tuner = SplitTuner(split, cfg.micro_batch_caps, cfg.grad_accum) if rank == 0 and cfg.micro_batch_caps else None
     pending = None  # rank 0's change, on its way to every rank in the next all-reduce
     for step in range(start_step, cfg.total_steps):
         if cfg.plan.get("ranks"):  # test-only injection points (workers/faults.py): a card out of memory, a pause
-            faults.out_of_memory(cfg.plan["job"], cfg.plan["ranks"][rank]["card"], split[rank])
-            faults.hold(cfg.plan["job"], step + 1, rank)
+            faults.out_of_memory(cfg.plan["job"], cfg.plan["ranks"][me]["card"], split[rank])
+            faults.hold(cfg.plan["job"], step + 1, me)
         t0 = time.perf_counter()
-        batches = [collate([samples[i] for i in idx], pad_id) for idx in sampler.rank_micro_batches(step, rank)]
+        batches = [collate([samples[i] for i in idx], pad_id) for idx in sampler.rank_micro_batches(step, me)]
         my_tokens = sum(int(b.attention_mask.sum()) for b in batches)
-        global_loss_tokens = comm.sum(comm.tensor([sum(b.loss_tokens for b in batches)], torch.float64)).item()  # N, over all ranks
+        global_loss_tokens = comm.sum(comm.tensor([sum(b.loss_tokens for b in batches)], torch.float64)).item()  # N, over the world's ranks
         loss_sum = comm.zeros((), torch.float64)  # beside the model's losses, on the rank's device
         for batch in batches:
             logits = engine(input_ids=batch.input_ids.to(engine.device), attention_mask=batch.attention_mask.to(engine.device)).logits
@@ -230,6 +246,8 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
             engine.backward(token_losses * world / global_loss_tokens, scale_wrt_gas=False)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             loss_sum += token_losses.detach().double()
+        if outer_steps:
+            outer_steps.after_step(step + 1, global_loss_tokens, last=step + 1 == cfg.total_steps)
         step_time = time.perf_counter() - t0
         if not result.model_state_bytes:  # optimizer states exist from the first step on
             result.model_state_bytes = model_state_bytes(engine)
@@ -242,7 +260,7 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
             pending = pending if pending and pending.step <= cfg.total_steps else None  # (none left to run with it)
         elif stats.next_split:  # every rank: the next step, and those after, take their samples by the new split
             split = stats.next_split
-            sampler = dataclasses.replace(sampler, micro_batches=split)
+            sampler = dataclasses.replace(sampler, micro_batches=split)  # (never in outer-step mode: no tuner there)
             if tuner:
                 tuner.applied(split)
                 result.rebalances.append(pending.record())
@@ -253,7 +271,7 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
         result.step_times.append(step_time)
         result.first_loss = result.first_loss if result.first_loss is not None else stats.loss
         result.last_loss, result.steps = stats.loss, step + 1
-        _progress(rank, progress, step=step + 1, of=cfg.total_steps, loss=round(stats.loss, 5), lr=stats.lr,
+        _progress(me, progress, step=step + 1, of=cfg.total_steps, loss=round(stats.loss, 5), lr=stats.lr,
                   step_time_s=round(step_time, 4), tokens_per_s=round(stats.tokens_per_s, 1))
         if gauges:
             gauges.record(stats, rank)
@@ -261,7 +279,7 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
             trackers.log(stats)
         if stats.stop and step + 1 < cfg.total_steps:  # the scheduler moves the job: it goes on from here elsewhere
             result.stopped_early = True
-            _say(rank, f"stopping after step {step + 1} with a checkpoint: the scheduler places the job again")
+            _say(me, f"stopping after step {step + 1} with a checkpoint: the scheduler places the job again")
             break
         if cfg.write_outputs and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.total_steps:
             save(step + 1)
@@ -270,7 +288,11 @@ def train(cfg: TrainConfig, comm: RankComm) -> RankResult:
     result.card_memory = card_memory_peaks()
     if trackers:
         trackers.close()
-    if cfg.write_outputs:
+    if outer_steps:  # every box ends on the global weights: box 0 writes them (checkpoints: not yet in this mode)
+        result.outer_steps, result.outer_bytes_sent = outer_steps.done, link.bytes_sent if link else 0
+        if cfg.write_outputs and me == 0:
+            result.final_dir = str(_save_final(engine, tokenizer, out, rank, zero3_stage=False))
+    elif cfg.write_outputs:
         save(result.steps)
         if not result.stopped_early:
             result.final_dir = str(_save_final(engine, tokenizer, out, rank, zero3_stage=ds_config["zero_optimization"]["stage"] == 3))

@@ -1,0 +1,180 @@
+"""Outer steps across boxes: DeepSpeed ZeRO inside each box, DiLoCo's outer step between boxes (Douillard et al.,
+arXiv 2311.08105), so a job can span boxes joined by 1 GbE without moving gradients across it every step.
+
+Each box is a DeepSpeed world of its own and trains on its share of every global batch for `inner_steps` (H)
+optimizer steps. Then, on every rank of every box at once:
+  1. each rank reads its full fp32 weights (DeepSpeed's safe_get_full_fp32_param: a collective inside the box);
+  2. the box's leader (its rank 0) takes the box's delta from the global weights, global - local, in fp32, and
+     sends it in the wire format with the loss tokens the box trained on since the last outer step;
+  3. every leader combines the deltas weighted by those tokens and takes an outer Nesterov SGD step on the global
+     weights, which it keeps in host RAM with the outer momentum (8 bytes a trained parameter);
+  4. the leader broadcasts the new global weights inside its box, and every rank loads them into DeepSpeed's fp32
+     master weights and into the model's own.
+Weighting by tokens makes the combination exact for boxes of unequal batch: with inner SGD, H = 1, outer lr 1 and
+no momentum, the result is one synchronous data-parallel step on the whole global batch (tests/test_outer_steps.py).
+The inner optimizer's state (Adam's moments) stays in each box, as in DiLoCo.
+
+ZeRO-1 and 2 only for now: every rank holds the whole model, which step 4 writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from workers.collectives import BoxLink, RankComm
+
+WIRE_FORMATS = ("fp32", "bf16", "int8")
+
+
+@dataclass(frozen=True)
+class OuterConfig:
+    """The job's outer-step settings (TrainConfig.outer)."""
+
+    boxes: tuple[int, ...]  # ranks per box, in rank order: the job's config lists ranks box by box
+    inner_steps: int  # H: optimizer steps each box takes between outer steps
+    outer_lr: float
+    outer_momentum: float  # Nesterov
+    wire: str  # what a delta crosses the link as: fp32, bf16, or int8 with a scale per tensor
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> OuterConfig:
+        config = cls(tuple(raw["boxes"]), int(raw["inner_steps"]), float(raw["outer_lr"]), float(raw["outer_momentum"]), raw["wire"])
+        if config.wire not in WIRE_FORMATS:
+            raise ValueError(f"outer.wire: {config.wire!r} is not one of {', '.join(WIRE_FORMATS)}")
+        if config.inner_steps < 1:
+            raise ValueError(f"outer.inner_steps: {config.inner_steps} must be at least 1")
+        return config
+
+    def box_of(self, job_rank: int) -> tuple[int, int]:
+        """(box, its first job rank) for a job rank."""
+        first = 0
+        for box, size in enumerate(self.boxes):
+            if job_rank < first + size:
+                return box, first
+            first += size
+        raise ValueError(f"rank {job_rank} is in none of the boxes {list(self.boxes)}")
+
+
+class OuterSteps:
+    """One rank's part in the outer steps; the box leader's holds the global weights, the momentum and the link."""
+
+    def __init__(self, config: OuterConfig, params: list[torch.nn.Parameter], comm: RankComm, link: BoxLink | None):
+        self.config, self.params, self.comm, self.link = config, params, comm, link
+        self.tokens_since = 0.0  # loss tokens this box trained on since the last outer step
+        self.done = 0  # outer steps taken
+        local = self._local_fp32()  # every rank: a collective inside the box
+        self.global_weights = [t.to("cpu", copy=True) for t in local] if comm.rank == 0 else []
+        self.momentum = [w.new_zeros(w.shape) for w in self.global_weights]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def after_step(self, step: int, box_loss_tokens: float, last: bool) -> bool:
+        """Count the step's tokens; take an outer step every `inner_steps` steps and after the last. True if it did."""
+        self.tokens_since += box_loss_tokens
+        if (step % self.config.inner_steps and not last) or not self.tokens_since:
+            return False
+        self.outer_step()
+        return True
+
+    def outer_step(self) -> None:
+        import torch
+
+        local = self._local_fp32()
+        flat = self.comm.zeros(self.numel, torch.float32)
+        if self.comm.rank == 0:
+            delta = [g - t.to("cpu") for g, t in zip(self.global_weights, local)]
+            combined = self._combine(delta)
+            self._nesterov(combined)
+            flat.copy_(torch.cat([w.reshape(-1) for w in self.global_weights]).to(flat.device))
+        self.comm.broadcast(flat)
+        offset = 0
+        for param in self.params:
+            value = flat[offset: offset + param.numel()].view_as(param)
+            _set_full_fp32(param, value)
+            offset += param.numel()
+        self.tokens_since, self.done = 0.0, self.done + 1
+
+    def _combine(self, delta: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every box's delta, weighted by the loss tokens it trained on (one gather across boxes each for the
+        tokens and the payload)."""
+        import torch
+
+        tokens = self.link.exchange(torch.tensor([self.tokens_since], dtype=torch.float64, device="cpu"))
+        payload = self.link.exchange(encode(delta, self.config.wire))
+        total = sum(float(t.item()) for t in tokens)
+        shapes = [d.shape for d in delta]
+        out = [torch.zeros(s, dtype=torch.float32, device="cpu") for s in shapes]
+        for weight, sent in zip(tokens, payload):
+            for acc, part in zip(out, decode(sent, shapes, self.config.wire)):
+                acc.add_(part, alpha=float(weight.item()) / total)
+        return out
+
+    def _nesterov(self, delta: list[torch.Tensor]) -> None:
+        """Outer SGD with Nesterov momentum on the global weights, the combined delta as the gradient (as
+        torch.optim.SGD(nesterov=True) steps)."""
+        mu, lr = self.config.outer_momentum, self.config.outer_lr
+        for weight, buf, grad in zip(self.global_weights, self.momentum, delta):
+            buf.mul_(mu).add_(grad)
+            weight.sub_(grad.add(buf, alpha=mu), alpha=lr)
+
+    def _local_fp32(self) -> list[torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return [safe_get_full_fp32_param(p).detach().float() for p in self.params]
+
+    def state(self) -> dict:
+        return {"outer_steps": self.done, "bytes_sent": self.link.bytes_sent if self.link else 0}
+
+
+def _set_full_fp32(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """DeepSpeed's fp32 master copy (the optimizer steps from it) and the model's weight (the forward reads it)."""
+    import torch
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    safe_set_full_fp32_param(param, value)
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
+def encode(tensors: list[torch.Tensor], wire: str) -> torch.Tensor:
+    """Tensors as one flat payload: fp32; or bytes (gloo has no 16-bit integer or bf16 type, and moves bytes as they
+    are): bf16, or int8 with one fp32 scale per tensor (its largest magnitude over 127), the scales first."""
+    import torch
+
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    if wire == "fp32":
+        return flat
+    if wire == "bf16":
+        return flat.to(torch.bfloat16).view(torch.uint8)
+    scales = torch.stack([t.abs().max().clamp(min=1e-30) / 127 for t in tensors])
+    q = torch.cat([(t.reshape(-1) / s).round().clamp(-127, 127) for t, s in zip(tensors, scales)]).to(torch.int8)
+    return torch.cat([scales.view(torch.uint8), q.view(torch.uint8)])
+
+
+def decode(payload: torch.Tensor, shapes: list, wire: str) -> list[torch.Tensor]:
+    import torch
+
+    if wire == "fp32":
+        flat = payload
+    elif wire == "bf16":
+        flat = payload.view(torch.bfloat16).float()
+    else:
+        n = len(shapes)
+        scales = payload[: 4 * n].view(torch.float32)
+        q = payload[4 * n:].view(torch.int8).float()
+        sizes = [_numel(s) for s in shapes]
+        flat = torch.cat([part * s for part, s in zip(torch.split(q, sizes), scales)])
+    return [part.view(shape) for part, shape in zip(torch.split(flat, [_numel(s) for s in shapes]), shapes)]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
