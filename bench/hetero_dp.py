@@ -57,7 +57,7 @@ BENCH_MODEL = {**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 768, "num_
 
 def trio_job(work: Path, model_config: dict, steps: int, global_batch: int, pretrain_lines: int, **fields) -> JobSpec:
     """A full fine-tune from scratch of `model_config` (the tiny Llama's tokenizer) on the demo's text, on the
-    homelab's 1080 Ti, 3090 and 4090, ZeRO-2: what the CPU benches train."""
+    homelab's 1080 Ti, 3090 and 4090, ZeRO-2, synchronous: what the CPU benches train."""
     model_dir = work / "model"
     shutil.copytree(REPO / "jobs" / "examples" / "tiny-llama", model_dir)
     (model_dir / "config.json").write_text(json.dumps(model_config))
@@ -67,7 +67,7 @@ def trio_job(work: Path, model_config: dict, steps: int, global_batch: int, pret
         "dataset": {"path": str(data["pretrain"]), "text_field": "text"}, "seq_len": 32,
         "global_batch_size": global_batch, "max_steps": steps, "output_dir": str(work / "out"),
         "optimizer": {"lr": 1e-3, "schedule": "constant"}, "gpus": {"count": 3, "models": TRIO}, "deepspeed": {"zero_stage": 2},
-        "report_to": [], **fields,
+        "report_to": [], "sync": {"mode": "synchronous"}, **fields,
     })
 
 

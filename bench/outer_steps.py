@@ -27,7 +27,7 @@ from orchestrator.model_facts import facts_from_config
 from orchestrator.planner import make_plan
 from workers.local_launch import run_local_ranks
 
-from hetero_dp import trio_job
+from hetero_dp import BENCH_MODEL, trio_job
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = {**TINY_LLAMA, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -63,14 +63,16 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=24)
     parser.add_argument("--outer-lr", type=float, default=0.7)
     parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--wide", action="store_true", help="bench/hetero_dp.py's wider model (4 layers of 256) instead")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="zeromix-outer-"))
-    job = trio_job(work, MODEL, args.steps, args.global_batch, pretrain_lines=3000, rebalance=False)
+    model = BENCH_MODEL if args.wide else MODEL
+    job = trio_job(work, model, args.steps, args.global_batch, pretrain_lines=3000, rebalance=False)
     model_dir = Path(job.model.path)
     held_out = write_demo_data(work / "held-out", seed=1, pretrain_lines=300, reverse_train=10, reverse_eval=5)["pretrain"]
     homelab = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
-    plan = make_plan(job, facts_from_config(MODEL), homelab, args.steps)
+    plan = make_plan(job, facts_from_config(model), homelab, args.steps)
     nodes = list(dict.fromkeys(r.card.node for r in plan.ranks))
     plan = dataclasses.replace(plan, ranks=tuple(sorted(plan.ranks, key=lambda r: nodes.index(r.card.node))))  # box by box
     boxes = [sum(r.card.node == n for r in plan.ranks) for n in nodes]

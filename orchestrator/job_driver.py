@@ -27,15 +27,18 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
     """The job's result. A run resumed at its last step (its driver died after the final save) trained no step:
     its figures per step are None, and it still succeeds."""
     first, cards = results[0], plan["ranks"]
-    util = utilisation(first["busy_s"], first["wait_s"])
     ran = bool(first["history"])
+    # A rank's figures are in its own group's lists: the job's, or with outer steps its box's (ranks box by box)
+    boxes = config.outer["boxes"] if config.outer else [len(results)]
+    local = [i - sum(boxes[:b]) for b, size in enumerate(boxes) for i in range(sum(boxes[:b]), sum(boxes[:b]) + size)]
+    history = job_history(boxes, results)
     return {
         "job_id": config.job_id,
         "steps": first["steps"],
-        "first_loss": first["first_loss"],
-        "last_loss": first["last_loss"],
-        "losses": first["losses"],
-        "history": first["history"],  # every step, every card (workers/telemetry.StepStats.record): the report's data
+        "first_loss": history[0]["loss"] if history else first["first_loss"],
+        "last_loss": history[-1]["loss"] if history else first["last_loss"],
+        "losses": [h["loss"] for h in history],
+        "history": history,  # every step, every card (workers/telemetry.StepStats.record): the report's data
         "rebalances": first["rebalances"],  # each correction of the split from measured speeds (workers/rebalance.py)
         "plan": plan,
         "method": config.method,
@@ -45,21 +48,44 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
         "final_dir": first["final_dir"],
         "step_time_s": round(first["step_time_s"], 4) if ran else None,  # measured, mean over the run
         "est_step_s": plan["est_step_s"],  # the plan's estimate, for the real cards
+        # outer steps across boxes: how many, and the bytes the box leaders sent across the link (counted there)
+        "outer": {"outer_steps": first["outer_steps"], "bytes_across_boxes": sum(r["outer_bytes_sent"] for r in results)} if config.outer else None,
         "ranks": [
             {"rank": i, "card": c["card"], "model": c["model"], "micro_batch": config.micro_batches[i],
-             "final_micro_batch": first["history"][-1]["split"][i] if first["history"] else config.micro_batches[i],
+             "final_micro_batch": history[-1]["split"][i] if history else config.micro_batches[i],
              "zero_stage": config.ds_configs[i]["zero_optimization"]["stage"], "precision": r["precision"],
              "device": p["device"], "cuda_visible_devices": p["cuda_visible_devices"],
              "nvml_name": p["nvml_name"], "uuid": p["uuid"], "pci_bus_id": p["pci_bus_id"],
-             "busy_s": round(first["busy_s"][i], 4) if ran else None, "wait_s": round(first["wait_s"][i], 4) if ran else None,
-             "utilisation": round(util[i], 3) if util else None,
+             "busy_s": round(r["busy_s"][j], 4) if ran else None, "wait_s": round(r["wait_s"][j], 4) if ran else None,
+             "utilisation": round(utilisation(r["busy_s"], r["wait_s"])[j], 3) if ran else None,
              "est_compute_s": c["est_compute_s"],
              # measured from the engine's tensors vs the plan's estimate (weights + gradients + optimizer)
              "model_state_mib": float(f"{sum(r['model_state_bytes'].values()) / 1024**2:.4g}"),
              "est_model_state_mib": float(f"{sum(c['est_mem_breakdown_gib'][k] for k in ('weights', 'gradients', 'optimizer')) * 1024:.4g}")}
-            for i, (c, p, r) in enumerate(zip(cards, placements, results))
+            for i, (c, p, r, j) in enumerate(zip(cards, placements, results, local))
         ],
     }
+
+
+PER_RANK = ("tokens", "step_time_s", "reduce_s", "memory_bytes", "peak_memory_bytes", "split", "wait_s", "compute_s")
+
+
+def job_history(boxes: list[int], results: list[dict]) -> list[dict]:
+    """Every step, every card. Synchronous: any rank's history (they all hold the job's). With outer steps each box
+    records its own cards: the boxes' records of a step side by side, the loss their mean weighted by tokens."""
+    firsts = [results[sum(boxes[:b])]["history"] for b in range(len(boxes))]
+    if len(firsts) == 1:
+        return firsts[0]
+    merged = []
+    for records in zip(*firsts):
+        row = {**records[0], **{key: [v for r in records for v in r[key]] for key in PER_RANK}, "next_split": []}
+        tokens = [sum(r["tokens"]) for r in records]
+        row["loss"] = sum(r["loss"] * t for r, t in zip(records, tokens)) / sum(tokens)
+        row["comm_s"] = min(row["reduce_s"])
+        row["tokens_per_s"] = round(sum(row["tokens"]) / max(row["step_time_s"]), 1)
+        row["stop"] = any(r["stop"] for r in records)
+        merged.append(row)
+    return merged
 
 
 def _base(config: TrainConfig, first: dict) -> str:

@@ -102,6 +102,28 @@ class DeepSpeedSpec(StrictModel):
     gradient_clipping: float = Field(1.0, ge=0, description="Max global grad norm; 0 turns clipping off.")
 
 
+class SyncSpec(StrictModel):
+    """How the cards agree on the weights when a job spans boxes. synchronous: one DeepSpeed world over every card,
+    gradients across the boxes' link in every step. outer: ZeRO inside each box, and every inner_steps optimizer
+    steps the boxes exchange their weight deltas over the link and take an outer step (DiLoCo, workers/outer_steps.py).
+    auto: outer when the job spans boxes and synchronous collectives across them would take more than a quarter of
+    its step (the planner's estimate)."""
+
+    mode: Literal["auto", "synchronous", "outer"] = "auto"
+    inner_steps: int | Literal["auto"] = Field("auto", description="H: optimizer steps between outer steps; auto: the "
+                                                                   "fewest that keep the exchange under 5% of the time (10-500)")
+    outer_lr: float = Field(1.0, gt=0, le=2)
+    outer_momentum: float = Field(0.0, ge=0, lt=1, description="Nesterov momentum of the outer step")
+    wire: Literal["fp32", "bf16", "int8"] = Field("fp32", description="what a delta crosses the link as (int8: one scale per tensor)")
+
+    @field_validator("inner_steps")
+    @classmethod
+    def _inner_steps_in_range(cls, value):
+        if value != "auto" and not 1 <= value <= 10_000:
+            raise ValueError("give auto or a number of optimizer steps from 1 to 10000")
+        return value
+
+
 class JobSpec(StrictModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
     model: ModelSpec
@@ -123,6 +145,7 @@ class JobSpec(StrictModel):
     rebalance: bool = Field(True, description="Move samples between cards while training when their measured speeds "
                                               "disagree with the plan's (workers/rebalance.py); false keeps the planned split.")
     keep_last: int = Field(2, ge=1, le=1000, description="Complete checkpoints kept; older ones are deleted after each save.")
+    sync: SyncSpec = SyncSpec()
     priority: int = Field(0, ge=-100, le=100)
     seed: int = 0
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
@@ -163,6 +186,17 @@ class JobSpec(StrictModel):
         if info.data.get("method") == "qlora" and (value.zero_stage == 3 or value.offload == "optimizer+params"):
             raise ValueError(f"zero_stage {value.zero_stage}, offload {value.offload}: qlora runs at ZeRO-1 or 2 without parameter offload "
                              "(each rank loads the whole 4-bit base, so ZeRO-3 would not lower its peak); use zero_stage auto, 1 or 2")
+        return value
+
+    @field_validator("sync")
+    @classmethod
+    def _outer_steps_as_built(cls, value: SyncSpec, info: ValidationInfo) -> SyncSpec:
+        if value.mode != "outer":
+            return value
+        ds = info.data.get("deepspeed")
+        if ds is not None and (ds.zero_stage == 3 or ds.offload == "optimizer+params"):
+            raise ValueError(f"mode outer runs ZeRO-1 or 2 without parameter offload in each box for now (zero_stage {ds.zero_stage}, "
+                             f"offload {ds.offload}); use zero_stage auto, 1 or 2")
         return value
 
     @field_validator("report_to")

@@ -48,7 +48,7 @@ def checkpoint_every(job: JobSpec, plan: Plan) -> int:
 
 
 def train_config(job: JobSpec, plan: Plan, job_id: str) -> TrainConfig:
-    return TrainConfig(
+    config = TrainConfig(
         job_id=job_id, model_init=job.model.init, model_path=job.model.path,
         tokenizer_path=job.model.tokenizer or job.model.path,
         dataset=job.dataset.model_dump(), method=job.method,
@@ -61,20 +61,24 @@ def train_config(job: JobSpec, plan: Plan, job_id: str) -> TrainConfig:
         micro_batch_caps=tuple(r.micro_cap for r in plan.ranks) if job.rebalance and len(plan.ranks) > 1 else (),
         report_to=tuple(job.report_to), plan=plan.summary(),
     )
+    if plan.outer:  # the plan lists its ranks box by box
+        o = plan.outer
+        return with_outer_steps(config, [n for _, n in o.boxes], o.inner_steps, o.outer_lr, o.outer_momentum, o.wire)
+    return config
 
 
-def with_outer_steps(config: TrainConfig, boxes: list[int], inner_steps: int, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-                     wire: str = "fp32") -> TrainConfig:
+def with_outer_steps(config: TrainConfig, boxes: list[int], inner_steps: int, outer_lr: float, outer_momentum: float,
+                     wire: str) -> TrainConfig:
     """The run as outer steps across boxes (workers/outer_steps.py): `boxes` ranks per box, the config's ranks
     listed box by box. Each box is a DeepSpeed world of its own, so each rank's batch-size check counts its box's
-    ranks; checkpoints and split tuning are not in this mode yet. (DiLoCo's outer lr 0.7 and momentum 0.9.)"""
+    ranks; the split is not tuned while training in this mode (a box's change would have to reach every box)."""
     if sum(boxes) != len(config.micro_batches):
         raise ValueError(f"boxes {boxes} hold {sum(boxes)} ranks; the run has {len(config.micro_batches)}")
     per_rank = [size for size in boxes for _ in range(size)]
     ds = tuple({**c, "train_batch_size": c["train_micro_batch_size_per_gpu"] * c["gradient_accumulation_steps"] * n}
                for c, n in zip(config.ds_configs, per_rank))
     outer = {"boxes": list(boxes), "inner_steps": inner_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum, "wire": wire}
-    return dataclasses.replace(config, ds_configs=ds, outer=outer, checkpoint_every=0, micro_batch_caps=())
+    return dataclasses.replace(config, ds_configs=ds, outer=outer, micro_batch_caps=())
 
 
 def trains(job: JobSpec) -> str:

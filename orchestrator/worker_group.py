@@ -7,11 +7,13 @@ point of zeromix.
 
 from __future__ import annotations
 
+import json
 import re
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from workers.collectives import rank_infos
 from workers.rank import RankWorker, card_env
 
 
@@ -92,9 +94,14 @@ class WorkerGroup:
 
     def run(self, config_json: str) -> list[dict]:
         """Train on every rank; the first rank to fail stops the others (they would wait in a collective forever)."""
-        addr, port = ray.get(self.actors[0].rendezvous.remote())
         world = len(self.actors)
-        pending = {a.run.remote(config_json, rank, world, addr, port): rank for rank, a in enumerate(self.actors)}
+        outer = json.loads(config_json).get("outer")
+        boxes = tuple(outer["boxes"]) if outer else (world,)  # outer steps: each box its own group, ranks box by box
+        firsts = [sum(boxes[:b]) for b in range(len(boxes))]
+        meet = ray.get([self.actors[first].rendezvous.remote() for first in firsts])
+        outer_meet = ray.get(self.actors[0].rendezvous.remote()) if outer else ("", 0)
+        infos = rank_infos(boxes, meet, outer_meet)
+        pending = {a.run.remote(config_json, info): rank for rank, (a, info) in enumerate(zip(self.actors, infos))}
         results: dict[int, dict] = {}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

@@ -212,6 +212,27 @@ def test_qlora_of_the_scratch_model_through_the_cluster(scratch_run, demo_data):
     assert_released(job_id)
 
 
+def test_outer_steps_across_boxes_through_the_cluster(scratch_run, demo_data):
+    """The demo's full fine-tune with sync mode outer, through `zeromix submit` and Ray: the 1080 Ti (attic) and the
+    3090 (desk) each run their own DeepSpeed world, and their leaders meet every 4 steps across the boxes' link."""
+    state, _, scratch_out, _ = scratch_run
+    out = scratch_out.parent / "outer"
+    done = zeromix("submit", "--follow", "jobs/examples/tiny-llama-scratch.yaml", "--set", "sync.mode=outer", "--set", "sync.inner_steps=4",
+                   "--set", f"output_dir={out}", "--set", "report_to=[]", "--set", f"dataset.path={demo_data['pretrain']}",
+                   "--set", "max_steps=12", "--set", "checkpoint_every=8")
+    job_id = submitted_id(done.stdout)
+    assert job_status(state, job_id) == "SUCCEEDED"
+    result = json.loads((out / "zeromix-result.json").read_text())
+    assert [b["node"] for b in result["plan"]["outer"]["boxes"]] == ["desk", "attic"] and result["plan"]["outer"]["inner_steps"] == 4
+    # 12 steps, an outer step every 4: the link carried 3 exchanges of the model's fp32 delta (and two 16-byte headers)
+    trained = result["plan"]["trainable_params"]
+    assert result["outer"] == {"outer_steps": 3, "bytes_across_boxes": 2 * (3 * (4 * trained + 16) + 16)}
+    assert sorted((out / "checkpoints").glob("step-*")) == [out / "checkpoints" / "step-12", out / "checkpoints" / "step-8"]
+    assert (out / "final" / "model.safetensors").is_file() and result["last_loss"] < result["first_loss"]
+    assert "report:" in zeromix("report", job_id).stdout
+    assert_released(job_id)
+
+
 def test_a_running_jobs_cards_show_as_held_everywhere(connected, long_job):
     """Ray's placement groups, `zeromix nodes`, `queue` and `status` (within 80 columns) all say which card the
     running job holds. (Cancelling it, and how soon its cards are free: tests/test_scheduler_cluster.py.)"""

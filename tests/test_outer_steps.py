@@ -7,11 +7,21 @@ data-parallel step on the whole global batch: the trained weights must equal tha
 equally must not.
 """
 
+import dataclasses
+
 import pytest
 import torch
+import yaml
 
-from orchestrator.launch import with_outer_steps
-from tests.helpers import final_weights, job, max_relative_difference, reference
+from orchestrator.errors import InputError
+from orchestrator.jobspec import load_job
+from orchestrator.launch import train_config, with_outer_steps
+from orchestrator.model_facts import facts_from_config
+from orchestrator.planner import make_plan
+from tests.conftest import TINY_LLAMA
+from workers.local_launch import run_local_ranks
+from workers.train import OUTER_STATE
+from tests.helpers import TINY, final_weights, job, max_relative_difference, model_config, pool, reference, scenario
 from workers.outer_steps import decode, encode
 
 pytestmark = pytest.mark.deepspeed
@@ -40,7 +50,8 @@ def test_one_inner_step_per_outer_step_is_synchronous_data_parallel(ds_runs, tmp
 
 def test_the_traffic_across_boxes_is_counted_and_falls_with_fewer_outer_steps_and_a_smaller_wire(ds_runs, tmp_path, demo_data, base_model):
     """Only the leaders send, only at outer steps: the payload of a delta (4, 2 or 1 byte a parameter, int8 with one
-    4-byte scale per tensor) and 8 bytes of loss tokens. One outer step for three inner steps sends a third."""
+    4-byte scale per tensor) and a 16-byte header (loss tokens, stop); once at the start, box 0's step (16 bytes).
+    One outer step for three inner steps sends a third."""
     config = job(tmp_path / "run", demo_data, base_model, 2, "full", 0.0, optimizer="SGD")
     initial = ds_runs.initial(config)
     n, tensors = sum(t.numel() for t in initial.values()), len(initial)
@@ -52,10 +63,10 @@ def test_the_traffic_across_boxes_is_counted_and_falls_with_fewer_outer_steps_an
         assert ranks[2]["outer_bytes_sent"] == sent[wire, inner]
         assert [r["outer_steps"] for r in ranks] == [config.total_steps // inner] * 3
     steps = config.total_steps
-    assert sent["fp32", 1] == steps * (4 * n + 8)
-    assert sent["fp32", 3] == 4 * n + 8
-    assert sent["bf16", 3] == 2 * n + 8
-    assert sent["int8", 3] == n + 4 * tensors + 8
+    assert sent["fp32", 1] == steps * (4 * n + 16) + 16
+    assert sent["fp32", 3] == 4 * n + 16 + 16
+    assert sent["bf16", 3] == 2 * n + 16 + 16
+    assert sent["int8", 3] == n + 4 * tensors + 16 + 16
 
 
 def test_a_delta_survives_each_wire_format_within_its_precision():
@@ -90,3 +101,105 @@ def test_the_outer_step_is_nesterov_sgd_on_the_combined_delta():
         sgd.step()
     for ours, theirs in zip(outer.global_weights, params):
         assert torch.allclose(ours, theirs.detach(), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ the planner's side
+
+def two_boxes(link: str = "1GbE"):
+    return pool(("a", 64, ["RTX 4090", "RTX 4090"]), ("b", 64, ["RTX 3090", "RTX 3090"]), link=link)
+
+
+def qwen_plan(link: str = "1GbE", steps: int = 10_000, **sync):
+    job = scenario(method="full", global_batch_size=64, gpus={"count": 4}, precision="bf16", sync=sync, max_steps=steps)
+    return make_plan(job, facts_from_config(model_config("qwen2.5-0.5b")), two_boxes(link), steps)
+
+
+def test_across_a_slow_link_auto_picks_outer_steps_and_the_plan_says_what_they_cost():
+    """A 0.5B full fine-tune on two boxes of two cards over 1 GbE: synchronous, ZeRO-2's gradients cross the link in
+    every micro-step (35 s a step, estimate); with outer steps each box trains alone and they meet every H steps."""
+    sync, auto = qwen_plan(mode="synchronous"), qwen_plan()
+    assert sync.outer is None and sync.step.comm_s > 0.9 * sync.step.step_s
+    outer = auto.outer
+    assert outer is not None and auto.step.tokens_per_s > 10 * sync.step.tokens_per_s
+    assert [n for n, _ in outer.boxes] == ["a", "b"] and [r.card.node for r in auto.ranks] == ["a", "a", "b", "b"]  # box by box
+    assert 10 <= outer.inner_steps <= 500 and outer.exchange_s <= 0.05 * outer.inner_steps * outer.inner_step_s * 1.01
+    assert outer.exchange_s > 0.05 * (outer.inner_steps - 1) * outer.inner_step_s  # the fewest steps that keep it under 5%
+    assert outer.sync_step_s == sync.step.step_s
+    assert qwen_plan(steps=100).outer.inner_steps == 12  # a short run still gets 8 outer steps (12 x 8 <= 100)
+    # each card holds its ZeRO partition of its own box: the optimizer states of 2 ranks, not 4
+    assert auto.ranks[0].memory.optimizer == 2 * sync.ranks[0].memory.optimizer
+    sync_per_h, outer_per_h = outer.bytes_per_hour()
+    assert outer_per_h < sync_per_h / 10
+    assert auto.summary()["outer"]["inner_steps"] == outer.inner_steps
+
+
+def test_on_a_fast_link_auto_stays_synchronous_and_outer_takes_the_inner_steps_given():
+    assert qwen_plan("100GbE").outer is None  # collectives under a quarter of the step
+    assert qwen_plan("100GbE", mode="outer", inner_steps=50).outer.inner_steps == 50
+
+
+def test_the_launch_gives_each_box_its_own_deepspeed_world():
+    plan = qwen_plan()
+    job = scenario(method="full", global_batch_size=64, gpus={"count": 4}, precision="bf16")
+    config = train_config(job, plan, "q")
+    assert config.outer["boxes"] == [2, 2] and config.outer["inner_steps"] == plan.outer.inner_steps
+    assert config.micro_batch_caps == ()
+    for ds, r in zip(config.ds_configs, plan.ranks):
+        assert ds["train_batch_size"] == r.tuning.micro_batch * plan.grad_accum * 2
+
+
+def test_the_planned_traffic_is_what_the_link_counts(ds_runs, tmp_path, demo_data, base_model):
+    """The tiny model as the exactness runs train it (fp32 deltas): the plan's bytes per outer step equal those the
+    box leaders handed to the link."""
+    config = job(tmp_path / "run", demo_data, base_model, 2, "full", 0.0, optimizer="SGD")
+    _, ranks = ds_runs.run(outer_job(config))
+    spec = scenario(method="full", global_batch_size=12, seq_len=32, gpus={"count": 4}, sync={"mode": "outer"})
+    planned = make_plan(spec, TINY, two_boxes(), 3).outer
+    assert ranks[0]["outer_bytes_sent"] == planned.exchange_bytes * ranks[0]["outer_steps"] + 16  # (+ box 0's step, at the start)
+
+
+def load_with(tmp_path, demo_data, **fields):
+    spec = {"name": "o", "model": {"path": str(TINY_LLAMA)}, "dataset": {"path": str(demo_data["pretrain"]), "text_field": "text"},
+            "max_steps": 2, "output_dir": str(tmp_path / "out"), **fields}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return load_job(path)
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"sync": {"mode": "outer", "inner_steps": 0}}, "sync.inner_steps=0 is not allowed; give auto or a number of optimizer steps from 1 to 10000"),
+    ({"sync": {"mode": "outer", "wire": "fp8"}}, "sync.wire='fp8' is not allowed; input should be 'fp32', 'bf16' or 'int8'"),
+    ({"sync": {"outer_momentum": 1.0}}, "sync.outer_momentum=1.0 is not allowed"),
+    ({"sync": {"mode": "sometimes"}}, "sync.mode='sometimes' is not allowed; input should be 'auto', 'synchronous' or 'outer'"),
+    ({"sync": {"mode": "outer"}, "deepspeed": {"zero_stage": 3}}, "mode outer runs ZeRO-1 or 2 without parameter offload in each box for now"),
+])
+def test_a_bad_sync_section_gets_one_line_naming_the_field(tmp_path, demo_data, fields, expected):
+    with pytest.raises(InputError) as err:
+        load_with(tmp_path, demo_data, **fields)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+    assert load_with(tmp_path, demo_data, sync={"mode": "outer", "inner_steps": 20, "wire": "int8"}).sync.inner_steps == 20
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_where_the_uninterrupted_one_does(ds_runs, tmp_path, demo_data, base_model):
+    """Two steps, stop, two more (H = 2, outer momentum 0.5: the checkpoint must keep it): box 0 saves at the outer
+    step, the other box takes the global weights and momentum from it on joining. Inner SGD keeps no state, so the
+    resumed run must end on the uninterrupted run's weights. Resumed again on boxes cut the other way (1 + 2 ranks),
+    box 0 loads the checkpoint of a 2-rank world through DeepSpeed's universal form and the job goes on."""
+    config = job(tmp_path / "x", demo_data, base_model, 2, "full", 0.0, steps=4, optimizer="SGD")
+    whole = final_weights(ds_runs.run(outer_job(config, inner_steps=2, outer_momentum=0.5))[0])
+    split = dataclasses.replace(outer_job(config, inner_steps=2, outer_momentum=0.5), output_dir=str(tmp_path / "split"))
+    first = run_local_ranks(dataclasses.replace(split, total_steps=2))
+    assert [r["outer_steps"] for r in first] == [1, 1, 1] and (tmp_path / "split" / "checkpoints" / "step-2" / OUTER_STATE).is_file()
+    again = run_local_ranks(split)
+    assert [r["resumed_from"] for r in again] == ["step-2", "step-2", ""]  # box 0 read it; box 1 joined box 0
+    assert [r["outer_steps"] for r in again] == [2, 2, 2] and again[0]["steps"] == 4
+    assert max_relative_difference(final_weights(split), whole) < EXACT
+
+
+    # (AdamW: DeepSpeed's universal form needs Adam's moments)
+    adam = job(tmp_path / "recut", demo_data, base_model, 2, "full", 0.0, steps=4, optimizer="AdamW")
+    run_local_ranks(dataclasses.replace(with_outer_steps(adam, [2, 1], 2, 1.0, 0.5, "fp32"), total_steps=2))
+    recut = run_local_ranks(with_outer_steps(adam, [1, 2], 2, 1.0, 0.5, "fp32"))
+    assert recut[0]["resumed_from"] == "step-2" and recut[0]["universal"] and [r["outer_steps"] for r in recut] == [2, 2, 2]
+    assert all(torch.isfinite(w).all() for w in final_weights(adam).values())

@@ -135,7 +135,7 @@ def test_8_a_lora_jobs_host_ram_is_its_frozen_base_in_the_load_dtype_plus_the_ad
 
 def test_9_with_16_accumulation_steps_on_1gbe_cross_box_zero3_loses_to_a_single_box():
     two_boxes = pool(("a", 64, ["NVIDIA GeForce RTX 3090"]), ("b", 64, ["NVIDIA GeForce RTX 3090"]))
-    spec = {"method": "full", "seq_len": 2048, "global_batch_size": 64}
+    spec = {"method": "full", "seq_len": 2048, "global_batch_size": 64, "sync": {"mode": "synchronous"}}  # (outer steps: test_outer_steps.py)
     chosen = make_plan(job(**spec), LLAMA_1B, two_boxes, 100)
     cross = make_plan(job(**spec, gpus={"count": 2}, deepspeed={"zero_stage": 3}), LLAMA_1B, two_boxes, 100)
     assert len({r.card.node for r in chosen.ranks}) == 1 and cross.grad_accum >= 8

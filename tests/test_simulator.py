@@ -232,7 +232,8 @@ def test_jobs_across_boxes_share_each_boxs_network_link():
     qwen = facts_from_config(model_config("qwen2.5-0.5b"))
 
     def plan(models: list[str], count: int):
-        return make_plan(scenario(method="full", seq_len=512, global_batch_size=8, gpus={"count": count, "models": models}), qwen, two, 100)
+        return make_plan(scenario(method="full", seq_len=512, global_batch_size=8, gpus={"count": count, "models": models},
+                                  sync={"mode": "synchronous"}), qwen, two, 100)  # (collectives across the link every step)
 
     first, second, inside = plan(["RTX 3090"], 2), plan(["RTX 4090"], 2), plan(["RTX 3060 12GB"], 1)
     assert [{r.card.node for r in p.ranks} for p in (first, second, inside)] == [{"a", "b"}, {"a", "b"}, {"a"}]

@@ -64,9 +64,10 @@ def made_for_another(checkpoints: Path, trains: str) -> str | None:
     return tag if theirs and theirs != trains else None
 
 
-def save(engine, checkpoints: Path, step: int, rank: int, barrier, keep_last: int, layout: dict) -> None:
+def save(engine, checkpoints: Path, step: int, rank: int, barrier, keep_last: int, layout: dict, extra: dict | None = None) -> None:
     """Every rank calls this (DeepSpeed's save is collective). `layout`: what the checkpoint was made under
-    (world size, micro-batches, ZeRO stage), for the manifest."""
+    (world size, micro-batches, ZeRO stage), for the manifest. `extra`: rank 0's objects saved beside DeepSpeed's
+    files, one torch file each (outer steps' state, workers/outer_steps.py), under the same manifest."""
     tag, staging = tag_of(step), checkpoints / PARTIAL
     if (checkpoints / tag / MANIFEST).is_file():
         return  # this step is saved already (a job resumed at its last step): a complete checkpoint is never rewritten
@@ -76,10 +77,27 @@ def save(engine, checkpoints: Path, step: int, rank: int, barrier, keep_last: in
     engine.save_checkpoint(str(staging), tag=tag, client_state={"step": step, **_universal_info()}, save_latest=False)
     barrier()  # every rank's shards are on disk
     if rank == 0:
+        for name, value in (extra or {}).items():
+            _torch_save(value, staging / tag / name)
         faults.kill_in_save(step)  # test-only (tests/test_checkpoints.py)
         _publish(checkpoints, staging / tag, step, layout)
         _prune(checkpoints, keep_last)
     barrier()  # nobody reads `latest` before it names this save
+
+
+def _torch_save(value, path: Path) -> None:
+    import torch
+
+    torch.save(value, path)
+
+
+def load_extra(checkpoints: Path, tag: str, name: str):
+    """An object `save` kept beside DeepSpeed's files (in the checkpoint itself, never in its universal form); None
+    when the checkpoint has none (made by a run that kept none, e.g. a synchronous one)."""
+    import torch
+
+    path = checkpoints / tag / name
+    return torch.load(path, weights_only=True) if path.is_file() else None
 
 
 def _publish(checkpoints: Path, staged: Path, step: int, layout: dict) -> None:

@@ -34,6 +34,16 @@ class RankInfo:
     outer_port: int = 0
 
 
+def rank_infos(boxes: tuple[int, ...], meet: list[tuple[str, int]], outer_meet: tuple[str, int] = ("", 0)) -> list[RankInfo]:
+    """Where each rank of a job meets its peers, in rank order: `boxes` ranks per box (one box: a synchronous job),
+    each box's group at its `meet` address and port, the box leaders' link at `outer_meet`."""
+    infos, first = [], 0
+    for box, (size, (addr, port)) in enumerate(zip(boxes, meet)):
+        infos += [RankInfo(r, size, addr, port, box, len(boxes), first, *outer_meet) for r in range(size)]
+        first += size
+    return infos
+
+
 class CollectiveOffDevice(RuntimeError):
     """A collective was handed a tensor that is not on the rank's device."""
 
@@ -143,7 +153,7 @@ class BoxLink:
     boxes: int
     group: object  # torch.distributed.ProcessGroupGloo, outside the default group the box's DeepSpeed uses
     store: object  # its rendezvous (kept alive with the group)
-    bytes_sent: int = 0  # payload this leader handed to collectives across boxes
+    bytes_sent: int = 0  # what this leader sent across the link: in a ring all-gather over k boxes, k-1 payloads
 
     @classmethod
     def join(cls, info: RankInfo, timeout_s: float = 600) -> BoxLink:
@@ -171,5 +181,5 @@ class BoxLink:
                                       "between boxes is gloo over TCP and takes host tensors (the outer state lives in host RAM)")
         out = [torch.empty_like(tensor) for _ in range(self.boxes)]
         self.group.allgather([out], [tensor]).wait()
-        self.bytes_sent += tensor.numel() * tensor.element_size()
+        self.bytes_sent += (self.boxes - 1) * tensor.numel() * tensor.element_size()  # gloo's ring: k-1 parts out of each box
         return out

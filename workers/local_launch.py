@@ -18,7 +18,7 @@ import socket
 import time
 from dataclasses import asdict
 
-from workers.collectives import RankInfo
+from workers.collectives import RankInfo, rank_infos
 from workers.train import TrainConfig
 
 DEATH_GRACE_S = 3
@@ -63,18 +63,11 @@ def _death(rank: int, exitcode: int) -> str:
     return f"rank {rank} killed by signal {-exitcode}" if exitcode < 0 else f"rank {rank} exited with status {exitcode}"
 
 
-def rank_infos(config: TrainConfig) -> list[RankInfo]:
-    """Where each local rank meets its peers: one group over every rank, or in outer-step mode one per box (ranks
-    listed box by box) and the box leaders' link across them."""
-    world = len(config.micro_batches)
-    boxes = tuple(config.outer["boxes"]) if config.outer else (world,)
-    outer_port = _free_port() if config.outer else 0
-    infos, first = [], 0
-    for box, size in enumerate(boxes):
-        port = _free_port()
-        infos += [RankInfo(r, size, "127.0.0.1", port, box, len(boxes), first, "127.0.0.1", outer_port) for r in range(size)]
-        first += size
-    return infos
+def _meeting_points(config: TrainConfig) -> list[RankInfo]:
+    """Local ranks meet on loopback: one group over every rank, or one per box and the box leaders' link."""
+    boxes = tuple(config.outer["boxes"]) if config.outer else (len(config.micro_batches),)
+    outer = ("127.0.0.1", _free_port()) if config.outer else ("", 0)
+    return rank_infos(boxes, [("127.0.0.1", _free_port()) for _ in boxes], outer)
 
 
 def _free_port() -> int:
@@ -91,7 +84,7 @@ def run_local_ranks(config: TrainConfig, timeout_s: float = 600, threads_per_ran
     ctx = _context()
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(info, config.to_json(), results, threads_per_rank, dict(os.environ)))
-             for info in rank_infos(config)]
+             for info in _meeting_points(config)]
     for p in procs:
         p.start()
     collected, deadline = [], time.monotonic() + timeout_s

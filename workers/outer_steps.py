@@ -14,7 +14,11 @@ Weighting by tokens makes the combination exact for boxes of unequal batch: with
 no momentum, the result is one synchronous data-parallel step on the whole global batch (tests/test_outer_steps.py).
 The inner optimizer's state (Adam's moments) stays in each box, as in DiLoCo.
 
-ZeRO-1 and 2 only for now: every rank holds the whole model, which step 4 writes.
+Checkpoints are taken at outer steps, where every box holds the global weights: box 0 saves its DeepSpeed
+checkpoint with the outer momentum beside it (one manifest); a resumed job's box 0 loads it (through the universal
+form on another number of cards) and the other boxes take the weights and momentum from it over the link, their
+inner optimizer states starting afresh. A stop the scheduler asks for (a move) takes effect at the next outer step,
+on every box at once. ZeRO-1 and 2 only for now: every rank holds the whole model, which step 4 writes.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class OuterSteps:
         self.config, self.params, self.comm, self.link = config, params, comm, link
         self.tokens_since = 0.0  # loss tokens this box trained on since the last outer step
         self.done = 0  # outer steps taken
+        self.stop_wanted = False  # this box was asked to stop (the scheduler moves the job): at the next outer step
         local = self._local_fp32()  # every rank: a collective inside the box
         self.global_weights = [t.to("cpu", copy=True) for t in local] if comm.rank == 0 else []
         self.momentum = [w.new_zeros(w.shape) for w in self.global_weights]
@@ -74,46 +79,84 @@ class OuterSteps:
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
 
-    def after_step(self, step: int, box_loss_tokens: float, last: bool) -> bool:
-        """Count the step's tokens; take an outer step every `inner_steps` steps and after the last. True if it did."""
-        self.tokens_since += box_loss_tokens
-        if (step % self.config.inner_steps and not last) or not self.tokens_since:
-            return False
-        self.outer_step()
-        return True
+    def join(self, start_step: int, saved: dict | None) -> int:
+        """Every box starts where box 0 does (the only box that reads checkpoints): its step and, resuming, the
+        global weights and the outer momentum it saved. The other boxes' inner optimizer states start afresh. Returns
+        the step to start from."""
+        import torch
 
-    def outer_step(self) -> None:
+        head = self.comm.zeros(2, torch.float64)  # box 0's (start step, outer steps done)
+        if self.link:
+            mine = torch.tensor([start_step, saved["outer_steps"] if saved else 0], dtype=torch.float64, device="cpu")
+            head.copy_(self.link.exchange(mine)[0].to(head.device))
+        start, self.done = (int(v) for v in self.comm.broadcast(head).tolist())
+        if start == 0:
+            return 0
+        flat = self.comm.zeros(self.numel, torch.float32)
+        if self.link:
+            if self.link.box == 0 and saved:  # (a checkpoint of a synchronous run: the momentum starts at zero)
+                self.momentum = [m.to("cpu", torch.float32) for m in saved["momentum"]]
+            state = torch.cat([t.reshape(-1) for t in (*self.global_weights, *self.momentum)])
+            state = self.link.exchange(state if self.link.box == 0 else torch.zeros_like(state))[0]
+            weights, momentum = state[: self.numel], state[self.numel:]
+            shapes = [w.shape for w in self.global_weights]
+            self.global_weights = [t.clone() for t in _split(weights, shapes)]
+            self.momentum = [t.clone() for t in _split(momentum, shapes)]
+            flat.copy_(weights.to(flat.device))
+        self._load(self.comm.broadcast(flat))
+        return start
+
+    def saved(self) -> dict:
+        """What a checkpoint keeps of the outer steps (a leader's; the global weights are the model's own at an
+        outer step, when checkpoints are taken)."""
+        return {"outer_steps": self.done, "momentum": self.momentum}
+
+    def after_step(self, step: int, box_loss_tokens: float, last: bool, stop: bool = False) -> tuple[bool, bool]:
+        """Count the step's tokens; every `inner_steps` steps, after the last, or once a stop is asked (on any box,
+        known to all at the next outer step), take an outer step. (took one, stop now)."""
+        self.tokens_since += box_loss_tokens
+        self.stop_wanted = self.stop_wanted or stop
+        if step % self.config.inner_steps and not last:
+            return False, False
+        return True, self.outer_step()
+
+    def outer_step(self) -> bool:
+        """One outer step; True when a box asked to stop (every rank learns it here)."""
         import torch
 
         local = self._local_fp32()
-        flat = self.comm.zeros(self.numel, torch.float32)
+        flat = self.comm.zeros(self.numel + 1, torch.float32)  # the new global weights, then the stop flag
         if self.comm.rank == 0:
             delta = [g - t.to("cpu") for g, t in zip(self.global_weights, local)]
-            combined = self._combine(delta)
+            combined, stop = self._combine(delta)
             self._nesterov(combined)
-            flat.copy_(torch.cat([w.reshape(-1) for w in self.global_weights]).to(flat.device))
+            flat[:-1].copy_(torch.cat([w.reshape(-1) for w in self.global_weights]).to(flat.device))
+            flat[-1] = float(stop)
         self.comm.broadcast(flat)
+        self._load(flat[:-1])
+        self.tokens_since, self.done = 0.0, self.done + 1
+        return bool(flat[-1].item())
+
+    def _load(self, flat: torch.Tensor) -> None:
         offset = 0
         for param in self.params:
-            value = flat[offset: offset + param.numel()].view_as(param)
-            _set_full_fp32(param, value)
+            _set_full_fp32(param, flat[offset: offset + param.numel()].view_as(param))
             offset += param.numel()
-        self.tokens_since, self.done = 0.0, self.done + 1
 
-    def _combine(self, delta: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every box's delta, weighted by the loss tokens it trained on (one gather across boxes each for the
-        tokens and the payload)."""
+    def _combine(self, delta: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+        """Every box's delta, weighted by the loss tokens it trained on (one exchange across boxes each for the
+        tokens, with any box's wish to stop, and for the payload)."""
         import torch
 
-        tokens = self.link.exchange(torch.tensor([self.tokens_since], dtype=torch.float64, device="cpu"))
+        heads = self.link.exchange(torch.tensor([self.tokens_since, float(self.stop_wanted)], dtype=torch.float64, device="cpu"))
         payload = self.link.exchange(encode(delta, self.config.wire))
-        total = sum(float(t.item()) for t in tokens)
+        total = sum(float(h[0]) for h in heads)
         shapes = [d.shape for d in delta]
         out = [torch.zeros(s, dtype=torch.float32, device="cpu") for s in shapes]
-        for weight, sent in zip(tokens, payload):
+        for head, sent in zip(heads, payload):
             for acc, part in zip(out, decode(sent, shapes, self.config.wire)):
-                acc.add_(part, alpha=float(weight.item()) / total)
-        return out
+                acc.add_(part, alpha=float(head[0]) / total)
+        return out, any(bool(h[1]) for h in heads)
 
     def _nesterov(self, delta: list[torch.Tensor]) -> None:
         """Outer SGD with Nesterov momentum on the global weights, the combined delta as the gradient (as
@@ -127,9 +170,6 @@ class OuterSteps:
         from deepspeed.utils import safe_get_full_fp32_param
 
         return [safe_get_full_fp32_param(p).detach().float() for p in self.params]
-
-    def state(self) -> dict:
-        return {"outer_steps": self.done, "bytes_sent": self.link.bytes_sent if self.link else 0}
 
 
 def _set_full_fp32(param: torch.nn.Parameter, value: torch.Tensor) -> None:
@@ -170,6 +210,12 @@ def decode(payload: torch.Tensor, shapes: list, wire: str) -> list[torch.Tensor]
         q = payload[4 * n:].view(torch.int8).float()
         sizes = [_numel(s) for s in shapes]
         flat = torch.cat([part * s for part, s in zip(torch.split(q, sizes), scales)])
+    return _split(flat, shapes)
+
+
+def _split(flat: torch.Tensor, shapes: list) -> list[torch.Tensor]:
+    import torch
+
     return [part.view(shape) for part, shape in zip(torch.split(flat, [_numel(s) for s in shapes]), shapes)]
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from workers.collectives import RankInfo
 
 
 def card_env(index: int) -> dict[str, str]:
@@ -67,8 +71,7 @@ class RankWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def run(self, config_json: str, rank: int, world_size: int, master_addr: str, master_port: int) -> dict:
-        from workers.collectives import RankInfo
+    def run(self, config_json: str, info: RankInfo) -> dict:
         from workers.train import TrainConfig, main
 
-        return asdict(main(TrainConfig.from_json(config_json), RankInfo(rank, world_size, master_addr, master_port)))
+        return asdict(main(TrainConfig.from_json(config_json), info))

@@ -18,6 +18,7 @@ from workers.checkpoint import CHECKPOINT_DIR
 from workers.collectives import RankComm, RankInfo
 
 FINAL_DIR = "final"
+OUTER_STATE = "outer_state.pt"  # beside box 0's checkpoint in outer-step mode: the outer momentum and steps taken
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,9 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
     rank, world, on_gpu, me = comm.rank, comm.world, comm.on_gpu, comm.me
     outer = OuterConfig.from_dict(cfg.outer) if cfg.outer else None
     ds_config, precision = runnable_ds_config(cfg.ds_configs[me], on_gpu)
-    if outer and (ds_config["zero_optimization"]["stage"] > 2 or cfg.checkpoint_every or cfg.micro_batch_caps):
-        raise ValueError("outer-step mode runs ZeRO-1/2 without checkpoints or split tuning for now (workers/outer_steps.py)")
+    if outer and (ds_config["zero_optimization"]["stage"] > 2 or cfg.micro_batch_caps):
+        raise ValueError("outer-step mode runs ZeRO-1/2 without split tuning for now (workers/outer_steps.py)")
+    first_box = me == rank  # (outer steps: box 0 alone reads and writes checkpoints; the others follow it)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -166,7 +168,8 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
     checkpoints = out / CHECKPOINT_DIR
     layout = {"world_size": world, "micro_batches": list(cfg.micro_batches), "grad_accum": cfg.grad_accum,
               "zero_stage": ds_config["zero_optimization"]["stage"], "precision": precision, "trains": cfg.trains}
-    tag, skipped, load_dir = comm.from_first(_resume_point(checkpoints, layout) if rank == 0 else None)  # one rank reads the checksums
+    nothing = (None, [], None)  # (other boxes, in outer-step mode, take box 0's state when they join it)
+    tag, skipped, load_dir = comm.from_first((_resume_point(checkpoints, layout) if first_box else nothing) if rank == 0 else None)  # one rank reads the checksums
     universal = tag is not None and load_dir != str(checkpoints)
     for warning in skipped:
         _say(me, f"warning: {warning}")
@@ -196,7 +199,6 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     del zero3
-    outer_steps = OuterSteps(outer, trainable, comm, link) if outer else None
 
     # ----------------------------------------------------------------------------- resume
     start_step = 0
@@ -205,9 +207,14 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
         start_step = int(client_state["step"])
         how = " through its universal form (it was saved on other ranks)" if universal else ""
         _say(me, f"resumed from {checkpoints / tag} at step {start_step}{how}")
+    outer_steps = OuterSteps(outer, trainable, comm, link) if outer else None  # from the weights just loaded
+    if outer_steps:
+        start_step = outer_steps.join(start_step, checkpoint.load_extra(checkpoints, tag, OUTER_STATE) if tag and rank == 0 else None)
 
     def save(step: int) -> None:
-        checkpoint.save(engine, checkpoints, step, rank, comm.barrier, cfg.keep_last, layout)
+        if first_box:  # (every box, in outer-step mode, is at the global weights: box 0 keeps them, with the momentum)
+            extra = {OUTER_STATE: outer_steps.saved()} if outer_steps and rank == 0 else None
+            checkpoint.save(engine, checkpoints, step, rank, comm.barrier, cfg.keep_last, layout, extra)
 
     # ----------------------------------------------------------------------------- loop
     result = RankResult(rank=me, steps=start_step, precision=precision, device=_device_name(on_gpu),
@@ -226,6 +233,7 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
     split = cfg.micro_batches[me - rank: me - rank + world]
     tuner = SplitTuner(split, cfg.micro_batch_caps, cfg.grad_accum) if rank == 0 and cfg.micro_batch_caps else None
     pending = None  # rank 0's change, on its way to every rank in the next all-reduce
+    saved_at = start_step  # the last checkpoint's step
     for step in range(start_step, cfg.total_steps):
         if cfg.plan.get("ranks"):  # test-only injection points (workers/faults.py): a card out of memory, a pause
             faults.out_of_memory(cfg.plan["job"], cfg.plan["ranks"][me]["card"], split[rank])
@@ -246,15 +254,14 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
             engine.backward(token_losses * world / global_loss_tokens, scale_wrt_gas=False)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             loss_sum += token_losses.detach().double()
-        if outer_steps:
-            outer_steps.after_step(step + 1, global_loss_tokens, last=step + 1 == cfg.total_steps)
+        stop = progress is not None and progress.stop_requested()  # rank 0 reads the request; a collective tells the rest
+        met, outer_stop = outer_steps.after_step(step + 1, global_loss_tokens, step + 1 == cfg.total_steps, stop) if outer_steps else (False, False)
         step_time = time.perf_counter() - t0
         if not result.model_state_bytes:  # optimizer states exist from the first step on
             result.model_state_bytes = model_state_bytes(engine)
         reduce_s = engine.get_wall_clock_timers().get(BACKWARD_REDUCE_GLOBAL_TIMER, 0.0) / 1000.0  # this step's, in ms
-        stop = progress is not None and progress.stop_requested()  # rank 0 reads the request; the all-reduce tells the rest
         stats = reduce_step(comm, step + 1, loss_sum.item(), global_loss_tokens, scheduler.get_last_lr()[0], my_tokens,
-                            step_time, reduce_s, memory_in_use(on_gpu), split, pending.new if pending else (), stop)
+                            step_time, reduce_s, memory_in_use(on_gpu), split, pending.new if pending else (), stop and not outer_steps)
         if tuner and not pending:
             pending = tuner.observe(step + 1, stats.compute_s, max(stats.step_time_s))
             pending = pending if pending and pending.step <= cfg.total_steps else None  # (none left to run with it)
@@ -277,24 +284,24 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
             gauges.record(stats, rank)
         if trackers:
             trackers.log(stats)
-        if stats.stop and step + 1 < cfg.total_steps:  # the scheduler moves the job: it goes on from here elsewhere
+        if (stats.stop or outer_stop) and step + 1 < cfg.total_steps:  # the scheduler moves the job: it goes on from here elsewhere
             result.stopped_early = True
             _say(me, f"stopping after step {step + 1} with a checkpoint: the scheduler places the job again")
             break
-        if cfg.write_outputs and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.total_steps:
+        due = cfg.checkpoint_every and (step + 1 - saved_at >= cfg.checkpoint_every if outer_steps else (step + 1) % cfg.checkpoint_every == 0)
+        if cfg.write_outputs and due and (met or not outer_steps) and step + 1 < cfg.total_steps:  # outer steps: at one
             save(step + 1)
+            saved_at = step + 1
 
     # ----------------------------------------------------------------------------- save
     result.card_memory = card_memory_peaks()
     if trackers:
         trackers.close()
-    if outer_steps:  # every box ends on the global weights: box 0 writes them (checkpoints: not yet in this mode)
+    if outer_steps:  # every box ends on the global weights (its last step was an outer step)
         result.outer_steps, result.outer_bytes_sent = outer_steps.done, link.bytes_sent if link else 0
-        if cfg.write_outputs and me == 0:
-            result.final_dir = str(_save_final(engine, tokenizer, out, rank, zero3_stage=False))
-    elif cfg.write_outputs:
+    if cfg.write_outputs:
         save(result.steps)
-        if not result.stopped_early:
+        if not result.stopped_early and first_box:
             result.final_dir = str(_save_final(engine, tokenizer, out, rank, zero3_stage=ds_config["zero_optimization"]["stage"] == 3))
     if result.history:
         steps = result.history

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from orchestrator.client import Ended, QueueView, Step, Waiting
 from orchestrator.job_states import ACTIVE
-from orchestrator.planner import Plan, step_time
+from orchestrator.planner import Plan, outer, step_time
 from orchestrator.planner.filters import arch_span, cards_its_build_cannot_drive, sm, usability
 from orchestrator.planner.memory import GIB
 
@@ -201,6 +201,8 @@ def plan(p: Plan) -> None:
     console.print("host RAM for model states (estimate): " + ", ".join(f"{n} {b / GIB:.1f} GiB" for n, b in p.host_bytes_per_node.items()))
     if p.four_bit:
         console.print(f"{p.four_bit.describe()}: {p.four_bit.why}")
+    if p.outer:
+        console.print("\n".join(outer.describe(p.outer)) + "\n  (communication above: each box's own, plus the exchange spread over its steps)")
     env = {k: v for r in p.ranks for k, v in r.env.items()}
     if env:
         console.print("NCCL: " + " ".join(f"{k}={v}" for k, v in sorted(env.items())))

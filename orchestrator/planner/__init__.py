@@ -15,12 +15,13 @@ from orchestrator.errors import InputError, ZeromixError
 from orchestrator.inventory import Card, ClusterSnapshot
 from orchestrator.jobspec import JobSpec
 from orchestrator.model_facts import ModelFacts
-from orchestrator.planner import step_time
+from orchestrator.planner import outer, step_time
 from orchestrator.planner.filters import DEFAULT_FILTERS
 from orchestrator.planner.groups import candidate_groups
 from orchestrator.planner.memory import GIB, ZeroSetting
 from orchestrator.planner.plan import Plan, RankPlan, Rejection
 from orchestrator.planner.precision import precision_for, resolve_precision
+from orchestrator.planner.split import step_lower_bound
 from orchestrator.planner.tuning import HOST_RAM_RESERVED, Group, PlanInput, fits, host_bytes, host_ram_ok, quick_tokens_per_s, training_shape, tune
 
 __all__ = ["HOST_RAM_RESERVED", "NoPlacement", "Plan", "RankPlan", "Rejection", "lora_targets", "make_plan", "on_the_same_cards", "precision_for",
@@ -65,6 +66,13 @@ def make_plan(job: JobSpec, facts: ModelFacts, snapshot: ClusterSnapshot, total_
         if best is not None and tried >= FULLY_TUNED_GROUPS:
             break
         plan, dropped = _fit(group, lo, best.step.step_s if best else None)
+        # A group across boxes may run outer steps (outer.py): one too slow synchronously may still win that way, as
+        # long as its compute alone (no collective at all) beats the best so far
+        across = job.sync.mode != "synchronous" and len({c.node for c in group.cards}) > 1
+        if (across and plan is None and best
+                and step_lower_bound(job.global_batch_size, group.plain_s, (0.0,) * group.world) < best.step.step_s):
+            plan, dropped = _fit(group, lo, None)
+        plan = outer.choose(ctx, plan) if plan and across else plan
         if plan and (best is None or plan.step.tokens_per_s > best.step.tokens_per_s):
             best, misfits = plan, dropped
     if best is None:

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from orchestrator.ds_config import Optimization, RankTuning, deepspeed_config
 from orchestrator.inventory import Card
 from orchestrator.jobspec import JobSpec
 from orchestrator.planner import step_time
 from orchestrator.planner.memory import GIB, MemoryEstimate, ZeroSetting
+
+if TYPE_CHECKING:
+    from orchestrator.planner.outer import OuterSteps
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class Plan:
     step: step_time.StepEstimate  # an estimate
     lora_targets: tuple[str, ...] = ()  # the modules LoRA adapts (resolved: the spec's or PEFT's default); () for full
     four_bit: FourBitBase | None = None  # QLoRA's 4-bit base; None for full and LoRA
+    outer: OuterSteps | None = None  # boxes that train apart and meet every H steps (planner/outer.py); None: synchronous
 
     @property
     def global_batch(self) -> int:
@@ -81,7 +86,8 @@ class Plan:
     @property
     def settings(self) -> str:
         zero = f"ZeRO-{self.zero.stage}, offload {self.offload}" if self.offload != self.zero.offload else self.zero.describe()
-        return f"{zero}, {self.four_bit.describe()}" if self.four_bit else zero
+        zero = f"{zero}, {self.four_bit.describe()}" if self.four_bit else zero
+        return f"{zero} in each of {len(self.outer.boxes)} boxes, outer steps every {self.outer.inner_steps}" if self.outer else zero
 
     @property
     def title(self) -> str:
@@ -116,9 +122,9 @@ class Plan:
             "grad_accum": self.grad_accum, "global_batch": self.global_batch, "total_steps": self.total_steps,
             "params": self.n_params, "trainable_params": self.trainable, "lora_targets": list(self.lora_targets),
             "four_bit": dataclasses.asdict(self.four_bit) if self.four_bit else None,
-            "est_step_s": _sig(self.step.step_s), "est_compute_s": _sig(max(self.step.compute_s)),
-            "est_comm_s": _sig(self.step.comm_s), "est_offload_s": _sig(max(self.step.offload_s)),
-            "est_tokens_per_s": _sig(self.step.tokens_per_s),
+            "est_step_s": sig(self.step.step_s), "est_compute_s": sig(max(self.step.compute_s)),
+            "est_comm_s": sig(self.step.comm_s), "est_offload_s": sig(max(self.step.offload_s)),
+            "est_tokens_per_s": sig(self.step.tokens_per_s),
             "est_host_gib": {node: round(b / GIB, 2) for node, b in self.host_bytes_per_node.items()},
             "ranks": [{"card": r.card.card_id, "node": r.card.node, "index": r.card.index, "resource": r.card.resource,
                        "model": r.card.short_name, "uuid": r.card.facts.uuid, "micro_batch": r.tuning.micro_batch,
@@ -126,11 +132,12 @@ class Plan:
                        "activation_checkpointing": r.tuning.activation_checkpointing,
                        "vram_gib": round(r.card.vram_mib / 1024, 1), "capacity_gib": round(r.capacity_bytes / GIB, 2),
                        "est_mem_gib": round(r.memory.total / GIB, 2), "est_mem_breakdown_gib": _breakdown(r.memory),
-                       "rate_tflops": _sig(r.rate_tflops), "rate_source": r.rate_source, "est_compute_s": _sig(c),
-                       "est_wait_s": _sig(w), "est_comm_s": _sig(self.step.comm_s), "est_offload_s": _sig(o),
+                       "rate_tflops": sig(r.rate_tflops), "rate_source": r.rate_source, "est_compute_s": sig(c),
+                       "est_wait_s": sig(w), "est_comm_s": sig(self.step.comm_s), "est_offload_s": sig(o),
                        "offload_optimizer": r.tuning.offload_optimizer, "offload_params": r.tuning.offload_params, "env": r.env}
                       for r, c, w, o in zip(self.ranks, self.step.compute_s, self.step.wait_s, self.step.offload_s)],
             "rejected": [{"card": x.card_id, "model": x.card, "reason": x.reason} for x in self.rejected],
+            "outer": self.outer.summary() if self.outer else None,
         }
 
 
@@ -139,7 +146,7 @@ def _breakdown(m: MemoryEstimate) -> dict[str, float]:
     return {p: float(f"{getattr(m, p) / GIB:.4g}") for p in parts}
 
 
-def _sig(value: float) -> float:
+def sig(value: float) -> float:
     """Three significant figures: estimates span microseconds (a tiny model) to minutes."""
     return float(f"{value:.3g}")
 

@@ -19,7 +19,7 @@ from orchestrator.jobspec import JobSpec
 from orchestrator.model_facts import ModelFacts, facts_from_config, read_config
 from orchestrator.planner import NoPlacement, Plan, make_plan
 
-SHAPE_FIELDS = ("model", "method", "lora", "quant", "seq_len", "global_batch_size", "precision", "gpus", "deepspeed")
+SHAPE_FIELDS = ("model", "method", "lora", "quant", "seq_len", "global_batch_size", "precision", "gpus", "deepspeed", "sync")
 
 
 @dataclass(frozen=True)
