@@ -1,14 +1,15 @@
 """Outer steps across boxes against synchronous data parallel: what they cost in quality, what they send.
 
 Real DeepSpeed on this machine's CPU (gloo), three ranks of the homelab's 3-card plan (GTX 1080 Ti on attic; RTX 3090
-and RTX 4090 on desk) with their planned micro-batches: once as one synchronous world, and as two boxes (attic,
-desk) taking an outer step every H inner steps (DiLoCo's outer Nesterov SGD, lr 0.7, momentum 0.9; inner AdamW as
-the job's). Same model, data, global batches and steps in every run. Prints each run's held-out loss (the final
-global weights, on text none of the runs trained on) against the synchronous run's, and the bytes the box leaders
-handed to the link between boxes (counted on that link). The link is not throttled here and the cards are not
-emulated: timings are not the point of this bench (see the README's slow-link section for what is left to measure).
+and RTX 4090 on desk) with their planned micro-batches: once as one synchronous world, and as two boxes (desk,
+attic) taking an outer step every H inner steps (the job spec's defaults: outer lr 1, no momentum; --outer-lr 0.7
+--outer-momentum 0.9 for DiLoCo's). Same model, data, global batches and steps in every run. Prints each run's
+held-out loss (the final global weights, on text none of the runs trained on) against the synchronous run's, and the
+bytes the box leaders sent across the link (counted on it). --demo runs the demo's two jobs instead (the scratch
+model, synchronous or with outer steps, then LoRA on 'rev') and prints the 'rev' exact match. The link is not
+throttled and the cards are not emulated: timings are not the point of this bench.
 
-    .venv/bin/python bench/outer_steps.py [--steps 200] [--inner 10 50] [--wire fp32]
+    .venv/bin/python bench/outer_steps.py [--steps 200] [--inner 10 50] [--wire fp32] [--wide | --demo]
 """
 
 from __future__ import annotations
@@ -55,16 +56,59 @@ def held_out_loss(model_dir: Path, tokenizer_dir: Path, eval_path: Path) -> floa
     return total / count
 
 
+def demo_task(inner: list[int], outer_lr: float, outer_momentum: float, wire: str) -> None:
+    """The demo's two jobs as `make demo` runs them on the homelab (a tiny Llama from scratch on the 1080 Ti and the
+    3090, then LoRA on `rev` on the 3090 and 4090), the first synchronous and with outer steps at each H: the
+    scratch run's held-out loss and the `rev` exact match after the LoRA stage."""
+    from orchestrator.demo import LORA_JOB, SCRATCH_JOB, _accuracies
+    from orchestrator.jobspec import load_job
+    from orchestrator.model_facts import read_config
+
+    work = Path(tempfile.mkdtemp(prefix="zeromix-outer-demo-"))
+    data = write_demo_data(work / "data")
+    held_out = write_demo_data(work / "held-out", seed=1, pretrain_lines=300, reverse_train=10, reverse_eval=5)["pretrain"]
+    homelab = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
+
+    def run(job, out: Path, inner_steps: int | None, data_path: Path, model_path: Path) -> Path:
+        sync = {"mode": "outer", "inner_steps": inner_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum, "wire": wire} \
+            if inner_steps else {"mode": "synchronous"}
+        job = job.model_copy(update={"output_dir": str(out), "report_to": [], "sync": job.sync.model_copy(update=sync),
+                                     "dataset": job.dataset.model_copy(update={"path": str(data_path)}),
+                                     "model": job.model.model_copy(update={"path": str(model_path)})})
+        plan = make_plan(job, facts_from_config(read_config(job.model.path)), homelab, job.max_steps)
+        run_local_ranks(train_config(job, plan, out.name))
+        return out / "final"
+
+    scratch_job, lora_job = load_job(REPO / SCRATCH_JOB, check_files=False), load_job(REPO / LORA_JOB, check_files=False)
+    rows = []
+    for h in [None, *inner]:
+        name = "synchronous" if h is None else f"outer H={h} ({wire}, lr {outer_lr:g}, mom {outer_momentum:g})"
+        tag = "sync" if h is None else f"h{h}"
+        scratch = run(scratch_job, work / tag / "scratch", h, data["pretrain"], REPO / "jobs" / "examples" / "tiny-llama")
+        lora = run(lora_job, work / tag / "lora", None, data["reverse-train"], scratch)
+        before, after = _accuracies(scratch, lora, data["reverse-eval"])
+        rows.append((name, held_out_loss(scratch, scratch, held_out), before, after))
+    sync_loss, sync_after = rows[0][1], rows[0][3]
+    print("\nthe demo's task: scratch run (150 steps) then LoRA on 'rev' (synchronous, one box); 'rev' exact match on 100 held-out words")
+    print(f"{'scratch run':<42} {'held-out loss':>13} {'vs sync':>8} {'rev before':>10} {'rev after LoRA':>14} {'vs sync':>8}")
+    for name, loss, before, after in rows:
+        print(f"{name:<42} {loss:>13.4f} {loss / sync_loss - 1:>+8.1%} {before:>10.0%} {after:>14.0%} {100 * (after - sync_after):>+7.0f}pt")
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--inner", type=int, nargs="+", default=[10, 50], help="inner steps per outer step (H)")
     parser.add_argument("--wire", choices=["fp32", "bf16", "int8"], default="fp32")
     parser.add_argument("--global-batch", type=int, default=24)
-    parser.add_argument("--outer-lr", type=float, default=0.7)
-    parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--outer-lr", type=float, default=1.0)
+    parser.add_argument("--outer-momentum", type=float, default=0.0)
     parser.add_argument("--wide", action="store_true", help="bench/hetero_dp.py's wider model (4 layers of 256) instead")
+    parser.add_argument("--demo", action="store_true", help="the demo's two jobs instead (scratch, then LoRA on 'rev')")
     args = parser.parse_args()
+    if args.demo:
+        return demo_task(args.inner, args.outer_lr, args.outer_momentum, args.wire)
 
     work = Path(tempfile.mkdtemp(prefix="zeromix-outer-"))
     model = BENCH_MODEL if args.wide else MODEL

@@ -104,12 +104,13 @@ class DeepSpeedSpec(StrictModel):
 
 class SyncSpec(StrictModel):
     """How the cards agree on the weights when a job spans boxes. synchronous: one DeepSpeed world over every card,
-    gradients across the boxes' link in every step. outer: ZeRO inside each box, and every inner_steps optimizer
-    steps the boxes exchange their weight deltas over the link and take an outer step (DiLoCo, workers/outer_steps.py).
-    auto: outer when the job spans boxes and synchronous collectives across them would take more than a quarter of
-    its step (the planner's estimate)."""
+    gradients across the boxes' link in every step (exact data parallel). outer: ZeRO inside each box, and every
+    inner_steps optimizer steps the boxes exchange their weight deltas over the link and take an outer step (DiLoCo,
+    workers/outer_steps.py). auto: outer when the job spans boxes and synchronous collectives across them would take
+    more than a quarter of its step (the planner's estimate). Synchronous unless asked: outer steps change the
+    maths, and on the demo's task they cost 25-58 points of exact match downstream (README, "Slow links")."""
 
-    mode: Literal["auto", "synchronous", "outer"] = "auto"
+    mode: Literal["auto", "synchronous", "outer"] = "synchronous"
     inner_steps: int | Literal["auto"] = Field("auto", description="H: optimizer steps between outer steps; auto: the "
                                                                    "fewest that keep the exchange under 5% of the time (10-500)")
     outer_lr: float = Field(1.0, gt=0, le=2)

@@ -110,6 +110,7 @@ def two_boxes(link: str = "1GbE"):
 
 
 def qwen_plan(link: str = "1GbE", steps: int = 10_000, **sync):
+    sync = {"mode": "auto", **sync}
     job = scenario(method="full", global_batch_size=64, gpus={"count": 4}, precision="bf16", sync=sync, max_steps=steps)
     return make_plan(job, facts_from_config(model_config("qwen2.5-0.5b")), two_boxes(link), steps)
 
@@ -119,6 +120,8 @@ def test_across_a_slow_link_auto_picks_outer_steps_and_the_plan_says_what_they_c
     every micro-step (35 s a step, estimate); with outer steps each box trains alone and they meet every H steps."""
     sync, auto = qwen_plan(mode="synchronous"), qwen_plan()
     assert sync.outer is None and sync.step.comm_s > 0.9 * sync.step.step_s
+    unasked = scenario(method="full", global_batch_size=64, gpus={"count": 4}, precision="bf16", max_steps=10_000)
+    assert make_plan(unasked, facts_from_config(model_config("qwen2.5-0.5b")), two_boxes(), 10_000).outer is None  # the default
     outer = auto.outer
     assert outer is not None and auto.step.tokens_per_s > 10 * sync.step.tokens_per_s
     assert [n for n, _ in outer.boxes] == ["a", "b"] and [r.card.node for r in auto.ranks] == ["a", "a", "b", "b"]  # box by box
