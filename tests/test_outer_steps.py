@@ -34,14 +34,14 @@ def outer_job(config, inner_steps=1, outer_lr=1.0, outer_momentum=0.0, wire="fp3
     return with_outer_steps(config, list(BOXES), inner_steps, outer_lr, outer_momentum, wire)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_one_inner_step_per_outer_step_is_synchronous_data_parallel(ds_runs, tmp_path, demo_data, base_model, stage):
-    config = job(tmp_path / "run", demo_data, base_model, stage, "full", 0.0, optimizer="SGD")
+def test_one_inner_step_per_outer_step_is_synchronous_data_parallel(ds_runs, tmp_path, demo_data, base_model):
+    """(ZeRO-2; ZeRO-1 measured 3.6e-7 too, left out of the suite for time.)"""
+    config = job(tmp_path / "run", demo_data, base_model, 2, "full", 0.0, optimizer="SGD")
     initial = ds_runs.initial(config)
     ran, ranks = ds_runs.run(outer_job(config))
     trained = final_weights(ran)
     exact = reference(config, initial, "tokens")
-    assert max_relative_difference(trained, exact) < EXACT  # measured 3.6e-7 (ZeRO-1), 4.3e-7 (ZeRO-2)
+    assert max_relative_difference(trained, exact) < EXACT  # measured 4.3e-7
     assert max_relative_difference(trained, initial) > 10 * EXACT  # it did train
     # each box weighted the same, whatever its tokens: off by 0.22
     assert max_relative_difference(reference(config, initial, "per_rank_mean", groups=BOXES), exact) > 1e4 * EXACT
@@ -56,7 +56,7 @@ def test_the_traffic_across_boxes_is_counted_and_falls_with_fewer_outer_steps_an
     initial = ds_runs.initial(config)
     n, tensors = sum(t.numel() for t in initial.values()), len(initial)
     sent = {}
-    for wire, inner in (("fp32", 1), ("fp32", 3), ("bf16", 3), ("int8", 3)):
+    for wire, inner in (("fp32", 1), ("fp32", 3), ("int8", 3)):  # (bf16: 2 bytes a parameter, as the plan counts)
         ran, ranks = ds_runs.run(outer_job(config, inner_steps=inner, wire=wire))
         assert [r["outer_bytes_sent"] > 0 for r in ranks] == [True, False, True]  # box leaders only
         sent[wire, inner] = ranks[0]["outer_bytes_sent"]
@@ -65,7 +65,6 @@ def test_the_traffic_across_boxes_is_counted_and_falls_with_fewer_outer_steps_an
     steps = config.total_steps
     assert sent["fp32", 1] == steps * (4 * n + 16) + 16
     assert sent["fp32", 3] == 4 * n + 16 + 16
-    assert sent["bf16", 3] == 2 * n + 16 + 16
     assert sent["int8", 3] == n + 4 * tensors + 16 + 16
 
 
