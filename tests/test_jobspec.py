@@ -64,7 +64,7 @@ def test_valid_spec_loads_with_absolute_paths(write_spec, tmp_path):
     ({"gpus__models": ["RTX 3099"]}, "job.yaml: gpus.models[0]='RTX 3099' is not allowed; not a card in the catalog; did you mean 'GeForce RTX 3090', 'GeForce RTX 3090 Ti', 'GeForce RTX 5090'?"),
     ({"deepspeed__zero_stage": 4}, "job.yaml: deepspeed.zero_stage=4 is not allowed; input should be 'auto', 1, 2 or 3"),
     ({"deepspeed__zero_stage": 0}, "job.yaml: deepspeed.zero_stage=0 is not allowed; input should be 'auto', 1, 2 or 3"),
-    ({"batch_size": 16}, "job.yaml: batch_size=16 is not allowed; unknown key; allowed keys here: checkpoint_every, dataset, deepspeed, epochs, global_batch_size, gpus, keep_last, lora, max_steps, method, model, name, optimizer, output_dir, precision, priority, quant, rebalance, report_to, seed, seq_len"),
+    ({"batch_size": 16}, "job.yaml: batch_size=16 is not allowed; unknown key; allowed keys here: checkpoint_every, dataset, deepspeed, epochs, global_batch_size, gpus, keep_last, lora, max_steps, method, model, name, optimizer, output_dir, precision, priority, quant, rebalance, report_to, seed, seq_len, sync"),
     ({"optimizer__lr": 0}, "job.yaml: optimizer.lr=0 is not allowed; input should be greater than 0"),
 ])
 def test_schema_errors_name_field_value_and_allowed(write_spec, changes, expected):
