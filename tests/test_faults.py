@@ -26,11 +26,22 @@ def unplug(cluster_id: str, node: str) -> int:
     only processes of this cluster, found by the marker zeromix starts them with and the node's temp dir."""
     from orchestrator.processes import cluster_processes
 
-    gone = [p for p in cluster_processes(cluster_id) if f"/zm-{cluster_id}/{node}/" in " ".join(p.cmdline())]
+    gone = [p for p in cluster_processes(cluster_id) if f"/zm-{cluster_id}/{node}/" in _command_line(p)]
     for proc in gone:
-        proc.kill()
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass  # it exited between the listing and the kill
     psutil.wait_procs(gone, timeout=10)
     return len(gone)
+
+
+def _command_line(proc: psutil.Process) -> str:
+    """A process's command line, or "" for one that exited after it was listed (a short-lived Ray worker does)."""
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.NoSuchProcess:
+        return ""
 
 
 def held(work, job: str) -> tuple[Path, Path]:
