@@ -17,6 +17,7 @@ from orchestrator.registry import placement_group_name
 from orchestrator.report import RESULT_FILE
 from orchestrator.worker_group import RankFailed, WorkerGroup
 from workers import job_records
+from workers.collectives import first_ranks
 from workers.rebalance import measured_speeds
 from workers.train import TrainConfig, utilisation
 
@@ -29,9 +30,9 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
     first, cards = results[0], plan["ranks"]
     ran = bool(first["history"])
     # A rank's figures are in its own group's lists: the job's, or with outer steps its box's (ranks box by box)
-    boxes = config.outer["boxes"] if config.outer else [len(results)]
-    local = [i - sum(boxes[:b]) for b, size in enumerate(boxes) for i in range(sum(boxes[:b]), sum(boxes[:b]) + size)]
-    history = job_history(boxes, results)
+    firsts = first_ranks(config.boxes)
+    local = [r for size in config.boxes for r in range(size)]
+    history = job_history(firsts, results)
     return {
         "job_id": config.job_id,
         "steps": first["steps"],
@@ -70,10 +71,11 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
 PER_RANK = ("tokens", "step_time_s", "reduce_s", "memory_bytes", "peak_memory_bytes", "split", "wait_s", "compute_s")
 
 
-def job_history(boxes: list[int], results: list[dict]) -> list[dict]:
+def job_history(firsts: list[int], results: list[dict]) -> list[dict]:
     """Every step, every card. Synchronous: any rank's history (they all hold the job's). With outer steps each box
-    records its own cards: the boxes' records of a step side by side, the loss their mean weighted by tokens."""
-    firsts = [results[sum(boxes[:b])]["history"] for b in range(len(boxes))]
+    records its own cards (`firsts`: each box's first rank): the boxes' records of a step side by side, the loss their
+    mean weighted by tokens."""
+    firsts = [results[first]["history"] for first in firsts]
     if len(firsts) == 1:
         return firsts[0]
     merged = []

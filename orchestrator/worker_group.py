@@ -7,14 +7,14 @@ point of zeromix.
 
 from __future__ import annotations
 
-import json
 import re
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from workers.collectives import rank_infos
+from workers.collectives import first_ranks, rank_infos
 from workers.rank import RankWorker, card_env
+from workers.train import TrainConfig
 
 
 ROOT_CAUSE_WAIT_S = 10  # after the first rank fails, how long the others may take to say why they failed too
@@ -95,12 +95,10 @@ class WorkerGroup:
     def run(self, config_json: str) -> list[dict]:
         """Train on every rank; the first rank to fail stops the others (they would wait in a collective forever)."""
         world = len(self.actors)
-        outer = json.loads(config_json).get("outer")
-        boxes = tuple(outer["boxes"]) if outer else (world,)  # outer steps: each box its own group, ranks box by box
-        firsts = [sum(boxes[:b]) for b in range(len(boxes))]
-        meet = ray.get([self.actors[first].rendezvous.remote() for first in firsts])
-        outer_meet = ray.get(self.actors[0].rendezvous.remote()) if outer else ("", 0)
-        infos = rank_infos(boxes, meet, outer_meet)
+        config = TrainConfig.from_json(config_json)  # (outer steps: each box its own group, ranks box by box)
+        meet = ray.get([self.actors[first].rendezvous.remote() for first in first_ranks(config.boxes)])
+        outer_meet = ray.get(self.actors[0].rendezvous.remote()) if config.outer else ("", 0)
+        infos = rank_infos(config.boxes, meet, outer_meet)
         pending = {a.run.remote(config_json, info): rank for rank, (a, info) in enumerate(zip(self.actors, infos))}
         results: dict[int, dict] = {}
         while pending:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,14 +35,16 @@ class RankInfo:
     outer_port: int = 0
 
 
+def first_ranks(boxes: tuple[int, ...]) -> list[int]:
+    """Each box's first job rank: a job lists its ranks box by box (`boxes`: ranks per box)."""
+    return list(accumulate((0, *boxes[:-1])))
+
+
 def rank_infos(boxes: tuple[int, ...], meet: list[tuple[str, int]], outer_meet: tuple[str, int] = ("", 0)) -> list[RankInfo]:
     """Where each rank of a job meets its peers, in rank order: `boxes` ranks per box (one box: a synchronous job),
     each box's group at its `meet` address and port, the box leaders' link at `outer_meet`."""
-    infos, first = [], 0
-    for box, (size, (addr, port)) in enumerate(zip(boxes, meet)):
-        infos += [RankInfo(r, size, addr, port, box, len(boxes), first, *outer_meet) for r in range(size)]
-        first += size
-    return infos
+    return [RankInfo(r, size, addr, port, box, len(boxes), first, *outer_meet)
+            for box, (size, first, (addr, port)) in enumerate(zip(boxes, first_ranks(boxes), meet)) for r in range(size)]
 
 
 class CollectiveOffDevice(RuntimeError):

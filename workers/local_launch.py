@@ -65,9 +65,8 @@ def _death(rank: int, exitcode: int) -> str:
 
 def _meeting_points(config: TrainConfig) -> list[RankInfo]:
     """Local ranks meet on loopback: one group over every rank, or one per box and the box leaders' link."""
-    boxes = tuple(config.outer["boxes"]) if config.outer else (len(config.micro_batches),)
     outer = ("127.0.0.1", _free_port()) if config.outer else ("", 0)
-    return rank_infos(boxes, [("127.0.0.1", _free_port()) for _ in boxes], outer)
+    return rank_infos(config.boxes, [("127.0.0.1", _free_port()) for _ in config.boxes], outer)
 
 
 def _free_port() -> int:

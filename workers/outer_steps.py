@@ -53,15 +53,6 @@ class OuterConfig:
             raise ValueError(f"outer.inner_steps: {config.inner_steps} must be at least 1")
         return config
 
-    def box_of(self, job_rank: int) -> tuple[int, int]:
-        """(box, its first job rank) for a job rank."""
-        first = 0
-        for box, size in enumerate(self.boxes):
-            if job_rank < first + size:
-                return box, first
-            first += size
-        raise ValueError(f"rank {job_rank} is in none of the boxes {list(self.boxes)}")
-
 
 class OuterSteps:
     """One rank's part in the outer steps; the box leader's holds the global weights, the momentum and the link."""

@@ -63,6 +63,11 @@ class TrainConfig:
     # outer_momentum, wire. {}: one synchronous DeepSpeed world over every rank.
     outer: dict = field(default_factory=dict)
 
+    @property
+    def boxes(self) -> tuple[int, ...]:
+        """Ranks per box, each its own DeepSpeed world: one box over every rank unless in outer-step mode."""
+        return tuple(self.outer["boxes"]) if self.outer else (len(self.micro_batches),)
+
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
         raw = json.loads(text)

@@ -65,13 +65,11 @@ def make_plan(job: JobSpec, facts: ModelFacts, snapshot: ClusterSnapshot, total_
     for tried, group in enumerate(groups[:MOST_GROUPS_TRIED]):
         if best is not None and tried >= FULLY_TUNED_GROUPS:
             break
-        plan, dropped = _fit(group, lo, best.step.step_s if best else None)
         # A group across boxes may run outer steps (outer.py): one too slow synchronously may still win that way, as
-        # long as its compute alone (no collective at all) beats the best so far
+        # long as its compute alone (no collective at all) beats the best so far; so it is tuned without that bound
         across = job.sync.mode != "synchronous" and len({c.node for c in group.cards}) > 1
-        if (across and plan is None and best
-                and step_lower_bound(job.global_batch_size, group.plain_s, (0.0,) * group.world) < best.step.step_s):
-            plan, dropped = _fit(group, lo, None)
+        bounded = best is not None and not (across and step_lower_bound(job.global_batch_size, group.plain_s, (0.0,) * group.world) < best.step.step_s)
+        plan, dropped = _fit(group, lo, best.step.step_s if bounded else None)
         plan = outer.choose(ctx, plan) if plan and across else plan
         if plan and (best is None or plan.step.tokens_per_s > best.step.tokens_per_s):
             best, misfits = plan, dropped

@@ -86,12 +86,12 @@ def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | None:
         group = Group(ctx, [r.card for r in mine])
         zeros = tuple(_zero(r) for r in mine)
         envs = nccl_env([r.card for r in mine], ctx.snapshot)  # each box's NCCL world stays inside the box
-        for i, r in enumerate(mine):
+        for r, zero, env in zip(mine, zeros, envs):
             shape = training_shape(ctx, plan.precision, r.tuning.activation_checkpointing)
-            held = memory.estimate(shape, _zero(r), len(mine), r.tuning.micro_batch)
+            held = memory.estimate(shape, zero, len(mine), r.tuning.micro_batch)
             if held.total > capacity(r.card):
                 return None
-            per_rank.append(replace(r, memory=held, env=envs[i]))
+            per_rank.append(replace(r, memory=held, env=env))
         comm, box_offload = group.step.overheads(zeros, plan.grad_accum)
         host.update(group.host_bytes(zeros))  # ZeRO partitions over the box's ranks alone (offloaded states too)
         offload += box_offload
@@ -126,10 +126,11 @@ def auto_inner_steps(exchange_s: float, inner_step_s: float, total_steps: int) -
 
 
 def choose(ctx: PlanInput, synchronous: Plan) -> Plan:
-    """The plan the job runs on these cards: with outer steps where its sync mode asks for them (outer), or (auto)
-    where synchronous collectives take more than AUTO_COMM_SHARE of the step and outer steps are faster."""
+    """The plan a job in mode outer or auto runs on these cards: with outer steps where its mode asks for them
+    (outer), or (auto) where synchronous collectives take more than AUTO_COMM_SHARE of the step and outer steps are
+    faster."""
     outer = outer_variant(ctx, synchronous)
-    if outer is None or ctx.job.sync.mode == "synchronous":
+    if outer is None:
         return synchronous
     if ctx.job.sync.mode == "outer":
         return outer
