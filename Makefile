@@ -17,7 +17,7 @@ STAMP  := $(VENV)/.zeromix-installed
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 REPORTS := .test-reports
 
-.PHONY: venv demo test test-fast gpu-check bench bench-plan bench-scheduler down clean
+.PHONY: venv demo test test-fast gpu-check bench bench-plan bench-scheduler bench-slow-link down clean
 
 venv: $(STAMP)
 
@@ -57,6 +57,10 @@ bench-plan: $(STAMP)
 
 bench-scheduler: $(STAMP)
 	$(BIN)/python bench/scheduler.py --seeds 11 12
+
+# Needs root (network namespaces and tc): outer steps against synchronous over a 1 Gbit/s link, about 5 minutes.
+bench-slow-link: $(STAMP)
+	$(BIN)/python bench/slow_link.py
 
 down: $(STAMP)
 	$(BIN)/zeromix down

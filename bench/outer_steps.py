@@ -6,10 +6,11 @@ attic) taking an outer step every H inner steps (the job spec's defaults: outer 
 --outer-momentum 0.9 for DiLoCo's). Same model, data, global batches and steps in every run. Prints each run's
 held-out loss (the final global weights, on text none of the runs trained on) against the synchronous run's, and the
 bytes the box leaders sent across the link (counted on it). --demo runs the demo's two jobs instead (the scratch
-model, synchronous or with outer steps, then LoRA on 'rev') and prints the 'rev' exact match. The link is not
-throttled and the cards are not emulated: timings are not the point of this bench.
+model, synchronous or with outer steps, then LoRA on 'rev') and prints the 'rev' exact match; --finetune keeps the
+scratch model synchronous and runs the LoRA stage across both boxes, over several seeds. The link is not throttled
+and the cards are not emulated: timings are not the point of this bench (bench/slow_link.py's are).
 
-    .venv/bin/python bench/outer_steps.py [--steps 200] [--inner 10 50] [--wire fp32] [--wide | --demo]
+    .venv/bin/python bench/outer_steps.py [--steps 200] [--inner 10 50] [--wire fp32] [--wide | --demo | --finetune [--seeds 5]]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from orchestrator.model_facts import facts_from_config
 from orchestrator.planner import make_plan
 from workers.local_launch import run_local_ranks
 
-from hetero_dp import BENCH_MODEL, trio_job
+from hetero_dp import BENCH_MODEL, TRIO, trio_job
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = {**TINY_LLAMA, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -56,44 +58,94 @@ def held_out_loss(model_dir: Path, tokenizer_dir: Path, eval_path: Path) -> floa
     return total / count
 
 
+def _demo_run(job, out: Path, sync: dict, data_path: Path, model_path: Path, **fields) -> tuple[Path, float]:
+    """One of the demo's jobs as `make demo` plans it on the homelab (with `fields` changed), run on local ranks:
+    its final model and last training loss."""
+    homelab = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
+    job = job.model_copy(update={"output_dir": str(out), "report_to": [], "sync": job.sync.model_copy(update=sync),
+                                 "dataset": job.dataset.model_copy(update={"path": str(data_path)}),
+                                 "model": job.model.model_copy(update={"path": str(model_path)}), **fields})
+    from orchestrator.model_facts import read_config
+
+    plan = make_plan(job, facts_from_config(read_config(job.model.path)), homelab, job.max_steps)
+    ranks = run_local_ranks(train_config(job, plan, out.name))
+    return out / "final", ranks[0]["last_loss"]
+
+
+def _sync(inner_steps: int | None, outer_lr: float, outer_momentum: float, wire: str) -> dict:
+    return {"mode": "outer", "inner_steps": inner_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum, "wire": wire} \
+        if inner_steps else {"mode": "synchronous"}
+
+
+def _demo_data(work: Path):
+    from orchestrator.demo import LORA_JOB, SCRATCH_JOB
+    from orchestrator.jobspec import load_job
+
+    data = write_demo_data(work / "data")
+    held_out = write_demo_data(work / "held-out", seed=1, pretrain_lines=300, reverse_train=10, reverse_eval=5)["pretrain"]
+    return data, held_out, load_job(REPO / SCRATCH_JOB, check_files=False), load_job(REPO / LORA_JOB, check_files=False)
+
+
 def demo_task(inner: list[int], outer_lr: float, outer_momentum: float, wire: str) -> None:
     """The demo's two jobs as `make demo` runs them on the homelab (a tiny Llama from scratch on the 1080 Ti and the
     3090, then LoRA on `rev` on the 3090 and 4090), the first synchronous and with outer steps at each H: the
     scratch run's held-out loss and the `rev` exact match after the LoRA stage."""
-    from orchestrator.demo import LORA_JOB, SCRATCH_JOB, _accuracies
-    from orchestrator.jobspec import load_job
-    from orchestrator.model_facts import read_config
+    from orchestrator.demo import _accuracies
 
     work = Path(tempfile.mkdtemp(prefix="zeromix-outer-demo-"))
-    data = write_demo_data(work / "data")
-    held_out = write_demo_data(work / "held-out", seed=1, pretrain_lines=300, reverse_train=10, reverse_eval=5)["pretrain"]
-    homelab = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
-
-    def run(job, out: Path, inner_steps: int | None, data_path: Path, model_path: Path) -> Path:
-        sync = {"mode": "outer", "inner_steps": inner_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum, "wire": wire} \
-            if inner_steps else {"mode": "synchronous"}
-        job = job.model_copy(update={"output_dir": str(out), "report_to": [], "sync": job.sync.model_copy(update=sync),
-                                     "dataset": job.dataset.model_copy(update={"path": str(data_path)}),
-                                     "model": job.model.model_copy(update={"path": str(model_path)})})
-        plan = make_plan(job, facts_from_config(read_config(job.model.path)), homelab, job.max_steps)
-        run_local_ranks(train_config(job, plan, out.name))
-        return out / "final"
-
-    scratch_job, lora_job = load_job(REPO / SCRATCH_JOB, check_files=False), load_job(REPO / LORA_JOB, check_files=False)
+    data, held_out, scratch_job, lora_job = _demo_data(work)
     rows = []
     for h in [None, *inner]:
         name = "synchronous" if h is None else f"outer H={h} ({wire}, lr {outer_lr:g}, mom {outer_momentum:g})"
         tag = "sync" if h is None else f"h{h}"
-        scratch = run(scratch_job, work / tag / "scratch", h, data["pretrain"], REPO / "jobs" / "examples" / "tiny-llama")
-        lora = run(lora_job, work / tag / "lora", None, data["reverse-train"], scratch)
+        scratch, _ = _demo_run(scratch_job, work / tag / "scratch", _sync(h, outer_lr, outer_momentum, wire), data["pretrain"],
+                               REPO / "jobs" / "examples" / "tiny-llama")
+        lora, _ = _demo_run(lora_job, work / tag / "lora", _sync(None, 0, 0, wire), data["reverse-train"], scratch)
         before, after = _accuracies(scratch, lora, data["reverse-eval"])
         rows.append((name, held_out_loss(scratch, scratch, held_out), before, after))
     sync_loss, sync_after = rows[0][1], rows[0][3]
-    print("\nthe demo's task: scratch run (150 steps) then LoRA on 'rev' (synchronous, one box); 'rev' exact match on 100 held-out words")
+    print("\nthe demo's task: scratch run (150 steps) as below, then LoRA on 'rev' (synchronous, one box); 'rev' exact match on 100 held-out words")
     print(f"{'scratch run':<42} {'held-out loss':>13} {'vs sync':>8} {'rev before':>10} {'rev after LoRA':>14} {'vs sync':>8}")
     for name, loss, before, after in rows:
         print(f"{name:<42} {loss:>13.4f} {loss / sync_loss - 1:>+8.1%} {before:>10.0%} {after:>14.0%} {100 * (after - sync_after):>+7.0f}pt")
     shutil.rmtree(work, ignore_errors=True)
+
+
+def finetune_task(inner: list[int], outer_lr: float, outer_momentum: float, wire: str, seeds: int) -> None:
+    """Fine-tuning a trained model, zeromix's own case: the demo's scratch model (trained synchronously, once), then
+    its LoRA job on `rev` across both boxes (the 1080 Ti; the 3090 and 4090; ZeRO-2), synchronous and with outer
+    steps at each H, each with `seeds` seeds (the LoRA stage's exact match moves by 10-20 points between seeds):
+    the mean and spread of the `rev` exact match and of the LoRA run's last training loss, and each seed's paired
+    difference to the synchronous run."""
+    from orchestrator.demo import _accuracies
+
+    work = Path(tempfile.mkdtemp(prefix="zeromix-outer-finetune-"))
+    data, _, scratch_job, lora_job = _demo_data(work)
+    scratch, _ = _demo_run(scratch_job, work / "scratch", _sync(None, 0, 0, wire), data["pretrain"], REPO / "jobs" / "examples" / "tiny-llama")
+    across = {"gpus": lora_job.gpus.model_copy(update={"count": 3, "models": TRIO}),
+              "deepspeed": lora_job.deepspeed.model_copy(update={"zero_stage": 2})}
+    results = {}  # H (None: synchronous) -> [(exact match, last loss)] by seed
+    for h in [None, *inner]:
+        for seed in range(seeds):
+            lora, loss = _demo_run(lora_job, work / f"h{h}" / f"seed{seed}", _sync(h, outer_lr, outer_momentum, wire), data["reverse-train"],
+                                   scratch, seed=seed, **across)
+            results.setdefault(h, []).append((_accuracies(scratch, lora, data["reverse-eval"])[1], loss))
+    print(f"\nthe demo's scratch model (synchronous), then LoRA on 'rev' across both boxes, {seeds} seeds; 'rev' exact match on 100 "
+          f"held-out words; mean (standard deviation)")
+    print(f"{'LoRA run':<38} {'rev exact match':>16} {'paired vs sync':>16} {'last train loss':>16}")
+    sync = results[None]
+    for h, runs in results.items():
+        name = "synchronous" if h is None else f"outer H={h} ({wire}, lr {outer_lr:g}, mom {outer_momentum:g})"
+        em, loss = [r[0] for r in runs], [r[1] for r in runs]
+        paired = [100 * (a[0] - b[0]) for a, b in zip(runs, sync)]
+        print(f"{name:<38} {_mean_sd([100 * e for e in em], '%'):>16} {_mean_sd(paired, 'pt'):>16} {_mean_sd(loss, ''):>16}")
+        print(f"{'':<38} {' '.join(f'{e:.0%}' for e in em):>16}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _mean_sd(values: list[float], unit: str) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3g}{unit} ({sd:.2g})"
 
 
 def main() -> None:
@@ -106,9 +158,13 @@ def main() -> None:
     parser.add_argument("--outer-momentum", type=float, default=0.0)
     parser.add_argument("--wide", action="store_true", help="bench/hetero_dp.py's wider model (4 layers of 256) instead")
     parser.add_argument("--demo", action="store_true", help="the demo's two jobs instead (scratch, then LoRA on 'rev')")
+    parser.add_argument("--finetune", action="store_true", help="the demo's LoRA stage across both boxes with outer steps instead")
+    parser.add_argument("--seeds", type=int, default=5, help="with --finetune: seeds per mode")
     args = parser.parse_args()
     if args.demo:
         return demo_task(args.inner, args.outer_lr, args.outer_momentum, args.wire)
+    if args.finetune:
+        return finetune_task(args.inner, args.outer_lr, args.outer_momentum, args.wire, args.seeds)
 
     work = Path(tempfile.mkdtemp(prefix="zeromix-outer-"))
     model = BENCH_MODEL if args.wide else MODEL

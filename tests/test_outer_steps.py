@@ -79,6 +79,31 @@ def test_a_delta_survives_each_wire_format_within_its_precision():
             assert (b - d).abs().max() <= bound * d.abs().max() + 1e-12, wire  # relative to each tensor's largest
 
 
+def _box_leader(box: int, boxes: int, port: int, results) -> None:
+    from workers.collectives import BoxLink, RankInfo
+
+    link = BoxLink.join(RankInfo(0, 1, "", 0, box, boxes, 0, "127.0.0.1", port), timeout_s=60)
+    got = link.exchange(torch.arange(3, dtype=torch.float32, device="cpu") + 10 * box)
+    results.put((box, [t.tolist() for t in got], link.bytes_sent))
+
+
+def test_box_leaders_each_get_every_box_payload_in_box_order_over_three_boxes():
+    """The ring the link runs (each box sends to the next on one connection, receives from the one before on
+    another): with three boxes a payload takes two hops; every leader ends with all three, and counts the two it sent."""
+    from tests.conftest import free_port
+    from workers.local_launch import _context
+
+    ctx, port = _context(), free_port()
+    results = ctx.Queue()
+    leaders = [ctx.Process(target=_box_leader, args=(box, 3, port, results)) for box in range(3)]
+    for leader in leaders:
+        leader.start()
+    got = sorted(results.get(timeout=120) for _ in leaders)
+    for leader in leaders:
+        leader.join(timeout=30)
+    assert got == [(box, [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0], [20.0, 21.0, 22.0]], 2 * 3 * 4) for box in range(3)]
+
+
 def test_the_outer_step_is_nesterov_sgd_on_the_combined_delta():
     """What OuterSteps._nesterov does to the global weights equals torch's SGD(nesterov=True) fed the delta as the
     gradient, over several outer steps."""
@@ -138,6 +163,18 @@ def test_across_a_slow_link_auto_picks_outer_steps_and_the_plan_says_what_they_c
 def test_on_a_fast_link_auto_stays_synchronous_and_outer_takes_the_inner_steps_given():
     assert qwen_plan("100GbE").outer is None  # collectives under a quarter of the step
     assert qwen_plan("100GbE", mode="outer", inner_steps=50).outer.inner_steps == 50
+
+
+def test_on_real_boxes_the_leaders_link_takes_the_interface_toward_the_other_boxes():
+    """gloo left alone binds the address the host name resolves to (127.0.1.1 on Debian): the plan names the node's
+    interface for it on real nodes, and not on simulated ones, whose declared interfaces do not exist here."""
+    simulated = two_boxes()
+    real = dataclasses.replace(simulated, nodes=tuple(dataclasses.replace(n, simulated=False, nic=f"eth-{n.name}") for n in simulated.nodes))
+    job = scenario(method="full", global_batch_size=64, gpus={"count": 4}, precision="bf16", sync={"mode": "outer"}, max_steps=1000)
+    facts = facts_from_config(model_config("qwen2.5-0.5b"))
+    on_real = make_plan(job, facts, real, 1000)
+    assert [(r.card.node, r.env.get("GLOO_SOCKET_IFNAME")) for r in on_real.ranks] == [("a", "eth-a"), ("a", "eth-a"), ("b", "eth-b"), ("b", "eth-b")]
+    assert all("GLOO_SOCKET_IFNAME" not in r.env for r in make_plan(job, facts, simulated, 1000).ranks)
 
 
 def test_the_launch_gives_each_box_its_own_deepspeed_world():

@@ -150,12 +150,18 @@ class BoxLink:
     """The group of box leaders (each box's rank 0) across the slow link between boxes, for outer steps. It is
     gloo over TCP whatever the boxes run inside (a 1 GbE link between boxes is what gloo's TCP is for), so its
     tensors live in host memory, as the outer state does (workers/outer_steps.py); every byte handed to it is
-    counted, so the traffic across boxes is measured, not estimated."""
+    counted, so the traffic across boxes is measured, not estimated.
+
+    Two gloo groups, one per direction: a box sends to a later box on `up` and to an earlier one on `down`. On one
+    group, two boxes' send and receive share one TCP connection, and gloo moved them one after the other there: an
+    exchange between two boxes took 1.7-2x the time of one way across a 1 Gbit/s link (bench/slow_link.py's link,
+    2026-12-05); one direction per connection runs both ways at the line rate."""
 
     box: int
     boxes: int
-    group: object  # torch.distributed.ProcessGroupGloo, outside the default group the box's DeepSpeed uses
-    store: object  # its rendezvous (kept alive with the group)
+    up: object  # torch.distributed.ProcessGroupGloo, outside the default group the box's DeepSpeed uses
+    down: object
+    store: object  # their rendezvous (kept alive with them)
     bytes_sent: int = 0  # what this leader sent across the link: in a ring all-gather over k boxes, k-1 payloads
 
     @classmethod
@@ -169,20 +175,30 @@ class BoxLink:
         wait = timedelta(seconds=timeout_s)
         try:
             store = dist.TCPStore(info.outer_addr, info.outer_port, info.boxes, is_master=info.box == 0, timeout=wait)
-            group = dist.ProcessGroupGloo(dist.PrefixStore("boxes", store), info.box, info.boxes, wait)
+            up, down = (dist.ProcessGroupGloo(dist.PrefixStore(f"boxes-{way}", store), info.box, info.boxes, wait) for way in ("up", "down"))
         except Exception as err:  # (torch raises several kinds for a peer that never came)
             raise RuntimeError(f"box {info.box}: the leaders of the {info.boxes} boxes did not meet at {info.outer_addr}:"
                                f"{info.outer_port} within {timeout_s:.0f} s ({err}); check that every box reaches that address") from err
-        return cls(info.box, info.boxes, group, store)
+        return cls(info.box, info.boxes, up, down, store)
 
     def exchange(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """Every box's `tensor` (same shape and dtype on each), in box order."""
+        """Every box's `tensor` (same shape and dtype on each), in box order: a ring all-gather, each box sending to the
+        next while it receives from the one before."""
         import torch
 
         if tensor.device.type != "cpu":
             raise CollectiveOffDevice(f"exchange across boxes: a {tuple(tensor.shape)} tensor on {tensor.device}; the link "
                                       "between boxes is gloo over TCP and takes host tensors (the outer state lives in host RAM)")
-        out = [torch.empty_like(tensor) for _ in range(self.boxes)]
-        self.group.allgather([out], [tensor]).wait()
-        self.bytes_sent += (self.boxes - 1) * tensor.numel() * tensor.element_size()  # gloo's ring: k-1 parts out of each box
+        k, me = self.boxes, self.box
+        out = [tensor if b == me else torch.empty_like(tensor) for b in range(k)]
+        after, before = (me + 1) % k, (me - 1) % k
+        for hop in range(k - 1):  # hop h: pass on what came from h boxes back, take what came from h + 1 back
+            sent = self._way(me, after).send([out[(me - hop) % k]], after, hop)
+            taken = self._way(before, me).recv([out[(me - hop - 1) % k]], before, hop)
+            sent.wait()
+            taken.wait()
+            self.bytes_sent += tensor.numel() * tensor.element_size()
         return out
+
+    def _way(self, sender: int, receiver: int):
+        return self.up if sender < receiver else self.down

@@ -75,15 +75,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_local_ranks(config: TrainConfig, timeout_s: float = 600, threads_per_rank: int = 1) -> list[dict]:
+def run_local_ranks(config: TrainConfig, timeout_s: float = 600, threads_per_rank: int = 1,
+                    ranks: list[RankInfo] | None = None) -> list[dict]:
     """Train on len(config.micro_batches) local ranks (gloo on the CPU; NCCL where a card is visible, as
     tests/test_gpu.py runs one rank); each rank's RankResult as a dict, by rank. One CPU thread per rank by
-    default: several ranks share this machine's cores."""
-    world = len(config.micro_batches)
+    default: several ranks share this machine's cores. `ranks`: only these, meeting where they say, the others
+    running elsewhere (bench/slow_link.py runs each box's in a network namespace of its own)."""
+    ranks = ranks if ranks is not None else _meeting_points(config)
+    world = len(ranks)
     ctx = _context()
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(info, config.to_json(), results, threads_per_rank, dict(os.environ)))
-             for info in _meeting_points(config)]
+             for info in ranks]
     for p in procs:
         p.start()
     collected, deadline = [], time.monotonic() + timeout_s
@@ -99,7 +102,7 @@ def run_local_ranks(config: TrainConfig, timeout_s: float = 600, threads_per_ran
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)] if dead else dead
                 for p in procs:
                     p.kill()
-                why = "; ".join(_death(r, procs[r].exitcode) for r in dead) if dead else f"no result within {timeout_s:.0f} s"
+                why = "; ".join(_death(ranks[r].first_rank + ranks[r].rank, procs[r].exitcode) for r in dead) if dead else f"no result within {timeout_s:.0f} s"
                 raise RuntimeError(f"local ranks failed: {why}") from None
     for p in procs:
         p.join(timeout=60)

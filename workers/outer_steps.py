@@ -23,6 +23,7 @@ on every box at once. ZeRO-1 and 2 only for now: every rank holds the whole mode
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,7 @@ class OuterSteps:
         self.config, self.params, self.comm, self.link = config, params, comm, link
         self.tokens_since = 0.0  # loss tokens this box trained on since the last outer step
         self.done = 0  # outer steps taken
+        self.exchange_s = 0.0  # a leader's time sending and receiving deltas across the link (the boxes already met)
         self.stop_wanted = False  # this box was asked to stop (the scheduler moves the job): at the next outer step
         local = self._local_fp32()  # every rank: a collective inside the box
         self.global_weights = [t.to("cpu", copy=True) for t in local] if comm.rank == 0 else []
@@ -140,7 +142,10 @@ class OuterSteps:
         import torch
 
         heads = self.link.exchange(torch.tensor([self.tokens_since, float(self.stop_wanted)], dtype=torch.float64, device="cpu"))
-        payload = self.link.exchange(encode(delta, self.config.wire))
+        mine = encode(delta, self.config.wire)
+        started = time.perf_counter()  # (the small exchange above waited for the slowest box: this one is the link's)
+        payload = self.link.exchange(mine)
+        self.exchange_s += time.perf_counter() - started
         total = sum(float(h[0]) for h in heads)
         shapes = [d.shape for d in delta]
         out = [torch.zeros(s, dtype=torch.float32, device="cpu") for s in shapes]

@@ -43,6 +43,7 @@ class OuterSteps:
     box_step_s: tuple[float, ...]  # per box, one inner step
     exchange_bytes: int  # what each box leader sends across the link per outer step
     exchange_s: float  # one outer step's exchange
+    link_s: float  # ... of which its deltas across the boxes' link (the rest: reading and loading weights in each box)
     outer_lr: float
     outer_momentum: float
     wire: str
@@ -67,7 +68,7 @@ class OuterSteps:
         sync_h, outer_h = self.bytes_per_hour()
         return {"boxes": [{"node": n, "ranks": k, "est_inner_step_s": sig(s)} for (n, k), s in zip(self.boxes, self.box_step_s)],
                 "inner_steps": self.inner_steps, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum, "wire": self.wire,
-                "est_exchange_bytes": self.exchange_bytes, "est_exchange_s": sig(self.exchange_s),
+                "est_exchange_bytes": self.exchange_bytes, "est_exchange_s": sig(self.exchange_s), "est_link_s": sig(self.link_s),
                 "est_sync_step_s": sig(self.sync_step_s), "est_sync_bytes_per_h": sig(sync_h), "est_outer_bytes_per_h": sig(outer_h)}
 
 
@@ -86,6 +87,7 @@ def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | None:
         group = Group(ctx, [r.card for r in mine])
         zeros = tuple(_zero(r) for r in mine)
         envs = nccl_env([r.card for r in mine], ctx.snapshot)  # each box's NCCL world stays inside the box
+        envs = [{**env, **_link_env(ctx.snapshot.node(node))} for env in envs]
         for r, zero, env in zip(mine, zeros, envs):
             shape = training_shape(ctx, plan.precision, r.tuning.activation_checkpointing)
             held = memory.estimate(shape, zero, len(mine), r.tuning.micro_batch)
@@ -101,13 +103,14 @@ def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | None:
     payload = ctx.trainable * WIRE_BYTES[sync.wire] + HEADER_BYTES
     link = min(step_time.network_gb_per_s(ctx.snapshot.node(n)) for n in nodes) * 1e9
     pcie = min(step_time.pcie_gb_per_s(r.card) for r in ranks) * 1e9
-    exchange = (len(nodes) - 1) * payload / link + 3 * 4 * ctx.trainable / pcie  # in the box: the fp32 read and the broadcast
+    link_s = (len(nodes) - 1) * payload / link
+    exchange = link_s + 3 * 4 * ctx.trainable / pcie  # in the box: the fp32 read and the broadcast
     inner = max(box_steps)
     h = sync.inner_steps if sync.inner_steps != "auto" else auto_inner_steps(exchange, inner, plan.total_steps)
     sync_volume = step_time.comm_volume(ctx.trainable, ctx.facts.n_params, len(ranks), plan.zero.stage, plan.grad_accum,
                                         memory.bytes_per_value(plan.precision), memory.bytes_per_value(plan.precision))
     outer = OuterSteps(tuple((n, sum(r.card.node == n for r in ranks)) for n in nodes), h, tuple(box_steps), (len(nodes) - 1) * payload,
-                       exchange, sync.outer_lr, sync.outer_momentum, sync.wire, plan.step.step_s,
+                       exchange, link_s, sync.outer_lr, sync.outer_momentum, sync.wire, plan.step.step_s,
                        len(nodes) * sync_volume.wire_bytes(len(ranks)))
     step = step_time.StepEstimate(tuple(compute), outer.step_s - max(c + o for c, o in zip(compute, offload)), tuple(offload), plan.step.tokens)
     for node in nodes:  # each box's leader keeps the global weights and the momentum
@@ -148,6 +151,13 @@ def describe(outer: OuterSteps) -> list[str]:
             f"about {outer.exchange_s:.3g} s; outer lr {outer.outer_lr:g}, Nesterov momentum {outer.outer_momentum:g}",
             f"  synchronous on these cards: {outer.sync_step_s:.3g} s/step, {sync_h / GIB:,.0f} GiB/h across boxes; "
             f"outer steps: {outer.step_s:.3g} s/step, {outer_h / GIB:,.1f} GiB/h"]
+
+
+def _link_env(node) -> dict[str, str]:
+    """The interface the box leaders' gloo link takes: the node's toward the others (probed, or `nic:` in cluster.yaml).
+    Left to itself gloo takes the address the host name resolves to, which on Debian and Ubuntu is 127.0.1.1, and the
+    other boxes cannot reach it. Not on a simulated node: its interfaces are this machine's, not the ones declared."""
+    return {"GLOO_SOCKET_IFNAME": node.nic} if node.nic and not node.simulated else {}
 
 
 def _zero(rank) -> ZeroSetting:
