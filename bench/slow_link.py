@@ -13,12 +13,12 @@ Figures, all measured unless marked as the plan's estimate:
   bytes across      read off the veth's counters by the kernel (every protocol, headers included), both directions;
                     in outer-step mode also what the box leaders handed to their group (payload, counted there)
   exchange time     a leader's time sending its delta and receiving the other's (after the boxes met)
-The model (4 layers of 512, 13.6 M parameters) and batch are chosen so that, as for a 1.5 B model on real cards behind
+The model (4 layers of 512, 13.7 M parameters) and batch are chosen so that, as for a 1.5 B model on real cards behind
 1 GbE, the synchronous step is dominated by gradients crossing the link; a CPU's compute is slower than a card's, so a
 larger model would hide the link behind compute here though not on the cards. Needs root (CAP_NET_ADMIN), iproute2's
 `ip` and `tc`; about 5 minutes on 2 cores.
 
-    .venv/bin/python bench/slow_link.py [--steps 100] [--inner 50] [--wire fp32] [--rate 1gbit] [--global-batch 6]
+    .venv/bin/python bench/slow_link.py [--steps 150] [--inner 50] [--wire fp32] [--rate 1gbit] [--global-batch 6]
                                         [--cards 'GTX 1080 Ti' 'RTX 3090' 'RTX 4090']
 """
 
@@ -31,6 +31,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -64,7 +65,7 @@ class Box:
 
     def run(self, *argv: str, **kwargs) -> subprocess.Popen:
         env = {**os.environ, "GLOO_SOCKET_IFNAME": self.device, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO / "bench")}
-        return subprocess.Popen(["ip", "netns", "exec", self.namespace, *argv], env=env, **kwargs)
+        return subprocess.Popen(["ip", "netns", "exec", self.namespace, *argv], env=env, start_new_session=True, **kwargs)
 
     def bytes_sent(self) -> int:
         shown = subprocess.run(["ip", "-n", self.namespace, "-s", "-j", "link", "show", "dev", self.device],
@@ -147,15 +148,20 @@ def run_mode(config, plan: Plan, boxes: list[Box], work: Path) -> dict:
         try:
             code = child.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            for c in children:
-                c.kill()
+            _stop(children)
             sys.exit(f"a box's ranks gave no result within {RUN_TIMEOUT_S} s; see their output above")
         if code:
-            for c in children:
-                c.kill()
+            _stop(children)
             sys.exit(f"a box's ranks failed (exit {code}); see their output above")
     ranks = sorted((r for b in boxes for r in json.loads((work / f"{b.node}.results.json").read_text())), key=lambda r: r["rank"])
     return {"ranks": ranks, "sent": {b.node: b.bytes_sent() - before[b.node] for b in boxes}}
+
+
+def _stop(children: list[subprocess.Popen]) -> None:
+    """Each box's launcher with the ranks it forked (each child leads a session of its own: nothing else is touched)."""
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
 
 
 def run_box_ranks(config_path: str, ranks_path: str, out_path: str) -> None:
@@ -183,7 +189,7 @@ def throughput(ranks: list[dict], config) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--inner", type=int, default=50, help="inner steps per outer step (H)")
     parser.add_argument("--wire", choices=["fp32", "bf16", "int8"], default="fp32")
     parser.add_argument("--rate", default="1gbit", help="the link's rate, as tc writes it")
