@@ -10,7 +10,7 @@ model, synchronous or with outer steps, then LoRA on 'rev') and prints the 'rev'
 scratch model synchronous and runs the LoRA stage across both boxes, over several seeds. The link is not throttled
 and the cards are not emulated: timings are not the point of this bench (bench/slow_link.py's are).
 
-    .venv/bin/python bench/outer_steps.py [--steps 200] [--inner 10 50] [--wire fp32] [--wide | --demo | --finetune [--seeds 5]]
+    .venv/bin/python bench/outer_steps.py [--steps 200] [--inner 10 50] [--wire fp32] [--wide | --demo | --finetune] [--seeds 5]
 """
 
 from __future__ import annotations
@@ -86,28 +86,25 @@ def _demo_data(work: Path):
     return data, held_out, load_job(REPO / SCRATCH_JOB, check_files=False), load_job(REPO / LORA_JOB, check_files=False)
 
 
-def demo_task(inner: list[int], outer_lr: float, outer_momentum: float, wire: str) -> None:
+def demo_task(inner: list[int], outer_lr: float, outer_momentum: float, wire: str, seeds: int) -> None:
     """The demo's two jobs as `make demo` runs them on the homelab (a tiny Llama from scratch on the 1080 Ti and the
-    3090, then LoRA on `rev` on the 3090 and 4090), the first synchronous and with outer steps at each H: the
-    scratch run's held-out loss and the `rev` exact match after the LoRA stage."""
+    3090, then LoRA on `rev` on the 3090 and 4090), the first synchronous and with outer steps at each H, each with
+    `seeds` seeds (both jobs take the seed): the scratch run's held-out loss and the `rev` exact match after the LoRA
+    stage."""
     from orchestrator.demo import _accuracies
 
     work = Path(tempfile.mkdtemp(prefix="zeromix-outer-demo-"))
     data, held_out, scratch_job, lora_job = _demo_data(work)
-    rows = []
+    results = {}  # H (None: synchronous) -> [(exact match, held-out loss)] by seed
     for h in [None, *inner]:
-        name = "synchronous" if h is None else f"outer H={h} ({wire}, lr {outer_lr:g}, mom {outer_momentum:g})"
-        tag = "sync" if h is None else f"h{h}"
-        scratch, _ = _demo_run(scratch_job, work / tag / "scratch", _sync(h, outer_lr, outer_momentum, wire), data["pretrain"],
-                               REPO / "jobs" / "examples" / "tiny-llama")
-        lora, _ = _demo_run(lora_job, work / tag / "lora", _sync(None, 0, 0, wire), data["reverse-train"], scratch)
-        before, after = _accuracies(scratch, lora, data["reverse-eval"])
-        rows.append((name, held_out_loss(scratch, scratch, held_out), before, after))
-    sync_loss, sync_after = rows[0][1], rows[0][3]
-    print("\nthe demo's task: scratch run (150 steps) as below, then LoRA on 'rev' (synchronous, one box); 'rev' exact match on 100 held-out words")
-    print(f"{'scratch run':<42} {'held-out loss':>13} {'vs sync':>8} {'rev before':>10} {'rev after LoRA':>14} {'vs sync':>8}")
-    for name, loss, before, after in rows:
-        print(f"{name:<42} {loss:>13.4f} {loss / sync_loss - 1:>+8.1%} {before:>10.0%} {after:>14.0%} {100 * (after - sync_after):>+7.0f}pt")
+        for seed in range(seeds):
+            scratch, _ = _demo_run(scratch_job, work / f"h{h}" / f"seed{seed}" / "scratch", _sync(h, outer_lr, outer_momentum, wire),
+                                   data["pretrain"], REPO / "jobs" / "examples" / "tiny-llama", seed=seed)
+            lora, _ = _demo_run(lora_job, work / f"h{h}" / f"seed{seed}" / "lora", _sync(None, 0, 0, wire), data["reverse-train"], scratch, seed=seed)
+            results.setdefault(h, []).append((_accuracies(scratch, lora, data["reverse-eval"])[1], held_out_loss(scratch, scratch, held_out)))
+    print(f"\nthe demo's task: the scratch run (150 steps) as below, then LoRA on 'rev' (synchronous, one box), {seeds} seed(s); "
+          "'rev' exact match on 100 held-out words; mean (standard deviation)")
+    _print_seeds(results, "scratch run", "held-out loss", outer_lr, outer_momentum, wire)
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -115,8 +112,7 @@ def finetune_task(inner: list[int], outer_lr: float, outer_momentum: float, wire
     """Fine-tuning a trained model, zeromix's own case: the demo's scratch model (trained synchronously, once), then
     its LoRA job on `rev` across both boxes (the 1080 Ti; the 3090 and 4090; ZeRO-2), synchronous and with outer
     steps at each H, each with `seeds` seeds (the LoRA stage's exact match moves by 10-20 points between seeds):
-    the mean and spread of the `rev` exact match and of the LoRA run's last training loss, and each seed's paired
-    difference to the synchronous run."""
+    the `rev` exact match and the LoRA run's last training loss."""
     from orchestrator.demo import _accuracies
 
     work = Path(tempfile.mkdtemp(prefix="zeromix-outer-finetune-"))
@@ -130,17 +126,23 @@ def finetune_task(inner: list[int], outer_lr: float, outer_momentum: float, wire
             lora, loss = _demo_run(lora_job, work / f"h{h}" / f"seed{seed}", _sync(h, outer_lr, outer_momentum, wire), data["reverse-train"],
                                    scratch, seed=seed, **across)
             results.setdefault(h, []).append((_accuracies(scratch, lora, data["reverse-eval"])[1], loss))
-    print(f"\nthe demo's scratch model (synchronous), then LoRA on 'rev' across both boxes, {seeds} seeds; 'rev' exact match on 100 "
-          f"held-out words; mean (standard deviation)")
-    print(f"{'LoRA run':<38} {'rev exact match':>16} {'paired vs sync':>16} {'last train loss':>16}")
+    print(f"\nthe demo's scratch model (synchronous), then LoRA on 'rev' across both boxes, {seeds} seed(s); 'rev' exact match on 100 "
+          "held-out words; mean (standard deviation)")
+    _print_seeds(results, "LoRA run", "last train loss", outer_lr, outer_momentum, wire)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _print_seeds(results: dict, run: str, loss_name: str, outer_lr: float, outer_momentum: float, wire: str) -> None:
+    """Per H: the exact match and the loss over seeds, and each seed's difference to the synchronous run's (paired)."""
+    print(f"{'outer steps in the ' + run:<38} {'rev exact match':>16} {'paired vs sync':>16} {loss_name:>16} {'paired vs sync':>16}")
     sync = results[None]
     for h, runs in results.items():
-        name = "synchronous" if h is None else f"outer H={h} ({wire}, lr {outer_lr:g}, mom {outer_momentum:g})"
-        em, loss = [r[0] for r in runs], [r[1] for r in runs]
-        paired = [100 * (a[0] - b[0]) for a, b in zip(runs, sync)]
-        print(f"{name:<38} {_mean_sd([100 * e for e in em], '%'):>16} {_mean_sd(paired, 'pt'):>16} {_mean_sd(loss, ''):>16}")
-        print(f"{'':<38} {' '.join(f'{e:.0%}' for e in em):>16}")
-    shutil.rmtree(work, ignore_errors=True)
+        name = "none: synchronous" if h is None else f"H={h} ({wire}, lr {outer_lr:g}, mom {outer_momentum:g})"
+        em_paired = [100 * (a[0] - b[0]) for a, b in zip(runs, sync)]
+        loss_paired = [100 * (a[1] / b[1] - 1) for a, b in zip(runs, sync)]
+        print(f"{name:<38} {_mean_sd([100 * r[0] for r in runs], '%'):>16} {_mean_sd(em_paired, 'pt'):>16} "
+              f"{_mean_sd([r[1] for r in runs], ''):>16} {_mean_sd(loss_paired, '%'):>16}")
+        print(f"{'  by seed':<38} {' '.join(f'{r[0]:.0%}' for r in runs):>16} {'':>16} {' '.join(f'{r[1]:.3f}' for r in runs):>16}")
 
 
 def _mean_sd(values: list[float], unit: str) -> str:
@@ -159,10 +161,10 @@ def main() -> None:
     parser.add_argument("--wide", action="store_true", help="bench/hetero_dp.py's wider model (4 layers of 256) instead")
     parser.add_argument("--demo", action="store_true", help="the demo's two jobs instead (scratch, then LoRA on 'rev')")
     parser.add_argument("--finetune", action="store_true", help="the demo's LoRA stage across both boxes with outer steps instead")
-    parser.add_argument("--seeds", type=int, default=5, help="with --finetune: seeds per mode")
+    parser.add_argument("--seeds", type=int, default=5, help="with --demo or --finetune: seeds per mode")
     args = parser.parse_args()
     if args.demo:
-        return demo_task(args.inner, args.outer_lr, args.outer_momentum, args.wire)
+        return demo_task(args.inner, args.outer_lr, args.outer_momentum, args.wire, args.seeds)
     if args.finetune:
         return finetune_task(args.inner, args.outer_lr, args.outer_momentum, args.wire, args.seeds)
 
