@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from orchestrator.cli.render import rank_env
 from orchestrator.errors import InputError
 from orchestrator.jobspec import load_job
 from orchestrator.launch import train_config, with_outer_steps
@@ -175,6 +176,8 @@ def test_on_real_boxes_the_leaders_link_takes_the_interface_toward_the_other_box
     on_real = make_plan(job, facts, real, 1000)
     assert [(r.card.node, r.env.get("GLOO_SOCKET_IFNAME")) for r in on_real.ranks] == [("a", "eth-a"), ("a", "eth-a"), ("b", "eth-b"), ("b", "eth-b")]
     assert all("GLOO_SOCKET_IFNAME" not in r.env for r in make_plan(job, facts, simulated, 1000).ranks)
+    shown = rank_env(on_real)  # `zeromix plan`: what the ranks share once, then each node's own
+    assert shown.endswith("a: GLOO_SOCKET_IFNAME=eth-a; b: GLOO_SOCKET_IFNAME=eth-b"), shown
 
 
 def test_the_launch_gives_each_box_its_own_deepspeed_world():

@@ -203,9 +203,8 @@ def plan(p: Plan) -> None:
         console.print(f"{p.four_bit.describe()}: {p.four_bit.why}")
     if p.outer:
         console.print("\n".join(outer.describe(p.outer)) + "\n  (communication above: each box's own, plus the exchange spread over its steps)")
-    env = {k: v for r in p.ranks for k, v in r.env.items()}
-    if env:
-        console.print("NCCL: " + " ".join(f"{k}={v}" for k, v in sorted(env.items())))
+    if any(r.env for r in p.ranks):
+        console.print("environment: " + rank_env(p))
     if p.rejected and narrow():
         console.print("left out:")
         for x in p.rejected:
@@ -343,3 +342,19 @@ def simulation(rows: list[dict], n_jobs: int, cluster: str, costs) -> None:
     if rejected:
         console.print(f"{rejected} job(s) of the trace fit nowhere in this cluster and were refused at submit")
 
+
+def rank_env(p: Plan) -> str:
+    """The ranks' environment (NCCL's settings, the box link's interface), once for what every rank shares and per node
+    for what differs by node (each node's own interface)."""
+    per_node: dict[str, dict[str, str]] = {}
+    for r in p.ranks:
+        per_node.setdefault(r.card.node, {}).update(r.env)
+    shared = {}
+    for key in {k for env in per_node.values() for k in env}:
+        values = {env.get(key) for env in per_node.values()}
+        if len(values) == 1 and None not in values:
+            shared[key] = values.pop()
+    parts = [" ".join(f"{k}={v}" for k, v in sorted(shared.items()))] if shared else []
+    parts += [f"{node}: " + " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k not in shared)
+              for node, env in per_node.items() if set(env) - set(shared)]
+    return "; ".join(parts)
