@@ -37,15 +37,23 @@ MODEL = {**TINY_LLAMA, "hidden_size": 128, "intermediate_size": 384, "num_hidden
          "num_key_value_heads": 4, "max_position_embeddings": 128}
 
 
-def held_out_loss(model_dir: Path, tokenizer_dir: Path, eval_path: Path) -> float:
+def held_out_loss(model_dir: Path, tokenizer_dir: Path, eval_path: Path, adapter_dir: Path | None = None) -> float:
+    """Mean loss per token on `eval_path`: its text, or with an adapter (a LoRA run's) the completions of its prompts."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from workers.data import collate, read_records, tokenize
 
-    dataset = {"path": str(eval_path), "format": "jsonl", "text_field": "text", "prompt_field": None, "completion_field": None}
+    fields = {"text_field": None, "prompt_field": "prompt", "completion_field": "completion"} if adapter_dir else \
+        {"text_field": "text", "prompt_field": None, "completion_field": None}
+    dataset = {"path": str(eval_path), "format": "jsonl", **fields}
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    if adapter_dir:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
     samples = tokenize(read_records(dataset), dataset, tokenizer, 32)
     total, count = 0.0, 0
     with torch.no_grad():
@@ -112,7 +120,7 @@ def finetune_task(inner: list[int], outer_lr: float, outer_momentum: float, wire
     """Fine-tuning a trained model, zeromix's own case: the demo's scratch model (trained synchronously, once), then
     its LoRA job on `rev` across both boxes (the 1080 Ti; the 3090 and 4090; ZeRO-2), synchronous and with outer
     steps at each H, each with `seeds` seeds (the LoRA stage's exact match moves by 10-20 points between seeds):
-    the `rev` exact match and the LoRA run's last training loss."""
+    the `rev` exact match and the loss on the held-out words' completions (the exact match's smoother companion)."""
     from orchestrator.demo import _accuracies
 
     work = Path(tempfile.mkdtemp(prefix="zeromix-outer-finetune-"))
@@ -120,15 +128,16 @@ def finetune_task(inner: list[int], outer_lr: float, outer_momentum: float, wire
     scratch, _ = _demo_run(scratch_job, work / "scratch", _sync(None, 0, 0, wire), data["pretrain"], REPO / "jobs" / "examples" / "tiny-llama")
     across = {"gpus": lora_job.gpus.model_copy(update={"count": 3, "models": TRIO}),
               "deepspeed": lora_job.deepspeed.model_copy(update={"zero_stage": 2})}
-    results = {}  # H (None: synchronous) -> [(exact match, last loss)] by seed
+    results = {}  # H (None: synchronous) -> [(exact match, loss on the held-out completions)] by seed
     for h in [None, *inner]:
         for seed in range(seeds):
-            lora, loss = _demo_run(lora_job, work / f"h{h}" / f"seed{seed}", _sync(h, outer_lr, outer_momentum, wire), data["reverse-train"],
-                                   scratch, seed=seed, **across)
-            results.setdefault(h, []).append((_accuracies(scratch, lora, data["reverse-eval"])[1], loss))
+            lora, _ = _demo_run(lora_job, work / f"h{h}" / f"seed{seed}", _sync(h, outer_lr, outer_momentum, wire), data["reverse-train"],
+                                scratch, seed=seed, **across)
+            results.setdefault(h, []).append((_accuracies(scratch, lora, data["reverse-eval"])[1],
+                                              held_out_loss(scratch, scratch, data["reverse-eval"], adapter_dir=lora)))
     print(f"\nthe demo's scratch model (synchronous), then LoRA on 'rev' across both boxes, {seeds} seed(s); 'rev' exact match on 100 "
           "held-out words; mean (standard deviation)")
-    _print_seeds(results, "LoRA run", "last train loss", outer_lr, outer_momentum, wire)
+    _print_seeds(results, "LoRA run", "rev held-out loss", outer_lr, outer_momentum, wire)
     shutil.rmtree(work, ignore_errors=True)
 
 
