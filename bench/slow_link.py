@@ -213,7 +213,7 @@ def main() -> None:
         outer_job = job.model_copy(update={"sync": job.sync.model_copy(update={"mode": "outer", "inner_steps": args.inner, "wire": args.wire})})
         plans = {"synchronous": make_plan(job, facts_from_config(MODEL), measured, args.steps),
                  f"outer H={args.inner} ({args.wire})": make_plan(outer_job, facts_from_config(MODEL), measured, args.steps)}
-        sync_plan, outer_plan = plans.values()
+        sync_plan = plans["synchronous"]
         print(f"link: tc tbf {args.rate} each way between namespaces {boxes[0].node} and {boxes[1].node}; one TCP stream measured "
               f"{gbit:.3f} Gbit/s (the slower direction), given to the planner as measured at join")
         print(f"{len(sync_plan.ranks)} ranks: " + ", ".join(f"{r.card.node}/{r.card.short_name} micro {r.tuning.micro_batch}" for r in sync_plan.ranks)
