@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import shutil
 import statistics
 import tempfile
@@ -69,15 +70,19 @@ def held_out_loss(model_dir: Path, tokenizer_dir: Path, eval_path: Path, adapter
 def _demo_run(job, out: Path, sync: dict, data_path: Path, model_path: Path, **fields) -> tuple[Path, float]:
     """One of the demo's jobs as `make demo` plans it on the homelab (with `fields` changed), run on local ranks:
     its final model and last training loss."""
-    homelab = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
     job = job.model_copy(update={"output_dir": str(out), "report_to": [], "sync": job.sync.model_copy(update=sync),
                                  "dataset": job.dataset.model_copy(update={"path": str(data_path)}),
                                  "model": job.model.model_copy(update={"path": str(model_path)}), **fields})
     from orchestrator.model_facts import read_config
 
-    plan = make_plan(job, facts_from_config(read_config(job.model.path)), homelab, job.max_steps)
+    plan = make_plan(job, facts_from_config(read_config(job.model.path)), _homelab(), job.max_steps)
     ranks = run_local_ranks(train_config(job, plan, out.name))
     return out / "final", ranks[0]["last_loss"]
+
+
+@functools.cache
+def _homelab():
+    return snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
 
 
 def _sync(inner_steps: int | None, outer_lr: float, outer_momentum: float, wire: str) -> dict:
@@ -182,8 +187,7 @@ def main() -> None:
     job = trio_job(work, model, args.steps, args.global_batch, pretrain_lines=3000, rebalance=False)
     model_dir = Path(job.model.path)
     held_out = write_demo_data(work / "held-out", seed=1, pretrain_lines=300, reverse_train=10, reverse_eval=5)["pretrain"]
-    homelab = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
-    plan = make_plan(job, facts_from_config(model), homelab, args.steps)
+    plan = make_plan(job, facts_from_config(model), _homelab(), args.steps)
     nodes = list(dict.fromkeys(r.card.node for r in plan.ranks))
     plan = dataclasses.replace(plan, ranks=tuple(sorted(plan.ranks, key=lambda r: nodes.index(r.card.node))))  # box by box
     boxes = [sum(r.card.node == n for r in plan.ranks) for n in nodes]

@@ -34,6 +34,11 @@ class RankInfo:
     outer_addr: str = ""
     outer_port: int = 0
 
+    @property
+    def job_rank(self) -> int:
+        """The rank's index in the job's config (its rank in its box's group, after the boxes before it)."""
+        return self.first_rank + self.rank
+
 
 def first_ranks(boxes: tuple[int, ...]) -> list[int]:
     """Each box's first job rank: a job lists its ranks box by box (`boxes`: ranks per box)."""
@@ -80,7 +85,7 @@ class RankComm:
         if on_gpu:
             torch.cuda.set_device(device)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
-        return cls(dist.get_rank(), dist.get_world_size(), device, info.first_rank + dist.get_rank())
+        return cls(dist.get_rank(), dist.get_world_size(), device, info.job_rank)
 
     @property
     def on_gpu(self) -> bool:

@@ -102,7 +102,7 @@ def run_local_ranks(config: TrainConfig, timeout_s: float = 600, threads_per_ran
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)] if dead else dead
                 for p in procs:
                     p.kill()
-                why = "; ".join(_death(ranks[r].first_rank + ranks[r].rank, procs[r].exitcode) for r in dead) if dead else f"no result within {timeout_s:.0f} s"
+                why = "; ".join(_death(ranks[r].job_rank, procs[r].exitcode) for r in dead) if dead else f"no result within {timeout_s:.0f} s"
                 raise RuntimeError(f"local ranks failed: {why}") from None
     for p in procs:
         p.join(timeout=60)
