@@ -59,8 +59,9 @@ def default_ports_turn():
 
 
 @pytest.fixture(scope="module")
-def second_cluster(tmp_path_factory, zeromix_home):
-    """The one cluster this module starts beside the session's, in a ZEROMIX_HOME of its own. It takes the default
+def second_cluster(tmp_path_factory, zeromix_home, cluster):
+    """The one cluster this module starts beside the session's (which must be up first: it is started in the
+    session's ZEROMIX_HOME, which this fixture swaps while it starts its own), in a ZEROMIX_HOME of its own. It takes the default
     ports when they are free (as the user's demo would); when something holds them (the user's `make demo`), it
     goes on free ones and the demo is the default-port cluster to leave alone. Before it starts, its home holds a
     stale record (a cluster that died): what `queue` and `up` said then is kept for the first test."""

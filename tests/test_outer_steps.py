@@ -47,6 +47,12 @@ def test_one_inner_step_per_outer_step_is_synchronous_data_parallel(ds_runs, tmp
     # each box weighted the same, whatever its tokens: off by 0.22
     assert max_relative_difference(reference(config, initial, "per_rank_mean", groups=BOXES), exact) > 1e4 * EXACT
     assert [r["outer_steps"] for r in ranks] == [config.total_steps] * 3
+    # Each box records its own cards, but the job's tokens/s (progress line, trackers, result) counts every box's
+    for box0, box1 in zip(ranks[0]["history"], ranks[2]["history"]):
+        assert box0["job_tokens"] == box1["job_tokens"] == sum(box0["tokens"]) + sum(box1["tokens"])
+        assert box0["tokens_per_s"] == pytest.approx(box0["job_tokens"] / max(box0["step_time_s"]), abs=0.1)
+    steps = ranks[0]["history"]
+    assert ranks[0]["tokens_per_s"] == pytest.approx(sum(h["job_tokens"] for h in steps) / sum(max(h["step_time_s"]) for h in steps))
 
 
 def test_the_traffic_across_boxes_is_counted_and_falls_with_fewer_outer_steps_and_a_smaller_wire(ds_runs, tmp_path, demo_data, base_model):

@@ -47,6 +47,7 @@ class StepStats:
     split: tuple[int, ...]  # each card's micro-batch in this step
     next_split: tuple[int, ...] = ()  # rank 0's correction of the split (workers/rebalance.py), for every rank to switch to; () if none
     stop: bool = False  # rank 0 was asked to stop here (the scheduler moves the job): every rank saves a checkpoint and stops
+    job_tokens: int = 0  # with outer steps, the whole global batch's tokens, every box's (these ranks are one box); else 0
 
     @property
     def comm_s(self) -> float:
@@ -62,8 +63,10 @@ class StepStats:
 
     @property
     def tokens_per_s(self) -> float:
-        """The whole job's: every card's tokens over the step's time (the slowest card's)."""
-        return sum(self.tokens) / max(self.step_time_s)
+        """The whole job's: every card's tokens over the step's time (the slowest card's). With outer steps, every
+        box's cards': the boxes take their shares of each global batch side by side and meet every H steps, where the
+        faster box waits, so over H steps one box's time is the job's."""
+        return (self.job_tokens or sum(self.tokens)) / max(self.step_time_s)
 
     def card_tokens_per_s(self, rank: int) -> float:
         return self.tokens[rank] / self.step_time_s[rank] if self.step_time_s[rank] else 0.0
@@ -101,7 +104,7 @@ def card_memory_peaks() -> dict[str, int]:
 
 def reduce_step(comm, step: int, loss_sum: float, loss_tokens: float, lr: float, tokens: int, step_time_s: float,
                 reduce_s: float, memory: tuple[int, int], split: tuple[int, ...], proposal: tuple[int, ...] = (),
-                stop: bool = False) -> StepStats:
+                stop: bool = False, job_tokens: int = 0) -> StepStats:
     """One all-reduce of every rank's figures (and the summed token loss), on the rank's device. Rank 0's
     `proposal` (a new split) and `stop` (a request to stop after this step) ride in it: every rank learns them in
     this same collective."""
@@ -121,7 +124,7 @@ def reduce_step(comm, step: int, loss_sum: float, loss_tokens: float, lr: float,
     tokens_, times, reduces, used, peak = (tuple(column) for column in zip(*per_rank))
     next_split = tuple(int(n) for n in summed[1: 1 + world]) if any(summed[1: 1 + world]) else ()
     return StepStats(step, summed[0] / loss_tokens, lr, tuple(int(t) for t in tokens_), times, reduces,
-                     tuple(int(u) for u in used), tuple(int(p) for p in peak), tuple(split), next_split, summed[-1] > 0)
+                     tuple(int(u) for u in used), tuple(int(p) for p in peak), tuple(split), next_split, summed[-1] > 0, job_tokens)
 
 
 class RankGauges:

@@ -267,7 +267,8 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
             result.model_state_bytes = model_state_bytes(engine)
         reduce_s = engine.get_wall_clock_timers().get(BACKWARD_REDUCE_GLOBAL_TIMER, 0.0) / 1000.0  # this step's, in ms
         stats = reduce_step(comm, step + 1, loss_sum.item(), global_loss_tokens, scheduler.get_last_lr()[0], my_tokens,
-                            step_time, reduce_s, memory_in_use(on_gpu), split, pending.new if pending else (), stop and not outer_steps)
+                            step_time, reduce_s, memory_in_use(on_gpu), split, pending.new if pending else (), stop and not outer_steps,
+                            sum(len(samples[i].input_ids) for i in sampler.global_indices(step)) if outer_steps else 0)
         if tuner and not pending:
             pending = tuner.observe(step + 1, stats.compute_s, max(stats.step_time_s))
             pending = pending if pending and pending.step <= cfg.total_steps else None  # (none left to run with it)
@@ -313,7 +314,7 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
     if result.history:
         steps = result.history
         train_time = sum(max(h["step_time_s"]) for h in steps)
-        result.tokens_per_s = sum(sum(h["tokens"]) for h in steps) / train_time if train_time else 0.0
+        result.tokens_per_s = sum(h["job_tokens"] or sum(h["tokens"]) for h in steps) / train_time if train_time else 0.0
         result.step_time_s = sum(sum(h["step_time_s"]) / world for h in steps) / len(steps)
         result.wait_s = [sum(h["wait_s"][r] for h in steps) / len(steps) for r in range(world)]
         result.busy_s = [sum(h["step_time_s"][r] - h["wait_s"][r] for h in steps) / len(steps) for r in range(world)]

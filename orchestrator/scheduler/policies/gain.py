@@ -7,11 +7,12 @@ every job's wait, below), earliest due first; then the others by priority (plus 
      when a job of the same priority waiting behind gains more from the cards this job would take than
      this job loses by taking others, this job takes the others (comparative advantage), provided both
      then start and this one keeps MIN_SHARE of its best speed.
-  2. Start now, or wait for better cards? A job waits for its best cards only when, after the jobs ahead of
-     it that wait for the same cards have had them, it would still end sooner on them than on the cards free
-     now. A job that would get under MIN_SHARE of its best speed from the free cards waits too, but only
-     until it has waited PATIENCE times its run on its best cards. So every wait for better cards is bounded:
-     by the estimated ends of running jobs and of the jobs ahead, or by PATIENCE x its own best run.
+  2. Start now, or wait for better cards? A job waits for its best cards (a one-card job: any card of that
+     model) only when, after the jobs ahead of it that wait for the same cards have had them, it would still end
+     sooner on them than on the cards free now. A job that would get under MIN_SHARE of its best speed from the
+     free cards waits too, but only while that turn would end it sooner, or, when nothing says when the turn
+     comes, until it has waited PATIENCE times its run on its best cards. So every wait for better cards is
+     bounded: by the estimated ends of running jobs and of the jobs ahead, or by PATIENCE x its own best run.
   3. The first job that cannot start reserves the cards it will get when running jobs end (EASY backfill):
      later jobs may use those cards only if they end before that time (estimates), and take them when that
      is faster than the cards nobody reserved.
@@ -125,15 +126,20 @@ class Gain:
             now = self._leave_to_rival(job, roomy, order[position + 1:WINDOW], x, free, reservation, running, claims, boxes)
             share = x.table.normalised(job, now) / boxes.links.stretch(now.plan)
             if share < MIN_SHARE and running and x.now - job.submitted_at < PATIENCE * best.duration_s(job.total_steps):
-                reservation = reservation or self._reserve(job, x, free, running)
-                decision.waiting[job.id] = why_waiting(job, x, f"the free cards would give it {share:.0%} of its best speed (estimate); it "
-                                                                f"waits for better ones until about {clock(job.submitted_at + PATIENCE * best.duration_s(job.total_steps))}")
-                continue
-            waits_until = self._better_soon(job, now, x, running, reservation, claims, boxes)
-            if waits_until is not None:
-                claims.update({card: waits_until for card in best.cards})
+                turn = _turn_at_best(job, now, x, running, reservation, claims)
+                if turn is None or turn.end < x.now + boxes.run_s(job, now):
+                    claims.update({card: turn.end for card in turn.cards} if turn else {})
+                    reservation = reservation or self._reserve(job, x, free, running)
+                    until = (f"it would end about {clock(turn.end)} on them" if turn else
+                             f"until about {clock(job.submitted_at + PATIENCE * best.duration_s(job.total_steps))}")
+                    decision.waiting[job.id] = why_waiting(job, x, f"the free cards would give it {share:.0%} of its best speed (estimate); it "
+                                                                    f"waits for better ones, {until}")
+                    continue
+            turn = self._better_soon(job, now, x, running, reservation, claims, boxes)
+            if turn is not None:
+                claims.update({card: turn.end for card in turn.cards})
                 decision.waiting[job.id] = why_waiting(job, x, self._noting_due(job, x, due_at, (
-                    f"waits for faster cards: it would end about {clock(waits_until)} on them, "
+                    f"waits for faster cards: it would end about {clock(turn.end)} on them, "
                     f"later on the free {' + '.join(r.card.short_name for r in now.plan.ranks)}")))
                 continue
             self._start(job, now, x, boxes, decision, free, running)
@@ -177,11 +183,15 @@ class Gain:
     def _with_room(self, job: QueuedJob, now: Outcome, x: PolicyInput, boxes: Boxes, free: set[str],
                    reservation: Reservation | None) -> Outcome | None:
         """The plan it gets where its boxes have room (rule 7): off boxes whose host RAM it would overcommit (None
-        when the other boxes cannot take it), and off busy network links when that ends it sooner."""
-        crowded = set(boxes.ram.crowded(now.plan))
-        if crowded:
+        when the other boxes cannot take it), and off busy network links when that ends it sooner. The plan on the
+        other boxes may land on another crowded one (the fragmentation rule prefers part-used boxes, which are the
+        ones with jobs on them): each is left out in turn, so a job never waits while a box with room has a card
+        for it (it once left 51 of 64 cards idle for five hours with 61 jobs queued)."""
+        crowded: set[str] = set()
+        while more := set(boxes.ram.crowded(now.plan)):
+            crowded |= more
             now = self._place(job, x, {c.card_id for c in x.free if c.card_id in free and c.node not in crowded}, reservation)
-            if now is None or boxes.ram.crowded(now.plan):
+            if now is None:
                 return None
         return self._off_busy_links(job, now, x, boxes, free)
 
@@ -275,26 +285,14 @@ class Gain:
 
     @staticmethod
     def _better_soon(job: QueuedJob, now: Outcome, x: PolicyInput, running: list[RunningJob],
-                     reservation: Reservation | None, claims: dict[str, float], boxes: Boxes) -> float | None:
-        """When waiting for its best cards ends this job sooner than starting now, the time it would end that
-        way; else None. A card held by a running job frees at its estimated end, and then goes to the jobs
-        ahead of this one that wait for it (`claims`: until they would end); one reserved for the head job,
-        when that job would end on it; a card with no such estimate gives no reason to wait."""
-        best = x.table.best(job)
-        if set(best.cards) <= set(now.cards) or x.table.normalised(job, now) >= 1.0:
+                     reservation: Reservation | None, claims: dict[str, float], boxes: Boxes) -> Turn | None:
+        """Its turn at cards like its best ones when waiting for them ends this job sooner than starting now (by
+        WAIT_MARGIN of its run); else None."""
+        if x.table.normalised(job, now) >= 1.0:
             return None
-        free_at = x.now
-        for card in best.cards:
-            holder = next((r for r in running if card in r.cards), None)
-            if holder:
-                free_at = max(free_at, holder.est_end, claims.get(card, 0.0))
-            elif reservation and card in reservation.cards:
-                free_at = max(free_at, reservation.until, claims.get(card, 0.0))
-            else:
-                return None
-        end_waiting = free_at + best.duration_s(job.total_steps)
+        turn = _turn_at_best(job, now, x, running, reservation, claims)
         end_now = x.now + boxes.run_s(job, now)
-        return end_waiting if end_waiting < x.now + WAIT_MARGIN * (end_now - x.now) else None
+        return turn if turn and turn.end < x.now + WAIT_MARGIN * (end_now - x.now) else None
 
     def _reserve(self, job: QueuedJob, x: PolicyInput, free: set[str], running: list[RunningJob]) -> Reservation | None:
         """The cards this job gets, and when, if running jobs (this round's starts included) end as estimated and
@@ -317,6 +315,50 @@ def _move_cost_s(outcome: Outcome) -> float:
     """Saving its checkpoint, starting again and loading the weights (sim_costs.yaml: measured or estimate)."""
     costs = _costs()
     return costs.save_s(outcome.plan) + costs.start_s + costs.load_s(outcome.plan)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """When a waiting job would get cards as fast as its best ones, and end on them (estimates)."""
+
+    cards: tuple[str, ...]
+    end: float
+
+
+def _turn_at_best(job: QueuedJob, now: Outcome, x: PolicyInput, running: list[RunningJob], reservation: Reservation | None,
+                  claims: dict[str, float]) -> Turn | None:
+    """Its earliest turn at its best cards: a card held by a running job frees at its estimated end, one reserved
+    for the head job when that job would end on it, and then it goes to the jobs ahead of this one that wait for
+    it (`claims`: until they would end). A one-card job may take any card of its best card's model where it has
+    no memory cap (as fast, so the jobs waiting for that model spread over all of them). A card free now that it
+    does not get (another's room or reservation) gives no estimate; None when no option has one, or when it
+    already has its best cards."""
+    best = x.table.best(job)
+    if set(best.cards) <= set(now.cards):
+        return None
+    options = [best.cards]
+    if len(best.cards) == 1:
+        model = next(c.model for c in x.table.cluster.cards if c.card_id == best.cards[0])
+        capped = {card for card, _ in job.memory_caps}
+        options = [(c.card_id,) for c in x.table.cluster.cards if c.model == model and c.card_id not in capped]
+    turns = [Turn(cards, at + best.duration_s(job.total_steps)) for cards in options
+             if (at := _free_at(cards, x, running, reservation, claims)) is not None]
+    return min(turns, key=lambda t: t.end, default=None)
+
+
+def _free_at(cards: tuple[str, ...], x: PolicyInput, running: list[RunningJob], reservation: Reservation | None,
+             claims: dict[str, float]) -> float | None:
+    """When all these cards are expected free for a job that waits for them (see `_turn_at_best`)."""
+    at = x.now
+    for card in cards:
+        holder = next((r for r in running if card in r.cards), None)
+        if holder:
+            at = max(at, holder.est_end, claims.get(card, 0.0))
+        elif reservation and card in reservation.cards:
+            at = max(at, reservation.until, claims.get(card, 0.0))
+        else:
+            return None
+    return at
 
 
 def due_times(x: PolicyInput) -> dict[str, float]:
