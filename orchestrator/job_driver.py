@@ -40,7 +40,10 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
         "last_loss": history[-1]["loss"] if history else first["last_loss"],
         "losses": [h["loss"] for h in history],
         "history": history,  # every step, every card (workers/telemetry.StepStats.record): the report's data
-        "rebalances": first["rebalances"],  # each correction of the split from measured speeds (workers/rebalance.py)
+        # each correction of the split from measured speeds (workers/rebalance.py), with the ranks whose split it is (the
+        # job's, or with outer steps the box's)
+        "rebalances": sorted(({**change, "ranks": list(range(f, f + n))} for f, n in zip(firsts, config.boxes)
+                              for change in results[f]["rebalances"]), key=lambda change: change["step"]),
         "plan": plan,
         "method": config.method,
         "base": _base(config, first),

@@ -71,14 +71,15 @@ def with_outer_steps(config: TrainConfig, boxes: list[int], inner_steps: int, ou
                      wire: str) -> TrainConfig:
     """The run as outer steps across boxes (workers/outer_steps.py): `boxes` ranks per box, the config's ranks
     listed box by box. Each box is a DeepSpeed world of its own, so each rank's batch-size check counts its box's
-    ranks; the split is not tuned while training in this mode (a box's change would have to reach every box)."""
+    ranks. A box may still correct its own split while training: its tuner keeps the box's share of the global batch,
+    so the other boxes' slices of it do not move."""
     if sum(boxes) != len(config.micro_batches):
         raise ValueError(f"boxes {boxes} hold {sum(boxes)} ranks; the run has {len(config.micro_batches)}")
     per_rank = [size for size in boxes for _ in range(size)]
     ds = tuple({**c, "train_batch_size": c["train_micro_batch_size_per_gpu"] * c["gradient_accumulation_steps"] * n}
                for c, n in zip(config.ds_configs, per_rank))
     outer = {"boxes": list(boxes), "inner_steps": inner_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum, "wire": wire}
-    return dataclasses.replace(config, ds_configs=ds, outer=outer, micro_batch_caps=())
+    return dataclasses.replace(config, ds_configs=ds, outer=outer)
 
 
 def trains(job: JobSpec) -> str:

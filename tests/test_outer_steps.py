@@ -191,7 +191,9 @@ def test_the_launch_gives_each_box_its_own_deepspeed_world():
     job = scenario(method="full", global_batch_size=64, gpus={"count": 4}, precision="bf16")
     config = train_config(job, plan, "q")
     assert config.outer["boxes"] == [2, 2] and config.outer["inner_steps"] == plan.outer.inner_steps
-    assert config.micro_batch_caps == ()
+    # each box tunes its own split, within caps counted with ZeRO partitioned over its box alone
+    assert config.micro_batch_caps == tuple(r.micro_cap for r in plan.ranks)
+    assert all(r.micro_cap >= r.tuning.micro_batch for r in plan.ranks)
     for ds, r in zip(config.ds_configs, plan.ranks):
         assert ds["train_batch_size"] == r.tuning.micro_batch * plan.grad_accum * 2
 

@@ -7,7 +7,7 @@ from collections import deque
 
 import pytest
 
-from orchestrator.launch import train_config
+from orchestrator.launch import train_config, with_outer_steps
 from orchestrator.planner import make_plan
 from orchestrator.planner.memory import TrainingShape, ZeroSetting, max_micro_batch
 from tests.helpers import HOMELAB, MICRO, TINY, TOLERANCE, final_weights, job, max_relative_difference, spec
@@ -87,6 +87,23 @@ def test_a_rank_slowed_mid_run_moves_the_split_and_the_weights_are_those_of_the_
     reference = ds_runs.run(planned)[1][0]["history"]
     assert [sum(h["tokens"]) for h in history] == [sum(h["tokens"]) for h in reference]  # the same samples in every step
     assert all(tuple(h["split"]) == MICRO for h in reference)  # no caps, no tuner: the planned split throughout
+    assert max_relative_difference(final_weights(ran), ds_runs.weights(planned)) < TOLERANCE
+
+
+@pytest.mark.deepspeed
+def test_with_outer_steps_a_box_corrects_its_own_split_and_the_weights_are_still_those_of_the_planned_split(ds_runs, tmp_path, demo_data, base_model):
+    """Two boxes (ranks 0 and 1; rank 2), one inner SGD step per outer step, outer lr 1: synchronous data parallel's
+    maths (tests/test_outer_steps.py). With rank 0 slowed, box 0's tuner moves samples to rank 1 inside the box and
+    keeps the box's share of the global batch, so box 1's slice never moves and no box needs to hear of it."""
+    planned = job(tmp_path / "planned", demo_data, base_model, 2, "full", 0.0, steps=STEPS, optimizer="SGD")
+    slowed = dataclasses.replace(planned, micro_batch_caps=(4, 4, 4), emulated_seconds_per_sample=(0.05, 0.0, 0.0), emulated_from=SLOW_FROM)
+    ran, ranks = ds_runs.run(with_outer_steps(slowed, [2, 1], 1, 1.0, 0.0, "fp32"))
+    changes = ranks[0]["rebalances"]
+    assert changes, "box 0's split never moved"
+    assert changes[0]["old"] == list(MICRO[:2]) and changes[0]["new"][0] < MICRO[0]
+    assert all(len(c["new"]) == 2 and sum(c["new"]) == sum(MICRO[:2]) and max(c["new"]) <= 4 for c in changes)
+    assert ranks[2]["rebalances"] == [] and all(list(h["split"]) == [MICRO[2]] for h in ranks[2]["history"])  # alone in its box
+    assert [r["outer_steps"] for r in ranks] == [STEPS] * 3
     assert max_relative_difference(final_weights(ran), ds_runs.weights(planned)) < TOLERANCE
 
 

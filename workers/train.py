@@ -154,8 +154,8 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
     rank, world, on_gpu, me = comm.rank, comm.world, comm.on_gpu, comm.me
     outer = OuterConfig.from_dict(cfg.outer) if cfg.outer else None
     ds_config, precision = runnable_ds_config(cfg.ds_configs[me], on_gpu)
-    if outer and (ds_config["zero_optimization"]["stage"] > 2 or cfg.micro_batch_caps):
-        raise ValueError("outer-step mode runs ZeRO-1/2 without split tuning for now (workers/outer_steps.py)")
+    if outer and ds_config["zero_optimization"]["stage"] > 2:
+        raise ValueError("outer-step mode runs ZeRO-1/2 for now (workers/outer_steps.py)")
     first_box = me == rank  # (outer steps: box 0 alone reads and writes checkpoints; the others follow it)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     if on_gpu:
@@ -235,9 +235,11 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
     trackers = Trackers(cfg.report_to, out, cfg.job_id, cfg.plan, world, start_step) if me == 0 and cfg.report_to else None
     # The split each step runs (the plan's until measured speeds correct it: rank 0's tuner decides, every rank
     # learns the change in the step's all-reduce and switches at the same step).
-    # In outer-step mode each box is a world of its own: its figures are its ranks' (its slice of the split).
-    split = cfg.micro_batches[me - rank: me - rank + world]
-    tuner = SplitTuner(split, cfg.micro_batch_caps, cfg.grad_accum) if rank == 0 and cfg.micro_batch_caps else None
+    # In outer-step mode each box is a world of its own: its figures are its ranks' (its slice of the split), and it
+    # tunes its own slice, keeping its share of the global batch (the other boxes' slices do not move).
+    box = slice(me - rank, me - rank + world)
+    split, caps = cfg.micro_batches[box], cfg.micro_batch_caps[box]
+    tuner = SplitTuner(split, caps, cfg.grad_accum) if rank == 0 and world > 1 and caps else None
     pending = None  # rank 0's change, on its way to every rank in the next all-reduce
     saved_at = start_step  # the last checkpoint's step
     for step in range(start_step, cfg.total_steps):
@@ -274,7 +276,7 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
             pending = pending if pending and pending.step <= cfg.total_steps else None  # (none left to run with it)
         elif stats.next_split:  # every rank: the next step, and those after, take their samples by the new split
             split = stats.next_split
-            sampler = dataclasses.replace(sampler, micro_batches=split)  # (never in outer-step mode: no tuner there)
+            sampler = dataclasses.replace(sampler, micro_batches=sampler.micro_batches[:box.start] + split + sampler.micro_batches[box.stop:])
             if tuner:
                 tuner.applied(split)
                 result.rebalances.append(pending.record())

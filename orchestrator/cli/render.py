@@ -255,9 +255,11 @@ def job_result(result: dict) -> None:
     if result.get("method") == "qlora":
         console.print(f"base: {result['base']}; the adapter alone was saved")
     console.print(f"loss {result['first_loss']:.4f} -> {result['last_loss']:.4f} over {result['steps']} steps, "
-                  f"{result['tokens_per_s']:.0f} tokens/s per rank (measured); saved to {result['final_dir']}")
+                  f"{result['tokens_per_s']:.0f} tokens/s (measured); saved to {result['final_dir']}")
     for change in result.get("rebalances") or []:
-        console.print(f"split corrected from step {change['step']}: {change['old']} -> {change['new']} (measured speeds)")
+        ranks = change.get("ranks", [])  # (the box's, with outer steps; older results have none)
+        within = f" on ranks {', '.join(map(str, ranks))}" if 0 < len(ranks) < len(result["ranks"]) else ""
+        console.print(f"split corrected from step {change['step']}{within}: {change['old']} -> {change['new']} (measured speeds)")
 
 
 def follow(events: Iterator[Waiting | Step | Ended]) -> Ended:

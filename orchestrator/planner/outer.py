@@ -92,8 +92,8 @@ def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | None:
             shape = training_shape(ctx, plan.precision, r.tuning.activation_checkpointing)
             held = memory.estimate(shape, zero, len(mine), r.tuning.micro_batch)
             if held.total > capacity(r.card):
-                return None
-            per_rank.append(replace(r, memory=held, env=env))
+                return None  # (the cap: what the box's own split tuner may give the card, its box alone partitioning)
+            per_rank.append(replace(r, memory=held, env=env, micro_cap=memory.max_micro_batch(shape, zero, len(mine), capacity(r.card))))
         comm, box_offload = group.step.overheads(zeros, plan.grad_accum)
         host.update(group.host_bytes(zeros))  # ZeRO partitions over the box's ranks alone (offloaded states too)
         offload += box_offload
