@@ -41,8 +41,8 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
         "losses": [h["loss"] for h in history],
         "history": history,  # every step, every card (workers/telemetry.StepStats.record): the report's data
         # each correction of the split from measured speeds (workers/rebalance.py), with the ranks whose split it is (the
-        # job's, or with outer steps the box's)
-        "rebalances": sorted(({**change, "ranks": list(range(f, f + n))} for f, n in zip(firsts, config.boxes)
+        # job's; with outer steps a box's, or every rank's for the boxes' shares)
+        "rebalances": sorted(({"ranks": list(range(f, f + n)), **change} for f, n in zip(firsts, config.boxes)
                               for change in results[f]["rebalances"]), key=lambda change: change["step"]),
         "plan": plan,
         "method": config.method,

@@ -224,9 +224,10 @@ def test_outer_steps_across_boxes_through_the_cluster(scratch_run, demo_data):
     assert job_status(state, job_id) == "SUCCEEDED"
     result = json.loads((out / "zeromix-result.json").read_text())
     assert [b["node"] for b in result["plan"]["outer"]["boxes"]] == ["desk", "attic"] and result["plan"]["outer"]["inner_steps"] == 4
-    # 12 steps, an outer step every 4: the link carried 3 exchanges of the model's fp32 delta (and two 16-byte headers)
+    # 12 steps, an outer step every 4: the link carried 3 exchanges of the model's fp32 delta, each with its 40-byte
+    # header (5 float64: a box of one card), and box 0's step at the start (16 bytes)
     trained = result["plan"]["trainable_params"]
-    assert result["outer"] == {"outer_steps": 3, "bytes_across_boxes": 2 * (3 * (4 * trained + 16) + 16)}
+    assert result["outer"] == {"outer_steps": 3, "bytes_across_boxes": 2 * (3 * (4 * trained + 40) + 16)}
     assert all(h["job_tokens"] == sum(h["tokens"]) for h in result["history"])  # the job's tokens/s counts both boxes'
     assert sorted((out / "checkpoints").glob("step-*")) == [out / "checkpoints" / "step-12", out / "checkpoints" / "step-8"]
     assert (out / "final" / "model.safetensors").is_file() and result["last_loss"] < result["first_loss"]

@@ -19,6 +19,7 @@ from orchestrator.jobspec import load_job
 from orchestrator.launch import train_config, with_outer_steps
 from orchestrator.model_facts import facts_from_config
 from orchestrator.planner import make_plan
+from orchestrator.planner.outer import header_bytes
 from tests.conftest import TINY_LLAMA
 from workers.local_launch import run_local_ranks
 from workers.train import OUTER_STATE
@@ -57,7 +58,8 @@ def test_one_inner_step_per_outer_step_is_synchronous_data_parallel(ds_runs, tmp
 
 def test_the_traffic_across_boxes_is_counted_and_falls_with_fewer_outer_steps_and_a_smaller_wire(ds_runs, tmp_path, demo_data, base_model):
     """Only the leaders send, only at outer steps: the payload of a delta (4, 2 or 1 byte a parameter, int8 with one
-    4-byte scale per tensor) and a 16-byte header (loss tokens, stop); once at the start, box 0's step (16 bytes).
+    4-byte scale per tensor) and a header of float64s (loss tokens, stop, measured inner seconds and steps, and the
+    box's cards' micro-batches: 6 x 8 bytes here); once at the start, box 0's step (16 bytes).
     One outer step for three inner steps sends a third."""
     config = job(tmp_path / "run", demo_data, base_model, 2, "full", 0.0, optimizer="SGD")
     initial = ds_runs.initial(config)
@@ -70,9 +72,11 @@ def test_the_traffic_across_boxes_is_counted_and_falls_with_fewer_outer_steps_an
         assert ranks[2]["outer_bytes_sent"] == sent[wire, inner]
         assert [r["outer_steps"] for r in ranks] == [config.total_steps // inner] * 3
     steps = config.total_steps
-    assert sent["fp32", 1] == steps * (4 * n + 16) + 16
-    assert sent["fp32", 3] == 4 * n + 16 + 16
-    assert sent["int8", 3] == n + 4 * tensors + 16 + 16
+    header = header_bytes(list(BOXES))
+    assert header == 48
+    assert sent["fp32", 1] == steps * (4 * n + header) + 16
+    assert sent["fp32", 3] == 4 * n + header + 16
+    assert sent["int8", 3] == n + 4 * tensors + header + 16
 
 
 def test_a_delta_survives_each_wire_format_within_its_precision():

@@ -11,7 +11,7 @@ from orchestrator.launch import train_config, with_outer_steps
 from orchestrator.planner import make_plan
 from orchestrator.planner.memory import TrainingShape, ZeroSetting, max_micro_batch
 from tests.helpers import HOMELAB, MICRO, TINY, TOLERANCE, final_weights, job, max_relative_difference, spec
-from workers.rebalance import WARMUP_STEPS, WINDOW_STEPS, SplitTuner, fit_line
+from workers.rebalance import BOX_WINDOW_STEPS, WARMUP_STEPS, WINDOW_STEPS, SplitTuner, fit_line
 
 
 def feed(tuner: SplitTuner, per_sample: list[float], fixed: list[float], steps: int, start: int = 1):
@@ -98,12 +98,43 @@ def test_with_outer_steps_a_box_corrects_its_own_split_and_the_weights_are_still
     planned = job(tmp_path / "planned", demo_data, base_model, 2, "full", 0.0, steps=STEPS, optimizer="SGD")
     slowed = dataclasses.replace(planned, micro_batch_caps=(4, 4, 4), emulated_seconds_per_sample=(0.05, 0.0, 0.0), emulated_from=SLOW_FROM)
     ran, ranks = ds_runs.run(with_outer_steps(slowed, [2, 1], 1, 1.0, 0.0, "fp32"))
-    changes = ranks[0]["rebalances"]
+    changes = [c for c in ranks[0]["rebalances"] if len(c["old"]) == 2]  # box 0's own (the boxes' shares list every rank)
     assert changes, "box 0's split never moved"
     assert changes[0]["old"] == list(MICRO[:2]) and changes[0]["new"][0] < MICRO[0]
     assert all(len(c["new"]) == 2 and sum(c["new"]) == sum(MICRO[:2]) and max(c["new"]) <= 4 for c in changes)
     assert ranks[2]["rebalances"] == [] and all(list(h["split"]) == [MICRO[2]] for h in ranks[2]["history"])  # alone in its box
     assert [r["outer_steps"] for r in ranks] == [STEPS] * 3
+    assert max_relative_difference(final_weights(ran), ds_runs.weights(planned)) < TOLERANCE
+
+
+def test_the_boxes_shares_follow_their_measured_steps_within_caps_and_each_box_keeps_its_cards_proportions():
+    """Box 0 (micro-batches 3 and 1) steps in 0.1 s, box 1 (2) in 0.4 s: at 0.025 and 0.2 s a sample, box 0 takes five
+    samples, spread 4 and 1 as its cards' 3 to 1, and the slowest box's step is predicted to fall to 0.2 s. Boxes
+    within 5% of each other are left alone; so is a split that no cap allows to improve."""
+    from workers.rebalance import box_shares
+
+    assert box_shares((3, 1, 2), (2, 1), (0.1, 0.4), (4, 4, 4)) == ((4, 1, 1), (0.025, 0.2), (0.125, 0.2))
+    assert box_shares((3, 1, 2), (2, 1), (0.1, 0.104), (4, 4, 4)) is None
+    assert box_shares((3, 1, 2), (2, 1), (0.1, 0.4), (3, 1, 2)) is None  # box 0's cards are full
+
+
+@pytest.mark.deepspeed
+def test_with_outer_steps_the_boxes_shares_follow_their_measured_speeds_and_the_weights_stay_those_of_the_planned_split(
+        ds_runs, tmp_path, demo_data, base_model):
+    """The same two boxes with rank 2, alone in box 1, slowed: box 0 waits for it at every outer step. The leaders
+    exchange their measured inner steps with their deltas, and all move samples from box 1 to box 0 at the same step;
+    the global batch, and so the maths, stay the same."""
+    planned = job(tmp_path / "planned", demo_data, base_model, 2, "full", 0.0, steps=STEPS, optimizer="SGD")
+    slowed = dataclasses.replace(planned, micro_batch_caps=(4, 4, 4), emulated_seconds_per_sample=(0.0, 0.0, 0.2), emulated_from=SLOW_FROM)
+    ran, ranks = ds_runs.run(with_outer_steps(slowed, [2, 1], 1, 1.0, 0.0, "fp32"))
+    shares = [c for c in ranks[0]["rebalances"] if c["ranks"] == [0, 1, 2]]
+    assert shares, f"the boxes' shares never moved: {ranks[0]['rebalances']}"
+    first = shares[0]
+    assert first["new"][2] < MICRO[2] and sum(first["new"]) == sum(MICRO) and max(first["new"]) <= 4
+    assert first["step"] <= SLOW_FROM + WARMUP_STEPS + BOX_WINDOW_STEPS + 2  # measured for a window after the warm-up
+    assert [h["split"][0] for h in ranks[2]["history"][first["step"] - 1:]][0] == first["new"][2]  # box 1 took it at that step
+    assert sum(ranks[0]["history"][first["step"] - 1]["split"]) == sum(first["new"][:2])  # and box 0 its share
+    assert [h["step"] for h in ranks[2]["history"]] == list(range(1, STEPS + 1))
     assert max_relative_difference(final_weights(ran), ds_runs.weights(planned)) < TOLERANCE
 
 

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
     from workers.collectives import BoxLink, RankComm
 
+from orchestrator.planner.outer import header_bytes
+from workers.rebalance import BOX_WINDOW_STEPS, WARMUP_STEPS, BoxShares, box_shares
+
 WIRE_FORMATS = ("fp32", "bf16", "int8")
 
 
@@ -55,11 +58,23 @@ class OuterConfig:
         return config
 
 
+@dataclass(frozen=True)
+class Met:
+    """What an outer step told every rank of every box."""
+
+    stop: bool  # a box was asked to stop (the scheduler moves the job): every box stops here
+    split: tuple[int, ...] | None = None  # the job's split from the next step on, the boxes' shares corrected; or None
+    shares: BoxShares | None = None  # why (box 0's leader records it)
+
+
 class OuterSteps:
     """One rank's part in the outer steps; the box leader's holds the global weights, the momentum and the link."""
 
-    def __init__(self, config: OuterConfig, params: list[torch.nn.Parameter], comm: RankComm, link: BoxLink | None):
+    def __init__(self, config: OuterConfig, params: list[torch.nn.Parameter], comm: RankComm, link: BoxLink | None,
+                 caps: tuple[int, ...] = ()):
         self.config, self.params, self.comm, self.link = config, params, comm, link
+        self.caps = caps  # every rank's micro-batch cap; empty: the boxes' shares stay as planned
+        self.measured_s, self.measured_steps, self.measured_from = 0.0, 0, WARMUP_STEPS  # this box's inner steps since a change
         self.tokens_since = 0.0  # loss tokens this box trained on since the last outer step
         self.done = 0  # outer steps taken
         self.exchange_s = 0.0  # a leader's time sending and receiving deltas across the link (the boxes already met)
@@ -83,6 +98,7 @@ class OuterSteps:
             mine = torch.tensor([start_step, saved["outer_steps"] if saved else 0], dtype=torch.float64, device="cpu")
             head.copy_(self.link.exchange(mine)[0].to(head.device))
         start, self.done = (int(v) for v in self.comm.broadcast(head).tolist())
+        self.measured_from = start + WARMUP_STEPS
         if start == 0:
             return 0
         flat = self.comm.zeros(self.numel, torch.float32)
@@ -104,31 +120,61 @@ class OuterSteps:
         outer step, when checkpoints are taken)."""
         return {"outer_steps": self.done, "momentum": self.momentum}
 
-    def after_step(self, step: int, box_loss_tokens: float, last: bool, stop: bool = False) -> tuple[bool, bool]:
-        """Count the step's tokens; every `inner_steps` steps, after the last, or once a stop is asked (on any box,
-        known to all at the next outer step), take an outer step. (took one, stop now)."""
+    def after_step(self, step: int, box_loss_tokens: float, last: bool, stop: bool, inner_s: float,
+                   split: tuple[int, ...]) -> Met | None:
+        """Count the step's tokens and (after warm-up) this box's inner step, `inner_s`; every `inner_steps` steps,
+        after the last, or once a stop is asked (on any box, known to all at the next outer step), take an outer
+        step at the job's `split` (every rank's micro-batch, box by box). None when no outer step was taken."""
         self.tokens_since += box_loss_tokens
         self.stop_wanted = self.stop_wanted or stop
+        if step > self.measured_from:
+            self.measured_s, self.measured_steps = self.measured_s + inner_s, self.measured_steps + 1
         if step % self.config.inner_steps and not last:
-            return False, False
-        return True, self.outer_step()
+            return None
+        return self.outer_step(step, split)
 
-    def outer_step(self) -> bool:
-        """One outer step; True when a box asked to stop (every rank learns it here)."""
+    def outer_step(self, step: int, split: tuple[int, ...]) -> Met:
+        """One outer step: the new global weights, whether a box asked to stop, and the boxes' shares of the global
+        batch corrected from their measured inner steps (`rebalance.box_shares`) when that is worth it."""
         import torch
 
         local = self._local_fp32()
-        flat = self.comm.zeros(self.numel + 1, torch.float32)  # the new global weights, then the stop flag
+        flat = self.comm.zeros(self.numel + 1 + len(split), torch.float32)  # the new global weights, the stop flag, the split
+        shares = None
         if self.comm.rank == 0:
             delta = [g - t.to("cpu") for g, t in zip(self.global_weights, local)]
-            combined, stop = self._combine(delta)
+            combined, heads = self._combine(delta, split)
             self._nesterov(combined)
-            flat[:-1].copy_(torch.cat([w.reshape(-1) for w in self.global_weights]).to(flat.device))
-            flat[-1] = float(stop)
+            shares = self._shares(step, split, heads)
+            flat[: self.numel].copy_(torch.cat([w.reshape(-1) for w in self.global_weights]).to(flat.device))
+            flat[self.numel] = float(any(bool(h[1]) for h in heads))
+            if shares:
+                flat[self.numel + 1:] = torch.tensor(shares.new, dtype=torch.float32)
         self.comm.broadcast(flat)
-        self._load(flat[:-1])
+        self._load(flat[: self.numel])
         self.tokens_since, self.done = 0.0, self.done + 1
-        return bool(flat[-1].item())
+        new = tuple(int(v) for v in flat[self.numel + 1:].tolist())
+        if any(new):
+            self.split_changed(step + 1)
+        return Met(bool(flat[self.numel].item()), new if any(new) else None, shares)
+
+    def split_changed(self, step: int) -> None:
+        """The box runs another split from `step` on: its inner steps are measured afresh (that step warms up)."""
+        self.measured_s, self.measured_steps, self.measured_from = 0.0, 0, step
+
+    def _shares(self, step: int, split: tuple[int, ...], heads: list[torch.Tensor]) -> BoxShares | None:
+        """The boxes' new shares, the same on every leader (from the same headers); None to keep them."""
+        steps = min(int(h[3]) for h in heads)
+        if not self.caps or steps < BOX_WINDOW_STEPS:
+            return None
+        boxes = self.config.boxes
+        now = tuple(int(v) for h, n in zip(heads, boxes) for v in h[4: 4 + n].tolist())  # each box's own slice, as it runs
+        box_s = tuple(float(h[2]) / int(h[3]) for h in heads)
+        found = box_shares(now, boxes, box_s, self.caps)
+        if not found:
+            return None
+        new, per_sample, predicted = found
+        return BoxShares(step + 1, now, new, per_sample, box_s, predicted)
 
     def _load(self, flat: torch.Tensor) -> None:
         offset = 0
@@ -136,12 +182,17 @@ class OuterSteps:
             _set_full_fp32(param, flat[offset: offset + param.numel()].view_as(param))
             offset += param.numel()
 
-    def _combine(self, delta: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
-        """Every box's delta, weighted by the loss tokens it trained on (one exchange across boxes each for the
-        tokens, with any box's wish to stop, and for the payload)."""
+    def _combine(self, delta: list[torch.Tensor], split: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every box's delta, weighted by the loss tokens it trained on, and every box's header: its loss tokens, its
+        wish to stop, its measured inner steps (seconds, count) and its own cards' split (one exchange across boxes
+        each for the headers and for the payload)."""
         import torch
 
-        heads = self.link.exchange(torch.tensor([self.tokens_since, float(self.stop_wanted)], dtype=torch.float64, device="cpu"))
+        first = sum(self.config.boxes[: self.link.box])
+        mine = split[first: first + self.config.boxes[self.link.box]]
+        head = [self.tokens_since, float(self.stop_wanted), self.measured_s, float(self.measured_steps), *mine]
+        head += [0.0] * (header_bytes(list(self.config.boxes)) // 8 - len(head))  # every box's header the same length
+        heads = self.link.exchange(torch.tensor(head, dtype=torch.float64, device="cpu"))
         mine = encode(delta, self.config.wire)
         started = time.perf_counter()  # (the small exchange above waited for the slowest box: this one is the link's)
         payload = self.link.exchange(mine)
@@ -152,7 +203,7 @@ class OuterSteps:
         for head, sent in zip(heads, payload):
             for acc, part in zip(out, decode(sent, shapes, self.config.wire)):
                 acc.add_(part, alpha=float(head[0]) / total)
-        return out, any(bool(h[1]) for h in heads)
+        return out, heads
 
     def _nesterov(self, delta: list[torch.Tensor]) -> None:
         """Outer SGD with Nesterov momentum on the global weights, the combined delta as the gradient (as

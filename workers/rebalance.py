@@ -31,6 +31,8 @@ from orchestrator.planner.split import RankCost, split_batch
 WARMUP_STEPS = 2  # the first steps pay lazy initialisation; not measured
 WINDOW_STEPS = 3  # steps measured at a split before deciding on it (the median of them, per card)
 THRESHOLD = 0.05  # a change must save more than this share of the step
+BOX_WINDOW_STEPS = 2 * WINDOW_STEPS  # outer steps: a box's measured steps before the boxes' shares move (each box's own
+# cards' split moves first, and a change of it starts its box's count again)
 
 
 @dataclass(frozen=True)
@@ -134,3 +136,46 @@ def measured_speeds(history: list[dict], plan: dict) -> dict[str, float]:
         return {}
     return {r["card"]: r["est_compute_s"] / statistics.median(h["compute_s"][i] for h in steps)
             for i, r in enumerate(plan["ranks"]) if r.get("est_compute_s") and all(h["compute_s"][i] > 0 for h in steps)}
+
+
+@dataclass(frozen=True)
+class BoxShares:
+    """One change of the boxes' shares of the global batch (outer steps across boxes), as the job's result shows it."""
+
+    step: int  # the first optimizer step that runs with `new`
+    old: tuple[int, ...]  # the job's split, every rank, box by box
+    new: tuple[int, ...]
+    per_sample_s: tuple[float, ...]  # per box: its measured inner step over its samples per micro-step
+    box_step_s: tuple[float, ...]  # per box: its measured inner step at `old`
+    predicted_step_s: tuple[float, ...]  # at `new` (an estimate: each box's seconds per sample held)
+
+    def record(self) -> dict:
+        return {"step": self.step, "old": list(self.old), "new": list(self.new), "per_sample_s": list(self.per_sample_s),
+                "ranks": list(range(len(self.old))), "why": (
+                    f"boxes' inner steps {', '.join(f'{s:.3g}' for s in self.box_step_s)} s: the faster waited for the slower at "
+                    f"every outer step; the boxes' shares are predicted to bring the slowest to {max(self.predicted_step_s):.3g} s")}
+
+
+def box_shares(split: tuple[int, ...], boxes: tuple[int, ...], box_step_s: tuple[float, ...], caps: tuple[int, ...],
+               threshold: float = THRESHOLD) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]] | None:
+    """With outer steps, the boxes meet every H steps and the faster waits for the slower: the boxes' shares of the
+    global batch follow their measured inner steps as the cards' shares do inside a synchronous job (`split_batch`
+    over the boxes, each at its seconds per sample now, within its cards' caps), and each box's share is spread
+    over its cards in proportion to their micro-batches now (what its own tuner has learned). (The new split, each
+    box's seconds per sample, each box's predicted step), or None unless the slowest box's step is predicted to
+    drop by more than `threshold` of it. The same inputs give the same answer on every box leader."""
+    firsts = [sum(boxes[:b]) for b in range(len(boxes))]
+    sums = [sum(split[f: f + n]) for f, n in zip(firsts, boxes)]
+    per_sample = tuple(s / n for s, n in zip(box_step_s, sums))
+    box_caps = [sum(caps[f: f + n]) for f, n in zip(firsts, boxes)]
+    new_sums = split_batch(sum(sums), [RankCost(max(s, 1e-12), cap) for s, cap in zip(per_sample, box_caps)])
+    if new_sums is None or new_sums == sums or any(s < n for s, n in zip(new_sums, boxes)):
+        return None
+    predicted = tuple(s * n for s, n in zip(per_sample, new_sums))
+    if max(box_step_s) - max(predicted) <= threshold * max(box_step_s):
+        return None
+    new: list[int] = []
+    for f, n, total in zip(firsts, boxes, new_sums):
+        cards = split[f: f + n]  # a card's time per sample taken as 1 / its micro-batch: the box's proportions kept
+        new += split_batch(total, [RankCost(1 / m, cap) for m, cap in zip(cards, caps[f: f + n])]) or cards
+    return (tuple(new), per_sample, predicted) if sum(new) == sum(split) else None

@@ -213,7 +213,7 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
         start_step = int(client_state["step"])
         how = " through its universal form (it was saved on other ranks)" if universal else ""
         _say(me, f"resumed from {checkpoints / tag} at step {start_step}{how}")
-    outer_steps = OuterSteps(outer, trainable, comm, link) if outer else None  # from the weights just loaded
+    outer_steps = OuterSteps(outer, trainable, comm, link, cfg.micro_batch_caps) if outer else None  # from the weights just loaded
     if outer_steps:
         start_step = outer_steps.join(start_step, checkpoint.load_extra(checkpoints, tag, OUTER_STATE) if tag and rank == 0 else None)
 
@@ -263,7 +263,9 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             loss_sum += token_losses.detach().double()
         stop = progress is not None and progress.stop_requested()  # rank 0 reads the request; a collective tells the rest
-        met, outer_stop = outer_steps.after_step(step + 1, global_loss_tokens, step + 1 == cfg.total_steps, stop) if outer_steps else (False, False)
+        inner_s = time.perf_counter() - t0
+        met = outer_steps.after_step(step + 1, global_loss_tokens, step + 1 == cfg.total_steps, stop, inner_s, sampler.micro_batches) \
+            if outer_steps else None
         step_time = time.perf_counter() - t0
         if not result.model_state_bytes:  # optimizer states exist from the first step on
             result.model_state_bytes = model_state_bytes(engine)
@@ -277,11 +279,21 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
         elif stats.next_split:  # every rank: the next step, and those after, take their samples by the new split
             split = stats.next_split
             sampler = dataclasses.replace(sampler, micro_batches=sampler.micro_batches[:box.start] + split + sampler.micro_batches[box.stop:])
+            if outer_steps:
+                outer_steps.split_changed(step + 2)
             if tuner:
                 tuner.applied(split)
                 result.rebalances.append(pending.record())
                 _say(rank, f"split corrected from step {pending.step}: {list(pending.old)} -> {list(pending.new)}; {pending.why}")
                 pending = None
+        if met and met.split:  # every rank of every box: the boxes' shares of the batch, corrected at the outer step
+            sampler = dataclasses.replace(sampler, micro_batches=met.split)
+            split, pending = met.split[box], None
+            tuner = SplitTuner(split, caps, cfg.grad_accum) if tuner else None  # the box's new split, measured afresh
+            if me == 0:
+                result.rebalances.append(met.shares.record())
+                _say(me, f"boxes' shares corrected from step {met.shares.step}: {list(met.shares.old)} -> {list(met.split)}; "
+                         f"{met.shares.record()['why']}")
         result.history.append(stats.record())
         result.losses.append(stats.loss)
         result.step_times.append(step_time)
@@ -293,7 +305,7 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
             gauges.record(stats, rank)
         if trackers:
             trackers.log(stats)
-        if (stats.stop or outer_stop) and step + 1 < cfg.total_steps:  # the scheduler moves the job: it goes on from here elsewhere
+        if (stats.stop or (met and met.stop)) and step + 1 < cfg.total_steps:  # the scheduler moves the job: it goes on from here elsewhere
             result.stopped_early = True
             _say(me, f"stopping after step {step + 1} with a checkpoint: the scheduler places the job again")
             break

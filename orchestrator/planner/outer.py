@@ -30,7 +30,7 @@ H_BOUNDS = (10, 500)
 MIN_OUTER_STEPS = 8  # auto H leaves at least this many outer steps in a run (bench/outer_steps.py: 8 in 400 steps kept the loss within 2%)
 AUTO_COMM_SHARE = 0.25  # auto: outer steps when synchronous collectives take more than this share of a step
 WIRE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
-HEADER_BYTES = 16  # beside each delta: the box's loss tokens and whether it was asked to stop (two float64)
+HEADER_FIELDS = 4  # beside each delta, in float64: the box's loss tokens, its wish to stop, its measured inner seconds and steps
 OUTER_STATE_BYTES = 12  # per trained parameter on each box leader's host: global weights, momentum (fp32), the delta
 
 
@@ -100,7 +100,7 @@ def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | None:
         box_steps.append(max(c + o for c, o in zip(compute[first: first + len(mine)], box_offload)) + comm)
         first += len(mine)
     sync = ctx.job.sync
-    payload = ctx.trainable * WIRE_BYTES[sync.wire] + HEADER_BYTES
+    payload = ctx.trainable * WIRE_BYTES[sync.wire] + header_bytes([sum(r.card.node == n for r in ranks) for n in nodes])
     link = min(step_time.network_gb_per_s(ctx.snapshot.node(n)) for n in nodes) * 1e9
     pcie = min(step_time.pcie_gb_per_s(r.card) for r in ranks) * 1e9
     link_s = (len(nodes) - 1) * payload / link
@@ -118,6 +118,12 @@ def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | None:
     if not host_ram_ok(ctx.snapshot, host):
         return None
     return replace(plan, ranks=tuple(per_rank), step=step, host_bytes_per_node=host, outer=outer)
+
+
+def header_bytes(ranks_per_box: list[int]) -> int:
+    """What a box leader sends beside its delta: HEADER_FIELDS, then its cards' micro-batches, as many as the largest
+    box has cards (every box's header the same length), all float64 (workers/outer_steps.py)."""
+    return 8 * (HEADER_FIELDS + max(ranks_per_box))
 
 
 def auto_inner_steps(exchange_s: float, inner_step_s: float, total_steps: int) -> int:
