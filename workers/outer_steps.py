@@ -149,7 +149,7 @@ class OuterSteps:
             flat[: self.numel].copy_(torch.cat([w.reshape(-1) for w in self.global_weights]).to(flat.device))
             flat[self.numel] = float(any(bool(h[1]) for h in heads))
             if shares:
-                flat[self.numel + 1:] = torch.tensor(shares.new, dtype=torch.float32)
+                flat[self.numel + 1:] = torch.tensor(shares.new, dtype=torch.float32, device=flat.device)
         self.comm.broadcast(flat)
         self._load(flat[: self.numel])
         self.tokens_since, self.done = 0.0, self.done + 1
