@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from workers.collectives import BoxLink, RankComm
 
 from orchestrator.planner.outer import header_bytes
+from workers.collectives import first_ranks
 from workers.rebalance import BOX_WINDOW_STEPS, WARMUP_STEPS, BoxShares, box_shares
 
 WIRE_FORMATS = ("fp32", "bf16", "int8")
@@ -145,7 +146,7 @@ class OuterSteps:
             delta = [g - t.to("cpu") for g, t in zip(self.global_weights, local)]
             combined, heads = self._combine(delta, split)
             self._nesterov(combined)
-            shares = self._shares(step, split, heads)
+            shares = self._shares(step, heads)
             flat[: self.numel].copy_(torch.cat([w.reshape(-1) for w in self.global_weights]).to(flat.device))
             flat[self.numel] = float(any(bool(h[1]) for h in heads))
             if shares:
@@ -162,7 +163,7 @@ class OuterSteps:
         """The box runs another split from `step` on: its inner steps are measured afresh (that step warms up)."""
         self.measured_s, self.measured_steps, self.measured_from = 0.0, 0, step
 
-    def _shares(self, step: int, split: tuple[int, ...], heads: list[torch.Tensor]) -> BoxShares | None:
+    def _shares(self, step: int, heads: list[torch.Tensor]) -> BoxShares | None:
         """The boxes' new shares, the same on every leader (from the same headers); None to keep them."""
         steps = min(int(h[3]) for h in heads)
         if not self.caps or steps < BOX_WINDOW_STEPS:
@@ -188,7 +189,7 @@ class OuterSteps:
         each for the headers and for the payload)."""
         import torch
 
-        first = sum(self.config.boxes[: self.link.box])
+        first = first_ranks(self.config.boxes)[self.link.box]
         mine = split[first: first + self.config.boxes[self.link.box]]
         head = [self.tokens_since, float(self.stop_wanted), self.measured_s, float(self.measured_steps), *mine]
         head += [0.0] * (header_bytes(list(self.config.boxes)) // 8 - len(head))  # every box's header the same length

@@ -27,6 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from orchestrator.planner.split import RankCost, split_batch
+from workers.collectives import first_ranks
 
 WARMUP_STEPS = 2  # the first steps pay lazy initialisation; not measured
 WINDOW_STEPS = 3  # steps measured at a split before deciding on it (the median of them, per card)
@@ -149,11 +150,14 @@ class BoxShares:
     box_step_s: tuple[float, ...]  # per box: its measured inner step at `old`
     predicted_step_s: tuple[float, ...]  # at `new` (an estimate: each box's seconds per sample held)
 
+    @property
+    def why(self) -> str:
+        return (f"boxes' inner steps {', '.join(f'{s:.3g}' for s in self.box_step_s)} s: the faster waited for the slower at "
+                f"every outer step; the boxes' shares are predicted to bring the slowest to {max(self.predicted_step_s):.3g} s")
+
     def record(self) -> dict:
         return {"step": self.step, "old": list(self.old), "new": list(self.new), "per_sample_s": list(self.per_sample_s),
-                "ranks": list(range(len(self.old))), "why": (
-                    f"boxes' inner steps {', '.join(f'{s:.3g}' for s in self.box_step_s)} s: the faster waited for the slower at "
-                    f"every outer step; the boxes' shares are predicted to bring the slowest to {max(self.predicted_step_s):.3g} s")}
+                "ranks": list(range(len(self.old))), "why": self.why}
 
 
 def box_shares(split: tuple[int, ...], boxes: tuple[int, ...], box_step_s: tuple[float, ...], caps: tuple[int, ...],
@@ -164,7 +168,7 @@ def box_shares(split: tuple[int, ...], boxes: tuple[int, ...], box_step_s: tuple
     over its cards in proportion to their micro-batches now (what its own tuner has learned). (The new split, each
     box's seconds per sample, each box's predicted step), or None unless the slowest box's step is predicted to
     drop by more than `threshold` of it. The same inputs give the same answer on every box leader."""
-    firsts = [sum(boxes[:b]) for b in range(len(boxes))]
+    firsts = first_ranks(boxes)
     sums = [sum(split[f: f + n]) for f, n in zip(firsts, boxes)]
     per_sample = tuple(s / n for s, n in zip(box_step_s, sums))
     box_caps = [sum(caps[f: f + n]) for f, n in zip(firsts, boxes)]

@@ -292,8 +292,7 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
             tuner = SplitTuner(split, caps, cfg.grad_accum) if tuner else None  # the box's new split, measured afresh
             if me == 0:
                 result.rebalances.append(met.shares.record())
-                _say(me, f"boxes' shares corrected from step {met.shares.step}: {list(met.shares.old)} -> {list(met.split)}; "
-                         f"{met.shares.record()['why']}")
+                _say(me, f"boxes' shares corrected from step {met.shares.step}: {list(met.shares.old)} -> {list(met.split)}; {met.shares.why}")
         result.history.append(stats.record())
         result.losses.append(stats.loss)
         result.step_times.append(step_time)

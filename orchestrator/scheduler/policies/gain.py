@@ -135,8 +135,8 @@ class Gain:
                     decision.waiting[job.id] = why_waiting(job, x, f"the free cards would give it {share:.0%} of its best speed (estimate); it "
                                                                     f"waits for better ones, {until}")
                     continue
-            turn = self._better_soon(job, now, x, running, reservation, claims, boxes)
-            if turn is not None:
+                # (its turn would end it later than the free cards: so no wait for faster cards either)
+            elif (turn := self._better_soon(job, now, x, running, reservation, claims, boxes)) is not None:
                 claims.update({card: turn.end for card in turn.cards})
                 decision.waiting[job.id] = why_waiting(job, x, self._noting_due(job, x, due_at, (
                     f"waits for faster cards: it would end about {clock(turn.end)} on them, "
