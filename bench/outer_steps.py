@@ -6,11 +6,13 @@ attic) taking an outer step every H inner steps (the job spec's defaults: outer 
 --outer-momentum 0.9 for DiLoCo's). Same model, data, global batches and steps in every run. Prints each run's
 held-out loss (the final global weights, on text none of the runs trained on) against the synchronous run's, and the
 bytes the box leaders sent across the link (counted on it). --demo runs the demo's two jobs instead (the scratch
-model, synchronous or with outer steps, then LoRA on 'rev') and prints the 'rev' exact match; --finetune keeps the
+model, synchronous or with outer steps, then LoRA on 'rev') and prints the 'rev' exact match and the loss on the
+held-out words' completions (--steps, --larger and --lr change the scratch run's length, model and learning rate); --finetune keeps the
 scratch model synchronous and runs the LoRA stage across both boxes, over several seeds. The link is not throttled
 and the cards are not emulated: timings are not the point of this bench (bench/slow_link.py's are).
 
-    .venv/bin/python bench/outer_steps.py [--steps 200] [--inner 10 50] [--wire fp32] [--wide | --demo | --finetune] [--seeds 5]
+    .venv/bin/python bench/outer_steps.py [--steps 200] [--inner 10 50] [--wire fp32] [--wide | --finetune] [--seeds 5]
+                                          [--demo [--larger] [--lr 3e-3]]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import shutil
 import statistics
 import tempfile
@@ -99,25 +102,36 @@ def _demo_data(work: Path):
     return data, held_out, load_job(REPO / SCRATCH_JOB, check_files=False), load_job(REPO / LORA_JOB, check_files=False)
 
 
-def demo_task(inner: list[int], outer_lr: float, outer_momentum: float, wire: str, seeds: int) -> None:
+def demo_task(inner: list[int], outer_lr: float, outer_momentum: float, wire: str, seeds: int, steps: int | None,
+              model: dict | None, lr: float | None) -> None:
     """The demo's two jobs as `make demo` runs them on the homelab (a tiny Llama from scratch on the 1080 Ti and the
     3090, then LoRA on `rev` on the 3090 and 4090), the first synchronous and with outer steps at each H, each with
-    `seeds` seeds (both jobs take the seed): the scratch run's held-out loss and the `rev` exact match after the LoRA
-    stage."""
+    `seeds` seeds (both jobs take the seed): the scratch run's held-out loss, and after the LoRA stage the `rev`
+    exact match and the loss on the held-out words' completions (the downstream check that seeds move less).
+    `steps` lengthens the scratch run (its cosine schedule follows): H = 50 meets 3 times in the demo's 150 steps,
+    a run `inner_steps: auto` would give H <= 18. `model` (a Llama config) replaces the demo's tiny one, keeping
+    its tokenizer; `lr` the scratch job's peak learning rate."""
     from orchestrator.demo import _accuracies
 
     work = Path(tempfile.mkdtemp(prefix="zeromix-outer-demo-"))
     data, held_out, scratch_job, lora_job = _demo_data(work)
-    results = {}  # H (None: synchronous) -> [(exact match, held-out loss)] by seed
+    steps = steps or scratch_job.max_steps
+    optimizer = scratch_job.optimizer.model_copy(update={"lr": lr or scratch_job.optimizer.lr})
+    model_dir = REPO / "jobs" / "examples" / "tiny-llama"
+    if model:
+        model_dir = Path(shutil.copytree(model_dir, work / "model"))
+        (model_dir / "config.json").write_text(json.dumps(model))
+    results = {}  # H (None: synchronous) -> [(exact match, held-out loss, rev completions' loss)] by seed
     for h in [None, *inner]:
         for seed in range(seeds):
             scratch, _ = _demo_run(scratch_job, work / f"h{h}" / f"seed{seed}" / "scratch", _sync(h, outer_lr, outer_momentum, wire),
-                                   data["pretrain"], REPO / "jobs" / "examples" / "tiny-llama", seed=seed)
+                                   data["pretrain"], model_dir, seed=seed, max_steps=steps, optimizer=optimizer)
             lora, _ = _demo_run(lora_job, work / f"h{h}" / f"seed{seed}" / "lora", _sync(None, 0, 0, wire), data["reverse-train"], scratch, seed=seed)
-            results.setdefault(h, []).append((_accuracies(scratch, lora, data["reverse-eval"])[1], held_out_loss(scratch, scratch, held_out)))
-    print(f"\nthe demo's task: the scratch run (150 steps) as below, then LoRA on 'rev' (synchronous, one box), {seeds} seed(s); "
+            results.setdefault(h, []).append((_accuracies(scratch, lora, data["reverse-eval"])[1], held_out_loss(scratch, scratch, held_out),
+                                              held_out_loss(scratch, scratch, data["reverse-eval"], adapter_dir=lora)))
+    print(f"\nthe demo's task{' with a ' + format(facts_from_config(model).n_params / 1e6, '.2f') + 'M-parameter Llama' if model else ''}: the scratch run ({steps} steps, lr {optimizer.lr:g}) as below, then LoRA on 'rev' (synchronous, one box), {seeds} seed(s); "
           "'rev' exact match on 100 held-out words; mean (standard deviation)")
-    _print_seeds(results, "scratch run", "held-out loss", outer_lr, outer_momentum, wire)
+    _print_seeds(results, "scratch run", ["held-out loss", "rev held-out loss"], outer_lr, outer_momentum, wire)
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -142,21 +156,25 @@ def finetune_task(inner: list[int], outer_lr: float, outer_momentum: float, wire
                                               held_out_loss(scratch, scratch, data["reverse-eval"], adapter_dir=lora)))
     print(f"\nthe demo's scratch model (synchronous), then LoRA on 'rev' across both boxes, {seeds} seed(s); 'rev' exact match on 100 "
           "held-out words; mean (standard deviation)")
-    _print_seeds(results, "LoRA run", "rev held-out loss", outer_lr, outer_momentum, wire)
+    _print_seeds(results, "LoRA run", ["rev held-out loss"], outer_lr, outer_momentum, wire)
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _print_seeds(results: dict, run: str, loss_name: str, outer_lr: float, outer_momentum: float, wire: str) -> None:
-    """Per H: the exact match and the loss over seeds, and each seed's difference to the synchronous run's (paired)."""
-    print(f"{'outer steps in the ' + run:<38} {'rev exact match':>16} {'paired vs sync':>16} {loss_name:>16} {'paired vs sync':>16}")
+def _print_seeds(results: dict, run: str, loss_names: list[str], outer_lr: float, outer_momentum: float, wire: str) -> None:
+    """Per H: the exact match and each loss over seeds, and each seed's difference to the synchronous run's (paired)."""
+    print(f"{'outer steps in the ' + run:<38} {'rev exact match':>16} {'paired vs sync':>16}"
+          + "".join(f" {name:>17} {'paired vs sync':>16}" for name in loss_names))
     sync = results[None]
     for h, runs in results.items():
         name = "none: synchronous" if h is None else f"H={h} ({wire}, lr {outer_lr:g}, mom {outer_momentum:g})"
         em_paired = [100 * (a[0] - b[0]) for a, b in zip(runs, sync)]
-        loss_paired = [100 * (a[1] / b[1] - 1) for a, b in zip(runs, sync)]
-        print(f"{name:<38} {_mean_sd([100 * r[0] for r in runs], '%'):>16} {_mean_sd(em_paired, 'pt'):>16} "
-              f"{_mean_sd([r[1] for r in runs], ''):>16} {_mean_sd(loss_paired, '%'):>16}")
-        print(f"{'  by seed':<38} {' '.join(f'{r[0]:.0%}' for r in runs):>16} {'':>16} {' '.join(f'{r[1]:.3f}' for r in runs):>16}")
+        losses = ""
+        for i in range(1, len(loss_names) + 1):
+            paired = [100 * (a[i] / b[i] - 1) for a, b in zip(runs, sync)]
+            losses += f" {_mean_sd([r[i] for r in runs], ''):>17} {_mean_sd(paired, '%'):>16}"
+        print(f"{name:<38} {_mean_sd([100 * r[0] for r in runs], '%'):>16} {_mean_sd(em_paired, 'pt'):>16}{losses}")
+        by_seed = "".join(f" {' '.join(f'{r[i]:.3f}' for r in runs):>17} {'':>16}" for i in range(1, len(loss_names) + 1))
+        print(f"{'  by seed':<38} {' '.join(f'{r[0]:.0%}' for r in runs):>16} {'':>16}{by_seed}")
 
 
 def _mean_sd(values: list[float], unit: str) -> str:
@@ -166,22 +184,25 @@ def _mean_sd(values: list[float], unit: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, help="steps of the run (default 200; with --demo the scratch job's, 150)")
     parser.add_argument("--inner", type=int, nargs="+", default=[10, 50], help="inner steps per outer step (H)")
     parser.add_argument("--wire", choices=["fp32", "bf16", "int8"], default="fp32")
     parser.add_argument("--global-batch", type=int, default=24)
     parser.add_argument("--outer-lr", type=float, default=1.0)
     parser.add_argument("--outer-momentum", type=float, default=0.0)
     parser.add_argument("--wide", action="store_true", help="bench/hetero_dp.py's wider model (4 layers of 256) instead")
+    parser.add_argument("--larger", action="store_true", help="with --demo: this bench's model (2 layers of 128) in place of the demo's")
+    parser.add_argument("--lr", type=float, help="with --demo: the scratch job's peak learning rate (the job's: 3e-3)")
     parser.add_argument("--demo", action="store_true", help="the demo's two jobs instead (scratch, then LoRA on 'rev')")
     parser.add_argument("--finetune", action="store_true", help="the demo's LoRA stage across both boxes with outer steps instead")
     parser.add_argument("--seeds", type=int, default=5, help="with --demo or --finetune: seeds per mode")
     args = parser.parse_args()
     if args.demo:
-        return demo_task(args.inner, args.outer_lr, args.outer_momentum, args.wire, args.seeds)
+        return demo_task(args.inner, args.outer_lr, args.outer_momentum, args.wire, args.seeds, args.steps, MODEL if args.larger else None, args.lr)
     if args.finetune:
         return finetune_task(args.inner, args.outer_lr, args.outer_momentum, args.wire, args.seeds)
 
+    args.steps = args.steps or 200
     work = Path(tempfile.mkdtemp(prefix="zeromix-outer-"))
     model = BENCH_MODEL if args.wide else MODEL
     job = trio_job(work, model, args.steps, args.global_batch, pretrain_lines=3000, rebalance=False)

@@ -79,11 +79,12 @@ def test_a_job_that_has_waited_long_goes_before_a_short_one_that_just_arrived():
 def test_a_low_priority_job_waits_behind_higher_ones_for_a_bounded_time_not_for_ever():
     """AGING_PER_HOUR points an hour: after (10 - -10) / 6 = 3 h 20 min a priority -10 job queues as an equal of
     the priority 10 jobs, and among them it has waited longest. Before that, every newly arrived 10 goes first."""
-    from orchestrator.scheduler.policies.gain import AGING_PER_HOUR
+    from orchestrator.scheduler.policies.gain import AGING_PER_HOUR, DUE
 
     box = pool(("desk", ["NVIDIA GeForce RTX 3090"]))
-    low = job("low", steps=5000, priority=-10, submitted_at=0.0)  # 40 min: not due (DUE x its run) before 5 h
+    low = job("low", steps=15000, priority=-10, submitted_at=0.0)  # 2 h on the 3090
     equal_after_s = (10 - -10) / AGING_PER_HOUR * 3600
+    assert DUE * 2 * 3600 > equal_after_s + 60, "the low job must not be due yet (the due rule would decide, not aging)"
     for now, first in ((equal_after_s - 60, "high"), (equal_after_s + 60, "low")):
         high = job("high", steps=200, priority=10, submitted_at=now - 30)  # a stream of them: one just arrived
         assert decide("gain", box, [low, high], now=now)[0] == {first: ["desk/0"]}
