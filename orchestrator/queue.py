@@ -179,6 +179,13 @@ class QueueStore:
             db.execute("INSERT INTO job_events VALUES (?,?,?,?,?)", (job_id, now, row["state"], target, reason))
         return self.get(job_id)
 
+    def hold(self, job_id: str, cards: tuple[str, ...]) -> None:
+        """Hold more cards for a running job (those it is being moved to); a card held already stays its holder's.
+        They go back with the job's own when it leaves the active states."""
+        with self._transaction() as db:
+            if db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()["state"] == "running":
+                db.executemany("INSERT OR IGNORE INTO holds VALUES (?, ?)", [(card, job_id) for card in cards])
+
     def set_reasons(self, reasons: dict[str, str]) -> None:
         """Why each queued job waits, as the policy said this round; no event (the state did not change)."""
         if not reasons:

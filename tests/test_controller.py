@@ -222,6 +222,7 @@ def test_a_job_the_policy_moves_is_asked_once_requeued_with_the_reason_and_moved
     saves), queues it again when it has stopped, and stops asking after MAX_MOVES moves. Moves are not restarts:
     a lost node after two moves is still restarted."""
     from orchestrator.scheduler import failures
+    from orchestrator.scheduler.policies import Move
     from orchestrator.scheduler.policies.fifo import FifoFirstFit
 
     class MovesEverything:
@@ -229,7 +230,7 @@ def test_a_job_the_policy_moves_is_asked_once_requeued_with_the_reason_and_moved
 
         def allocate(self, x):
             decision = FifoFirstFit().allocate(x)
-            decision.moves = {r.id: "faster cards are free (test)" for r in x.running}
+            decision.moves = {r.id: Move("faster cards are free (test)") for r in x.running}
             return decision
 
     world.scheduler.policy = MovesEverything()
@@ -251,6 +252,33 @@ def test_a_job_the_policy_moves_is_asked_once_requeued_with_the_reason_and_moved
     world.ray.endings[job] = failures.UNKNOWN_TO_RAY  # then a node is lost: its first restart, not its third
     world.scheduler.tick()
     assert [e.reason for e in world.store.events(job) if e.target == "queued"][-1].endswith("(restart 1 of 3)")
+
+
+def test_the_card_a_job_is_moved_for_is_held_for_it_while_it_saves_and_it_is_placed_there(world):
+    """gain moves a long job off the 1080 Ti when the 4090 frees. Saving its checkpoint takes a while: a job that
+    arrives meanwhile and wants the 4090 must not take it (the moved job would then be placed on whatever is free,
+    once across two boxes over 1 GbE: README, "The scheduler: measured"). Once queued again, it gets the 4090."""
+    from orchestrator.scheduler import Ending, failures
+
+    on = lambda *models: {"count": 1, "models": list(models)}  # noqa: E731
+    blocker = world.submit(world.spec(model="qwen2.5-0.5b", gpus=on("NVIDIA GeForce RTX 4090"), max_steps=2_000_000))  # 48 h
+    long = world.submit(world.spec(model="qwen2.5-0.5b", gpus=on("NVIDIA GeForce GTX 1080 Ti", "NVIDIA GeForce RTX 4090"), precision="fp32",
+                                   max_steps=100_000))  # 45 h on the 1080 Ti, 4 h on the 4090: it starts on the 1080 Ti
+    world.scheduler.tick()
+    assert world.store.get(blocker).cards == ("desk/1",) and world.store.get(long).cards == ("attic/0",)
+    world.ray.endings[blocker] = Ending("succeeded", "finished")
+    world.clock.now += 60
+    world.scheduler.tick()  # the 4090 frees: gain moves the long job there, and the queue holds it for it
+    assert [j for j, _ in world.ray.moves] == [long] and world.store.holds()["desk/1"] == long
+    late = world.submit(world.spec(model="qwen2.5-0.5b", gpus=on("NVIDIA GeForce RTX 4090"), max_steps=50))
+    world.clock.now += 60
+    world.scheduler.tick()  # still saving
+    assert world.state(late) == "queued" and world.store.holds()["desk/1"] == long
+    assert f"desk/1 held by job {long} until about" in world.store.get(late).reason
+    world.ray.endings[long] = failures.from_ray("SUCCEEDED", None, None, {"stopped_at": 40, "of": 100_000}, {"reason": world.ray.moves[0][1]})
+    world.scheduler.tick()  # queued again with its checkpoint, and placed first
+    assert world.store.get(long).state == "running" and world.store.get(long).cards == ("desk/1",)
+    assert world.state(late) == "queued"
 
 
 def test_a_job_across_boxes_whose_output_dir_not_every_box_sees_fails_with_one_line(world, tmp_path):

@@ -127,7 +127,10 @@ class Controller(RuleBasedStateMachine):
         active = {r.id: r for r in store.jobs(ACTIVE)}
         holds = store.holds()
         assert set(holds.values()) <= set(active), f"a job that is not placing or running holds cards: {holds}"
-        assert all(set(record.cards) == {c for c, j in holds.items() if j == job} for job, record in active.items())
+        held = {job: {c for c, j in holds.items() if j == job} for job in active}
+        assert all(set(record.cards) <= held[job] for job, record in active.items())
+        assert all(held[job] == set(record.cards) for job, record in active.items() if record.state != "running"), \
+            "only a running job (moved for them) holds cards beyond its own"
         reserved = [res for resources in ray.reservations.values() for res in resources]
         assert len(reserved) == len(set(reserved)), f"Ray gave one card to two jobs: {ray.reservations}"
 

@@ -324,9 +324,9 @@ def test_a_running_job_moves_to_faster_cards_nobody_queued_takes_when_that_ends_
         return [RunningJob("fine-tune", ("desk/1",), 1000.0 + rest_s, 0.0, fine_tune if movable else None, step_s)]
 
     _, decision, _ = decide("gain", box, [], running(3 * 3600.0), now=1000.0)
-    assert list(decision.moves) == ["fine-tune"]
+    assert list(decision.moves) == ["fine-tune"] and decision.moves["fine-tune"].cards == ("desk/0",)
     assert re.fullmatch(r"on desk/0 GeForce RTX 4090 its rest would take about 0\.\d h instead of 3\.0 h where it runs \(estimates; .*\)",
-                        decision.moves["fine-tune"])
+                        decision.moves["fine-tune"].reason)
     assert decide("gain", box, [], running(30.0), now=1000.0)[1].moves == {}  # 4 s of steps + 39 s of moving: not under 24 s
     assert decide("gain", box, [], running(3 * 3600.0, movable=False), now=1000.0)[1].moves == {}
     cards, decision, _ = decide("gain", box, [job("queued", steps=500)], running(3 * 3600.0), now=1000.0)

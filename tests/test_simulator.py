@@ -175,13 +175,14 @@ def test_a_moved_job_stops_after_its_checkpoint_and_its_next_placement_runs_only
     1080 Ti starts on the 1080 Ti (waiting would end it later). A policy that moves it when the 4090 frees (gain,
     plus that one move) gets it back on the 4090 at once (a moved job goes first), with only its rest to run and
     the measured costs of a checkpoint, a start and a load; it is not counted as a restart."""
+    from orchestrator.scheduler.policies import Move
     from orchestrator.scheduler.policies.gain import Gain
 
     class GainMovingLong(Gain):
         def allocate(self, x):
             decision = super().allocate(x)
             if "desk/0" in decision_free(x, decision) and any(r.id == "long" and r.cards == ("desk/1",) for r in x.running):
-                decision.moves = {"long": "the 4090 is free (test)"}
+                decision.moves = {"long": Move("the 4090 is free (test)", ("desk/0",))}
             return decision
 
     def decision_free(x, decision):

@@ -30,7 +30,7 @@ from orchestrator.scheduler.binding import Binder, Inline
 from orchestrator.scheduler.failures import MAX_ATTEMPTS, MAX_MOVES, MAX_RESTARTS, Ending
 from orchestrator.scheduler.host_ram import HostRam
 from orchestrator.scheduler.links import NetworkLinks
-from orchestrator.scheduler.policies import Decision, Policy, PolicyInput, RunningJob
+from orchestrator.scheduler.policies import Decision, Move, Policy, PolicyInput, RunningJob
 from orchestrator.scheduler.table import QueuedJob, ThroughputTable
 from orchestrator.schema import from_validation_error
 
@@ -102,10 +102,11 @@ class Scheduler:
                                               moved=record.id in self._just_moved)
         return self._jobs[record.id]
 
-    def _running(self, record: JobRecord, now: float, table: ThroughputTable) -> RunningJob:
-        """An active job as the policy sees it. One the policy may move must be running (not still placing), not
-        already asked to move, moved fewer than MAX_MOVES times, and still plannable: its spec parses and its model
-        config is still there (a job that cannot be planned must not stop the round)."""
+    def _running(self, record: JobRecord, now: float, table: ThroughputTable, moving_to: tuple[str, ...]) -> RunningJob:
+        """An active job as the policy sees it, holding the cards it is being moved to as well as its own. One the
+        policy may move must be running (not still placing), not already asked to move, moved fewer than MAX_MOVES
+        times, and still plannable: its spec parses and its model config is still there (a job that cannot be
+        planned must not stop the round)."""
         movable = record.state == "running" and record.id not in self._moving and self.store.moves(record.id) < MAX_MOVES
         try:
             job = self.queued_job(record) if movable else None
@@ -113,7 +114,7 @@ class Scheduler:
                 table.best(job)
         except Exception:  # the policy will not move it; the job itself runs on as placed
             job = None
-        return RunningJob(record.id, record.cards, record.est_end or now, record.submitted_at, job,
+        return RunningJob(record.id, record.cards + moving_to, record.est_end or now, record.submitted_at, job,
                           (record.plan or {}).get("est_step_s", 0.0))
 
     def table(self, snapshot: ClusterSnapshot) -> ThroughputTable:
@@ -150,10 +151,11 @@ class Scheduler:
         active = self.store.jobs(ACTIVE)
         busy = self.binder.busy()  # not placed again, nor stopped, until their calls return
         self._release_leaked({r.id for r in active} | busy)
-        held = {**{c.card_id: c.held_by for c in snapshot.cards if c.held_by}, **self.store.holds()}
+        holds = self.store.holds()
+        held = {**{c.card_id: c.held_by for c in snapshot.cards if c.held_by}, **holds}
         now = self.clock()
         table = self.table(snapshot)
-        running = tuple(self._running(r, now, table) for r in active)
+        running = tuple(self._running(r, now, table, tuple(c for c, j in holds.items() if j == r.id and c not in r.cards)) for r in active)
         queue = self._plannable([r for r in self.store.jobs(("queued",)) if r.id not in busy], table)
         self._jobs = {job.id: job for job in (*queue, *(r.job for r in running if r.job))}  # the others are forgotten
         free = tuple(c for c in snapshot.cards if c.card_id not in held)
@@ -214,18 +216,21 @@ class Scheduler:
         for holder in self.launcher.reserving() - active:
             self._stop(holder)
 
-    def _move(self, moves: dict[str, str], active: list[JobRecord]) -> None:
+    def _move(self, moves: dict[str, Move], active: list[JobRecord]) -> None:
         """Ask the jobs the policy moves to stop with a checkpoint (once each, at most MAX_MOVES times a job); each is
-        queued again when it has, resuming there."""
+        queued again when it has, resuming there. The cards it is moved for are held for it while it saves (no other
+        job takes them meanwhile), and given back when it is queued again, where it is placed first."""
         for record in active:
             if record.id in moves and record.state == "running" and record.id not in self._moving and self.store.moves(record.id) < MAX_MOVES:
+                move = moves[record.id]
                 try:
-                    self.launcher.move(record, moves[record.id])
+                    self.launcher.move(record, move.reason)
                 except Exception as err:  # Ray's KV store did not take it: the policy asks again next round
                     log.warning("asking %s to move failed: %s", record.id, _first_line(err))
                     continue
                 self._moving.add(record.id)
-                log.info("moving %s: %s", record.id, moves[record.id])
+                self.store.hold(record.id, tuple(c for c in move.cards if c not in record.cards))
+                log.info("moving %s: %s", record.id, move.reason)
 
     def _start(self, record: JobRecord, plan: Plan) -> None:
         """queued -> placing, its cards held in the queue; the launch itself is the binder's."""

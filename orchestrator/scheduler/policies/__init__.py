@@ -57,12 +57,20 @@ class Assignment:
     plan: Plan  # planned on exactly the cards it receives
 
 
+@dataclass(frozen=True)
+class Move:
+    """Stop a running job with a checkpoint and place it again, for `cards` (held for it while it saves)."""
+
+    reason: str  # one line, into the job's events
+    cards: tuple[str, ...] = ()
+
+
 @dataclass
 class Decision:
     assignments: list[Assignment] = field(default_factory=list)
     waiting: dict[str, str] = field(default_factory=dict)  # job id -> why it waits, one line
     turns: tuple[str, ...] = ()  # the queued jobs in the order this policy served them (aged priority first); () = arrival order
-    moves: dict[str, str] = field(default_factory=dict)  # running job id -> why it should stop with a checkpoint and be placed again
+    moves: dict[str, Move] = field(default_factory=dict)  # running job id -> the move it should make
 
 
 class Policy(Protocol):

@@ -36,6 +36,7 @@ every job's wait, below), earliest due first; then the others by priority (plus 
      to a running job, longest rest first: it stops at its next step with a checkpoint and is placed again, first,
      when its rest on the cards it would get (its own and those free) plus the measured cost of the move (saving
      the checkpoint, starting, loading the weights: sim_costs.yaml) is under MOVE_GAIN of its rest where it runs.
+     The scheduler holds those cards for it while it saves (`Move.cards`), so rule 6 finds them free.
      The scheduler moves a job at most MAX_MOVES times; the reason is in the job's events and `zeromix queue`.
 """
 
@@ -48,7 +49,7 @@ from dataclasses import dataclass
 from orchestrator.scheduler.costs import Costs
 from orchestrator.scheduler.host_ram import HostRam
 from orchestrator.scheduler.links import NetworkLinks
-from orchestrator.scheduler.policies import Assignment, Decision, PolicyInput, RunningJob, clock, why_waiting
+from orchestrator.scheduler.policies import Assignment, Decision, Move, PolicyInput, RunningJob, clock, why_waiting
 from orchestrator.scheduler.table import Outcome, QueuedJob
 
 AGING_PER_HOUR = 6.0  # priority points a queued job gains per hour of waiting
@@ -158,9 +159,9 @@ class Gain:
         running.append(RunningJob(job.id, now.cards, x.now + run_s, job.submitted_at))
 
     @staticmethod
-    def _moves(x: PolicyInput, spare: set[str], boxes: Boxes) -> dict[str, str]:
-        """Running jobs that end sooner on the spare cards (rule 8): job id -> why, one line."""
-        moves: dict[str, str] = {}
+    def _moves(x: PolicyInput, spare: set[str], boxes: Boxes) -> dict[str, Move]:
+        """Running jobs that end sooner on the spare cards (rule 8), and the cards each is moved for."""
+        moves: dict[str, Move] = {}
         for r in sorted(x.running, key=lambda r: r.est_end, reverse=True):
             if not spare:
                 break
@@ -175,8 +176,8 @@ class Gain:
             moved_s = rest / r.est_step_s * there.plan.step.step_s * boxes.links.stretch(there.plan) + _move_cost_s(there)
             if moved_s < MOVE_GAIN * rest:
                 cards = " + ".join(f"{rank.card.card_id} {rank.card.short_name}" for rank in there.plan.ranks)
-                moves[r.id] = (f"on {cards} its rest would take about {moved_s / 3600:.1f} h instead of {rest / 3600:.1f} h "
-                               "where it runs (estimates; the checkpoint, the start and the weights' load counted)")
+                moves[r.id] = Move(f"on {cards} its rest would take about {moved_s / 3600:.1f} h instead of {rest / 3600:.1f} h "
+                                   "where it runs (estimates; the checkpoint, the start and the weights' load counted)", there.cards)
                 spare -= set(there.cards)
         return moves
 
