@@ -55,12 +55,17 @@ BENCH_MODEL = {**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 768, "num_
                "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128}
 
 
+def model_dir_with(model_dir: Path, model_config: dict) -> Path:
+    """A model directory with `model_config` and the tiny Llama's character-level tokenizer."""
+    shutil.copytree(REPO / "jobs" / "examples" / "tiny-llama", model_dir)
+    (model_dir / "config.json").write_text(json.dumps(model_config))
+    return model_dir
+
+
 def trio_job(work: Path, model_config: dict, steps: int, global_batch: int, pretrain_lines: int, **fields) -> JobSpec:
     """A full fine-tune from scratch of `model_config` (the tiny Llama's tokenizer) on the demo's text, on the
     homelab's 1080 Ti, 3090 and 4090, ZeRO-2, synchronous: what the CPU benches train."""
-    model_dir = work / "model"
-    shutil.copytree(REPO / "jobs" / "examples" / "tiny-llama", model_dir)
-    (model_dir / "config.json").write_text(json.dumps(model_config))
+    model_dir = model_dir_with(work / "model", model_config)
     data = write_demo_data(work / "data", pretrain_lines=pretrain_lines, reverse_train=10, reverse_eval=5)
     return JobSpec.model_validate({
         "name": "bench", "model": {"init": "scratch", "path": str(model_dir)},

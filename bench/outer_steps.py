@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import shutil
 import statistics
 import tempfile
@@ -34,7 +33,7 @@ from orchestrator.model_facts import facts_from_config
 from orchestrator.planner import make_plan
 from workers.local_launch import run_local_ranks
 
-from hetero_dp import BENCH_MODEL, TRIO, trio_job
+from hetero_dp import BENCH_MODEL, TRIO, model_dir_with, trio_job
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = {**TINY_LLAMA, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -117,10 +116,7 @@ def demo_task(inner: list[int], outer_lr: float, outer_momentum: float, wire: st
     data, held_out, scratch_job, lora_job = _demo_data(work)
     steps = steps or scratch_job.max_steps
     optimizer = scratch_job.optimizer.model_copy(update={"lr": lr or scratch_job.optimizer.lr})
-    model_dir = REPO / "jobs" / "examples" / "tiny-llama"
-    if model:
-        model_dir = Path(shutil.copytree(model_dir, work / "model"))
-        (model_dir / "config.json").write_text(json.dumps(model))
+    model_dir = model_dir_with(work / "model", model) if model else REPO / "jobs" / "examples" / "tiny-llama"
     results = {}  # H (None: synchronous) -> [(exact match, held-out loss, rev completions' loss)] by seed
     for h in [None, *inner]:
         for seed in range(seeds):
