@@ -257,7 +257,8 @@ def test_a_job_the_policy_moves_is_asked_once_requeued_with_the_reason_and_moved
 def test_the_card_a_job_is_moved_for_is_held_for_it_while_it_saves_and_it_is_placed_there(world):
     """gain moves a long job off the 1080 Ti when the 4090 frees. Saving its checkpoint takes a while: a job that
     arrives meanwhile and wants the 4090 must not take it (the moved job would then be placed on whatever is free,
-    once across two boxes over 1 GbE: README, "The scheduler: measured"). Once queued again, it gets the 4090."""
+    once across two boxes over 1 GbE: README, "The scheduler: measured"), nor may a scheduler restarted meanwhile ask
+    it to move again. Once queued again, it gets the 4090."""
     from orchestrator.scheduler import Ending, failures
 
     on = lambda *models: {"count": 1, "models": list(models)}  # noqa: E731
@@ -275,6 +276,9 @@ def test_the_card_a_job_is_moved_for_is_held_for_it_while_it_saves_and_it_is_pla
     world.scheduler.tick()  # still saving
     assert world.state(late) == "queued" and world.store.holds()["desk/1"] == long
     assert f"desk/1 held by job {long} until about" in world.store.get(late).reason
+    world.restart_scheduler()  # the new scheduler does not know it asked: the held 4090 tells it
+    world.scheduler.tick()
+    assert len(world.ray.moves) == 1 and world.store.holds()["desk/1"] == long and world.state(late) == "queued"
     world.ray.endings[long] = failures.from_ray("SUCCEEDED", None, None, {"stopped_at": 40, "of": 100_000}, {"reason": world.ray.moves[0][1]})
     world.scheduler.tick()  # queued again with its checkpoint, and placed first
     assert world.store.get(long).state == "running" and world.store.get(long).cards == ("desk/1",)

@@ -104,10 +104,12 @@ class Scheduler:
 
     def _running(self, record: JobRecord, now: float, table: ThroughputTable, moving_to: tuple[str, ...]) -> RunningJob:
         """An active job as the policy sees it, holding the cards it is being moved to as well as its own. One the
-        policy may move must be running (not still placing), not already asked to move, moved fewer than MAX_MOVES
+        policy may move must be running (not still placing), not already asked to move (by this scheduler, or by
+        the one before a restart: the queue still holds the cards it is moving to), moved fewer than MAX_MOVES
         times, and still plannable: its spec parses and its model config is still there (a job that cannot be
         planned must not stop the round)."""
-        movable = record.state == "running" and record.id not in self._moving and self.store.moves(record.id) < MAX_MOVES
+        movable = (record.state == "running" and record.id not in self._moving and not moving_to
+                   and self.store.moves(record.id) < MAX_MOVES)
         try:
             job = self.queued_job(record) if movable else None
             if job:
