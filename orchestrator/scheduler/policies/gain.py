@@ -10,9 +10,10 @@ every job's wait, below), earliest due first; then the others by priority (plus 
   2. Start now, or wait for better cards? A job waits for its best cards (a one-card job: any card of that
      model) only when, after the jobs ahead of it that wait for the same cards have had them, it would still end
      sooner on them than on the cards free now. A job that would get under MIN_SHARE of its best speed from the
-     free cards waits too, but only while that turn would end it sooner, or, when nothing says when the turn
-     comes, until it has waited PATIENCE times its run on its best cards. So every wait for better cards is
-     bounded: by the estimated ends of running jobs and of the jobs ahead, or by PATIENCE x its own best run.
+     free cards waits too, while that turn would end it sooner (or while nothing says when the turn comes), and
+     in either case only until it has waited PATIENCE times its run on its best cards: then it takes the free
+     cards, however slow (README: "The scheduler: measured" has what that costs once). So every wait for better
+     cards is bounded: by the estimated ends of running jobs and of the jobs ahead, or by PATIENCE x its own best run.
   3. The first job that cannot start reserves the cards it will get when running jobs end (EASY backfill):
      later jobs may use those cards only if they end before that time (estimates), and take them when that
      is faster than the cards nobody reserved.
