@@ -176,7 +176,8 @@ class Scheduler:
             self._start(self.store.get(assignment.job_id), assignment.plan)
             started.append(assignment)
         decision.assignments = started
-        self._move(decision.moves, active)
+        movable = {r.id for r in running if r.job}
+        self._move(decision.moves, [r for r in active if r.id in movable])
         self._settle()  # the launches that ended already (all of them, with the inline binder)
         self.store.set_reasons(decision.waiting)
         return decision
@@ -218,12 +219,13 @@ class Scheduler:
         for holder in self.launcher.reserving() - active:
             self._stop(holder)
 
-    def _move(self, moves: dict[str, Move], active: list[JobRecord]) -> None:
-        """Ask the jobs the policy moves to stop with a checkpoint (once each, at most MAX_MOVES times a job); each is
-        queued again when it has, resuming there. The cards it is moved for are held for it while it saves (no other
-        job takes them meanwhile), and given back when it is queued again, where it is placed first."""
-        for record in active:
-            if record.id in moves and record.state == "running" and record.id not in self._moving and self.store.moves(record.id) < MAX_MOVES:
+    def _move(self, moves: dict[str, Move], movable: list[JobRecord]) -> None:
+        """Ask the jobs the policy moves to stop with a checkpoint, of those this round found movable (`_running`: once
+        each, at most MAX_MOVES times a job); each is queued again when it has, resuming there. The cards it is moved
+        for are held for it while it saves (no other job takes them meanwhile), and given back when it is queued
+        again, where it is placed first."""
+        for record in movable:
+            if record.id in moves:
                 move = moves[record.id]
                 try:
                     self.launcher.move(record, move.reason)
