@@ -17,7 +17,7 @@ STAMP  := $(VENV)/.zeromix-installed
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 REPORTS := .test-reports
 
-.PHONY: venv demo test test-fast gpu-check bench bench-plan bench-scheduler bench-slow-link down clean
+.PHONY: venv demo test test-fast gpu-check bench bench-plan bench-scheduler bench-slow-link bench-outer-memory down clean
 
 venv: $(STAMP)
 
@@ -61,6 +61,10 @@ bench-scheduler: $(STAMP)
 # Needs root (network namespaces and tc): outer steps against synchronous over a 1 Gbit/s link, about 5 minutes.
 bench-slow-link: $(STAMP)
 	$(BIN)/python bench/slow_link.py
+
+# What an outer step holds in memory on each rank, measured, beside the plan's estimate; about a minute.
+bench-outer-memory: $(STAMP)
+	$(BIN)/python bench/outer_memory.py
 
 down: $(STAMP)
 	$(BIN)/zeromix down

@@ -65,7 +65,11 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
              "est_compute_s": c["est_compute_s"],
              # measured from the engine's tensors vs the plan's estimate (weights + gradients + optimizer)
              "model_state_mib": float(f"{sum(r['model_state_bytes'].values()) / 1024**2:.4g}"),
-             "est_model_state_mib": float(f"{sum(c['est_mem_breakdown_gib'][k] for k in ('weights', 'gradients', 'optimizer')) * 1024:.4g}")}
+             "est_model_state_mib": float(f"{sum(c['est_mem_breakdown_gib'][k] for k in ('weights', 'gradients', 'optimizer')) * 1024:.4g}"),
+             # outer steps: the most memory an outer step held above what the rank held before it (measured), and
+             # the plan's estimate of its buffers on the card (a box leader's host RAM comes on top of it)
+             **({"outer_step_peak_mib": None if r["outer_peak_bytes"] is None else round(r["outer_peak_bytes"] / 1024**2, 1),
+                 "est_outer_step_mib": round(c["est_outer_step_gib"] * 1024, 1)} if config.outer else {})}
             for i, (c, p, r, j) in enumerate(zip(cards, placements, results, local))
         ],
     }

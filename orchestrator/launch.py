@@ -19,6 +19,7 @@ from orchestrator.cluster_runtime import ClusterState
 from orchestrator.errors import ZeromixError
 from orchestrator.jobspec import JobSpec
 from orchestrator.planner import Plan
+from orchestrator.planner.outer import BUCKET_ELEMENTS
 from orchestrator.registry import KV_NAMESPACE, live_placement_groups, placement_group_name
 from workers.train import TrainConfig
 
@@ -68,17 +69,19 @@ def train_config(job: JobSpec, plan: Plan, job_id: str) -> TrainConfig:
 
 
 def with_outer_steps(config: TrainConfig, boxes: list[int], inner_steps: int, outer_lr: float, outer_momentum: float,
-                     wire: str) -> TrainConfig:
+                     wire: str, bucket_elements: int = BUCKET_ELEMENTS) -> TrainConfig:
     """The run as outer steps across boxes (workers/outer_steps.py): `boxes` ranks per box, the config's ranks
     listed box by box. Each box is a DeepSpeed world of its own, so each rank's batch-size check counts its box's
     ranks. A box may still correct its own split while training: its tuner keeps the box's share of the global batch,
-    so the other boxes' slices of it do not move."""
+    so the other boxes' slices of it do not move. `bucket_elements`: how many of the new global weights a card
+    takes at a time (the plan counts BUCKET_ELEMENTS)."""
     if sum(boxes) != len(config.micro_batches):
         raise ValueError(f"boxes {boxes} hold {sum(boxes)} ranks; the run has {len(config.micro_batches)}")
     per_rank = [size for size in boxes for _ in range(size)]
     ds = tuple({**c, "train_batch_size": c["train_micro_batch_size_per_gpu"] * c["gradient_accumulation_steps"] * n}
                for c, n in zip(config.ds_configs, per_rank))
-    outer = {"boxes": list(boxes), "inner_steps": inner_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum, "wire": wire}
+    outer = {"boxes": list(boxes), "inner_steps": inner_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum, "wire": wire,
+             "bucket_elements": bucket_elements}
     return dataclasses.replace(config, ds_configs=ds, outer=outer)
 
 

@@ -229,6 +229,9 @@ def test_outer_steps_across_boxes_through_the_cluster(scratch_run, demo_data):
     trained = result["plan"]["trainable_params"]
     assert result["outer"] == {"outer_steps": 3, "bytes_across_boxes": 2 * (3 * (4 * trained + 40) + 16)}
     assert all(h["job_tokens"] == sum(h["tokens"]) for h in result["history"])  # the job's tokens/s counts both boxes'
+    # what an outer step held on each rank, measured there, beside the plan's estimate (bench/outer_memory.py compares them)
+    assert all(r["outer_step_peak_mib"] is not None and r["est_outer_step_mib"] == pytest.approx(4 * trained / 2**20, abs=0.05)
+               for r in result["ranks"])
     assert sorted((out / "checkpoints").glob("step-*")) == [out / "checkpoints" / "step-12", out / "checkpoints" / "step-8"]
     assert (out / "final" / "model.safetensors").is_file() and result["last_loss"] < result["first_loss"]
     assert "report:" in zeromix("report", job_id).stdout

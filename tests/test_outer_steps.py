@@ -8,6 +8,7 @@ equally must not.
 """
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from tests.conftest import TINY_LLAMA
 from workers.local_launch import run_local_ranks
 from workers.train import OUTER_STATE
 from tests.helpers import TINY, final_weights, job, max_relative_difference, model_config, pool, reference, scenario
-from workers.outer_steps import decode, encode
+from workers.outer_steps import buckets, decode, encode
 
 pytestmark = pytest.mark.deepspeed
 
@@ -32,8 +33,14 @@ BOXES = (2, 1)  # ranks per box: micro-batches (3, 1) in box 0, (2,) in box 1
 EXACT = 1e-6  # max relative difference per tensor, fp32
 
 
+# The new global weights reach the cards in buckets of this many values: the tiny Llama's MLP weights (12,288) each
+# go alone, its attention and embedding weights (2,048-4,096) two or three together, so every run below loads in
+# several buckets as a real model does (BUCKET_ELEMENTS, 4M values, holds the whole tiny model).
+SMALL_BUCKET = 5000
+
+
 def outer_job(config, inner_steps=1, outer_lr=1.0, outer_momentum=0.0, wire="fp32"):
-    return with_outer_steps(config, list(BOXES), inner_steps, outer_lr, outer_momentum, wire)
+    return with_outer_steps(config, list(BOXES), inner_steps, outer_lr, outer_momentum, wire, SMALL_BUCKET)
 
 
 def test_one_inner_step_per_outer_step_is_synchronous_data_parallel(ds_runs, tmp_path, demo_data, base_model):
@@ -98,6 +105,14 @@ def _box_leader(box: int, boxes: int, port: int, results) -> None:
     results.put((box, [t.tolist() for t in got], link.bytes_sent))
 
 
+def test_the_cards_take_the_new_weights_in_buckets_that_keep_order_and_hold_a_larger_weight_alone():
+    sizes = [64, 4096, 2048, 2048, 12288, 64, 2624]
+    groups = buckets(sizes, SMALL_BUCKET)
+    assert groups == [[0, 1], [2, 3], [4], [5, 6]]
+    assert [i for g in buckets(sizes, 1) for i in g] == list(range(len(sizes)))  # every weight once, in order
+    assert buckets(sizes, sum(sizes)) == [list(range(len(sizes)))]
+
+
 def test_box_leaders_each_get_every_box_payload_in_box_order_over_three_boxes():
     """The ring the link runs (each box sends to the next on one connection, receives from the one before on
     another): with three boxes a payload takes two hops; every leader ends with all three, and counts the two it sent."""
@@ -130,7 +145,8 @@ def test_the_outer_step_is_nesterov_sgd_on_the_combined_delta():
     params = [torch.nn.Parameter(w.clone()) for w in weights]
     sgd = torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True)
     for delta in deltas:
-        outer._nesterov(delta)
+        for i, d in enumerate(delta):
+            outer._nesterov(i, d)
         for p, d in zip(params, delta):
             p.grad = d.clone()
         sgd.step()
@@ -169,6 +185,32 @@ def test_across_a_slow_link_auto_picks_outer_steps_and_the_plan_says_what_they_c
     sync_per_h, outer_per_h = outer.bytes_per_hour()
     assert outer_per_h < sync_per_h / 10
     assert auto.summary()["outer"]["inner_steps"] == outer.inner_steps
+
+
+def test_an_outer_step_holds_one_weight_in_fp32_on_a_card_and_a_card_without_room_for_it_stays_synchronous():
+    """The outer step reads each trained weight whole in fp32 and loads the new global weights a bucket at a time,
+    after the step's activations are freed: on each card, the largest weight or bucket in fp32 beside the model
+    states. Qwen2.5-1.5B's embedding (233M values: 0.87 GiB) outweighs its activations at 128 tokens (0.43 GiB), so
+    on cards free enough to train but not to take that (two boxes of two 24 GB cards), the job runs synchronous. (Reading and loading the
+    whole model at once, as outer steps first did, held 12 GiB more on each card: bench/outer_memory.py.)"""
+    facts = facts_from_config(model_config("qwen2.5-1.5b"))
+
+    def plan_with(free_mib=None):
+        cards = two_boxes()
+        if free_mib:
+            cards = dataclasses.replace(cards, nodes=tuple(dataclasses.replace(n, cards=tuple(
+                dataclasses.replace(c, facts=dataclasses.replace(c.facts, memory_free_mib=free_mib)) for c in n.cards)) for n in cards.nodes))
+        job = scenario(method="full", global_batch_size=4, seq_len=128, gpus={"count": 4}, precision="bf16",
+                       sync={"mode": "outer", "inner_steps": 50}, max_steps=1000)
+        return make_plan(job, facts, cards, 1000)
+
+    roomy = plan_with()
+    memory = roomy.ranks[0].memory
+    assert roomy.outer and memory.outer_step == 4 * facts.largest_layer_params > memory.activations
+    at_the_step = memory.total - memory.activations + memory.outer_step
+    tight = plan_with(math.ceil(memory.total / 2**20))  # training fits, the outer step does not
+    assert tight.outer is None and tight.ranks[0].capacity_bytes < at_the_step
+    assert plan_with(math.ceil(at_the_step / 2**20)).outer
 
 
 def test_on_a_fast_link_auto_stays_synchronous_and_outer_takes_the_inner_steps_given():

@@ -3,13 +3,16 @@ arXiv 2311.08105), so a job can span boxes joined by 1 GbE without moving gradie
 
 Each box is a DeepSpeed world of its own and trains on its share of every global batch for `inner_steps` (H)
 optimizer steps. Then, on every rank of every box at once:
-  1. each rank reads its full fp32 weights (DeepSpeed's safe_get_full_fp32_param: a collective inside the box);
-  2. the box's leader (its rank 0) takes the box's delta from the global weights, global - local, in fp32, and
-     sends it in the wire format with the loss tokens the box trained on since the last outer step;
+  1. each rank reads its full fp32 weights one at a time (DeepSpeed's safe_get_full_fp32_param: a collective
+     inside the box); the box's leader (its rank 0) writes the box's delta from the global weights, global - local,
+     in host RAM in the wire format, weight by weight;
+  2. the leader sends it, with the loss tokens the box trained on since the last outer step;
   3. every leader combines the deltas weighted by those tokens and takes an outer Nesterov SGD step on the global
-     weights, which it keeps in host RAM with the outer momentum (8 bytes a trained parameter);
-  4. the leader broadcasts the new global weights inside its box, and every rank loads them into DeepSpeed's fp32
-     master weights and into the model's own.
+     weights, which it keeps in host RAM with the outer momentum (8 bytes a trained parameter), weight by weight;
+  4. the leader broadcasts the new global weights inside its box a bucket at a time, and every rank loads them into
+     DeepSpeed's fp32 master weights and into the model's own.
+A card never holds more of this than one weight or one bucket in fp32 (planner/outer.py counts it): the whole model
+in fp32, read and broadcast at once, would be twice its 16-bit weights again on cards already full of them.
 Weighting by tokens makes the combination exact for boxes of unequal batch: with inner SGD, H = 1, outer lr 1 and
 no momentum, the result is one synchronous data-parallel step on the whole global batch (tests/test_outer_steps.py).
 The inner optimizer's state (Adam's moments) stays in each box, as in DiLoCo.
@@ -32,9 +35,10 @@ if TYPE_CHECKING:
 
     from workers.collectives import BoxLink, RankComm
 
-from orchestrator.planner.outer import header_bytes
+from orchestrator.planner.outer import BUCKET_ELEMENTS, header_bytes
 from workers.collectives import first_ranks
 from workers.rebalance import BOX_WINDOW_STEPS, WARMUP_STEPS, BoxShares, box_shares
+from workers.telemetry import PeakAbove
 
 WIRE_FORMATS = ("fp32", "bf16", "int8")
 
@@ -48,10 +52,12 @@ class OuterConfig:
     outer_lr: float
     outer_momentum: float  # Nesterov
     wire: str  # what a delta crosses the link as: fp32, bf16, or int8 with a scale per tensor
+    bucket_elements: int = BUCKET_ELEMENTS  # the new global weights go to a box's cards this many at a time
 
     @classmethod
     def from_dict(cls, raw: dict) -> OuterConfig:
-        config = cls(tuple(raw["boxes"]), int(raw["inner_steps"]), float(raw["outer_lr"]), float(raw["outer_momentum"]), raw["wire"])
+        config = cls(tuple(raw["boxes"]), int(raw["inner_steps"]), float(raw["outer_lr"]), float(raw["outer_momentum"]), raw["wire"],
+                     int(raw["bucket_elements"]))
         if config.wire not in WIRE_FORMATS:
             raise ValueError(f"outer.wire: {config.wire!r} is not one of {', '.join(WIRE_FORMATS)}")
         if config.inner_steps < 1:
@@ -79,9 +85,10 @@ class OuterSteps:
         self.tokens_since = 0.0  # loss tokens this box trained on since the last outer step
         self.done = 0  # outer steps taken
         self.exchange_s = 0.0  # a leader's time sending and receiving deltas across the link (the boxes already met)
+        self.peak_bytes: int | None = None  # the most memory an outer step held above what the rank held before it (measured)
         self.stop_wanted = False  # this box was asked to stop (the scheduler moves the job): at the next outer step
-        local = self._local_fp32()  # every rank: a collective inside the box
-        self.global_weights = [t.to("cpu", copy=True) for t in local] if comm.rank == 0 else []
+        self.global_weights: list[torch.Tensor] = []  # the leader's, in host RAM
+        self._read(lambda i, weight: self.global_weights.append(weight))  # every rank: collectives inside the box
         self.momentum = [w.new_zeros(w.shape) for w in self.global_weights]
 
     @property
@@ -102,7 +109,6 @@ class OuterSteps:
         self.measured_from = start + WARMUP_STEPS
         if start == 0:
             return 0
-        flat = self.comm.zeros(self.numel, torch.float32)
         if self.link:
             if self.link.box == 0 and saved:  # (a checkpoint of a synchronous run: the momentum starts at zero)
                 self.momentum = [m.to("cpu", torch.float32) for m in saved["momentum"]]
@@ -112,8 +118,7 @@ class OuterSteps:
             shapes = [w.shape for w in self.global_weights]
             self.global_weights = [t.clone() for t in _split(weights, shapes)]
             self.momentum = [t.clone() for t in _split(momentum, shapes)]
-            flat.copy_(weights.to(flat.device))
-        self._load(self.comm.broadcast(flat))
+        self._load_global()
         return start
 
     def saved(self) -> dict:
@@ -137,27 +142,32 @@ class OuterSteps:
     def outer_step(self, step: int, split: tuple[int, ...]) -> Met:
         """One outer step: the new global weights, whether a box asked to stop, and the boxes' shares of the global
         batch corrected from their measured inner steps (`rebalance.box_shares`) when that is worth it."""
+        with PeakAbove(self.comm.on_gpu) as peak:
+            met = self._outer_step(step, split)
+        if peak.bytes is not None:
+            self.peak_bytes = max(self.peak_bytes or 0, peak.bytes)
+        return met
+
+    def _outer_step(self, step: int, split: tuple[int, ...]) -> Met:
         import torch
 
-        local = self._local_fp32()
-        flat = self.comm.zeros(self.numel + 1 + len(split), torch.float32)  # the new global weights, the stop flag, the split
+        payload = Payload([w.shape for w in self.global_weights], self.config.wire) if self.comm.rank == 0 else None
+        self._read(lambda i, weight: payload.put(i, self.global_weights[i] - weight))  # the leader's delta, global - local
+        control = self.comm.zeros(1 + len(split), torch.float32)  # whether a box asked to stop, the new split
         shares = None
         if self.comm.rank == 0:
-            delta = [g - t.to("cpu") for g, t in zip(self.global_weights, local)]
-            combined, heads = self._combine(delta, split)
-            self._nesterov(combined)
+            heads = self._meet(payload, split)
             shares = self._shares(step, heads)
-            flat[: self.numel].copy_(torch.cat([w.reshape(-1) for w in self.global_weights]).to(flat.device))
-            flat[self.numel] = float(any(bool(h[1]) for h in heads))
+            control[0] = float(any(bool(h[1]) for h in heads))
             if shares:
-                flat[self.numel + 1:] = torch.tensor(shares.new, dtype=torch.float32, device=flat.device)
-        self.comm.broadcast(flat)
-        self._load(flat[: self.numel])
+                control[1:] = torch.tensor(shares.new, dtype=torch.float32, device=control.device)
+        self.comm.broadcast(control)
+        self._load_global()
         self.tokens_since, self.done = 0.0, self.done + 1
-        new = tuple(int(v) for v in flat[self.numel + 1:].tolist())
+        new = tuple(int(v) for v in control[1:].tolist())
         if any(new):
             self.split_changed(step + 1)
-        return Met(bool(flat[self.numel].item()), new if any(new) else None, shares)
+        return Met(bool(control[0].item()), new if any(new) else None, shares)
 
     def split_changed(self, step: int) -> None:
         """The box runs another split from `step` on: its inner steps are measured afresh (that step warms up)."""
@@ -177,16 +187,42 @@ class OuterSteps:
         new, per_sample, predicted = found
         return BoxShares(step + 1, now, new, per_sample, box_s, predicted)
 
-    def _load(self, flat: torch.Tensor) -> None:
-        offset = 0
-        for param in self.params:
-            _set_full_fp32(param, flat[offset: offset + param.numel()].view_as(param))
-            offset += param.numel()
+    def _read(self, each) -> None:
+        """Every rank: each trained weight read whole in fp32, one at a time (DeepSpeed's accessor, a collective
+        inside the box), so a card holds one weight in fp32 at a time; the leader hands each to `each(index, weight)`
+        in host RAM."""
+        import torch
+        from deepspeed.utils import safe_get_full_fp32_param
 
-    def _combine(self, delta: list[torch.Tensor], split: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every box's delta, weighted by the loss tokens it trained on, and every box's header: its loss tokens, its
-        wish to stop, its measured inner steps (seconds, count) and its own cards' split (one exchange across boxes
-        each for the headers and for the payload)."""
+        for i, param in enumerate(self.params):
+            whole = safe_get_full_fp32_param(param)
+            if self.comm.rank == 0:
+                each(i, whole.detach().to("cpu", torch.float32, copy=True))
+            del whole
+
+    def _load_global(self) -> None:
+        """Every rank: the leader's global weights, broadcast inside the box a bucket at a time (bucket_elements, or
+        one larger weight alone) and loaded; a card holds one bucket of them at a time."""
+        for bucket in buckets([p.numel() for p in self.params], self.config.bucket_elements):
+            self._load_bucket(bucket)  # (a call each: the bucket is freed before the next one is made)
+
+    def _load_bucket(self, bucket: list[int]) -> None:
+        import torch
+
+        sizes = [self.params[i].numel() for i in bucket]
+        flat = self.comm.zeros(sum(sizes), torch.float32)
+        if self.comm.rank == 0:
+            for i, part in zip(bucket, flat.split(sizes)):
+                part.copy_(self.global_weights[i].reshape(-1))
+        self.comm.broadcast(flat)
+        for i, part in zip(bucket, flat.split(sizes)):
+            _set_full_fp32(self.params[i], part.view_as(self.params[i]))
+
+    def _meet(self, payload: Payload, split: tuple[int, ...]) -> list[torch.Tensor]:
+        """The leaders' part: every box's header (its loss tokens, its wish to stop, its measured inner steps (seconds,
+        count) and its own cards' split), then every box's delta (one exchange across boxes each), and the outer step
+        on the global weights, the deltas weighted by the loss tokens each box trained on, one weight at a time.
+        Returns the headers."""
         import torch
 
         first = first_ranks(self.config.boxes)[self.link.box]
@@ -194,30 +230,22 @@ class OuterSteps:
         head = [self.tokens_since, float(self.stop_wanted), self.measured_s, float(self.measured_steps), *mine]
         head += [0.0] * (header_bytes(list(self.config.boxes)) // 8 - len(head))  # every box's header the same length
         heads = self.link.exchange(torch.tensor(head, dtype=torch.float64, device="cpu"))
-        mine = encode(delta, self.config.wire)
         started = time.perf_counter()  # (the small exchange above waited for the slowest box: this one is the link's)
-        payload = self.link.exchange(mine)
+        payloads = self.link.exchange(payload.buffer)
         self.exchange_s += time.perf_counter() - started
         total = sum(float(h[0]) for h in heads)
-        shapes = [d.shape for d in delta]
-        out = [torch.zeros(s, dtype=torch.float32, device="cpu") for s in shapes]
-        for head, sent in zip(heads, payload):
-            for acc, part in zip(out, decode(sent, shapes, self.config.wire)):
-                acc.add_(part, alpha=float(head[0]) / total)
-        return out, heads
+        for i in range(len(self.global_weights)):
+            combined = sum(payload.read(sent, i) * (float(h[0]) / total) for h, sent in zip(heads, payloads))
+            self._nesterov(i, combined)
+        return heads
 
-    def _nesterov(self, delta: list[torch.Tensor]) -> None:
-        """Outer SGD with Nesterov momentum on the global weights, the combined delta as the gradient (as
+    def _nesterov(self, i: int, delta: torch.Tensor) -> None:
+        """Outer SGD with Nesterov momentum on global weight `i`, the combined delta as its gradient (as
         torch.optim.SGD(nesterov=True) steps)."""
         mu, lr = self.config.outer_momentum, self.config.outer_lr
-        for weight, buf, grad in zip(self.global_weights, self.momentum, delta):
-            buf.mul_(mu).add_(grad)
-            weight.sub_(grad.add(buf, alpha=mu), alpha=lr)
-
-    def _local_fp32(self) -> list[torch.Tensor]:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        return [safe_get_full_fp32_param(p).detach().float() for p in self.params]
+        weight, buf = self.global_weights[i], self.momentum[i]
+        buf.mul_(mu).add_(delta)
+        weight.sub_(delta.add(buf, alpha=mu), alpha=lr)
 
 
 def _set_full_fp32(param: torch.nn.Parameter, value: torch.Tensor) -> None:
@@ -230,35 +258,77 @@ def _set_full_fp32(param: torch.nn.Parameter, value: torch.Tensor) -> None:
         param.copy_(value.to(param.dtype))
 
 
-def encode(tensors: list[torch.Tensor], wire: str) -> torch.Tensor:
-    """Tensors as one flat payload: fp32; or bytes (gloo has no 16-bit integer or bf16 type, and moves bytes as they
-    are): bf16, or int8 with one fp32 scale per tensor (its largest magnitude over 127), the scales first."""
-    import torch
+class Payload:
+    """A box's delta as it crosses the link, written one weight at a time (the whole delta is never held in fp32
+    beside it): fp32; or bytes (gloo has no 16-bit integer or bf16 type, and moves bytes as they are): bf16, or int8
+    with one fp32 scale per weight (its largest magnitude over 127), the scales first."""
 
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    if wire == "fp32":
-        return flat
-    if wire == "bf16":
-        return flat.to(torch.bfloat16).view(torch.uint8)
-    scales = torch.stack([t.abs().max().clamp(min=1e-30) / 127 for t in tensors])
-    q = torch.cat([(t.reshape(-1) / s).round().clamp(-127, 127) for t, s in zip(tensors, scales)]).to(torch.int8)
-    return torch.cat([scales.view(torch.uint8), q.view(torch.uint8)])
+    def __init__(self, shapes: list, wire: str):
+        import torch
 
-
-def decode(payload: torch.Tensor, shapes: list, wire: str) -> list[torch.Tensor]:
-    import torch
-
-    if wire == "fp32":
-        flat = payload
-    elif wire == "bf16":
-        flat = payload.view(torch.bfloat16).float()
-    else:
-        n = len(shapes)
-        scales = payload[: 4 * n].view(torch.float32)
-        q = payload[4 * n:].view(torch.int8).float()
+        self.shapes, self.wire = shapes, wire
         sizes = [_numel(s) for s in shapes]
-        flat = torch.cat([part * s for part, s in zip(torch.split(q, sizes), scales)])
-    return _split(flat, shapes)
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        n, count = self.offsets[-1], len(shapes)
+        if wire == "fp32":
+            self.buffer = torch.empty(n, dtype=torch.float32)
+        elif wire == "bf16":
+            self.buffer = torch.empty(n, dtype=torch.bfloat16).view(torch.uint8)
+        else:
+            self.buffer = torch.empty(4 * count + n, dtype=torch.uint8)
+        self._scales, self._values = self._parts(self.buffer)
+
+    def _parts(self, buffer: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        import torch
+
+        if self.wire == "fp32":
+            return None, buffer
+        if self.wire == "bf16":
+            return None, buffer.view(torch.bfloat16)
+        count = len(self.shapes)
+        return buffer[: 4 * count].view(torch.float32), buffer[4 * count:].view(torch.int8)
+
+    def put(self, i: int, tensor: torch.Tensor) -> None:
+        values = self._values[self.offsets[i]: self.offsets[i + 1]]
+        if self.wire != "int8":
+            values.copy_(tensor.reshape(-1))
+            return
+        scale = tensor.abs().max().clamp(min=1e-30) / 127
+        self._scales[i] = scale
+        values.copy_((tensor.reshape(-1) / scale).round().clamp(-127, 127))
+
+    def read(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
+        """Weight `i` of a payload in this layout (another box's, as received), in fp32."""
+        import torch
+
+        scales, values = self._parts(buffer)
+        part = values[self.offsets[i]: self.offsets[i + 1]].to(torch.float32)
+        return (part * scales[i] if scales is not None else part).view(self.shapes[i])
+
+
+def encode(tensors: list[torch.Tensor], wire: str) -> torch.Tensor:
+    payload = Payload([t.shape for t in tensors], wire)
+    for i, tensor in enumerate(tensors):
+        payload.put(i, tensor)
+    return payload.buffer
+
+
+def decode(buffer: torch.Tensor, shapes: list, wire: str) -> list[torch.Tensor]:
+    payload = Payload(shapes, wire)
+    return [payload.read(buffer, i) for i in range(len(shapes))]
+
+
+def buckets(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive indices grouped so that each group's sizes sum to at most `limit` (a larger one alone)."""
+    groups: list[list[int]] = []
+    total = limit + 1
+    for i, size in enumerate(sizes):
+        if total + size > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += size
+    return groups
 
 
 def _split(flat: torch.Tensor, shapes: list) -> list[torch.Tensor]:

@@ -13,6 +13,7 @@ slower card.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 # Ray metrics every rank exports (Ray prefixes each name with "ray_"). monitoring/grafana-dashboard.json
 # queries these names; tests/test_observability.py checks that they match.
@@ -77,19 +78,20 @@ class StepStats:
                 "wait_s": list(self.wait_s), "compute_s": list(self.compute_s)}
 
 
+_EARLIER_PEAKS: dict[str, int] = {}  # the run's peaks from before a `PeakAbove` reset the counters
+
+
 def memory_in_use(on_gpu: bool) -> tuple[int, int]:
     """(now, peak) bytes: torch's allocator on a GPU (what the planner's estimate is about), the process's
     resident set on CPU."""
     if on_gpu:
         import torch
 
-        return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
-    import resource
-
+        return torch.cuda.memory_allocated(), max(torch.cuda.max_memory_allocated(), _EARLIER_PEAKS.get("max_allocated", 0))
     import psutil
 
     rss = psutil.Process().memory_info().rss
-    return rss, max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux; its high-water mark lags
+    return rss, max(rss, _resident_peak(), _EARLIER_PEAKS.get("rss", 0))
 
 
 def card_memory_peaks() -> dict[str, int]:
@@ -99,7 +101,54 @@ def card_memory_peaks() -> dict[str, int]:
 
     if not torch.cuda.is_available():
         return {}
-    return {"max_allocated": torch.cuda.max_memory_allocated(), "max_reserved": torch.cuda.max_memory_reserved()}
+    return {"max_allocated": max(torch.cuda.max_memory_allocated(), _EARLIER_PEAKS.get("max_allocated", 0)),
+            "max_reserved": max(torch.cuda.max_memory_reserved(), _EARLIER_PEAKS.get("max_reserved", 0))}
+
+
+class PeakAbove:
+    """The most memory a stretch of code held above what the rank held when it began (`bytes`, measured): torch's
+    allocator on a card; on CPU the resident set, through Linux's high-water mark, which writing 5 to
+    /proc/self/clear_refs resets (`bytes` stays None where that cannot be done). The counters are reset for the
+    stretch; the run's own peaks (memory_in_use, card_memory_peaks) keep what came before."""
+
+    def __init__(self, on_gpu: bool):
+        self.on_gpu, self.bytes, self._start = on_gpu, None, None
+
+    def __enter__(self) -> PeakAbove:
+        if self.on_gpu:
+            import torch
+
+            for key, peak in (("max_allocated", torch.cuda.max_memory_allocated()), ("max_reserved", torch.cuda.max_memory_reserved())):
+                _EARLIER_PEAKS[key] = max(_EARLIER_PEAKS.get(key, 0), peak)
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        import psutil
+
+        _EARLIER_PEAKS["rss"] = max(_EARLIER_PEAKS.get("rss", 0), _resident_peak())
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return self  # (not Linux, or not allowed: not measured)
+        self._start = psutil.Process().memory_info().rss
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._start is None:
+            return
+        if self.on_gpu:
+            import torch
+
+            self.bytes = max(0, torch.cuda.max_memory_allocated() - self._start)
+        else:
+            self.bytes = max(0, _resident_peak() - self._start)
+
+
+def _resident_peak() -> int:
+    """The process's resident high-water mark (VmHWM), in bytes."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def reduce_step(comm, step: int, loss_sum: float, loss_tokens: float, lr: float, tokens: int, step_time_s: float,

@@ -114,6 +114,7 @@ class RankResult:
     outer_steps: int = 0  # outer-step mode: outer steps taken
     outer_bytes_sent: int = 0  # ... and, on a box's leader, the bytes it handed to the link between boxes (counted)
     outer_exchange_s: float = 0.0  # ... and the time its deltas took across the link
+    outer_peak_bytes: int | None = None  # ... and the most memory an outer step held above what the rank held before it
 
 
 def utilisation(busy_s: list[float], wait_s: list[float]) -> list[float]:
@@ -319,7 +320,7 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
         trackers.close()
     if outer_steps:  # every box ends on the global weights (its last step was an outer step)
         result.outer_steps, result.outer_bytes_sent = outer_steps.done, link.bytes_sent if link else 0
-        result.outer_exchange_s = outer_steps.exchange_s
+        result.outer_exchange_s, result.outer_peak_bytes = outer_steps.exchange_s, outer_steps.peak_bytes
     if cfg.write_outputs:
         save(result.steps)
         if not result.stopped_early and first_box:

@@ -40,6 +40,7 @@ class MemoryEstimate:
     buckets: int  # communication buckets (gradient reduce, all-gather / prefetch)
     overhead: int  # CUDA context and allocator slack
     dequantised: int = 0  # QLoRA: a 4-bit weight dequantised to the compute dtype for its matmul, forward and backward
+    outer_step: int = 0  # outer-step mode: the outer step's buffers, held once the step's activations are freed (not in total)
 
     @property
     def model_states(self) -> int:

@@ -31,7 +31,9 @@ MIN_OUTER_STEPS = 8  # auto H leaves at least this many outer steps in a run (be
 AUTO_COMM_SHARE = 0.25  # auto: outer steps when synchronous collectives take more than this share of a step
 WIRE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
 HEADER_FIELDS = 4  # beside each delta, in float64: the box's loss tokens, its wish to stop, its measured inner seconds and steps
-OUTER_STATE_BYTES = 12  # per trained parameter on each box leader's host: global weights, momentum (fp32), the delta
+OUTER_STATE_BYTES = 8  # per trained parameter on each box leader's host: the global weights and the momentum (fp32) ...
+# ... and at an outer step every box's delta in the wire format (its own, and the others' as received)
+BUCKET_ELEMENTS = 2**22  # the new global weights are broadcast inside a box this many at a time (16 MiB in fp32)
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,8 @@ def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | None:
         envs = [{**env, **_link_env(ctx.snapshot.node(node))} for env in envs]
         for r, zero, env in zip(mine, zeros, envs):
             shape = training_shape(ctx, plan.precision, r.tuning.activation_checkpointing)
-            held = memory.estimate(shape, zero, len(mine), r.tuning.micro_batch)
-            if held.total > capacity(r.card):
+            held = replace(memory.estimate(shape, zero, len(mine), r.tuning.micro_batch), outer_step=card_buffers(shape))
+            if max(held.total, held.total - held.activations + held.outer_step) > capacity(r.card):
                 return None  # (the cap: what the box's own split tuner may give the card, its box alone partitioning)
             per_rank.append(replace(r, memory=held, env=env, micro_cap=memory.max_micro_batch(shape, zero, len(mine), capacity(r.card))))
         comm, box_offload = group.step.overheads(zeros, plan.grad_accum)
@@ -113,11 +115,18 @@ def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | None:
                        exchange, link_s, sync.outer_lr, sync.outer_momentum, sync.wire, plan.step.step_s,
                        len(nodes) * sync_volume.wire_bytes(len(ranks)))
     step = step_time.StepEstimate(tuple(compute), outer.step_s - max(c + o for c, o in zip(compute, offload)), tuple(offload), plan.step.tokens)
-    for node in nodes:  # each box's leader keeps the global weights and the momentum
-        host[node] += OUTER_STATE_BYTES * ctx.trainable
+    for node in nodes:  # each box's leader keeps the global weights and the momentum, and meets with the deltas
+        host[node] += (OUTER_STATE_BYTES + len(nodes) * WIRE_BYTES[sync.wire]) * ctx.trainable
     if not host_ram_ok(ctx.snapshot, host):
         return None
     return replace(plan, ranks=tuple(per_rank), step=step, host_bytes_per_node=host, outer=outer)
+
+
+def card_buffers(shape: memory.TrainingShape) -> int:
+    """What an outer step holds on a card (workers/outer_steps.py): one trained weight read whole in fp32 (DeepSpeed's
+    buffer for it), then one bucket of the new global weights in fp32. The step's activations are freed by then."""
+    largest = min(shape.facts.largest_layer_params, shape.trainable)
+    return 4 * max(largest, min(shape.trainable, BUCKET_ELEMENTS))
 
 
 def header_bytes(ranks_per_box: list[int]) -> int:

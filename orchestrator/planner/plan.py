@@ -134,7 +134,8 @@ class Plan:
                        "est_mem_gib": round(r.memory.total / GIB, 2), "est_mem_breakdown_gib": _breakdown(r.memory),
                        "rate_tflops": sig(r.rate_tflops), "rate_source": r.rate_source, "est_compute_s": sig(c),
                        "est_wait_s": sig(w), "est_comm_s": sig(self.step.comm_s), "est_offload_s": sig(o),
-                       "offload_optimizer": r.tuning.offload_optimizer, "offload_params": r.tuning.offload_params, "env": r.env}
+                       "offload_optimizer": r.tuning.offload_optimizer, "offload_params": r.tuning.offload_params, "env": r.env,
+                       **({"est_outer_step_gib": float(f"{r.memory.outer_step / GIB:.4g}")} if self.outer else {})}
                       for r, c, w, o in zip(self.ranks, self.step.compute_s, self.step.wait_s, self.step.offload_s)],
             "rejected": [{"card": x.card_id, "model": x.card, "reason": x.reason} for x in self.rejected],
             "outer": self.outer.summary() if self.outer else None,
