@@ -3,7 +3,7 @@
 An outer step (workers/outer_steps.py) reads every trained weight whole in fp32, takes the box's delta, and loads
 the new global weights on every card. On a card that can only be done a piece at a time: the model in fp32 is
 twice its bf16 weights, on top of the model states a card already holds (a 1.5B full fine-tune in a box of two
-24 GB cards holds about 16 GiB of them under ZeRO-2; the whole model in fp32 twice over would be 12 GiB more).
+24 GB cards holds about 16 GiB of them under ZeRO-2; the whole model in fp32 twice over would be 11.5 GiB more).
 This bench trains a 13.7M-parameter Llama (4 layers of 512) on the homelab's 1080 Ti (one box) and 3090 + 4090 (the
 other) in outer-step mode on this machine's CPU (real DeepSpeed ZeRO-2, gloo), and reports per rank the most memory
 an outer step held above what the rank held before it (measured: Linux's resident high-water mark, reset before

@@ -192,7 +192,7 @@ def test_an_outer_step_holds_one_weight_in_fp32_on_a_card_and_a_card_without_roo
     after the step's activations are freed: on each card, the largest weight or bucket in fp32 beside the model
     states. Qwen2.5-1.5B's embedding (233M values: 0.87 GiB) outweighs its activations at 128 tokens (0.43 GiB), so
     on cards free enough to train but not to take that (two boxes of two 24 GB cards), the job runs synchronous. (Reading and loading the
-    whole model at once, as outer steps first did, held 12 GiB more on each card: bench/outer_memory.py.)"""
+    whole model at once, as outer steps first did, held 11.5 GiB more on each card: bench/outer_memory.py.)"""
     facts = facts_from_config(model_config("qwen2.5-1.5b"))
 
     def plan_with(free_mib=None):
