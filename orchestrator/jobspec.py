@@ -189,17 +189,6 @@ class JobSpec(StrictModel):
                              "(each rank loads the whole 4-bit base, so ZeRO-3 would not lower its peak); use zero_stage auto, 1 or 2")
         return value
 
-    @field_validator("sync")
-    @classmethod
-    def _outer_steps_as_built(cls, value: SyncSpec, info: ValidationInfo) -> SyncSpec:
-        if value.mode != "outer":
-            return value
-        ds = info.data.get("deepspeed")
-        if ds is not None and (ds.zero_stage == 3 or ds.offload == "optimizer+params"):
-            raise ValueError(f"mode outer runs ZeRO-1 or 2 without parameter offload in each box for now (zero_stage {ds.zero_stage}, "
-                             f"offload {ds.offload}); use zero_stage auto, 1 or 2")
-        return value
-
     @field_validator("report_to")
     @classmethod
     def _each_tracker_once(cls, value: list[str]) -> list[str]:

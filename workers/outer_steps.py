@@ -21,7 +21,7 @@ Checkpoints are taken at outer steps, where every box holds the global weights: 
 checkpoint with the outer momentum beside it (one manifest); a resumed job's box 0 loads it (through the universal
 form on another number of cards) and the other boxes take the weights and momentum from it over the link, their
 inner optimizer states starting afresh. A stop the scheduler asks for (a move) takes effect at the next outer step,
-on every box at once. ZeRO-1 and 2 only for now: every rank holds the whole model, which step 4 writes.
+on every box at once. Any ZeRO stage inside a box: under ZeRO-3 step 4 writes each rank's slice of each weight.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class OuterSteps:
     def __init__(self, config: OuterConfig, params: list[torch.nn.Parameter], comm: RankComm, link: BoxLink | None,
                  caps: tuple[int, ...] = ()):
         self.config, self.params, self.comm, self.link = config, params, comm, link
+        self.shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in params]  # (ZeRO-3: whole; the tensor holds a slice)
         self.caps = caps  # every rank's micro-batch cap; empty: the boxes' shares stay as planned
         self.measured_s, self.measured_steps, self.measured_from = 0.0, 0, WARMUP_STEPS  # this box's inner steps since a change
         self.tokens_since = 0.0  # loss tokens this box trained on since the last outer step
@@ -93,7 +94,7 @@ class OuterSteps:
 
     @property
     def numel(self) -> int:
-        return sum(p.numel() for p in self.params)
+        return sum(_numel(s) for s in self.shapes)
 
     def join(self, start_step: int, saved: dict | None) -> int:
         """Every box starts where box 0 does (the only box that reads checkpoints): its step and, resuming, the
@@ -203,20 +204,20 @@ class OuterSteps:
     def _load_global(self) -> None:
         """Every rank: the leader's global weights, broadcast inside the box a bucket at a time (bucket_elements, or
         one larger weight alone) and loaded; a card holds one bucket of them at a time."""
-        for bucket in buckets([p.numel() for p in self.params], self.config.bucket_elements):
+        for bucket in buckets([_numel(s) for s in self.shapes], self.config.bucket_elements):
             self._load_bucket(bucket)  # (a call each: the bucket is freed before the next one is made)
 
     def _load_bucket(self, bucket: list[int]) -> None:
         import torch
 
-        sizes = [self.params[i].numel() for i in bucket]
+        sizes = [_numel(self.shapes[i]) for i in bucket]
         flat = self.comm.zeros(sum(sizes), torch.float32)
         if self.comm.rank == 0:
             for i, part in zip(bucket, flat.split(sizes)):
                 part.copy_(self.global_weights[i].reshape(-1))
         self.comm.broadcast(flat)
         for i, part in zip(bucket, flat.split(sizes)):
-            _set_full_fp32(self.params[i], part.view_as(self.params[i]))
+            _set_full_fp32(self.params[i], part.view(self.shapes[i]))
 
     def _meet(self, payload: Payload, split: tuple[int, ...]) -> list[torch.Tensor]:
         """The leaders' part: every box's header (its loss tokens, its wish to stop, its measured inner steps (seconds,
@@ -249,13 +250,36 @@ class OuterSteps:
 
 
 def _set_full_fp32(param: torch.nn.Parameter, value: torch.Tensor) -> None:
-    """DeepSpeed's fp32 master copy (the optimizer steps from it) and the model's weight (the forward reads it)."""
+    """DeepSpeed's fp32 master copy (the optimizer steps from it) and the model's weight (the forward reads it); under
+    ZeRO-3, this rank's partition of each."""
     import torch
     from deepspeed.utils import safe_set_full_fp32_param
 
+    if hasattr(param, "ds_id"):
+        return _set_zero3_partitions(param, value)
     safe_set_full_fp32_param(param, value)
     with torch.no_grad():
         param.copy_(value.to(param.dtype))
+
+
+def _set_zero3_partitions(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """ZeRO-3 keeps on each rank one slice of the flattened weight, the last padded: its 16-bit slice (ds_tensor, what
+    the forward gathers; and the whole weight, for the small ones it keeps gathered) and its fp32 master slice. DeepSpeed's safe_set_full_fp32_param narrows the value to a whole
+    slice and fails on the padded one (0.19), so both slices are written here, where DeepSpeed partitions them
+    (partition_parameters: start = slice size x the rank in the weight's group)."""
+    import deepspeed.comm as dist
+    import torch
+
+    optimizer = param._z3_optimizer
+    master, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+    start = param.ds_tensor.ds_numel * dist.get_rank(group=param.ds_process_group)
+    count = max(0, min(param.ds_tensor.ds_numel, param.ds_numel - start))
+    mine = value.reshape(-1).narrow(0, start, count)
+    with torch.no_grad():
+        master.narrow(0, 0, count).copy_(mine)
+        param.ds_tensor.narrow(0, 0, count).copy_(mine)
+        if param.data.numel():  # a small weight ZeRO-3 keeps whole on every rank (ds_persist): the forward reads it there
+            param.data.copy_(value.view(param.ds_shape))
 
 
 class Payload:

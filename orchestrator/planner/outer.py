@@ -78,8 +78,8 @@ def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | None:
     """The plan as outer steps across its boxes, with its step time replaced by the outer one; None on one box, when
     a card cannot hold its ZeRO partition of its box alone, or a box's host RAM the outer state."""
     nodes = list(dict.fromkeys(r.card.node for r in plan.ranks))
-    if len(nodes) < 2 or plan.zero.stage == 3 or plan.zero.offload_params:
-        return None  # (ZeRO-3 in each box: not built yet; workers/outer_steps.py)
+    if len(nodes) < 2:
+        return None
     ranks = tuple(sorted(plan.ranks, key=lambda r: nodes.index(r.card.node)))  # box by box
     order = [plan.ranks.index(r) for r in ranks]
     compute = [plan.step.compute_s[i] for i in order]
