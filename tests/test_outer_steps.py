@@ -219,6 +219,8 @@ def test_an_outer_step_holds_one_weight_in_fp32_on_a_card_and_a_card_without_roo
     at_the_step = memory.total - memory.activations + memory.outer_step
     tight = plan_with(math.ceil(memory.total / 2**20))  # training fits, the outer step does not
     assert tight.outer is None and tight.ranks[0].capacity_bytes < at_the_step
+    assert tight.no_outer.startswith("a/0 (GeForce RTX 4090) would need") and "the outer step's buffers" in tight.no_outer
+    assert tight.summary()["no_outer"] == tight.no_outer and roomy.no_outer == ""
     assert plan_with(math.ceil(at_the_step / 2**20)).outer
 
 

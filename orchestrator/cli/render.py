@@ -203,6 +203,8 @@ def plan(p: Plan) -> None:
         console.print(f"{p.four_bit.describe()}: {p.four_bit.why}")
     if p.outer:
         console.print("\n".join(outer.describe(p.outer)) + "\n  (communication above: each box's own, plus the exchange spread over its steps)")
+    if p.no_outer:
+        console.print(f"synchronous, not outer steps as the job asks: {p.no_outer}")
     if any(r.env for r in p.ranks):
         console.print("environment: " + rank_env(p))
     if p.rejected and narrow():

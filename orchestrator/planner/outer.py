@@ -74,12 +74,10 @@ class OuterSteps:
                 "est_sync_step_s": sig(self.sync_step_s), "est_sync_bytes_per_h": sig(sync_h), "est_outer_bytes_per_h": sig(outer_h)}
 
 
-def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | None:
-    """The plan as outer steps across its boxes, with its step time replaced by the outer one; None on one box, when
-    a card cannot hold its ZeRO partition of its box alone, or a box's host RAM the outer state."""
+def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | str:
+    """The plan as outer steps across its boxes (at least two), with its step time replaced by the outer one; or why
+    not, in a few words: a card cannot hold its ZeRO partition of its box alone, or a box's host RAM the outer state."""
     nodes = list(dict.fromkeys(r.card.node for r in plan.ranks))
-    if len(nodes) < 2:
-        return None
     ranks = tuple(sorted(plan.ranks, key=lambda r: nodes.index(r.card.node)))  # box by box
     order = [plan.ranks.index(r) for r in ranks]
     compute = [plan.step.compute_s[i] for i in order]
@@ -93,8 +91,11 @@ def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | None:
         for r, zero, env in zip(mine, zeros, envs):
             shape = training_shape(ctx, plan.precision, r.tuning.activation_checkpointing)
             held = replace(memory.estimate(shape, zero, len(mine), r.tuning.micro_batch), outer_step=card_buffers(shape))
-            if max(held.total, held.total - held.activations + held.outer_step) > capacity(r.card):
-                return None  # (the cap: what the box's own split tuner may give the card, its box alone partitioning)
+            need = max(held.total, held.total - held.activations + held.outer_step)
+            if need > capacity(r.card):  # (the cap: what the box's own split tuner may give the card, its box alone partitioning)
+                return (f"{r.card.card_id} ({r.card.short_name}) would need {need / GIB:.1f} GiB at micro-batch {r.tuning.micro_batch} "
+                        f"with ZeRO partitioned over its box's {len(mine)} card(s) alone and the outer step's buffers; it has "
+                        f"{capacity(r.card) / GIB:.1f} GiB (estimates)")
             per_rank.append(replace(r, memory=held, env=env, micro_cap=memory.max_micro_batch(shape, zero, len(mine), capacity(r.card))))
         comm, box_offload = group.step.overheads(zeros, plan.grad_accum)
         host.update(group.host_bytes(zeros))  # ZeRO partitions over the box's ranks alone (offloaded states too)
@@ -118,7 +119,8 @@ def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | None:
     for node in nodes:  # each box's leader keeps the global weights and the momentum, and meets with the deltas
         host[node] += (OUTER_STATE_BYTES + len(nodes) * WIRE_BYTES[sync.wire]) * ctx.trainable
     if not host_ram_ok(ctx.snapshot, host):
-        return None
+        return "the boxes' host RAM cannot hold the outer state beside the model states: " + ", ".join(
+            f"{node} needs {need / GIB:.1f} GiB" for node, need in host.items()) + " (estimates)"
     return replace(plan, ranks=tuple(per_rank), step=step, host_bytes_per_node=host, outer=outer)
 
 
@@ -146,10 +148,10 @@ def auto_inner_steps(exchange_s: float, inner_step_s: float, total_steps: int) -
 def choose(ctx: PlanInput, synchronous: Plan) -> Plan:
     """The plan a job in mode outer or auto runs on these cards: with outer steps where its mode asks for them
     (outer), or (auto) where synchronous collectives take more than AUTO_COMM_SHARE of the step and outer steps are
-    faster."""
+    faster. A job that asked for outer steps and cannot have them here runs synchronous, and its plan says why."""
     outer = outer_variant(ctx, synchronous)
-    if outer is None:
-        return synchronous
+    if isinstance(outer, str):
+        return replace(synchronous, no_outer=outer) if ctx.job.sync.mode == "outer" else synchronous
     if ctx.job.sync.mode == "outer":
         return outer
     comm_bound = synchronous.step.comm_s > AUTO_COMM_SHARE * synchronous.step.step_s

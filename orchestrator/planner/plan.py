@@ -66,6 +66,7 @@ class Plan:
     lora_targets: tuple[str, ...] = ()  # the modules LoRA adapts (resolved: the spec's or PEFT's default); () for full
     four_bit: FourBitBase | None = None  # QLoRA's 4-bit base; None for full and LoRA
     outer: OuterSteps | None = None  # boxes that train apart and meet every H steps (planner/outer.py); None: synchronous
+    no_outer: str = ""  # why a job that asked for outer steps runs synchronous across these boxes
 
     @property
     def global_batch(self) -> int:
@@ -139,6 +140,7 @@ class Plan:
                       for r, c, w, o in zip(self.ranks, self.step.compute_s, self.step.wait_s, self.step.offload_s)],
             "rejected": [{"card": x.card_id, "model": x.card, "reason": x.reason} for x in self.rejected],
             "outer": self.outer.summary() if self.outer else None,
+            **({"no_outer": self.no_outer} if self.no_outer else {}),
         }
 
 
