@@ -34,7 +34,8 @@ from orchestrator.inventory import snapshot_from_config
 from orchestrator.launch import train_config
 from orchestrator.model_facts import facts_from_config
 from orchestrator.planner import make_plan
-from orchestrator.planner.outer import BUCKET_ELEMENTS, WIRE_BYTES
+from orchestrator.planner.memory import OUTER_BUCKET_ELEMENTS
+from orchestrator.planner.outer import WIRE_BYTES
 from workers.collectives import first_ranks
 from workers.local_launch import run_local_ranks
 
@@ -73,7 +74,7 @@ def main() -> None:
         print(f"{i:<5}{rank.card.short_name:<20}{'box leader' if leads else 'card only':<12}{measured:>22}"
               f"{estimate / MIB:>14.1f} MiB   {what}")
     print(f"(the trained weights in fp32, once: {weights / MIB:.1f} MiB; the card's buffers: one weight, or one bucket of "
-          f"{BUCKET_ELEMENTS:,} values, in fp32)")
+          f"{OUTER_BUCKET_ELEMENTS:,} values, in fp32)")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -19,7 +19,7 @@ from orchestrator.cluster_runtime import ClusterState
 from orchestrator.errors import ZeromixError
 from orchestrator.jobspec import JobSpec
 from orchestrator.planner import Plan
-from orchestrator.planner.outer import BUCKET_ELEMENTS
+from orchestrator.planner.memory import OUTER_BUCKET_ELEMENTS
 from orchestrator.registry import KV_NAMESPACE, live_placement_groups, placement_group_name
 from workers.train import TrainConfig
 
@@ -69,12 +69,12 @@ def train_config(job: JobSpec, plan: Plan, job_id: str) -> TrainConfig:
 
 
 def with_outer_steps(config: TrainConfig, boxes: list[int], inner_steps: int, outer_lr: float, outer_momentum: float,
-                     wire: str, bucket_elements: int = BUCKET_ELEMENTS) -> TrainConfig:
+                     wire: str, bucket_elements: int = OUTER_BUCKET_ELEMENTS) -> TrainConfig:
     """The run as outer steps across boxes (workers/outer_steps.py): `boxes` ranks per box, the config's ranks
     listed box by box. Each box is a DeepSpeed world of its own, so each rank's batch-size check counts its box's
     ranks. A box may still correct its own split while training: its tuner keeps the box's share of the global batch,
     so the other boxes' slices of it do not move. `bucket_elements`: how many of the new global weights a card
-    takes at a time (the plan counts BUCKET_ELEMENTS)."""
+    takes at a time (the plan counts OUTER_BUCKET_ELEMENTS)."""
     if sum(boxes) != len(config.micro_batches):
         raise ValueError(f"boxes {boxes} hold {sum(boxes)} ranks; the run has {len(config.micro_batches)}")
     per_rank = [size for size in boxes for _ in range(size)]

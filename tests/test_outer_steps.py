@@ -35,7 +35,7 @@ EXACT = 1e-6  # max relative difference per tensor, fp32
 
 # The new global weights reach the cards in buckets of this many values: the tiny Llama's MLP weights (12,288) each
 # go alone, its attention and embedding weights (2,048-4,096) two or three together, so every run below loads in
-# several buckets as a real model does (BUCKET_ELEMENTS, 4M values, holds the whole tiny model).
+# several buckets as a real model does (OUTER_BUCKET_ELEMENTS, 4M values, holds the whole tiny model).
 SMALL_BUCKET = 5000
 
 
@@ -200,17 +200,18 @@ def test_an_outer_step_holds_one_weight_in_fp32_on_a_card_and_a_card_without_roo
     """The outer step reads each trained weight whole in fp32 and loads the new global weights a bucket at a time,
     after the step's activations are freed: on each card, the largest weight or bucket in fp32 beside the model
     states. Qwen2.5-1.5B's embedding (233M values: 0.87 GiB) outweighs its activations at 128 tokens (0.43 GiB), so
-    on cards free enough to train but not to take that (two boxes of two 24 GB cards), the job runs synchronous. (Reading and loading the
-    whole model at once, as outer steps first did, held 11.5 GiB more on each card: bench/outer_memory.py.)"""
+    on cards free enough to train but not to take that (two boxes of two 24 GB cards), a job held to ZeRO-2 without
+    offload runs synchronous and says why; allowed to offload, it is tuned again and runs outer steps. (Reading and
+    loading the whole model at once, as outer steps first did, held 11.5 GiB more on each card: bench/outer_memory.py.)"""
     facts = facts_from_config(model_config("qwen2.5-1.5b"))
 
-    def plan_with(free_mib=None):
+    def plan_with(free_mib=None, offload="none"):
         cards = two_boxes()
         if free_mib:
             cards = dataclasses.replace(cards, nodes=tuple(dataclasses.replace(n, cards=tuple(
                 dataclasses.replace(c, facts=dataclasses.replace(c.facts, memory_free_mib=free_mib)) for c in n.cards)) for n in cards.nodes))
-        job = scenario(method="full", global_batch_size=4, seq_len=128, gpus={"count": 4}, precision="bf16",
-                       sync={"mode": "outer", "inner_steps": 50}, max_steps=1000)
+        job = scenario(method="full", global_batch_size=4, seq_len=128, gpus={"count": 4}, precision="bf16", max_steps=1000,
+                       deepspeed={"zero_stage": 2, "offload": offload}, sync={"mode": "outer", "inner_steps": 50})
         return make_plan(job, facts, cards, 1000)
 
     roomy = plan_with()
@@ -222,18 +223,28 @@ def test_an_outer_step_holds_one_weight_in_fp32_on_a_card_and_a_card_without_roo
     assert tight.no_outer.startswith("a/0 (GeForce RTX 4090) would need") and "the outer step's buffers" in tight.no_outer
     assert tight.summary()["no_outer"] == tight.no_outer and roomy.no_outer == ""
     assert plan_with(math.ceil(at_the_step / 2**20)).outer
+    offloading = plan_with(math.ceil(memory.total / 2**20), offload="auto")
+    assert offloading.outer and any(r.tuning.offload_optimizer for r in offloading.ranks)
+    assert all(r.memory.total - r.memory.activations + r.memory.outer_step <= r.capacity_bytes for r in offloading.ranks)
 
 
-def test_zero3_runs_inside_each_box_and_partitions_the_weights_over_the_box_alone():
+def test_where_a_box_cannot_hold_the_synchronous_settings_its_cards_are_tuned_again_for_outer_steps():
+    """Qwen2.5-0.5B at ZeRO-3, global batch 64: the synchronous plan fills each 24 GB card with ZeRO over all four
+    cards; over its box's two, a card would need 24.4 GiB at the same micro-batch (estimate). Tuned again with ZeRO over
+    each box and room for the outer step's buffers, the job runs outer steps, the global batch the same."""
     def plan(mode):
-        job = scenario(method="full", global_batch_size=16, gpus={"count": 4}, precision="bf16", deepspeed={"zero_stage": 3},
+        job = scenario(method="full", global_batch_size=64, gpus={"count": 4}, precision="bf16", deepspeed={"zero_stage": 3},
                        sync={"mode": mode, "inner_steps": 50}, max_steps=10_000)
         return make_plan(job, facts_from_config(model_config("qwen2.5-0.5b")), two_boxes(), 10_000)
 
     outer, sync = plan("outer"), plan("synchronous")
-    assert outer.outer and {r.tuning.zero_stage for r in outer.ranks} == {3} and sync.outer is None
-    assert outer.ranks[0].memory.weights == 2 * sync.ranks[0].memory.weights  # a slice of 2 cards' weights, not of 4
-    assert outer.step.step_s < sync.step.step_s / 10  # ZeRO-3's gathers stay inside the box
+    assert outer.outer and outer.no_outer == "" and outer.global_batch == sync.global_batch == 64
+    assert {r.tuning.zero_stage for r in outer.ranks} == {3} and outer.step.step_s < sync.step.step_s / 10  # gathers stay in a box
+    assert [r.tuning.micro_batch for r in outer.ranks] != [r.tuning.micro_batch for r in sync.ranks]
+    for rank in outer.ranks:
+        m = rank.memory
+        assert max(m.total, m.total - m.activations + m.outer_step) <= rank.capacity_bytes
+        assert m.weights == 2 * sync.ranks[0].memory.weights  # ZeRO-3's slice of the box's two cards
 
 
 def test_on_a_fast_link_auto_stays_synchronous_and_outer_takes_the_inner_steps_given():

@@ -11,7 +11,7 @@ optimizer steps. Then, on every rank of every box at once:
      weights, which it keeps in host RAM with the outer momentum (8 bytes a trained parameter), weight by weight;
   4. the leader broadcasts the new global weights inside its box a bucket at a time, and every rank loads them into
      DeepSpeed's fp32 master weights and into the model's own.
-A card never holds more of this than one weight or one bucket in fp32 (planner/outer.py counts it): the whole model
+A card never holds more of this than one weight or one bucket in fp32 (planner/memory.py counts it): the whole model
 in fp32, read and broadcast at once, would be twice its 16-bit weights again on cards already full of them.
 Weighting by tokens makes the combination exact for boxes of unequal batch: with inner SGD, H = 1, outer lr 1 and
 no momentum, the result is one synchronous data-parallel step on the whole global batch (tests/test_outer_steps.py).
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
     from workers.collectives import BoxLink, RankComm
 
-from orchestrator.planner.outer import BUCKET_ELEMENTS, header_bytes
+from orchestrator.planner.memory import OUTER_BUCKET_ELEMENTS
+from orchestrator.planner.outer import header_bytes
 from workers.collectives import first_ranks
 from workers.rebalance import BOX_WINDOW_STEPS, WARMUP_STEPS, BoxShares, box_shares
 from workers.telemetry import PeakAbove
@@ -52,7 +53,7 @@ class OuterConfig:
     outer_lr: float
     outer_momentum: float  # Nesterov
     wire: str  # what a delta crosses the link as: fp32, bf16, or int8 with a scale per tensor
-    bucket_elements: int = BUCKET_ELEMENTS  # the new global weights go to a box's cards this many at a time
+    bucket_elements: int = OUTER_BUCKET_ELEMENTS  # the new global weights go to a box's cards this many at a time
 
     @classmethod
     def from_dict(cls, raw: dict) -> OuterConfig:

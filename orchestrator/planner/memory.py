@@ -28,6 +28,7 @@ CUDA_CONTEXT_BYTES = 600 * 1024**2  # CUDA context + cuBLAS workspace, typical f
 ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation on top of everything else
 HOST_BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' additional_buffer_factor for host memory
 LOAD_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size: the most of a checkpoint a 4-bit load holds in host RAM
+OUTER_BUCKET_ELEMENTS = 2**22  # outer steps: the new global weights reach a box's cards this many at a time (16 MiB in fp32)
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,18 @@ def estimate(shape: TrainingShape, zero: ZeroSetting, world: int, micro_batch: i
     dequantised = dequantised_bytes(shape)
     slack = int((weights + gradients + optimizer + gathered + activations + buckets + dequantised) * ALLOCATOR_SLACK)
     return MemoryEstimate(weights, gradients, optimizer, gathered, activations, buckets, CUDA_CONTEXT_BYTES + slack, dequantised)
+
+
+def outer_step_bytes(shape: TrainingShape) -> int:
+    """What an outer step holds on a card (workers/outer_steps.py): one trained weight read whole in fp32 (DeepSpeed's
+    buffer for it), then one bucket of the new global weights in fp32. The step's activations are freed by then."""
+    largest = min(shape.facts.largest_layer_params, shape.trainable)
+    return 4 * max(largest, min(shape.trainable, OUTER_BUCKET_ELEMENTS))
+
+
+def outer_step_fits(shape: TrainingShape, zero: ZeroSetting, world: int, capacity: int) -> bool:
+    """Whether the outer step's buffers fit beside the model states (ZeRO over `world` ranks: the box's)."""
+    return estimate(shape, zero, world, 0).total + outer_step_bytes(shape) <= capacity
 
 
 def max_micro_batch(shape: TrainingShape, zero: ZeroSetting, world: int, capacity: int) -> int:

@@ -23,7 +23,7 @@ from orchestrator.planner import memory, step_time
 from orchestrator.planner.memory import GIB, ZeroSetting
 from orchestrator.planner.nccl import nccl_env
 from orchestrator.planner.plan import Plan, sig
-from orchestrator.planner.tuning import Group, PlanInput, capacity, host_ram_ok, training_shape
+from orchestrator.planner.tuning import Group, PlanInput, capacity, host_ram_ok, training_shape, tune
 
 EXCHANGE_SHARE = 0.05  # auto H: the exchange at most this share of wall time
 H_BOUNDS = (10, 500)
@@ -33,7 +33,6 @@ WIRE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
 HEADER_FIELDS = 4  # beside each delta, in float64: the box's loss tokens, its wish to stop, its measured inner seconds and steps
 OUTER_STATE_BYTES = 8  # per trained parameter on each box leader's host: the global weights and the momentum (fp32) ...
 # ... and at an outer step every box's delta in the wire format (its own, and the others' as received)
-BUCKET_ELEMENTS = 2**22  # the new global weights are broadcast inside a box this many at a time (16 MiB in fp32)
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | str:
         envs = [{**env, **_link_env(ctx.snapshot.node(node))} for env in envs]
         for r, zero, env in zip(mine, zeros, envs):
             shape = training_shape(ctx, plan.precision, r.tuning.activation_checkpointing)
-            held = replace(memory.estimate(shape, zero, len(mine), r.tuning.micro_batch), outer_step=card_buffers(shape))
+            held = replace(memory.estimate(shape, zero, len(mine), r.tuning.micro_batch), outer_step=memory.outer_step_bytes(shape))
             need = max(held.total, held.total - held.activations + held.outer_step)
             if need > capacity(r.card):  # (the cap: what the box's own split tuner may give the card, its box alone partitioning)
                 return (f"{r.card.card_id} ({r.card.short_name}) would need {need / GIB:.1f} GiB at micro-batch {r.tuning.micro_batch} "
@@ -124,13 +123,6 @@ def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | str:
     return replace(plan, ranks=tuple(per_rank), step=step, host_bytes_per_node=host, outer=outer)
 
 
-def card_buffers(shape: memory.TrainingShape) -> int:
-    """What an outer step holds on a card (workers/outer_steps.py): one trained weight read whole in fp32 (DeepSpeed's
-    buffer for it), then one bucket of the new global weights in fp32. The step's activations are freed by then."""
-    largest = min(shape.facts.largest_layer_params, shape.trainable)
-    return 4 * max(largest, min(shape.trainable, BUCKET_ELEMENTS))
-
-
 def header_bytes(ranks_per_box: list[int]) -> int:
     """What a box leader sends beside its delta: HEADER_FIELDS, then its cards' micro-batches, as many as the largest
     box has cards (every box's header the same length), all float64 (workers/outer_steps.py)."""
@@ -148,8 +140,13 @@ def auto_inner_steps(exchange_s: float, inner_step_s: float, total_steps: int) -
 def choose(ctx: PlanInput, synchronous: Plan) -> Plan:
     """The plan a job in mode outer or auto runs on these cards: with outer steps where its mode asks for them
     (outer), or (auto) where synchronous collectives take more than AUTO_COMM_SHARE of the step and outer steps are
-    faster. A job that asked for outer steps and cannot have them here runs synchronous, and its plan says why."""
+    faster. The synchronous plan's settings come first; where a card cannot hold them with ZeRO over its box alone,
+    the cards are tuned again so (smaller micro-batches, more accumulation, offload or ZeRO-3, as the job allows). A
+    job that asked for outer steps and cannot have them here runs synchronous, and its plan says why."""
     outer = outer_variant(ctx, synchronous)
+    if isinstance(outer, str):
+        retuned = tune(Group(ctx, [r.card for r in synchronous.ranks], by_box=True))
+        outer = outer_variant(ctx, retuned) if retuned else outer
     if isinstance(outer, str):
         return replace(synchronous, no_outer=outer) if ctx.job.sync.mode == "outer" else synchronous
     if ctx.job.sync.mode == "outer":

@@ -60,15 +60,19 @@ class Scored:
 
 class Group:
     """A candidate group of cards and what every setting on it shares. With hpZ the cards are ordered box by box:
-    DeepSpeed forms hpZ's groups from consecutive ranks (rank order changes no maths)."""
+    DeepSpeed forms hpZ's groups from consecutive ranks (rank order changes no maths). `by_box`: each box a ZeRO world
+    of its own, meeting in outer steps (planner/outer.py): each card's memory counts ZeRO partitioned over its box and
+    the outer step's buffers; its step time is still the synchronous one (outer.py puts in the outer one)."""
 
-    def __init__(self, given: PlanInput, cards: list[Card]):
+    def __init__(self, given: PlanInput, cards: list[Card], by_box: bool = False):
         job = given.job
-        self.given, self.hpz = given, _hpz_size(given.facts, cards)
-        if self.hpz > 1:
+        self.given, self.hpz, self.by_box = given, _hpz_size(given.facts, cards), by_box
+        if self.hpz > 1 or by_box:
             boxes = list(dict.fromkeys(c.node for c in cards))
             cards = sorted(cards, key=lambda c: boxes.index(c.node))
         self.cards, self.world = cards, len(cards)
+        per_box = Counter(c.node for c in cards)
+        self.partition = [per_box[c.node] if by_box else self.world for c in cards]  # each card's ZeRO world
         self.precision = resolve_precision(job.precision, cards)
         self.capacities = [capacity(c) for c in cards]
         link, pcie = links(given.snapshot, cards)
@@ -78,16 +82,19 @@ class Group:
             link, pcie, max(Counter(c.node for c in cards).values()), job.method == "qlora")
         self.shapes = {ckpt: training_shape(given, self.precision, ckpt) for ckpt in (False, True)}
         self.plain_s = [self.step.seconds_per_sample(r, False) for r in range(self.world)]
-        self._caps: dict[tuple[bool, ZeroSetting], dict[int, int]] = {}
+        self._caps: dict[tuple[bool, ZeroSetting], dict[tuple[int, int], int]] = {}
         self._fixed: dict[tuple[tuple[ZeroSetting, ...], int], tuple[float, ...]] = {}
 
     def caps(self, ckpt: bool, zeros: tuple[ZeroSetting, ...]) -> list[int]:
         """Each card's largest micro-batch at its setting (computed once per card model: most groups hold a few)."""
-        return [self._caps_by_capacity(ckpt, z)[c] for c, z in zip(self.capacities, zeros)]
+        return [self._caps_by_capacity(ckpt, z)[c, w] for c, w, z in zip(self.capacities, self.partition, zeros)]
 
-    def _caps_by_capacity(self, ckpt: bool, zero: ZeroSetting) -> dict[int, int]:
+    def _caps_by_capacity(self, ckpt: bool, zero: ZeroSetting) -> dict[tuple[int, int], int]:
         if (ckpt, zero) not in self._caps:
-            self._caps[ckpt, zero] = {c: memory.max_micro_batch(self.shapes[ckpt], zero, self.world, c) for c in set(self.capacities)}
+            shape = self.shapes[ckpt]
+            self._caps[ckpt, zero] = {(c, w): memory.max_micro_batch(shape, zero, w, c)
+                                      if not self.by_box or memory.outer_step_fits(shape, zero, w, c) else 0
+                                      for c, w in set(zip(self.capacities, self.partition))}
         return self._caps[ckpt, zero]
 
     def fixed_s(self, zeros: tuple[ZeroSetting, ...], grad_accum: int) -> tuple[float, ...]:
@@ -182,7 +189,7 @@ def _assemble(group: Group, best: Scored) -> Plan:
     caps = {ckpt: group.caps(ckpt, setting.zeros) for ckpt in (False, True)}
     ranks = tuple(
         RankPlan(card, RankTuning(m, z.stage, z.offload_optimizer, z.offload_params, group.precision, ckpt, z.hpz),
-                 memory.estimate(group.shapes[ckpt], z, group.world, m), cap_bytes, group.step.rates_tflops[i],
+                 memory.estimate(group.shapes[ckpt], z, group.partition[i], m), cap_bytes, group.step.rates_tflops[i],
                  step_time.rate_source(card, group.precision), envs[i], caps[ckpt][i])
         for i, (card, cap_bytes, z, m, ckpt) in enumerate(zip(group.cards, group.capacities, setting.zeros, best.micro, best.recompute)))
     return Plan(given.job.name, ranks, best.grad_accum, setting.zero, group.precision, given.total_steps, given.facts.n_params,
