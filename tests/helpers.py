@@ -168,7 +168,7 @@ def reference(config: TrainConfig, initial: dict, weighting: str, groups: tuple[
             r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
         set_peft_model_state_dict(model, initial)
     else:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.model_path))  # (trained from scratch)
         model.load_state_dict(initial, strict=False)
     tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
     samples = tokenize(read_records(config.dataset), config.dataset, tokenizer, SEQ)
