@@ -218,7 +218,7 @@ class OuterSteps:
                 part.copy_(self.global_weights[i].reshape(-1))
         self.comm.broadcast(flat)
         for i, part in zip(bucket, flat.split(sizes)):
-            _set_full_fp32(self.params[i], part.view(self.shapes[i]))
+            _set_full_fp32(self.params[i], part.view(self.shapes[i]), self.comm.rank)
 
     def _meet(self, payload: Payload, split: tuple[int, ...]) -> list[torch.Tensor]:
         """The leaders' part: every box's header (its loss tokens, its wish to stop, its measured inner steps (seconds,
@@ -250,30 +250,30 @@ class OuterSteps:
         weight.sub_(delta.add(buf, alpha=mu), alpha=lr)
 
 
-def _set_full_fp32(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+def _set_full_fp32(param: torch.nn.Parameter, value: torch.Tensor, rank: int) -> None:
     """DeepSpeed's fp32 master copy (the optimizer steps from it) and the model's weight (the forward reads it); under
-    ZeRO-3, this rank's partition of each."""
+    ZeRO-3, this rank's slice of each (`rank`: in the box's world)."""
     import torch
     from deepspeed.utils import safe_set_full_fp32_param
 
     if hasattr(param, "ds_id"):
-        return _set_zero3_partitions(param, value)
+        return _set_zero3_partitions(param, value, rank)
     safe_set_full_fp32_param(param, value)
     with torch.no_grad():
         param.copy_(value.to(param.dtype))
 
 
-def _set_zero3_partitions(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+def _set_zero3_partitions(param: torch.nn.Parameter, value: torch.Tensor, rank: int) -> None:
     """ZeRO-3 keeps on each rank one slice of the flattened weight, the last padded: its 16-bit slice (ds_tensor, what
-    the forward gathers; and the whole weight, for the small ones it keeps gathered) and its fp32 master slice. DeepSpeed's safe_set_full_fp32_param narrows the value to a whole
-    slice and fails on the padded one (0.19), so both slices are written here, where DeepSpeed partitions them
-    (partition_parameters: start = slice size x the rank in the weight's group)."""
-    import deepspeed.comm as dist
+    the forward gathers; and the whole weight, for the small ones it keeps gathered) and its fp32 master slice.
+    DeepSpeed's safe_set_full_fp32_param narrows the value to a whole slice and would fail on the padded one (0.19), so
+    both slices are written here, where DeepSpeed partitions them (partition_parameters: start = slice size x the
+    rank in the weight's group, the box's world: `rank`)."""
     import torch
 
     optimizer = param._z3_optimizer
     master, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
-    start = param.ds_tensor.ds_numel * dist.get_rank(group=param.ds_process_group)
+    start = param.ds_tensor.ds_numel * rank
     count = max(0, min(param.ds_tensor.ds_numel, param.ds_numel - start))
     mine = value.reshape(-1).narrow(0, start, count)
     with torch.no_grad():
@@ -296,11 +296,11 @@ class Payload:
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
         n, count = self.offsets[-1], len(shapes)
         if wire == "fp32":
-            self.buffer = torch.empty(n, dtype=torch.float32)
+            self.buffer = torch.empty(n, dtype=torch.float32, device="cpu")
         elif wire == "bf16":
-            self.buffer = torch.empty(n, dtype=torch.bfloat16).view(torch.uint8)
+            self.buffer = torch.empty(n, dtype=torch.bfloat16, device="cpu").view(torch.uint8)
         else:
-            self.buffer = torch.empty(4 * count + n, dtype=torch.uint8)
+            self.buffer = torch.empty(4 * count + n, dtype=torch.uint8, device="cpu")
         self._scales, self._values = self._parts(self.buffer)
 
     def _parts(self, buffer: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:

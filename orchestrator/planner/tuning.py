@@ -66,7 +66,7 @@ class Group:
 
     def __init__(self, given: PlanInput, cards: list[Card], by_box: bool = False):
         job = given.job
-        self.given, self.hpz, self.by_box = given, _hpz_size(given.facts, cards), by_box
+        self.given, self.hpz, self.by_box = given, 1 if by_box else _hpz_size(given.facts, cards), by_box  # (hpZ: within a box)
         if self.hpz > 1 or by_box:
             boxes = list(dict.fromkeys(c.node for c in cards))
             cards = sorted(cards, key=lambda c: boxes.index(c.node))
