@@ -255,6 +255,19 @@ def test_where_a_box_cannot_hold_the_synchronous_settings_its_cards_are_tuned_ag
         assert m.weights == 2 * sync.ranks[0].memory.weights  # ZeRO-3's slice of the box's two cards
 
 
+def test_outer_steps_take_no_hierarchical_partitioning_each_box_being_one_world():
+    """hpZ splits a second copy of the weights within each box of a world that spans boxes (Qwen2.5-1.5B at ZeRO-3
+    synchronously on two boxes of two: hpZ over 2); with outer steps a box is a world of its own, so it is off."""
+    def plan(mode):
+        job = scenario(method="full", global_batch_size=64, gpus={"count": 4}, precision="bf16", deepspeed={"zero_stage": 3},
+                       sync={"mode": mode, "inner_steps": 50}, max_steps=10_000)
+        return make_plan(job, facts_from_config(model_config("qwen2.5-1.5b")), two_boxes(), 10_000)
+
+    outer, sync = plan("outer"), plan("synchronous")
+    assert sync.zero.hpz == 2 and {r.tuning.hpz_partition_size for r in sync.ranks} == {2}
+    assert outer.outer and outer.zero.hpz == 1 and {r.tuning.hpz_partition_size for r in outer.ranks} == {1}
+
+
 def test_on_a_fast_link_auto_stays_synchronous_and_outer_takes_the_inner_steps_given():
     assert qwen_plan("100GbE").outer is None  # collectives under a quarter of the step
     assert qwen_plan("100GbE", mode="outer", inner_steps=50).outer.inner_steps == 50

@@ -95,7 +95,8 @@ def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | str:
                 return (f"{r.card.card_id} ({r.card.short_name}) would need {need / GIB:.1f} GiB at micro-batch {r.tuning.micro_batch} "
                         f"with ZeRO partitioned over its box's {len(mine)} card(s) alone and the outer step's buffers; it has "
                         f"{capacity(r.card) / GIB:.1f} GiB (estimates)")
-            per_rank.append(replace(r, memory=held, env=env, micro_cap=memory.max_micro_batch(shape, zero, len(mine), capacity(r.card))))
+            per_rank.append(replace(r, tuning=replace(r.tuning, hpz_partition_size=1), memory=held, env=env,  # (hpZ: a box is one world)
+                                    micro_cap=memory.max_micro_batch(shape, zero, len(mine), capacity(r.card))))
         comm, box_offload = group.step.overheads(zeros, plan.grad_accum)
         host.update(group.host_bytes(zeros))  # ZeRO partitions over the box's ranks alone (offloaded states too)
         offload += box_offload
@@ -120,7 +121,7 @@ def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | str:
     if not host_ram_ok(ctx.snapshot, host):
         return "the boxes' host RAM cannot hold the outer state beside the model states: " + ", ".join(
             f"{node} needs {need / GIB:.1f} GiB" for node, need in host.items()) + " (estimates)"
-    return replace(plan, ranks=tuple(per_rank), step=step, host_bytes_per_node=host, outer=outer)
+    return replace(plan, ranks=tuple(per_rank), zero=plan.zero._replace(hpz=1), step=step, host_bytes_per_node=host, outer=outer)
 
 
 def header_bytes(ranks_per_box: list[int]) -> int:
