@@ -12,14 +12,17 @@ Ray's agents, so a second cluster on the same machine (the demo beside the tests
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -195,15 +198,34 @@ def _start_and_register(node: Node, head_address: str | None, port: int, dashboa
 
 def _start_nodes(nodes: list[Node], head_address: str | None, port: int, dashboard_port: int, gcs_address: str,
                  cluster_id: str) -> None:
-    """Start and register each node (with no `head_address`, the first one starts the head); if any fails,
-    stop every process started here for this cluster, so nothing is left half-alive."""
+    """Start and register each node (with no `head_address`, the first one starts the head); if any fails, or the
+    command is stopped (Ctrl-C, or `kill`: SIGTERM), stop every process started here for this cluster, so nothing
+    is left half-alive. (Its record is written only once every node is up: `down` could not find them.)"""
+    with _terminate_raises():
+        try:
+            for i, node in enumerate(nodes):
+                joins = head_address or (gcs_address if i else None)
+                _start_and_register(node, joins, port, dashboard_port, gcs_address, cluster_id)
+        except BaseException:
+            stop_cluster_processes(cluster_id)
+            raise
+
+
+@contextlib.contextmanager
+def _terminate_raises():
+    """SIGTERM raises SystemExit here (in the main thread), as Ctrl-C raises KeyboardInterrupt, so cleanup runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
     try:
-        for i, node in enumerate(nodes):
-            joins = head_address or (gcs_address if i else None)
-            _start_and_register(node, joins, port, dashboard_port, gcs_address, cluster_id)
-    except BaseException:
-        stop_cluster_processes(cluster_id)
-        raise
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _already_up(state: ClusterState) -> ZeromixError:

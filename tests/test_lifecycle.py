@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -16,8 +17,9 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
+import yaml
 
-from tests.conftest import free_port, submitted_id, zeromix
+from tests.conftest import REPO, free_port, submitted_id, zeromix
 from tests.helpers import cluster_file
 
 pytestmark = pytest.mark.cluster
@@ -162,6 +164,38 @@ def test_a_zeromix_cluster_on_the_default_ports_is_left_alone(cluster, zeromix_h
     if second_cluster.on_default_ports:
         listing = json.loads(zeromix("nodes", "--json").stdout)  # and works: its cards, its scheduler
         assert len(listing["cards"]) == 5 and "0 queued" in zeromix("queue").stdout
+
+
+def _gcs_cluster_id(port: int) -> str | None:
+    """The zeromix cluster id of the GCS serving `port`, once it runs."""
+    for proc in psutil.process_iter():
+        try:
+            if f"--gcs_server_port={port}" in proc.cmdline():
+                return _env(proc).get("ZEROMIX_CLUSTER")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return None
+
+
+def test_an_up_stopped_while_its_nodes_start_leaves_nothing_running(isolated_home, tmp_path):
+    """`zeromix up` stopped with SIGTERM (`kill`) once its head runs, before the cluster is recorded (that comes when
+    every node is up): it stops what it started, as on Ctrl-C. Left running, `down` could not find those processes."""
+    from orchestrator.processes import cluster_processes
+
+    config = cluster_file(tmp_path)
+    port = yaml.safe_load(config.read_text())["head"]["port"]
+    up = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "up", "--simulate", str(config)], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, cluster_id = time.monotonic() + 120, None
+    while not cluster_id:
+        assert up.poll() is None, f"`zeromix up` ended before its head's GCS ran: {up.communicate()}"
+        assert time.monotonic() < deadline, f"no GCS on port {port} within 120 s of `zeromix up`; its log is under /tmp/zm-*"
+        cluster_id = _gcs_cluster_id(port)
+        time.sleep(0.1)
+    up.send_signal(signal.SIGTERM)
+    _, err = up.communicate(timeout=120)
+    assert up.returncode != 0 and not (isolated_home / "cluster.json").exists(), err[-2000:]
+    assert not cluster_processes(cluster_id)  # (its cleanup waits for them to end before `up` exits: no wait here)
 
 
 def test_down_stops_only_what_zeromix_started(second_cluster, foreign_ray):
