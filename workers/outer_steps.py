@@ -26,6 +26,7 @@ on every box at once. Any ZeRO stage inside a box: under ZeRO-3 step 4 writes ea
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -293,7 +294,7 @@ class Payload:
 
         self.shapes, self.wire = shapes, wire
         sizes = [_numel(s) for s in shapes]
-        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.offsets = [0, *itertools.accumulate(sizes)]
         n, count = self.offsets[-1], len(shapes)
         if wire == "fp32":
             self.buffer = torch.empty(n, dtype=torch.float32, device="cpu")
@@ -329,18 +330,6 @@ class Payload:
         scales, values = self._parts(buffer)
         part = values[self.offsets[i]: self.offsets[i + 1]].to(torch.float32)
         return (part * scales[i] if scales is not None else part).view(self.shapes[i])
-
-
-def encode(tensors: list[torch.Tensor], wire: str) -> torch.Tensor:
-    payload = Payload([t.shape for t in tensors], wire)
-    for i, tensor in enumerate(tensors):
-        payload.put(i, tensor)
-    return payload.buffer
-
-
-def decode(buffer: torch.Tensor, shapes: list, wire: str) -> list[torch.Tensor]:
-    payload = Payload(shapes, wire)
-    return [payload.read(buffer, i) for i in range(len(shapes))]
 
 
 def buckets(sizes: list[int], limit: int) -> list[list[int]]:

@@ -144,16 +144,17 @@ def choose(ctx: PlanInput, synchronous: Plan) -> Plan:
     faster. The synchronous plan's settings come first; where a card cannot hold them with ZeRO over its box alone,
     the cards are tuned again so (smaller micro-batches, more accumulation, offload or ZeRO-3, as the job allows). A
     job that asked for outer steps and cannot have them here runs synchronous, and its plan says why."""
+    asked = ctx.job.sync.mode == "outer"
+    comm_bound = synchronous.step.comm_s > AUTO_COMM_SHARE * synchronous.step.step_s
+    if not (asked or comm_bound):
+        return synchronous  # (auto, and synchronous collectives are cheap here: no outer plan needed)
     outer = outer_variant(ctx, synchronous)
     if isinstance(outer, str):
         retuned = tune(Group(ctx, [r.card for r in synchronous.ranks], by_box=True))
         outer = outer_variant(ctx, retuned) if retuned else outer
     if isinstance(outer, str):
-        return replace(synchronous, no_outer=outer) if ctx.job.sync.mode == "outer" else synchronous
-    if ctx.job.sync.mode == "outer":
-        return outer
-    comm_bound = synchronous.step.comm_s > AUTO_COMM_SHARE * synchronous.step.step_s
-    return outer if comm_bound and outer.step.step_s < synchronous.step.step_s else synchronous
+        return replace(synchronous, no_outer=outer) if asked else synchronous
+    return outer if asked or outer.step.step_s < synchronous.step.step_s else synchronous
 
 
 def describe(outer: OuterSteps) -> list[str]:

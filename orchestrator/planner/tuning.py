@@ -79,7 +79,7 @@ class Group:
         self.step = step_time.StepInputs(
             given.facts, given.trainable, job.method, job.seq_len, self.precision, given.lora_targets,
             tuple(step_time.card_tflops(c, self.precision) for c in cards), tuple(step_time.card_gb_per_s(c) for c in cards),
-            link, pcie, max(Counter(c.node for c in cards).values()), job.method == "qlora")
+            link, pcie, max(per_box.values()), job.method == "qlora")
         self.shapes = {ckpt: training_shape(given, self.precision, ckpt) for ckpt in (False, True)}
         self.plain_s = [self.step.seconds_per_sample(r, False) for r in range(self.world)]
         self._caps: dict[tuple[bool, ZeroSetting], dict[tuple[int, int], int]] = {}
