@@ -24,15 +24,17 @@ from workers.train import TrainConfig, utilisation
 READY_TIMEOUT_S = 60
 
 
-def report(config: TrainConfig, plan: dict, placements: list[dict], results: list[dict]) -> dict:
+def report(config: TrainConfig, plan: dict, placements: list[dict], results: list[dict | None]) -> dict:
     """The job's result. A run resumed at its last step (its driver died after the final save) trained no step:
-    its figures per step are None, and it still succeeds."""
+    its figures per step are None, and it still succeeds. With outer steps, the ranks of a box lost on the way have
+    no result (None): the result's ranks and history are the boxes' that finished, and `outer.boxes_left` says why."""
     first, cards = results[0], plan["ranks"]
     ran = bool(first["history"])
     # A rank's figures are in its own group's lists: the job's, or with outer steps its box's (ranks box by box)
-    firsts = first_ranks(config.boxes)
+    firsts = [f for f in first_ranks(config.boxes) if results[f] is not None]
     local = [r for size in config.boxes for r in range(size)]
     history = job_history(firsts, results)
+    finished = [r for r in results if r is not None]
     return {
         "job_id": config.job_id,
         "steps": first["steps"],
@@ -42,18 +44,19 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
         "history": history,  # every step, every card (workers/telemetry.StepStats.record): the report's data
         # each correction of the split from measured speeds (workers/rebalance.py), with the ranks whose split it is (the
         # job's; with outer steps a box's, or every rank's for the boxes' shares)
-        "rebalances": sorted(({"ranks": list(range(f, f + n)), **change} for f, n in zip(firsts, config.boxes)
-                              for change in results[f]["rebalances"]), key=lambda change: change["step"]),
+        "rebalances": sorted(({"ranks": list(range(f, f + n)), **change} for f, n in zip(first_ranks(config.boxes), config.boxes)
+                              if results[f] is not None for change in results[f]["rebalances"]), key=lambda change: change["step"]),
         "plan": plan,
         "method": config.method,
         "base": _base(config, first),
         "resumed_from": first["resumed_from"] or None,  # the checkpoint this run took over from
-        "tokens_per_s": round(sum(r["tokens_per_s"] for r in results) / len(results), 1),
+        "tokens_per_s": round(sum(r["tokens_per_s"] for r in finished) / len(finished), 1),
         "final_dir": first["final_dir"],
         "step_time_s": round(first["step_time_s"], 4) if ran else None,  # measured, mean over the run
         "est_step_s": plan["est_step_s"],  # the plan's estimate, for the real cards
-        # outer steps across boxes: how many, and the bytes the box leaders sent across the link (counted there)
-        "outer": {"outer_steps": first["outer_steps"], "bytes_across_boxes": sum(r["outer_bytes_sent"] for r in results)} if config.outer else None,
+        # outer steps across boxes: how many, the bytes the box leaders sent across the link (counted there), the boxes lost
+        "outer": {"outer_steps": first["outer_steps"], "bytes_across_boxes": sum(r["outer_bytes_sent"] for r in finished),
+                  "boxes_left": first["boxes_left"]} if config.outer else None,
         "ranks": [
             {"rank": i, "card": c["card"], "model": c["model"], "micro_batch": config.micro_batches[i],
              "final_micro_batch": history[-1]["split"][i] if history else config.micro_batches[i],
@@ -70,7 +73,7 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
              # the plan's estimate of its buffers on the card (a box leader's host RAM comes on top of it)
              **({"outer_step_peak_mib": None if r["outer_peak_bytes"] is None else round(r["outer_peak_bytes"] / 1024**2, 1),
                  "est_outer_step_mib": round(c["est_outer_step_gib"] * 1024, 1)} if config.outer else {})}
-            for i, (c, p, r, j) in enumerate(zip(cards, placements, results, local))
+            for i, (c, p, r, j) in enumerate(zip(cards, placements, results, local)) if r is not None
         ],
     }
 
@@ -133,7 +136,8 @@ def main() -> int:
             return 0
         summary = report(config, plan, placements, results)
         Path(config.output_dir, RESULT_FILE).write_text(json.dumps(summary, indent=2))
-        learnt = registry.record_training_speeds(measured_speeds(summary["history"], plan))
+        ran_on = {**plan, "ranks": [plan["ranks"][r["rank"]] for r in summary["ranks"]]}  # (less a box lost on the way)
+        learnt = registry.record_training_speeds(measured_speeds(summary["history"], ran_on))
         if learnt:
             print(f"zeromix: the measured speeds of {', '.join(learnt)} are in their nodes' records for the next plans", flush=True)
         job_records.put(attempt, "result", {k: v for k, v in summary.items() if k not in ("history", "plan")})  # those are in the file

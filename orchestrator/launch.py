@@ -64,24 +64,26 @@ def train_config(job: JobSpec, plan: Plan, job_id: str) -> TrainConfig:
     )
     if plan.outer:  # the plan lists its ranks box by box
         o = plan.outer
-        return with_outer_steps(config, [n for _, n in o.boxes], o.inner_steps, o.outer_lr, o.outer_momentum, o.wire)
+        return with_outer_steps(config, [n for _, n in o.boxes], o.inner_steps, o.outer_lr, o.outer_momentum, o.wire,
+                                caps=tuple(r.micro_cap for r in plan.ranks))
     return config
 
 
 def with_outer_steps(config: TrainConfig, boxes: list[int], inner_steps: int, outer_lr: float, outer_momentum: float,
-                     wire: str, bucket_elements: int = OUTER_BUCKET_ELEMENTS) -> TrainConfig:
+                     wire: str, bucket_elements: int = OUTER_BUCKET_ELEMENTS, caps: tuple[int, ...] = ()) -> TrainConfig:
     """The run as outer steps across boxes (workers/outer_steps.py): `boxes` ranks per box, the config's ranks
     listed box by box. Each box is a DeepSpeed world of its own, so each rank's batch-size check counts its box's
     ranks. A box may still correct its own split while training: its tuner keeps the box's share of the global batch,
     so the other boxes' slices of it do not move. `bucket_elements`: how many of the new global weights a card
-    takes at a time (the plan counts OUTER_BUCKET_ELEMENTS)."""
+    takes at a time (the plan counts OUTER_BUCKET_ELEMENTS). `caps`: every rank's largest micro-batch, within which
+    the boxes left take the share of a box that is lost (default: the run's own caps; none: a lost box restarts the job)."""
     if sum(boxes) != len(config.micro_batches):
         raise ValueError(f"boxes {boxes} hold {sum(boxes)} ranks; the run has {len(config.micro_batches)}")
     per_rank = [size for size in boxes for _ in range(size)]
     ds = tuple({**c, "train_batch_size": c["train_micro_batch_size_per_gpu"] * c["gradient_accumulation_steps"] * n}
                for c, n in zip(config.ds_configs, per_rank))
     outer = {"boxes": list(boxes), "inner_steps": inner_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum, "wire": wire,
-             "bucket_elements": bucket_elements}
+             "bucket_elements": bucket_elements, "caps": list(caps or config.micro_batch_caps)}
     return dataclasses.replace(config, ds_configs=ds, outer=outer)
 
 

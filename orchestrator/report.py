@@ -87,7 +87,7 @@ def figures(result: dict) -> dict[str, bytes]:
     _legend_below(ax)
     plots["Compute, wait and communication per card (measured, mean over the run)"] = png(fig)
 
-    plan_ranks = result["plan"]["ranks"]
+    plan_ranks = [result["plan"]["ranks"][r["rank"]] for r in result["ranks"]]  # (a box lost on the way has no figures)
     fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(10, 0.6 * len(cards) + 2))
     width = 0.4
     rows = range(len(cards))
@@ -122,7 +122,7 @@ def render(result: dict, plots: dict[str, bytes]) -> str:
         f"<td>{'on' if p['activation_checkpointing'] else 'off'}</td><td>{'optimizer' if p['offload_optimizer'] else 'none'}</td>"
         f"<td>{p['est_mem_gib']}</td><td>{p['rate_tflops']} ({e(p['rate_source'])})</td><td>{p['est_compute_s']}</td>"
         f"<td>{r['utilisation'] if r['utilisation'] is not None else '-'}</td></tr>"
-        for i, (p, r) in enumerate(zip(plan["ranks"], ranks)))
+        for i, p, r in ((r["rank"], plan["ranks"][r["rank"]], r) for r in ranks))
     images = "".join(f'<figure><img alt="{e(caption)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
                      f"<figcaption>{e(caption)}</figcaption></figure>" for caption, data in plots.items())
     return f"""<!doctype html>

@@ -12,6 +12,7 @@ import re
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from workers import job_records
 from workers.collectives import first_ranks, rank_infos
 from workers.rank import RankWorker, card_env
 from workers.train import TrainConfig
@@ -20,7 +21,10 @@ from workers.train import TrainConfig
 ROOT_CAUSE_WAIT_S = 10  # after the first rank fails, how long the others may take to say why they failed too
 # What a collective says when a peer vanished (gloo on CPU, NCCL on GPUs): a lost rank seen from a survivor.
 LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
-             "Watchdog caught collective operation timeout", "remote process exited", "Socket Timeout")
+             "Watchdog caught collective operation timeout", "remote process exited", "Socket Timeout",
+             # outer steps (workers/collectives.BoxLink, workers/outer_steps.BoxesLost): a box never came, or the boxes left
+             # cannot hold a lost box's share of the batch
+             "did not reach outer step", "cannot take their share of the global batch")
 
 
 def failure_kind(err: BaseException) -> str:
@@ -75,7 +79,7 @@ class WorkerGroup:
         """`job_id`: this placement's Ray job id (`<id>-<attempt>` after the first), so a job placed again at once
         never meets its last placement's actors' names."""
         remote = ray.remote(RankWorker)
-        self.cards = cards
+        self.cards, self.attempt = cards, job_id
         self.actors = []
         try:
             for i, card in enumerate(cards):
@@ -92,27 +96,50 @@ class WorkerGroup:
     def where(self) -> list[dict]:
         return ray.get([a.where.remote() for a in self.actors])
 
-    def run(self, config_json: str) -> list[dict]:
-        """Train on every rank; the first rank to fail stops the others (they would wait in a collective forever)."""
+    def run(self, config_json: str) -> list[dict | None]:
+        """Train on every rank; the first rank to fail stops the others (they would wait in a collective forever).
+        With outer steps, a box other than box 0 whose rank was lost (its process or node died, or a peer of its
+        box did) is left out instead: its other ranks are stopped, the box leaders hear of it (the job's "lost"
+        record) and go on without it from their next outer step, and its ranks' results are None. Box 0 holds the
+        leaders' rendezvous and the checkpoints: losing it restarts the job, as a synchronous job's loss does."""
         world = len(self.actors)
         config = TrainConfig.from_json(config_json)  # (outer steps: each box its own group, ranks box by box)
         meet = ray.get([self.actors[first].rendezvous.remote() for first in first_ranks(config.boxes)])
         outer_meet = ray.get(self.actors[0].rendezvous.remote()) if config.outer else ("", 0)
         infos = rank_infos(config.boxes, meet, outer_meet)
         pending = {a.run.remote(config_json, info): rank for rank, (a, info) in enumerate(zip(self.actors, infos))}
-        results: dict[int, dict] = {}
+        results: dict[int, dict | None] = {}
+        lost: set[int] = set()
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             rank = pending.pop(done[0])
             try:
                 results[rank] = ray.get(done[0])
             except Exception as err:
+                box = infos[rank].box
+                if config.outer and box and failure_kind(err) == "lost":
+                    lost.add(box)
+                    self._leave(box, infos, pending, results, err)
+                    job_records.put(self.attempt, "lost", sorted(lost))
+                    continue
                 failures = {rank: err} | self._other_failures(pending)
                 self.shutdown()
                 rank, err = _root_cause(failures)
                 card = self.cards[rank]
                 raise RankFailed(f"rank {rank} on {card['node']}/{card['index']} failed: {describe(err)}", failure_kind(err), rank, card) from err
         return [results[r] for r in range(world)]
+
+    def _leave(self, box: int, infos: list, pending: dict, results: dict, err: BaseException) -> None:
+        """Stop what is left of a lost box (its ranks would wait in their box's collectives) and mark its results."""
+        ranks = [r for r, info in enumerate(infos) if info.box == box]
+        for ref, rank in list(pending.items()):
+            if rank in ranks:
+                del pending[ref]
+                ray.kill(self.actors[rank])
+        results.update({r: None for r in ranks})
+        cards = ", ".join(f"{self.cards[r]['node']}/{self.cards[r]['index']}" for r in ranks)
+        print(f"zeromix: box {box} ({cards}) was lost ({describe(err)}); the other boxes go on without it from their next outer step",
+              flush=True)
 
     def _other_failures(self, pending: dict) -> dict[int, BaseException]:
         done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=ROOT_CAUSE_WAIT_S)

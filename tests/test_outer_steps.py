@@ -150,6 +150,41 @@ def test_box_leaders_each_get_every_box_payload_in_box_order_over_three_boxes():
     assert got == [(box, [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0], [20.0, 21.0, 22.0]], 2 * 3 * 4) for box in range(3)]
 
 
+def _leader_left_with(box: int, port: int, results) -> None:
+    """A leader of three: box 2 joins and then dies (its node unplugged); box 0 hears from its `lost` argument (the
+    job's driver, in a real run) that box 2 was lost. Boxes 0 and 1 meet twice."""
+    import os
+
+    from workers.collectives import BoxLink, RankInfo
+
+    link = BoxLink.join(RankInfo(0, 1, "", 0, box, 3, 0, "127.0.0.1", port), timeout_s=60)
+    if box == 2:
+        os._exit(0)  # no goodbye: its sockets close as a killed process's do
+    for meeting in range(2):
+        heads = link.meet(torch.tensor([box, meeting], dtype=torch.float64, device="cpu"), lost=lambda: {2})
+        got = link.exchange(torch.arange(3, dtype=torch.float32, device="cpu") + 10 * box)
+        results.put((box, meeting, {b: h.tolist() for b, h in heads.items()}, [t.tolist() for t in got], link.members))
+
+
+def test_a_box_lost_is_left_out_of_the_meeting_and_the_link_formed_again_over_the_boxes_left():
+    """BoxLink.meet: the boxes meet in the rendezvous store, not in a collective, so a box that died is simply not
+    waited for once the driver names it; the others' headers and payloads then go round a ring of two."""
+    from tests.conftest import free_port
+    from workers.local_launch import _context
+
+    ctx, port = _context(), free_port()
+    results = ctx.Queue()
+    leaders = [ctx.Process(target=_leader_left_with, args=(box, port, results)) for box in range(3)]
+    for leader in leaders:
+        leader.start()
+    got = sorted((results.get(timeout=120) for _ in range(4)), key=lambda r: (r[1], r[0]))
+    for leader in leaders:
+        leader.join(timeout=30)
+    for meeting in range(2):
+        for box in (0, 1):
+            assert got[2 * meeting + box] == (box, meeting, {0: [0.0, meeting], 1: [1.0, meeting]}, [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0]], (0, 1))
+
+
 def test_the_outer_step_is_nesterov_sgd_on_the_combined_delta():
     """What OuterSteps._nesterov does to the global weights equals torch's SGD(nesterov=True) fed the delta as the
     gradient, over several outer steps."""

@@ -118,6 +118,20 @@ def test_the_boxes_shares_follow_their_measured_steps_within_caps_and_each_box_k
     assert box_shares((3, 1, 2), (2, 1), (0.1, 0.4), (3, 1, 2)) is None  # box 0's cards are full
 
 
+def test_a_box_lost_leaves_the_whole_global_batch_to_the_boxes_left_within_their_caps():
+    """Box 1 of (2, 1) is lost: box 0 takes all six samples a micro-step, spread as its cards' 3 to 1 within their
+    caps, box 1 none; where box 0's cards cannot hold six, None (the job is placed again). Of three boxes, the two
+    left share the lost one's samples by their measured speeds (box 0 four times box 1's per sample)."""
+    from workers.rebalance import shares_without
+
+    assert shares_without((3, 1, 2), (2, 1), {1}, (0.1, 0.0), (5, 5, 4)) == (5, 1, 0)
+    assert shares_without((3, 1, 2), (2, 1), {1}, (0.1, 0.0), (3, 1, 2)) is None
+    assert shares_without((3, 1, 2, 2), (2, 1, 1), {2}, (0.1, 0.4, 0.0), (4, 4, 4, 4)) == (4, 3, 1, 0)
+    # box 1 not measured yet: each box's share now stands for its speed (1/4 and 1/2 of a step a sample), so the
+    # eight go 6 and 2 (1.5 and 1.0 steps; 5 and 3 would end at 1.5 too)
+    assert shares_without((3, 1, 2, 2), (2, 1, 1), {2}, (0.1, 0.0, 0.0), (4, 4, 4, 4)) == (4, 2, 2, 0)
+
+
 @pytest.mark.deepspeed
 def test_with_outer_steps_the_boxes_shares_follow_their_measured_speeds_and_the_weights_stay_those_of_the_planned_split(
         ds_runs, tmp_path, demo_data, base_model):

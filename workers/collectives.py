@@ -12,6 +12,8 @@ that, and that every tensor made in workers/ names its device).
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING
@@ -160,13 +162,20 @@ class BoxLink:
     Two gloo groups, one per direction: a box sends to a later box on `up` and to an earlier one on `down`. On one
     group, two boxes' send and receive share one TCP connection, and gloo moved them one after the other there: an
     exchange between two boxes took 1.7-2x the time of one way across a 1 Gbit/s link (bench/slow_link.py's link,
-    2026-12-05); one direction per connection runs both ways at the line rate."""
+    2026-12-05); one direction per connection runs both ways at the line rate.
+
+    The boxes meet in the rendezvous store first (`meet`), not in a gloo collective, so a box whose node died is
+    left out there instead of breaking a collective: box 0's leader decides which boxes meet, and the gloo groups
+    are formed again over them."""
 
     box: int
     boxes: int
     up: object  # torch.distributed.ProcessGroupGloo, outside the default group the box's DeepSpeed uses
     down: object
-    store: object  # their rendezvous (kept alive with them)
+    store: object  # their rendezvous (kept alive with them), hosted by box 0's leader
+    timeout_s: float = 600  # how long a leader waits for the others at a meeting
+    members: tuple[int, ...] = ()  # the boxes still in the job, in order (all of them until one leaves)
+    meetings: int = 0  # meetings held: each one's keys in the store are its own
     bytes_sent: int = 0  # what this leader sent across the link: in a ring all-gather over k boxes, k-1 payloads
 
     @classmethod
@@ -180,21 +189,67 @@ class BoxLink:
         wait = timedelta(seconds=timeout_s)
         try:
             store = dist.TCPStore(info.outer_addr, info.outer_port, info.boxes, is_master=info.box == 0, timeout=wait)
-            up, down = (dist.ProcessGroupGloo(dist.PrefixStore(f"boxes-{way}", store), info.box, info.boxes, wait) for way in ("up", "down"))
+            up, down = _gloo_pair(store, "boxes", info.box, info.boxes, timeout_s)
         except Exception as err:  # (torch raises several kinds for a peer that never came)
             raise RuntimeError(f"box {info.box}: the leaders of the {info.boxes} boxes did not meet at {info.outer_addr}:"
                                f"{info.outer_port} within {timeout_s:.0f} s ({err}); check that every box reaches that address") from err
-        return cls(info.box, info.boxes, up, down, store)
+        return cls(info.box, info.boxes, up, down, store, timeout_s, tuple(range(info.boxes)))
+
+    def meet(self, head: torch.Tensor, lost: Callable[[], set[int]] = set) -> dict[int, torch.Tensor]:
+        """Every box's `head` (a small host tensor, the same shape and dtype on each), by box, for the boxes that meet.
+        Each leader posts its own in the store; box 0's leader waits for every member's, or for `lost()` (the job's
+        driver, which sees a box's processes die) to name the box, and posts who met; a box that did not is out of
+        the job from here on, and the link is formed again over the boxes left. A meeting no box was lost from
+        moves a few hundred bytes through the store."""
+        import torch
+
+        n, self.meetings = self.meetings, self.meetings + 1
+        self.store.set(f"head/{n}/{self.box}", head.numpy().tobytes())
+        if self.box == 0:
+            self.store.set(f"met/{n}", ",".join(map(str, self._gather(n, lost))))
+        met = tuple(int(b) for b in self._get(f"met/{n}").decode().split(","))
+        if self.box not in met:
+            raise RuntimeError(f"box {self.box} was lost: box 0 went on without it at outer step {n}")
+        heads = {b: torch.frombuffer(bytearray(self._get(f"head/{n}/{b}")), dtype=head.dtype) for b in met}
+        self.bytes_sent += (len(met) - 1) * head.numel() * head.element_size()  # what this header costs the link: it reaches
+        # every other box that met once (through box 0's store), as in a ring; the store's keys and the list of boxes are not counted
+        if met != self.members:
+            self.members = met
+            self.up, self.down = _gloo_pair(self.store, f"boxes-{n}", met.index(self.box), len(met), self.timeout_s)
+        return heads
+
+    def _gather(self, n: int, lost: Callable[[], set[int]]) -> list[int]:
+        """Box 0's leader: the members whose header came, once every other one is known lost (checked last, too:
+        a box lost after its header came is out)."""
+        deadline = time.monotonic() + self.timeout_s
+        waiting, asked = set(self.members), 0.0
+        while True:
+            waiting -= {b for b in waiting if self.store.check([f"head/{n}/{b}"])}
+            if time.monotonic() - asked > LOST_POLL_S or not waiting:
+                gone, asked = lost(), time.monotonic()
+                waiting -= gone
+                if not waiting:
+                    return [b for b in self.members if b not in gone]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"box 0: box(es) {sorted(waiting)} did not reach outer step {n} within {self.timeout_s:.0f} s "
+                                   "and none was reported lost: a collective timeout across boxes")
+            time.sleep(0.005)  # (store.wait with a short timeout would log a warning at every try)
+
+    def _get(self, key: str) -> bytes:
+        from datetime import timedelta
+
+        self.store.wait([key], timedelta(seconds=2 * self.timeout_s))  # (box 0 waits up to timeout_s for the others first)
+        return self.store.get(key)
 
     def exchange(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """Every box's `tensor` (same shape and dtype on each), in box order: a ring all-gather, each box sending to the
-        next while it receives from the one before."""
+        """Every member box's `tensor` (same shape and dtype on each), in box order: a ring all-gather, each box
+        sending to the next while it receives from the one before."""
         import torch
 
         if tensor.device.type != "cpu":
             raise CollectiveOffDevice(f"exchange across boxes: a {tuple(tensor.shape)} tensor on {tensor.device}; the link "
                                       "between boxes is gloo over TCP and takes host tensors (the outer state lives in host RAM)")
-        k, me = self.boxes, self.box
+        k, me = len(self.members), self.members.index(self.box)
         out = [tensor if b == me else torch.empty_like(tensor) for b in range(k)]
         after, before = (me + 1) % k, (me - 1) % k
         for hop in range(k - 1):  # hop h: pass on what came from h boxes back, take what came from h + 1 back
@@ -207,3 +262,18 @@ class BoxLink:
 
     def _way(self, sender: int, receiver: int):
         return self.up if sender < receiver else self.down
+
+
+LOST_POLL_S = 1.0  # how often box 0's leader asks whether a box it waits for was lost
+
+
+def _gloo_pair(store, prefix: str, rank: int, size: int, timeout_s: float) -> tuple[object, object]:
+    """The two gloo groups of the leaders' link (up, down), each under its own prefix in the store; none for a lone box."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if size == 1:
+        return None, None
+    return tuple(dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}-{way}", store), rank, size, timedelta(seconds=timeout_s))
+                 for way in ("up", "down"))

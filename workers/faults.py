@@ -6,6 +6,8 @@ name its job (by the plan's job name), card or step, and only where the suite al
                                          before they are moved into place (a power cut, an OOM kill)
     oom:<job>:<card>:<micro-batch>       that job's rank on that card raises torch.OutOfMemoryError while its
                                          micro-batch is larger (a card with less memory than the plan assumed)
+    die:<job>:<card>:<step>              that job's rank on that card is killed (SIGKILL) before the step, as the
+                                         kernel's OOM killer or a pulled plug ends it
     hold:<job>:<step>:<release file>     that job's ranks wait before the step until the file exists (rank 0
                                          writes <release file>.waiting first): a test acts on a job paused at a
                                          known step instead of guessing how long training takes
@@ -48,6 +50,11 @@ def out_of_memory(job: str, card: str, micro_batch: int) -> None:
     for name, on, most in armed("oom"):
         if (name, on) == (job, card) and micro_batch > int(most):
             raise torch.OutOfMemoryError(f"CUDA out of memory on {card} (injected by {FAULT_ENV}: micro-batch {micro_batch} > {most})")
+
+
+def die(job: str, card: str, step: int) -> None:
+    if [job, card, str(step)] in armed("die"):
+        os.kill(os.getpid(), 9)
 
 
 def hold(job: str, step: int, rank: int) -> None:

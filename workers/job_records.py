@@ -4,6 +4,7 @@
     result    the driver's summary once the job has finished (the whole of it is zeromix-result.json)
     failure   why a rank failed (worker_group.RankFailed.record): the scheduler decides on a restart from it
     move      the scheduler's request to stop at the next step with a checkpoint (it places the job again)
+    lost      the boxes of an outer-step job whose processes the driver saw die: the others go on without them
 
 The job's log stays for people: it is never parsed. Ray is imported inside the functions: the CLI reads records
 after its auth settings are in the environment (Ray reads them once, at import).
@@ -17,7 +18,7 @@ from typing import Literal
 
 NAMESPACE = "zeromix-jobs"
 KEPT_STEPS = 64  # steps in one progress record: a follower reading once a second misses none below 64 steps/s
-Kind = Literal["progress", "result", "failure", "move"]
+Kind = Literal["progress", "result", "failure", "move", "lost"]
 
 
 def put(attempt: str, kind: Kind, record) -> None:
@@ -32,6 +33,14 @@ def get(attempt: str, kind: Kind):
 
     raw = internal_kv._internal_kv_get(f"{attempt}/{kind}", namespace=NAMESPACE)
     return None if raw is None else json.loads(raw)
+
+
+def lost_boxes(attempt: str) -> set[int]:
+    """The boxes the driver reported lost (outer steps: box 0's leader asks while it waits for the boxes); none
+    outside a job the scheduler launched."""
+    import ray
+
+    return set(get(attempt, "lost") or ()) if attempt and ray.is_initialized() else set()
 
 
 class Progress:

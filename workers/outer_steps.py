@@ -22,6 +22,15 @@ checkpoint with the outer momentum beside it (one manifest); a resumed job's box
 form on another number of cards) and the other boxes take the weights and momentum from it over the link, their
 inner optimizer states starting afresh. A stop the scheduler asks for (a move) takes effect at the next outer step,
 on every box at once. Any ZeRO stage inside a box: under ZeRO-3 step 4 writes each rank's slice of each weight.
+
+A box other than box 0 that is lost (its node unplugged, a process killed) is left out at the next outer step, without
+a restart: the job's driver sees its ranks die and says so (job_records "lost"); box 0's leader, waiting for the boxes
+at the outer step (BoxLink.meet, in the rendezvous store rather than a collective that would hang on the dead box),
+goes on without it; the boxes left take its share of every global batch from the next step, within their cards' caps
+(`rebalance.shares_without`), so each step's batch stays the job's. What the lost box trained since the last outer step
+is lost with it (its delta never came). Box 0 holds the rendezvous and the checkpoints: losing it restarts the job from
+its checkpoint, as does a box lost during the exchange itself, or boxes left too small for the batch. A box that comes
+back does not rejoin the running job (it would take the global weights at an outer step; not built).
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
     from workers.collectives import BoxLink, RankComm
@@ -39,7 +50,7 @@ if TYPE_CHECKING:
 from orchestrator.planner.memory import OUTER_BUCKET_ELEMENTS
 from orchestrator.planner.outer import header_bytes
 from workers.collectives import first_ranks
-from workers.rebalance import BOX_WINDOW_STEPS, WARMUP_STEPS, BoxShares, box_shares
+from workers.rebalance import BOX_WINDOW_STEPS, WARMUP_STEPS, BoxShares, box_shares, shares_without
 from workers.telemetry import PeakAbove
 
 WIRE_FORMATS = ("fp32", "bf16", "int8")
@@ -55,11 +66,12 @@ class OuterConfig:
     outer_momentum: float  # Nesterov
     wire: str  # what a delta crosses the link as: fp32, bf16, or int8 with a scale per tensor
     bucket_elements: int = OUTER_BUCKET_ELEMENTS  # the new global weights go to a box's cards this many at a time
+    caps: tuple[int, ...] = ()  # every rank's largest micro-batch (the plan's): the boxes left take a lost box's share within them
 
     @classmethod
     def from_dict(cls, raw: dict) -> OuterConfig:
         config = cls(tuple(raw["boxes"]), int(raw["inner_steps"]), float(raw["outer_lr"]), float(raw["outer_momentum"]), raw["wire"],
-                     int(raw["bucket_elements"]))
+                     int(raw["bucket_elements"]), tuple(raw.get("caps", ())))
         if config.wire not in WIRE_FORMATS:
             raise ValueError(f"outer.wire: {config.wire!r} is not one of {', '.join(WIRE_FORMATS)}")
         if config.inner_steps < 1:
@@ -74,16 +86,26 @@ class Met:
     stop: bool  # a box was asked to stop (the scheduler moves the job): every box stops here
     split: tuple[int, ...] | None = None  # the job's split from the next step on, the boxes' shares corrected; or None
     shares: BoxShares | None = None  # why (box 0's leader records it)
+    left: tuple[int, ...] = ()  # boxes lost since the last outer step, left out from here on (known to the leaders)
+    since: int = 0  # the first step since the last outer step: a box lost took its share of the steps from here with it
+
+
+class BoxesLost(RuntimeError):
+    """Boxes were lost and those left cannot hold the global batch within their cards' memory: the job is placed
+    again (its failure reads as a lost node, which the scheduler restarts)."""
 
 
 class OuterSteps:
     """One rank's part in the outer steps; the box leader's holds the global weights, the momentum and the link."""
 
     def __init__(self, config: OuterConfig, params: list[torch.nn.Parameter], comm: RankComm, link: BoxLink | None,
-                 caps: tuple[int, ...] = ()):
-        self.config, self.params, self.comm, self.link = config, params, comm, link
+                 rebalance: bool = False, lost: Callable[[], set[int]] = set):
+        """`rebalance`: the boxes' shares follow their measured inner steps; `lost()`: the boxes whose processes the
+        job's driver saw die (box 0's leader asks, while it waits for the boxes at an outer step)."""
+        self.config, self.params, self.comm, self.link, self.lost = config, params, comm, link, lost
         self.shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in params]  # (ZeRO-3: whole; the tensor holds a slice)
-        self.caps = caps  # every rank's micro-batch cap; empty: the boxes' shares stay as planned
+        self.rebalance = rebalance and bool(config.caps)
+        self.since = 0  # the first step since the last outer step
         self.measured_s, self.measured_steps, self.measured_from = 0.0, 0, WARMUP_STEPS  # this box's inner steps since a change
         self.tokens_since = 0.0  # loss tokens this box trained on since the last outer step
         self.done = 0  # outer steps taken
@@ -109,7 +131,7 @@ class OuterSteps:
             mine = torch.tensor([start_step, saved["outer_steps"] if saved else 0], dtype=torch.float64, device="cpu")
             head.copy_(self.link.exchange(mine)[0].to(head.device))
         start, self.done = (int(v) for v in self.comm.broadcast(head).tolist())
-        self.measured_from = start + WARMUP_STEPS
+        self.measured_from, self.since = start + WARMUP_STEPS, start + 1
         if start == 0:
             return 0
         if self.link:
@@ -144,7 +166,8 @@ class OuterSteps:
 
     def outer_step(self, step: int, split: tuple[int, ...]) -> Met:
         """One outer step: the new global weights, whether a box asked to stop, and the boxes' shares of the global
-        batch corrected from their measured inner steps (`rebalance.box_shares`) when that is worth it."""
+        batch corrected from their measured inner steps (`rebalance.box_shares`) when that is worth it, or given to
+        the boxes left when a box was lost (`rebalance.shares_without`)."""
         with PeakAbove(self.comm.on_gpu) as peak:
             met = self._outer_step(step, split)
         if peak.bytes is not None:
@@ -157,34 +180,55 @@ class OuterSteps:
         payload = Payload([w.shape for w in self.global_weights], self.config.wire) if self.comm.rank == 0 else None
         self._read(lambda i, weight: payload.put(i, self.global_weights[i] - weight))  # the leader's delta, global - local
         control = self.comm.zeros(1 + len(split), torch.float32)  # whether a box asked to stop, the new split
-        shares = None
+        shares, left, new = None, (), None
         if self.comm.rank == 0:
             heads = self._meet(payload, split)
-            shares = self._shares(step, heads)
-            control[0] = float(any(bool(h[1]) for h in heads))
-            if shares:
-                control[1:] = torch.tensor(shares.new, dtype=torch.float32, device=control.device)
+            left = tuple(b for b in range(len(self.config.boxes)) if b not in heads and self._had(b, split))
+            if left:
+                new = self._without(split, heads, left)
+            elif shares := self._shares(step, heads):
+                new = shares.new
+            control[0] = float(any(bool(h[1]) for h in heads.values()))
+            if new:
+                control[1:] = torch.tensor(new, dtype=torch.float32, device=control.device)
         self.comm.broadcast(control)
         self._load_global()
+        since, self.since = self.since, step + 1
         self.tokens_since, self.done = 0.0, self.done + 1
         new = tuple(int(v) for v in control[1:].tolist())
         if any(new):
             self.split_changed(step + 1)
-        return Met(bool(control[0].item()), new if any(new) else None, shares)
+        return Met(bool(control[0].item()), new if any(new) else None, shares, left, since)
+
+    def _had(self, box: int, split: tuple[int, ...]) -> bool:
+        """Whether `box` still trained a share of the batch (one lost earlier has none)."""
+        first = first_ranks(self.config.boxes)[box]
+        return any(split[first: first + self.config.boxes[box]])
+
+    def _without(self, split: tuple[int, ...], heads: dict[int, torch.Tensor], left: tuple[int, ...]) -> tuple[int, ...]:
+        """The split with the boxes `left` out, their share of every global batch on the boxes that met."""
+        box_s = tuple(float(heads[b][2]) / int(heads[b][3]) if b in heads and int(heads[b][3]) else 0.0 for b in range(len(self.config.boxes)))
+        gone = set(range(len(self.config.boxes))) - set(heads)
+        new = shares_without(split, self.config.boxes, gone, box_s, self.config.caps) if self.config.caps else None
+        if new is None:
+            held = "the plan's caps " + str(list(self.config.caps)) if self.config.caps else "no caps (the run has none)"
+            raise BoxesLost(f"box(es) {list(left)} were lost and the boxes left cannot take their share of the global batch of "
+                            f"{sum(split)} samples a micro-step within {held}: the job is placed again from its last checkpoint")
+        return new
 
     def split_changed(self, step: int) -> None:
         """The box runs another split from `step` on: its inner steps are measured afresh (that step warms up)."""
         self.measured_s, self.measured_steps, self.measured_from = 0.0, 0, step
 
-    def _shares(self, step: int, heads: list[torch.Tensor]) -> BoxShares | None:
-        """The boxes' new shares, the same on every leader (from the same headers); None to keep them."""
-        steps = min(int(h[3]) for h in heads)
-        if not self.caps or steps < BOX_WINDOW_STEPS:
-            return None
+    def _shares(self, step: int, heads: dict[int, torch.Tensor]) -> BoxShares | None:
+        """The boxes' new shares, the same on every leader (from the same headers); None to keep them (and while a
+        box that left holds none: the shares of the boxes left are corrected at the loss, not here)."""
         boxes = self.config.boxes
-        now = tuple(int(v) for h, n in zip(heads, boxes) for v in h[4: 4 + n].tolist())  # each box's own slice, as it runs
-        box_s = tuple(float(h[2]) / int(h[3]) for h in heads)
-        found = box_shares(now, boxes, box_s, self.caps)
+        if not self.rebalance or len(heads) < len(boxes) or min(int(h[3]) for h in heads.values()) < BOX_WINDOW_STEPS:
+            return None
+        now = tuple(int(v) for b, n in enumerate(boxes) for v in heads[b][4: 4 + n].tolist())  # each box's own slice, as it runs
+        box_s = tuple(float(heads[b][2]) / int(heads[b][3]) for b in range(len(boxes)))
+        found = box_shares(now, boxes, box_s, self.config.caps)
         if not found:
             return None
         new, per_sample, predicted = found
@@ -221,24 +265,25 @@ class OuterSteps:
         for i, part in zip(bucket, flat.split(sizes)):
             _set_full_fp32(self.params[i], part.view(self.shapes[i]), self.comm.rank)
 
-    def _meet(self, payload: Payload, split: tuple[int, ...]) -> list[torch.Tensor]:
+    def _meet(self, payload: Payload, split: tuple[int, ...]) -> dict[int, torch.Tensor]:
         """The leaders' part: every box's header (its loss tokens, its wish to stop, its measured inner steps (seconds,
-        count) and its own cards' split), then every box's delta (one exchange across boxes each), and the outer step
+        count) and its own cards' split), then every box's delta (one exchange across boxes), and the outer step
         on the global weights, the deltas weighted by the loss tokens each box trained on, one weight at a time.
-        Returns the headers."""
+        A box lost since the last meeting is not waited for (BoxLink.meet): its delta is left out, and so are the
+        samples it trained on since then. Returns the headers of the boxes that met, by box."""
         import torch
 
         first = first_ranks(self.config.boxes)[self.link.box]
         mine = split[first: first + self.config.boxes[self.link.box]]
         head = [self.tokens_since, float(self.stop_wanted), self.measured_s, float(self.measured_steps), *mine]
         head += [0.0] * (header_bytes(list(self.config.boxes)) // 8 - len(head))  # every box's header the same length
-        heads = self.link.exchange(torch.tensor(head, dtype=torch.float64, device="cpu"))
-        started = time.perf_counter()  # (the small exchange above waited for the slowest box: this one is the link's)
-        payloads = self.link.exchange(payload.buffer)
+        heads = self.link.meet(torch.tensor(head, dtype=torch.float64, device="cpu"), self.lost)
+        started = time.perf_counter()  # (the meeting above waited for the slowest box: this exchange is the link's)
+        payloads = self.link.exchange(payload.buffer)  # (in box order, as the headers)
         self.exchange_s += time.perf_counter() - started
-        total = sum(float(h[0]) for h in heads)
+        total = sum(float(h[0]) for h in heads.values())
         for i in range(len(self.global_weights)):
-            combined = sum(payload.read(sent, i) * (float(h[0]) / total) for h, sent in zip(heads, payloads))
+            combined = sum(payload.read(sent, i) * (float(h[0]) / total) for h, sent in zip(heads.values(), payloads))
             self._nesterov(i, combined)
         return heads
 

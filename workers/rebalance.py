@@ -178,8 +178,39 @@ def box_shares(split: tuple[int, ...], boxes: tuple[int, ...], box_step_s: tuple
     predicted = tuple(s * n for s, n in zip(per_sample, new_sums))
     if max(box_step_s) - max(predicted) <= threshold * max(box_step_s):
         return None
+    new = _spread(split, boxes, new_sums, caps)
+    return (new, per_sample, predicted) if new else None
+
+
+def shares_without(split: tuple[int, ...], boxes: tuple[int, ...], gone: set[int], box_step_s: tuple[float, ...],
+                   caps: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The job's split once the boxes `gone` left it (their node died): the whole global batch over the boxes left,
+    each at its measured seconds per sample (`box_step_s`; where a box left has no measured step yet, every box's
+    share now stands for its speed), within its cards' caps and spread over its cards as now; the boxes gone get
+    none. None where the boxes left cannot hold the global batch."""
+    firsts = first_ranks(boxes)
+    sums = [sum(split[f: f + n]) for f, n in zip(firsts, boxes)]
+    left = [b for b in range(len(boxes)) if b not in gone]
+    measured = all(box_step_s[b] > 0 for b in left)
+    costs = [RankCost((box_step_s[b] if measured else 1.0) / sums[b], sum(caps[firsts[b]: firsts[b] + boxes[b]])) for b in left]
+    found = split_batch(sum(sums), costs)
+    if found is None:
+        return None
+    totals = [0] * len(boxes)
+    for b, total in zip(left, found):
+        totals[b] = total
+    return _spread(split, boxes, totals, caps)
+
+
+def _spread(split: tuple[int, ...], boxes: tuple[int, ...], totals: list[int], caps: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Each box's new total over its cards in proportion to their micro-batches now (what its own tuner has learned;
+    a card's time per sample taken as 1 / its micro-batch), within their caps; a box's total of 0 gives its cards
+    none. None where a box's cards cannot hold its total."""
     new: list[int] = []
-    for f, n, total in zip(firsts, boxes, new_sums):
-        cards = split[f: f + n]  # a card's time per sample taken as 1 / its micro-batch: the box's proportions kept
-        new += split_batch(total, [RankCost(1 / m, cap) for m, cap in zip(cards, caps[f: f + n])]) or cards
-    return (tuple(new), per_sample, predicted) if sum(new) == sum(split) else None
+    for f, n, total in zip(first_ranks(boxes), boxes, totals):
+        cards = split[f: f + n]
+        spread = split_batch(total, [RankCost(1 / max(m, 1), cap) for m, cap in zip(cards, caps[f: f + n])]) if total else [0] * n
+        if spread is None:
+            return None
+        new += spread
+    return tuple(new)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from workers.checkpoint import CHECKPOINT_DIR
-from workers.collectives import RankComm, RankInfo
+from workers.collectives import RankComm, RankInfo, first_ranks
 
 FINAL_DIR = "final"
 OUTER_STATE = "outer_state.pt"  # beside box 0's checkpoint in outer-step mode: the outer momentum and steps taken
@@ -115,6 +115,7 @@ class RankResult:
     outer_bytes_sent: int = 0  # ... and, on a box's leader, the bytes it handed to the link between boxes (counted)
     outer_exchange_s: float = 0.0  # ... and the time its deltas took across the link
     outer_peak_bytes: int | None = None  # ... and the most memory an outer step held above what the rank held before it
+    boxes_left: list[dict] = field(default_factory=list)  # ... and on box 0's leader, each box lost on the way (_box_left)
 
 
 def utilisation(busy_s: list[float], wait_s: list[float]) -> list[float]:
@@ -212,7 +213,8 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
         start_step = int(client_state["step"])
         how = " through its universal form (it was saved on other ranks)" if universal else ""
         _say(me, f"resumed from {checkpoints / tag} at step {start_step}{how}")
-    outer_steps = OuterSteps(outer, trainable, comm, link, cfg.micro_batch_caps) if outer else None  # from the weights just loaded
+    outer_steps = OuterSteps(outer, trainable, comm, link, rebalance=bool(cfg.micro_batch_caps),
+                             lost=lambda: job_records.lost_boxes(cfg.attempt)) if outer else None  # from the weights just loaded
     if outer_steps:
         start_step = outer_steps.join(start_step, checkpoint.load_extra(checkpoints, tag, OUTER_STATE) if tag and rank == 0 else None)
 
@@ -244,6 +246,7 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
     for step in range(start_step, cfg.total_steps):
         if cfg.plan.get("ranks"):  # test-only injection points (workers/faults.py): a card out of memory, a pause
             faults.out_of_memory(cfg.plan["job"], cfg.plan["ranks"][me]["card"], split[rank])
+            faults.die(cfg.plan["job"], cfg.plan["ranks"][me]["card"], step + 1)
             faults.hold(cfg.plan["job"], step + 1, me)
         t0 = time.perf_counter()
         batches = [collate([samples[i] for i in idx], pad_id) for idx in sampler.rank_micro_batches(step, me)]
@@ -285,11 +288,14 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
                 result.rebalances.append(pending.record())
                 _say(rank, f"split corrected from step {pending.step}: {list(pending.old)} -> {list(pending.new)}; {pending.why}")
                 pending = None
+        if met and met.left and me == 0:  # (before the sampler takes the new split: the lost boxes' share is the old one's)
+            result.boxes_left.append(_box_left(met, step + 1, outer.boxes, sampler.micro_batches, cfg.grad_accum))
+            _say(me, result.boxes_left[-1]["why"])
         if met and met.split:  # every rank of every box: the boxes' shares of the batch, corrected at the outer step
             sampler = dataclasses.replace(sampler, micro_batches=met.split)
             split, pending = met.split[box], None
             tuner = SplitTuner(split, caps, cfg.grad_accum) if tuner else None  # the box's new split, measured afresh
-            if me == 0:
+            if me == 0 and met.shares:  # (a lost box's share is recorded above)
                 result.rebalances.append(met.shares.record())
                 _say(me, f"boxes' shares corrected from step {met.shares.step}: {list(met.shares.old)} -> {list(met.split)}; {met.shares.why}")
         result.history.append(stats.record())
@@ -384,6 +390,19 @@ def _save_final(engine, tokenizer, out: Path, rank: int, zero3_stage: bool) -> P
         engine.module.save_pretrained(str(final), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(final))
     return final
+
+
+def _box_left(met, step: int, boxes: tuple[int, ...], split: tuple[int, ...], grad_accum: int) -> dict:
+    """What the job's result says of boxes lost before the outer step at `step`: the job went on without them, and
+    their share of the steps since the last outer step went untrained with them (their deltas never came)."""
+    firsts = first_ranks(boxes)
+    ranks = [firsts[b] + r for b in met.left for r in range(boxes[b])]
+    samples = sum(split[r] for r in ranks) * grad_accum
+    return {"step": step, "boxes": list(met.left), "ranks": ranks, "untrained_steps": [met.since, step], "untrained_samples_a_step": samples,
+            "new_split": list(met.split or ()),
+            "why": (f"box(es) {list(met.left)} (ranks {ranks}) lost before the outer step at step {step}: the job goes on without them, "
+                    f"the boxes left taking the whole global batch ({list(split)} -> {list(met.split or ())}); their share of steps "
+                    f"{met.since}-{step}, {samples} samples a step, went untrained with them")}
 
 
 def _device_name(on_gpu: bool) -> str:

@@ -262,6 +262,8 @@ def job_result(result: dict) -> None:
         ranks = change.get("ranks", [])  # (the box's, with outer steps; older results have none)
         within = f" on ranks {', '.join(map(str, ranks))}" if 0 < len(ranks) < len(result["ranks"]) else ""
         console.print(f"split corrected from step {change['step']}{within}: {change['old']} -> {change['new']} (measured speeds)")
+    for left in (result.get("outer") or {}).get("boxes_left", []):
+        console.print(left["why"])
 
 
 def follow(events: Iterator[Waiting | Step | Ended]) -> Ended:

@@ -49,7 +49,8 @@ def from_ray(status: str, message: str | None, failure: dict | None, result: dic
                                f"because {(move or {}).get('reason', 'the scheduler asked')}; placed again, resuming there",
                       steps_done=result["stopped_at"])
     if status == "SUCCEEDED":
-        return Ending("succeeded", "finished")
+        left = ((result or {}).get("outer") or {}).get("boxes_left") or []
+        return Ending("succeeded", "; ".join(["finished"] + [f"box(es) {b['boxes']} lost before step {b['step']}: finished without them" for b in left]))
     if status == "STOPPED":
         return Ending("cancelled", "stopped in Ray")
     if failure is None:
