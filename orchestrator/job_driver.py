@@ -27,14 +27,15 @@ READY_TIMEOUT_S = 60
 def report(config: TrainConfig, plan: dict, placements: list[dict], results: list[dict | None]) -> dict:
     """The job's result. A run resumed at its last step (its driver died after the final save) trained no step:
     its figures per step are None, and it still succeeds. With outer steps, the ranks of a box lost on the way have
-    no result (None): the result's ranks and history are the boxes' that finished, and `outer.boxes_left` says why."""
+    no result (None): the result's ranks and history are the boxes' that finished, and `outer.boxes_left` says why
+    (and `outer.boxes_back` when a box was let back in: its cards' figures start there)."""
     first, cards = results[0], plan["ranks"]
     ran = bool(first["history"])
     # A rank's figures are in its own group's lists: the job's, or with outer steps its box's (ranks box by box)
-    firsts = [f for f in first_ranks(config.boxes) if results[f] is not None]
+    boxes = [(f, n) for f, n in zip(first_ranks(config.boxes), config.boxes) if results[f] is not None]
     local = [r for size in config.boxes for r in range(size)]
-    history = job_history(firsts, results)
-    finished = [r for r in results if r is not None]
+    history = job_history(boxes, results)
+    finished = [(i, r) for i, r in enumerate(results) if r is not None]  # (in history's order: box by box)
     return {
         "job_id": config.job_id,
         "steps": first["steps"],
@@ -50,16 +51,16 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
         "method": config.method,
         "base": _base(config, first),
         "resumed_from": first["resumed_from"] or None,  # the checkpoint this run took over from
-        "tokens_per_s": round(sum(r["tokens_per_s"] for r in finished) / len(finished), 1),
+        "tokens_per_s": round(sum(r["tokens_per_s"] for _, r in finished) / len(finished), 1),
         "final_dir": first["final_dir"],
         "step_time_s": round(first["step_time_s"], 4) if ran else None,  # measured, mean over the run
         "est_step_s": plan["est_step_s"],  # the plan's estimate, for the real cards
         # outer steps across boxes: how many, the bytes the box leaders sent across the link (counted there), the boxes lost
-        "outer": {"outer_steps": first["outer_steps"], "bytes_across_boxes": sum(r["outer_bytes_sent"] for r in finished),
-                  "boxes_left": first["boxes_left"]} if config.outer else None,
+        "outer": {"outer_steps": first["outer_steps"], "bytes_across_boxes": sum(r["outer_bytes_sent"] for _, r in finished),
+                  "boxes_left": first["boxes_left"], "boxes_back": first["boxes_back"]} if config.outer else None,
         "ranks": [
             {"rank": i, "card": c["card"], "model": c["model"], "micro_batch": config.micro_batches[i],
-             "final_micro_batch": history[-1]["split"][i] if history else config.micro_batches[i],
+             "final_micro_batch": history[-1]["split"][k] if history else config.micro_batches[i],
              "zero_stage": config.ds_configs[i]["zero_optimization"]["stage"], "precision": r["precision"],
              "device": p["device"], "cuda_visible_devices": p["cuda_visible_devices"],
              "nvml_name": p["nvml_name"], "uuid": p["uuid"], "pci_bus_id": p["pci_bus_id"],
@@ -73,7 +74,7 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
              # the plan's estimate of its buffers on the card (a box leader's host RAM comes on top of it)
              **({"outer_step_peak_mib": None if r["outer_peak_bytes"] is None else round(r["outer_peak_bytes"] / 1024**2, 1),
                  "est_outer_step_mib": round(c["est_outer_step_gib"] * 1024, 1)} if config.outer else {})}
-            for i, (c, p, r, j) in enumerate(zip(cards, placements, results, local)) if r is not None
+            for k, (i, r) in enumerate(finished) for c, p, j in [(cards[i], placements[i], local[i])]
         ],
     }
 
@@ -81,21 +82,29 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
 PER_RANK = ("tokens", "step_time_s", "reduce_s", "memory_bytes", "peak_memory_bytes", "split", "wait_s", "compute_s")
 
 
-def job_history(firsts: list[int], results: list[dict]) -> list[dict]:
+ABSENT = {"tokens": 0, "split": 0}  # a card at a step its box was out of the job: no samples; its other figures None
+
+
+def job_history(boxes: list[tuple[int, int]], results: list[dict | None]) -> list[dict]:
     """Every step, every card. Synchronous: any rank's history (they all hold the job's). With outer steps each box
-    records its own cards (`firsts`: each box's first rank): the boxes' records of a step side by side, the loss their
-    mean weighted by tokens."""
-    firsts = [results[first]["history"] for first in firsts]
-    if len(firsts) == 1:
-        return firsts[0]
+    records its own cards (`boxes`: each box's first rank and ranks, of the boxes with results): the boxes' records
+    of a step side by side, the loss their mean weighted by tokens. Box 0 ran every step; a box let back in after it
+    was lost has no record of the steps it was out (ABSENT)."""
+    histories = [results[first]["history"] for first, _ in boxes]
+    if len(histories) == 1:
+        return histories[0]
+    by_step = [{h["step"]: h for h in history} for history in histories]
     merged = []
-    for records in zip(*firsts):
-        row = {**records[0], **{key: [v for r in records for v in r[key]] for key in PER_RANK}, "next_split": []}
-        tokens = [sum(r["tokens"]) for r in records]
-        row["loss"] = sum(r["loss"] * t for r, t in zip(records, tokens)) / sum(tokens)
-        row["comm_s"] = min(row["reduce_s"])
-        row["tokens_per_s"] = round(sum(row["tokens"]) / max(row["step_time_s"]), 1)
-        row["stop"] = any(r["stop"] for r in records)
+    for step in (h["step"] for h in histories[0]):
+        records = [steps.get(step) for steps in by_step]
+        present = [r for r in records if r]
+        row = {**present[0], "next_split": [],
+               **{key: [v for r, (_, n) in zip(records, boxes) for v in (r[key] if r else [ABSENT.get(key)] * n)] for key in PER_RANK}}
+        tokens = [sum(r["tokens"]) for r in present]
+        row["loss"] = sum(r["loss"] * t for r, t in zip(present, tokens)) / sum(tokens)
+        row["comm_s"] = min(v for r in present for v in r["reduce_s"])
+        row["tokens_per_s"] = round(sum(row["tokens"]) / max(v for r in present for v in r["step_time_s"]), 1)
+        row["stop"] = any(r["stop"] for r in present)
         merged.append(row)
     return merged
 

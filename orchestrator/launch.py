@@ -83,7 +83,7 @@ def with_outer_steps(config: TrainConfig, boxes: list[int], inner_steps: int, ou
     ds = tuple({**c, "train_batch_size": c["train_micro_batch_size_per_gpu"] * c["gradient_accumulation_steps"] * n}
                for c, n in zip(config.ds_configs, per_rank))
     outer = {"boxes": list(boxes), "inner_steps": inner_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum, "wire": wire,
-             "bucket_elements": bucket_elements, "caps": list(caps or config.micro_batch_caps)}
+             "bucket_elements": bucket_elements, "caps": list(caps or config.micro_batch_caps), "planned": list(config.micro_batches)}
     return dataclasses.replace(config, ds_configs=ds, outer=outer)
 
 

@@ -76,8 +76,8 @@ def figures(result: dict) -> dict[str, bytes]:
     plots["Each card's micro-batch over the run: the plan's, then as measured speeds corrected it"] = png(fig)
 
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(cards) + 1.5))
-    compute = [fmean([h["compute_s"][r] for h in history]) for r in range(len(cards))]
-    wait = [fmean([h["wait_s"][r] for h in history]) for r in range(len(cards))]
+    compute = [_mean(history, "compute_s", r) for r in range(len(cards))]
+    wait = [_mean(history, "wait_s", r) for r in range(len(cards))]
     comm = [fmean([h["comm_s"] for h in history])] * len(cards)
     ax.barh(cards, compute, label="compute")
     ax.barh(cards, wait, left=compute, label="wait for slower cards")
@@ -91,11 +91,11 @@ def figures(result: dict) -> dict[str, bytes]:
     fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(10, 0.6 * len(cards) + 2))
     width = 0.4
     rows = range(len(cards))
-    measured_step = [fmean([h["step_time_s"][r] for h in history]) for r in rows]
+    measured_step = [_mean(history, "step_time_s", r) for r in rows]
     time_ax.barh([i - width / 2 for i in rows], [result["plan"]["est_step_s"]] * len(cards), width, label="plan (estimate)")
     time_ax.barh([i + width / 2 for i in rows], measured_step, width, label=f"measured on {result['ranks'][0]['device']}")
     time_ax.set(yticks=list(rows), yticklabels=cards, xlabel="seconds per optimizer step", title="Step time")
-    peak = [max(h["peak_memory_bytes"][r] for h in history) / GIB for r in rows]
+    peak = [max(h["peak_memory_bytes"][r] or 0 for h in history) / GIB for r in rows]
     memory_ax.barh([i - width / 2 for i in rows], [r["est_mem_gib"] for r in plan_ranks], width, label="plan (estimate)")
     memory_ax.barh([i + width / 2 for i in rows], peak, width, label=f"measured peak ({_memory_source(result)})")
     memory_ax.set(yticks=list(rows), yticklabels=cards, xlabel="GiB", title="Memory per card")
@@ -104,6 +104,11 @@ def figures(result: dict) -> dict[str, bytes]:
         _legend_below(ax)
     plots["The plan's estimates beside the measured step time and peak memory per card"] = png(fig)
     return plots
+
+
+def _mean(history: list[dict], key: str, rank: int) -> float:
+    """A card's mean figure over the steps it trained (with outer steps, a box that was lost has none for some)."""
+    return fmean([h[key][rank] for h in history if h[key][rank] is not None] or [0.0])
 
 
 def _legend_below(ax) -> None:

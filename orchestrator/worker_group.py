@@ -7,7 +7,10 @@ point of zeromix.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections import Counter
+from dataclasses import dataclass, field
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -19,6 +22,7 @@ from workers.train import TrainConfig
 
 
 ROOT_CAUSE_WAIT_S = 10  # after the first rank fails, how long the others may take to say why they failed too
+MAX_COMEBACKS = 2  # outer steps: times a lost box's ranks are started again in one placement of the job
 # What a collective says when a peer vanished (gloo on CPU, NCCL on GPUs): a lost rank seen from a survivor.
 LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
              "Watchdog caught collective operation timeout", "remote process exited", "Socket Timeout",
@@ -68,6 +72,22 @@ def _root_cause(failures: dict[int, BaseException]) -> tuple[int, BaseException]
     return min(failures.items(), key=order)
 
 
+@dataclass
+class _Run:
+    """What WorkerGroup.run tracks while the ranks train."""
+
+    config_json: str
+    infos: list  # every rank's RankInfo (a box started again gets new ones)
+    pending: dict  # a rank's run -> the rank
+    results: dict = field(default_factory=dict)  # the rank -> its result
+    lost: set = field(default_factory=set)  # outer steps: boxes lost and not back
+    coming: dict = field(default_factory=dict)  # a lost box's new leader's rendezvous -> the box
+    comebacks: Counter = field(default_factory=Counter)  # the box -> times its ranks were started again
+
+    def ranks_of(self, box: int) -> list[int]:
+        return [r for r, info in enumerate(self.infos) if info.box == box]
+
+
 def actor_name(job_id: str, rank: int, card: dict) -> str:
     """What the Ray dashboard shows for a rank: its job, rank and card, e.g. zm-llama-3f2a1c-r1-rtx3090@desk."""
     model = re.sub(r"[^a-z0-9]", "", card["model"].lower().removeprefix("geforce ").removeprefix("nvidia "))
@@ -78,20 +98,24 @@ class WorkerGroup:
     def __init__(self, placement_group, cards: list[dict], job_id: str):
         """`job_id`: this placement's Ray job id (`<id>-<attempt>` after the first), so a job placed again at once
         never meets its last placement's actors' names."""
-        remote = ray.remote(RankWorker)
-        self.cards, self.attempt = cards, job_id
+        self.placement_group, self.cards, self.attempt = placement_group, cards, job_id
         self.actors = []
         try:
-            for i, card in enumerate(cards):
-                self.actors.append(remote.options(
-                    num_cpus=1, num_gpus=1, resources={card["resource"]: 1},
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=i),
-                    runtime_env={"env_vars": {**card_env(card["index"]), **card.get("env", {})}},
-                    name=actor_name(job_id, i, card),
-                ).remote(card))
+            for i in range(len(cards)):
+                self.actors.append(self._actor(i))
         except BaseException:
             self.shutdown()
             raise
+
+    def _actor(self, i: int, again: int = 0):
+        """Rank i's actor, on its bundle's card (`again`: the how-manieth time its box's ranks are started again)."""
+        card = self.cards[i]
+        return ray.remote(RankWorker).options(
+            num_cpus=1, num_gpus=1, resources={card["resource"]: 1},
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
+            runtime_env={"env_vars": {**card_env(card["index"]), **card.get("env", {})}},
+            name=actor_name(self.attempt, i, card) + (f"-back{again}" if again else ""),
+        ).remote(card)
 
     def where(self) -> list[dict]:
         return ray.get([a.where.remote() for a in self.actors])
@@ -100,46 +124,79 @@ class WorkerGroup:
         """Train on every rank; the first rank to fail stops the others (they would wait in a collective forever).
         With outer steps, a box other than box 0 whose rank was lost (its process or node died, or a peer of its
         box did) is left out instead: its other ranks are stopped, the box leaders hear of it (the job's "lost"
-        record) and go on without it from their next outer step, and its ranks' results are None. Box 0 holds the
-        leaders' rendezvous and the checkpoints: losing it restarts the job, as a synchronous job's loss does."""
-        world = len(self.actors)
+        record) and go on without it from their next outer step. Its ranks are started again on the same cards (up
+        to MAX_COMEBACKS times; on a node that died, once it is back), and ask back in. Box 0 holds the leaders'
+        rendezvous and the checkpoints: losing it restarts the job, as a synchronous job's loss does. A rank whose
+        box was lost and not let back in by the end has no result (None)."""
         config = TrainConfig.from_json(config_json)  # (outer steps: each box its own group, ranks box by box)
         meet = ray.get([self.actors[first].rendezvous.remote() for first in first_ranks(config.boxes)])
         outer_meet = ray.get(self.actors[0].rendezvous.remote()) if config.outer else ("", 0)
         infos = rank_infos(config.boxes, meet, outer_meet)
-        pending = {a.run.remote(config_json, info): rank for rank, (a, info) in enumerate(zip(self.actors, infos))}
-        results: dict[int, dict | None] = {}
-        lost: set[int] = set()
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            rank = pending.pop(done[0])
+        run = _Run(config_json, infos, {a.run.remote(config_json, info): rank for rank, (a, info) in enumerate(zip(self.actors, infos))})
+        while run.pending:
+            done, _ = ray.wait([*run.pending, *run.coming], num_returns=1)
+            if done[0] in run.coming:
+                self._back(run, run.coming.pop(done[0]), done[0])
+                continue
+            rank = run.pending.pop(done[0])
             try:
-                results[rank] = ray.get(done[0])
+                run.results[rank] = ray.get(done[0])
             except Exception as err:
                 box = infos[rank].box
                 if config.outer and box and failure_kind(err) == "lost":
-                    lost.add(box)
-                    self._leave(box, infos, pending, results, err)
-                    job_records.put(self.attempt, "lost", sorted(lost))
+                    self._leave(run, box, err)
                     continue
-                failures = {rank: err} | self._other_failures(pending)
+                failures = {rank: err} | self._other_failures(run.pending)
                 self.shutdown()
                 rank, err = _root_cause(failures)
                 card = self.cards[rank]
                 raise RankFailed(f"rank {rank} on {card['node']}/{card['index']} failed: {describe(err)}", failure_kind(err), rank, card) from err
-        return [results[r] for r in range(world)]
+            if config.outer and run.pending and all(r in run.results for r in range(config.boxes[0])):
+                self._end_boxes_asking(run)  # box 0 ended the job: a box still asking back in will not be let in
+        return [run.results.get(r) for r in range(len(self.actors))]
 
-    def _leave(self, box: int, infos: list, pending: dict, results: dict, err: BaseException) -> None:
-        """Stop what is left of a lost box (its ranks would wait in their box's collectives) and mark its results."""
-        ranks = [r for r, info in enumerate(infos) if info.box == box]
-        for ref, rank in list(pending.items()):
+    def _leave(self, run: _Run, box: int, err: BaseException) -> None:
+        """Stop what is left of a lost box (its ranks would wait in their box's collectives), tell the box leaders,
+        and start its ranks again on their cards unless it has come back too often."""
+        ranks = run.ranks_of(box)
+        for ref, rank in list(run.pending.items()):
             if rank in ranks:
-                del pending[ref]
+                del run.pending[ref]
                 ray.kill(self.actors[rank])
-        results.update({r: None for r in ranks})
+        run.lost.add(box)
+        job_records.put(self.attempt, "lost", sorted(run.lost))
         cards = ", ".join(f"{self.cards[r]['node']}/{self.cards[r]['index']}" for r in ranks)
-        print(f"zeromix: box {box} ({cards}) was lost ({describe(err)}); the other boxes go on without it from their next outer step",
-              flush=True)
+        again = run.comebacks[box] < MAX_COMEBACKS
+        print(f"zeromix: box {box} ({cards}) was lost ({describe(err)}); the other boxes go on without it from their next outer step"
+              + ("; its ranks start again on those cards and ask back in" if again else ""), flush=True)
+        if again:
+            run.comebacks[box] += 1
+            for r in ranks:
+                self.actors[r] = self._actor(r, run.comebacks[box])
+            run.coming[self.actors[ranks[0]].rendezvous.remote()] = box  # (answers once the actor runs: on a dead node, when it is back)
+
+    def _back(self, run: _Run, box: int, rendezvous) -> None:
+        """A lost box's new ranks run: start them asking back in (the leaders stop counting the box lost first)."""
+        try:
+            addr, port = ray.get(rendezvous)
+        except Exception as err:  # its actors could not start: the box stays lost
+            print(f"zeromix: box {box} could not start again ({describe(err)}); the job goes on without it", flush=True)
+            return
+        run.lost.discard(box)
+        job_records.put(self.attempt, "lost", sorted(run.lost))
+        for r in run.ranks_of(box):
+            run.infos[r] = dataclasses.replace(run.infos[r], master_addr=addr, master_port=port, back=True)
+            run.pending[self.actors[r].run.remote(run.config_json, run.infos[r])] = r
+        print(f"zeromix: box {box} started again; it joins at the next outer step", flush=True)
+
+    def _end_boxes_asking(self, run: _Run) -> None:
+        """Box 0 has ended: the other boxes end with it, at its last outer step; a box still asking back in then
+        never will be let in: stopped (its ranks have no result)."""
+        done, _ = ray.wait(list(run.pending), num_returns=len(run.pending), timeout=ROOT_CAUSE_WAIT_S)
+        for ref, rank in list(run.pending.items()):
+            if ref not in done:
+                del run.pending[ref]
+                ray.kill(self.actors[rank])
 
     def _other_failures(self, pending: dict) -> dict[int, BaseException]:
         done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=ROOT_CAUSE_WAIT_S)

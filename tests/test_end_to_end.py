@@ -227,7 +227,7 @@ def test_outer_steps_across_boxes_through_the_cluster(scratch_run, demo_data):
     # 12 steps, an outer step every 4: the link carried 3 exchanges of the model's fp32 delta, each with its 40-byte
     # header (5 float64: a box of one card), and box 0's step at the start (16 bytes)
     trained = result["plan"]["trainable_params"]
-    assert result["outer"] == {"outer_steps": 3, "bytes_across_boxes": 2 * (3 * (4 * trained + 40) + 16), "boxes_left": []}
+    assert result["outer"] == {"outer_steps": 3, "bytes_across_boxes": 2 * (3 * (4 * trained + 40) + 16), "boxes_left": [], "boxes_back": []}
     assert all(h["job_tokens"] == sum(h["tokens"]) for h in result["history"])  # the job's tokens/s counts both boxes'
     # what an outer step held on each rank, measured there, beside the plan's estimate (bench/outer_memory.py compares them)
     assert all(r["outer_step_peak_mib"] is not None and r["est_outer_step_mib"] == pytest.approx(4 * trained / 2**20, abs=0.05)

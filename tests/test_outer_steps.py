@@ -150,39 +150,104 @@ def test_box_leaders_each_get_every_box_payload_in_box_order_over_three_boxes():
     assert got == [(box, [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0], [20.0, 21.0, 22.0]], 2 * 3 * 4) for box in range(3)]
 
 
-def _leader_left_with(box: int, port: int, results) -> None:
-    """A leader of three: box 2 joins and then dies (its node unplugged); box 0 hears from its `lost` argument (the
-    job's driver, in a real run) that box 2 was lost. Boxes 0 and 1 meet twice."""
+def _leader_of_three(box: int, port: int, results, asked, back: bool = False) -> None:
+    """A leader of three boxes: box 2 joins and then dies (its node unplugged); box 0 hears from its `lost` argument
+    (the job's driver, in a real run) that box 2 was lost, so boxes 0 and 1 meet alone. Box 2's ranks start again
+    (`back`) and ask back in; the next meeting lets it in, and box 0 hands it the global state."""
     import os
 
     from workers.collectives import BoxLink, RankInfo
 
-    link = BoxLink.join(RankInfo(0, 1, "", 0, box, 3, 0, "127.0.0.1", port), timeout_s=60)
-    if box == 2:
-        os._exit(0)  # no goodbye: its sockets close as a killed process's do
-    for meeting in range(2):
-        heads = link.meet(torch.tensor([box, meeting], dtype=torch.float64, device="cpu"), lost=lambda: {2})
+    info = RankInfo(0, 1, "", 0, box, 3, 0, "127.0.0.1", port)
+    if back:
+        link = BoxLink.ask_back(info, timeout_s=60)
+        asked.set()
+        assert link.let_in(60)
+    else:
+        link = BoxLink.join(info, timeout_s=60)
+        if box == 2:
+            os._exit(0)  # no goodbye: its sockets close as a killed process's do
+    for meeting in (1,) if back else (0, 1):
+        if meeting == 1 and not back:
+            asked.wait(60)  # (box 2 asks before this meeting, so it is let in at it)
+        heads, came = link.meet(torch.tensor([box, meeting], dtype=torch.float64, device="cpu"), lost=lambda: {2} if meeting == 0 else set())
         got = link.exchange(torch.arange(3, dtype=torch.float32, device="cpu") + 10 * box)
-        results.put((box, meeting, {b: h.tolist() for b, h in heads.items()}, [t.tolist() for t in got], link.members))
+        handed = None
+        if box == 0 and came:
+            link.send(torch.full((4,), 7.0, device="cpu"), 2)
+        if back:
+            handed = link.receive(torch.zeros(4, device="cpu"), 0).tolist()
+        results.put((box, meeting, {b: h.tolist() for b, h in heads.items()}, came, [t.tolist() for t in got], link.members, handed))
 
 
-def test_a_box_lost_is_left_out_of_the_meeting_and_the_link_formed_again_over_the_boxes_left():
+def test_a_box_lost_is_left_out_of_the_meeting_and_let_back_in_when_it_asks():
     """BoxLink.meet: the boxes meet in the rendezvous store, not in a collective, so a box that died is simply not
-    waited for once the driver names it; the others' headers and payloads then go round a ring of two."""
+    waited for once the driver names it, and the others' headers and payloads go round a ring of two. Its ranks
+    started again ask back in; the next meeting lets it in (its header, its payload), and box 0 hands it the state."""
     from tests.conftest import free_port
     from workers.local_launch import _context
 
     ctx, port = _context(), free_port()
-    results = ctx.Queue()
-    leaders = [ctx.Process(target=_leader_left_with, args=(box, port, results)) for box in range(3)]
+    results, asked = ctx.Queue(), ctx.Event()
+    leaders = [ctx.Process(target=_leader_of_three, args=(box, port, results, asked)) for box in range(3)]
     for leader in leaders:
         leader.start()
-    got = sorted((results.get(timeout=120) for _ in range(4)), key=lambda r: (r[1], r[0]))
-    for leader in leaders:
+    first = sorted(results.get(timeout=120) for _ in range(2))
+    for box in (0, 1):
+        assert first[box] == (box, 0, {0: [0.0, 0.0], 1: [1.0, 0.0]}, (), [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0]], (0, 1), None)
+    again = ctx.Process(target=_leader_of_three, args=(2, port, results, asked, True))
+    again.start()
+    second = sorted(results.get(timeout=120) for _ in range(3))
+    for leader in (*leaders, again):
         leader.join(timeout=30)
-    for meeting in range(2):
-        for box in (0, 1):
-            assert got[2 * meeting + box] == (box, meeting, {0: [0.0, meeting], 1: [1.0, meeting]}, [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0]], (0, 1))
+    three = [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0], [20.0, 21.0, 22.0]]
+    for box in (0, 1, 2):
+        assert second[box] == (box, 1, {0: [0.0, 1.0], 1: [1.0, 1.0], 2: [2.0, 1.0]}, (2,), three, (0, 1, 2), [7.0] * 4 if box == 2 else None)
+
+
+def _leader_of_two(box: int, port: int, results, asked, back: bool = False) -> None:
+    """Box 1 dies right after a meeting and its ranks, started again, ask back in before the next one: box 0 never
+    counted it lost (the driver already took it off the lost list), and must still take the new process in."""
+    import os
+
+    from workers.collectives import BoxLink, RankInfo
+
+    info = RankInfo(0, 1, "", 0, box, 2, 0, "127.0.0.1", port)
+    link = BoxLink.ask_back(info, timeout_s=60) if back else BoxLink.join(info, timeout_s=60)
+    if back:
+        asked.set()
+        assert link.let_in(60)
+    for meeting in (1,) if back else (0, 1):
+        if meeting == 1 and box == 0:
+            asked.wait(60)
+        heads, came = link.meet(torch.tensor([box, meeting], dtype=torch.float64, device="cpu"))
+        got = link.exchange(torch.arange(2, dtype=torch.float32, device="cpu") + 10 * box)
+        results.put((box, meeting, sorted(heads), came, [t.tolist() for t in got]))
+        if box == 1 and not back:
+            results.close()
+            results.join_thread()  # (its message out before the process dies)
+            os._exit(0)
+
+
+def test_a_box_lost_and_back_between_two_meetings_is_taken_in_as_the_new_process_it_is():
+    """Box 1 dies after a meeting and asks back in before the next: the same boxes meet, and the link is still formed
+    again (the old one's peer is dead; without that the exchange fails)."""
+    from tests.conftest import free_port
+    from workers.local_launch import _context
+
+    ctx, port = _context(), free_port()
+    results, asked = ctx.Queue(), ctx.Event()
+    leaders = [ctx.Process(target=_leader_of_two, args=(box, port, results, asked)) for box in range(2)]
+    for leader in leaders:
+        leader.start()
+    first = sorted(results.get(timeout=120) for _ in range(2))
+    assert [r[:4] for r in first] == [(0, 0, [0, 1], ()), (1, 0, [0, 1], ())]
+    again = ctx.Process(target=_leader_of_two, args=(1, port, results, asked, True))
+    again.start()
+    second = sorted(results.get(timeout=120) for _ in range(2))
+    for leader in (*leaders, again):
+        leader.join(timeout=30)
+    assert second == [(box, 1, [0, 1], (1,), [[0.0, 1.0], [10.0, 11.0]]) for box in (0, 1)]
 
 
 def test_the_outer_step_is_nesterov_sgd_on_the_combined_delta():

@@ -35,6 +35,7 @@ class RankInfo:
     first_rank: int = 0  # the job-wide index of the box's rank 0: the job's config lists ranks box by box
     outer_addr: str = ""
     outer_port: int = 0
+    back: bool = False  # the box's ranks were started again after it was lost: it asks back in (BoxLink.ask_back)
 
     @property
     def job_rank(self) -> int:
@@ -166,7 +167,8 @@ class BoxLink:
 
     The boxes meet in the rendezvous store first (`meet`), not in a gloo collective, so a box whose node died is
     left out there instead of breaking a collective: box 0's leader decides which boxes meet, and the gloo groups
-    are formed again over them."""
+    are formed again over them. A box that comes back asks in through the store (`ask_back`), and box 0's leader
+    lets it in at its next meeting."""
 
     box: int
     boxes: int
@@ -177,6 +179,7 @@ class BoxLink:
     members: tuple[int, ...] = ()  # the boxes still in the job, in order (all of them until one leaves)
     meetings: int = 0  # meetings held: each one's keys in the store are its own
     bytes_sent: int = 0  # what this leader sent across the link: in a ring all-gather over k boxes, k-1 payloads
+    asking: str = ""  # a box that came back: what it asked in with, until box 0 lets it in
 
     @classmethod
     def join(cls, info: RankInfo, timeout_s: float = 600) -> BoxLink:
@@ -195,41 +198,72 @@ class BoxLink:
                                f"{info.outer_port} within {timeout_s:.0f} s ({err}); check that every box reaches that address") from err
         return cls(info.box, info.boxes, up, down, store, timeout_s, tuple(range(info.boxes)))
 
-    def meet(self, head: torch.Tensor, lost: Callable[[], set[int]] = set) -> dict[int, torch.Tensor]:
+    @classmethod
+    def ask_back(cls, info: RankInfo, timeout_s: float = 600) -> BoxLink:
+        """A box that comes back (its ranks started again while the others train): connect to box 0's store and ask
+        in. It belongs to no group until box 0's leader lets it in at a meeting (`let_in`)."""
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        store = dist.TCPStore(info.outer_addr, info.outer_port, info.boxes, is_master=False, timeout=timedelta(seconds=timeout_s))
+        asking = f"{os.getpid()}-{time.time_ns()}"
+        store.set(f"ask/{info.box}", asking)
+        return cls(info.box, info.boxes, None, None, store, timeout_s, asking=asking)
+
+    def let_in(self, wait_s: float) -> bool:
+        """A box asking back in: whether box 0's leader let it in (it then meets from that meeting on), waiting up to
+        `wait_s`."""
+        key, deadline = f"let-in/{self.box}/{self.asking}", time.monotonic() + wait_s
+        while not self.store.check([key]):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        self.meetings, self.asking = int(self.store.get(key)), ""
+        return True
+
+    def meet(self, head: torch.Tensor, lost: Callable[[], set[int]] = set) -> tuple[dict[int, torch.Tensor], tuple[int, ...]]:
         """Every box's `head` (a small host tensor, the same shape and dtype on each), by box, for the boxes that meet.
         Each leader posts its own in the store; box 0's leader waits for every member's, or for `lost()` (the job's
-        driver, which sees a box's processes die) to name the box, and posts who met; a box that did not is out of
-        the job from here on, and the link is formed again over the boxes left. A meeting no box was lost from
-        moves a few hundred bytes through the store."""
+        driver, which sees a box's processes die) to name the box, lets in the boxes that asked back in, and posts who
+        met; a box that did not is out of the job from here on, and the link is formed again over the boxes that met.
+        A meeting no box was lost from moves a few hundred bytes through the store. Returns the headers by box and the
+        boxes let back in at this meeting (their headers are empty)."""
         import torch
 
         n, self.meetings = self.meetings, self.meetings + 1
         self.store.set(f"head/{n}/{self.box}", head.numpy().tobytes())
         if self.box == 0:
-            self.store.set(f"met/{n}", ",".join(map(str, self._gather(n, lost))))
-        met = tuple(int(b) for b in self._get(f"met/{n}").decode().split(","))
+            met, back = self._gather(n, lost)
+            self.store.set(f"met/{n}", f"{','.join(map(str, met))}|{','.join(map(str, back))}")
+        met, back = (tuple(int(b) for b in part.split(",") if b) for part in self._get(f"met/{n}").decode().split("|"))
         if self.box not in met:
             raise RuntimeError(f"box {self.box} was lost: box 0 went on without it at outer step {n}")
         heads = {b: torch.frombuffer(bytearray(self._get(f"head/{n}/{b}")), dtype=head.dtype) for b in met}
         self.bytes_sent += (len(met) - 1) * head.numel() * head.element_size()  # what this header costs the link: it reaches
         # every other box that met once (through box 0's store), as in a ring; the store's keys and the list of boxes are not counted
-        if met != self.members:
+        if met != self.members or back:  # (a box let back in is a new process, even where it was lost and back between meetings)
             self.members = met
             self.up, self.down = _gloo_pair(self.store, f"boxes-{n}", met.index(self.box), len(met), self.timeout_s)
-        return heads
+        return heads, back
 
-    def _gather(self, n: int, lost: Callable[[], set[int]]) -> list[int]:
-        """Box 0's leader: the members whose header came, once every other one is known lost (checked last, too:
-        a box lost after its header came is out)."""
+    def _gather(self, n: int, lost: Callable[[], set[int]]) -> tuple[list[int], list[int]]:
+        """Box 0's leader: the boxes that meet (the members whose header came, once every other one is known lost;
+        checked last, too: a box lost after its header came is out), and of them those let back in at this meeting
+        (a box asking back in: lost, its ranks started again; maybe before this meeting knew it lost)."""
         deadline = time.monotonic() + self.timeout_s
         waiting, asked = set(self.members), 0.0
         while True:
-            waiting -= {b for b in waiting if self.store.check([f"head/{n}/{b}"])}
+            waiting -= {b for b in waiting if self.store.check([f"head/{n}/{b}"]) or self.store.check([f"ask/{b}"])}
             if time.monotonic() - asked > LOST_POLL_S or not waiting:
                 gone, asked = lost(), time.monotonic()
                 waiting -= gone
                 if not waiting:
-                    return [b for b in self.members if b not in gone]
+                    back = [b for b in range(1, self.boxes) if b not in gone and self.store.check([f"ask/{b}"])]
+                    for b in back:
+                        self.store.set(f"let-in/{b}/{self.store.get(f'ask/{b}').decode()}", str(n))
+                        self.store.delete_key(f"ask/{b}")
+                    return sorted({b for b in self.members if b not in gone} | set(back)), back
             if time.monotonic() > deadline:
                 raise RuntimeError(f"box 0: box(es) {sorted(waiting)} did not reach outer step {n} within {self.timeout_s:.0f} s "
                                    "and none was reported lost: a collective timeout across boxes")
@@ -260,11 +294,24 @@ class BoxLink:
             self.bytes_sent += tensor.numel() * tensor.element_size()
         return out
 
+    def send(self, tensor: torch.Tensor, box: int) -> None:
+        """`tensor` to one box that met (box 0's leader hands the global state to a box let back in)."""
+        me, to = self.members.index(self.box), self.members.index(box)
+        self._way(me, to).send([tensor], to, HANDOVER_TAG).wait()
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+
+    def receive(self, tensor: torch.Tensor, box: int) -> torch.Tensor:
+        """Into `tensor`, what `box` sends this one (`send`); returns it."""
+        me, sender = self.members.index(self.box), self.members.index(box)
+        self._way(sender, me).recv([tensor], sender, HANDOVER_TAG).wait()
+        return tensor
+
     def _way(self, sender: int, receiver: int):
         return self.up if sender < receiver else self.down
 
 
 LOST_POLL_S = 1.0  # how often box 0's leader asks whether a box it waits for was lost
+HANDOVER_TAG = 1 << 20  # gloo's tag for a handover to a box let back in (an exchange's hops are tagged 0, 1, ...)
 
 
 def _gloo_pair(store, prefix: str, rank: int, size: int, timeout_s: float) -> tuple[object, object]:

@@ -28,9 +28,12 @@ a restart: the job's driver sees its ranks die and says so (job_records "lost");
 at the outer step (BoxLink.meet, in the rendezvous store rather than a collective that would hang on the dead box),
 goes on without it; the boxes left take its share of every global batch from the next step, within their cards' caps
 (`rebalance.shares_without`), so each step's batch stays the job's. What the lost box trained since the last outer step
-is lost with it (its delta never came). Box 0 holds the rendezvous and the checkpoints: losing it restarts the job from
-its checkpoint, as does a box lost during the exchange itself, or boxes left too small for the batch. A box that comes
-back does not rejoin the running job (it would take the global weights at an outer step; not built).
+is lost with it (its delta never came). The driver starts the box's ranks again on their cards (on a node that died,
+once it is back); they ask back in (`come_back`), and box 0's leader lets them in at its next outer step, where the box
+brings an empty delta and takes the step, the global weights and the outer momentum from box 0 (its inner optimizer
+starts afresh), and every box returns to the plan's split. Box 0 holds the rendezvous and the checkpoints: losing it
+restarts the job from its checkpoint, as does a box lost during the exchange itself, or boxes left too small for the
+batch.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ from workers.rebalance import BOX_WINDOW_STEPS, WARMUP_STEPS, BoxShares, box_sha
 from workers.telemetry import PeakAbove
 
 WIRE_FORMATS = ("fp32", "bf16", "int8")
+BACK_HEARTBEAT_S = 10.0  # a box asking back in: how often its leader tells its ranks "not yet"
+BACK_WAIT_S = 24 * 3600.0  # ... and how long it asks before it gives up (the job's driver stops it when the job ends)
 
 
 @dataclass(frozen=True)
@@ -67,11 +72,12 @@ class OuterConfig:
     wire: str  # what a delta crosses the link as: fp32, bf16, or int8 with a scale per tensor
     bucket_elements: int = OUTER_BUCKET_ELEMENTS  # the new global weights go to a box's cards this many at a time
     caps: tuple[int, ...] = ()  # every rank's largest micro-batch (the plan's): the boxes left take a lost box's share within them
+    planned: tuple[int, ...] = ()  # every rank's micro-batch in the plan: where a box that comes back starts again from
 
     @classmethod
     def from_dict(cls, raw: dict) -> OuterConfig:
         config = cls(tuple(raw["boxes"]), int(raw["inner_steps"]), float(raw["outer_lr"]), float(raw["outer_momentum"]), raw["wire"],
-                     int(raw["bucket_elements"]), tuple(raw.get("caps", ())))
+                     int(raw["bucket_elements"]), tuple(raw.get("caps", ())), tuple(raw.get("planned", ())))
         if config.wire not in WIRE_FORMATS:
             raise ValueError(f"outer.wire: {config.wire!r} is not one of {', '.join(WIRE_FORMATS)}")
         if config.inner_steps < 1:
@@ -87,6 +93,7 @@ class Met:
     split: tuple[int, ...] | None = None  # the job's split from the next step on, the boxes' shares corrected; or None
     shares: BoxShares | None = None  # why (box 0's leader records it)
     left: tuple[int, ...] = ()  # boxes lost since the last outer step, left out from here on (known to the leaders)
+    back: tuple[int, ...] = ()  # boxes let back in at this outer step, training from the next step on (known to the leaders)
     since: int = 0  # the first step since the last outer step: a box lost took its share of the steps from here with it
 
 
@@ -137,14 +144,52 @@ class OuterSteps:
         if self.link:
             if self.link.box == 0 and saved:  # (a checkpoint of a synchronous run: the momentum starts at zero)
                 self.momentum = [m.to("cpu", torch.float32) for m in saved["momentum"]]
-            state = torch.cat([t.reshape(-1) for t in (*self.global_weights, *self.momentum)])
-            state = self.link.exchange(state if self.link.box == 0 else torch.zeros_like(state))[0]
-            weights, momentum = state[: self.numel], state[self.numel:]
-            shapes = [w.shape for w in self.global_weights]
-            self.global_weights = [t.clone() for t in _split(weights, shapes)]
-            self.momentum = [t.clone() for t in _split(momentum, shapes)]
+            state = self._state()
+            self._take_state(self.link.exchange(state if self.link.box == 0 else torch.zeros_like(state))[0])
         self._load_global()
         return start
+
+    def come_back(self, heartbeat_s: float = BACK_HEARTBEAT_S) -> tuple[int, tuple[int, ...]]:
+        """Every rank of a box started again after it was lost: its leader waits until box 0's leader lets it back in
+        at an outer step (telling its ranks "not yet" every `heartbeat_s`, so that no collective of the box waits out
+        its timeout), meets with an empty delta (no tokens: it weighs nothing), and takes the step, the global
+        weights and the outer momentum from box 0; every rank loads them. Its inner optimizer state starts afresh.
+        Returns the step to go on from and the job's split from there (the same on every box)."""
+        import torch
+
+        deadline = time.monotonic() + BACK_WAIT_S
+        let_in = self.comm.zeros(1, torch.float32)
+        while not let_in.item():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"box {self.link.box if self.link else '?'} asked back in for {BACK_WAIT_S:.0f} s and was never let in")
+            if self.comm.rank == 0:
+                let_in[0] = float(self.link.let_in(heartbeat_s))
+            self.comm.broadcast(let_in)
+        control = self.comm.zeros(2 + len(self.config.planned), torch.float64)  # (step, outer steps done, the new split)
+        if self.comm.rank == 0:
+            payload = Payload([w.shape for w in self.global_weights], self.config.wire)
+            payload.buffer.zero_()
+            heads, _ = self.link.meet(torch.zeros(header_bytes(list(self.config.boxes)) // 8, dtype=torch.float64, device="cpu"), self.lost)
+            self.link.exchange(payload.buffer)  # (the others' outer step: this box's delta weighs nothing)
+            control[:2] = self.link.receive(torch.zeros(2, dtype=torch.float64, device="cpu"), 0).to(control.device)
+            self._take_state(self.link.receive(torch.zeros_like(self._state()), 0))
+            control[2:] = torch.tensor(self._with_back(heads), dtype=torch.float64, device=control.device)
+        self.comm.broadcast(control)
+        self._load_global()
+        start, self.done = int(control[0].item()), int(control[1].item())
+        self.measured_from, self.since = start + WARMUP_STEPS, start + 1
+        return start, tuple(int(v) for v in control[2:].tolist())
+
+    def _state(self) -> torch.Tensor:
+        """The leader's global weights and outer momentum, flat in fp32 (what a box joining the job takes)."""
+        import torch
+
+        return torch.cat([t.reshape(-1) for t in (*self.global_weights, *self.momentum)])
+
+    def _take_state(self, state: torch.Tensor) -> None:
+        shapes = [w.shape for w in self.global_weights]
+        self.global_weights = [t.clone() for t in _split(state[: self.numel], shapes)]
+        self.momentum = [t.clone() for t in _split(state[self.numel:], shapes)]
 
     def saved(self) -> dict:
         """What a checkpoint keeps of the outer steps (a leader's; the global weights are the model's own at an
@@ -162,31 +207,35 @@ class OuterSteps:
             self.measured_s, self.measured_steps = self.measured_s + inner_s, self.measured_steps + 1
         if step % self.config.inner_steps and not last:
             return None
-        return self.outer_step(step, split)
+        return self.outer_step(step, split, last)
 
-    def outer_step(self, step: int, split: tuple[int, ...]) -> Met:
+    def outer_step(self, step: int, split: tuple[int, ...], last: bool = False) -> Met:
         """One outer step: the new global weights, whether a box asked to stop, and the boxes' shares of the global
         batch corrected from their measured inner steps (`rebalance.box_shares`) when that is worth it, or given to
         the boxes left when a box was lost (`rebalance.shares_without`)."""
         with PeakAbove(self.comm.on_gpu) as peak:
-            met = self._outer_step(step, split)
+            met = self._outer_step(step, split, last)
         if peak.bytes is not None:
             self.peak_bytes = max(self.peak_bytes or 0, peak.bytes)
         return met
 
-    def _outer_step(self, step: int, split: tuple[int, ...]) -> Met:
+    def _outer_step(self, step: int, split: tuple[int, ...], last: bool) -> Met:
         import torch
 
         payload = Payload([w.shape for w in self.global_weights], self.config.wire) if self.comm.rank == 0 else None
         self._read(lambda i, weight: payload.put(i, self.global_weights[i] - weight))  # the leader's delta, global - local
         control = self.comm.zeros(1 + len(split), torch.float32)  # whether a box asked to stop, the new split
-        shares, left, new = None, (), None
+        shares, left, back, new = None, (), (), None
         if self.comm.rank == 0:
-            heads = self._meet(payload, split)
-            left = tuple(b for b in range(len(self.config.boxes)) if b not in heads and self._had(b, split))
-            if left:
+            heads, back = self._meet(payload, split)
+            # lost since the last outer step: not met, or met as a box let back in (its share since then went untrained)
+            left = tuple(b for b in range(len(self.config.boxes)) if (b not in heads or b in back) and self._had(b, split))
+            if back:
+                self._hand_over(step, back)
+                new = self._with_back(heads)
+            elif left:
                 new = self._without(split, heads, left)
-            elif shares := self._shares(step, heads):
+            elif not last and (shares := self._shares(step, heads)):  # (after the last step no split runs)
                 new = shares.new
             control[0] = float(any(bool(h[1]) for h in heads.values()))
             if new:
@@ -198,7 +247,29 @@ class OuterSteps:
         new = tuple(int(v) for v in control[1:].tolist())
         if any(new):
             self.split_changed(step + 1)
-        return Met(bool(control[0].item()), new if any(new) else None, shares, left, since)
+        return Met(bool(control[0].item()), new if any(new) else None, shares, left=left, back=back, since=since)
+
+    def _hand_over(self, step: int, back: tuple[int, ...]) -> None:
+        """Box 0's leader: the step, the outer steps done and the global state, to each box let back in."""
+        import torch
+
+        if self.link.box == 0:
+            for box in back:
+                self.link.send(torch.tensor([step, self.done + 1], dtype=torch.float64, device="cpu"), box)
+                self.link.send(self._state(), box)
+
+    def _with_back(self, heads: dict[int, torch.Tensor]) -> tuple[int, ...]:
+        """The split once boxes came back: the plan's, over the boxes that met (with one still lost, its share spread
+        over the others by the plan's shares, within their caps); each box's own tuning starts again from it."""
+        gone = set(range(len(self.config.boxes))) - set(heads)
+        if not gone:
+            return self.config.planned
+        new = shares_without(self.config.planned, self.config.boxes, gone, (0.0,) * len(self.config.boxes), self.config.caps) \
+            if self.config.caps else None
+        if new is None:
+            raise BoxesLost(f"box(es) {sorted(gone)} are still lost and the boxes that met cannot take their share of the global batch "
+                            f"within the plan's caps {list(self.config.caps)}: the job is placed again from its last checkpoint")
+        return new
 
     def _had(self, box: int, split: tuple[int, ...]) -> bool:
         """Whether `box` still trained a share of the batch (one lost earlier has none)."""
@@ -265,19 +336,20 @@ class OuterSteps:
         for i, part in zip(bucket, flat.split(sizes)):
             _set_full_fp32(self.params[i], part.view(self.shapes[i]), self.comm.rank)
 
-    def _meet(self, payload: Payload, split: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    def _meet(self, payload: Payload, split: tuple[int, ...]) -> tuple[dict[int, torch.Tensor], tuple[int, ...]]:
         """The leaders' part: every box's header (its loss tokens, its wish to stop, its measured inner steps (seconds,
         count) and its own cards' split), then every box's delta (one exchange across boxes), and the outer step
         on the global weights, the deltas weighted by the loss tokens each box trained on, one weight at a time.
         A box lost since the last meeting is not waited for (BoxLink.meet): its delta is left out, and so are the
-        samples it trained on since then. Returns the headers of the boxes that met, by box."""
+        samples it trained on since then; a box let back in brings an empty delta. Returns the headers of the boxes
+        that met, by box, and the boxes let back in."""
         import torch
 
         first = first_ranks(self.config.boxes)[self.link.box]
         mine = split[first: first + self.config.boxes[self.link.box]]
         head = [self.tokens_since, float(self.stop_wanted), self.measured_s, float(self.measured_steps), *mine]
         head += [0.0] * (header_bytes(list(self.config.boxes)) // 8 - len(head))  # every box's header the same length
-        heads = self.link.meet(torch.tensor(head, dtype=torch.float64, device="cpu"), self.lost)
+        heads, back = self.link.meet(torch.tensor(head, dtype=torch.float64, device="cpu"), self.lost)
         started = time.perf_counter()  # (the meeting above waited for the slowest box: this exchange is the link's)
         payloads = self.link.exchange(payload.buffer)  # (in box order, as the headers)
         self.exchange_s += time.perf_counter() - started
@@ -285,7 +357,7 @@ class OuterSteps:
         for i in range(len(self.global_weights)):
             combined = sum(payload.read(sent, i) * (float(h[0]) / total) for h, sent in zip(heads.values(), payloads))
             self._nesterov(i, combined)
-        return heads
+        return heads, back
 
     def _nesterov(self, i: int, delta: torch.Tensor) -> None:
         """Outer SGD with Nesterov momentum on global weight `i`, the combined delta as its gradient (as

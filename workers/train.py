@@ -116,6 +116,7 @@ class RankResult:
     outer_exchange_s: float = 0.0  # ... and the time its deltas took across the link
     outer_peak_bytes: int | None = None  # ... and the most memory an outer step held above what the rank held before it
     boxes_left: list[dict] = field(default_factory=list)  # ... and on box 0's leader, each box lost on the way (_box_left)
+    boxes_back: list[dict] = field(default_factory=list)  # ... and each box let back in (_box_back)
 
 
 def utilisation(busy_s: list[float], wait_s: list[float]) -> list[float]:
@@ -129,13 +130,15 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     from workers.collectives import BoxLink
 
     comm = RankComm.join(info)
-    link = BoxLink.join(info) if cfg.outer and comm.rank == 0 else None
-    result = train(cfg, comm, link)
+    link = (BoxLink.ask_back(info) if info.back else BoxLink.join(info)) if cfg.outer and comm.rank == 0 else None
+    result = train(cfg, comm, link, back=info.back)
     comm.leave()
     return result
 
 
-def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
+def train(cfg: TrainConfig, comm: RankComm, link=None, back: bool = False) -> RankResult:
+    """`back`: outer steps, a box whose ranks were started again after it was lost: it asks back in, and trains on from
+    the step and the global weights box 0 hands it."""
     import deepspeed
     import torch
     import torch.nn.functional as F
@@ -215,7 +218,15 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
         _say(me, f"resumed from {checkpoints / tag} at step {start_step}{how}")
     outer_steps = OuterSteps(outer, trainable, comm, link, rebalance=bool(cfg.micro_batch_caps),
                              lost=lambda: job_records.lost_boxes(cfg.attempt)) if outer else None  # from the weights just loaded
-    if outer_steps:
+    if outer_steps and back:
+        if rank == 0:
+            print(f"zeromix: rank {me}, its box's leader: the box was lost and started again; asking back in at the next outer step", flush=True)
+        start_step, split_back = outer_steps.come_back()
+        sampler = dataclasses.replace(sampler, micro_batches=split_back)
+        if rank == 0:
+            print(f"zeromix: rank {me}, its box's leader: let back in with the global weights of step {start_step}, training on from "
+                  f"step {start_step + 1}", flush=True)
+    elif outer_steps:
         start_step = outer_steps.join(start_step, checkpoint.load_extra(checkpoints, tag, OUTER_STATE) if tag and rank == 0 else None)
 
     def save(step: int) -> None:
@@ -239,7 +250,7 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
     # In outer-step mode each box is a world of its own: its figures are its ranks' (its slice of the split), and it
     # tunes its own slice, keeping its share of the global batch (the other boxes' slices do not move).
     box = slice(me - rank, me - rank + world)
-    split, caps = cfg.micro_batches[box], cfg.micro_batch_caps[box]
+    split, caps = sampler.micro_batches[box], cfg.micro_batch_caps[box]
     tuner = SplitTuner(split, caps, cfg.grad_accum) if rank == 0 and world > 1 and caps else None
     pending = None  # rank 0's change, on its way to every rank in the next all-reduce
     saved_at = start_step  # the last checkpoint's step
@@ -291,6 +302,9 @@ def train(cfg: TrainConfig, comm: RankComm, link=None) -> RankResult:
         if met and met.left and me == 0:  # (before the sampler takes the new split: the lost boxes' share is the old one's)
             result.boxes_left.append(_box_left(met, step + 1, outer.boxes, sampler.micro_batches, cfg.grad_accum))
             _say(me, result.boxes_left[-1]["why"])
+        if met and met.back and me == 0:
+            result.boxes_back.append(_box_back(met, step + 1, outer.boxes))
+            _say(me, result.boxes_back[-1]["why"])
         if met and met.split:  # every rank of every box: the boxes' shares of the batch, corrected at the outer step
             sampler = dataclasses.replace(sampler, micro_batches=met.split)
             split, pending = met.split[box], None
@@ -403,6 +417,15 @@ def _box_left(met, step: int, boxes: tuple[int, ...], split: tuple[int, ...], gr
             "why": (f"box(es) {list(met.left)} (ranks {ranks}) lost before the outer step at step {step}: the job goes on without them, "
                     f"the boxes left taking the whole global batch ({list(split)} -> {list(met.split or ())}); their share of steps "
                     f"{met.since}-{step}, {samples} samples a step, went untrained with them")}
+
+
+def _box_back(met, step: int, boxes: tuple[int, ...]) -> dict:
+    """What the job's result says of boxes let back in at the outer step at `step`."""
+    firsts = first_ranks(boxes)
+    ranks = [firsts[b] + r for b in met.back for r in range(boxes[b])]
+    return {"step": step, "boxes": list(met.back), "ranks": ranks, "new_split": list(met.split or ()),
+            "why": (f"box(es) {list(met.back)} (ranks {ranks}) back: let in at the outer step at step {step} with the global weights, "
+                    f"training from step {step + 1} on at the split {list(met.split or ())}")}
 
 
 def _device_name(on_gpu: bool) -> str:

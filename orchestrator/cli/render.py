@@ -262,8 +262,9 @@ def job_result(result: dict) -> None:
         ranks = change.get("ranks", [])  # (the box's, with outer steps; older results have none)
         within = f" on ranks {', '.join(map(str, ranks))}" if 0 < len(ranks) < len(result["ranks"]) else ""
         console.print(f"split corrected from step {change['step']}{within}: {change['old']} -> {change['new']} (measured speeds)")
-    for left in (result.get("outer") or {}).get("boxes_left", []):
-        console.print(left["why"])
+    outer = result.get("outer") or {}
+    for change in sorted(outer.get("boxes_left", []) + outer.get("boxes_back", []), key=lambda c: c["step"]):
+        console.print(change["why"])
 
 
 def follow(events: Iterator[Waiting | Step | Ended]) -> Ended:

@@ -49,8 +49,10 @@ def from_ray(status: str, message: str | None, failure: dict | None, result: dic
                                f"because {(move or {}).get('reason', 'the scheduler asked')}; placed again, resuming there",
                       steps_done=result["stopped_at"])
     if status == "SUCCEEDED":
-        left = ((result or {}).get("outer") or {}).get("boxes_left") or []
-        return Ending("succeeded", "; ".join(["finished"] + [f"box(es) {b['boxes']} lost before step {b['step']}: finished without them" for b in left]))
+        outer = (result or {}).get("outer") or {}
+        changes = sorted([(b["step"], f"box(es) {b['boxes']} lost before step {b['step']}") for b in outer.get("boxes_left") or []]
+                         + [(b["step"], f"box(es) {b['boxes']} back from step {b['step'] + 1}") for b in outer.get("boxes_back") or []])
+        return Ending("succeeded", "; ".join(["finished"] + [text for _, text in changes]))
     if status == "STOPPED":
         return Ending("cancelled", "stopped in Ray")
     if failure is None:
