@@ -142,7 +142,9 @@ def test_with_outer_steps_a_box_lost_is_left_out_and_let_back_in_without_a_resta
     assert math.isfinite(result["last_loss"]) and result["last_loss"] < result["first_loss"]
     assert (out / "final" / "config.json").exists()
     log = zeromix("logs", job_id).stdout
-    assert "box 1 (closet/0) was lost" in log and "the job goes on without them" in log and "let back in with the global weights" in log, log[-3000:]
+    assert "box 1 (closet/0) was lost" in log and "went untrained with them" in log and "let back in with the global weights" in log, log[-3000:]
+    shown = zeromix("logs", "--follow", job_id).stdout  # the job's result as `submit --follow` ends with it
+    assert shown.index(f"lost before the outer step at step {lost_at}") < shown.index(f"back: let in at the outer step at step {back_at}")
     zeromix("report", job_id)  # the HTML report draws a card that was out of the job for a while
 
 

@@ -303,7 +303,7 @@ def train(cfg: TrainConfig, comm: RankComm, link=None, back: bool = False) -> Ra
             result.boxes_left.append(_box_left(met, step + 1, outer.boxes, sampler.micro_batches, cfg.grad_accum))
             _say(me, result.boxes_left[-1]["why"])
         if met and met.back and me == 0:
-            result.boxes_back.append(_box_back(met, step + 1, outer.boxes))
+            result.boxes_back.append(_box_back(met, step + 1, outer.boxes, sampler.micro_batches))
             _say(me, result.boxes_back[-1]["why"])
         if met and met.split:  # every rank of every box: the boxes' shares of the batch, corrected at the outer step
             sampler = dataclasses.replace(sampler, micro_batches=met.split)
@@ -409,23 +409,27 @@ def _save_final(engine, tokenizer, out: Path, rank: int, zero3_stage: bool) -> P
 def _box_left(met, step: int, boxes: tuple[int, ...], split: tuple[int, ...], grad_accum: int) -> dict:
     """What the job's result says of boxes lost before the outer step at `step`: the job went on without them, and
     their share of the steps since the last outer step went untrained with them (their deltas never came)."""
-    firsts = first_ranks(boxes)
-    ranks = [firsts[b] + r for b in met.left for r in range(boxes[b])]
+    ranks = _ranks_of(met.left, boxes)
     samples = sum(split[r] for r in ranks) * grad_accum
     return {"step": step, "boxes": list(met.left), "ranks": ranks, "untrained_steps": [met.since, step], "untrained_samples_a_step": samples,
             "new_split": list(met.split or ()),
-            "why": (f"box(es) {list(met.left)} (ranks {ranks}) lost before the outer step at step {step}: the job goes on without them, "
-                    f"the boxes left taking the whole global batch ({list(split)} -> {list(met.split or ())}); their share of steps "
-                    f"{met.since}-{step}, {samples} samples a step, went untrained with them")}
+            "why": (f"box(es) {list(met.left)} (ranks {ranks}) lost before the outer step at step {step}: their share of steps "
+                    f"{met.since}-{step}, {samples} samples a step, went untrained with them; the split from step {step + 1}: "
+                    f"{list(split)} -> {list(met.split or ())}")}
 
 
-def _box_back(met, step: int, boxes: tuple[int, ...]) -> dict:
+def _box_back(met, step: int, boxes: tuple[int, ...], split: tuple[int, ...]) -> dict:
     """What the job's result says of boxes let back in at the outer step at `step`."""
-    firsts = first_ranks(boxes)
-    ranks = [firsts[b] + r for b in met.back for r in range(boxes[b])]
+    ranks = _ranks_of(met.back, boxes)
     return {"step": step, "boxes": list(met.back), "ranks": ranks, "new_split": list(met.split or ()),
-            "why": (f"box(es) {list(met.back)} (ranks {ranks}) back: let in at the outer step at step {step} with the global weights, "
-                    f"training from step {step + 1} on at the split {list(met.split or ())}")}
+            "why": (f"box(es) {list(met.back)} (ranks {ranks}) back: let in at the outer step at step {step} with the global weights; "
+                    f"the split from step {step + 1}: {list(split)} -> {list(met.split or ())}")}
+
+
+def _ranks_of(which: tuple[int, ...], boxes: tuple[int, ...]) -> list[int]:
+    """The job ranks of the boxes `which` (`boxes`: ranks per box, the job's ranks listed box by box)."""
+    firsts = first_ranks(boxes)
+    return [firsts[b] + r for b in which for r in range(boxes[b])]
 
 
 def _device_name(on_gpu: bool) -> str:
