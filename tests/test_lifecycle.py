@@ -180,7 +180,7 @@ def _gcs_cluster_id(port: int) -> str | None:
 def test_an_up_stopped_while_its_nodes_start_leaves_nothing_running(isolated_home, tmp_path):
     """`zeromix up` stopped with SIGTERM (`kill`) once its head runs, before the cluster is recorded (that comes when
     every node is up): it stops what it started, as on Ctrl-C. Left running, `down` could not find those processes."""
-    from orchestrator.processes import cluster_processes
+    from orchestrator.processes import cluster_processes, stop_cluster_processes
 
     config = cluster_file(tmp_path)
     port = yaml.safe_load(config.read_text())["head"]["port"]
@@ -192,10 +192,14 @@ def test_an_up_stopped_while_its_nodes_start_leaves_nothing_running(isolated_hom
         assert time.monotonic() < deadline, f"no GCS on port {port} within 120 s of `zeromix up`; its log is under /tmp/zm-*"
         cluster_id = _gcs_cluster_id(port)
         time.sleep(0.1)
-    up.send_signal(signal.SIGTERM)
-    _, err = up.communicate(timeout=120)
-    assert up.returncode != 0 and not (isolated_home / "cluster.json").exists(), err[-2000:]
-    assert not cluster_processes(cluster_id)  # (its cleanup waits for them to end before `up` exits: no wait here)
+    try:
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=120)
+        assert up.returncode != 0 and not (isolated_home / "cluster.json").exists(), err[-2000:]
+        assert not cluster_processes(cluster_id)  # (its cleanup waits for them to end before `up` exits: no wait here)
+    finally:  # (where the test fails, what that `up` left is stopped here: only this cluster's processes)
+        up.kill()
+        stop_cluster_processes(cluster_id)
 
 
 def test_down_stops_only_what_zeromix_started(second_cluster, foreign_ray):

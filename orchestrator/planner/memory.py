@@ -222,9 +222,11 @@ def outer_step_bytes(shape: TrainingShape) -> int:
     return 4 * max(largest, min(shape.trainable, OUTER_BUCKET_ELEMENTS))
 
 
-def outer_step_fits(shape: TrainingShape, zero: ZeroSetting, world: int, capacity: int) -> bool:
-    """Whether the outer step's buffers fit beside the model states (ZeRO over `world` ranks: the box's)."""
-    return estimate(shape, zero, world, 0).total + outer_step_bytes(shape) <= capacity
+def outer_step_need(shape: TrainingShape, zero: ZeroSetting, world: int, micro_batch: int) -> int:
+    """What a card must hold in outer-step mode (ZeRO over `world` ranks: its box's): the training step's total at
+    `micro_batch`, or at an outer step, where the activations are freed, the model states and the outer step's
+    buffers; whichever is more."""
+    return max(estimate(shape, zero, world, micro_batch).total, estimate(shape, zero, world, 0).total + outer_step_bytes(shape))
 
 
 def max_micro_batch(shape: TrainingShape, zero: ZeroSetting, world: int, capacity: int) -> int:

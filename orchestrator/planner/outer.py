@@ -90,7 +90,7 @@ def outer_variant(ctx: PlanInput, plan: Plan) -> Plan | str:
         for r, zero, env in zip(mine, zeros, envs):
             shape = training_shape(ctx, plan.precision, r.tuning.activation_checkpointing)
             held = replace(memory.estimate(shape, zero, len(mine), r.tuning.micro_batch), outer_step=memory.outer_step_bytes(shape))
-            need = max(held.total, held.total - held.activations + held.outer_step)
+            need = memory.outer_step_need(shape, zero, len(mine), r.tuning.micro_batch)
             if need > capacity(r.card):  # (the cap: what the box's own split tuner may give the card, its box alone partitioning)
                 return (f"{r.card.card_id} ({r.card.short_name}) would need {need / GIB:.1f} GiB at micro-batch {r.tuning.micro_batch} "
                         f"with ZeRO partitioned over its box's {len(mine)} card(s) alone and the outer step's buffers; it has "

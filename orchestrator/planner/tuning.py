@@ -93,7 +93,7 @@ class Group:
         if (ckpt, zero) not in self._caps:
             shape = self.shapes[ckpt]
             self._caps[ckpt, zero] = {(c, w): memory.max_micro_batch(shape, zero, w, c)
-                                      if not self.by_box or memory.outer_step_fits(shape, zero, w, c) else 0
+                                      if not self.by_box or memory.outer_step_need(shape, zero, w, 0) <= c else 0
                                       for c, w in set(zip(self.capacities, self.partition))}
         return self._caps[ckpt, zero]
 
