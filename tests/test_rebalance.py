@@ -116,6 +116,8 @@ def test_the_boxes_shares_follow_their_measured_steps_within_caps_and_each_box_k
     assert box_shares((3, 1, 2), (2, 1), (0.1, 0.4), (4, 4, 4)) == ((4, 1, 1), (0.025, 0.2), (0.125, 0.2))
     assert box_shares((3, 1, 2), (2, 1), (0.1, 0.104), (4, 4, 4)) is None
     assert box_shares((3, 1, 2), (2, 1), (0.1, 0.4), (3, 1, 2)) is None  # box 0's cards are full
+    # with box 2 of three lost (no share), the two left move samples between them and box 2 gets none
+    assert box_shares((3, 1, 2, 0), (2, 1, 1), (0.1, 0.4, 0.0), (4, 4, 4, 4)) == ((4, 1, 1, 0), (0.025, 0.2, 0.0), (0.125, 0.2, 0.0))
 
 
 def test_a_box_lost_leaves_the_whole_global_batch_to_the_boxes_left_within_their_caps():

@@ -292,13 +292,13 @@ class OuterSteps:
         self.measured_s, self.measured_steps, self.measured_from = 0.0, 0, step
 
     def _shares(self, step: int, heads: dict[int, torch.Tensor]) -> BoxShares | None:
-        """The boxes' new shares, the same on every leader (from the same headers); None to keep them (and while a
-        box that left holds none: the shares of the boxes left are corrected at the loss, not here)."""
+        """The boxes' new shares, the same on every leader (from the same headers); None to keep them. A box out of
+        the job (lost, not back) has no share and none is given to it."""
         boxes = self.config.boxes
-        if not self.rebalance or len(heads) < len(boxes) or min(int(h[3]) for h in heads.values()) < BOX_WINDOW_STEPS:
+        if not self.rebalance or min(int(h[3]) for h in heads.values()) < BOX_WINDOW_STEPS:
             return None
-        now = tuple(int(v) for b, n in enumerate(boxes) for v in heads[b][4: 4 + n].tolist())  # each box's own slice, as it runs
-        box_s = tuple(float(heads[b][2]) / int(heads[b][3]) for b in range(len(boxes)))
+        now = tuple(int(v) for b, n in enumerate(boxes) for v in (heads[b][4: 4 + n].tolist() if b in heads else [0] * n))  # each box's own slice
+        box_s = tuple(float(heads[b][2]) / int(heads[b][3]) if b in heads else 0.0 for b in range(len(boxes)))
         found = box_shares(now, boxes, box_s, self.config.caps)
         if not found:
             return None

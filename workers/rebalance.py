@@ -167,13 +167,18 @@ def box_shares(split: tuple[int, ...], boxes: tuple[int, ...], box_step_s: tuple
     over the boxes, each at its seconds per sample now, within its cards' caps), and each box's share is spread
     over its cards in proportion to their micro-batches now (what its own tuner has learned). (The new split, each
     box's seconds per sample, each box's predicted step), or None unless the slowest box's step is predicted to
-    drop by more than `threshold` of it. The same inputs give the same answer on every box leader."""
+    drop by more than `threshold` of it. The same inputs give the same answer on every box leader. A box out of the
+    job (lost, with no share of the batch) stays out: it gets none, and its figures are 0."""
     firsts = first_ranks(boxes)
     sums = [sum(split[f: f + n]) for f, n in zip(firsts, boxes)]
-    per_sample = tuple(s / n for s, n in zip(box_step_s, sums))
+    live = [b for b, total in enumerate(sums) if total]
+    per_sample = tuple(s / n if n else 0.0 for s, n in zip(box_step_s, sums))
     box_caps = [sum(caps[f: f + n]) for f, n in zip(firsts, boxes)]
-    new_sums = split_batch(sum(sums), [RankCost(max(s, 1e-12), cap) for s, cap in zip(per_sample, box_caps)])
-    if new_sums is None or new_sums == sums or any(s < n for s, n in zip(new_sums, boxes)):
+    found = split_batch(sum(sums), [RankCost(max(per_sample[b], 1e-12), box_caps[b]) for b in live])
+    new_sums = [0] * len(boxes)
+    for b, total in zip(live, found or ()):
+        new_sums[b] = total
+    if found is None or new_sums == sums or any(new_sums[b] < boxes[b] for b in live):
         return None
     predicted = tuple(s * n for s, n in zip(per_sample, new_sums))
     if max(box_step_s) - max(predicted) <= threshold * max(box_step_s):
