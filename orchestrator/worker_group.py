@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 
 import ray
@@ -80,9 +79,8 @@ class _Run:
     infos: list  # every rank's RankInfo (a box started again gets new ones)
     pending: dict  # a rank's run -> the rank
     results: dict = field(default_factory=dict)  # the rank -> its result
-    lost: set = field(default_factory=set)  # outer steps: boxes lost and not back
+    lost: dict = field(default_factory=dict)  # outer steps: each box lost -> its life that was lost (RankInfo.life)
     coming: dict = field(default_factory=dict)  # a lost box's new leader's rendezvous -> the box
-    comebacks: Counter = field(default_factory=Counter)  # the box -> times its ranks were started again
 
     def ranks_of(self, box: int) -> list[int]:
         return [r for r, info in enumerate(self.infos) if info.box == box]
@@ -107,14 +105,14 @@ class WorkerGroup:
             self.shutdown()
             raise
 
-    def _actor(self, i: int, again: int = 0):
-        """Rank i's actor, on its bundle's card (`again`: the how-manieth time its box's ranks are started again)."""
+    def _actor(self, i: int, life: int = 0):
+        """Rank i's actor, on its bundle's card (`life`: times its box's ranks were started again, RankInfo.life)."""
         card = self.cards[i]
         return ray.remote(RankWorker).options(
             num_cpus=1, num_gpus=1, resources={card["resource"]: 1},
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
             runtime_env={"env_vars": {**card_env(card["index"]), **card.get("env", {})}},
-            name=actor_name(self.attempt, i, card) + (f"-back{again}" if again else ""),
+            name=actor_name(self.attempt, i, card) + (f"-life{life}" if life else ""),
         ).remote(card)
 
     def where(self) -> list[dict]:
@@ -163,29 +161,27 @@ class WorkerGroup:
             if rank in ranks:
                 del run.pending[ref]
                 ray.kill(self.actors[rank])
-        run.lost.add(box)
-        job_records.put(self.attempt, "lost", sorted(run.lost))
+        life = run.infos[ranks[0]].life
+        run.lost[box] = life
+        job_records.put(self.attempt, "lost", run.lost)
         cards = ", ".join(f"{self.cards[r]['node']}/{self.cards[r]['index']}" for r in ranks)
-        again = run.comebacks[box] < MAX_COMEBACKS
+        again = life < MAX_COMEBACKS
         print(f"zeromix: box {box} ({cards}) was lost ({describe(err)}); the other boxes go on without it from their next outer step"
               + ("; its ranks start again on those cards and ask back in" if again else ""), flush=True)
         if again:
-            run.comebacks[box] += 1
             for r in ranks:
-                self.actors[r] = self._actor(r, run.comebacks[box])
+                self.actors[r] = self._actor(r, life + 1)
             run.coming[self.actors[ranks[0]].rendezvous.remote()] = box  # (answers once the actor runs: on a dead node, when it is back)
 
     def _back(self, run: _Run, box: int, rendezvous) -> None:
-        """A lost box's new ranks run: start them asking back in (the leaders stop counting the box lost first)."""
+        """A lost box's new ranks run: start them, in the box's next life, asking back in."""
         try:
             addr, port = ray.get(rendezvous)
         except Exception as err:  # its actors could not start: the box stays lost
             print(f"zeromix: box {box} could not start again ({describe(err)}); the job goes on without it", flush=True)
             return
-        run.lost.discard(box)
-        job_records.put(self.attempt, "lost", sorted(run.lost))
         for r in run.ranks_of(box):
-            run.infos[r] = dataclasses.replace(run.infos[r], master_addr=addr, master_port=port, back=True)
+            run.infos[r] = dataclasses.replace(run.infos[r], master_addr=addr, master_port=port, life=run.lost[box] + 1)
             run.pending[self.actors[r].run.remote(run.config_json, run.infos[r])] = r
         print(f"zeromix: box {box} started again; it joins at the next outer step", flush=True)
 

@@ -20,8 +20,8 @@ HOLD_AT = 60  # the unplugged and the restarted job wait before this step (after
 # in fp32 -- other cards and another precision, so the checkpoint goes through its universal form
 MODELS = ("NVIDIA GeForce GTX 1080 Ti", "NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 3060 12GB")
 OOM_ABOVE = 21  # desk/0 "has memory" for this many samples of the tiny model, where the plan gives it 23 (and 21 once capped)
-# An outer-step job on desk/0 (box 0) and closet/0 (box 1), meeting every INNER steps: closet/0's rank is killed before
-# step DIE_AT, between two outer steps; box 0 waits before step BACK_HOLD until closet/0, started again, asks back in
+# An outer-step job on desk/0 (box 0) and attic/1 + attic/0 (box 1), meeting every INNER steps: attic/0's rank is killed
+# before step DIE_AT, between two outer steps; box 0 waits before step BACK_HOLD until box 1, started again, asks back in
 OUTER_STEPS, INNER, DIE_AT, BACK_HOLD = 60, 10, 25, 41
 
 
@@ -57,7 +57,7 @@ def held(work, job: str) -> tuple[Path, Path]:
 def own_cluster(tmp_path_factory, zeromix_home):
     """A 3-node cluster of this module's own (a test unplugs one of its nodes), with the test-only faults
     (workers/faults.py) armed: out of memory for the job named oom-probe on desk/0, box-lost-probe's rank on
-    closet/0 killed before step DIE_AT and its box 0 paused before step BACK_HOLD, and a pause before step HOLD_AT
+    attic/0 killed before step DIE_AT and its box 0 paused before step BACK_HOLD, and a pause before step HOLD_AT
     for the jobs named unplug-probe and restart-probe, so a node is unplugged and the head restarted while the job is
     at a known step rather than at a guessed time."""
     import shutil
@@ -73,7 +73,7 @@ def own_cluster(tmp_path_factory, zeromix_home):
     ray.shutdown()
     with pytest.MonkeyPatch.context() as env:
         env.setenv("ZEROMIX_HOME", str(work / "home"))
-        faults = [f"oom:oom-probe:desk/0:{OOM_ABOVE}", f"die:box-lost-probe:closet/0:{DIE_AT}",
+        faults = [f"oom:oom-probe:desk/0:{OOM_ABOVE}", f"die:box-lost-probe:attic/0:{DIE_AT}",
                   f"hold:box-lost-probe:{BACK_HOLD}:{held(work, 'box-lost-probe')[1]}"] + [f"hold:{job}:{HOLD_AT}:{held(work, job)[1]}" for job in ("unplug-probe", "restart-probe")]
         zeromix("up", "--simulate", str(cluster_file(work)), timeout=240, env=faults_env(*faults))
         yield cluster_runtime.load_state(), work
@@ -101,25 +101,25 @@ def test_a_card_out_of_memory_is_planned_again_with_less_and_the_job_finishes(ow
 
 
 def test_with_outer_steps_a_box_lost_is_left_out_and_let_back_in_without_a_restart(own_cluster, tmp_path, demo_data):
-    """desk/0 (box 0) and closet/0 (box 1) train with an outer step every INNER steps; closet/0's process is killed
-    before step DIE_AT. The driver sees it die and tells the box leaders; box 0 does not wait for it at the next outer
-    step and takes the whole global batch from there within its caps. The driver starts closet/0's rank again; it
-    asks back in, is let in at the next outer step with the global weights, and both boxes train the plan's split to
-    the end: every step once, in the job's first placement. Box 1's share of the steps between the last outer step
-    and its loss went untrained, and the result says so."""
+    """desk/0 (box 0) and attic's two cards (box 1) train with an outer step every INNER steps; attic/0's process (not
+    its box's leader) is killed before step DIE_AT. The driver sees it die, stops the rest of box 1 and tells the box
+    leaders; box 0 does not wait for it at the next outer step and takes the whole global batch from there within its
+    caps. The driver starts box 1's ranks again; they ask back in, are let in at the next outer step with the global
+    weights, and both boxes train the plan's split to the end: every step once, in the job's first placement. Box 1's
+    share of the steps between the last outer step and its loss went untrained, and the result says so."""
     state, work = own_cluster
     waiting, release = held(work, "box-lost-probe")
     out = tmp_path / "box-lost"
     job_id = submitted_id(zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", "--set", "report_to=[]", "--set", "name=box-lost-probe",
                                   "--set", f"max_steps={OUTER_STEPS}", "--set", "sync.mode=outer", "--set", f"sync.inner_steps={INNER}",
-                                  "--set", "gpus.models=[NVIDIA GeForce RTX 3090, NVIDIA GeForce RTX 3060 12GB]",
+                                  "--set", "gpus.count=3", "--set", "gpus.models=[NVIDIA GeForce RTX 3090, NVIDIA GeForce GTX 1080 Ti, NVIDIA GeForce RTX 2080 Ti]",
                                   "--set", f"dataset.path={demo_data['pretrain']}", "--set", f"output_dir={out}").stdout)
     wait_until(waiting.exists, 240, f"box 0 held before step {BACK_HOLD}")
-    wait_until(lambda: "asking back in" in zeromix("logs", job_id).stdout, 180, "closet/0 started again and asking back in")
+    wait_until(lambda: "asking back in" in zeromix("logs", job_id).stdout, 180, "box 1 started again and asking back in")
     release.touch()  # (so it is let in at the outer step at step 50, not at whichever one its start-up happens to meet)
     assert wait_for_state(job_id, ("succeeded", "failed", "cancelled"), 400) == "succeeded", queue_store().get(job_id).reason
     record = queue_store().get(job_id)
-    assert [b["node"] for b in record.plan["outer"]["boxes"]] == ["desk", "closet"]
+    assert [(b["node"], b["ranks"]) for b in record.plan["outer"]["boxes"]] == [("desk", 1), ("attic", 2)]
     assert record.attempts == 1 and not [e for e in queue_store().events(job_id) if (e.source, e.target) == ("running", "queued")]
     lost_at = (DIE_AT // INNER + 1) * INNER  # the first outer step after the loss
     back_at = (BACK_HOLD // INNER + 1) * INNER  # the first after it asked
@@ -128,21 +128,22 @@ def test_with_outer_steps_a_box_lost_is_left_out_and_let_back_in_without_a_resta
     result = json.loads((out / "zeromix-result.json").read_text())
     assert result["steps"] == OUTER_STEPS and [h["step"] for h in result["history"]] == list(range(1, OUTER_STEPS + 1))
     [left], [back] = result["outer"]["boxes_left"], result["outer"]["boxes_back"]
-    assert (left["step"], left["boxes"], left["ranks"], left["untrained_steps"]) == (lost_at, [1], [1], [lost_at - INNER + 1, lost_at])
+    assert (left["step"], left["boxes"], left["ranks"], left["untrained_steps"]) == (lost_at, [1], [1, 2], [lost_at - INNER + 1, lost_at])
     batch = 32 // record.plan["grad_accum"]  # samples a micro-step, over every card (the job's global batch is 32)
     assert left["untrained_samples_a_step"] == (batch - result["history"][lost_at - 1]["split"][0]) * record.plan["grad_accum"] > 0
     planned = [r["micro_batch"] for r in record.plan["ranks"]]
-    assert (back["step"], back["boxes"], back["ranks"], back["new_split"]) == (back_at, [1], [1], planned)
+    assert (back["step"], back["boxes"], back["ranks"], back["new_split"]) == (back_at, [1], [1, 2], planned)
     assert result["outer"]["outer_steps"] == OUTER_STEPS // INNER
-    assert [r["card"] for r in result["ranks"]] == ["desk/0", "closet/0"]
+    assert [r["card"] for r in result["ranks"]] == ["desk/0", "attic/1", "attic/0"]
     out_of_job = [h for h in result["history"] if lost_at < h["step"] <= back_at]  # desk/0 alone, on the whole global batch
-    assert out_of_job and all(h["split"] == [batch, 0] and h["tokens"][1] == 0 and h["step_time_s"][1] is None for h in out_of_job)
+    assert out_of_job and all(h["split"] == [batch, 0, 0] and h["tokens"][1:] == [0, 0] and h["step_time_s"][1:] == [None, None]
+                              for h in out_of_job)
     after = [h for h in result["history"] if h["step"] > back_at]  # both again, at the plan's split
     assert after and all(h["split"] == planned and min(h["tokens"]) > 0 for h in after)
     assert math.isfinite(result["last_loss"]) and result["last_loss"] < result["first_loss"]
     assert (out / "final" / "config.json").exists()
     log = zeromix("logs", job_id).stdout
-    assert "box 1 (closet/0) was lost" in log and "went untrained with them" in log and "let back in with the global weights" in log, log[-3000:]
+    assert "box 1 (attic/1, attic/0) was lost" in log and "went untrained with them" in log and "let back in with the global weights" in log, log[-3000:]
     shown = zeromix("logs", "--follow", job_id).stdout  # the job's result as `submit --follow` ends with it
     assert shown.index(f"lost before the outer step at step {lost_at}") < shown.index(f"back: let in at the outer step at step {back_at}")
     zeromix("report", job_id)  # the HTML report draws a card that was out of the job for a while

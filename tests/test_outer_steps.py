@@ -158,7 +158,7 @@ def _leader_of_three(box: int, port: int, results, asked, back: bool = False) ->
 
     from workers.collectives import BoxLink, RankInfo
 
-    info = RankInfo(0, 1, "", 0, box, 3, 0, "127.0.0.1", port)
+    info = RankInfo(0, 1, "", 0, box, 3, 0, "127.0.0.1", port, life=int(back))
     if back:
         link = BoxLink.ask_back(info, timeout_s=60)
         asked.set()
@@ -170,7 +170,7 @@ def _leader_of_three(box: int, port: int, results, asked, back: bool = False) ->
     for meeting in (1,) if back else (0, 1):
         if meeting == 1 and not back:
             asked.wait(60)  # (box 2 asks before this meeting, so it is let in at it)
-        heads, came = link.meet(torch.tensor([box, meeting], dtype=torch.float64, device="cpu"), lost=lambda: {2} if meeting == 0 else set())
+        heads, came = link.meet(torch.tensor([box, meeting], dtype=torch.float64, device="cpu"), lost=lambda: {2: 0})  # (its first life)
         got = link.exchange(torch.arange(3, dtype=torch.float32, device="cpu") + 10 * box)
         handed = None
         if box == 0 and came:
@@ -212,7 +212,7 @@ def _leader_of_two(box: int, port: int, results, asked, back: bool = False) -> N
 
     from workers.collectives import BoxLink, RankInfo
 
-    info = RankInfo(0, 1, "", 0, box, 2, 0, "127.0.0.1", port)
+    info = RankInfo(0, 1, "", 0, box, 2, 0, "127.0.0.1", port, life=int(back))
     link = BoxLink.ask_back(info, timeout_s=60) if back else BoxLink.join(info, timeout_s=60)
     if back:
         asked.set()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
@@ -35,7 +35,7 @@ class RankInfo:
     first_rank: int = 0  # the job-wide index of the box's rank 0: the job's config lists ranks box by box
     outer_addr: str = ""
     outer_port: int = 0
-    back: bool = False  # the box's ranks were started again after it was lost: it asks back in (BoxLink.ask_back)
+    life: int = 0  # times the box's ranks were started again after it was lost (then it asks back in: BoxLink.ask_back)
 
     @property
     def job_rank(self) -> int:
@@ -179,7 +179,8 @@ class BoxLink:
     members: tuple[int, ...] = ()  # the boxes still in the job, in order (all of them until one leaves)
     meetings: int = 0  # meetings held: each one's keys in the store are its own
     bytes_sent: int = 0  # what this leader sent across the link: in a ring all-gather over k boxes, k-1 payloads
-    asking: str = ""  # a box that came back: what it asked in with, until box 0 lets it in
+    life: int = 0  # this box's life: times its ranks were started again after it was lost (RankInfo.life)
+    lives: dict = field(default_factory=dict)  # box 0's leader: each box's life now (0 where never lost)
 
     @classmethod
     def join(cls, info: RankInfo, timeout_s: float = 600) -> BoxLink:
@@ -207,25 +208,25 @@ class BoxLink:
         import torch.distributed as dist
 
         store = dist.TCPStore(info.outer_addr, info.outer_port, info.boxes, is_master=False, timeout=timedelta(seconds=timeout_s))
-        asking = f"{os.getpid()}-{time.time_ns()}"
-        store.set(f"ask/{info.box}", asking)
-        return cls(info.box, info.boxes, None, None, store, timeout_s, asking=asking)
+        store.set(f"ask/{info.box}", str(info.life))
+        return cls(info.box, info.boxes, None, None, store, timeout_s, life=info.life)
 
     def let_in(self, wait_s: float) -> bool:
         """A box asking back in: whether box 0's leader let it in (it then meets from that meeting on), waiting up to
         `wait_s`."""
-        key, deadline = f"let-in/{self.box}/{self.asking}", time.monotonic() + wait_s
+        key, deadline = f"let-in/{self.box}/{self.life}", time.monotonic() + wait_s
         while not self.store.check([key]):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.005)
-        self.meetings, self.asking = int(self.store.get(key)), ""
+        self.meetings = int(self.store.get(key))
         return True
 
-    def meet(self, head: torch.Tensor, lost: Callable[[], set[int]] = set) -> tuple[dict[int, torch.Tensor], tuple[int, ...]]:
+    def meet(self, head: torch.Tensor, lost: Callable[[], dict[int, int]] = dict) -> tuple[dict[int, torch.Tensor], tuple[int, ...]]:
         """Every box's `head` (a small host tensor, the same shape and dtype on each), by box, for the boxes that meet.
         Each leader posts its own in the store; box 0's leader waits for every member's, or for `lost()` (the job's
-        driver, which sees a box's processes die) to name the box, lets in the boxes that asked back in, and posts who
+        driver, which sees a box's processes die: each lost box and which of its lives was lost) to name the box,
+        lets in the boxes that asked back in, and posts who
         met; a box that did not is out of the job from here on, and the link is formed again over the boxes that met.
         A meeting no box was lost from moves a few hundred bytes through the store. Returns the headers by box and the
         boxes let back in at this meeting (their headers are empty)."""
@@ -247,27 +248,38 @@ class BoxLink:
             self.up, self.down = _gloo_pair(self.store, f"boxes-{n}", met.index(self.box), len(met), self.timeout_s)
         return heads, back
 
-    def _gather(self, n: int, lost: Callable[[], set[int]]) -> tuple[list[int], list[int]]:
+    def _gather(self, n: int, lost: Callable[[], dict[int, int]]) -> tuple[list[int], list[int]]:
         """Box 0's leader: the boxes that meet (the members whose header came, once every other one is known lost;
         checked last, too: a box lost after its header came is out), and of them those let back in at this meeting
-        (a box asking back in: lost, its ranks started again; maybe before this meeting knew it lost)."""
+        (a box asking back in with a life that was not lost: its ranks started again; maybe before this meeting knew
+        its last life was lost)."""
         deadline = time.monotonic() + self.timeout_s
         waiting, asked = set(self.members), 0.0
         while True:
             waiting -= {b for b in waiting if self.store.check([f"head/{n}/{b}"]) or self.store.check([f"ask/{b}"])}
             if time.monotonic() - asked > LOST_POLL_S or not waiting:
-                gone, asked = lost(), time.monotonic()
+                reported, asked = lost(), time.monotonic()
+                gone = {b for b, life in reported.items() if life >= self.lives.get(b, 0)}
                 waiting -= gone
                 if not waiting:
-                    back = [b for b in range(1, self.boxes) if b not in gone and self.store.check([f"ask/{b}"])]
-                    for b in back:
-                        self.store.set(f"let-in/{b}/{self.store.get(f'ask/{b}').decode()}", str(n))
-                        self.store.delete_key(f"ask/{b}")
+                    back = [b for b in range(1, self.boxes) if self._let_in(b, n, reported)]
                     return sorted({b for b in self.members if b not in gone} | set(back)), back
             if time.monotonic() > deadline:
                 raise RuntimeError(f"box 0: box(es) {sorted(waiting)} did not reach outer step {n} within {self.timeout_s:.0f} s "
                                    "and none was reported lost: a collective timeout across boxes")
             time.sleep(0.005)  # (store.wait with a short timeout would log a warning at every try)
+
+    def _let_in(self, box: int, n: int, reported: dict[int, int]) -> bool:
+        """Box 0's leader: whether `box` asks back in with a life not reported lost, letting it in at meeting `n`."""
+        if not self.store.check([f"ask/{box}"]):
+            return False
+        life = int(self.store.get(f"ask/{box}"))
+        self.store.delete_key(f"ask/{box}")  # (a life that asked and was lost before this meeting stays out: another will ask)
+        if life <= reported.get(box, -1):
+            return False
+        self.lives[box] = life
+        self.store.set(f"let-in/{box}/{life}", str(n))
+        return True
 
     def _get(self, key: str) -> bytes:
         from datetime import timedelta

@@ -4,7 +4,8 @@
     result    the driver's summary once the job has finished (the whole of it is zeromix-result.json)
     failure   why a rank failed (worker_group.RankFailed.record): the scheduler decides on a restart from it
     move      the scheduler's request to stop at the next step with a checkpoint (it places the job again)
-    lost      the boxes of an outer-step job whose processes the driver saw die: the others go on without them
+    lost      the boxes of an outer-step job whose processes the driver saw die, with the life of each that was
+              lost (its ranks may be started again: another life): the others go on without them
 
 The job's log stays for people: it is never parsed. Ray is imported inside the functions: the CLI reads records
 after its auth settings are in the environment (Ray reads them once, at import).
@@ -35,12 +36,13 @@ def get(attempt: str, kind: Kind):
     return None if raw is None else json.loads(raw)
 
 
-def lost_boxes(attempt: str) -> set[int]:
-    """The boxes the driver reported lost (outer steps: box 0's leader asks while it waits for the boxes); none
-    outside a job the scheduler launched."""
+def lost_boxes(attempt: str) -> dict[int, int]:
+    """The boxes the driver reported lost, each with the life of it that was lost (outer steps: box 0's leader asks
+    while it waits for the boxes); none outside a job the scheduler launched."""
     import ray
 
-    return set(get(attempt, "lost") or ()) if attempt and ray.is_initialized() else set()
+    record = get(attempt, "lost") if attempt and ray.is_initialized() else None
+    return {int(box): life for box, life in (record or {}).items()}
 
 
 class Progress:

@@ -106,9 +106,10 @@ class OuterSteps:
     """One rank's part in the outer steps; the box leader's holds the global weights, the momentum and the link."""
 
     def __init__(self, config: OuterConfig, params: list[torch.nn.Parameter], comm: RankComm, link: BoxLink | None,
-                 rebalance: bool = False, lost: Callable[[], set[int]] = set):
+                 rebalance: bool = False, lost: Callable[[], dict[int, int]] = dict):
         """`rebalance`: the boxes' shares follow their measured inner steps; `lost()`: the boxes whose processes the
-        job's driver saw die (box 0's leader asks, while it waits for the boxes at an outer step)."""
+        job's driver saw die, each with the life of it lost (box 0's leader asks, while it waits for the boxes at an
+        outer step)."""
         self.config, self.params, self.comm, self.link, self.lost = config, params, comm, link, lost
         self.shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in params]  # (ZeRO-3: whole; the tensor holds a slice)
         self.rebalance = rebalance and bool(config.caps)

@@ -130,8 +130,8 @@ def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     from workers.collectives import BoxLink
 
     comm = RankComm.join(info)
-    link = (BoxLink.ask_back(info) if info.back else BoxLink.join(info)) if cfg.outer and comm.rank == 0 else None
-    result = train(cfg, comm, link, back=info.back)
+    link = (BoxLink.ask_back(info) if info.life else BoxLink.join(info)) if cfg.outer and comm.rank == 0 else None
+    result = train(cfg, comm, link, back=info.life > 0)
     comm.leave()
     return result
 
