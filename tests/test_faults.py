@@ -138,8 +138,11 @@ def test_with_outer_steps_a_box_lost_is_left_out_and_let_back_in_without_a_resta
     out_of_job = [h for h in result["history"] if lost_at < h["step"] <= back_at]  # desk/0 alone, on the whole global batch
     assert out_of_job and all(h["split"] == [batch, 0, 0] and h["tokens"][1:] == [0, 0] and h["step_time_s"][1:] == [None, None]
                               for h in out_of_job)
-    after = [h for h in result["history"] if h["step"] > back_at]  # both again, at the plan's split
-    assert after and all(h["split"] == planned and min(h["tokens"]) > 0 for h in after)
+    # both boxes again from the step after, at the plan's split; box 1's own tuner may then move samples between its two
+    # cards, within its share
+    after = [h for h in result["history"] if h["step"] > back_at]
+    assert after and after[0]["split"] == planned and all(min(h["tokens"]) > 0 for h in after)
+    assert all(h["split"][0] == planned[0] and sum(h["split"][1:]) == sum(planned[1:]) for h in after)
     assert math.isfinite(result["last_loss"]) and result["last_loss"] < result["first_loss"]
     assert (out / "final" / "config.json").exists()
     log = zeromix("logs", job_id).stdout
