@@ -169,16 +169,11 @@ def box_shares(split: tuple[int, ...], boxes: tuple[int, ...], box_step_s: tuple
     box's seconds per sample, each box's predicted step), or None unless the slowest box's step is predicted to
     drop by more than `threshold` of it. The same inputs give the same answer on every box leader. A box out of the
     job (lost, with no share of the batch) stays out: it gets none, and its figures are 0."""
-    firsts = first_ranks(boxes)
-    sums = [sum(split[f: f + n]) for f, n in zip(firsts, boxes)]
+    sums, box_caps = _box_sums(split, boxes, caps)
     live = [b for b, total in enumerate(sums) if total]
     per_sample = tuple(s / n if n else 0.0 for s, n in zip(box_step_s, sums))
-    box_caps = [sum(caps[f: f + n]) for f, n in zip(firsts, boxes)]
-    found = split_batch(sum(sums), [RankCost(max(per_sample[b], 1e-12), box_caps[b]) for b in live])
-    new_sums = [0] * len(boxes)
-    for b, total in zip(live, found or ()):
-        new_sums[b] = total
-    if found is None or new_sums == sums or any(new_sums[b] < boxes[b] for b in live):
+    new_sums = _over_boxes(sum(sums), per_sample, box_caps, live)
+    if new_sums is None or new_sums == sums or any(new_sums[b] < boxes[b] for b in live):
         return None
     predicted = tuple(s * n for s, n in zip(per_sample, new_sums))
     if max(box_step_s) - max(predicted) <= threshold * max(box_step_s):
@@ -193,18 +188,30 @@ def shares_without(split: tuple[int, ...], boxes: tuple[int, ...], gone: set[int
     each at its measured seconds per sample (`box_step_s`; where a box left has no measured step yet, every box's
     share now stands for its speed), within its cards' caps and spread over its cards as now; the boxes gone get
     none. None where the boxes left cannot hold the global batch."""
-    firsts = first_ranks(boxes)
-    sums = [sum(split[f: f + n]) for f, n in zip(firsts, boxes)]
+    sums, box_caps = _box_sums(split, boxes, caps)
     left = [b for b in range(len(boxes)) if b not in gone]
     measured = all(box_step_s[b] > 0 for b in left)
-    costs = [RankCost((box_step_s[b] if measured else 1.0) / sums[b], sum(caps[firsts[b]: firsts[b] + boxes[b]])) for b in left]
-    found = split_batch(sum(sums), costs)
+    per_sample = [(box_step_s[b] if measured else 1.0) / n if n else 0.0 for b, n in enumerate(sums)]
+    totals = _over_boxes(sum(sums), per_sample, box_caps, left)
+    return _spread(split, boxes, totals, caps) if totals else None
+
+
+def _box_sums(split: tuple[int, ...], boxes: tuple[int, ...], caps: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """Each box's samples a micro-step now, and its cards' caps together."""
+    firsts = first_ranks(boxes)
+    return [sum(split[f: f + n]) for f, n in zip(firsts, boxes)], [sum(caps[f: f + n]) for f, n in zip(firsts, boxes)]
+
+
+def _over_boxes(total: int, per_sample, box_caps: list[int], among: list[int]) -> list[int] | None:
+    """`total` samples a micro-step over the boxes `among` by their seconds per sample, within their caps
+    (`split_batch`, each next sample to the box that would finish it first); the other boxes none."""
+    found = split_batch(total, [RankCost(max(per_sample[b], 1e-12), box_caps[b]) for b in among])
     if found is None:
         return None
-    totals = [0] * len(boxes)
-    for b, total in zip(left, found):
-        totals[b] = total
-    return _spread(split, boxes, totals, caps)
+    totals = [0] * len(box_caps)
+    for b, share in zip(among, found):
+        totals[b] = share
+    return totals
 
 
 def _spread(split: tuple[int, ...], boxes: tuple[int, ...], totals: list[int], caps: tuple[int, ...]) -> tuple[int, ...] | None:
