@@ -60,7 +60,7 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
                   "boxes_left": first["boxes_left"], "boxes_back": first["boxes_back"]} if config.outer else None,
         "ranks": [
             {"rank": i, "card": c["card"], "model": c["model"], "micro_batch": config.micro_batches[i],
-             "final_micro_batch": history[-1]["split"][k] if history else config.micro_batches[i],
+             "final_micro_batch": history[-1]["split"][pos] if history else config.micro_batches[i],
              "zero_stage": config.ds_configs[i]["zero_optimization"]["stage"], "precision": r["precision"],
              "device": p["device"], "cuda_visible_devices": p["cuda_visible_devices"],
              "nvml_name": p["nvml_name"], "uuid": p["uuid"], "pci_bus_id": p["pci_bus_id"],
@@ -74,7 +74,7 @@ def report(config: TrainConfig, plan: dict, placements: list[dict], results: lis
              # the plan's estimate of its buffers on the card (a box leader's host RAM comes on top of it)
              **({"outer_step_peak_mib": None if r["outer_peak_bytes"] is None else round(r["outer_peak_bytes"] / 1024**2, 1),
                  "est_outer_step_mib": round(c["est_outer_step_gib"] * 1024, 1)} if config.outer else {})}
-            for k, (i, r) in enumerate(finished) for c, p, j in [(cards[i], placements[i], local[i])]
+            for pos, (i, r) in enumerate(finished) for c, p, j in [(cards[i], placements[i], local[i])]
         ],
     }
 

@@ -153,7 +153,8 @@ def test_box_leaders_each_get_every_box_payload_in_box_order_over_three_boxes():
 def _leader_of_three(box: int, port: int, results, asked, back: bool = False) -> None:
     """A leader of three boxes: box 2 joins and then dies (its node unplugged); box 0 hears from its `lost` argument
     (the job's driver, in a real run) that box 2 was lost, so boxes 0 and 1 meet alone. Box 2's ranks start again
-    (`back`) and ask back in; the next meeting lets it in, and box 0 hands it the global state."""
+    (`back`) and ask back in; meeting 1 lets no box in (as the job's last outer step does not), meeting 2 lets it
+    in, and box 0 hands it the global state."""
     import os
 
     from workers.collectives import BoxLink, RankInfo
@@ -167,10 +168,11 @@ def _leader_of_three(box: int, port: int, results, asked, back: bool = False) ->
         link = BoxLink.join(info, timeout_s=60)
         if box == 2:
             os._exit(0)  # no goodbye: its sockets close as a killed process's do
-    for meeting in (1,) if back else (0, 1):
+    for meeting in (2,) if back else (0, 1, 2):
         if meeting == 1 and not back:
-            asked.wait(60)  # (box 2 asks before this meeting, so it is let in at it)
-        heads, came = link.meet(torch.tensor([box, meeting], dtype=torch.float64, device="cpu"), lost=lambda: {2: 0})  # (its first life)
+            asked.wait(60)  # (box 2 asks before this meeting)
+        heads, came = link.meet(torch.tensor([box, meeting], dtype=torch.float64, device="cpu"), lost=lambda: {2: 0},  # (its first life)
+                                let_in=meeting != 1)
         got = link.exchange(torch.arange(3, dtype=torch.float32, device="cpu") + 10 * box)
         handed = None
         if box == 0 and came:
@@ -183,7 +185,8 @@ def _leader_of_three(box: int, port: int, results, asked, back: bool = False) ->
 def test_a_box_lost_is_left_out_of_the_meeting_and_let_back_in_when_it_asks():
     """BoxLink.meet: the boxes meet in the rendezvous store, not in a collective, so a box that died is simply not
     waited for once the driver names it, and the others' headers and payloads go round a ring of two. Its ranks
-    started again ask back in; the next meeting lets it in (its header, its payload), and box 0 hands it the state."""
+    started again ask back in; a meeting told to let none in (the job's last outer step) leaves it asking, the next
+    lets it in (its header, its payload), and box 0 hands it the state."""
     from tests.conftest import free_port
     from workers.local_launch import _context
 
@@ -197,17 +200,19 @@ def test_a_box_lost_is_left_out_of_the_meeting_and_let_back_in_when_it_asks():
         assert first[box] == (box, 0, {0: [0.0, 0.0], 1: [1.0, 0.0]}, (), [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0]], (0, 1), None)
     again = ctx.Process(target=_leader_of_three, args=(2, port, results, asked, True))
     again.start()
-    second = sorted(results.get(timeout=120) for _ in range(3))
+    later = sorted((results.get(timeout=120) for _ in range(5)), key=lambda r: (r[1], r[0]))
     for leader in (*leaders, again):
         leader.join(timeout=30)
+    for box in (0, 1):  # meeting 1: box 2 asked, and was not let in
+        assert later[box] == (box, 1, {0: [0.0, 1.0], 1: [1.0, 1.0]}, (), [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0]], (0, 1), None)
     three = [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0], [20.0, 21.0, 22.0]]
     for box in (0, 1, 2):
-        assert second[box] == (box, 1, {0: [0.0, 1.0], 1: [1.0, 1.0], 2: [2.0, 1.0]}, (2,), three, (0, 1, 2), [7.0] * 4 if box == 2 else None)
+        assert later[2 + box] == (box, 2, {0: [0.0, 2.0], 1: [1.0, 2.0], 2: [2.0, 2.0]}, (2,), three, (0, 1, 2), [7.0] * 4 if box == 2 else None)
 
 
 def _leader_of_two(box: int, port: int, results, asked, back: bool = False) -> None:
-    """Box 1 dies right after a meeting and its ranks, started again, ask back in before the next one: box 0 never
-    counted it lost (the driver already took it off the lost list), and must still take the new process in."""
+    """Box 1 dies right after a meeting and its ranks, started again, ask back in before the next one: box 0 was
+    never told it was lost (the driver had not reported it yet), and must still take the new process in."""
     import os
 
     from workers.collectives import BoxLink, RankInfo

@@ -222,20 +222,22 @@ class BoxLink:
         self.meetings = int(self.store.get(key))
         return True
 
-    def meet(self, head: torch.Tensor, lost: Callable[[], dict[int, int]] = dict) -> tuple[dict[int, torch.Tensor], tuple[int, ...]]:
+    def meet(self, head: torch.Tensor, lost: Callable[[], dict[int, int]] = dict,
+             let_in: bool = True) -> tuple[dict[int, torch.Tensor], tuple[int, ...]]:
         """Every box's `head` (a small host tensor, the same shape and dtype on each), by box, for the boxes that meet.
         Each leader posts its own in the store; box 0's leader waits for every member's, or for `lost()` (the job's
         driver, which sees a box's processes die: each lost box and which of its lives was lost) to name the box,
         lets in the boxes that asked back in, and posts who
         met; a box that did not is out of the job from here on, and the link is formed again over the boxes that met.
         A meeting no box was lost from moves a few hundred bytes through the store. Returns the headers by box and the
-        boxes let back in at this meeting (their headers are empty)."""
+        boxes let back in at this meeting (their headers are empty); none where `let_in` is off (the job's last outer
+        step: a box let in there would train nothing)."""
         import torch
 
         n, self.meetings = self.meetings, self.meetings + 1
         self.store.set(f"head/{n}/{self.box}", head.numpy().tobytes())
         if self.box == 0:
-            met, back = self._gather(n, lost)
+            met, back = self._gather(n, lost, let_in)
             self.store.set(f"met/{n}", f"{','.join(map(str, met))}|{','.join(map(str, back))}")
         met, back = (tuple(int(b) for b in part.split(",") if b) for part in self._get(f"met/{n}").decode().split("|"))
         if self.box not in met:
@@ -248,7 +250,7 @@ class BoxLink:
             self.up, self.down = _gloo_pair(self.store, f"boxes-{n}", met.index(self.box), len(met), self.timeout_s)
         return heads, back
 
-    def _gather(self, n: int, lost: Callable[[], dict[int, int]]) -> tuple[list[int], list[int]]:
+    def _gather(self, n: int, lost: Callable[[], dict[int, int]], let_in: bool) -> tuple[list[int], list[int]]:
         """Box 0's leader: the boxes that meet (the members whose header came, once every other one is known lost;
         checked last, too: a box lost after its header came is out), and of them those let back in at this meeting
         (a box asking back in with a life that was not lost: its ranks started again; maybe before this meeting knew
@@ -262,7 +264,7 @@ class BoxLink:
                 gone = {b for b, life in reported.items() if life >= self.lives.get(b, 0)}
                 waiting -= gone
                 if not waiting:
-                    back = [b for b in range(1, self.boxes) if self._let_in(b, n, reported)]
+                    back = [b for b in range(1, self.boxes) if let_in and self._let_in(b, n, reported)]
                     return sorted({b for b in self.members if b not in gone} | set(back)), back
             if time.monotonic() > deadline:
                 raise RuntimeError(f"box 0: box(es) {sorted(waiting)} did not reach outer step {n} within {self.timeout_s:.0f} s "

@@ -228,7 +228,7 @@ class OuterSteps:
         control = self.comm.zeros(1 + len(split), torch.float32)  # whether a box asked to stop, the new split
         shares, left, back, new = None, (), (), None
         if self.comm.rank == 0:
-            heads, back = self._meet(payload, split)
+            heads, back = self._meet(payload, split, last)
             # lost since the last outer step: not met, or met as a box let back in (its share since then went untrained)
             left = tuple(b for b in range(len(self.config.boxes)) if (b not in heads or b in back) and self._had(b, split))
             if back:
@@ -337,7 +337,7 @@ class OuterSteps:
         for i, part in zip(bucket, flat.split(sizes)):
             _set_full_fp32(self.params[i], part.view(self.shapes[i]), self.comm.rank)
 
-    def _meet(self, payload: Payload, split: tuple[int, ...]) -> tuple[dict[int, torch.Tensor], tuple[int, ...]]:
+    def _meet(self, payload: Payload, split: tuple[int, ...], last: bool) -> tuple[dict[int, torch.Tensor], tuple[int, ...]]:
         """The leaders' part: every box's header (its loss tokens, its wish to stop, its measured inner steps (seconds,
         count) and its own cards' split), then every box's delta (one exchange across boxes), and the outer step
         on the global weights, the deltas weighted by the loss tokens each box trained on, one weight at a time.
@@ -350,7 +350,7 @@ class OuterSteps:
         mine = split[first: first + self.config.boxes[self.link.box]]
         head = [self.tokens_since, float(self.stop_wanted), self.measured_s, float(self.measured_steps), *mine]
         head += [0.0] * (header_bytes(list(self.config.boxes)) // 8 - len(head))  # every box's header the same length
-        heads, back = self.link.meet(torch.tensor(head, dtype=torch.float64, device="cpu"), self.lost)
+        heads, back = self.link.meet(torch.tensor(head, dtype=torch.float64, device="cpu"), self.lost, let_in=not last)
         started = time.perf_counter()  # (the meeting above waited for the slowest box: this exchange is the link's)
         payloads = self.link.exchange(payload.buffer)  # (in box order, as the headers)
         self.exchange_s += time.perf_counter() - started
