@@ -150,6 +150,30 @@ def test_box_leaders_each_get_every_box_payload_in_box_order_over_three_boxes():
     assert got == [(box, [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0], [20.0, 21.0, 22.0]], 2 * 3 * 4) for box in range(3)]
 
 
+def _lose_a_box_and_start_it_again(leader, boxes: int, lost: int, first: int, later: int) -> tuple[list, list]:
+    """`boxes` leaders in processes (`leader(box, port, results, asked, back)`), of which box `lost` dies early; once
+    `first` results are in, that box is started again (back=True). Returns those and the `later` ones after them,
+    each sorted by (meeting, box)."""
+    from operator import itemgetter
+
+    from tests.conftest import free_port
+    from workers.local_launch import _context
+
+    ctx, port = _context(), free_port()
+    results, asked = ctx.Queue(), ctx.Event()
+    leaders = [ctx.Process(target=leader, args=(box, port, results, asked)) for box in range(boxes)]
+    for process in leaders:
+        process.start()
+    order = itemgetter(1, 0)  # (meeting, box)
+    before = sorted((results.get(timeout=120) for _ in range(first)), key=order)
+    again = ctx.Process(target=leader, args=(lost, port, results, asked, True))
+    again.start()
+    after = sorted((results.get(timeout=120) for _ in range(later)), key=order)
+    for process in (*leaders, again):
+        process.join(timeout=30)
+    return before, after
+
+
 def _leader_of_three(box: int, port: int, results, asked, back: bool = False) -> None:
     """A leader of three boxes: box 2 joins and then dies (its node unplugged); box 0 hears from its `lost` argument
     (the job's driver, in a real run) that box 2 was lost, so boxes 0 and 1 meet alone. Box 2's ranks start again
@@ -187,22 +211,9 @@ def test_a_box_lost_is_left_out_of_the_meeting_and_let_back_in_when_it_asks():
     waited for once the driver names it, and the others' headers and payloads go round a ring of two. Its ranks
     started again ask back in; a meeting told to let none in (the job's last outer step) leaves it asking, the next
     lets it in (its header, its payload), and box 0 hands it the state."""
-    from tests.conftest import free_port
-    from workers.local_launch import _context
-
-    ctx, port = _context(), free_port()
-    results, asked = ctx.Queue(), ctx.Event()
-    leaders = [ctx.Process(target=_leader_of_three, args=(box, port, results, asked)) for box in range(3)]
-    for leader in leaders:
-        leader.start()
-    first = sorted(results.get(timeout=120) for _ in range(2))
+    first, later = _lose_a_box_and_start_it_again(_leader_of_three, 3, 2, 2, 5)
     for box in (0, 1):
         assert first[box] == (box, 0, {0: [0.0, 0.0], 1: [1.0, 0.0]}, (), [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0]], (0, 1), None)
-    again = ctx.Process(target=_leader_of_three, args=(2, port, results, asked, True))
-    again.start()
-    later = sorted((results.get(timeout=120) for _ in range(5)), key=lambda r: (r[1], r[0]))
-    for leader in (*leaders, again):
-        leader.join(timeout=30)
     for box in (0, 1):  # meeting 1: box 2 asked, and was not let in
         assert later[box] == (box, 1, {0: [0.0, 1.0], 1: [1.0, 1.0]}, (), [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0]], (0, 1), None)
     three = [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0], [20.0, 21.0, 22.0]]
@@ -237,21 +248,8 @@ def _leader_of_two(box: int, port: int, results, asked, back: bool = False) -> N
 def test_a_box_lost_and_back_between_two_meetings_is_taken_in_as_the_new_process_it_is():
     """Box 1 dies after a meeting and asks back in before the next: the same boxes meet, and the link is still formed
     again (the old one's peer is dead; without that the exchange fails)."""
-    from tests.conftest import free_port
-    from workers.local_launch import _context
-
-    ctx, port = _context(), free_port()
-    results, asked = ctx.Queue(), ctx.Event()
-    leaders = [ctx.Process(target=_leader_of_two, args=(box, port, results, asked)) for box in range(2)]
-    for leader in leaders:
-        leader.start()
-    first = sorted(results.get(timeout=120) for _ in range(2))
+    first, second = _lose_a_box_and_start_it_again(_leader_of_two, 2, 1, 2, 2)
     assert [r[:4] for r in first] == [(0, 0, [0, 1], ()), (1, 0, [0, 1], ())]
-    again = ctx.Process(target=_leader_of_two, args=(1, port, results, asked, True))
-    again.start()
-    second = sorted(results.get(timeout=120) for _ in range(2))
-    for leader in (*leaders, again):
-        leader.join(timeout=30)
     assert second == [(box, 1, [0, 1], (1,), [[0.0, 1.0], [10.0, 11.0]]) for box in (0, 1)]
 
 
