@@ -235,7 +235,7 @@ class OuterSteps:
                 self._hand_over(step, back)
                 new = self._with_back(heads)
             elif left:
-                new = self._without(split, heads, left)
+                new = self._without(split, heads)
             elif not last and (shares := self._shares(step, heads)):  # (after the last step no split runs)
                 new = shares.new
             control[0] = float(any(bool(h[1]) for h in heads.values()))
@@ -262,30 +262,30 @@ class OuterSteps:
     def _with_back(self, heads: dict[int, torch.Tensor]) -> tuple[int, ...]:
         """The split once boxes came back: the plan's, over the boxes that met (with one still lost, its share spread
         over the others by the plan's shares, within their caps); each box's own tuning starts again from it."""
-        gone = set(range(len(self.config.boxes))) - set(heads)
-        if not gone:
+        if len(heads) == len(self.config.boxes):
             return self.config.planned
-        new = shares_without(self.config.planned, self.config.boxes, gone, (0.0,) * len(self.config.boxes), self.config.caps) \
-            if self.config.caps else None
-        if new is None:
-            raise BoxesLost(f"box(es) {sorted(gone)} are still lost and the boxes that met cannot take their share of the global batch "
-                            f"within the plan's caps {list(self.config.caps)}: the job is placed again from its last checkpoint")
-        return new
+        return self._over_met(self.config.planned, heads, (0.0,) * len(self.config.boxes))
 
     def _had(self, box: int, split: tuple[int, ...]) -> bool:
         """Whether `box` still trained a share of the batch (one lost earlier has none)."""
         first = first_ranks(self.config.boxes)[box]
         return any(split[first: first + self.config.boxes[box]])
 
-    def _without(self, split: tuple[int, ...], heads: dict[int, torch.Tensor], left: tuple[int, ...]) -> tuple[int, ...]:
-        """The split with the boxes `left` out, their share of every global batch on the boxes that met."""
+    def _without(self, split: tuple[int, ...], heads: dict[int, torch.Tensor]) -> tuple[int, ...]:
+        """The split with the boxes lost out, their share of every global batch on the boxes that met, by their
+        measured inner steps."""
         box_s = tuple(float(heads[b][2]) / int(heads[b][3]) if b in heads and int(heads[b][3]) else 0.0 for b in range(len(self.config.boxes)))
+        return self._over_met(split, heads, box_s)
+
+    def _over_met(self, split: tuple[int, ...], heads: dict[int, torch.Tensor], box_s: tuple[float, ...]) -> tuple[int, ...]:
+        """`split`'s global batch over the boxes that met alone (rebalance.shares_without); BoxesLost where they
+        cannot hold it within the plan's caps."""
         gone = set(range(len(self.config.boxes))) - set(heads)
         new = shares_without(split, self.config.boxes, gone, box_s, self.config.caps) if self.config.caps else None
         if new is None:
             held = "the plan's caps " + str(list(self.config.caps)) if self.config.caps else "no caps (the run has none)"
-            raise BoxesLost(f"box(es) {list(left)} were lost and the boxes left cannot take their share of the global batch of "
-                            f"{sum(split)} samples a micro-step within {held}: the job is placed again from its last checkpoint")
+            raise BoxesLost(f"box(es) {sorted(gone)} are out of the job and the boxes that met cannot take their share of the global "
+                            f"batch of {sum(split)} samples a micro-step within {held}: the job is placed again from its last checkpoint")
         return new
 
     def split_changed(self, step: int) -> None:
