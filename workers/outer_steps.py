@@ -31,7 +31,8 @@ goes on without it; the boxes left take its share of every global batch from the
 is lost with it (its delta never came). The driver starts the box's ranks again on their cards (on a node that died,
 once it is back); they ask back in (`come_back`), and box 0's leader lets them in at its next outer step, where the box
 brings an empty delta and takes the step, the global weights and the outer momentum from box 0 (its inner optimizer
-starts afresh), and every box returns to the plan's split. Box 0 holds the rendezvous and the checkpoints: losing it
+starts afresh), and every box returns to the plan's split; where the job stops at that outer step (a move), the box
+learns it there and stops with the others, training nothing (alone, it would meet nobody). Box 0 holds the rendezvous and the checkpoints: losing it
 restarts the job from its checkpoint, as does a box lost during the exchange itself, or boxes left too small for the
 batch.
 """
@@ -97,6 +98,15 @@ class Met:
     since: int = 0  # the first step since the last outer step: a box lost took its share of the steps from here with it
 
 
+@dataclass(frozen=True)
+class Back:
+    """What a box let back in learns at its outer step (the same on each of its ranks)."""
+
+    step: int  # the outer step's: it trains on from the next
+    split: tuple[int, ...]  # the job's split from there (every box's)
+    stop: bool  # a box asked to stop at this outer step (the scheduler moves the job): it stops with the others, training nothing
+
+
 class BoxesLost(RuntimeError):
     """Boxes were lost and those left cannot hold the global batch within their cards' memory: the job is placed
     again (its failure reads as a lost node, which the scheduler restarts)."""
@@ -150,12 +160,11 @@ class OuterSteps:
         self._load_global()
         return start
 
-    def come_back(self, heartbeat_s: float = BACK_HEARTBEAT_S) -> tuple[int, tuple[int, ...]]:
+    def come_back(self, heartbeat_s: float = BACK_HEARTBEAT_S) -> Back:
         """Every rank of a box started again after it was lost: its leader waits until box 0's leader lets it back in
         at an outer step (telling its ranks "not yet" every `heartbeat_s`, so that no collective of the box waits out
         its timeout), meets with an empty delta (no tokens: it weighs nothing), and takes the step, the global
-        weights and the outer momentum from box 0; every rank loads them. Its inner optimizer state starts afresh.
-        Returns the step to go on from and the job's split from there (the same on every box)."""
+        weights and the outer momentum from box 0; every rank loads them. Its inner optimizer state starts afresh."""
         import torch
 
         deadline = time.monotonic() + BACK_WAIT_S
@@ -166,20 +175,20 @@ class OuterSteps:
             if self.comm.rank == 0:
                 let_in[0] = float(self.link.let_in(heartbeat_s))
             self.comm.broadcast(let_in)
-        control = self.comm.zeros(2 + len(self.config.planned), torch.float64)  # (step, outer steps done, the new split)
+        control = self.comm.zeros(3 + len(self.config.planned), torch.float64)  # (step, outer steps done, stop, the new split)
         if self.comm.rank == 0:
             payload = Payload([w.shape for w in self.global_weights], self.config.wire)
             payload.buffer.zero_()
             heads, _ = self.link.meet(torch.zeros(header_bytes(list(self.config.boxes)) // 8, dtype=torch.float64, device="cpu"), self.lost)
             self.link.exchange(payload.buffer)  # (the others' outer step: this box's delta weighs nothing)
-            control[:2] = self.link.receive(torch.zeros(2, dtype=torch.float64, device="cpu"), 0).to(control.device)
+            control[:3] = self.link.receive(torch.zeros(3, dtype=torch.float64, device="cpu"), 0).to(control.device)
             self._take_state(self.link.receive(torch.zeros_like(self._state()), 0))
-            control[2:] = torch.tensor(self._with_back(heads), dtype=torch.float64, device=control.device)
+            control[3:] = torch.tensor(self._with_back(heads), dtype=torch.float64, device=control.device)
         self.comm.broadcast(control)
         self._load_global()
         start, self.done = int(control[0].item()), int(control[1].item())
         self.measured_from, self.since = start + WARMUP_STEPS, start + 1
-        return start, tuple(int(v) for v in control[2:].tolist())
+        return Back(start, tuple(int(v) for v in control[3:].tolist()), bool(control[2].item()))
 
     def _state(self) -> torch.Tensor:
         """The leader's global weights and outer momentum, flat in fp32 (what a box joining the job takes)."""
@@ -231,14 +240,14 @@ class OuterSteps:
             heads, back = self._meet(payload, split, last)
             # lost since the last outer step: not met, or met as a box let back in (its share since then went untrained)
             left = tuple(b for b in range(len(self.config.boxes)) if (b not in heads or b in back) and self._had(b, split))
+            control[0] = float(any(bool(h[1]) for h in heads.values()))
             if back:
-                self._hand_over(step, back)
+                self._hand_over(step, back, stop=bool(control[0]))
                 new = self._with_back(heads)
             elif left:
                 new = self._without(split, heads)
             elif not last and (shares := self._shares(step, heads)):  # (after the last step no split runs)
                 new = shares.new
-            control[0] = float(any(bool(h[1]) for h in heads.values()))
             if new:
                 control[1:] = torch.tensor(new, dtype=torch.float32, device=control.device)
         self.comm.broadcast(control)
@@ -250,13 +259,14 @@ class OuterSteps:
             self.split_changed(step + 1)
         return Met(bool(control[0].item()), new if any(new) else None, shares, left=left, back=back, since=since)
 
-    def _hand_over(self, step: int, back: tuple[int, ...]) -> None:
-        """Box 0's leader: the step, the outer steps done and the global state, to each box let back in."""
+    def _hand_over(self, step: int, back: tuple[int, ...], stop: bool) -> None:
+        """Box 0's leader: the step, the outer steps done, whether the job stops here (a box asked to stop at this
+        outer step: the box let in stops with the others) and the global state, to each box let back in."""
         import torch
 
         if self.link.box == 0:
             for box in back:
-                self.link.send(torch.tensor([step, self.done + 1], dtype=torch.float64, device="cpu"), box)
+                self.link.send(torch.tensor([step, self.done + 1, float(stop)], dtype=torch.float64, device="cpu"), box)
                 self.link.send(self._state(), box)
 
     def _with_back(self, heads: dict[int, torch.Tensor]) -> tuple[int, ...]:

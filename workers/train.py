@@ -218,14 +218,17 @@ def train(cfg: TrainConfig, comm: RankComm, link=None, back: bool = False) -> Ra
         _say(me, f"resumed from {checkpoints / tag} at step {start_step}{how}")
     outer_steps = OuterSteps(outer, trainable, comm, link, rebalance=bool(cfg.micro_batch_caps),
                              lost=lambda: job_records.lost_boxes(cfg.attempt)) if outer else None  # from the weights just loaded
+    stop_at_once = False  # a box let back in at the outer step where the job stops (the scheduler moves it)
     if outer_steps and back:
         if rank == 0:
             print(f"zeromix: rank {me}, its box's leader: the box was lost and started again; asking back in at the next outer step", flush=True)
-        start_step, split_back = outer_steps.come_back()
-        sampler = dataclasses.replace(sampler, micro_batches=split_back)
+        let_in = outer_steps.come_back()
+        start_step, stop_at_once = let_in.step, let_in.stop
+        sampler = dataclasses.replace(sampler, micro_batches=let_in.split)
         if rank == 0:
-            print(f"zeromix: rank {me}, its box's leader: let back in with the global weights of step {start_step}, training on from "
-                  f"step {start_step + 1}", flush=True)
+            then = ("the job stops there (the scheduler places it again), so the box trains no step here" if stop_at_once
+                    else f"training on from step {start_step + 1}")
+            print(f"zeromix: rank {me}, its box's leader: let back in with the global weights of step {start_step}, {then}", flush=True)
     elif outer_steps:
         start_step = outer_steps.join(start_step, checkpoint.load_extra(checkpoints, tag, OUTER_STATE) if tag and rank == 0 else None)
 
@@ -254,7 +257,8 @@ def train(cfg: TrainConfig, comm: RankComm, link=None, back: bool = False) -> Ra
     tuner = SplitTuner(split, caps, cfg.grad_accum) if rank == 0 and world > 1 and caps else None
     pending = None  # rank 0's change, on its way to every rank in the next all-reduce
     saved_at = start_step  # the last checkpoint's step
-    for step in range(start_step, cfg.total_steps):
+    result.stopped_early = stop_at_once
+    for step in range(start_step, start_step if stop_at_once else cfg.total_steps):
         if cfg.plan.get("ranks"):  # test-only injection points (workers/faults.py): a card out of memory, a pause
             faults.out_of_memory(cfg.plan["job"], cfg.plan["ranks"][me]["card"], split[rank])
             faults.die(cfg.plan["job"], cfg.plan["ranks"][me]["card"], step + 1)
