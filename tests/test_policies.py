@@ -333,6 +333,19 @@ def test_a_running_job_moves_to_faster_cards_nobody_queued_takes_when_that_ends_
     assert cards == {"queued": ["desk/0"]} and decision.moves == {}
 
 
+def test_a_running_job_past_its_estimated_end_is_not_moved_to_a_card_like_its_own():
+    """A LoRA job on attic's 3090 has run an hour past its plan's estimate (the estimate was off); desk's 3090 is free.
+    What is left of it is not known, so no move can be shown to pay: it stays. (Before, its negative rest made any
+    move look like a gain, and the trace moved such jobs between two 4090s: "its rest would take about -1.1 h instead
+    of -1.1 h".) With three hours left by the estimate, a move to the same model does not pay either."""
+    box = pool(("desk", ["NVIDIA GeForce RTX 3090"]), ("attic", ["NVIDIA GeForce RTX 3090"]))
+    lora = job("lora", steps=2000)
+    step_s = ThroughputTable(box).plan(lora, frozenset({"attic/0"})).plan.step.step_s
+    for rest_s in (-3600.0, 3 * 3600.0):
+        running = [RunningJob("lora", ("attic/0",), 1000.0 + rest_s, 0.0, lora, step_s)]
+        assert decide("gain", box, [], running, now=1000.0)[1].moves == {}
+
+
 def test_a_job_does_not_give_its_card_to_a_rival_when_it_would_crawl_on_the_card_left():
     """Comparative advantage with a floor. A long bf16 LoRA job goes first (alone it runs longer than the queue takes
     to drain); a job pinned to the 4090 comes next. Handing the 4090 to the pinned job and taking the 1080 Ti would raise

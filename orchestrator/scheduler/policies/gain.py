@@ -169,6 +169,8 @@ class Gain:
             if not (r.job and r.est_step_s):
                 continue
             rest = r.est_end - x.now
+            if rest <= 0:
+                continue  # past its estimated end: how much is left is not known, so neither is what a move saves
             there = x.table.plan(r.job, frozenset(spare | set(r.cards)))
             if not there.plan or set(there.cards) == set(r.cards):
                 continue
