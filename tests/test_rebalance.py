@@ -134,6 +134,41 @@ def test_a_box_lost_leaves_the_whole_global_batch_to_the_boxes_left_within_their
     assert shares_without((3, 1, 2, 2), (2, 1, 1), {2}, (0.1, 0.0, 0.0), (4, 4, 4, 4)) == (4, 2, 2, 0)
 
 
+def test_after_a_meeting_the_leaders_agree_on_one_split_and_a_box_lost_at_the_last_outer_step_changes_nothing():
+    """The split the box leaders take after a meeting (workers/outer_steps.BoxSplits), from the boxes' headers (loss
+    tokens, stop, measured inner seconds and steps, micro-batches): box 1 of (2, 1) lost, box 0 takes its share within
+    its caps, or the job is placed again (BoxesLost) where they are too small; a box let back in brings the plan's
+    split; boxes measured apart correct their shares. At the job's last outer step a box lost changes nothing: no
+    split runs after it, so caps too small for the batch do not place a finished job again."""
+    import torch
+
+    from workers.outer_steps import BoxesLost, BoxSplits, OuterConfig
+
+    def config(caps):
+        return OuterConfig((2, 1), 10, 1.0, 0.0, "fp32", caps=caps, planned=(3, 1, 2))
+
+    def head(measured_s, steps, *micro):
+        return torch.tensor([100.0, 0.0, measured_s, steps, *micro], dtype=torch.float64)
+
+    split, both = (3, 1, 2), {0: head(1.0, 10, 3, 1), 1: head(4.0, 10, 2)}
+    roomy, tight = BoxSplits(config((5, 5, 4)), rebalance=True), BoxSplits(config((3, 1, 2)), rebalance=True)
+    alone = {0: both[0]}
+    assert roomy.left(split, alone, back=()) == (1,) and roomy.left(split, both, back=()) == ()
+    assert roomy.after(30, split, alone, (), (1,), last=False) == ((5, 1, 0), None)
+    with pytest.raises(BoxesLost, match=r"box\(es\) \[1\] are out of the job .* within the plan's caps \[3, 1, 2\]"):
+        tight.after(30, split, alone, (), (1,), last=False)
+    assert tight.after(60, split, alone, (), (1,), last=True) == (None, None)  # the last outer step
+    assert roomy.after(60, split, alone, (), (1,), last=True) == (None, None)
+    # box 1 let back in (its header empty) while the job ran (5, 1, 0): the plan's split again, and it left nothing new
+    back = {0: head(1.0, 10, 5, 1), 1: torch.zeros(7, dtype=torch.float64)}
+    assert roomy.left((5, 1, 0), back, back=(1,)) == ()
+    assert roomy.after(50, (5, 1, 0), back, (1,), (), last=False) == ((3, 1, 2), None)
+    # both met, box 1 four times slower a step: the shares move (BoxShares says why), and not after the last step
+    new, shares = roomy.after(20, split, both, (), (), last=False)
+    assert new == shares.new and shares.step == 21 and sum(new) == sum(split) and new[2] < 2
+    assert roomy.after(60, split, both, (), (), last=True) == (None, None)
+
+
 @pytest.mark.deepspeed
 def test_with_outer_steps_the_boxes_shares_follow_their_measured_speeds_and_the_weights_stay_those_of_the_planned_split(
         ds_runs, tmp_path, demo_data, base_model):

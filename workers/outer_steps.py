@@ -32,9 +32,9 @@ is lost with it (its delta never came). The driver starts the box's ranks again 
 once it is back); they ask back in (`come_back`), and box 0's leader lets them in at its next outer step, where the box
 brings an empty delta and takes the step, the global weights and the outer momentum from box 0 (its inner optimizer
 starts afresh), and every box returns to the plan's split; where the job stops at that outer step (a move), the box
-learns it there and stops with the others, training nothing (alone, it would meet nobody). Box 0 holds the rendezvous and the checkpoints: losing it
-restarts the job from its checkpoint, as does a box lost during the exchange itself, or boxes left too small for the
-batch.
+learns it there and stops with the others, training nothing (alone, it would meet nobody). Box 0 holds the rendezvous
+and the checkpoints: losing it restarts the job from its checkpoint, as does a box lost during the exchange itself, or
+boxes left too small for the batch (except at the last outer step, where no split runs after).
 """
 
 from __future__ import annotations
@@ -112,6 +112,74 @@ class BoxesLost(RuntimeError):
     again (its failure reads as a lost node, which the scheduler restarts)."""
 
 
+class BoxSplits:
+    """The job's split after a meeting of the box leaders, decided alike on every leader from the same headers (each
+    box's: loss tokens, stop, measured inner seconds and steps, its ranks' micro-batches): the plan's when boxes come
+    back, the survivors' when boxes were lost, the boxes' shares corrected from their measured inner steps, or none."""
+
+    def __init__(self, config: OuterConfig, rebalance: bool):
+        self.config, self.rebalance = config, rebalance
+
+    def left(self, split: tuple[int, ...], heads: dict[int, torch.Tensor], back: tuple[int, ...]) -> tuple[int, ...]:
+        """The boxes lost since the last outer step: not met, or met as a box let back in (its share since then went
+        untrained), of those that still had a share (one lost earlier has none)."""
+        firsts = first_ranks(self.config.boxes)
+        return tuple(b for b, n in enumerate(self.config.boxes)
+                     if (b not in heads or b in back) and any(split[firsts[b]: firsts[b] + n]))
+
+    def after(self, step: int, split: tuple[int, ...], heads: dict[int, torch.Tensor], back: tuple[int, ...],
+              left: tuple[int, ...], last: bool) -> tuple[tuple[int, ...] | None, BoxShares | None]:
+        """The new split (None: keep it) and, where the boxes' shares were corrected, why. After the job's last step
+        no split runs: a box lost there changes nothing (its share of those steps went untrained, and the boxes left
+        need not hold the batch)."""
+        if back:
+            return self.with_back(heads), None
+        if last:
+            return None, None
+        if left:
+            return self.without(split, heads), None
+        shares = self.shares(step, heads)
+        return (shares.new, shares) if shares else (None, None)
+
+    def with_back(self, heads: dict[int, torch.Tensor]) -> tuple[int, ...]:
+        """The split once boxes came back: the plan's, over the boxes that met (with one still lost, its share spread
+        over the others by the plan's shares, within their caps); each box's own tuning starts again from it."""
+        if len(heads) == len(self.config.boxes):
+            return self.config.planned
+        return self._over_met(self.config.planned, heads, (0.0,) * len(self.config.boxes))
+
+    def without(self, split: tuple[int, ...], heads: dict[int, torch.Tensor]) -> tuple[int, ...]:
+        """The split with the boxes lost out, their share of every global batch on the boxes that met, by their
+        measured inner steps."""
+        box_s = tuple(float(heads[b][2]) / int(heads[b][3]) if b in heads and int(heads[b][3]) else 0.0 for b in range(len(self.config.boxes)))
+        return self._over_met(split, heads, box_s)
+
+    def _over_met(self, split: tuple[int, ...], heads: dict[int, torch.Tensor], box_s: tuple[float, ...]) -> tuple[int, ...]:
+        """`split`'s global batch over the boxes that met alone (rebalance.shares_without); BoxesLost where they
+        cannot hold it within the plan's caps."""
+        gone = set(range(len(self.config.boxes))) - set(heads)
+        new = shares_without(split, self.config.boxes, gone, box_s, self.config.caps) if self.config.caps else None
+        if new is None:
+            held = "the plan's caps " + str(list(self.config.caps)) if self.config.caps else "no caps (the run has none)"
+            raise BoxesLost(f"box(es) {sorted(gone)} are out of the job and the boxes that met cannot take their share of the global "
+                            f"batch of {sum(split)} samples a micro-step within {held}: the job is placed again from its last checkpoint")
+        return new
+
+    def shares(self, step: int, heads: dict[int, torch.Tensor]) -> BoxShares | None:
+        """The boxes' new shares from their measured inner steps; None to keep them. A box out of the job (lost, not
+        back) has no share and none is given to it."""
+        boxes = self.config.boxes
+        if not self.rebalance or min(int(h[3]) for h in heads.values()) < BOX_WINDOW_STEPS:
+            return None
+        now = tuple(int(v) for b, n in enumerate(boxes) for v in (heads[b][4: 4 + n].tolist() if b in heads else [0] * n))  # each box's own slice
+        box_s = tuple(float(heads[b][2]) / int(heads[b][3]) if b in heads else 0.0 for b in range(len(boxes)))
+        found = box_shares(now, boxes, box_s, self.config.caps)
+        if not found:
+            return None
+        new, per_sample, predicted = found
+        return BoxShares(step + 1, now, new, per_sample, box_s, predicted)
+
+
 class OuterSteps:
     """One rank's part in the outer steps; the box leader's holds the global weights, the momentum and the link."""
 
@@ -122,7 +190,7 @@ class OuterSteps:
         outer step)."""
         self.config, self.params, self.comm, self.link, self.lost = config, params, comm, link, lost
         self.shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in params]  # (ZeRO-3: whole; the tensor holds a slice)
-        self.rebalance = rebalance and bool(config.caps)
+        self.splits = BoxSplits(config, rebalance and bool(config.caps))
         self.since = 0  # the first step since the last outer step
         self.measured_s, self.measured_steps, self.measured_from = 0.0, 0, WARMUP_STEPS  # this box's inner steps since a change
         self.tokens_since = 0.0  # loss tokens this box trained on since the last outer step
@@ -183,7 +251,7 @@ class OuterSteps:
             self.link.exchange(payload.buffer)  # (the others' outer step: this box's delta weighs nothing)
             control[:3] = self.link.receive(torch.zeros(3, dtype=torch.float64, device="cpu"), 0).to(control.device)
             self._take_state(self.link.receive(torch.zeros_like(self._state()), 0))
-            control[3:] = torch.tensor(self._with_back(heads), dtype=torch.float64, device=control.device)
+            control[3:] = torch.tensor(self.splits.with_back(heads), dtype=torch.float64, device=control.device)
         self.comm.broadcast(control)
         self._load_global()
         start, self.done = int(control[0].item()), int(control[1].item())
@@ -238,16 +306,11 @@ class OuterSteps:
         shares, left, back, new = None, (), (), None
         if self.comm.rank == 0:
             heads, back = self._meet(payload, split, last)
-            # lost since the last outer step: not met, or met as a box let back in (its share since then went untrained)
-            left = tuple(b for b in range(len(self.config.boxes)) if (b not in heads or b in back) and self._had(b, split))
+            left = self.splits.left(split, heads, back)
             control[0] = float(any(bool(h[1]) for h in heads.values()))
             if back:
                 self._hand_over(step, back, stop=bool(control[0]))
-                new = self._with_back(heads)
-            elif left:
-                new = self._without(split, heads)
-            elif not last and (shares := self._shares(step, heads)):  # (after the last step no split runs)
-                new = shares.new
+            new, shares = self.splits.after(step, split, heads, back, left, last)
             if new:
                 control[1:] = torch.tensor(new, dtype=torch.float32, device=control.device)
         self.comm.broadcast(control)
@@ -269,52 +332,9 @@ class OuterSteps:
                 self.link.send(torch.tensor([step, self.done + 1, float(stop)], dtype=torch.float64, device="cpu"), box)
                 self.link.send(self._state(), box)
 
-    def _with_back(self, heads: dict[int, torch.Tensor]) -> tuple[int, ...]:
-        """The split once boxes came back: the plan's, over the boxes that met (with one still lost, its share spread
-        over the others by the plan's shares, within their caps); each box's own tuning starts again from it."""
-        if len(heads) == len(self.config.boxes):
-            return self.config.planned
-        return self._over_met(self.config.planned, heads, (0.0,) * len(self.config.boxes))
-
-    def _had(self, box: int, split: tuple[int, ...]) -> bool:
-        """Whether `box` still trained a share of the batch (one lost earlier has none)."""
-        first = first_ranks(self.config.boxes)[box]
-        return any(split[first: first + self.config.boxes[box]])
-
-    def _without(self, split: tuple[int, ...], heads: dict[int, torch.Tensor]) -> tuple[int, ...]:
-        """The split with the boxes lost out, their share of every global batch on the boxes that met, by their
-        measured inner steps."""
-        box_s = tuple(float(heads[b][2]) / int(heads[b][3]) if b in heads and int(heads[b][3]) else 0.0 for b in range(len(self.config.boxes)))
-        return self._over_met(split, heads, box_s)
-
-    def _over_met(self, split: tuple[int, ...], heads: dict[int, torch.Tensor], box_s: tuple[float, ...]) -> tuple[int, ...]:
-        """`split`'s global batch over the boxes that met alone (rebalance.shares_without); BoxesLost where they
-        cannot hold it within the plan's caps."""
-        gone = set(range(len(self.config.boxes))) - set(heads)
-        new = shares_without(split, self.config.boxes, gone, box_s, self.config.caps) if self.config.caps else None
-        if new is None:
-            held = "the plan's caps " + str(list(self.config.caps)) if self.config.caps else "no caps (the run has none)"
-            raise BoxesLost(f"box(es) {sorted(gone)} are out of the job and the boxes that met cannot take their share of the global "
-                            f"batch of {sum(split)} samples a micro-step within {held}: the job is placed again from its last checkpoint")
-        return new
-
     def split_changed(self, step: int) -> None:
         """The box runs another split from `step` on: its inner steps are measured afresh (that step warms up)."""
         self.measured_s, self.measured_steps, self.measured_from = 0.0, 0, step
-
-    def _shares(self, step: int, heads: dict[int, torch.Tensor]) -> BoxShares | None:
-        """The boxes' new shares, the same on every leader (from the same headers); None to keep them. A box out of
-        the job (lost, not back) has no share and none is given to it."""
-        boxes = self.config.boxes
-        if not self.rebalance or min(int(h[3]) for h in heads.values()) < BOX_WINDOW_STEPS:
-            return None
-        now = tuple(int(v) for b, n in enumerate(boxes) for v in (heads[b][4: 4 + n].tolist() if b in heads else [0] * n))  # each box's own slice
-        box_s = tuple(float(heads[b][2]) / int(heads[b][3]) if b in heads else 0.0 for b in range(len(boxes)))
-        found = box_shares(now, boxes, box_s, self.config.caps)
-        if not found:
-            return None
-        new, per_sample, predicted = found
-        return BoxShares(step + 1, now, new, per_sample, box_s, predicted)
 
     def _read(self, each) -> None:
         """Every rank: each trained weight read whole in fp32, one at a time (DeepSpeed's accessor, a collective
