@@ -29,7 +29,7 @@ from pathlib import Path
 from orchestrator.cluster_config import load_cluster
 from orchestrator.errors import InputError, ZeromixError
 from orchestrator.inventory import ClusterSnapshot, Node, snapshot_from_config
-from orchestrator.processes import MARKER, has_gcs, stop_cluster_processes
+from orchestrator.processes import MARKER, has_gcs, raylets_under, stop_cluster_processes
 
 RAY_NAMESPACE = "zeromix"
 GCS_ANSWER_TIMEOUT_S = 3.0
@@ -188,12 +188,16 @@ def _start_and_register(node: Node, head_address: str | None, port: int, dashboa
     from workers.registration import ray_start_command
 
     os.environ.update(auth_env())  # Ray reads its auth settings when it is first imported
-    done = _ray_cli(ray_start_command(node, head_address, port, dashboard_port, f"{temp_root(cluster_id)}/{node.name[:12]}"), cluster_id)
+    done = _ray_cli(ray_start_command(node, head_address, port, dashboard_port, _node_dir(cluster_id, node)), cluster_id)
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
         cause = next((line for line in reversed(lines) if "Error:" in line), lines[-1])
         raise ZeromixError(f"`ray start` failed for node {node.name}: {cause.strip()}")
     registry.publish(gcs_address, node)
+
+
+def _node_dir(cluster_id: str, node: Node) -> str:
+    return f"{temp_root(cluster_id)}/{node.name[:12]}"
 
 
 def _start_nodes(nodes: list[Node], head_address: str | None, port: int, dashboard_port: int, gcs_address: str,
@@ -236,7 +240,8 @@ def _already_up(state: ClusterState) -> ZeromixError:
 def up_simulated(cluster_file: str) -> tuple[UpResult, ClusterSnapshot]:
     """Every node of cluster.yaml becomes a Ray node on this machine, its cards declared, not probed.
     Idempotent: the same homelab (the same cluster.yaml content, from any checkout), already up and answering,
-    is reused."""
+    is reused, and a node of it that is not running (its processes killed: "unplugged") is started again and
+    joins, as a real box does when it is plugged back in."""
     config = load_cluster(cluster_file)
     snapshot = snapshot_from_config(config, simulated=True)
     resolved = str(Path(cluster_file).resolve())
@@ -244,7 +249,7 @@ def up_simulated(cluster_file: str) -> tuple[UpResult, ClusterSnapshot]:
     current, notes = _stale_record_check()
     if current:
         if current.simulated and current.config_digest == digest:
-            return UpResult(current, True, notes), snapshot
+            return UpResult(current, True, notes + _start_stopped_nodes(current, snapshot, config.head.port, config.head.dashboard_port)), snapshot
         raise _already_up(current)
     _ensure_token()
     head = snapshot.node(config.head_node.name)
@@ -256,6 +261,16 @@ def up_simulated(cluster_file: str) -> tuple[UpResult, ClusterSnapshot]:
                          cluster_id=cluster_id, config_digest=digest)
     _save_state(state)
     return UpResult(state, False, notes), snapshot
+
+
+def _start_stopped_nodes(state: ClusterState, snapshot: ClusterSnapshot, port: int, dashboard_port: int) -> list[str]:
+    """A simulated homelab's nodes with no raylet running, started again (its head runs: the cluster answered)."""
+    dirs = {_node_dir(state.cluster_id, node): node for node in snapshot.nodes}
+    stopped = [node for d, node in dirs.items() if d not in raylets_under(state.cluster_id, list(dirs))]
+    with _terminate_raises():
+        for node in stopped:
+            _start_and_register(node, state.gcs_address, port, dashboard_port, state.gcs_address, state.cluster_id)
+    return [f"node {node.name} was not running (its processes are gone): started it again" for node in stopped]
 
 
 def default_node_name() -> str:

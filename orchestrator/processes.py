@@ -45,6 +45,19 @@ def has_gcs(cluster_id: str) -> bool:
     return any(_bucket(p) == 2 for p in cluster_processes(cluster_id))
 
 
+def raylets_under(cluster_id: str, temp_dirs: list[str]) -> set[str]:
+    """Of these node temp dirs (each simulated node runs under its own), those a live raylet of the cluster runs under."""
+    running = set()
+    for proc in cluster_processes(cluster_id):
+        try:
+            line = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if _bucket(proc) == 0:
+            running |= {d for d in temp_dirs if f"{d}/" in line}
+    return running
+
+
 def _signal(procs: list[psutil.Process], signum: int) -> None:
     for proc in procs:
         try:

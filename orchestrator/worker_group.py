@@ -22,6 +22,9 @@ from workers.train import TrainConfig
 
 ROOT_CAUSE_WAIT_S = 10  # after the first rank fails, how long the others may take to say why they failed too
 MAX_COMEBACKS = 2  # outer steps: times a lost box's ranks are started again in one placement of the job
+# ... and times its new actors are made again when they die before they run: made while Ray still counted its dead
+# node alive, they die once it is declared dead; made after, they wait until Ray places the job's cards there again
+START_TRIES = 3
 # What a collective says when a peer vanished (gloo on CPU, NCCL on GPUs): a lost rank seen from a survivor.
 LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
              "Watchdog caught collective operation timeout", "remote process exited", "Socket Timeout",
@@ -81,6 +84,7 @@ class _Run:
     results: dict = field(default_factory=dict)  # the rank -> its result
     lost: dict = field(default_factory=dict)  # outer steps: each box lost -> its life that was lost (RankInfo.life)
     coming: dict = field(default_factory=dict)  # a lost box's new leader's rendezvous -> the box
+    tries: dict = field(default_factory=dict)  # a box -> times its ranks were made for its present life (START_TRIES)
 
     def ranks_of(self, box: int) -> list[int]:
         return [r for r, info in enumerate(self.infos) if info.box == box]
@@ -105,14 +109,15 @@ class WorkerGroup:
             self.shutdown()
             raise
 
-    def _actor(self, i: int, life: int = 0):
-        """Rank i's actor, on its bundle's card (`life`: times its box's ranks were started again, RankInfo.life)."""
+    def _actor(self, i: int, life: int = 0, made: int = 1):
+        """Rank i's actor, on its bundle's card (`life`: times its box's ranks were started again, RankInfo.life;
+        `made`: times its actor was made for that life, START_TRIES)."""
         card = self.cards[i]
         return ray.remote(RankWorker).options(
             num_cpus=1, num_gpus=1, resources={card["resource"]: 1},
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
             runtime_env={"env_vars": {**card_env(card["index"]), **card.get("env", {})}},
-            name=actor_name(self.attempt, i, card) + (f"-life{life}" if life else ""),
+            name=actor_name(self.attempt, i, card) + (f"-life{life}" if life else "") + (f"-try{made}" if made > 1 else ""),
         ).remote(card)
 
     def where(self) -> list[dict]:
@@ -169,15 +174,29 @@ class WorkerGroup:
         print(f"zeromix: box {box} ({cards}) was lost ({describe(err)}); the other boxes go on without it from their next outer step"
               + ("; its ranks start again on those cards and ask back in" if again else ""), flush=True)
         if again:
-            for r in ranks:
-                self.actors[r] = self._actor(r, life + 1)
-            run.coming[self.actors[ranks[0]].rendezvous.remote()] = box  # (answers once the actor runs: on a dead node, when it is back)
+            run.tries[box] = 0
+            self._make_again(run, box)
+
+    def _make_again(self, run: _Run, box: int) -> None:
+        """New actors for a lost box's ranks, in its next life, on the same bundles; their leader's rendezvous answers
+        once they run (on a node that died: when it is back and Ray has placed the job's cards there again)."""
+        ranks = run.ranks_of(box)
+        run.tries[box] += 1
+        for r in ranks:
+            ray.kill(self.actors[r])  # (one made before, if it lives on)
+            self.actors[r] = self._actor(r, run.lost[box] + 1, run.tries[box])
+        run.coming[self.actors[ranks[0]].rendezvous.remote()] = box
 
     def _back(self, run: _Run, box: int, rendezvous) -> None:
         """A lost box's new ranks run: start them, in the box's next life, asking back in."""
         try:
             addr, port = ray.get(rendezvous)
-        except Exception as err:  # its actors could not start: the box stays lost
+        except Exception as err:  # its actors died before they ran (its node was not yet known dead) or could not start
+            if run.tries[box] < START_TRIES:
+                print(f"zeromix: box {box}'s new ranks died before they ran ({describe(err)}); made again, try {run.tries[box] + 1} "
+                      f"of {START_TRIES}: they start once Ray places the job's cards on that node again", flush=True)
+                self._make_again(run, box)
+                return
             print(f"zeromix: box {box} could not start again ({describe(err)}); the job goes on without it", flush=True)
             return
         for r in run.ranks_of(box):

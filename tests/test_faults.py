@@ -23,8 +23,10 @@ OOM_ABOVE = 21  # desk/0 "has memory" for this many samples of the tiny model, w
 # An outer-step job on desk/0 (box 0) and attic/1 + attic/0 (box 1), meeting every INNER steps: attic/0's rank is killed
 # before step DIE_AT, between two outer steps; box 0 waits before step BACK_HOLD until box 1, started again, asks back in
 OUTER_STEPS, INNER, DIE_AT, BACK_HOLD = 60, 10, 25, 41
-# The same, shorter, for a job moved by its user while box 1 asks back in: it is let in at the outer step where the job stops
-MOVED_STEPS, MOVED_INNER, MOVED_DIE_AT, MOVED_HOLD = 20, 5, 3, 6
+# An outer-step job on desk/0 (box 0) and closet/0 (box 1), meeting every MOVED_INNER steps: closet is unplugged while
+# the job is held before step UNPLUG_HOLD, plugged back in (`zeromix up`) while box 0 is held before MOVED_HOLD, and
+# the job is moved while box 1 asks back in, so that box 1 is let in at the outer step where the job stops
+MOVED_STEPS, MOVED_INNER, UNPLUG_HOLD, MOVED_HOLD = 20, 5, 3, 6
 
 
 def unplug(cluster_id: str, node: str) -> int:
@@ -77,8 +79,9 @@ def own_cluster(tmp_path_factory, zeromix_home):
         env.setenv("ZEROMIX_HOME", str(work / "home"))
         faults = [f"oom:oom-probe:desk/0:{OOM_ABOVE}", f"die:box-lost-probe:attic/0:{DIE_AT}",
                   f"hold:box-lost-probe:{BACK_HOLD}:{held(work, 'box-lost-probe')[1]}",
-                  f"die:box-back-moved-probe:attic/0:{MOVED_DIE_AT}", f"hold:box-back-moved-probe:{MOVED_HOLD}:{held(work, 'box-back-moved-probe')[1]}"] + [f"hold:{job}:{HOLD_AT}:{held(work, job)[1]}" for job in ("unplug-probe", "restart-probe")]
+                  f"hold:box-back-moved-probe:{UNPLUG_HOLD}:{work / 'release-unplug'}", f"hold:box-back-moved-probe:{MOVED_HOLD}:{held(work, 'box-back-moved-probe')[1]}"] + [f"hold:{job}:{HOLD_AT}:{held(work, job)[1]}" for job in ("unplug-probe", "restart-probe")]
         zeromix("up", "--simulate", str(cluster_file(work)), timeout=240, env=faults_env(*faults))
+        (work / "faults").write_text("\n".join(faults))  # (for a node started again: `zeromix up` with the same faults)
         yield cluster_runtime.load_state(), work
         ray.shutdown()
         zeromix("down", check=False)
@@ -103,18 +106,17 @@ def test_a_card_out_of_memory_is_planned_again_with_less_and_the_job_finishes(ow
     assert result["steps"] == 20
 
 
-def _box_1_lost_and_asking_back_in(work: Path, name: str, steps: int, inner: int, hold: int, out: Path, demo_data) -> tuple[str, Path]:
-    """An outer-step job on desk/0 (box 0) and attic/1 + attic/0 (box 1), submitted as `name` (the faults armed for it
-    kill attic/0 and hold box 0 before step `hold`), waited for until box 0 is held and box 1, started again, asks
-    back in. Returns the job's id and the file that releases box 0."""
-    waiting, release = held(work, name)
-    job_id = submitted_id(zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", "--set", "report_to=[]", "--set", f"name={name}",
-                                  "--set", f"max_steps={steps}", "--set", "sync.mode=outer", "--set", f"sync.inner_steps={inner}",
-                                  "--set", "gpus.count=3", "--set", "gpus.models=[NVIDIA GeForce RTX 3090, NVIDIA GeForce GTX 1080 Ti, NVIDIA GeForce RTX 2080 Ti]",
-                                  "--set", f"dataset.path={demo_data['pretrain']}", "--set", f"output_dir={out}").stdout)
-    wait_until(waiting.exists, 240, f"box 0 held before step {hold}")
-    wait_until(lambda: "asking back in" in zeromix("logs", job_id).stdout, 180, "box 1 started again and asking back in")
-    return job_id, release
+def _submit_outer(name: str, steps: int, inner: int, models: list[str], out: Path, demo_data) -> str:
+    """An outer-step job on these cards (one box per node), submitted as `name`, whose faults the module armed."""
+    return submitted_id(zeromix("submit", "jobs/examples/tiny-llama-scratch.yaml", "--set", "report_to=[]", "--set", f"name={name}",
+                                "--set", f"max_steps={steps}", "--set", "sync.mode=outer", "--set", f"sync.inner_steps={inner}",
+                                "--set", f"gpus.count={len(models)}", "--set", f"gpus.models=[{', '.join(models)}]",
+                                "--set", f"dataset.path={demo_data['pretrain']}", "--set", f"output_dir={out}").stdout)
+
+
+def _asking_back_in(job_id: str) -> None:
+    # (`zeromix logs` right after a node died has once answered that Ray has no logs for the job: not yet, then)
+    wait_until(lambda: "asking back in" in zeromix("logs", job_id, check=False).stdout, 180, "box 1 started again and asking back in")
 
 
 def test_with_outer_steps_a_box_lost_is_left_out_and_let_back_in_without_a_restart(own_cluster, tmp_path, demo_data):
@@ -125,8 +127,10 @@ def test_with_outer_steps_a_box_lost_is_left_out_and_let_back_in_without_a_resta
     weights, and both boxes train the plan's split to the end: every step once, in the job's first placement. Box 1's
     share of the steps between the last outer step and its loss went untrained, and the result says so."""
     state, work = own_cluster
-    out = tmp_path / "box-lost"
-    job_id, release = _box_1_lost_and_asking_back_in(work, "box-lost-probe", OUTER_STEPS, INNER, BACK_HOLD, out, demo_data)
+    out, (waiting, release) = tmp_path / "box-lost", held(work, "box-lost-probe")
+    job_id = _submit_outer("box-lost-probe", OUTER_STEPS, INNER, ["NVIDIA GeForce RTX 3090", "NVIDIA GeForce GTX 1080 Ti", "NVIDIA GeForce RTX 2080 Ti"], out, demo_data)
+    wait_until(waiting.exists, 240, f"box 0 held before step {BACK_HOLD}")
+    _asking_back_in(job_id)
     release.touch()  # (so it is let in at the outer step at step 50, not at whichever one its start-up happens to meet)
     assert wait_for_state(job_id, ("succeeded", "failed", "cancelled"), 400) == "succeeded", queue_store().get(job_id).reason
     record = queue_store().get(job_id)
@@ -163,15 +167,26 @@ def test_with_outer_steps_a_box_lost_is_left_out_and_let_back_in_without_a_resta
     zeromix("report", job_id)  # the HTML report draws a card that was out of the job for a while
 
 
-def test_a_box_let_back_in_at_the_outer_step_where_its_job_is_moved_stops_with_the_others(own_cluster, tmp_path, demo_data):
-    """As above, shorter: attic/0 dies before step MOVED_DIE_AT, box 0 goes on alone, and while box 1 asks back in
-    the job's user moves it (`zeromix move`). Box 0 stops at its next outer step with a checkpoint, where box 1 is let
-    in: box 1 learns that the job stops there and stops with it, training no step (alone, it would have trained on
-    and met nobody at the next outer step, failing the move). The job is placed again, resumes from that outer step
-    and ends every step once."""
+def test_a_box_whose_node_is_plugged_back_in_rejoins_and_stops_with_the_others_where_its_job_is_moved(own_cluster, tmp_path, demo_data):
+    """desk/0 (box 0) and closet/0 (box 1) train with an outer step every MOVED_INNER steps; closet is unplugged (every
+    process of it killed). Box 0 goes on alone; Ray declares the node dead some seconds later, and the box's new ranks,
+    made at once, die with it before they run: the driver makes them again, and they wait until the node is plugged
+    back in (`zeromix up` starts a stopped node of a simulated homelab) and Ray places the job's card there again.
+    They ask back in; meanwhile the job's user moves it (`zeromix move`), so box 1 is let in at the outer step where
+    the job stops: it learns that there and stops with the others, training no step (alone, it would have trained on
+    and met nobody at its next outer step, failing the job). The job is placed again, resumes from that outer step and
+    ends every step once."""
     state, work = own_cluster
-    out = tmp_path / "box-back-moved"
-    job_id, release = _box_1_lost_and_asking_back_in(work, "box-back-moved-probe", MOVED_STEPS, MOVED_INNER, MOVED_HOLD, out, demo_data)
+    out, (waiting, release) = tmp_path / "box-back-moved", held(work, "box-back-moved-probe")
+    job_id = _submit_outer("box-back-moved-probe", MOVED_STEPS, MOVED_INNER, ["NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 3060 12GB"], out, demo_data)
+    wait_until((work / "release-unplug.waiting").exists, 240, f"the job held before step {UNPLUG_HOLD}")
+    assert [(b["node"], b["ranks"]) for b in queue_store().get(job_id).plan["outer"]["boxes"]] == [("desk", 1), ("closet", 1)]
+    assert unplug(state.cluster_id, "closet") > 0
+    (work / "release-unplug").touch()
+    wait_until(waiting.exists, 240, f"box 0 held before step {MOVED_HOLD}, closet's box left out")
+    back = zeromix("up", "--simulate", state.cluster_file, env=faults_env(*(work / "faults").read_text().splitlines()))
+    assert "node closet was not running (its processes are gone): started it again" in back.stdout, back.stdout
+    _asking_back_in(job_id)
     assert "stops at its next step with a checkpoint" in zeromix("move", job_id).stdout
     release.touch()
     assert wait_for_state(job_id, ("succeeded", "failed", "cancelled"), 400) == "succeeded", queue_store().get(job_id).reason
@@ -186,7 +201,7 @@ def test_a_box_let_back_in_at_the_outer_step_where_its_job_is_moved_stops_with_t
     from orchestrator.launch import jobs_client
 
     first = jobs_client(state).get_job_logs(job_id)  # the first placement's Ray job (`zeromix logs` shows the last one's)
-    assert f"let back in with the global weights of step {stop_at}, the job stops there" in first, first[-3000:]
+    assert "box 1 (closet/0) was lost" in first and f"let back in with the global weights of step {stop_at}, the job stops there" in first, first[-3000:]
 
 
 def test_a_node_unplugged_mid_training_is_survived_on_the_cards_left(own_cluster, tmp_path, demo_data):
