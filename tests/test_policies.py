@@ -149,6 +149,21 @@ def test_a_job_waits_for_a_faster_card_only_counting_the_jobs_ahead_that_wait_fo
     assert "waits for faster cards" not in decision.waiting["j2"]
 
 
+def test_a_job_does_not_wait_for_a_card_whose_job_has_run_past_its_estimated_end():
+    """As above, with the 4090's job an hour past its estimated end (the estimate was off): when it frees is not known
+    (its end by the estimate, now, would have every bf16 job wait for it each round while the 3090 sat idle), so the
+    first job starts on the free 3090. A job waiting for such a card reads that its job is past its estimated end,
+    not "until about" a time gone by."""
+    box = pool(*DESK_AND_ATTIC)
+    first = job("j0", steps=2000)
+    cards, decision, _ = decide("gain", box, [first], [RunningJob("holder", ("desk/1",), 6400.0)], now=10000.0)
+    assert cards == {"j0": ["desk/0"]}
+    _, decision, _ = decide("gain", box, [first], [RunningJob("holder", ("desk/1",), 6400.0), RunningJob("other", ("desk/0",), 20000.0)], now=10000.0)
+    assert "desk/1 held by job holder past its estimated end, 01:46 (estimate)" in decision.waiting["j0"]  # not "until about 01:46"
+    cards, decision, _ = decide("gain", box, [first], [RunningJob("holder", ("desk/1",), 10100.0)], now=10000.0)
+    assert cards == {} and "waits for faster cards" in decision.waiting["j0"]  # (ends in 100 s by the estimate)
+
+
 def test_a_job_below_a_quarter_of_its_best_speed_waits_for_its_best_card_only_while_that_ends_it_sooner():
     """On the 1080 Ti a bf16 job keeps 11% of its 4090 speed. With the 4090 free again in twice its run there it
     waits for it; with the 4090 held for a week it takes the 1080 Ti at once: nine times its run there ends it

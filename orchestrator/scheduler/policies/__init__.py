@@ -110,6 +110,7 @@ def why_waiting(job: QueuedJob, x: PolicyInput, lead: str = "") -> str:
         owner = x.holder(rank.card.card_id)
         if owner:
             held.setdefault(owner.id, []).append(rank.card.card_id)
-    owners = "; ".join(f"{' + '.join(cards)} held by job {job_id} until about {clock(x.holder(cards[0]).est_end)}"
-                       for job_id, cards in held.items())
+    owners = "; ".join(f"{' + '.join(cards)} held by job {job_id} " + (f"until about {clock(end)}" if end > x.now else
+                                                                        f"past its estimated end, {clock(end)}")
+                       for job_id, cards in held.items() for end in [x.holder(cards[0]).est_end])
     return "; ".join(part for part in (lead, need, owners + " (estimate)" if owners else "") if part)

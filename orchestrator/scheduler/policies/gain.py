@@ -335,8 +335,8 @@ def _turn_at_best(job: QueuedJob, now: Outcome, x: PolicyInput, running: list[Ru
     for the head job when that job would end on it, and then it goes to the jobs ahead of this one that wait for
     it (`claims`: until they would end). A one-card job may take any card of its best card's model where it has
     no memory cap (as fast, so the jobs waiting for that model spread over all of them). A card free now that it
-    does not get (another's room or reservation) gives no estimate; None when no option has one, or when it
-    already has its best cards."""
+    does not get (another's room or reservation) gives no estimate, nor does one whose job has run past its
+    estimated end (when it frees is not known); None when no option has one, or when it already has its best cards."""
     best = x.table.best(job)
     if set(best.cards) <= set(now.cards):
         return None
@@ -356,6 +356,8 @@ def _free_at(cards: tuple[str, ...], x: PolicyInput, running: list[RunningJob], 
     at = x.now
     for card in cards:
         holder = next((r for r in running if card in r.cards), None)
+        if holder and holder.est_end <= x.now:
+            return None  # past its estimated end: not "free now"
         if holder:
             at = max(at, holder.est_end, claims.get(card, 0.0))
         elif reservation and card in reservation.cards:
