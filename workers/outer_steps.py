@@ -151,8 +151,11 @@ class BoxSplits:
     def without(self, split: tuple[int, ...], heads: dict[int, torch.Tensor]) -> tuple[int, ...]:
         """The split with the boxes lost out, their share of every global batch on the boxes that met, by their
         measured inner steps."""
-        box_s = tuple(float(heads[b][2]) / int(heads[b][3]) if b in heads and int(heads[b][3]) else 0.0 for b in range(len(self.config.boxes)))
-        return self._over_met(split, heads, box_s)
+        return self._over_met(split, heads, self._seconds_a_step(heads))
+
+    def _seconds_a_step(self, heads: dict[int, torch.Tensor]) -> tuple[float, ...]:
+        """Each box's measured inner step (its header's seconds over its steps); 0 for a box not met or not measured."""
+        return tuple(float(heads[b][2]) / int(heads[b][3]) if b in heads and int(heads[b][3]) else 0.0 for b in range(len(self.config.boxes)))
 
     def _over_met(self, split: tuple[int, ...], heads: dict[int, torch.Tensor], box_s: tuple[float, ...]) -> tuple[int, ...]:
         """`split`'s global batch over the boxes that met alone (rebalance.shares_without); BoxesLost where they
@@ -172,7 +175,7 @@ class BoxSplits:
         if not self.rebalance or min(int(h[3]) for h in heads.values()) < BOX_WINDOW_STEPS:
             return None
         now = tuple(int(v) for b, n in enumerate(boxes) for v in (heads[b][4: 4 + n].tolist() if b in heads else [0] * n))  # each box's own slice
-        box_s = tuple(float(heads[b][2]) / int(heads[b][3]) if b in heads else 0.0 for b in range(len(boxes)))
+        box_s = self._seconds_a_step(heads)
         found = box_shares(now, boxes, box_s, self.config.caps)
         if not found:
             return None
