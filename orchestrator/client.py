@@ -190,10 +190,14 @@ def logs(job_id: str) -> str:
     record = job(job_id)
     if record.state == "queued" and not record.attempts:
         return ""
-    text = _ask("job_log", record.ray_job_id)
-    if text is None:
+    from orchestrator.launch import JobLog
+
+    log = JobLog(**_ask("job_log", record.ray_job_id))
+    if log.missing:
         raise ZeromixError(f"Ray has no logs for {record.id} (it ended before the head restarted?)")
-    return text
+    if log.error:
+        raise ZeromixError(f"Ray's Jobs API did not give the log of {record.id}: {log.error}; `zeromix logs {record.id}` again later")
+    return log.text
 
 
 def write_report(job_id: str, out: str | None) -> Path:

@@ -27,6 +27,7 @@ RESERVE_TIMEOUT_S = 30
 HTTP_TIMEOUT_S = 30  # one request to the Jobs API
 AGENT_WAIT_S = 60
 AGENT_RETRY_S = 1.0
+LOG_WAIT_S = 15  # a job's log the Jobs API failed to give (it has, right after a node left) is asked for again this long
 METADATA_KEY = "zeromix_job"  # present on every job zeromix submits
 ID_KEY = "zeromix_id"  # the queue's job id, the same for every placement of the job
 CONFIG_KEY_ENV = "ZEROMIX_TRAIN_CONFIG_KEY"  # where in Ray's KV store the job's driver finds its train config
@@ -223,6 +224,36 @@ def _submit_when_agent_ready(client, **job) -> None:
     for attempt in Retrying(retry=retry_if_exception(no_agent_yet), stop=stop_after_delay(AGENT_WAIT_S), wait=wait_fixed(AGENT_RETRY_S), reraise=True):
         with attempt:
             client.submit_job(**job)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobLog:
+    """A Ray job's whole log, or why there is none: Ray does not know the job (`missing`), or its Jobs API kept failing."""
+
+    text: str | None = None
+    missing: bool = False
+    error: str | None = None
+
+
+def job_log(client, ray_job_id: str) -> JobLog:
+    """Ray's answer "does not exist" (404) is final; any other failure is asked again for LOG_WAIT_S: right after a
+    node was unplugged the Jobs API once answered 500 for a running job's log, and the next call worked."""
+    from tenacity import RetryError, Retrying, retry_if_exception, stop_after_delay, wait_fixed
+
+    def unknown(err: BaseException) -> bool:
+        return isinstance(err, JobsApiError) and err.status == 404
+
+    try:
+        for attempt in Retrying(retry=retry_if_exception(lambda err: isinstance(err, RuntimeError) and not unknown(err)),
+                                stop=stop_after_delay(LOG_WAIT_S), wait=wait_fixed(AGENT_RETRY_S)):
+            with attempt:
+                return JobLog(text=client.get_job_logs(ray_job_id))
+    except RetryError as failed:
+        err = failed.last_attempt.exception()
+        last_line = str(err).strip().rstrip(".").splitlines()[-1]  # Ray's 500 carries a whole traceback
+        return JobLog(error=f"{last_line[:300]} (asked for {LOG_WAIT_S} s)")
+    except JobsApiError:  # only "does not exist" is not asked again
+        return JobLog(missing=True)
 
 
 def list_jobs(state: ClusterState) -> list:

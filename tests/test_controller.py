@@ -188,6 +188,37 @@ def test_a_submit_waits_out_a_head_whose_job_agent_is_not_up_yet_and_nothing_els
     assert refusing.calls == 1
 
 
+def test_a_log_the_jobs_api_failed_to_give_is_asked_for_again_and_only_does_not_exist_means_no_log(monkeypatch):
+    """Right after a node was unplugged, Ray's Jobs API once answered 500 for a running job's log (and the next call
+    worked): `zeromix logs` said "Ray has no logs for <job>". Now only Ray's "does not exist" means that; any other
+    failure is asked again within LOG_WAIT_S and then named."""
+    from orchestrator import launch
+
+    monkeypatch.setattr(launch, "AGENT_RETRY_S", 0.01)
+    monkeypatch.setattr(launch, "LOG_WAIT_S", 0.2)
+    failing = launch.JobsApiError(500, "Traceback (most recent call last):\n  ...\nConnectionResetError: [Errno 104] Connection reset by peer")
+
+    class JobsApi:
+        def __init__(self, answers):
+            self.answers, self.calls = list(answers), 0
+
+        def get_job_logs(self, job_id):
+            self.calls += 1
+            answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    recovering = JobsApi([failing, RuntimeError("the Jobs API at http://127.0.0.1:8265 did not answer within 30 s"), "step 1\n"])
+    assert launch.job_log(recovering, "zm-a") == launch.JobLog(text="step 1\n") and recovering.calls == 3
+    unknown = JobsApi([launch.JobsApiError(404, "Job zm-b does not exist")])
+    assert launch.job_log(unknown, "zm-b") == launch.JobLog(missing=True) and unknown.calls == 1
+    broken = JobsApi([failing])
+    log = launch.job_log(broken, "zm-c")
+    assert log.text is None and not log.missing and broken.calls > 1
+    assert log.error == "ConnectionResetError: [Errno 104] Connection reset by peer (asked for 0.2 s)"
+
+
 def test_the_failure_policy_reads_typed_signals_and_decides_restart_replan_or_fail(world):
     """One table (orchestrator/scheduler/failures.py): Ray's status and the driver's failure kind, never text."""
     from orchestrator.model_facts import facts_from_config, read_config

@@ -115,7 +115,7 @@ def _submit_outer(name: str, steps: int, inner: int, models: list[str], out: Pat
 
 
 def _asking_back_in(job_id: str) -> None:
-    # (`zeromix logs` right after a node died has once answered that Ray has no logs for the job: not yet, then)
+    # (right after a node died the Jobs API has failed to give a log for longer than `zeromix logs` asks: not yet, then)
     wait_until(lambda: "asking back in" in zeromix("logs", job_id, check=False).stdout, 180, "box 1 started again and asking back in")
 
 

@@ -28,7 +28,7 @@ from workers import job_records
 ACTOR_NAME = "zeromix-scheduler"
 TICK_S = 1.0
 READY_TIMEOUT_S = 60
-API = 4  # the calls clients make (orchestrator/client.py); 3: before `move`; 2: progress read from job logs; 1: before the clients reached the queue through the actor
+API = 5  # the calls clients make (orchestrator/client.py); 4: `job_log` answered None for any failure; 3: before `move`; 2: progress read from job logs; 1: before the clients reached the queue through the actor
 log = logging.getLogger("zeromix.scheduler")
 
 
@@ -174,13 +174,10 @@ class SchedulerService:
         self.launch.move(record, "its user asked (zeromix move)")
         return record.state, True
 
-    def job_log(self, ray_job_id: str) -> str | None:
-        """The Ray job's whole log; None for a job Ray does not know. Read on the head, whose Jobs API listens on
-        loopback only."""
-        try:
-            return launch.jobs_client(self.launch.state).get_job_logs(ray_job_id)
-        except RuntimeError:
-            return None
+    def job_log(self, ray_job_id: str) -> dict:
+        """The Ray job's whole log, or why there is none (`launch.JobLog`). Read on the head, whose Jobs API listens
+        on loopback only."""
+        return asdict(launch.job_log(launch.jobs_client(self.launch.state), ray_job_id))
 
     def health(self) -> dict:
         return {"api": API, "policy": self.scheduler.policy.name, "rounds": self.scheduler.rounds, "last_error": self.scheduler.last_error,
