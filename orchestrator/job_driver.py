@@ -129,11 +129,11 @@ def main() -> int:
     try:
         ray.get(group_pg.ready(), timeout=READY_TIMEOUT_S)
         group = WorkerGroup(group_pg, cards, attempt)
-        placements = group.where()
-        for c, p in zip(cards, placements):
-            print(f"zeromix: rank on {c['card']} ({c['model']}) sees CUDA_VISIBLE_DEVICES={p['cuda_visible_devices']}, "
-                  f"NVML {p['nvml_name'] or 'none'} at {p['pci_bus_id'] or '-'}, device {p['device']}", flush=True)
         try:
+            placements = group.where()
+            for c, p in zip(cards, placements):
+                print(f"zeromix: rank on {c['card']} ({c['model']}) sees CUDA_VISIBLE_DEVICES={p['cuda_visible_devices']}, "
+                      f"NVML {p['nvml_name'] or 'none'} at {p['pci_bus_id'] or '-'}, device {p['device']}", flush=True)
             results = group.run(config.to_json())
         except RankFailed as failed:
             job_records.put(attempt, "failure", failed.record())  # before the driver exits: the scheduler reads it then

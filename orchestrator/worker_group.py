@@ -30,7 +30,7 @@ LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "NCCL comm
              "Watchdog caught collective operation timeout", "remote process exited", "Socket Timeout",
              # outer steps (workers/collectives.BoxLink, workers/outer_steps.BoxesLost): a box never came, or the boxes left
              # cannot hold a lost box's share of the batch
-             "did not reach outer step", "cannot take their share of the global batch")
+             "did not reach outer step", "cannot take their share of the global batch", "lost before the boxes met")
 
 
 def failure_kind(err: BaseException) -> str:
@@ -121,7 +121,21 @@ class WorkerGroup:
         ).remote(card)
 
     def where(self) -> list[dict]:
-        return ray.get([a.where.remote() for a in self.actors])
+        return self._answers({rank: a.where.remote() for rank, a in enumerate(self.actors)})
+
+    def _answers(self, calls: dict[int, object]) -> list:
+        """Each rank's answer to a call made before training (rank -> the call). A rank whose actor or node died
+        first (a node unplugged while the job starts) fails the job as lost, which the scheduler places again from its
+        last checkpoint on the cards left; Ray's bare RayActorError would read as a bug and fail it for good."""
+        answers = []
+        for rank, call in calls.items():
+            try:
+                answers.append(ray.get(call))
+            except (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError) as err:
+                self.shutdown()
+                card = self.cards[rank]
+                raise RankFailed(f"rank {rank} on {card['node']}/{card['index']} failed: {describe(err)}", "lost", rank, card) from err
+        return answers
 
     def run(self, config_json: str) -> list[dict | None]:
         """Train on every rank; the first rank to fail stops the others (they would wait in a collective forever).
@@ -132,8 +146,8 @@ class WorkerGroup:
         rendezvous and the checkpoints: losing it restarts the job, as a synchronous job's loss does. A rank whose
         box was lost and not let back in by the end has no result (None)."""
         config = TrainConfig.from_json(config_json)  # (outer steps: each box its own group, ranks box by box)
-        meet = ray.get([self.actors[first].rendezvous.remote() for first in first_ranks(config.boxes)])
-        outer_meet = ray.get(self.actors[0].rendezvous.remote()) if config.outer else ("", 0)
+        meet = self._answers({first: self.actors[first].rendezvous.remote() for first in first_ranks(config.boxes)})
+        outer_meet = self._answers({0: self.actors[0].rendezvous.remote()})[0] if config.outer else ("", 0)
         infos = rank_infos(config.boxes, meet, outer_meet)
         run = _Run(config_json, infos, {a.run.remote(config_json, info): rank for rank, (a, info) in enumerate(zip(self.actors, infos))})
         while run.pending:

@@ -27,6 +27,8 @@ OUTER_STEPS, INNER, DIE_AT, BACK_HOLD = 60, 10, 25, 41
 # the job is held before step UNPLUG_HOLD, plugged back in (`zeromix up`) while box 0 is held before MOVED_HOLD, and
 # the job is moved while box 1 asks back in, so that box 1 is let in at the outer step where the job stops
 MOVED_STEPS, MOVED_INNER, UNPLUG_HOLD, MOVED_HOLD = 20, 5, 3, 6
+# An outer-step job on desk/0 (box 0) and closet/0 (box 1) whose box 1 rank dies before the boxes first meet, once
+START_STEPS, START_INNER = 6, 3
 
 
 def unplug(cluster_id: str, node: str) -> int:
@@ -61,7 +63,8 @@ def held(work, job: str) -> tuple[Path, Path]:
 def own_cluster(tmp_path_factory, zeromix_home):
     """A 3-node cluster of this module's own (a test unplugs one of its nodes), with the test-only faults
     (workers/faults.py) armed: out of memory for the job named oom-probe on desk/0, box-lost-probe's rank on
-    attic/0 killed before step DIE_AT and its box 0 paused before step BACK_HOLD, and a pause before step HOLD_AT
+    attic/0 killed before step DIE_AT and its box 0 paused before step BACK_HOLD, start-lost-probe's rank on closet/0
+    killed before the boxes meet (once), and a pause before step HOLD_AT
     for the jobs named unplug-probe and restart-probe, so a node is unplugged and the head restarted while the job is
     at a known step rather than at a guessed time."""
     import shutil
@@ -77,7 +80,7 @@ def own_cluster(tmp_path_factory, zeromix_home):
     ray.shutdown()
     with pytest.MonkeyPatch.context() as env:
         env.setenv("ZEROMIX_HOME", str(work / "home"))
-        faults = [f"oom:oom-probe:desk/0:{OOM_ABOVE}", f"die:box-lost-probe:attic/0:{DIE_AT}",
+        faults = [f"oom:oom-probe:desk/0:{OOM_ABOVE}", f"die:box-lost-probe:attic/0:{DIE_AT}", f"die:start-lost-probe:closet/0:0:{work / 'died-at-start'}",
                   f"hold:box-lost-probe:{BACK_HOLD}:{held(work, 'box-lost-probe')[1]}",
                   f"hold:box-back-moved-probe:{UNPLUG_HOLD}:{work / 'release-unplug'}", f"hold:box-back-moved-probe:{MOVED_HOLD}:{held(work, 'box-back-moved-probe')[1]}"] + [f"hold:{job}:{HOLD_AT}:{held(work, job)[1]}" for job in ("unplug-probe", "restart-probe")]
         zeromix("up", "--simulate", str(cluster_file(work)), timeout=240, env=faults_env(*faults))
@@ -165,6 +168,25 @@ def test_with_outer_steps_a_box_lost_is_left_out_and_let_back_in_without_a_resta
     shown = zeromix("logs", "--follow", job_id).stdout  # the job's result as `submit --follow` ends with it
     assert shown.index(f"lost before the outer step at step {lost_at}") < shown.index(f"back: let in at the outer step at step {back_at}")
     zeromix("report", job_id)  # the HTML report draws a card that was out of the job for a while
+
+
+def test_with_outer_steps_a_box_lost_before_the_boxes_meet_restarts_the_job_at_once(own_cluster, tmp_path, demo_data):
+    """closet/0's rank (box 1) dies before the boxes first meet, as when its node is unplugged while the job starts.
+    Box 0's leader, waiting for the other leaders, hears from the job's driver that box 1 was lost, and the job fails as
+    lost at once; the scheduler places it again (the same cards: the node is still there) and it ends every step
+    once. Before, box 0 waited 600 s for box 1 and the job then failed for good, as if it had a bug."""
+    state, work = own_cluster
+    out = tmp_path / "start-lost"
+    job_id = _submit_outer("start-lost-probe", START_STEPS, START_INNER, ["NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 3060 12GB"], out, demo_data)
+    assert wait_for_state(job_id, ("succeeded", "failed", "cancelled"), 300) == "succeeded", queue_store().get(job_id).reason
+    assert (work / "died-at-start").exists()  # the fault did fire, in the first placement
+    events = queue_store().events(job_id)
+    started = next(e for e in events if e.target == "running")
+    [restart] = [e for e in events if (e.source, e.target) == ("running", "queued")]
+    assert "box(es) [1] lost before the boxes met" in restart.reason and "restart 1 of 3" in restart.reason, restart.reason
+    assert restart.at - started.at < 120, restart.at - started.at  # not the 600 s the leaders wait for each other
+    result = json.loads((out / "zeromix-result.json").read_text())
+    assert [h["step"] for h in result["history"]] == list(range(1, START_STEPS + 1)) and result["outer"]["outer_steps"] == START_STEPS // START_INNER
 
 
 def test_a_box_whose_node_is_plugged_back_in_rejoins_and_stops_with_the_others_where_its_job_is_moved(own_cluster, tmp_path, demo_data):

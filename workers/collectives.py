@@ -183,20 +183,32 @@ class BoxLink:
     lives: dict = field(default_factory=dict)  # box 0's leader: each box's life now (0 where never lost)
 
     @classmethod
-    def join(cls, info: RankInfo, timeout_s: float = 600) -> BoxLink:
+    def join(cls, info: RankInfo, lost: Callable[[], dict[int, int]] = dict, timeout_s: float = 600) -> BoxLink:
         """Box 0's leader hosts the rendezvous; the others connect to it (each waits up to `timeout_s` for the
-        rest, then fails naming the address)."""
+        rest, then fails naming the address). Box 0's leader waits for every box's leader, or for `lost()` (the job's
+        driver, as at a meeting) to name one: a box lost before the boxes first met (its node unplugged while the
+        job started) fails the job as lost at once, and the scheduler places it again from its last checkpoint on the
+        cards left, rather than box 0 waiting out `timeout_s` and the job failing as if it had a bug."""
         from datetime import timedelta
 
         import torch.distributed as dist
 
-        wait = timedelta(seconds=timeout_s)
+        def unmet(err: Exception) -> RuntimeError:  # (torch raises several kinds for a peer that never came)
+            return RuntimeError(f"box {info.box}: the leaders of the {info.boxes} boxes did not meet at {info.outer_addr}:"
+                                f"{info.outer_port} within {timeout_s:.0f} s ({err}); check that every box reaches that address")
+
         try:
-            store = dist.TCPStore(info.outer_addr, info.outer_port, info.boxes, is_master=info.box == 0, timeout=wait)
+            store = dist.TCPStore(info.outer_addr, info.outer_port, info.boxes, is_master=info.box == 0,
+                                  timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+            store.set(f"joined/{info.box}", "")
+        except Exception as err:
+            raise unmet(err) from err
+        if info.box == 0:
+            _wait_for_leaders(store, info.boxes, lost, timeout_s, unmet)
+        try:
             up, down = _gloo_pair(store, "boxes", info.box, info.boxes, timeout_s)
-        except Exception as err:  # (torch raises several kinds for a peer that never came)
-            raise RuntimeError(f"box {info.box}: the leaders of the {info.boxes} boxes did not meet at {info.outer_addr}:"
-                               f"{info.outer_port} within {timeout_s:.0f} s ({err}); check that every box reaches that address") from err
+        except Exception as err:
+            raise unmet(err) from err
         return cls(info.box, info.boxes, up, down, store, timeout_s, tuple(range(info.boxes)))
 
     @classmethod
@@ -326,6 +338,20 @@ class BoxLink:
 
 LOST_POLL_S = 1.0  # how often box 0's leader asks whether a box it waits for was lost
 HANDOVER_TAG = 1 << 20  # gloo's tag for a handover to a box let back in (an exchange's hops are tagged 0, 1, ...)
+
+
+def _wait_for_leaders(store, boxes: int, lost: Callable[[], dict[int, int]], timeout_s: float,
+                      unmet: Callable[[Exception], RuntimeError]) -> None:
+    """Box 0's leader at the start: until every other box's leader has connected to its store."""
+    deadline, asked, waiting = time.monotonic() + timeout_s, 0.0, set(range(1, boxes))
+    while waiting := {b for b in waiting if not store.check([f"joined/{b}"])}:
+        if time.monotonic() - asked > LOST_POLL_S:
+            gone, asked = sorted(waiting & set(lost())), time.monotonic()
+            if gone:
+                raise RuntimeError(f"box 0: box(es) {gone} lost before the boxes met, at the job's start")
+        if time.monotonic() > deadline:
+            raise unmet(TimeoutError(f"box(es) {sorted(waiting)} never connected"))
+        time.sleep(0.005)
 
 
 def _gloo_pair(store, prefix: str, rank: int, size: int, timeout_s: float) -> tuple[object, object]:

@@ -9,6 +9,7 @@ update is the gradient of the mean token loss over the whole global batch, whate
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -127,10 +128,14 @@ def utilisation(busy_s: list[float], wait_s: list[float]) -> list[float]:
 def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
     """One rank of one job: join the job's process group (its box's, in outer-step mode, and the leaders' link
     across boxes on a box's rank 0), train, leave."""
+    from workers import faults, job_records
     from workers.collectives import BoxLink
 
     comm = RankComm.join(info)
-    link = (BoxLink.ask_back(info) if info.life else BoxLink.join(info)) if cfg.outer and comm.rank == 0 else None
+    if cfg.plan.get("ranks"):  # test-only (workers/faults.py): a rank that dies before its box meets the others
+        faults.die(cfg.plan["job"], cfg.plan["ranks"][comm.me]["card"], 0)
+    lost = functools.partial(job_records.lost_boxes, cfg.attempt)  # (the boxes the job's driver saw die)
+    link = (BoxLink.ask_back(info) if info.life else BoxLink.join(info, lost)) if cfg.outer and comm.rank == 0 else None
     result = train(cfg, comm, link, back=info.life > 0)
     comm.leave()
     return result
