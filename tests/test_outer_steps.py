@@ -253,6 +253,45 @@ def test_a_box_lost_and_back_between_two_meetings_is_taken_in_as_the_new_process
     assert second == [(box, 1, [0, 1], (1,), [[0.0, 1.0], [10.0, 11.0]]) for box in (0, 1)]
 
 
+def _leader_of_two_whose_box_1_dies_again(box: int, port: int, results, asked, back: bool = False) -> None:
+    """Box 1 dies after meeting 0 (the driver reports that life lost); started again, it asks back in and dies at once,
+    before it reads that it is let in. Box 0 lets it in at meeting 1 and the driver reports its new life lost just
+    after (here: as soon as box 0 has let it in)."""
+    import os
+
+    from workers.collectives import BoxLink, RankInfo
+
+    info = RankInfo(0, 1, "", 0, box, 2, 0, "127.0.0.1", port, life=int(back))
+    if back:
+        BoxLink.ask_back(info, timeout_s=60)
+        asked.set()
+        os._exit(0)  # (its node unplugged again)
+    link = BoxLink.join(info, timeout_s=60)
+
+    def lost() -> dict[int, int]:
+        return {} if link.meetings < 2 else {1: 1 if link.store.check(["let-in/1/1"]) else 0}
+
+    for meeting in (0, 1) if box == 0 else (0,):
+        if meeting == 1:
+            asked.wait(60)
+        heads, came = link.meet(torch.tensor([box, meeting], dtype=torch.float64, device="cpu"), lost)
+        got = link.exchange(torch.arange(2, dtype=torch.float32, device="cpu") + 10 * box)
+        results.put((box, meeting, sorted(heads), came, link.members, [t.tolist() for t in got]))
+    if box == 1:
+        results.close()
+        results.join_thread()
+        os._exit(0)
+
+
+def test_a_box_let_back_in_that_died_meanwhile_is_left_out_of_the_meeting_rather_than_waited_for():
+    """A box asks back in and dies before it takes its place (its node unplugged again): box 0's leader, having let it
+    in, waits for its header and leaves it out once the driver reports that life lost; box 0 meets alone and goes on.
+    Before, the link was formed again with the dead box in it, and box 0 waited out the link's timeout, then failed."""
+    first, later = _lose_a_box_and_start_it_again(_leader_of_two_whose_box_1_dies_again, 2, 1, 2, 1)
+    assert [r[:3] for r in first] == [(0, 0, [0, 1]), (1, 0, [0, 1])]
+    assert later == [(0, 1, [0], (), (0,), [[0.0, 1.0]])]
+
+
 def test_the_outer_step_is_nesterov_sgd_on_the_combined_delta():
     """What OuterSteps._nesterov does to the global weights equals torch's SGD(nesterov=True) fed the delta as the
     gradient, over several outer steps."""

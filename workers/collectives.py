@@ -276,12 +276,31 @@ class BoxLink:
                 gone = {b for b, life in reported.items() if life >= self.lives.get(b, 0)}
                 waiting -= gone
                 if not waiting:
-                    back = [b for b in range(1, self.boxes) if let_in and self._let_in(b, n, reported)]
+                    let = [b for b in range(1, self.boxes) if let_in and self._let_in(b, n, reported)]
+                    back = self._still_there(n, let, lost, deadline)
                     return sorted({b for b in self.members if b not in gone} | set(back)), back
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"box 0: box(es) {sorted(waiting)} did not reach outer step {n} within {self.timeout_s:.0f} s "
-                                   "and none was reported lost: a collective timeout across boxes")
+            self._check_deadline(waiting, n, deadline)
             time.sleep(0.005)  # (store.wait with a short timeout would log a warning at every try)
+
+    def _still_there(self, n: int, let: list[int], lost: Callable[[], dict[int, int]], deadline: float) -> list[int]:
+        """Box 0's leader: of the boxes just let in, those whose header came (each posts it once it reads that it is
+        in), leaving out one whose new life the driver reports lost meanwhile: a box that asked and then died (its
+        node unplugged again) would otherwise be a member of the link formed next, and the others would wait out the
+        link's timeout for it, then restart the job."""
+        waiting, asked = set(let), 0.0
+        while waiting := {b for b in waiting if not self.store.check([f"head/{n}/{b}"])}:
+            if time.monotonic() - asked > LOST_POLL_S:
+                reported, asked = lost(), time.monotonic()
+                dead = {b for b in waiting if reported.get(b, -1) >= self.lives[b]}
+                waiting, let = waiting - dead, [b for b in let if b not in dead]
+            self._check_deadline(waiting, n, deadline)
+            time.sleep(0.005)
+        return let
+
+    def _check_deadline(self, waiting: set[int], n: int, deadline: float) -> None:
+        if waiting and time.monotonic() > deadline:
+            raise RuntimeError(f"box 0: box(es) {sorted(waiting)} did not reach outer step {n} within {self.timeout_s:.0f} s "
+                               "and none was reported lost: a collective timeout across boxes")
 
     def _let_in(self, box: int, n: int, reported: dict[int, int]) -> bool:
         """Box 0's leader: whether `box` asks back in with a life not reported lost, letting it in at meeting `n`."""
