@@ -1,11 +1,12 @@
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from workers import ports
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -239,9 +240,7 @@ def nvml():
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return ports.free_port("127.0.0.1")
 
 
 def zeromix(*args: str, check: bool = True, timeout: int = 300, env: dict | None = None, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:

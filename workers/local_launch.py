@@ -14,11 +14,11 @@ import functools
 import multiprocessing
 import os
 import queue
-import socket
 import time
 from dataclasses import asdict
 
 from workers.collectives import RankInfo, rank_infos
+from workers.ports import free_port
 from workers.train import TrainConfig
 
 DEATH_GRACE_S = 3
@@ -65,14 +65,8 @@ def _death(rank: int, exitcode: int) -> str:
 
 def _meeting_points(config: TrainConfig) -> list[RankInfo]:
     """Local ranks meet on loopback: one group over every rank, or one per box and the box leaders' link."""
-    outer = ("127.0.0.1", _free_port()) if config.outer else ("", 0)
-    return rank_infos(config.boxes, [("127.0.0.1", _free_port()) for _ in config.boxes], outer)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    outer = ("127.0.0.1", free_port("127.0.0.1")) if config.outer else ("", 0)
+    return rank_infos(config.boxes, [("127.0.0.1", free_port("127.0.0.1")) for _ in config.boxes], outer)
 
 
 def run_local_ranks(config: TrainConfig, timeout_s: float = 600, threads_per_rank: int = 1,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
@@ -66,10 +65,9 @@ class RankWorker:
         """Rank 0's address and a free port for torch.distributed."""
         import ray
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        from workers.ports import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
 
     def run(self, config_json: str, info: RankInfo) -> dict:
         from workers.train import TrainConfig, main

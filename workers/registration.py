@@ -7,10 +7,10 @@ one (NVML probe) become the same `Node` and go through this same code; only the 
 from __future__ import annotations
 
 import json
-import socket
 
 from orchestrator.inventory import Node, build_node
 from workers.gpu_probe import NodeProbe
+from workers.ports import free_ports
 
 NODE_LABEL = "zeromix.io/node"
 SIMULATED_OBJECT_STORE_BYTES = 256 * 1024**2  # several simulated nodes share one machine's /dev/shm
@@ -24,18 +24,6 @@ def node_from_probe(probe: NodeProbe, name: str, address: str, link_gbit_per_s: 
     return build_node(name, address, probe.host.ram_gb, probe.host.cpus, link, list(probe.cards), simulated=False,
                       software=probe.software, disk_free_gb=probe.host.disk_free_gb, nic=probe.host.nic,
                       p2p_pairs=probe.p2p_pairs, nvlink_pairs=probe.nvlink_pairs, warnings=probe.warnings)
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free now (all held open together while chosen, so the OS cannot repeat one)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def ray_start_command(node: Node, head_address: str | None, port: int, dashboard_port: int, temp_dir: str) -> list[str]:

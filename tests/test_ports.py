@@ -1,0 +1,36 @@
+"""The ports zeromix listens on (Ray's agents, the ranks' rendezvous), chosen where no outgoing connection takes them."""
+
+import socket
+
+from workers import ports
+
+
+def test_ports_are_chosen_free_distinct_and_below_the_range_outgoing_connections_use():
+    """bind(0) hands out a port from ip_local_port_range, where any process's outgoing connection may take it between
+    the choice and the listen: a rank's rendezvous once failed so (EADDRINUSE) beside a Ray cluster."""
+    start = ports._ephemeral_start()
+    assert start == int(ports.EPHEMERAL_RANGE.read_text().split()[0])
+    chosen = ports.free_ports(8, "127.0.0.1")
+    assert len(set(chosen)) == 8 and all(ports.LOWEST <= port < start for port in chosen)
+    listening = [socket.socket() for _ in chosen]
+    try:
+        for s, port in zip(listening, chosen):
+            s.bind(("127.0.0.1", port))
+            s.listen()
+        # every one taken now: what is chosen next is none of them
+        assert not set(ports.free_ports(8, "127.0.0.1")) & set(chosen)
+    finally:
+        for s in listening:
+            s.close()
+
+
+def test_where_the_range_leaves_no_room_below_it_the_kernel_chooses(tmp_path, monkeypatch):
+    """A machine whose ip_local_port_range starts below LOWEST (a tuned box) still gets free ports."""
+    kernel = tmp_path / "ip_local_port_range"
+    kernel.write_text("1024\t65535\n")
+    monkeypatch.setattr(ports, "EPHEMERAL_RANGE", kernel)
+    chosen = ports.free_ports(3, "127.0.0.1")
+    assert len(set(chosen)) == 3
+    for port in chosen:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

@@ -1,0 +1,54 @@
+"""Free TCP ports for what zeromix starts: Ray's agents on each node, and the ranks' rendezvous.
+
+A port is chosen, closed, and listened on a moment later by another process. The usual way to choose one, bind
+to port 0, takes it from the kernel's range for outgoing connections (ip_local_port_range), and in that moment
+any process's outgoing connection may take it: seen once as EADDRINUSE on a rank's rendezvous, with a Ray
+cluster beside it opening connections, and the job failed. Ports below that range are given to no outgoing
+connection, so only another explicit bind can take one; and above Ray's worker ports (10002-19999 by default).
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+LOWEST = 20000  # above Ray's default worker ports (--min-worker-port 10002 .. --max-worker-port 19999)
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+TRIES = 200  # random ports tried before the kernel chooses
+LINUX_EPHEMERAL_START = 32768  # the kernel's default, where the file cannot be read (macOS starts at 49152)
+
+
+def free_ports(n: int, host: str = "") -> list[int]:
+    """n distinct ports free on `host` now, below the kernel's range for outgoing connections (all held open
+    together while chosen, so none repeats). Falls back to the kernel's choice where that range leaves no room."""
+    below = range(LOWEST, _ephemeral_start())
+    sockets: list[socket.socket] = []
+    try:
+        for port in (random.choice(below) for _ in range(TRIES)) if below else ():
+            if len(sockets) == n:
+                break
+            s = socket.socket()
+            try:
+                s.bind((host, port))  # (fails for one in use, ours included)
+                sockets.append(s)
+            except OSError:
+                s.close()
+        while len(sockets) < n:
+            sockets.append(socket.socket())
+            sockets[-1].bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def free_port(host: str = "") -> int:
+    return free_ports(1, host)[0]
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return LINUX_EPHEMERAL_START
