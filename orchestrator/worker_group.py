@@ -185,7 +185,8 @@ class WorkerGroup:
         job_records.put(self.attempt, "lost", run.lost)
         cards = ", ".join(f"{self.cards[r]['node']}/{self.cards[r]['index']}" for r in ranks)
         again = life < MAX_COMEBACKS
-        print(f"zeromix: box {box} ({cards}) was lost ({describe(err)}); the other boxes go on without it from their next outer step"
+        print(f"zeromix: box {box} ({cards}) was lost ({describe(err)}); the other boxes go on without it from their next outer step "
+              "(lost before the boxes first met, the job is placed again)"
               + ("; its ranks start again on those cards and ask back in" if again else ""), flush=True)
         if again:
             run.tries[box] = 0
