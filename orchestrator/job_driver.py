@@ -15,7 +15,7 @@ from orchestrator import registry
 from orchestrator.launch import CONFIG_KEY_ENV, load_train_config
 from orchestrator.registry import placement_group_name
 from orchestrator.report import RESULT_FILE
-from orchestrator.worker_group import RankFailed, WorkerGroup
+from orchestrator.worker_group import RankFailed, WorkerGroup, wait_for_cards
 from workers import job_records
 from workers.collectives import first_ranks
 from workers.rebalance import measured_speeds
@@ -127,9 +127,9 @@ def main() -> int:
     group_pg = ray.util.get_placement_group(placement_group_name(config.job_id))
     group = None
     try:
-        ray.get(group_pg.ready(), timeout=READY_TIMEOUT_S)
-        group = WorkerGroup(group_pg, cards, attempt)
         try:
+            wait_for_cards(group_pg, cards, READY_TIMEOUT_S)
+            group = WorkerGroup(group_pg, cards, attempt)
             placements = group.where()
             for c, p in zip(cards, placements):
                 print(f"zeromix: rank on {c['card']} ({c['model']}) sees CUDA_VISIBLE_DEVICES={p['cuda_visible_devices']}, "

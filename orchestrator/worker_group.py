@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -56,10 +57,30 @@ class RankFailed(RuntimeError):
         super().__init__(message)
         self.kind, self.rank, self.card = kind, rank, card
 
+    @classmethod
+    def of(cls, rank: int, card: dict, what: str, kind: str) -> RankFailed:
+        return cls(f"rank {rank} on {card['node']}/{card['index']} failed: {what}", kind, rank, card)
+
     def record(self) -> dict:
         """What the driver posts (workers/job_records.py) and the scheduler decides a restart on."""
         return {"kind": self.kind, "rank": self.rank, "card": f"{self.card['node']}/{self.card['index']}", "node": self.card["node"],
                 "detail": str(self).split(" failed: ", 1)[-1]}
+
+
+def wait_for_cards(placement_group, cards: list[dict], timeout_s: float, every_s: float = 1.0) -> None:
+    """Until the job's reserved cards are ready. A card whose node left after the reservation (unplugged while the
+    job started) holds its bundle back until the node is back: that rank is lost, and the scheduler places the job
+    again on the cards left, as for a node lost later; it is not the job's fault, to fail it for good."""
+    deadline = time.monotonic() + timeout_s
+    while not placement_group.wait(timeout_seconds=every_s):
+        up = {resource for node in ray.nodes() if node["Alive"] for resource in node["Resources"]}
+        gone = [(rank, card) for rank, card in enumerate(cards) if card["resource"] not in up]
+        if gone:
+            rank, card = gone[0]
+            raise RankFailed.of(rank, cards[rank], f"its node {card['node']} left after the job's cards were reserved", "lost")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the job's reserved cards were not ready within {timeout_s:.0f} s, though Ray counts their nodes "
+                               "alive; `ray status` shows the placement group, and `zeromix queue` the job")
 
 
 def _root_cause(failures: dict[int, BaseException]) -> tuple[int, BaseException]:
@@ -133,8 +154,7 @@ class WorkerGroup:
                 answers.append(ray.get(call))
             except (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError) as err:
                 self.shutdown()
-                card = self.cards[rank]
-                raise RankFailed(f"rank {rank} on {card['node']}/{card['index']} failed: {describe(err)}", "lost", rank, card) from err
+                raise RankFailed.of(rank, self.cards[rank], describe(err), "lost") from err
         return answers
 
     def run(self, config_json: str) -> list[dict | None]:
@@ -166,8 +186,7 @@ class WorkerGroup:
                 failures = {rank: err} | self._other_failures(run.pending)
                 self.shutdown()
                 rank, err = _root_cause(failures)
-                card = self.cards[rank]
-                raise RankFailed(f"rank {rank} on {card['node']}/{card['index']} failed: {describe(err)}", failure_kind(err), rank, card) from err
+                raise RankFailed.of(rank, self.cards[rank], describe(err), failure_kind(err)) from err
             if config.outer and run.pending and all(r in run.results for r in range(config.boxes[0])):
                 self._end_boxes_asking(run)  # box 0 ended the job: a box still asking back in will not be let in
         return [run.results.get(r) for r in range(len(self.actors))]
@@ -186,7 +205,7 @@ class WorkerGroup:
         cards = ", ".join(f"{self.cards[r]['node']}/{self.cards[r]['index']}" for r in ranks)
         again = life < MAX_COMEBACKS
         print(f"zeromix: box {box} ({cards}) was lost ({describe(err)}); the other boxes go on without it from their next outer step "
-              "(lost before the boxes first met, the job is placed again)"
+              "(or, where it was lost before the boxes first met, the job is placed again)"
               + ("; its ranks start again on those cards and ask back in" if again else ""), flush=True)
         if again:
             run.tries[box] = 0

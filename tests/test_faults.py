@@ -240,8 +240,10 @@ def test_a_node_unplugged_mid_training_is_survived_on_the_cards_left(own_cluster
     assert set(queue_store().get(job_id).cards) == {"desk/0", "closet/0"}
     wait_until(waiting.exists, 180, f"the job held before step {HOLD_AT}")
     assert (tmp_path / "unplugged" / "checkpoints" / "latest").read_text() == f"step-{EVERY}"
+    starting = _reserve(state, "desk", 1)  # the cards of a job not started yet, on the node about to go
     assert unplug(state.cluster_id, "desk") > 0
     release.touch()  # the ranks left go on (into a collective whose peer is gone); the job placed again passes freely
+    _starts_as_lost(*starting)
 
     assert wait_for_state(job_id, ("succeeded", "failed", "cancelled"), 400) == "succeeded", queue_store().get(job_id).reason
     events = queue_store().events(job_id)
@@ -268,6 +270,37 @@ def test_a_node_unplugged_mid_training_is_survived_on_the_cards_left(own_cluster
     losses = [mean_token_loss(AutoModelForCausalLM.from_pretrained(tmp_path / run / "final"), records, dataset, tokenizer)
               for run in ("unplugged", "straight")]
     assert losses[0] == pytest.approx(losses[1], abs=0.05), losses
+
+
+def _reserve(state, node: str, index: int) -> tuple:
+    """A placement group holding one card, as the scheduler reserves a job's cards before its driver starts."""
+    from ray.util.placement_group import placement_group
+
+    from orchestrator import cluster_runtime
+    from orchestrator.inventory import card_resource
+
+    cluster_runtime.connect(state)
+    card = {"node": node, "index": index, "resource": card_resource(node, index)}
+    group = placement_group([{"CPU": 1, "GPU": 1, card["resource"]: 1}], name=f"starting-{node}-{index}")
+    assert group.wait(timeout_seconds=60), f"{node}/{index} could not be reserved"
+    return group, card
+
+
+def _starts_as_lost(group, card) -> None:
+    """A job's driver starting after Ray declared its card's node dead: its rank is lost (the scheduler places the
+    job again), where it used to wait 60 s for the card and then fail the job for good (Ray's GetTimeoutError).
+    (Started before that, its ranks die with the node: WorkerGroup._answers.)"""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    from orchestrator.worker_group import RankFailed, wait_for_cards
+
+    wait_until(lambda: not any(n["Alive"] and card["resource"] in n["Resources"] for n in ray.nodes()), 120, f"Ray declares {card['node']} dead")
+    with pytest.raises(RankFailed) as lost:
+        wait_for_cards(group, [card], timeout_s=60)
+    assert lost.value.kind == "lost", lost.value
+    assert str(lost.value) == f"rank 0 on {card['node']}/{card['index']} failed: its node {card['node']} left after the job's cards were reserved"
+    remove_placement_group(group)
 
 
 def test_a_head_restarted_under_a_running_job_requeues_it_and_it_resumes_from_its_checkpoint(own_cluster, tmp_path, demo_data):
