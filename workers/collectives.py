@@ -268,39 +268,24 @@ class BoxLink:
         (a box asking back in with a life that was not lost: its ranks started again; maybe before this meeting knew
         its last life was lost)."""
         deadline = time.monotonic() + self.timeout_s
-        waiting, asked = set(self.members), 0.0
-        while True:
-            waiting -= {b for b in waiting if self.store.check([f"head/{n}/{b}"]) or self.store.check([f"ask/{b}"])}
-            if time.monotonic() - asked > LOST_POLL_S or not waiting:
-                reported, asked = lost(), time.monotonic()
-                gone = {b for b, life in reported.items() if life >= self.lives.get(b, 0)}
-                waiting -= gone
-                if not waiting:
-                    let = [b for b in range(1, self.boxes) if let_in and self._let_in(b, n, reported)]
-                    back = self._still_there(n, let, lost, deadline)
-                    return sorted({b for b in self.members if b not in gone} | set(back)), back
-            self._check_deadline(waiting, n, deadline)
-            time.sleep(0.005)  # (store.wait with a short timeout would log a warning at every try)
+        gone, reported = _wait_for_boxes(self.store, {b: (f"head/{n}/{b}", f"ask/{b}") for b in self.members}, lost,
+                                         lambda b, reported: reported.get(b, -1) >= self.lives.get(b, 0), deadline, self._late(n))
+        let = [b for b in range(1, self.boxes) if let_in and self._let_in(b, n, reported)]
+        back = self._still_there(n, let, lost, deadline)
+        return sorted({b for b in self.members if b not in gone} | set(back)), back
 
     def _still_there(self, n: int, let: list[int], lost: Callable[[], dict[int, int]], deadline: float) -> list[int]:
         """Box 0's leader: of the boxes just let in, those whose header came (each posts it once it reads that it is
         in), leaving out one whose new life the driver reports lost meanwhile: a box that asked and then died (its
         node unplugged again) would otherwise be a member of the link formed next, and the others would wait out the
         link's timeout for it, then restart the job."""
-        waiting, asked = set(let), 0.0
-        while waiting := {b for b in waiting if not self.store.check([f"head/{n}/{b}"])}:
-            if time.monotonic() - asked > LOST_POLL_S:
-                reported, asked = lost(), time.monotonic()
-                dead = {b for b in waiting if reported.get(b, -1) >= self.lives[b]}
-                waiting, let = waiting - dead, [b for b in let if b not in dead]
-            self._check_deadline(waiting, n, deadline)
-            time.sleep(0.005)
-        return let
+        dead, _ = _wait_for_boxes(self.store, {b: (f"head/{n}/{b}",) for b in let}, lost,
+                                  lambda b, reported: reported.get(b, -1) >= self.lives[b], deadline, self._late(n))
+        return [b for b in let if b not in dead]
 
-    def _check_deadline(self, waiting: set[int], n: int, deadline: float) -> None:
-        if waiting and time.monotonic() > deadline:
-            raise RuntimeError(f"box 0: box(es) {sorted(waiting)} did not reach outer step {n} within {self.timeout_s:.0f} s "
-                               "and none was reported lost: a collective timeout across boxes")
+    def _late(self, n: int) -> Callable[[list[int]], Exception]:
+        return lambda waiting: RuntimeError(f"box 0: box(es) {waiting} did not reach outer step {n} within {self.timeout_s:.0f} s "
+                                            "and none was reported lost: a collective timeout across boxes")
 
     def _let_in(self, box: int, n: int, reported: dict[int, int]) -> bool:
         """Box 0's leader: whether `box` asks back in with a life not reported lost, letting it in at meeting `n`."""
@@ -359,18 +344,36 @@ LOST_POLL_S = 1.0  # how often box 0's leader asks whether a box it waits for wa
 HANDOVER_TAG = 1 << 20  # gloo's tag for a handover to a box let back in (an exchange's hops are tagged 0, 1, ...)
 
 
+def _wait_for_boxes(store, keys: dict[int, tuple[str, ...]], lost: Callable[[], dict[int, int]],
+                    gone: Callable[[int, dict[int, int]], bool], deadline: float, late: Callable[[list[int]], Exception],
+                    stop_at_loss: bool = False) -> tuple[set[int], dict[int, int]]:
+    """Box 0's leader: until every box in `keys` has posted one of its keys in the store or is `gone` by the driver's
+    lost record (`lost()`: each lost box and its life lost; asked every LOST_POLL_S, and once more when none is left
+    to wait for, so a box lost after its key came is gone too). Past `deadline`, raises `late(the boxes waited for)`;
+    `stop_at_loss`: returns at the first box gone. Returns the boxes gone and the driver's last record."""
+    waiting, asked, reported = set(keys), 0.0, {}
+    while keys:
+        waiting = {b for b in waiting if not any(store.check([key]) for key in keys[b])}
+        if time.monotonic() - asked > LOST_POLL_S or not waiting:
+            reported, asked = lost(), time.monotonic()
+            dead = {b for b in keys if gone(b, reported)}
+            waiting -= dead
+            if not waiting or (dead and stop_at_loss):
+                return dead, reported
+        if time.monotonic() > deadline:
+            raise late(sorted(waiting))
+        time.sleep(0.005)  # (store.wait with a short timeout would log a warning at every try)
+    return set(), reported  # (no box to wait for)
+
+
 def _wait_for_leaders(store, boxes: int, lost: Callable[[], dict[int, int]], timeout_s: float,
                       unmet: Callable[[Exception], RuntimeError]) -> None:
     """Box 0's leader at the start: until every other box's leader has connected to its store."""
-    deadline, asked, waiting = time.monotonic() + timeout_s, 0.0, set(range(1, boxes))
-    while waiting := {b for b in waiting if not store.check([f"joined/{b}"])}:
-        if time.monotonic() - asked > LOST_POLL_S:
-            gone, asked = sorted(waiting & set(lost())), time.monotonic()
-            if gone:
-                raise RuntimeError(f"box 0: box(es) {gone} lost before the boxes met, at the job's start")
-        if time.monotonic() > deadline:
-            raise unmet(TimeoutError(f"box(es) {sorted(waiting)} never connected"))
-        time.sleep(0.005)
+    gone, _ = _wait_for_boxes(store, {b: (f"joined/{b}",) for b in range(1, boxes)}, lost, lambda b, reported: b in reported,
+                              time.monotonic() + timeout_s, lambda waiting: unmet(TimeoutError(f"box(es) {waiting} never connected")),
+                              stop_at_loss=True)
+    if gone:
+        raise RuntimeError(f"box 0: box(es) {sorted(gone)} lost before the boxes met, at the job's start")
 
 
 def _gloo_pair(store, prefix: str, rank: int, size: int, timeout_s: float) -> tuple[object, object]:
