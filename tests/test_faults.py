@@ -27,7 +27,8 @@ OUTER_STEPS, INNER, DIE_AT, BACK_HOLD = 60, 10, 25, 41
 # the job is held before step UNPLUG_HOLD, plugged back in (`zeromix up`) while box 0 is held before MOVED_HOLD, and
 # the job is moved while box 1 asks back in, so that box 1 is let in at the outer step where the job stops
 MOVED_STEPS, MOVED_INNER, UNPLUG_HOLD, MOVED_HOLD = 20, 5, 3, 6
-# An outer-step job on desk/0 (box 0) and closet/0 (box 1) whose box 1 rank dies before the boxes first meet, once
+# An outer-step job on desk/0 (box 0) and closet/0 (box 1) whose box 1 rank dies before the boxes first meet, once;
+# and, placed again, in the exchange of the first outer step
 START_STEPS, START_INNER = 6, 3
 
 
@@ -64,7 +65,7 @@ def own_cluster(tmp_path_factory, zeromix_home):
     """A 3-node cluster of this module's own (a test unplugs one of its nodes), with the test-only faults
     (workers/faults.py) armed: out of memory for the job named oom-probe on desk/0, box-lost-probe's rank on
     attic/0 killed before step DIE_AT and its box 0 paused before step BACK_HOLD, start-lost-probe's rank on closet/0
-    killed before the boxes meet (once), and a pause before step HOLD_AT
+    killed before the boxes meet (once) and in the exchange of its first outer step, and a pause before step HOLD_AT
     for the jobs named unplug-probe and restart-probe, so a node is unplugged and the head restarted while the job is
     at a known step rather than at a guessed time."""
     import shutil
@@ -81,6 +82,7 @@ def own_cluster(tmp_path_factory, zeromix_home):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("ZEROMIX_HOME", str(work / "home"))
         faults = [f"oom:oom-probe:desk/0:{OOM_ABOVE}", f"die:box-lost-probe:attic/0:{DIE_AT}", f"die:start-lost-probe:closet/0:0:{work / 'died-at-start'}",
+                  f"die:start-lost-probe:closet/0:exchange-{START_INNER}",
                   f"hold:box-lost-probe:{BACK_HOLD}:{held(work, 'box-lost-probe')[1]}",
                   f"hold:box-back-moved-probe:{UNPLUG_HOLD}:{work / 'release-unplug'}", f"hold:box-back-moved-probe:{MOVED_HOLD}:{held(work, 'box-back-moved-probe')[1]}"] + [f"hold:{job}:{HOLD_AT}:{held(work, job)[1]}" for job in ("unplug-probe", "restart-probe")]
         zeromix("up", "--simulate", str(cluster_file(work)), timeout=240, env=faults_env(*faults))
@@ -170,11 +172,15 @@ def test_with_outer_steps_a_box_lost_is_left_out_and_let_back_in_without_a_resta
     zeromix("report", job_id)  # the HTML report draws a card that was out of the job for a while
 
 
-def test_with_outer_steps_a_box_lost_before_the_boxes_meet_restarts_the_job_at_once(own_cluster, tmp_path, demo_data):
+def test_with_outer_steps_a_box_lost_before_the_boxes_meet_restarts_the_job_at_once_and_one_lost_in_the_exchange_is_left_out(
+        own_cluster, tmp_path, demo_data):
     """closet/0's rank (box 1) dies before the boxes first meet, as when its node is unplugged while the job starts.
     Box 0's leader, waiting for the other leaders, hears from the job's driver that box 1 was lost, and the job fails as
     lost at once; the scheduler places it again (the same cards: the node is still there) and it ends every step
-    once. Before, box 0 waited 600 s for box 1 and the job then failed for good, as if it had a bug."""
+    once. Before, box 0 waited 600 s for box 1 and the job then failed for good, as if it had a bug.
+    Placed again, box 1's rank dies once more, after the boxes met at the first outer step and before its delta
+    crossed: box 0's exchange breaks, the driver reports box 1 lost, and box 0 goes on alone with the whole batch
+    (before, the job restarted from its last checkpoint)."""
     state, work = own_cluster
     out = tmp_path / "start-lost"
     job_id = _submit_outer("start-lost-probe", START_STEPS, START_INNER, ["NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 3060 12GB"], out, demo_data)
@@ -187,6 +193,12 @@ def test_with_outer_steps_a_box_lost_before_the_boxes_meet_restarts_the_job_at_o
     assert restart.at - started.at < 120, restart.at - started.at  # not the 600 s the leaders wait for each other
     result = json.loads((out / "zeromix-result.json").read_text())
     assert [h["step"] for h in result["history"]] == list(range(1, START_STEPS + 1)) and result["outer"]["outer_steps"] == START_STEPS // START_INNER
+    [left] = result["outer"]["boxes_left"]  # (in the exchange: its delta of steps 1-3 never came)
+    assert (left["step"], left["boxes"], left["untrained_steps"]) == (START_INNER, [1], [1, START_INNER]), left
+    batch = 32 // queue_store().get(job_id).plan["grad_accum"]  # samples a micro-step, over every card (the job's global batch is 32)
+    box_0 = [h["split"] for h in result["history"]]  # (box 1 ended lost: the history is box 0's)
+    assert all(0 < split < batch for [split] in box_0[:START_INNER]) and box_0[START_INNER:] == [[batch]] * (START_STEPS - START_INNER), box_0
+    assert (events[-1].target, events[-1].reason) == ("succeeded", f"finished; box(es) [1] lost before step {START_INNER}"), events[-1]
 
 
 def test_a_box_whose_node_is_plugged_back_in_rejoins_and_stops_with_the_others_where_its_job_is_moved(own_cluster, tmp_path, demo_data):

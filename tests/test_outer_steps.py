@@ -292,6 +292,45 @@ def test_a_box_let_back_in_that_died_meanwhile_is_left_out_of_the_meeting_rather
     assert later == [(0, 1, [0], (), (0,), [[0.0, 1.0]])]
 
 
+def _leader_of_two_whose_box_1_dies_in_the_exchange(box: int, port: int, results, asked, back: bool = False) -> None:
+    """Box 1 meets and dies before its exchange (an OOM kill at the worst moment); the driver reports it lost a
+    moment later (here: once box 1 has said it dies, and box 0 has asked once). Started again, it asks back in and
+    is let in at meeting 1."""
+    import os
+
+    from workers.collectives import BoxLink, RankInfo
+
+    info = RankInfo(0, 1, "", 0, box, 2, 0, "127.0.0.1", port, life=int(back))
+    link = BoxLink.ask_back(info, timeout_s=60) if back else BoxLink.join(info, timeout_s=60)
+    if back:
+        asked.set()
+        assert link.let_in(60)
+    asks = []
+
+    def lost() -> dict[int, int]:  # (the driver: it sees the process die, then records it)
+        asks.append(link.meetings)
+        return {1: 0} if link.store.check(["test/1-died"]) and asks.count(1) > 1 else {}
+
+    for meeting in (1,) if back else (0, 1):
+        if meeting == 1 and box == 0:
+            asked.wait(60)
+        heads, came = link.meet(torch.tensor([box, meeting], dtype=torch.float64, device="cpu"), lost)
+        if box == 1 and not back:
+            link.store.set("test/1-died", "")
+            os._exit(0)  # (its sockets close as a killed process's do)
+        got = link.exchange(torch.arange(2, dtype=torch.float32, device="cpu") + 10 * box, lost)
+        results.put((box, meeting, sorted(heads), came, link.members, [t.tolist() for t in got]))
+
+
+def test_a_box_lost_during_the_exchange_is_left_out_by_box_0_which_goes_on_alone():
+    """Two boxes met and box 1 dies before its delta crosses: box 0's exchange breaks ("Connection closed by peer"),
+    and once the driver reports box 1 lost, box 0 goes on alone with its own delta rather than failing the job
+    (which then restarted from its last checkpoint). Box 1, started again, is let back in at the next meeting."""
+    first, later = _lose_a_box_and_start_it_again(_leader_of_two_whose_box_1_dies_in_the_exchange, 2, 1, 1, 2)
+    assert first == [(0, 0, [0, 1], (), (0,), [[0.0, 1.0]])]  # met with box 1, then the link is box 0 alone
+    assert later == [(box, 1, [0, 1], (1,), (0, 1), [[0.0, 1.0], [10.0, 11.0]]) for box in (0, 1)]
+
+
 def test_the_outer_step_is_nesterov_sgd_on_the_combined_delta():
     """What OuterSteps._nesterov does to the global weights equals torch's SGD(nesterov=True) fed the delta as the
     gradient, over several outer steps."""

@@ -305,14 +305,34 @@ class BoxLink:
         self.store.wait([key], timedelta(seconds=2 * self.timeout_s))  # (box 0 waits up to timeout_s for the others first)
         return self.store.get(key)
 
-    def exchange(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+    def exchange(self, tensor: torch.Tensor, lost: Callable[[], dict[int, int]] | None = None) -> list[torch.Tensor]:
         """Every member box's `tensor` (same shape and dtype on each), in box order: a ring all-gather, each box
-        sending to the next while it receives from the one before."""
-        import torch
-
+        sending to the next while it receives from the one before. With `lost` (the driver's record, as at a meeting),
+        box 0's leader whose exchange with the one other box broke goes on alone when the driver reports that box lost
+        (its process died during the exchange): the members are then box 0 alone, and its own tensor is all it gets.
+        With three boxes or more, a survivor could sit in a receive from another survivor that gave up: the error
+        stands, and the job is placed again."""
         if tensor.device.type != "cpu":
             raise CollectiveOffDevice(f"exchange across boxes: a {tuple(tensor.shape)} tensor on {tensor.device}; the link "
                                       "between boxes is gloo over TCP and takes host tensors (the outer state lives in host RAM)")
+        try:
+            return self._ring(tensor)
+        except Exception as err:  # (gloo: "Connection closed by peer", its timeout, ...)
+            if lost is None or self.box != 0 or len(self.members) != 2:
+                raise
+            self._go_on_alone(lost, err)
+            return [tensor]
+
+    def _go_on_alone(self, lost: Callable[[], dict[int, int]], broken: Exception) -> None:
+        """Box 0's leader: once the driver reports the other box lost, the link is box 0 alone; `broken` (the
+        exchange's error) is raised where it does not within EXCHANGE_LOST_WAIT_S."""
+        _wait_for_boxes(self.store, {self.members[1]: ()}, lost, lambda b, reported: reported.get(b, -1) >= self.lives.get(b, 0),
+                        time.monotonic() + EXCHANGE_LOST_WAIT_S, lambda waiting: broken, stop_at_loss=True)
+        self.members, self.up, self.down = (0,), None, None
+
+    def _ring(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        import torch
+
         k, me = len(self.members), self.members.index(self.box)
         out = [tensor if b == me else torch.empty_like(tensor) for b in range(k)]
         after, before = (me + 1) % k, (me - 1) % k
@@ -341,6 +361,9 @@ class BoxLink:
 
 
 LOST_POLL_S = 1.0  # how often box 0's leader asks whether a box it waits for was lost
+# how long box 0's leader, its exchange broken, waits for the driver to report the other box lost (the driver sees a
+# process die within a second or two) before the error stands
+EXCHANGE_LOST_WAIT_S = 30.0
 HANDOVER_TAG = 1 << 20  # gloo's tag for a handover to a box let back in (an exchange's hops are tagged 0, 1, ...)
 
 

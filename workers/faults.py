@@ -7,9 +7,10 @@ name its job (by the plan's job name), card or step, and only where the suite al
     oom:<job>:<card>:<micro-batch>       that job's rank on that card raises torch.OutOfMemoryError while its
                                          micro-batch is larger (a card with less memory than the plan assumed)
     die:<job>:<card>:<step>[:<marker>]   that job's rank on that card is killed (SIGKILL) before the step (step 0:
-                                         before it meets the job's other ranks), as the kernel's OOM killer or a
-                                         pulled plug ends it; with a marker file, once: it writes the file first,
-                                         and a rank that finds it does not die
+                                         before it meets the job's other ranks; exchange-<step>: a box leader, in the
+                                         outer step after that step, once the boxes met, before their exchange), as
+                                         the kernel's OOM killer or a pulled plug ends it; with a marker file, once:
+                                         it writes the file first, and a rank that finds it does not die
     hold:<job>:<step>:<release file>     that job's ranks wait before the step until the file exists (rank 0
                                          writes <release file>.waiting first): a test acts on a job paused at a
                                          known step instead of guessing how long training takes
@@ -54,7 +55,7 @@ def out_of_memory(job: str, card: str, micro_batch: int) -> None:
             raise torch.OutOfMemoryError(f"CUDA out of memory on {card} (injected by {FAULT_ENV}: micro-batch {micro_batch} > {most})")
 
 
-def die(job: str, card: str, step: int) -> None:
+def die(job: str, card: str, step: int | str) -> None:
     for name, on, at, *marker in armed("die"):
         if (name, on, at) != (job, card, str(step)) or (marker and Path(":".join(marker)).exists()):
             continue

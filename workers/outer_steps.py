@@ -187,11 +187,11 @@ class OuterSteps:
     """One rank's part in the outer steps; the box leader's holds the global weights, the momentum and the link."""
 
     def __init__(self, config: OuterConfig, params: list[torch.nn.Parameter], comm: RankComm, link: BoxLink | None,
-                 rebalance: bool = False, lost: Callable[[], dict[int, int]] = dict):
+                 rebalance: bool = False, lost: Callable[[], dict[int, int]] = dict, fault: Callable[[str], None] = lambda at: None):
         """`rebalance`: the boxes' shares follow their measured inner steps; `lost()`: the boxes whose processes the
         job's driver saw die, each with the life of it lost (box 0's leader asks, while it waits for the boxes at an
-        outer step)."""
-        self.config, self.params, self.comm, self.link, self.lost = config, params, comm, link, lost
+        outer step); `fault`: test-only (workers/faults.py), told "exchange-<step>" before a leader's exchange."""
+        self.config, self.params, self.comm, self.link, self.lost, self.fault = config, params, comm, link, lost, fault
         self.shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in params]  # (ZeRO-3: whole; the tensor holds a slice)
         self.splits = BoxSplits(config, rebalance and bool(config.caps))
         self.since = 0  # the first step since the last outer step
@@ -308,7 +308,7 @@ class OuterSteps:
         control = self.comm.zeros(1 + len(split), torch.float32)  # whether a box asked to stop, the new split
         shares, left, back, new = None, (), (), None
         if self.comm.rank == 0:
-            heads, back = self._meet(payload, split, last)
+            heads, back = self._meet(step, payload, split, last)
             left = self.splits.left(split, heads, back)
             control[0] = float(any(bool(h[1]) for h in heads.values()))
             if back:
@@ -370,13 +370,14 @@ class OuterSteps:
         for i, part in zip(bucket, flat.split(sizes)):
             _set_full_fp32(self.params[i], part.view(self.shapes[i]), self.comm.rank)
 
-    def _meet(self, payload: Payload, split: tuple[int, ...], last: bool) -> tuple[dict[int, torch.Tensor], tuple[int, ...]]:
+    def _meet(self, step: int, payload: Payload, split: tuple[int, ...], last: bool) -> tuple[dict[int, torch.Tensor], tuple[int, ...]]:
         """The leaders' part: every box's header (its loss tokens, its wish to stop, its measured inner steps (seconds,
         count) and its own cards' split), then every box's delta (one exchange across boxes), and the outer step
         on the global weights, the deltas weighted by the loss tokens each box trained on, one weight at a time.
         A box lost since the last meeting is not waited for (BoxLink.meet): its delta is left out, and so are the
-        samples it trained on since then; a box let back in brings an empty delta. Returns the headers of the boxes
-        that met, by box, and the boxes let back in."""
+        samples it trained on since then, as are those of a box lost during the exchange (BoxLink.exchange: of two
+        boxes); a box let back in brings an empty delta. Returns the headers of the boxes that met, by box, and the
+        boxes let back in."""
         import torch
 
         first = first_ranks(self.config.boxes)[self.link.box]
@@ -384,9 +385,12 @@ class OuterSteps:
         head = [self.tokens_since, float(self.stop_wanted), self.measured_s, float(self.measured_steps), *mine]
         head += [0.0] * (header_bytes(list(self.config.boxes)) // 8 - len(head))  # every box's header the same length
         heads, back = self.link.meet(torch.tensor(head, dtype=torch.float64, device="cpu"), self.lost, let_in=not last)
+        self.fault(f"exchange-{step}")
         started = time.perf_counter()  # (the meeting above waited for the slowest box: this exchange is the link's)
-        payloads = self.link.exchange(payload.buffer)  # (in box order, as the headers)
+        payloads = self.link.exchange(payload.buffer, self.lost)  # (in box order, as the headers)
         self.exchange_s += time.perf_counter() - started
+        # a box lost during the exchange (two boxes: box 0 goes on alone) is out, as one lost before the meeting
+        heads, back = {b: h for b, h in heads.items() if b in self.link.members}, tuple(b for b in back if b in self.link.members)
         total = sum(float(h[0]) for h in heads.values())
         for i in range(len(self.global_weights)):
             combined = sum(payload.read(sent, i) * (float(h[0]) / total) for h, sent in zip(heads.values(), payloads))

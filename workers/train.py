@@ -221,8 +221,9 @@ def train(cfg: TrainConfig, comm: RankComm, link=None, back: bool = False) -> Ra
         start_step = int(client_state["step"])
         how = " through its universal form (it was saved on other ranks)" if universal else ""
         _say(me, f"resumed from {checkpoints / tag} at step {start_step}{how}")
+    fault = functools.partial(faults.die, cfg.plan["job"], cfg.plan["ranks"][me]["card"]) if cfg.plan.get("ranks") else (lambda at: None)
     outer_steps = OuterSteps(outer, trainable, comm, link, rebalance=bool(cfg.micro_batch_caps),
-                             lost=lambda: job_records.lost_boxes(cfg.attempt)) if outer else None  # from the weights just loaded
+                             lost=lambda: job_records.lost_boxes(cfg.attempt), fault=fault) if outer else None  # from the weights just loaded
     stop_at_once = False  # a box let back in at the outer step where the job stops (the scheduler moves it)
     if outer_steps and back:
         if rank == 0:
