@@ -77,10 +77,21 @@ def wait_for_cards(placement_group, cards: list[dict], timeout_s: float, every_s
         gone = [(rank, card) for rank, card in enumerate(cards) if card["resource"] not in up]
         if gone:
             rank, card = gone[0]
-            raise RankFailed.of(rank, cards[rank], f"its node {card['node']} left after the job's cards were reserved", "lost")
+            raise RankFailed.of(rank, card, f"its node {card['node']} left after the job's cards were reserved", "lost")
         if time.monotonic() > deadline:
             raise RuntimeError(f"the job's reserved cards were not ready within {timeout_s:.0f} s, though Ray counts their nodes "
                                "alive; `ray status` shows the placement group, and `zeromix queue` the job")
+
+
+def out_at_the_end(box_0: dict) -> set[int]:
+    """The boxes out of an outer-step job when box 0 ended (box 0's leader's result): lost, and not let back in since
+    (a box let back in at a meeting is also recorded as left there: its last life's share went untrained)."""
+    last: dict[int, tuple[int, int]] = {}
+    for back, changes in enumerate((box_0["boxes_left"], box_0["boxes_back"])):
+        for change in changes:
+            for box in change["boxes"]:
+                last[box] = max(last.get(box, (-1, 0)), (change["step"], back))
+    return {box for box, (_, back) in last.items() if not back}
 
 
 def _root_cause(failures: dict[int, BaseException]) -> tuple[int, BaseException]:
@@ -240,7 +251,13 @@ class WorkerGroup:
 
     def _end_boxes_asking(self, run: _Run) -> None:
         """Box 0 has ended: the other boxes end with it, at its last outer step; a box still asking back in then
-        never will be let in: stopped (its ranks have no result)."""
+        never will be let in: stopped (its ranks have no result), at once where box 0's record says it was out of the
+        job at its end."""
+        out = out_at_the_end(run.results[0])
+        for ref, rank in list(run.pending.items()):
+            if run.infos[rank].box in out:
+                del run.pending[ref]
+                ray.kill(self.actors[rank])
         done, _ = ray.wait(list(run.pending), num_returns=len(run.pending), timeout=ROOT_CAUSE_WAIT_S)
         for ref, rank in list(run.pending.items()):
             if ref not in done:

@@ -331,6 +331,20 @@ def test_a_box_lost_during_the_exchange_is_left_out_by_box_0_which_goes_on_alone
     assert later == [(box, 1, [0, 1], (1,), (0, 1), [[0.0, 1.0], [10.0, 11.0]]) for box in (0, 1)]
 
 
+def test_the_boxes_out_of_the_job_at_its_end_are_those_lost_and_not_let_back_in_since():
+    """What the job's driver stops at once when box 0 ends (WorkerGroup._end_boxes_asking), rather than waiting for
+    ranks that ask back in and never will be let in: read from box 0's leader's record of boxes left and back."""
+    from orchestrator.worker_group import out_at_the_end
+
+    def at(step: int, *boxes: int) -> dict:
+        return {"step": step, "boxes": list(boxes)}
+
+    assert out_at_the_end({"boxes_left": [], "boxes_back": []}) == set()
+    assert out_at_the_end({"boxes_left": [at(3, 1)], "boxes_back": []}) == {1}
+    assert out_at_the_end({"boxes_left": [at(30, 1), at(50, 1)], "boxes_back": [at(50, 1)]}) == set()  # (let in at 50: left there too)
+    assert out_at_the_end({"boxes_left": [at(30, 1, 2), at(70, 2)], "boxes_back": [at(50, 1, 2)]}) == {2}
+
+
 def test_the_outer_step_is_nesterov_sgd_on_the_combined_delta():
     """What OuterSteps._nesterov does to the global weights equals torch's SGD(nesterov=True) fed the delta as the
     gradient, over several outer steps."""
