@@ -361,8 +361,8 @@ class BoxLink:
 
 
 LOST_POLL_S = 1.0  # how often box 0's leader asks whether a box it waits for was lost
-# how long box 0's leader, its exchange broken, waits for the driver to report the other box lost (the driver sees a
-# process die within a second or two) before the error stands
+# how long box 0's leader, its exchange broken, waits for the driver to report the other box lost (the driver does as
+# soon as Ray reports the box's process dead) before the error stands
 EXCHANGE_LOST_WAIT_S = 30.0
 HANDOVER_TAG = 1 << 20  # gloo's tag for a handover to a box let back in (an exchange's hops are tagged 0, 1, ...)
 
