@@ -221,9 +221,10 @@ def train(cfg: TrainConfig, comm: RankComm, link=None, back: bool = False) -> Ra
         start_step = int(client_state["step"])
         how = " through its universal form (it was saved on other ranks)" if universal else ""
         _say(me, f"resumed from {checkpoints / tag} at step {start_step}{how}")
-    fault = functools.partial(faults.die, cfg.plan["job"], cfg.plan["ranks"][me]["card"]) if cfg.plan.get("ranks") else (lambda at: None)
+    # test-only (workers/faults.py): this rank killed before a step, or before its box's exchange at an outer step
+    die = functools.partial(faults.die, cfg.plan["job"], cfg.plan["ranks"][me]["card"]) if cfg.plan.get("ranks") else (lambda at: None)
     outer_steps = OuterSteps(outer, trainable, comm, link, rebalance=bool(cfg.micro_batch_caps),
-                             lost=lambda: job_records.lost_boxes(cfg.attempt), fault=fault) if outer else None  # from the weights just loaded
+                             lost=lambda: job_records.lost_boxes(cfg.attempt), fault=die) if outer else None  # from the weights just loaded
     stop_at_once = False  # a box let back in at the outer step where the job stops (the scheduler moves it)
     if outer_steps and back:
         if rank == 0:
@@ -267,7 +268,7 @@ def train(cfg: TrainConfig, comm: RankComm, link=None, back: bool = False) -> Ra
     for step in range(start_step, start_step if stop_at_once else cfg.total_steps):
         if cfg.plan.get("ranks"):  # test-only injection points (workers/faults.py): a card out of memory, a pause
             faults.out_of_memory(cfg.plan["job"], cfg.plan["ranks"][me]["card"], split[rank])
-            faults.die(cfg.plan["job"], cfg.plan["ranks"][me]["card"], step + 1)
+            die(step + 1)
             faults.hold(cfg.plan["job"], step + 1, me)
         t0 = time.perf_counter()
         batches = [collate([samples[i] for i in idx], pad_id) for idx in sampler.rank_micro_batches(step, me)]
