@@ -69,10 +69,12 @@ def ds_runs(tmp_path_factory):
     return DeepSpeedRuns(tmp_path_factory.mktemp("ds-runs"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def zeromix_home(tmp_path_factory) -> Path:
     """One ZEROMIX_HOME, hence one auth token, for every cluster this test process talks to: Ray reads its
-    auth settings once per process, so clusters with different tokens cannot follow one another here."""
+    auth settings once per process, so clusters with different tokens cannot follow one another here. Set up before
+    the session's first test (autouse): a test that imports Ray earlier (DeepSpeed runs do) would leave every later
+    Jobs API call without the token, whichever order the tests are given in."""
     home = tmp_path_factory.mktemp("zeromix-home")
     os.environ["ZEROMIX_HOME"] = str(home)
     from orchestrator import cluster_runtime

@@ -269,7 +269,7 @@ class BoxLink:
         its last life was lost)."""
         deadline = time.monotonic() + self.timeout_s
         gone, reported = _wait_for_boxes(self.store, {b: (f"head/{n}/{b}", f"ask/{b}") for b in self.members}, lost,
-                                         lambda b, reported: reported.get(b, -1) >= self.lives.get(b, 0), deadline, self._late(n))
+                                         self._reported_lost, deadline, self._late(n))
         let = [b for b in range(1, self.boxes) if let_in and self._let_in(b, n, reported)]
         back = self._still_there(n, let, lost, deadline)
         return sorted({b for b in self.members if b not in gone} | set(back)), back
@@ -280,7 +280,7 @@ class BoxLink:
         node unplugged again) would otherwise be a member of the link formed next, and the others would wait out the
         link's timeout for it, then restart the job."""
         dead, _ = _wait_for_boxes(self.store, {b: (f"head/{n}/{b}",) for b in let}, lost,
-                                  lambda b, reported: reported.get(b, -1) >= self.lives[b], deadline, self._late(n))
+                                  self._reported_lost, deadline, self._late(n))
         return [b for b in let if b not in dead]
 
     def _late(self, n: int) -> Callable[[list[int]], Exception]:
@@ -308,27 +308,62 @@ class BoxLink:
     def exchange(self, tensor: torch.Tensor, lost: Callable[[], dict[int, int]] | None = None) -> list[torch.Tensor]:
         """Every member box's `tensor` (same shape and dtype on each), in box order: a ring all-gather, each box
         sending to the next while it receives from the one before. With `lost` (the driver's record, as at a meeting),
-        box 0's leader whose exchange with the one other box broke goes on alone when the driver reports that box lost
-        (its process died during the exchange): the members are then box 0 alone, and its own tensor is all it gets.
-        With three boxes or more, a survivor could sit in a receive from another survivor that gave up: the error
-        stands, and the job is placed again."""
+        box 0's leader with one other box goes on alone once the driver reports that box lost during the exchange:
+        the members are then box 0 alone, and its own tensor is all it gets. That holds whether the exchange broke
+        (the box's process died: "Connection closed by peer") or merely hangs (its node unplugged: no reset comes,
+        and gloo would wait out its timeout). With three boxes or more, a survivor could sit in a receive from
+        another survivor that gave up: the error stands, and the job is placed again."""
         if tensor.device.type != "cpu":
             raise CollectiveOffDevice(f"exchange across boxes: a {tuple(tensor.shape)} tensor on {tensor.device}; the link "
                                       "between boxes is gloo over TCP and takes host tensors (the outer state lives in host RAM)")
-        try:
-            return self._ring(tensor)
-        except Exception as err:  # (gloo: "Connection closed by peer", its timeout, ...)
-            if lost is None or self.box != 0 or len(self.members) != 2:
-                raise
-            self._go_on_alone(lost, err)
-            return [tensor]
+        if lost is None or self.box != 0 or len(self.members) != 2:
+            out = self._ring(tensor)
+        else:
+            out = self._ring_watching(tensor, lost)
+            if out is None:
+                return [tensor]
+        self.bytes_sent += (len(self.members) - 1) * tensor.numel() * tensor.element_size()
+        return out
+
+    def _ring_watching(self, tensor: torch.Tensor, lost: Callable[[], dict[int, int]]) -> list[torch.Tensor] | None:
+        """Box 0's leader and one other box: the ring in a helper thread while this one asks `lost()` every
+        LOST_POLL_S. None (the link is then box 0 alone) once the other box is reported lost, whether the ring broke or
+        still waits: a gloo wait cannot be polled (`is_completed` turns true only through `wait`, and a `wait` that
+        times out closes the connection), so a ring left waiting on an unplugged node ends in its thread when gloo's
+        timeout does, its error dropped there."""
+        import threading
+
+        other, ended = self.members[1], {}
+
+        def ring() -> None:
+            try:
+                ended["out"] = self._ring(tensor)
+            except Exception as err:  # (gloo: "Connection closed by peer", its timeout, ...)
+                ended["err"] = err
+
+        helper = threading.Thread(target=ring, name="exchange across boxes", daemon=True)
+        helper.start()
+        while helper.is_alive():
+            helper.join(LOST_POLL_S)
+            if helper.is_alive() and self._reported_lost(other, lost()):
+                self.members, self.up, self.down = (0,), None, None
+                return None
+        if "err" in ended:
+            self._go_on_alone(lost, ended["err"])
+            return None
+        return ended["out"]
 
     def _go_on_alone(self, lost: Callable[[], dict[int, int]], broken: Exception) -> None:
-        """Box 0's leader: once the driver reports the other box lost, the link is box 0 alone; `broken` (the
-        exchange's error) is raised where it does not within EXCHANGE_LOST_WAIT_S."""
-        _wait_for_boxes(self.store, {self.members[1]: ()}, lost, lambda b, reported: reported.get(b, -1) >= self.lives.get(b, 0),
-                        time.monotonic() + EXCHANGE_LOST_WAIT_S, lambda waiting: broken, stop_at_loss=True)
+        """Box 0's leader, its exchange broken: once the driver reports the other box lost, the link is box 0 alone;
+        `broken` (the exchange's error) is raised where it does not within EXCHANGE_LOST_WAIT_S."""
+        _wait_for_boxes(self.store, {self.members[1]: ()}, lost, self._reported_lost, time.monotonic() + EXCHANGE_LOST_WAIT_S,
+                        lambda waiting: broken, stop_at_loss=True)
         self.members, self.up, self.down = (0,), None, None
+
+    def _reported_lost(self, box: int, reported: dict[int, int]) -> bool:
+        """Box 0's leader: whether the driver's lost record names the life of `box` that box 0 knows (its first, or
+        the one it last let in)."""
+        return reported.get(box, -1) >= self.lives.get(box, 0)
 
     def _ring(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         import torch
@@ -341,7 +376,6 @@ class BoxLink:
             taken = self._way(before, me).recv([out[(me - hop - 1) % k]], before, hop)
             sent.wait()
             taken.wait()
-            self.bytes_sent += tensor.numel() * tensor.element_size()
         return out
 
     def send(self, tensor: torch.Tensor, box: int) -> None:
