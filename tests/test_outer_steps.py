@@ -151,8 +151,9 @@ def test_box_leaders_each_get_every_box_payload_in_box_order_over_three_boxes():
     assert got == [(box, [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0], [20.0, 21.0, 22.0]], 2 * 3 * 4) for box in range(3)]
 
 
-def _lose_a_box_and_start_it_again(leader, boxes: int, lost: int, first: int, later: int) -> tuple[list, list]:
-    """`boxes` leaders in processes (`leader(box, port, results, asked, back)`), of which box `lost` dies early; once
+def _lose_a_box_and_start_it_again(leader, boxes: int, lost: int, first: int, later: int, stopped: bool = False) -> tuple[list, list]:
+    """`boxes` leaders in processes (`leader(box, port, results, asked, back)`), of which box `lost` dies early (or
+    stops, `stopped`: it is killed once the `first` results are in, as its node's processes go with it); once
     `first` results are in, that box is started again (back=True). Returns those and the `later` ones after them,
     each sorted by (meeting, box)."""
     from operator import itemgetter
@@ -167,7 +168,8 @@ def _lose_a_box_and_start_it_again(leader, boxes: int, lost: int, first: int, la
         process.start()
     order = itemgetter(1, 0)  # (meeting, box)
     before = sorted((results.get(timeout=120) for _ in range(first)), key=order)
-    leaders[lost].kill()  # (where it is still there: a process stopped as its node's would be, unplugged)
+    if stopped:  # (only then: a process killed as it exits could hold the results queue's lock)
+        leaders[lost].kill()
     again = ctx.Process(target=leader, args=(lost, port, results, asked, True))
     again.start()
     after = sorted((results.get(timeout=120) for _ in range(later)), key=order)
@@ -294,53 +296,57 @@ def test_a_box_let_back_in_that_died_meanwhile_is_left_out_of_the_meeting_rather
     assert later == [(0, 1, [0], (), (0,), [[0.0, 1.0]])]
 
 
-def _leader_of_two_whose_box_1_is_lost_in_the_exchange(box: int, port: int, results, asked, back: bool = False,
-                                                       how: str = "dies") -> None:
-    """Box 1 meets and is lost before its delta crosses: its process dies (an OOM kill at the worst moment: its
-    sockets close, box 0's exchange breaks) or its node is unplugged (its process stops with SIGSTOP, connections
-    open: no reset reaches box 0, and gloo would wait out the link's timeout, 600 s as in a job). The driver reports
-    it lost a moment later (here: once box 1 has said so, and box 0 has asked twice). Started again, it asks back in
-    and is let in at meeting 1."""
+def _leader_whose_box_1_is_lost_in_the_exchange(box: int, port: int, results, asked, back: bool = False, boxes: int = 2,
+                                                how: str = "dies") -> None:
+    """Box 1 of `boxes` meets and is lost before its delta crosses: its process dies (an OOM kill at the worst moment:
+    its sockets close, the ring breaks) or its node is unplugged (its process stops with SIGSTOP, connections open:
+    no reset comes, and gloo would wait out the link's timeout, 600 s as in a job). The driver reports it lost a
+    moment later (here: 1 s after box 1 said so), so the others' rings have broken or hung by then. Started again,
+    it asks back in and is let in at meeting 1."""
     import os
     import signal
 
     from workers.collectives import BoxLink, RankInfo
 
-    info = RankInfo(0, 1, "", 0, box, 2, 0, "127.0.0.1", port, life=int(back))
+    info = RankInfo(0, 1, "", 0, box, boxes, 0, "127.0.0.1", port, life=int(back))
     link = BoxLink.ask_back(info, timeout_s=60) if back else BoxLink.join(info, timeout_s=600)
     if back:
         asked.set()
         assert link.let_in(60)
-    asks = []
 
     def lost() -> dict[int, int]:  # (the driver: it sees the process die, then records it)
-        asks.append(link.meetings)
-        return {1: 0} if link.store.check(["test/1-lost"]) and asks.count(1) > 1 else {}
+        said = link.store.check(["test/1-lost"]) and float(link.store.get("test/1-lost"))
+        return {1: 0} if said and time.time() - said > 1.0 else {}
 
     for meeting in (1,) if back else (0, 1):
         if meeting == 1 and box == 0:
             asked.wait(60)
         heads, came = link.meet(torch.tensor([box, meeting], dtype=torch.float64, device="cpu"), lost)
         if box == 1 and not back:
-            link.store.set("test/1-lost", "")
+            link.store.set("test/1-lost", str(time.time()))
             os._exit(0) if how == "dies" else os.kill(os.getpid(), signal.SIGSTOP)
         began = time.monotonic()
         got = link.exchange(torch.arange(2, dtype=torch.float32, device="cpu") + 10 * box, lost)
         results.put((box, meeting, sorted(heads), came, link.members, [t.tolist() for t in got], time.monotonic() - began))
 
 
+@pytest.mark.parametrize("boxes", [2, 3])
 @pytest.mark.parametrize("how", ["dies", "unplugged"])
-def test_a_box_lost_during_the_exchange_is_left_out_by_box_0_which_goes_on_alone(how):
-    """Two boxes met and box 1 is lost before its delta crosses: once the driver reports it, box 0 goes on alone with
-    its own delta rather than failing the job (which then restarted from its last checkpoint), whether its exchange
-    broke ("Connection closed by peer") or hangs (an unplugged node: the code before waited out the link's 600 s,
-    and this test's wait for box 0 ran out at 120 s). Box 1, started again, is let back in at the next meeting."""
+def test_a_box_lost_during_the_exchange_is_left_out_and_the_others_exchange_again_without_it(how, boxes):
+    """Boxes met and box 1 is lost before its delta crosses: once the driver reports it, the boxes left exchange
+    again among themselves (of two, box 0 alone) rather than failing the job (which then restarted from its last
+    checkpoint), whether the ring broke ("Connection closed by peer") or hangs (an unplugged node: the code before
+    waited out the link's 600 s, and this test's wait ran out at 120 s). With three boxes box 2, whose ring waits
+    on box 1, gives it up too. Box 1, started again, is let back in at the next meeting."""
     from functools import partial
 
-    first, later = _lose_a_box_and_start_it_again(partial(_leader_of_two_whose_box_1_is_lost_in_the_exchange, how=how), 2, 1, 1, 2)
-    assert first[0][:6] == (0, 0, [0, 1], (), (0,), [[0.0, 1.0]])  # met with box 1, then the link is box 0 alone
-    assert first[0][6] < 60, first  # a tenth of the link's timeout: what the driver's report takes, not gloo's
-    assert [r[:6] for r in later] == [(box, 1, [0, 1], (1,), (0, 1), [[0.0, 1.0], [10.0, 11.0]]) for box in (0, 1)]
+    leader = partial(_leader_whose_box_1_is_lost_in_the_exchange, boxes=boxes, how=how)
+    first, later = _lose_a_box_and_start_it_again(leader, boxes, 1, boxes - 1, boxes, stopped=how == "unplugged")
+    left, everyone = tuple(b for b in range(boxes) if b != 1), list(range(boxes))
+    payloads = {b: [10.0 * b, 10.0 * b + 1] for b in everyone}
+    assert [r[:6] for r in first] == [(b, 0, everyone, (), left, [payloads[c] for c in left]) for b in left]
+    assert all(r[6] < 60 for r in first), first  # a tenth of the link's timeout: what the driver's report takes, not gloo's
+    assert [r[:6] for r in later] == [(b, 1, everyone, (1,), tuple(everyone), list(payloads.values())) for b in everyone]
 
 
 def test_the_boxes_out_of_the_job_at_its_end_are_those_lost_and_not_let_back_in_since():

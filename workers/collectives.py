@@ -178,6 +178,7 @@ class BoxLink:
     timeout_s: float = 600  # how long a leader waits for the others at a meeting
     members: tuple[int, ...] = ()  # the boxes still in the job, in order (all of them until one leaves)
     meetings: int = 0  # meetings held: each one's keys in the store are its own
+    exchanges: int = 0  # exchanges since the last meeting (two at the job's start, one at each outer step)
     bytes_sent: int = 0  # what this leader sent across the link: in a ring all-gather over k boxes, k-1 payloads
     life: int = 0  # this box's life: times its ranks were started again after it was lost (RankInfo.life)
     lives: dict = field(default_factory=dict)  # box 0's leader: each box's life now (0 where never lost)
@@ -231,7 +232,7 @@ class BoxLink:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.005)
-        self.meetings = int(self.store.get(key))
+        self.meetings, self.exchanges = int(self.store.get(key)), 0
         return True
 
     def meet(self, head: torch.Tensor, lost: Callable[[], dict[int, int]] = dict,
@@ -246,7 +247,7 @@ class BoxLink:
         step: a box let in there would train nothing)."""
         import torch
 
-        n, self.meetings = self.meetings, self.meetings + 1
+        n, self.meetings, self.exchanges = self.meetings, self.meetings + 1, 0
         self.store.set(f"head/{n}/{self.box}", head.numpy().tobytes())
         if self.box == 0:
             met, back = self._gather(n, lost, let_in)
@@ -307,96 +308,141 @@ class BoxLink:
 
     def exchange(self, tensor: torch.Tensor, lost: Callable[[], dict[int, int]] | None = None) -> list[torch.Tensor]:
         """Every member box's `tensor` (same shape and dtype on each), in box order: a ring all-gather, each box
-        sending to the next while it receives from the one before. With `lost` (the driver's record, as at a meeting),
-        box 0's leader with one other box goes on alone once the driver reports that box lost during the exchange:
-        the members are then box 0 alone, and its own tensor is all it gets. That holds whether the exchange broke
-        (the box's process died: "Connection closed by peer") or merely hangs (its node unplugged: no reset comes,
-        and gloo would wait out its timeout). With three boxes or more, a survivor could sit in a receive from
-        another survivor that gave up: the error stands, and the job is placed again."""
+        sending to the next while it receives from the one before. With `lost` (the driver's record, which box 0's
+        leader asks, as at a meeting), a box lost during it is left out: the boxes left form the link again and
+        exchange again among themselves, and `members` then says whose tensors came. That holds whether the lost
+        box's process died (its sockets closed: the ring breaks) or its node was unplugged (no reset comes: the
+        ring waits), and however many boxes are left (a survivor stuck in a receive from another survivor gives it
+        up too). Each leader runs the ring in a helper thread and posts how it ended in the store; box 0's leader
+        posts the verdict every box waits for (`_verdict`)."""
         if tensor.device.type != "cpu":
             raise CollectiveOffDevice(f"exchange across boxes: a {tuple(tensor.shape)} tensor on {tensor.device}; the link "
                                       "between boxes is gloo over TCP and takes host tensors (the outer state lives in host RAM)")
-        if lost is None or self.box != 0 or len(self.members) != 2:
-            out = self._ring(tensor)
-        else:
-            out = self._ring_watching(tensor, lost)
-            if out is None:
-                return [tensor]
-        self.bytes_sent += (len(self.members) - 1) * tensor.numel() * tensor.element_size()
-        return out
+        key, self.exchanges = f"{self.meetings}.{self.exchanges}", self.exchanges + 1
+        while True:
+            out, met = self._attempt(tensor, key, lost)
+            if met == self.members:
+                self.bytes_sent += (len(met) - 1) * tensor.numel() * tensor.element_size()
+                return out
+            if self.box not in met:
+                raise RuntimeError(f"box {self.box} was lost: box 0 went on without it during the exchange after meeting {self.meetings - 1}")
+            key, self.members = f"{key}-{'.'.join(map(str, met))}", met  # (the exchange again, over the boxes left)
+            self.up, self.down = _gloo_pair(self.store, f"boxes-{key}", met.index(self.box), len(met), self.timeout_s)
 
-    def _ring_watching(self, tensor: torch.Tensor, lost: Callable[[], dict[int, int]]) -> list[torch.Tensor] | None:
-        """Box 0's leader and one other box: the ring in a helper thread while this one asks `lost()` every
-        LOST_POLL_S. None (the link is then box 0 alone) once the other box is reported lost, whether the ring broke or
-        still waits: a gloo wait cannot be polled (`is_completed` turns true only through `wait`, and a `wait` that
-        times out closes the connection), so a ring left waiting on an unplugged node ends in its thread when gloo's
-        timeout does, its error dropped there."""
+    def _attempt(self, tensor: torch.Tensor, key: str, lost: Callable[[], dict[int, int]] | None) -> tuple[list | None, tuple[int, ...]]:
+        """One ring over the members, in a helper thread: a gloo wait cannot be polled (`is_completed` turns true
+        only through `wait`, and a `wait` that times out closes the connection), so a ring given up on an unplugged
+        node ends in its thread when gloo's timeout does, its error dropped there; it holds its receive buffers
+        until then. Returns the ring's tensors and the boxes the verdict keeps."""
         import threading
 
-        other, ended = self.members[1], {}
+        ended, ways, watch = {}, (self.members, self.up, self.down), _Watch(time.monotonic() + self.timeout_s)
 
         def ring() -> None:
             try:
-                ended["out"] = self._ring(tensor)
+                ended["out"] = _ring(tensor, self.box, *ways)
             except Exception as err:  # (gloo: "Connection closed by peer", its timeout, ...)
                 ended["err"] = err
 
-        helper = threading.Thread(target=ring, name="exchange across boxes", daemon=True)
-        helper.start()
-        while helper.is_alive():
-            helper.join(LOST_POLL_S)
-            if helper.is_alive() and self._reported_lost(other, lost()):
-                self.members, self.up, self.down = (0,), None, None
-                return None
-        if "err" in ended:
-            self._go_on_alone(lost, ended["err"])
-            return None
-        return ended["out"]
+        threading.Thread(target=ring, name=f"exchange {key} across boxes", daemon=True).start()
+        posted, verdict, wait_s, began = False, f"verdict/{key}", 2 * self.timeout_s + EXCHANGE_LOST_WAIT_S, time.monotonic()
+        while True:
+            if not posted and ended:
+                self.store.set(f"ended/{key}/{self.box}", "failed" if "err" in ended else "ok")
+                posted = True
+            if self.box == 0:
+                met = self._verdict(key, lost, watch, ended)
+                if met is not None:
+                    self.store.set(verdict, ",".join(map(str, met)))
+                    # every box keeping on reads it before box 0 goes on (box 0 ending, the store would go with it)
+                    _wait_for_boxes(self.store, {b: (f"read/{key}/{b}",) for b in met[1:]}, lost or dict, self._reported_lost,
+                                    watch.deadline, lambda waiting: RuntimeError(f"box 0: box(es) {waiting} did not read the verdict on the exchange"))
+                    return ended.get("out"), met
+            elif self.store.check([verdict]):
+                said = self.store.get(verdict).decode()
+                if said.startswith("box 0:"):
+                    raise RuntimeError(said)
+                self.store.set(f"read/{key}/{self.box}", "")
+                return ended.get("out"), tuple(int(b) for b in said.split(","))
+            elif time.monotonic() - began > wait_s:
+                raise RuntimeError(f"box {self.box}: box 0's leader gave no verdict on the exchange within {wait_s:.0f} s (box 0 lost?)")
+            time.sleep(0.005)
 
-    def _go_on_alone(self, lost: Callable[[], dict[int, int]], broken: Exception) -> None:
-        """Box 0's leader, its exchange broken: once the driver reports the other box lost, the link is box 0 alone;
-        `broken` (the exchange's error) is raised where it does not within EXCHANGE_LOST_WAIT_S."""
-        _wait_for_boxes(self.store, {self.members[1]: ()}, lost, self._reported_lost, time.monotonic() + EXCHANGE_LOST_WAIT_S,
-                        lambda waiting: broken, stop_at_loss=True)
-        self.members, self.up, self.down = (0,), None, None
+    def _verdict(self, key: str, lost: Callable[[], dict[int, int]] | None, watch: _Watch, ended: dict) -> tuple[int, ...] | None:
+        """Box 0's leader, during an exchange: the members, once every one's ring ended well; the members less those
+        the driver reports lost, once it does (asked every LOST_POLL_S); None while neither. A ring that broke with no
+        box reported lost within EXCHANGE_LOST_WAIT_S (at once where there is no driver to ask), or none ending within
+        the link's timeout, is an error for every box: the job is placed again from its checkpoint."""
+        said = {b: self.store.get(f"ended/{key}/{b}").decode() for b in self.members if self.store.check([f"ended/{key}/{b}"])}
+        if len(said) == len(self.members) and "failed" not in said.values():
+            return self.members
+        now = time.monotonic()
+        if lost is not None and now - watch.asked > LOST_POLL_S:
+            watch.asked, reported = now, lost()
+            gone = {b for b in self.members[1:] if self._reported_lost(b, reported)}
+            if gone:
+                return tuple(b for b in self.members if b not in gone)
+        broke = sorted(b for b, how in said.items() if how == "failed")
+        watch.broke_at = (watch.broke_at or now) if broke else None
+        if broke and (lost is None or now - watch.broke_at > EXCHANGE_LOST_WAIT_S) or now > watch.deadline:
+            error = (f"box 0: the exchange across boxes broke on box(es) {broke} ({ended.get('err', 'box 0 ended well')}) "
+                     "and no box was reported lost" if broke else
+                     f"box 0: the exchange across boxes did not end within {self.timeout_s:.0f} s and no box was reported lost")
+            self.store.set(f"verdict/{key}", error)
+            raise RuntimeError(error)
+        return None
 
     def _reported_lost(self, box: int, reported: dict[int, int]) -> bool:
         """Box 0's leader: whether the driver's lost record names the life of `box` that box 0 knows (its first, or
         the one it last let in)."""
         return reported.get(box, -1) >= self.lives.get(box, 0)
 
-    def _ring(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        import torch
-
-        k, me = len(self.members), self.members.index(self.box)
-        out = [tensor if b == me else torch.empty_like(tensor) for b in range(k)]
-        after, before = (me + 1) % k, (me - 1) % k
-        for hop in range(k - 1):  # hop h: pass on what came from h boxes back, take what came from h + 1 back
-            sent = self._way(me, after).send([out[(me - hop) % k]], after, hop)
-            taken = self._way(before, me).recv([out[(me - hop - 1) % k]], before, hop)
-            sent.wait()
-            taken.wait()
-        return out
-
     def send(self, tensor: torch.Tensor, box: int) -> None:
         """`tensor` to one box that met (box 0's leader hands the global state to a box let back in)."""
         me, to = self.members.index(self.box), self.members.index(box)
-        self._way(me, to).send([tensor], to, HANDOVER_TAG).wait()
+        _way(self.up, self.down, me, to).send([tensor], to, HANDOVER_TAG).wait()
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
     def receive(self, tensor: torch.Tensor, box: int) -> torch.Tensor:
         """Into `tensor`, what `box` sends this one (`send`); returns it."""
         me, sender = self.members.index(self.box), self.members.index(box)
-        self._way(sender, me).recv([tensor], sender, HANDOVER_TAG).wait()
+        _way(self.up, self.down, sender, me).recv([tensor], sender, HANDOVER_TAG).wait()
         return tensor
 
-    def _way(self, sender: int, receiver: int):
-        return self.up if sender < receiver else self.down
+
+@dataclass
+class _Watch:
+    """Box 0's leader during one exchange across boxes."""
+
+    deadline: float  # by when every ring should have ended (the link's timeout)
+    asked: float = 0.0  # when it last asked the driver for boxes lost
+    broke_at: float | None = None  # when it first saw a box's ring break
+
+
+def _ring(tensor: torch.Tensor, box: int, members: tuple[int, ...], up, down) -> list[torch.Tensor]:
+    """The ring all-gather of BoxLink.exchange, over the link's groups as they were when it began (a ring given up on
+    stays on them)."""
+    import torch
+
+    k, me = len(members), members.index(box)
+    out = [tensor if b == me else torch.empty_like(tensor) for b in range(k)]
+    after, before = (me + 1) % k, (me - 1) % k
+    for hop in range(k - 1):  # hop h: pass on what came from h boxes back, take what came from h + 1 back
+        sent = _way(up, down, me, after).send([out[(me - hop) % k]], after, hop)
+        taken = _way(up, down, before, me).recv([out[(me - hop - 1) % k]], before, hop)
+        sent.wait()
+        taken.wait()
+    return out
+
+
+def _way(up, down, sender: int, receiver: int):
+    """The link's group for one direction: a box sends to a later box on `up`, to an earlier one on `down`."""
+    return up if sender < receiver else down
 
 
 LOST_POLL_S = 1.0  # how often box 0's leader asks whether a box it waits for was lost
-# how long box 0's leader, its exchange broken, waits for the driver to report the other box lost (the driver does as
-# soon as Ray reports the box's process dead) before the error stands
+# how long box 0's leader, a box's ring broken, waits for the driver to report a box lost (the driver does as soon as
+# Ray reports the box's process dead) before the error stands
 EXCHANGE_LOST_WAIT_S = 30.0
 HANDOVER_TAG = 1 << 20  # gloo's tag for a handover to a box let back in (an exchange's hops are tagged 0, 1, ...)
 

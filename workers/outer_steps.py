@@ -33,8 +33,9 @@ once it is back); they ask back in (`come_back`), and box 0's leader lets them i
 brings an empty delta and takes the step, the global weights and the outer momentum from box 0 (its inner optimizer
 starts afresh), and every box returns to the plan's split; where the job stops at that outer step (a move), the box
 learns it there and stops with the others, training nothing (alone, it would meet nobody). Box 0 holds the rendezvous
-and the checkpoints: losing it restarts the job from its checkpoint, as does a box lost during the exchange itself, or
-boxes left too small for the batch (except at the last outer step, where no split runs after).
+and the checkpoints: losing it restarts the job from its checkpoint, as do boxes left too small for the batch (except
+at the last outer step, where no split runs after). A box lost during the exchange itself is left out there: the boxes
+left exchange again without it (BoxLink.exchange).
 """
 
 from __future__ import annotations
@@ -375,8 +376,8 @@ class OuterSteps:
         count) and its own cards' split), then every box's delta (one exchange across boxes), and the outer step
         on the global weights, the deltas weighted by the loss tokens each box trained on, one weight at a time.
         A box lost since the last meeting is not waited for (BoxLink.meet): its delta is left out, and so are the
-        samples it trained on since then, as are those of a box lost during the exchange (BoxLink.exchange: of two
-        boxes); a box let back in brings an empty delta. Returns the headers of the boxes that met, by box, and the
+        samples it trained on since then, as are those of a box lost during the exchange (BoxLink.exchange: the
+        boxes left exchange again); a box let back in brings an empty delta. Returns the headers of the boxes that met, by box, and the
         boxes let back in."""
         import torch
 
@@ -389,7 +390,7 @@ class OuterSteps:
         started = time.perf_counter()  # (the meeting above waited for the slowest box: this exchange is the link's)
         payloads = self.link.exchange(payload.buffer, self.lost)  # (in box order, as the headers)
         self.exchange_s += time.perf_counter() - started
-        # a box lost during the exchange (two boxes: box 0 goes on alone) is out, as one lost before the meeting
+        # a box lost during the exchange (the others exchanged again without it) is out, as one lost before the meeting
         heads, back = {b: h for b, h in heads.items() if b in self.link.members}, tuple(b for b in back if b in self.link.members)
         total = sum(float(h[0]) for h in heads.values())
         for i in range(len(self.global_weights)):
