@@ -79,8 +79,11 @@ def zeromix_home(tmp_path_factory) -> Path:
     os.environ["ZEROMIX_HOME"] = str(home)
     from orchestrator import cluster_runtime
 
-    # Before anything in this process imports Ray: it reads its auth settings once, at import.
+    # Before anything in this process imports Ray: it reads its auth settings once, at import. The token is made
+    # now, as the first `zeromix up` would (it keeps one it finds): a Ray client made before any cluster is up (the
+    # Jobs API client's timeout test) fails on a token path with no file.
     os.environ.update(cluster_runtime.auth_env())
+    cluster_runtime._ensure_token()
     yield home
     os.environ.pop("ZEROMIX_HOME")
 

@@ -1,5 +1,6 @@
 """The placement policies on the questions a shared homelab raises, with real model sizes and the real planner."""
 
+import dataclasses
 import re
 
 import pytest
@@ -176,7 +177,7 @@ def test_a_job_below_a_quarter_of_its_best_speed_waits_for_its_best_card_only_wh
     cards, decision, _ = decide("gain", box, [late], running, now=60.0)
     assert cards == {} and "of its best speed (estimate); it waits for better ones, it would end about" in decision.waiting["late"]
     assert decide("gain", box, [late], [RunningJob("week-long", ("desk/0",), 7 * 24 * 3600.0)], now=60.0)[0] == {"late": ["attic/0"]}
-    moved = QueuedJob(**{**late.__dict__, "moved": True})  # stopped with a checkpoint to be placed now: it does not wait
+    moved = dataclasses.replace(late, moved=True)  # stopped with a checkpoint to be placed now: it does not wait
     assert decide("gain", box, [moved], running, now=60.0)[0] == {"late": ["attic/0"]}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 from orchestrator.inventory import ClusterSnapshot
 from orchestrator.jobspec import JobSpec
@@ -34,8 +35,10 @@ class QueuedJob:
     memory_caps: tuple[tuple[str, int], ...] = ()  # (card id, MiB): where it ran out of memory, what it may use there
     moved: bool = False  # just stopped with a checkpoint to be placed again (a move): gain places it first
 
-    @property
+    @cached_property
     def shape(self) -> str:
+        """What its plans depend on (jobs alike share them); made once per job: a policy asks for it for every job
+        and card set it weighs, a third of a simulated day's CPU time when it was made at each ask."""
         return json.dumps([self.spec.model_dump(include=set(SHAPE_FIELDS), mode="json"), self.memory_caps], sort_keys=True)
 
 
@@ -89,6 +92,8 @@ class ThroughputTable:
         self._facts: Bounded = Bounded(FACTS_CACHE)  # model path -> ModelFacts
         self._recent: Bounded = Bounded(VIEW_CACHE)  # shape -> deque of (free cards, Outcome), latest last
         self._groups: Bounded = Bounded(PLAN_CACHE)  # the planner's candidate groups, shared by jobs alike (make_plan)
+        self._best: Bounded = Bounded(PLAN_CACHE)  # (shape, job name, steps) -> the job's plan on every card
+        self._every_card = frozenset(c.card_id for c in cluster.cards)
 
     def facts(self, job: QueuedJob) -> ModelFacts:
         return self._facts.get_or_make(job.spec.model.path, lambda: facts_from_config(read_config(job.spec.model.path)))
@@ -115,8 +120,9 @@ class ThroughputTable:
         return shared
 
     def best(self, job: QueuedJob) -> Outcome:
-        """On the whole cluster, nothing held: the job's own yardstick (Gavel's normalisation)."""
-        return self.plan(job, frozenset(c.card_id for c in self.cluster.cards))
+        """On the whole cluster, nothing held: the job's own yardstick (Gavel's normalisation), asked for many times a
+        round (kept: `plan` would make it this job's plan afresh at each ask)."""
+        return self._best.get_or_make((job.shape, job.spec.name, job.total_steps), lambda: self.plan(job, self._every_card))
 
     def normalised(self, job: QueuedJob, outcome: Outcome) -> float:
         """Throughput on these cards as a share of the job's best: 1.0 is as fast as it can run here."""

@@ -13,6 +13,7 @@ scheduler and simulator code (Gavel's shape).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 from orchestrator.errors import InputError
@@ -46,6 +47,11 @@ class PolicyInput:
     @property
     def free_ids(self) -> frozenset[str]:
         return frozenset(c.card_id for c in self.free)
+
+    @cached_property
+    def priorities(self) -> tuple[int, ...]:
+        """The queued jobs' priorities, each once, lowest first (aging weighs a job against them, for every job)."""
+        return tuple(sorted({job.priority for job in self.queue}))
 
     def holder(self, card_id: str) -> RunningJob | None:
         return next((r for r in self.running if card_id in r.cards), None)

@@ -400,7 +400,7 @@ def aged_priority(job: QueuedJob, x: PolicyInput) -> int:
     (first by response ratio among them), so no stream of higher-priority jobs keeps it waiting for ever. Whole
     priority classes, not a sliding score: within a class the order stays shortest-response-ratio first."""
     reached = job.priority + AGING_PER_HOUR * max(0.0, x.now - job.submitted_at) / 3600
-    return max((j.priority for j in x.queue if job.priority <= j.priority <= reached), default=job.priority)
+    return max((p for p in x.priorities if job.priority <= p <= reached), default=job.priority)
 
 
 def _whole_free_boxes(x: PolicyInput, pool: set[str]) -> set[str]:
