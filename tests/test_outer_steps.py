@@ -118,10 +118,22 @@ def test_a_delta_survives_each_wire_format_within_its_precision():
             assert (b - d).abs().max() <= bound * d.abs().max() + 1e-12, wire  # relative to each tensor's largest
 
 
-def _box_leader(box: int, boxes: int, port: int, results) -> None:
+def _rendezvous():
+    """The leaders' rendezvous as a launcher makes it: a socket bound to a free port, for box 0 to listen on."""
+    from workers.ports import bound_socket
+
+    hosted = bound_socket("127.0.0.1")
+    return hosted, hosted.getsockname()[1]
+
+
+def _hosting(box: int, hosted) -> dict:
+    return {"hosted": hosted} if box == 0 else {}
+
+
+def _box_leader(box: int, boxes: int, port: int, results, hosted=None) -> None:
     from workers.collectives import BoxLink, RankInfo
 
-    link = BoxLink.join(RankInfo(0, 1, "", 0, box, boxes, 0, "127.0.0.1", port), timeout_s=60)
+    link = BoxLink.join(RankInfo(0, 1, "", 0, box, boxes, 0, "127.0.0.1", port), timeout_s=60, hosted=hosted)
     got = link.exchange(torch.arange(3, dtype=torch.float32, device="cpu") + 10 * box)
     results.put((box, [t.tolist() for t in got], link.bytes_sent))
 
@@ -137,14 +149,14 @@ def test_the_cards_take_the_new_weights_in_buckets_that_keep_order_and_hold_a_la
 def test_box_leaders_each_get_every_box_payload_in_box_order_over_three_boxes():
     """The ring the link runs (each box sends to the next on one connection, receives from the one before on
     another): with three boxes a payload takes two hops; every leader ends with all three, and counts the two it sent."""
-    from tests.conftest import free_port
     from workers.local_launch import _context
 
-    ctx, port = _context(), free_port()
+    ctx, (hosted, port) = _context(), _rendezvous()
     results = ctx.Queue()
-    leaders = [ctx.Process(target=_box_leader, args=(box, 3, port, results)) for box in range(3)]
+    leaders = [ctx.Process(target=_box_leader, args=(box, 3, port, results), kwargs=_hosting(box, hosted)) for box in range(3)]
     for leader in leaders:
         leader.start()
+    hosted.close()  # (box 0 holds its own copy)
     got = sorted(results.get(timeout=120) for _ in leaders)
     for leader in leaders:
         leader.join(timeout=30)
@@ -158,14 +170,14 @@ def _lose_a_box_and_start_it_again(leader, boxes: int, lost: int, first: int, la
     each sorted by (meeting, box)."""
     from operator import itemgetter
 
-    from tests.conftest import free_port
     from workers.local_launch import _context
 
-    ctx, port = _context(), free_port()
+    ctx, (hosted, port) = _context(), _rendezvous()
     results, asked = ctx.Queue(), ctx.Event()
-    leaders = [ctx.Process(target=leader, args=(box, port, results, asked)) for box in range(boxes)]
+    leaders = [ctx.Process(target=leader, args=(box, port, results, asked), kwargs=_hosting(box, hosted)) for box in range(boxes)]
     for process in leaders:
         process.start()
+    hosted.close()  # (box 0 holds its own copy)
     order = itemgetter(1, 0)  # (meeting, box)
     before = sorted((results.get(timeout=120) for _ in range(first)), key=order)
     if stopped:  # (only then: a process killed as it exits could hold the results queue's lock)
@@ -178,7 +190,7 @@ def _lose_a_box_and_start_it_again(leader, boxes: int, lost: int, first: int, la
     return before, after
 
 
-def _leader_of_three(box: int, port: int, results, asked, back: bool = False) -> None:
+def _leader_of_three(box: int, port: int, results, asked, back: bool = False, hosted=None) -> None:
     """A leader of three boxes: box 2 joins and then dies (its node unplugged); box 0 hears from its `lost` argument
     (the job's driver, in a real run) that box 2 was lost, so boxes 0 and 1 meet alone. Box 2's ranks start again
     (`back`) and ask back in; meeting 1 lets no box in (as the job's last outer step does not), meeting 2 lets it
@@ -193,7 +205,7 @@ def _leader_of_three(box: int, port: int, results, asked, back: bool = False) ->
         asked.set()
         assert link.let_in(60)
     else:
-        link = BoxLink.join(info, timeout_s=60)
+        link = BoxLink.join(info, timeout_s=60, hosted=hosted)
         if box == 2:
             os._exit(0)  # no goodbye: its sockets close as a killed process's do
     for meeting in (2,) if back else (0, 1, 2):
@@ -225,7 +237,7 @@ def test_a_box_lost_is_left_out_of_the_meeting_and_let_back_in_when_it_asks():
         assert later[2 + box] == (box, 2, {0: [0.0, 2.0], 1: [1.0, 2.0], 2: [2.0, 2.0]}, (2,), three, (0, 1, 2), [7.0] * 4 if box == 2 else None)
 
 
-def _leader_of_two(box: int, port: int, results, asked, back: bool = False) -> None:
+def _leader_of_two(box: int, port: int, results, asked, back: bool = False, hosted=None) -> None:
     """Box 1 dies right after a meeting and its ranks, started again, ask back in before the next one: box 0 was
     never told it was lost (the driver had not reported it yet), and must still take the new process in."""
     import os
@@ -233,7 +245,7 @@ def _leader_of_two(box: int, port: int, results, asked, back: bool = False) -> N
     from workers.collectives import BoxLink, RankInfo
 
     info = RankInfo(0, 1, "", 0, box, 2, 0, "127.0.0.1", port, life=int(back))
-    link = BoxLink.ask_back(info, timeout_s=60) if back else BoxLink.join(info, timeout_s=60)
+    link = BoxLink.ask_back(info, timeout_s=60) if back else BoxLink.join(info, timeout_s=60, hosted=hosted)
     if back:
         asked.set()
         assert link.let_in(60)
@@ -257,7 +269,7 @@ def test_a_box_lost_and_back_between_two_meetings_is_taken_in_as_the_new_process
     assert second == [(box, 1, [0, 1], (1,), [[0.0, 1.0], [10.0, 11.0]]) for box in (0, 1)]
 
 
-def _leader_of_two_whose_box_1_dies_again(box: int, port: int, results, asked, back: bool = False) -> None:
+def _leader_of_two_whose_box_1_dies_again(box: int, port: int, results, asked, back: bool = False, hosted=None) -> None:
     """Box 1 dies after meeting 0 (the driver reports that life lost); started again, it asks back in and dies at once,
     before it reads that it is let in. Box 0 lets it in at meeting 1 and the driver reports its new life lost just
     after (here: as soon as box 0 has let it in)."""
@@ -270,7 +282,7 @@ def _leader_of_two_whose_box_1_dies_again(box: int, port: int, results, asked, b
         BoxLink.ask_back(info, timeout_s=60)
         asked.set()
         os._exit(0)  # (its node unplugged again)
-    link = BoxLink.join(info, timeout_s=60)
+    link = BoxLink.join(info, timeout_s=60, hosted=hosted)
 
     def lost() -> dict[int, int]:
         return {} if link.meetings < 2 else {1: 1 if link.store.check(["let-in/1/1"]) else 0}
@@ -297,7 +309,7 @@ def test_a_box_let_back_in_that_died_meanwhile_is_left_out_of_the_meeting_rather
 
 
 def _leader_whose_box_1_is_lost_in_the_exchange(box: int, port: int, results, asked, back: bool = False, boxes: int = 2,
-                                                how: str = "dies") -> None:
+                                                how: str = "dies", hosted=None) -> None:
     """Box 1 of `boxes` meets and is lost before its delta crosses: its process dies (an OOM kill at the worst moment:
     its sockets close, the ring breaks) or its node is unplugged (its process stops with SIGSTOP, connections open:
     no reset comes, and gloo would wait out the link's timeout, 600 s as in a job). The driver reports it lost a
@@ -309,7 +321,7 @@ def _leader_whose_box_1_is_lost_in_the_exchange(box: int, port: int, results, as
     from workers.collectives import BoxLink, RankInfo
 
     info = RankInfo(0, 1, "", 0, box, boxes, 0, "127.0.0.1", port, life=int(back))
-    link = BoxLink.ask_back(info, timeout_s=60) if back else BoxLink.join(info, timeout_s=600)
+    link = BoxLink.ask_back(info, timeout_s=60) if back else BoxLink.join(info, timeout_s=600, hosted=hosted)
     if back:
         asked.set()
         assert link.let_in(60)

@@ -2,6 +2,8 @@
 
 import socket
 
+import pytest
+
 from workers import ports
 
 
@@ -34,3 +36,21 @@ def test_where_the_range_leaves_no_room_below_it_the_kernel_chooses(tmp_path, mo
     for port in chosen:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_a_rendezvous_port_stays_bound_from_its_choice_until_its_host_listens_on_it():
+    """A box's leader chooses its group's rendezvous port (RankWorker.rendezvous) and listens on it only once the rank
+    runs, seconds later: another process's bind in between failed a job in CI (EADDRINUSE, 2026-12-06). The port
+    stays bound from its choice, and the store listens on that very socket."""
+    from workers.collectives import rendezvous_store
+    from workers.rank import RankWorker
+
+    leader = RankWorker({"card": "desk/0"})
+    _, port = leader.rendezvous()
+    with socket.socket() as other, pytest.raises(OSError):
+        other.bind(("127.0.0.1", port))
+    store = rendezvous_store("127.0.0.1", port, 2, 10, host=True, hosted=leader.hosting[port])
+    assert leader.hosting[port].fileno() == -1  # the store owns the socket now: Python will not close it under it
+    peer = rendezvous_store("127.0.0.1", port, 2, 10, host=False)
+    peer.set("joined/1", "yes")
+    assert store.get("joined/1") == b"yes"

@@ -19,6 +19,8 @@ from itertools import accumulate
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import socket
+
     import torch
 
 
@@ -55,6 +57,27 @@ def rank_infos(boxes: tuple[int, ...], meet: list[tuple[str, int]], outer_meet: 
             for box, (size, first, (addr, port)) in enumerate(zip(boxes, first_ranks(boxes), meet)) for r in range(size)]
 
 
+def hosted_ports(info: RankInfo) -> tuple[int, ...]:
+    """The rendezvous a rank hosts: its box's group on the box's rank 0, and the leaders' link on box 0's."""
+    if info.rank != 0:
+        return ()
+    return (info.master_port, info.outer_port) if info.box == 0 and info.outer_port else (info.master_port,)
+
+
+def rendezvous_store(addr: str, port: int, world: int, timeout_s: float, host: bool, hosted: socket.socket | None = None):
+    """The TCPStore where a group meets, at addr:port. Its host listens on `hosted`, the socket its launcher bound
+    when it chose the port (workers/ports.py: bound since, so no other process took the port meanwhile); the
+    store owns the socket from then on. A host given only a port binds it now. The others connect, retrying until
+    `timeout_s`."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    listen_fd = hosted.detach() if host and hosted is not None else None  # (the store closes it: Python must not)
+    return dist.TCPStore(addr, port, world, is_master=host, timeout=timedelta(seconds=timeout_s), wait_for_workers=False,
+                         master_listen_fd=listen_fd)
+
+
 class CollectiveOffDevice(RuntimeError):
     """A collective was handed a tensor that is not on the rank's device."""
 
@@ -71,9 +94,10 @@ class RankComm:
         return self.rank if self.job_rank < 0 else self.job_rank
 
     @classmethod
-    def join(cls, info: RankInfo) -> RankComm:
+    def join(cls, info: RankInfo, hosted: socket.socket | None = None) -> RankComm:
         """Join the job's process group: NCCL on the rank's card (each rank sees only its own card, so it is
-        device 0), gloo on the CPU. The device is set before the group exists, so NCCL binds to it."""
+        device 0), gloo on the CPU. The device is set before the group exists, so NCCL binds to it. Rank 0 hosts
+        the group's rendezvous, on `hosted` where the launcher bound its port for it (see `rendezvous_store`)."""
         import torch
 
         on_gpu = torch.cuda.is_available()
@@ -81,12 +105,18 @@ class RankComm:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
         import torch.distributed as dist
+        from deepspeed.constants import default_pg_timeout
 
         os.environ.update(MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port),
                           RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK="0")
         device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
         if on_gpu:
             torch.cuda.set_device(device)
+        store = rendezvous_store(info.master_addr, info.master_port, info.world_size, default_pg_timeout.total_seconds(),
+                                 host=info.rank == 0, hosted=hosted)
+        # As DeepSpeed's own start would (it then finds the group made): the card bound where there are peers.
+        dist.init_process_group("nccl" if on_gpu else "gloo", store=store, rank=info.rank, world_size=info.world_size,
+                                timeout=default_pg_timeout, device_id=device if on_gpu and info.world_size > 1 else None)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
         return cls(dist.get_rank(), dist.get_world_size(), device, info.job_rank)
 
@@ -184,23 +214,20 @@ class BoxLink:
     lives: dict = field(default_factory=dict)  # box 0's leader: each box's life now (0 where never lost)
 
     @classmethod
-    def join(cls, info: RankInfo, lost: Callable[[], dict[int, int]] = dict, timeout_s: float = 600) -> BoxLink:
-        """Box 0's leader hosts the rendezvous; the others connect to it (each waits up to `timeout_s` for the
-        rest, then fails naming the address). Box 0's leader waits for every box's leader, or for `lost()` (the job's
+    def join(cls, info: RankInfo, lost: Callable[[], dict[int, int]] = dict, timeout_s: float = 600,
+             hosted: socket.socket | None = None) -> BoxLink:
+        """Box 0's leader hosts the rendezvous (on `hosted` where given: see `rendezvous_store`); the others connect to
+        it (each waits up to `timeout_s` for the rest, then fails naming the address). Box 0's leader waits for every box's leader, or for `lost()` (the job's
         driver, as at a meeting) to name one: a box lost before the boxes first met (its node unplugged while the
         job started) fails the job as lost at once, and the scheduler places it again from its last checkpoint on the
         cards left, rather than box 0 waiting out `timeout_s` and the job failing as if it had a bug."""
-        from datetime import timedelta
-
-        import torch.distributed as dist
 
         def unmet(err: Exception) -> RuntimeError:  # (torch raises several kinds for a peer that never came)
             return RuntimeError(f"box {info.box}: the leaders of the {info.boxes} boxes did not meet at {info.outer_addr}:"
                                 f"{info.outer_port} within {timeout_s:.0f} s ({err}); check that every box reaches that address")
 
         try:
-            store = dist.TCPStore(info.outer_addr, info.outer_port, info.boxes, is_master=info.box == 0,
-                                  timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+            store = rendezvous_store(info.outer_addr, info.outer_port, info.boxes, timeout_s, host=info.box == 0, hosted=hosted)
             store.set(f"joined/{info.box}", "")
         except Exception as err:
             raise unmet(err) from err
@@ -216,11 +243,7 @@ class BoxLink:
     def ask_back(cls, info: RankInfo, timeout_s: float = 600) -> BoxLink:
         """A box that comes back (its ranks started again while the others train): connect to box 0's store and ask
         in. It belongs to no group until box 0's leader lets it in at a meeting (`let_in`)."""
-        from datetime import timedelta
-
-        import torch.distributed as dist
-
-        store = dist.TCPStore(info.outer_addr, info.outer_port, info.boxes, is_master=False, timeout=timedelta(seconds=timeout_s))
+        store = rendezvous_store(info.outer_addr, info.outer_port, info.boxes, timeout_s, host=False)
         store.set(f"ask/{info.box}", str(info.life))
         return cls(info.box, info.boxes, None, None, store, timeout_s, life=info.life)
 

@@ -14,11 +14,12 @@ import functools
 import multiprocessing
 import os
 import queue
+import socket
 import time
 from dataclasses import asdict
 
-from workers.collectives import RankInfo, rank_infos
-from workers.ports import free_port
+from workers.collectives import RankInfo, hosted_ports, rank_infos
+from workers.ports import bound_socket
 from workers.train import TrainConfig
 
 DEATH_GRACE_S = 3
@@ -39,7 +40,7 @@ def _context():
     return context
 
 
-def _rank(info: RankInfo, config_json: str, results, threads: int, environ: dict[str, str]) -> None:
+def _rank(info: RankInfo, config_json: str, results, threads: int, environ: dict[str, str], hosting: dict[int, socket.socket]) -> None:
     # The fork server's environment is the one it started with: take the launcher's as it is now (a test's
     # fault injection, a tracker's offline mode, the card a GPU rank must see).
     os.environ.clear()
@@ -49,7 +50,7 @@ def _rank(info: RankInfo, config_json: str, results, threads: int, environ: dict
     torch.set_num_threads(threads)
     from workers.train import main
 
-    results.put(asdict(main(TrainConfig.from_json(config_json), info)))
+    results.put(asdict(main(TrainConfig.from_json(config_json), info, hosting)))
     results.close()
     results.join_thread()  # the result is handed over before the hard exit below
     # Done and saved. Skip interpreter teardown: a C++ thread left joinable by the gloo/DeepSpeed stack
@@ -63,10 +64,13 @@ def _death(rank: int, exitcode: int) -> str:
     return f"rank {rank} killed by signal {-exitcode}" if exitcode < 0 else f"rank {rank} exited with status {exitcode}"
 
 
-def _meeting_points(config: TrainConfig) -> list[RankInfo]:
-    """Local ranks meet on loopback: one group over every rank, or one per box and the box leaders' link."""
-    outer = ("127.0.0.1", free_port("127.0.0.1")) if config.outer else ("", 0)
-    return rank_infos(config.boxes, [("127.0.0.1", free_port("127.0.0.1")) for _ in config.boxes], outer)
+def _meeting_points(config: TrainConfig) -> tuple[list[RankInfo], dict[int, socket.socket]]:
+    """Local ranks meet on loopback: one group over every rank, or one per box and the box leaders' link. Each
+    meeting's socket, by port, bound here until the rank that hosts it listens on it."""
+    sockets = [bound_socket("127.0.0.1") for _ in range(len(config.boxes) + bool(config.outer))]
+    meet = [("127.0.0.1", s.getsockname()[1]) for s in sockets]
+    infos = rank_infos(config.boxes, meet[:len(config.boxes)], meet[-1] if config.outer else ("", 0))
+    return infos, {port: s for (_, port), s in zip(meet, sockets)}
 
 
 def run_local_ranks(config: TrainConfig, timeout_s: float = 600, threads_per_rank: int = 1,
@@ -75,14 +79,17 @@ def run_local_ranks(config: TrainConfig, timeout_s: float = 600, threads_per_ran
     tests/test_gpu.py runs one rank); each rank's RankResult as a dict, by rank. One CPU thread per rank by
     default: several ranks share this machine's cores. `ranks`: only these, meeting where they say, the others
     running elsewhere (bench/slow_link.py runs each box's in a network namespace of its own)."""
-    ranks = ranks if ranks is not None else _meeting_points(config)
+    ranks, sockets = (ranks, {}) if ranks is not None else _meeting_points(config)
     world = len(ranks)
     ctx = _context()
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(info, config.to_json(), results, threads_per_rank, dict(os.environ)))
+    procs = [ctx.Process(target=_rank, args=(info, config.to_json(), results, threads_per_rank, dict(os.environ),
+                                             {port: sockets[port] for port in hosted_ports(info) if port in sockets}))
              for info in ranks]
     for p in procs:
         p.start()
+    for s in sockets.values():  # (each hosting rank holds its own copy now)
+        s.close()
     collected, deadline = [], time.monotonic() + timeout_s
     while len(collected) < world:
         try:

@@ -5,6 +5,11 @@ to port 0, takes it from the kernel's range for outgoing connections (ip_local_p
 any process's outgoing connection may take it: seen once as EADDRINUSE on a rank's rendezvous, with a Ray
 cluster beside it opening connections, and the job failed. Ports below that range are given to no outgoing
 connection, so only another explicit bind can take one; and above Ray's worker ports (10002-19999 by default).
+
+Another explicit bind still can: a rank's rendezvous once failed so in CI (EADDRINUSE, 2026-12-06, a port chosen by
+the rank's leader and listened on seconds later, after the rank had started). A rendezvous zeromix hosts is therefore
+handed the socket itself (`bound_socket`), bound from the moment its port is chosen; only Ray's agents, which bind
+their ports in processes of Ray's, are given bare port numbers.
 """
 
 from __future__ import annotations
@@ -22,6 +27,24 @@ LINUX_EPHEMERAL_START = 32768  # the kernel's default, where the file cannot be 
 def free_ports(n: int, host: str = "") -> list[int]:
     """n distinct ports free on `host` now, below the kernel's range for outgoing connections (all held open
     together while chosen, so none repeats). Falls back to the kernel's choice where that range leaves no room."""
+    sockets = _bound(n, host)
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def free_port(host: str = "") -> int:
+    return free_ports(1, host)[0]
+
+
+def bound_socket(host: str = "") -> socket.socket:
+    """A socket bound to a port chosen as `free_ports` does, and kept bound: no other process can take the port
+    before the owner listens on it (workers/collectives.py hands it to the rendezvous store)."""
+    return _bound(1, host)[0]
+
+
+def _bound(n: int, host: str) -> list[socket.socket]:
     below = range(LOWEST, _ephemeral_start())
     sockets: list[socket.socket] = []
     try:
@@ -37,14 +60,11 @@ def free_ports(n: int, host: str = "") -> list[int]:
         while len(sockets) < n:
             sockets.append(socket.socket())
             sockets[-1].bind((host, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
+        return sockets
+    except BaseException:
         for s in sockets:
             s.close()
-
-
-def free_port(host: str = "") -> int:
-    return free_ports(1, host)[0]
+        raise
 
 
 def _ephemeral_start() -> int:

@@ -7,6 +7,8 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import socket
+
     from workers.collectives import RankInfo
 
 
@@ -30,6 +32,7 @@ def _nvml_card(index: int) -> dict | None:
 class RankWorker:
     def __init__(self, card: dict):
         self.card = card
+        self.hosting: dict[int, socket.socket] = {}  # the sockets bound for the rendezvous this rank hosts, by port
 
     def where(self) -> dict:
         """What this process runs on. On a real node it is checked against the promised card: NVML's card at
@@ -62,14 +65,18 @@ class RankWorker:
         }
 
     def rendezvous(self) -> tuple[str, int]:
-        """Rank 0's address and a free port for torch.distributed."""
+        """This rank's address and a port for a rendezvous it hosts (its box's group, or the leaders' link): the
+        port stays bound here until `run` listens on it."""
         import ray
 
-        from workers.ports import free_port
+        from workers.ports import bound_socket
 
-        return ray.util.get_node_ip_address(), free_port()
+        hosted = bound_socket()
+        port = hosted.getsockname()[1]
+        self.hosting[port] = hosted
+        return ray.util.get_node_ip_address(), port
 
     def run(self, config_json: str, info: RankInfo) -> dict:
         from workers.train import TrainConfig, main
 
-        return asdict(main(TrainConfig.from_json(config_json), info))
+        return asdict(main(TrainConfig.from_json(config_json), info, self.hosting))

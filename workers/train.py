@@ -12,11 +12,17 @@ import dataclasses
 import functools
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from workers.checkpoint import CHECKPOINT_DIR
 from workers.collectives import RankComm, RankInfo, first_ranks
+
+if TYPE_CHECKING:
+    import socket
 
 FINAL_DIR = "final"
 OUTER_STATE = "outer_state.pt"  # beside box 0's checkpoint in outer-step mode: the outer momentum and steps taken
@@ -125,17 +131,18 @@ def utilisation(busy_s: list[float], wait_s: list[float]) -> list[float]:
     return [b / (b + w) if b + w else 0.0 for b, w in zip(busy_s, wait_s)]
 
 
-def main(cfg: TrainConfig, info: RankInfo) -> RankResult:
+def main(cfg: TrainConfig, info: RankInfo, hosting: Mapping[int, socket.socket] = MappingProxyType({})) -> RankResult:
     """One rank of one job: join the job's process group (its box's, in outer-step mode, and the leaders' link
-    across boxes on a box's rank 0), train, leave."""
+    across boxes on a box's rank 0), train, leave. `hosting`: the sockets bound for the rendezvous this rank hosts,
+    by port (its box's group on a box's rank 0, the leaders' link on box 0's)."""
     from workers import faults, job_records
     from workers.collectives import BoxLink
 
-    comm = RankComm.join(info)
+    comm = RankComm.join(info, hosting.get(info.master_port))
     if cfg.plan.get("ranks"):  # test-only (workers/faults.py): a rank that dies before its box meets the others
         faults.die(cfg.plan["job"], cfg.plan["ranks"][comm.me]["card"], 0)
     lost = functools.partial(job_records.lost_boxes, cfg.attempt)  # (the boxes the job's driver saw die)
-    link = (BoxLink.ask_back(info) if info.life else BoxLink.join(info, lost)) if cfg.outer and comm.rank == 0 else None
+    link = (BoxLink.ask_back(info) if info.life else BoxLink.join(info, lost, hosted=hosting.get(info.outer_port))) if cfg.outer and comm.rank == 0 else None
     result = train(cfg, comm, link, back=info.life > 0)
     comm.leave()
     return result
