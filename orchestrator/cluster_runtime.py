@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -169,31 +170,50 @@ def temp_root(cluster_id: str) -> str:
     return f"/tmp/zm-{cluster_id}"
 
 
-def _ray_cli(args: list[str], cluster_id: str | None = None, timeout_s: float = RAY_START_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run the `ray` command of this interpreter's environment with the cluster's auth settings; with
-    `cluster_id`, every process it starts carries that id."""
+def _ray_clis(commands: list[list[str]], cluster_id: str | None = None,
+              timeout_s: float = RAY_START_TIMEOUT_S) -> list[subprocess.CompletedProcess]:
+    """Run `ray` commands of this interpreter's environment side by side (nodes start together), with the cluster's
+    auth settings; with `cluster_id`, every process they start carries that id. Whatever ends the wait early (a
+    timeout, Ctrl-C, SIGTERM) kills the commands still running before it goes on."""
     ray_bin = Path(sys.executable).with_name("ray")
     env = {**os.environ, **auth_env(), **({MARKER: cluster_id} if cluster_id else {})}
+    running = [subprocess.Popen([str(ray_bin), *args[1:]], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for args in commands]
+    deadline = time.monotonic() + timeout_s
     try:
-        return subprocess.run([str(ray_bin), *args[1:]], env=env, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise ZeromixError(f"`{' '.join(args[:2])}` did not finish within {timeout_s:.0f} s; see the logs under "
-                           f"{temp_root(cluster_id or '?')}, then `zeromix down` and try again") from None
+        done = []
+        for args, proc in zip(commands, running):
+            try:
+                out, err = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise ZeromixError(f"`{' '.join(args[:2])}` did not finish within {timeout_s:.0f} s; see the logs under "
+                                   f"{temp_root(cluster_id or '?')}, then `zeromix down` and try again") from None
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+        return done
+    finally:
+        for proc in running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
-def _start_and_register(node: Node, head_address: str | None, port: int, dashboard_port: int, gcs_address: str,
-                        cluster_id: str) -> None:
-    """`ray start` for one node, then its record in the registry. The one path every node takes."""
+def _start_and_register(nodes: list[Node], ports: list[tuple[int, ...]], head_address: str | None, port: int,
+                        dashboard_port: int, gcs_address: str, cluster_id: str) -> None:
+    """`ray start` for these nodes side by side, each joining `head_address` (None: the one node given starts the
+    head), its agents on its `ports`; then each one's record in the registry. The one path every node takes."""
     from orchestrator import registry
     from workers.registration import ray_start_command
 
     os.environ.update(auth_env())  # Ray reads its auth settings when it is first imported
-    done = _ray_cli(ray_start_command(node, head_address, port, dashboard_port, _node_dir(cluster_id, node)), cluster_id)
-    if done.returncode != 0:
-        lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
-        cause = next((line for line in reversed(lines) if "Error:" in line), lines[-1])
-        raise ZeromixError(f"`ray start` failed for node {node.name}: {cause.strip()}")
-    registry.publish(gcs_address, node)
+    commands = [ray_start_command(node, head_address, port, dashboard_port, _node_dir(cluster_id, node), node_ports)
+                for node, node_ports in zip(nodes, ports)]
+    for node, done in zip(nodes, _ray_clis(commands, cluster_id)):
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+            cause = next((line for line in reversed(lines) if "Error:" in line), lines[-1])
+            raise ZeromixError(f"`ray start` failed for node {node.name}: {cause.strip()}")
+    for node in nodes:
+        registry.publish(gcs_address, node)
 
 
 def _node_dir(cluster_id: str, node: Node) -> str:
@@ -202,14 +222,19 @@ def _node_dir(cluster_id: str, node: Node) -> str:
 
 def _start_nodes(nodes: list[Node], head_address: str | None, port: int, dashboard_port: int, gcs_address: str,
                  cluster_id: str) -> None:
-    """Start and register each node (with no `head_address`, the first one starts the head); if any fails, or the
-    command is stopped (Ctrl-C, or `kill`: SIGTERM), stop every process started here for this cluster, so nothing
-    is left half-alive. (Its record is written only once every node is up: `down` could not find them.)"""
+    """Start and register each node (with no `head_address`, the first one starts the head, then the others join it
+    together); if any fails, or the command is stopped (Ctrl-C, or `kill`: SIGTERM), stop every process started here
+    for this cluster, so nothing is left half-alive. (Its record is written only once every node is up: `down` could
+    not find them.)"""
+    from workers.registration import agent_ports
+
+    ports = agent_ports(len(nodes), avoid=(port, dashboard_port))  # (all at once: the head's are not listened on yet)
     with _terminate_raises():
         try:
-            for i, node in enumerate(nodes):
-                joins = head_address or (gcs_address if i else None)
-                _start_and_register(node, joins, port, dashboard_port, gcs_address, cluster_id)
+            if head_address is None:
+                _start_and_register(nodes[:1], ports[:1], None, port, dashboard_port, gcs_address, cluster_id)
+                nodes, ports, head_address = nodes[1:], ports[1:], gcs_address
+            _start_and_register(nodes, ports, head_address, port, dashboard_port, gcs_address, cluster_id)
         except BaseException:
             stop_cluster_processes(cluster_id)
             raise
@@ -267,9 +292,11 @@ def _start_stopped_nodes(state: ClusterState, snapshot: ClusterSnapshot, port: i
     """A simulated homelab's nodes with no raylet running, started again (its head runs: the cluster answered)."""
     dirs = {_node_dir(state.cluster_id, node): node for node in snapshot.nodes}
     stopped = [node for d, node in dirs.items() if d not in raylets_under(state.cluster_id, list(dirs))]
+    from workers.registration import agent_ports
+
     with _terminate_raises():
-        for node in stopped:
-            _start_and_register(node, state.gcs_address, port, dashboard_port, state.gcs_address, state.cluster_id)
+        _start_and_register(stopped, agent_ports(len(stopped)), state.gcs_address, port, dashboard_port, state.gcs_address,
+                            state.cluster_id)
     return [f"node {node.name} was not running (its processes are gone): started it again" for node in stopped]
 
 

@@ -54,3 +54,19 @@ def test_a_rendezvous_port_stays_bound_from_its_choice_until_its_host_listens_on
     peer = rendezvous_store("127.0.0.1", port, 2, 10, host=False)
     peer.set("joined/1", "yes")
     assert store.get("joined/1") == b"yes"
+
+
+def test_nodes_started_together_get_distinct_agent_ports_and_none_promised_to_the_head(tmp_path, monkeypatch):
+    """`zeromix up` starts a homelab's nodes side by side, and no agent listens before its node's `ray start`: the ports
+    of every node are chosen in one go, none twice, and none of the head's GCS and dashboard ports (the user's, or
+    the tests' free ones, not listened on yet either). A range of 12 ports holds exactly two nodes' agents and those two."""
+    from workers.registration import AGENT_PORTS, agent_ports
+
+    kernel = tmp_path / "ip_local_port_range"
+    kernel.write_text(f"{ports.LOWEST + 2 * AGENT_PORTS + 2}\t65535\n")
+    monkeypatch.setattr(ports, "EPHEMERAL_RANGE", kernel)
+    head = (ports.LOWEST + 3, ports.LOWEST + 7)
+    chosen = agent_ports(2, avoid=head)
+    every = [port for node in chosen for port in node]
+    assert [len(node) for node in chosen] == [AGENT_PORTS, AGENT_PORTS]
+    assert len(set(every)) == 2 * AGENT_PORTS and not set(every) & set(head)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import socket
+from collections.abc import Collection
 from pathlib import Path
 
 LOWEST = 20000  # above Ray's default worker ports (--min-worker-port 10002 .. --max-worker-port 19999)
@@ -24,10 +25,11 @@ TRIES = 200  # random ports tried before the kernel chooses
 LINUX_EPHEMERAL_START = 32768  # the kernel's default, where the file cannot be read (macOS starts at 49152)
 
 
-def free_ports(n: int, host: str = "") -> list[int]:
+def free_ports(n: int, host: str = "", avoid: Collection[int] = ()) -> list[int]:
     """n distinct ports free on `host` now, below the kernel's range for outgoing connections (all held open
-    together while chosen, so none repeats). Falls back to the kernel's choice where that range leaves no room."""
-    sockets = _bound(n, host)
+    together while chosen, so none repeats), and none of `avoid` (ports promised elsewhere, not yet listened on).
+    Falls back to the kernel's choice where that range leaves no room."""
+    sockets = _bound(n, host, avoid)
     ports = [s.getsockname()[1] for s in sockets]
     for s in sockets:
         s.close()
@@ -41,16 +43,18 @@ def free_port(host: str = "") -> int:
 def bound_socket(host: str = "") -> socket.socket:
     """A socket bound to a port chosen as `free_ports` does, and kept bound: no other process can take the port
     before the owner listens on it (workers/collectives.py hands it to the rendezvous store)."""
-    return _bound(1, host)[0]
+    return _bound(1, host, ())[0]
 
 
-def _bound(n: int, host: str) -> list[socket.socket]:
+def _bound(n: int, host: str, avoid: Collection[int]) -> list[socket.socket]:
     below = range(LOWEST, _ephemeral_start())
     sockets: list[socket.socket] = []
     try:
         for port in (random.choice(below) for _ in range(TRIES)) if below else ():
             if len(sockets) == n:
                 break
+            if port in avoid:
+                continue
             s = socket.socket()
             try:
                 s.bind((host, port))  # (fails for one in use, ours included)
@@ -58,8 +62,12 @@ def _bound(n: int, host: str) -> list[socket.socket]:
             except OSError:
                 s.close()
         while len(sockets) < n:
-            sockets.append(socket.socket())
-            sockets[-1].bind((host, 0))
+            s = socket.socket()
+            s.bind((host, 0))
+            if s.getsockname()[1] in avoid:
+                s.close()
+            else:
+                sockets.append(s)
         return sockets
     except BaseException:
         for s in sockets:

@@ -26,14 +26,26 @@ def node_from_probe(probe: NodeProbe, name: str, address: str, link_gbit_per_s: 
                       p2p_pairs=probe.p2p_pairs, nvlink_pairs=probe.nvlink_pairs, warnings=probe.warnings)
 
 
-def ray_start_command(node: Node, head_address: str | None, port: int, dashboard_port: int, temp_dir: str) -> list[str]:
-    """`ray start` for this node: the head when `head_address` is None, else a worker joining it.
+AGENT_PORTS = 5  # a node's dashboard agent (HTTP, gRPC), runtime-env agent, metrics export, and the head's client server
+
+
+def agent_ports(nodes: int, avoid: tuple[int, ...] = ()) -> list[tuple[int, ...]]:
+    """AGENT_PORTS free ports for each of `nodes` nodes started together, chosen in one go so that no two share one
+    (each is listened on only once its `ray start` runs), and none of `avoid` (the head's GCS and dashboard ports)."""
+    ports = free_ports(AGENT_PORTS * nodes, avoid=avoid)
+    return [tuple(ports[i:i + AGENT_PORTS]) for i in range(0, len(ports), AGENT_PORTS)]
+
+
+def ray_start_command(node: Node, head_address: str | None, port: int, dashboard_port: int, temp_dir: str,
+                      ports: tuple[int, ...]) -> list[str]:
+    """`ray start` for this node: the head when `head_address` is None, else a worker joining it; its agents on
+    `ports` (from `agent_ports`).
 
     Ray's agents default to fixed ports (52365 for the dashboard agent, 10001 for the client server), so
     two clusters on one machine (or several simulated nodes) would collide: every node gets free ones,
     and its own temp dir (so simulated nodes' log monitors no longer read each other's files and print every
     line once per node)."""
-    agent, grpc, runtime_env, metrics, client = free_ports(5)
+    agent, grpc, runtime_env, metrics, client = ports
     command = ["ray", "start", "--disable-usage-stats", f"--temp-dir={temp_dir}",
                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
                f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"]
