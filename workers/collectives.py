@@ -217,10 +217,11 @@ class BoxLink:
     def join(cls, info: RankInfo, lost: Callable[[], dict[int, int]] = dict, timeout_s: float = 600,
              hosted: socket.socket | None = None) -> BoxLink:
         """Box 0's leader hosts the rendezvous (on `hosted` where given: see `rendezvous_store`); the others connect to
-        it (each waits up to `timeout_s` for the rest, then fails naming the address). Box 0's leader waits for every box's leader, or for `lost()` (the job's
-        driver, as at a meeting) to name one: a box lost before the boxes first met (its node unplugged while the
-        job started) fails the job as lost at once, and the scheduler places it again from its last checkpoint on the
-        cards left, rather than box 0 waiting out `timeout_s` and the job failing as if it had a bug."""
+        it (each waits up to `timeout_s` for the rest, then fails naming the address). Box 0's leader waits for every
+        box's leader, or for `lost()` (the job's driver, as at a meeting) to name one: a box lost before the boxes
+        first met (its node unplugged while the job started) fails the job as lost at once, and the scheduler places
+        it again from its last checkpoint on the cards left, rather than box 0 waiting out `timeout_s` and the job
+        failing as if it had a bug."""
 
         def unmet(err: Exception) -> RuntimeError:  # (torch raises several kinds for a peer that never came)
             return RuntimeError(f"box {info.box}: the leaders of the {info.boxes} boxes did not meet at {info.outer_addr}:"

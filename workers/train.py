@@ -142,7 +142,9 @@ def main(cfg: TrainConfig, info: RankInfo, hosting: Mapping[int, socket.socket] 
     if cfg.plan.get("ranks"):  # test-only (workers/faults.py): a rank that dies before its box meets the others
         faults.die(cfg.plan["job"], cfg.plan["ranks"][comm.me]["card"], 0)
     lost = functools.partial(job_records.lost_boxes, cfg.attempt)  # (the boxes the job's driver saw die)
-    link = (BoxLink.ask_back(info) if info.life else BoxLink.join(info, lost, hosted=hosting.get(info.outer_port))) if cfg.outer and comm.rank == 0 else None
+    link = None
+    if cfg.outer and comm.rank == 0:
+        link = BoxLink.ask_back(info) if info.life else BoxLink.join(info, lost, hosted=hosting.get(info.outer_port))
     result = train(cfg, comm, link, back=info.life > 0)
     comm.leave()
     return result
