@@ -1,4 +1,5 @@
-"""Two jobs on one mixed node each get their own card, and each worker runs on the card it was promised.
+"""Two jobs on one mixed node each get their own card, and each worker runs on the card it was promised; a worker
+that dies before it answers fails its placement as lost.
 
 A two-node simulated cluster (a CPU-only head, and "attic" with a GTX 1080 Ti at index 0 and an RTX 3090 at
 index 1) runs with the NVML double answering as that box, so a worker can report what NVML shows at the
@@ -38,5 +39,38 @@ def test_two_jobs_get_the_two_cards_of_one_mixed_node(tmp_path, demo_data, isola
         assert (b["card"], b["cuda_visible_devices"], b["nvml_name"], b["pci_bus_id"]) == (
             "attic/0", "0", "NVIDIA GeForce GTX 1080 Ti", "00000000:01:00.0")
         assert (a["precision"], b["precision"]) == ("bf16", "fp32")  # each card's own tuning
+        _a_rank_that_dies_before_it_answers_is_lost(tmp_path)
     finally:
         zeromix("down", env=env)
+
+
+def _a_rank_that_dies_before_it_answers_is_lost(tmp_path):
+    """(On the same cluster, now idle.) A rank's actor that dies before it says where it runs, as when its node is
+    unplugged while the job starts, fails the placement as lost, which the scheduler places again from the job's
+    last checkpoint; Ray's bare RayActorError would read as a bug and fail the job for good. Its group is stopped."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    from orchestrator import cluster_runtime, registry
+    from orchestrator.launch import reserve
+    from orchestrator.model_facts import facts_from_config, read_config
+    from orchestrator.planner import make_plan
+    from orchestrator.worker_group import RankFailed, WorkerGroup
+    from tests.conftest import TINY_LLAMA
+    from tests.helpers import spec
+
+    cluster_runtime.connect()
+    plan = make_plan(spec(name="dies-first", gpus={"count": 1, "models": ["RTX 3090"]}, output_dir=str(tmp_path / "c")),
+                     facts_from_config(read_config(str(TINY_LLAMA))), registry.snapshot(), 10)
+    promised = plan.summary()["ranks"][0]
+    group = reserve("dies-first", plan)
+    workers = WorkerGroup(group, [promised], "dies-first")
+    try:
+        ray.kill(workers.actors[0])
+        with pytest.raises(RankFailed) as failed:
+            workers.where()
+        assert (failed.value.kind, failed.value.rank, promised["card"]) == ("lost", 0, "attic/1"), failed.value
+        assert str(failed.value).startswith("rank 0 on attic/1 failed: ") and workers.actors == []
+    finally:
+        workers.shutdown()
+        remove_placement_group(group)
