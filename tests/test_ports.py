@@ -70,3 +70,23 @@ def test_nodes_started_together_get_distinct_agent_ports_and_none_promised_to_th
     every = [port for node in chosen for port in node]
     assert [len(node) for node in chosen] == [AGENT_PORTS, AGENT_PORTS]
     assert len(set(every)) == 2 * AGENT_PORTS and not set(every) & set(head)
+
+
+def test_a_rendezvous_socket_takes_ipv6_and_ipv4_peers_and_is_ipv4_where_the_machine_has_no_ipv6(monkeypatch):
+    """torch's store, binding its own port, listens for IPv6 and IPv4 peers alike; the socket bound for it does the
+    same, and falls back to IPv4 where the kernel refuses IPv6 (a container with IPv6 switched off)."""
+    with ports.bound_socket() as both:
+        if socket.has_ipv6:  # (this machine: a dual-stack socket, which an IPv4 bind of its port conflicts with)
+            assert both.family == socket.AF_INET6 and both.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", both.getsockname()[1]))
+    real = socket.socket
+
+    def without_ipv6(family=socket.AF_INET, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return real(family, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "socket", without_ipv6)
+    with ports.bound_socket() as ipv4:
+        assert ipv4.family == socket.AF_INET and ipv4.getsockname()[0] == "0.0.0.0"

@@ -42,11 +42,18 @@ def free_port(host: str = "") -> int:
 
 def bound_socket(host: str = "") -> socket.socket:
     """A socket bound to a port chosen as `free_ports` does, and kept bound: no other process can take the port
-    before the owner listens on it (workers/collectives.py hands it to the rendezvous store)."""
+    before the owner listens on it (workers/collectives.py hands it to the rendezvous store). On every interface
+    (no `host`) it takes IPv6 and IPv4 peers alike, as torch's store listens when it binds its own port; IPv4 only
+    where the machine has no IPv6."""
+    if not host and socket.has_ipv6:
+        try:
+            return _bound(1, "::", (), socket.AF_INET6)[0]
+        except OSError:  # (IPv6 switched off here)
+            pass
     return _bound(1, host, ())[0]
 
 
-def _bound(n: int, host: str, avoid: Collection[int]) -> list[socket.socket]:
+def _bound(n: int, host: str, avoid: Collection[int], family: socket.AddressFamily = socket.AF_INET) -> list[socket.socket]:
     below = range(LOWEST, _ephemeral_start())
     sockets: list[socket.socket] = []
     try:
@@ -55,14 +62,14 @@ def _bound(n: int, host: str, avoid: Collection[int]) -> list[socket.socket]:
                 break
             if port in avoid:
                 continue
-            s = socket.socket()
+            s = _socket(family)
             try:
                 s.bind((host, port))  # (fails for one in use, ours included)
                 sockets.append(s)
             except OSError:
                 s.close()
         while len(sockets) < n:
-            s = socket.socket()
+            s = _socket(family)
             s.bind((host, 0))
             if s.getsockname()[1] in avoid:
                 s.close()
@@ -73,6 +80,13 @@ def _bound(n: int, host: str, avoid: Collection[int]) -> list[socket.socket]:
         for s in sockets:
             s.close()
         raise
+
+
+def _socket(family: socket.AddressFamily) -> socket.socket:
+    s = socket.socket(family)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # (IPv4 peers too, and IPv4 holders of the port conflict)
+    return s
 
 
 def _ephemeral_start() -> int:
