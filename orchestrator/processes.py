@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import psutil
 
 MARKER = "ZEROMIX_CLUSTER"
 GRACE_S = 10  # after SIGTERM, before SIGKILL; Ray's own `ray stop` waits about as long
+POLL_S = 0.05
 
 
 def cluster_processes(cluster_id: str) -> list[psutil.Process]:
@@ -73,11 +75,32 @@ def stop_cluster_processes(cluster_id: str) -> int:
     for bucket in (0, 1, 2):
         group = [p for p in found if buckets[p] == bucket]
         _signal(group, signal.SIGTERM)
-        _, alive = psutil.wait_procs(group, timeout=GRACE_S)
+        alive = still_running(group, GRACE_S)
         _signal(alive, signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=GRACE_S)
+        still_running(alive, GRACE_S)
     # Workers the raylet forked after we listed: one more sweep.
     late = cluster_processes(cluster_id)
     _signal(late, signal.SIGKILL)
-    psutil.wait_procs(late, timeout=GRACE_S)
+    still_running(late, GRACE_S)
     return len(found) + len(late)
+
+
+def still_running(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Those of `procs` still running after waiting up to `timeout_s` for them to end. One that ended but that no
+    parent has reaped yet (a zombie: Ray's daemons are orphans, and a container's init may reap them late) has
+    ended: psutil's wait_procs counts it alive until it is reaped (about 2 s a bucket under this project's machines'
+    init, the whole timeout where nothing reaps)."""
+    deadline = time.monotonic() + timeout_s
+    alive = list(procs)
+    while alive := [p for p in alive if _running(p)]:
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(POLL_S)
+    return alive
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # (ZombieProcess is one)
+        return False

@@ -38,7 +38,7 @@ QUICK_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_fail
 def unplug(cluster_id: str, node: str) -> int:
     """Kill every process of one simulated node (its raylet, agents and workers), as pulling its plug would:
     only processes of this cluster, found by the marker zeromix starts them with and the node's temp dir."""
-    from orchestrator.processes import cluster_processes
+    from orchestrator.processes import cluster_processes, still_running
 
     gone = [p for p in cluster_processes(cluster_id) if f"/zm-{cluster_id}/{node}/" in _command_line(p)]
     for proc in gone:
@@ -46,7 +46,7 @@ def unplug(cluster_id: str, node: str) -> int:
             proc.kill()
         except psutil.NoSuchProcess:
             pass  # it exited between the listing and the kill
-    psutil.wait_procs(gone, timeout=10)
+    assert not still_running(gone, 10), "a killed process of the node is still running after 10 s"
     return len(gone)
 
 

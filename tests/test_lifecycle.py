@@ -19,6 +19,7 @@ import psutil
 import pytest
 import yaml
 
+from orchestrator.processes import still_running
 from tests.conftest import REPO, free_port, submitted_id, zeromix
 from tests.helpers import cluster_file
 
@@ -139,8 +140,7 @@ def foreign_ray():
         procs = _foreign_processes(mark)
         for proc in procs:
             proc.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=10)
-        for proc in alive:
+        for proc in still_running(procs, 10):
             proc.kill()
 
 
@@ -218,3 +218,20 @@ def test_down_stops_only_what_zeromix_started(second_cluster, foreign_ray):
     assert not (second_cluster.home / "cluster.json").exists()
     assert {p.pid for p in _foreign_processes(mark)} == before and answers(port)  # the other Ray cluster never noticed
     assert "no cluster was up" in zeromix("down").stdout
+
+
+def test_a_process_that_ended_but_is_not_reaped_yet_counts_as_stopped():
+    """Ray's daemons are orphans, and an init that reaps late (a container's) leaves an ended one a zombie for a while:
+    `down` waited on each such process (psutil's wait_procs counts a zombie alive), some 2 s a bucket here and the
+    whole grace period where nothing reaps. A zombie has ended; a process still running has not."""
+    from tests.conftest import wait_until
+
+    parent = subprocess.Popen(["sh", "-c", "sleep 0 & exec sleep 60"])  # (sleep never reaps the child it inherits)
+    try:
+        [ended] = wait_until(lambda: psutil.Process(parent.pid).children(), 10, "the shell's child")
+        wait_until(lambda: ended.status() == psutil.STATUS_ZOMBIE, 10, "the child to end")
+        running = psutil.Process(parent.pid)
+        assert still_running([ended, running], 1) == [running]
+    finally:
+        parent.kill()
+        parent.wait()
