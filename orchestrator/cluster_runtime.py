@@ -290,10 +290,10 @@ def up_simulated(cluster_file: str) -> tuple[UpResult, ClusterSnapshot]:
 
 def _start_stopped_nodes(state: ClusterState, snapshot: ClusterSnapshot, port: int, dashboard_port: int) -> list[str]:
     """A simulated homelab's nodes with no raylet running, started again (its head runs: the cluster answered)."""
-    dirs = {_node_dir(state.cluster_id, node): node for node in snapshot.nodes}
-    stopped = [node for d, node in dirs.items() if d not in raylets_under(state.cluster_id, list(dirs))]
     from workers.registration import agent_ports
 
+    dirs = {_node_dir(state.cluster_id, node): node for node in snapshot.nodes}
+    stopped = [node for d, node in dirs.items() if d not in raylets_under(state.cluster_id, list(dirs))]
     with _terminate_raises():
         _start_and_register(stopped, agent_ports(len(stopped)), state.gcs_address, port, dashboard_port, state.gcs_address,
                             state.cluster_id)
