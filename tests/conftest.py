@@ -199,7 +199,6 @@ def isolated_home(tmp_path, zeromix_home, monkeypatch):
 
     from orchestrator import cluster_runtime
 
-    cluster_runtime._ensure_token()
     home = tmp_path / "own-home"
     home.mkdir()
     shutil.copy2(cluster_runtime.token_file(), home / "auth_token")

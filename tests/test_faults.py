@@ -77,7 +77,6 @@ def own_cluster(tmp_path_factory, zeromix_home):
 
     from orchestrator import cluster_runtime
 
-    cluster_runtime._ensure_token()
     work = tmp_path_factory.mktemp("faults")
     (work / "home").mkdir()
     shutil.copy2(cluster_runtime.token_file(), work / "home" / "auth_token")  # Ray reads the token once per process

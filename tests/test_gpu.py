@@ -125,7 +125,6 @@ def gpu_cluster(tmp_path_factory, zeromix_home):
 
     from orchestrator import cluster_runtime
 
-    cluster_runtime._ensure_token()
     home = tmp_path_factory.mktemp("gpu-home")
     shutil.copy2(cluster_runtime.token_file(), home / "auth_token")  # Ray reads one token per process
     saved = os.environ["ZEROMIX_HOME"]

@@ -74,7 +74,6 @@ def second_cluster(tmp_path_factory, zeromix_home, cluster):
 
     from orchestrator import cluster_runtime
 
-    cluster_runtime._ensure_token()
     work = tmp_path_factory.mktemp("lifecycle")
     home = work / "home"
     home.mkdir()

@@ -44,6 +44,16 @@ class RankInfo:
         """The rank's index in the job's config (its rank in its box's group, after the boxes before it)."""
         return self.first_rank + self.rank
 
+    @property
+    def hosts_group(self) -> bool:
+        """Whether this rank hosts its group's rendezvous: its box's (or the job's) rank 0 does."""
+        return self.rank == 0
+
+    @property
+    def hosts_link(self) -> bool:
+        """Whether this rank hosts the box leaders' rendezvous, in outer-step mode: box 0's leader does."""
+        return self.rank == 0 and self.box == 0 and self.outer_port != 0
+
 
 def first_ranks(boxes: tuple[int, ...]) -> list[int]:
     """Each box's first job rank: a job lists its ranks box by box (`boxes`: ranks per box)."""
@@ -58,10 +68,8 @@ def rank_infos(boxes: tuple[int, ...], meet: list[tuple[str, int]], outer_meet: 
 
 
 def hosted_ports(info: RankInfo) -> tuple[int, ...]:
-    """The rendezvous a rank hosts: its box's group on the box's rank 0, and the leaders' link on box 0's."""
-    if info.rank != 0:
-        return ()
-    return (info.master_port, info.outer_port) if info.box == 0 and info.outer_port else (info.master_port,)
+    """The ports of the rendezvous a rank hosts (its launcher binds them for it)."""
+    return (info.master_port,) * info.hosts_group + (info.outer_port,) * info.hosts_link
 
 
 def rendezvous_store(addr: str, port: int, world: int, timeout_s: float, host: bool, hosted: socket.socket | None = None):
@@ -113,7 +121,7 @@ class RankComm:
         if on_gpu:
             torch.cuda.set_device(device)
         store = rendezvous_store(info.master_addr, info.master_port, info.world_size, default_pg_timeout.total_seconds(),
-                                 host=info.rank == 0, hosted=hosted)
+                                 host=info.hosts_group, hosted=hosted)
         # As DeepSpeed's own start would (it then finds the group made): the card bound where there are peers.
         dist.init_process_group("nccl" if on_gpu else "gloo", store=store, rank=info.rank, world_size=info.world_size,
                                 timeout=default_pg_timeout, device_id=device if on_gpu and info.world_size > 1 else None)
@@ -228,11 +236,11 @@ class BoxLink:
                                 f"{info.outer_port} within {timeout_s:.0f} s ({err}); check that every box reaches that address")
 
         try:
-            store = rendezvous_store(info.outer_addr, info.outer_port, info.boxes, timeout_s, host=info.box == 0, hosted=hosted)
+            store = rendezvous_store(info.outer_addr, info.outer_port, info.boxes, timeout_s, host=info.hosts_link, hosted=hosted)
             store.set(f"joined/{info.box}", "")
         except Exception as err:
             raise unmet(err) from err
-        if info.box == 0:
+        if info.hosts_link:
             _wait_for_leaders(store, info.boxes, lost, timeout_s, unmet)
         try:
             up, down = _gloo_pair(store, "boxes", info.box, info.boxes, timeout_s)
