@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -173,28 +174,34 @@ def temp_root(cluster_id: str) -> str:
 def _ray_clis(commands: list[list[str]], cluster_id: str | None = None,
               timeout_s: float = RAY_START_TIMEOUT_S) -> list[subprocess.CompletedProcess]:
     """Run `ray` commands of this interpreter's environment side by side (nodes start together), with the cluster's
-    auth settings; with `cluster_id`, every process they start carries that id. Whatever ends the wait early (a
+    auth settings; with `cluster_id`, every process they start carries that id. Each one's output goes to a file of
+    its own (a pipe waiting to be read could stall one while another is waited for). Whatever ends the wait early (a
     timeout, Ctrl-C, SIGTERM) kills the commands still running before it goes on."""
     ray_bin = Path(sys.executable).with_name("ray")
     env = {**os.environ, **auth_env(), **({MARKER: cluster_id} if cluster_id else {})}
-    running = [subprocess.Popen([str(ray_bin), *args[1:]], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for args in commands]
-    deadline = time.monotonic() + timeout_s
-    try:
-        done = []
-        for args, proc in zip(commands, running):
-            try:
-                out, err = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise ZeromixError(f"`{' '.join(args[:2])}` did not finish within {timeout_s:.0f} s; see the logs under "
-                                   f"{temp_root(cluster_id or '?')}, then `zeromix down` and try again") from None
-            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-        return done
-    finally:
-        for proc in running:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with contextlib.ExitStack() as files:
+        outputs = [(files.enter_context(tempfile.TemporaryFile("w+")), files.enter_context(tempfile.TemporaryFile("w+"))) for _ in commands]
+        running = [subprocess.Popen([str(ray_bin), *args[1:]], env=env, stdout=out, stderr=err, text=True)
+                   for args, (out, err) in zip(commands, outputs)]
+        deadline = time.monotonic() + timeout_s
+        try:
+            for args, proc in zip(commands, running):
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    raise ZeromixError(f"`{' '.join(args[:2])}` did not finish within {timeout_s:.0f} s; see the logs under "
+                                       f"{temp_root(cluster_id or '?')}, then `zeromix down` and try again") from None
+        finally:
+            for proc in running:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        return [subprocess.CompletedProcess(proc.args, proc.returncode, _read(out), _read(err)) for proc, (out, err) in zip(running, outputs)]
+
+
+def _read(file) -> str:
+    file.seek(0)
+    return file.read()
 
 
 def _start_and_register(nodes: list[Node], ports: list[tuple[int, ...]], head_address: str | None, port: int,

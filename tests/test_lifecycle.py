@@ -234,3 +234,14 @@ def test_a_process_that_ended_but_is_not_reaped_yet_counts_as_stopped():
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_ray_commands_run_side_by_side_each_with_its_own_output():
+    """`up` starts its nodes' `ray start`s together and reports each one's failure from its own output: a command
+    that fails beside one that succeeds is told apart, and its error is the line `up` shows (here Ray's CLI refusing
+    an option, as it refuses a bad flag a cluster.yaml produced)."""
+    from orchestrator import cluster_runtime
+
+    ok, bad = cluster_runtime._ray_clis([["ray", "--version"], ["ray", "start", "--no-such-option"]], timeout_s=120)
+    assert ok.returncode == 0 and "ray, version" in ok.stdout
+    assert bad.returncode != 0 and "--no-such-option" in bad.stderr and "--no-such-option" not in ok.stdout + ok.stderr
