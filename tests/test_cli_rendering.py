@@ -27,3 +27,13 @@ def test_a_wide_terminal_gets_the_memory_breakdown(demo_data):
     for header in ("CKPT", "WEIGHTS", "GRADS", "OPTIMIZER", "GATHERED", "ACTIVATIONS", "BUCKETS+CTX", "TOTAL / FREE", "TFLOPS",
                    "COMPUTE", "WAIT", "COMM", "OFFLOAD", "LEFT OUT"):
         assert header in out
+
+
+def test_a_mistyped_command_line_gets_one_usage_error_and_no_traceback():
+    """Under the copy of click that newer typers carry (0.29 here), a usage error is not click's own class, and an
+    unknown option or a missing value printed a 60-line traceback."""
+    for args, said in ((("plan", SCRATCH, "--cluster", "cluster.yaml"), "No such option: --cluster"),
+                       (("up", "--simulate"), "Option '--simulate' requires an argument")):
+        done = cli(*args, check=False)
+        assert done.returncode == 2, done
+        assert said in done.stderr and "Traceback" not in done.stderr + done.stdout, done.stderr

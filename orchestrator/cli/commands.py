@@ -360,10 +360,14 @@ def main() -> None:
         sys.exit(2)
     except (typer.Exit, SystemExit) as done:
         sys.exit(getattr(done, "exit_code", getattr(done, "code", 0)))
-    except Exception as err:  # click's usage errors
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(2)
+    except Exception as err:
+        if _usage_error(err):
+            err.show()  # click's one-line usage error, e.g. "No such option: --cluster", not a traceback
+            sys.exit(err.exit_code)
         raise
+
+
+def _usage_error(err: Exception) -> bool:
+    """Whether `err` is one of click's errors (a usage error: an unknown option, a missing value), whichever click
+    raised it: the copy of click that newer typers carry (0.29 here), or click itself, which older ones use."""
+    return any(cls.__name__ == "ClickException" for cls in type(err).__mro__)
