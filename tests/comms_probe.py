@@ -1,24 +1,17 @@
-"""Run under DeepSpeed's launcher by tests/test_comm_volume.py: real DeepSpeed on CPU ranks (gloo) with
-zeromix's own DeepSpeed configs and the comms logger on, for ZeRO 1/2/3 x full/LoRA x 1 and 2 accumulation
-steps. Writes, per case, the bytes each kind of collective carried in one optimizer step (after one warm-up
-step), as the logger recorded them.
-
-    deepspeed --num_gpus N --master_port P --no_local_rank tests/comms_probe.py OUT.json [hpz]
+"""Ranks of tests/test_comm_volume.py: real DeepSpeed on CPU ranks (gloo) with zeromix's own DeepSpeed configs and
+the comms logger on, for ZeRO 1/2/3 x full/LoRA x 1 and 2 accumulation steps. Rank 0 writes, per case, the bytes each
+kind of collective carried in one optimizer step (after one warm-up step), as the logger recorded them. The ranks are
+forked from the fork server that workers/local_launch.py keeps (torch, DeepSpeed, transformers and PEFT imported
+there once) and join as a job's ranks do (workers/collectives.RankComm.join); DeepSpeed's own launcher started each
+rank as a new interpreter, some 20 s of imports a rank on two cores.
 """
 
 import json
 import os
-import sys
 from pathlib import Path
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import deepspeed  # noqa: E402
-import torch  # noqa: E402
-from deepspeed import comm as dist  # noqa: E402
-
-from orchestrator.ds_config import Optimization, RankTuning, deepspeed_config  # noqa: E402
+from orchestrator.ds_config import Optimization, RankTuning, deepspeed_config
+from workers.collectives import RankComm
 
 # Weights above stage3_param_persistence_threshold (1e5 elements), so ZeRO-3 really gathers them.
 CONFIG = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 2,
@@ -31,6 +24,9 @@ HPZ_MAX_LIVE = 1000
 
 
 def one_case(stage: int, grad_accum: int, method: str, world: int, hpz: int = 1, max_live: int | None = None) -> dict:
+    import deepspeed
+    import torch
+    from deepspeed import comm as dist
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -64,21 +60,25 @@ def one_case(stage: int, grad_accum: int, method: str, world: int, hpz: int = 1,
             "logged": logged, "partition_checksum": checksum}
 
 
-def main() -> None:
-    deepspeed.init_distributed(dist_backend="gloo")
-    world = dist.get_world_size()
-    if len(sys.argv) > 2 and sys.argv[2] == "hpz":  # ZeRO++ hpZ over pairs of ranks, weights gathered twice per micro-step
-        cases = [one_case(3, ga, "full", world, hpz, HPZ_MAX_LIVE) for hpz in (1, 2) for ga in (1, 2)]
+def rank(info, hosted, out: str, mode: str, environ: dict[str, str]) -> None:
+    """One rank (`info`: a workers.collectives.RankInfo; rank 0 hosts the rendezvous on `hosted`); "hpz": ZeRO++ hpZ
+    over pairs of ranks, weights gathered twice per micro-step. `environ`: the launcher's (the fork server's is the
+    one it started with)."""
+    import torch
+    from deepspeed import comm as dist
+
+    os.environ.clear()
+    os.environ.update(environ)
+    torch.set_num_threads(1)  # (several ranks share this machine's cores)
+    comm = RankComm.join(info, hosted)
+    if mode == "hpz":
+        cases = [one_case(3, ga, "full", comm.world, hpz, HPZ_MAX_LIVE) for hpz in (1, 2) for ga in (1, 2)]
     else:
-        cases = [one_case(s, ga, m, world) for m in ("full", "lora") for s in (1, 2, 3) for ga in (1, 2)]
-    if dist.get_rank() == 0:
-        Path(sys.argv[1]).write_text(json.dumps({"config": CONFIG, "lora_r": LORA_R, "lora_targets": LORA_TARGETS, "cases": cases}))
+        cases = [one_case(s, ga, m, comm.world) for m in ("full", "lora") for s in (1, 2, 3) for ga in (1, 2)]
+    if comm.rank == 0:
+        Path(out).write_text(json.dumps({"config": CONFIG, "lora_r": LORA_R, "lora_targets": LORA_TARGETS, "cases": cases}))
     # Leave gloo in order: a rank that exits while its peers still hold the group open aborted once in CI
     # ("terminate called without an active exception", exit 250) after every case had run.
     dist.barrier()
     torch.distributed.destroy_process_group()
     os._exit(0)  # skip interpreter teardown, as workers/local_launch.py does: it can abort in gloo's threads
-
-
-if __name__ == "__main__":
-    main()

@@ -6,27 +6,42 @@ step, per kind of collective, must be within 5% of what the logger recorded."""
 
 import json
 import os
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from orchestrator.model_facts import facts_from_config
 from orchestrator.planner.step_time import comm_volume
-from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.deepspeed
 
+PROBE_TIMEOUT_S = 600
 LOGGED_AS = {"all_reduce": "all_reduce", "reduce_scatter_tensor": "reduce_scatter", "all_gather_into_tensor": "all_gather"}
 
 
-def probe(ranks: int, out: Path, *mode: str) -> dict:
-    launcher = Path(sys.executable).with_name("deepspeed")
-    done = subprocess.run([str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), "--no_local_rank",
-                           str(REPO / "tests" / "comms_probe.py"), str(out), *mode], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def probe(ranks: int, out: Path, mode: str = "") -> dict:
+    """tests/comms_probe.py on `ranks` local CPU ranks; what rank 0 wrote."""
+    from tests import comms_probe
+    from workers.collectives import RankInfo
+    from workers.local_launch import _context
+    from workers.ports import bound_socket
+
+    ctx, hosted = _context(), bound_socket("127.0.0.1")
+    port = hosted.getsockname()[1]
+    procs = [ctx.Process(target=comms_probe.rank, args=(RankInfo(r, ranks, "127.0.0.1", port), hosted if r == 0 else None, str(out), mode,
+                                                        {**os.environ, "DS_ACCELERATOR": "cpu"}))
+             for r in range(ranks)]
+    for p in procs:
+        p.start()
+    hosted.close()  # (rank 0 holds its own copy)
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        p.kill()
+    assert codes == [0] * ranks, f"probe ranks exited with {codes} (None: still running after {PROBE_TIMEOUT_S} s); their output is above"
     return json.loads(out.read_text())
 
 
