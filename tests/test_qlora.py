@@ -260,6 +260,9 @@ def test_a_qlora_job_resumes_from_its_checkpoint_on_another_number_of_ranks(ds_r
 
     run_local_ranks(job(tmp_path / "run", demo_data, base_model, 2, "qlora", 0.5, steps=2))
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-2"
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "step-2" / "mp_rank_00_model_states.pt", weights_only=False)
+    weights = [name for name in saved["module"] if name.endswith(".weight")]  # (beside them, the 4-bit base's small quantisation statistics)
+    assert weights and all(".lora_" in name for name in weights)  # the adapters, never the 4-bit base's weights
     three = job(tmp_path / "run", demo_data, base_model, 2, "qlora", 0.5)
     opt = Optimization(LR["AdamW"], "constant", 0, 0.0, three.total_steps)
     two = dataclasses.replace(three, micro_batches=(4, 2), activation_checkpointing=(False, False), ds_configs=tuple(

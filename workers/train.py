@@ -226,7 +226,7 @@ def train(cfg: TrainConfig, comm: RankComm, link=None, back: bool = False) -> Ra
     # ----------------------------------------------------------------------------- resume
     start_step = 0
     if tag:
-        _, client_state = engine.load_checkpoint(load_dir, tag=tag)
+        client_state = checkpoint.load(engine, load_dir, tag)
         start_step = int(client_state["step"])
         how = " through its universal form (it was saved on other ranks)" if universal else ""
         _say(me, f"resumed from {checkpoints / tag} at step {start_step}{how}")
@@ -402,8 +402,11 @@ def _resume_point(checkpoints: Path, layout: dict) -> tuple[str | None, list[str
     tag, skipped = checkpoint.newest_complete(checkpoints)
     if tag is None:
         return None, skipped, None
-    if checkpoint.loads_directly(checkpoint.layout(checkpoints, tag), layout):
+    saved = checkpoint.layout(checkpoints, tag)
+    if checkpoint.loads_directly(saved, layout):
         return tag, skipped, str(checkpoints)
+    if why := checkpoint.across_zero3(saved, layout):
+        raise RuntimeError(f"{checkpoints / tag} cannot be resumed here: {why}")
     return tag, skipped, str(checkpoint.universal(checkpoints, tag))
 
 
