@@ -387,3 +387,29 @@ def test_the_queues_positions_are_the_order_the_scheduler_serves_aged_priority_i
         view = QueueView(world.store.jobs(), [], {"turns": list(world.scheduler.turns)})
         assert view.waiting[0].id == {"low": low, "high": high}[first]
         world.store.transition(high, ("queued",), "cancelled", "the next hour's stream")
+
+
+def test_a_job_placed_before_is_planned_again_on_its_checkpoints_side_of_zero3(world):
+    """DeepSpeed loads a checkpoint only on its side of ZeRO-3's boundary (workers/checkpoint.across_zero3). A job at
+    `zero_stage: auto` that ran is weighed for a move, and planned again after a restart, at the stage family it
+    ran at: planned at the other one, it could not load its checkpoint (DeepSpeed fails inside its loader: measured)."""
+    from orchestrator.scheduler import failures, on_its_checkpoints_side
+
+    job = world.submit(world.spec())
+    world.scheduler.tick()
+    record = world.store.get(job)
+    assert record.state == "running" and record.plan["zero_stage"] == 2
+    assert world.scheduler.queued_job(record).spec.deepspeed.zero_stage == 2  # what a move is weighed with, from then on
+    world.ray.endings[job] = failures.UNKNOWN_TO_RAY  # lost: queued again, and placed again in the same round
+    world.scheduler.tick()
+    record = world.store.get(job)
+    assert world.store.returns(job, "running") == 1 and record.state == "running" and record.plan["zero_stage"] == 2
+    assert world.scheduler.queued_job(record).spec.deepspeed.zero_stage == 2
+
+    auto, lora, qlora = world.spec(), world.spec(method="lora"), world.spec("qwen2.5-0.5b", method="qlora")
+    assert on_its_checkpoints_side(auto, None) is auto  # never placed: nothing saved
+    assert on_its_checkpoints_side(lora, {"zero_stage": 3}).deepspeed.zero_stage == 3
+    assert on_its_checkpoints_side(auto, {"zero_stage": 1}).deepspeed.zero_stage == 2  # (auto's choices short of ZeRO-3)
+    assert on_its_checkpoints_side(qlora, {"zero_stage": 2}) is qlora  # QLoRA's choices, 1 and 2, are one side
+    pinned = world.spec(deepspeed={"zero_stage": 1})
+    assert on_its_checkpoints_side(pinned, {"zero_stage": 3}) is pinned  # the user's choice stands (the resume then says why not)

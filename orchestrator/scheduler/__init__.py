@@ -74,6 +74,17 @@ def stored_spec(record: JobRecord) -> JobSpec:
         raise from_validation_error(f"job {record.id}'s stored spec", JobSpec, err) from None
 
 
+def on_its_checkpoints_side(spec: JobSpec, placed: dict | None) -> JobSpec:
+    """A job placed before (`placed`: the plan it last ran under) may have left checkpoints, and DeepSpeed loads one only
+    on its side of ZeRO-3's boundary (workers/checkpoint.across_zero3). Planned again (restarted, moved, or queued
+    again by a head restart), a job at `zero_stage: auto` stays on the side it ran on: ZeRO-3 again, or short of it
+    (auto's other choice: ZeRO-2; for QLoRA, which never runs ZeRO-3, either of its two)."""
+    if placed is None or spec.deepspeed.zero_stage != "auto" or (placed.get("zero_stage") != 3 and spec.method == "qlora"):
+        return spec
+    stage = 3 if placed.get("zero_stage") == 3 else 2
+    return spec.model_copy(update={"deepspeed": spec.deepspeed.model_copy(update={"zero_stage": stage})})
+
+
 def spec_record(spec: JobSpec) -> dict:
     """A job spec as the queue stores it: what was set, so that it validates again as the same spec."""
     return spec.model_dump(mode="json", exclude_unset=True)
@@ -97,9 +108,9 @@ class Scheduler:
 
     def queued_job(self, record: JobRecord) -> QueuedJob:
         if record.id not in self._jobs:
-            self._jobs[record.id] = QueuedJob(record.id, stored_spec(record), record.priority, record.submitted_at,
-                                              record.total_steps, tuple(sorted(record.memory_caps.items())),
-                                              moved=record.id in self._just_moved)
+            spec = on_its_checkpoints_side(stored_spec(record), record.plan)
+            self._jobs[record.id] = QueuedJob(record.id, spec, record.priority, record.submitted_at, record.total_steps,
+                                              tuple(sorted(record.memory_caps.items())), moved=record.id in self._just_moved)
         return self._jobs[record.id]
 
     def _running(self, record: JobRecord, now: float, table: ThroughputTable, moving_to: tuple[str, ...]) -> RunningJob:
@@ -244,6 +255,7 @@ class Scheduler:
             return
         placed = self.store.get(record.id)  # as placed: this placement's attempt number (read here: the store is this thread's)
         self._just_moved.discard(record.id)
+        self._jobs.pop(record.id, None)  # parsed again with this plan: a move weighed while it runs keeps its checkpoints' side of ZeRO-3
         self._launching[record.id] = plan
         self.binder.launch(record.id, lambda: self._launch(placed, spec, plan))
 
