@@ -68,3 +68,20 @@ def test_a_corrupt_checkpoint_is_skipped_for_the_one_before_and_old_ones_are_pru
 
     (saved / "step-2" / checkpoint.MANIFEST).unlink()  # as if the save had died before its manifest
     assert checkpoint.newest_complete(saved)[0] is None
+
+
+def test_a_checkpoint_that_cannot_be_converted_to_the_universal_form_fails_in_one_line_and_leaves_nothing_half_made(killed_then_resumed, tmp_path):
+    """A resume on other ranks converts the checkpoint first (in the rank's own process); when DeepSpeed's converter
+    fails, the job's error names the checkpoint and DeepSpeed's reason, and no converted or staging dir is left."""
+    config, _, _ = killed_then_resumed
+    saved = tmp_path / "checkpoints"
+    shutil.copytree(f"{config.output_dir}/checkpoints", saved, ignore=shutil.ignore_patterns("*optim_states.pt"))
+    with pytest.raises(RuntimeError) as failed:
+        checkpoint.universal(saved, "step-3")
+    assert str(failed.value).startswith(f"converting {saved / 'step-3'} to DeepSpeed's universal form failed: FileNotFoundError: ")
+    assert "optim_states" in str(failed.value) and "\n" not in str(failed.value)
+    assert not (saved / checkpoint.UNIVERSAL).exists() or not any((saved / checkpoint.UNIVERSAL).iterdir())
+
+    shutil.copytree(f"{config.output_dir}/checkpoints/step-3", saved / "step-3", dirs_exist_ok=True)  # its shards back
+    assert checkpoint.universal(saved, "step-3") == saved / checkpoint.UNIVERSAL
+    assert sorted(p.name for p in (saved / checkpoint.UNIVERSAL).iterdir()) == ["step-3"]  # converted; no staging dir, nor a pointer to one

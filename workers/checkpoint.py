@@ -26,12 +26,13 @@ every node sees (NFS): each rank writes its own shards there, and rank 0 reads t
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from workers import faults
@@ -40,7 +41,6 @@ CHECKPOINT_DIR = "checkpoints"  # under the job's output_dir
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
 UNIVERSAL = ".universal"
-CONVERT_TIMEOUT_S = 3600  # ds_to_universal reads and rewrites every shard: minutes for an 8B model's optimizer states
 LATEST = "latest"
 TAG_PREFIX = "step-"
 
@@ -165,14 +165,27 @@ def universal(checkpoints: Path, tag: str) -> Path:
     if not converted.is_dir():
         staging = checkpoints / UNIVERSAL / f".tmp-{tag}"
         shutil.rmtree(staging, ignore_errors=True)
-        done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoints / tag),
-                               "--output_folder", str(staging), "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                              capture_output=True, text=True, timeout=CONVERT_TIMEOUT_S)
-        if done.returncode != 0:
-            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"converting {checkpoints / tag} to DeepSpeed's universal form failed: {last[0]}")
+        _to_universal(checkpoints / tag, staging)
         os.replace(staging, converted)
+        (converted.parent / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's pointer to the staging dir (loads name the tag)
     return converted.parent
+
+
+def _to_universal(source: Path, into: Path) -> None:
+    """DeepSpeed's `ds_to_universal`, run in this process, where torch and DeepSpeed are imported already: as
+    `python -m` it spent 6-10 s importing them again (2 cores) before converting the tiny test model in 0.2 s, while
+    every other rank of the job waited. One worker each, so it makes no process pool. Its progress lines and bars
+    are kept out of the job's log; an error says which checkpoint and why, and leaves nothing half-converted."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(source), output_folder=str(into), num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=False)  # (its parser's defaults, but the workers)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ds_to_universal.main(args)
+    except Exception as err:
+        shutil.rmtree(into, ignore_errors=True)
+        raise RuntimeError(f"converting {source} to DeepSpeed's universal form failed: {type(err).__name__}: {err}") from err
 
 
 def newest_complete(checkpoints: Path) -> tuple[str | None, list[str]]:
