@@ -1,14 +1,10 @@
 """Ranks of tests/test_comm_volume.py: real DeepSpeed on CPU ranks (gloo) with zeromix's own DeepSpeed configs and
-the comms logger on, for ZeRO 1/2/3 x full/LoRA x 1 and 2 accumulation steps. Rank 0 writes, per case, the bytes each
+the comms logger on, for ZeRO 1/2/3 x full/LoRA x 1 and 2 accumulation steps. Rank 0 returns, per case, the bytes each
 kind of collective carried in one optimizer step (after one warm-up step), as the logger recorded them. The ranks are
-forked from the fork server that workers/local_launch.py keeps (torch, DeepSpeed, transformers and PEFT imported
+run by workers/local_launch.run_local, forked from its fork server (torch, DeepSpeed, transformers and PEFT imported
 there once) and join as a job's ranks do (workers/collectives.RankComm.join); DeepSpeed's own launcher started each
 rank as a new interpreter, some 20 s of imports a rank on two cores.
 """
-
-import json
-import os
-from pathlib import Path
 
 from orchestrator.ds_config import Optimization, RankTuning, deepspeed_config
 from workers.collectives import RankComm
@@ -60,25 +56,19 @@ def one_case(stage: int, grad_accum: int, method: str, world: int, hpz: int = 1,
             "logged": logged, "partition_checksum": checksum}
 
 
-def rank(info, hosted, out: str, mode: str, environ: dict[str, str]) -> None:
-    """One rank (`info`: a workers.collectives.RankInfo; rank 0 hosts the rendezvous on `hosted`); "hpz": ZeRO++ hpZ
-    over pairs of ranks, weights gathered twice per micro-step. `environ`: the launcher's (the fork server's is the
-    one it started with)."""
+def rank(mode: str, info, hosting: dict) -> dict | None:
+    """One rank (`info`: a workers.collectives.RankInfo; rank 0 hosts the rendezvous on the socket `hosting` holds);
+    "hpz": ZeRO++ hpZ over pairs of ranks, weights gathered twice per micro-step. Rank 0 returns what was logged."""
     import torch
     from deepspeed import comm as dist
 
-    os.environ.clear()
-    os.environ.update(environ)
-    torch.set_num_threads(1)  # (several ranks share this machine's cores)
-    comm = RankComm.join(info, hosted)
+    comm = RankComm.join(info, hosting.get(info.master_port))
     if mode == "hpz":
         cases = [one_case(3, ga, "full", comm.world, hpz, HPZ_MAX_LIVE) for hpz in (1, 2) for ga in (1, 2)]
     else:
         cases = [one_case(s, ga, m, comm.world) for m in ("full", "lora") for s in (1, 2, 3) for ga in (1, 2)]
-    if comm.rank == 0:
-        Path(out).write_text(json.dumps({"config": CONFIG, "lora_r": LORA_R, "lora_targets": LORA_TARGETS, "cases": cases}))
     # Leave gloo in order: a rank that exits while its peers still hold the group open aborted once in CI
     # ("terminate called without an active exception", exit 250) after every case had run.
     dist.barrier()
     torch.distributed.destroy_process_group()
-    os._exit(0)  # skip interpreter teardown, as workers/local_launch.py does: it can abort in gloo's threads
+    return {"config": CONFIG, "lora_r": LORA_R, "lora_targets": LORA_TARGETS, "cases": cases} if comm.rank == 0 else None

@@ -4,10 +4,7 @@ comms logger on (tests/comms_probe.py), for ZeRO 1/2/3 x full/LoRA x 1 and 2 acc
 show the per-micro-step rule as well as more would), and on 4 ranks for hpZ. The model's bytes per optimizer
 step, per kind of collective, must be within 5% of what the logger recorded."""
 
-import json
-import os
-import time
-from pathlib import Path
+import functools
 
 import pytest
 
@@ -20,34 +17,17 @@ PROBE_TIMEOUT_S = 600
 LOGGED_AS = {"all_reduce": "all_reduce", "reduce_scatter_tensor": "reduce_scatter", "all_gather_into_tensor": "all_gather"}
 
 
-def probe(ranks: int, out: Path, mode: str = "") -> dict:
-    """tests/comms_probe.py on `ranks` local CPU ranks; what rank 0 wrote."""
+def probe(ranks: int, mode: str = "") -> dict:
+    """tests/comms_probe.py on `ranks` local CPU ranks; what rank 0 logged."""
     from tests import comms_probe
-    from workers.collectives import RankInfo
-    from workers.local_launch import _context
-    from workers.ports import bound_socket
+    from workers.local_launch import meeting_points, run_local
 
-    ctx, hosted = _context(), bound_socket("127.0.0.1")
-    port = hosted.getsockname()[1]
-    procs = [ctx.Process(target=comms_probe.rank, args=(RankInfo(r, ranks, "127.0.0.1", port), hosted if r == 0 else None, str(out), mode,
-                                                        {**os.environ, "DS_ACCELERATOR": "cpu"}))
-             for r in range(ranks)]
-    for p in procs:
-        p.start()
-    hosted.close()  # (rank 0 holds its own copy)
-    deadline = time.monotonic() + PROBE_TIMEOUT_S
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        p.kill()
-    assert codes == [0] * ranks, f"probe ranks exited with {codes} (None: still running after {PROBE_TIMEOUT_S} s); their output is above"
-    return json.loads(out.read_text())
+    return run_local(functools.partial(comms_probe.rank, mode), *meeting_points((ranks,)), timeout_s=PROBE_TIMEOUT_S)[0]
 
 
 @pytest.fixture(scope="module")
-def recorded(tmp_path_factory):
-    return probe(3, tmp_path_factory.mktemp("comms") / "logged.json")
+def recorded():
+    return probe(3)
 
 
 def test_the_model_counts_the_bytes_deepspeed_moves(recorded):
@@ -76,7 +56,7 @@ def test_accumulation_multiplies_what_zero2_and_zero3_move_but_not_zero1(recorde
         assert by[(method, 3, 2)] > 1.9 * by[(method, 3, 1)]
 
 
-def test_hpz_keeps_backward_gathers_inside_a_box(tmp_path):
+def test_hpz_keeps_backward_gathers_inside_a_box():
     """Four ranks as two boxes of two, ZeRO-3 with weights gathered again for backward (a model above the live
     limit): with ZeRO++ hpZ over pairs, backward's gathers read the pair's copy. The model's forward gathers
     (over all four) and in-box gathers (over the pair) together are within 12% of what the logger recorded
@@ -84,7 +64,7 @@ def test_hpz_keeps_backward_gathers_inside_a_box(tmp_path):
     out), and the training is the same as without hpZ."""
     from tests.comms_probe import HPZ_MAX_LIVE
 
-    logged = probe(4, tmp_path / "hpz.json", "hpz")
+    logged = probe(4, "hpz")
     facts = facts_from_config(logged["config"])
     by = {(c["hpz"], c["grad_accum"]): c for c in logged["cases"]}
     for grad_accum in (1, 2):

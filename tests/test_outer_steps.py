@@ -130,12 +130,12 @@ def _hosting(box: int, hosted) -> dict:
     return {"hosted": hosted} if box == 0 else {}
 
 
-def _box_leader(box: int, boxes: int, port: int, results, hosted=None) -> None:
-    from workers.collectives import BoxLink, RankInfo
+def _box_leader(info, hosting: dict) -> tuple[list, int]:
+    from workers.collectives import BoxLink
 
-    link = BoxLink.join(RankInfo(0, 1, "", 0, box, boxes, 0, "127.0.0.1", port), timeout_s=60, hosted=hosted)
-    got = link.exchange(torch.arange(3, dtype=torch.float32, device="cpu") + 10 * box)
-    results.put((box, [t.tolist() for t in got], link.bytes_sent))
+    link = BoxLink.join(info, timeout_s=60, hosted=hosting.get(info.outer_port))
+    got = link.exchange(torch.arange(3, dtype=torch.float32, device="cpu") + 10 * info.box)
+    return [t.tolist() for t in got], link.bytes_sent
 
 
 def test_the_cards_take_the_new_weights_in_buckets_that_keep_order_and_hold_a_larger_weight_alone():
@@ -149,18 +149,10 @@ def test_the_cards_take_the_new_weights_in_buckets_that_keep_order_and_hold_a_la
 def test_box_leaders_each_get_every_box_payload_in_box_order_over_three_boxes():
     """The ring the link runs (each box sends to the next on one connection, receives from the one before on
     another): with three boxes a payload takes two hops; every leader ends with all three, and counts the two it sent."""
-    from workers.local_launch import _context
+    from workers.local_launch import meeting_points, run_local
 
-    ctx, (hosted, port) = _context(), _rendezvous()
-    results = ctx.Queue()
-    leaders = [ctx.Process(target=_box_leader, args=(box, 3, port, results), kwargs=_hosting(box, hosted)) for box in range(3)]
-    for leader in leaders:
-        leader.start()
-    hosted.close()  # (box 0 holds its own copy)
-    got = sorted(results.get(timeout=120) for _ in leaders)
-    for leader in leaders:
-        leader.join(timeout=30)
-    assert got == [(box, [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0], [20.0, 21.0, 22.0]], 2 * 3 * 4) for box in range(3)]
+    got = run_local(_box_leader, *meeting_points((1, 1, 1), outer=True), timeout_s=120)
+    assert got == [([[0.0, 1.0, 2.0], [10.0, 11.0, 12.0], [20.0, 21.0, 22.0]], 2 * 3 * 4)] * 3
 
 
 def _lose_a_box_and_start_it_again(leader, boxes: int, lost: int, first: int, later: int, stopped: bool = False) -> tuple[list, list]:

@@ -16,6 +16,7 @@ import os
 import queue
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 from workers.collectives import RankInfo, hosted_ports, rank_infos
@@ -40,7 +41,8 @@ def _context():
     return context
 
 
-def _rank(info: RankInfo, config_json: str, results, threads: int, environ: dict[str, str], hosting: dict[int, socket.socket]) -> None:
+def _rank(work: Callable[[RankInfo, dict[int, socket.socket]], object], info: RankInfo, results, threads: int,
+          environ: dict[str, str], hosting: dict[int, socket.socket]) -> None:
     # The fork server's environment is the one it started with: take the launcher's as it is now (a test's
     # fault injection, a tracker's offline mode, the card a GPU rank must see).
     os.environ.clear()
@@ -48,9 +50,7 @@ def _rank(info: RankInfo, config_json: str, results, threads: int, environ: dict
     import torch
 
     torch.set_num_threads(threads)
-    from workers.train import main
-
-    results.put(asdict(main(TrainConfig.from_json(config_json), info, hosting)))
+    results.put((info.job_rank, work(info, hosting)))
     results.close()
     results.join_thread()  # the result is handed over before the hard exit below
     # Done and saved. Skip interpreter teardown: a C++ thread left joinable by the gloo/DeepSpeed stack
@@ -59,17 +59,23 @@ def _rank(info: RankInfo, config_json: str, results, threads: int, environ: dict
     os._exit(0)
 
 
+def _train(config_json: str, info: RankInfo, hosting: dict[int, socket.socket]) -> dict:
+    from workers.train import main
+
+    return asdict(main(TrainConfig.from_json(config_json), info, hosting))
+
+
 def _death(rank: int, exitcode: int) -> str:
     """A killed rank apart from one that exited with an error (its peers, once it is gone, do the latter)."""
     return f"rank {rank} killed by signal {-exitcode}" if exitcode < 0 else f"rank {rank} exited with status {exitcode}"
 
 
-def _meeting_points(config: TrainConfig) -> tuple[list[RankInfo], dict[int, socket.socket]]:
+def meeting_points(boxes: tuple[int, ...], outer: bool = False) -> tuple[list[RankInfo], dict[int, socket.socket]]:
     """Local ranks meet on loopback: one group over every rank, or one per box and the box leaders' link. Each
     meeting's socket, by port, bound here until the rank that hosts it listens on it."""
-    sockets = [bound_socket("127.0.0.1") for _ in range(len(config.boxes) + bool(config.outer))]
+    sockets = [bound_socket("127.0.0.1") for _ in range(len(boxes) + outer)]
     meet = [("127.0.0.1", s.getsockname()[1]) for s in sockets]
-    infos = rank_infos(config.boxes, meet[:len(config.boxes)], meet[-1] if config.outer else ("", 0))
+    infos = rank_infos(boxes, meet[:len(boxes)], meet[-1] if outer else ("", 0))
     return infos, {port: s for (_, port), s in zip(meet, sockets)}
 
 
@@ -79,11 +85,19 @@ def run_local_ranks(config: TrainConfig, timeout_s: float = 600, threads_per_ran
     tests/test_gpu.py runs one rank); each rank's RankResult as a dict, by rank. One CPU thread per rank by
     default: several ranks share this machine's cores. `ranks`: only these, meeting where they say, the others
     running elsewhere (bench/slow_link.py runs each box's in a network namespace of its own)."""
-    ranks, sockets = (ranks, {}) if ranks is not None else _meeting_points(config)
+    ranks, sockets = (ranks, {}) if ranks is not None else meeting_points(config.boxes, bool(config.outer))
+    return run_local(functools.partial(_train, config.to_json()), ranks, sockets, timeout_s, threads_per_rank)
+
+
+def run_local(work: Callable[[RankInfo, dict[int, socket.socket]], object], ranks: list[RankInfo], sockets: dict[int, socket.socket],
+              timeout_s: float = 600, threads_per_rank: int = 1) -> list:
+    """`work(info, hosting)` in one local process per rank (picklable: a module's function, or a partial of one),
+    each given the sockets it hosts its meetings on; what each returned, by rank. A rank that dies, or no results
+    within `timeout_s`, stops them all and raises, saying what each did."""
     world = len(ranks)
     ctx = _context()
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(info, config.to_json(), results, threads_per_rank, dict(os.environ),
+    procs = [ctx.Process(target=_rank, args=(work, info, results, threads_per_rank, dict(os.environ),
                                              {port: sockets[port] for port in hosted_ports(info) if port in sockets}))
              for info in ranks]
     for p in procs:
@@ -110,4 +124,4 @@ def run_local_ranks(config: TrainConfig, timeout_s: float = 600, threads_per_ran
     codes = [p.exitcode for p in procs]
     if codes != [0] * world:
         raise RuntimeError(f"local ranks exited with {codes}")
-    return sorted(collected, key=lambda r: r["rank"])
+    return [value for _, value in sorted(collected, key=lambda pair: pair[0])]
