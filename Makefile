@@ -17,7 +17,7 @@ STAMP  := $(VENV)/.zeromix-installed
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 REPORTS := .test-reports
 
-.PHONY: venv demo test test-fast gpu-check bench bench-plan bench-scheduler bench-slow-link bench-outer-memory down clean
+.PHONY: venv demo test test-fast gpu-check bench bench-plan bench-scheduler bench-slow-link bench-outer-memory bench-loss-memory down clean
 
 venv: $(STAMP)
 
@@ -68,6 +68,10 @@ bench-slow-link: $(STAMP)
 # What an outer step holds in memory on each rank, measured, beside the plan's estimate; about a minute.
 bench-outer-memory: $(STAMP)
 	$(BIN)/python bench/outer_memory.py
+
+# What the loss holds in memory, the whole logits against a chunk of tokens at a time; about a minute.
+bench-loss-memory: $(STAMP)
+	$(BIN)/python bench/loss_memory.py
 
 down: $(STAMP)
 	$(BIN)/zeromix down

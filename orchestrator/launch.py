@@ -61,7 +61,7 @@ def train_config(job: JobSpec, plan: Plan, job_id: str) -> TrainConfig:
         activation_checkpointing=tuple(r.tuning.activation_checkpointing for r in plan.ranks), output_dir=job.output_dir,
         checkpoint_every=checkpoint_every(job, plan), keep_last=job.keep_last, seed=job.seed,
         micro_batch_caps=tuple(r.micro_cap for r in plan.ranks) if job.rebalance and len(plan.ranks) > 1 else (),
-        report_to=tuple(job.report_to), plan=plan.summary(),
+        report_to=tuple(job.report_to), plan=plan.summary(), loss_chunk_tokens=plan.loss_chunk_tokens,
     )
     if plan.outer:  # the plan lists its ranks box by box
         o = plan.outer

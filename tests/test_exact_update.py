@@ -8,6 +8,7 @@ SGD is linear in the gradient, so it shows the weighting exact to 1e-5. AdamW, w
 at a tolerance its normalisation forces (see TOLERANCE_ADAMW).
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -37,6 +38,18 @@ def test_uneven_micro_batches_match_the_full_batch_update(ds_runs, tmp_path, dem
     assert max_relative_difference(trained, initial) > 10 * tolerance  # it did train
     # The tolerance can tell the right weighting from the naive one: averaging each rank's own mean is off.
     assert max_relative_difference(reference(config, initial, "per_rank_mean"), exact) > 10 * tolerance
+
+
+@pytest.mark.parametrize("stage, method", [(3, "full"), (2, "lora")])
+def test_the_loss_a_chunk_of_tokens_at_a_time_keeps_the_update(ds_runs, tmp_path, demo_data, base_model, stage, method):
+    """workers/loss.py with chunks of 5 tokens (a micro-batch here holds up to 3 x 32): the output head runs in
+    the loss once per chunk and again in backward (under ZeRO-3 gathered each time, and its gradient reduced once),
+    and LoRA's prompts are left out before the head. The same update as one process on the whole logits."""
+    whole = job(tmp_path / "run", demo_data, base_model, stage, method, 0.5, optimizer="SGD")
+    config = dataclasses.replace(whole, loss_chunk_tokens=5)
+    initial, trained = ds_runs.initial(whole), ds_runs.weights(config)  # (the start the whole-logits cases share)
+    assert max_relative_difference(trained, reference(config, initial, "tokens")) < TOLERANCE
+    assert max_relative_difference(trained, initial) > 10 * TOLERANCE
 
 
 def test_optimizer_offload_keeps_the_update(ds_runs, tmp_path, demo_data, base_model):

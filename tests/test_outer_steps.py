@@ -405,13 +405,13 @@ def qwen_plan(link: str = "1GbE", steps: int = 10_000, **sync):
 
 def test_across_a_slow_link_auto_picks_outer_steps_and_the_plan_says_what_they_cost():
     """A 0.5B full fine-tune on two boxes of two cards over 1 GbE: synchronous, ZeRO-2's gradients cross the link in
-    every micro-step (35 s a step, estimate); with outer steps each box trains alone and they meet every H steps."""
+    every micro-step (22 s a step, estimate); with outer steps each box trains alone and they meet every H steps."""
     sync, auto = qwen_plan(mode="synchronous"), qwen_plan()
-    assert sync.outer is None and sync.step.comm_s > 0.9 * sync.step.step_s
+    assert sync.outer is None and sync.step.comm_s > 0.85 * sync.step.step_s
     unasked = scenario(method="full", global_batch_size=64, gpus={"count": 4}, precision="bf16", max_steps=10_000)
     assert make_plan(unasked, facts_from_config(model_config("qwen2.5-0.5b")), two_boxes(), 10_000).outer is None  # the default
     outer = auto.outer
-    assert outer is not None and auto.step.tokens_per_s > 10 * sync.step.tokens_per_s
+    assert outer is not None and auto.step.tokens_per_s > 5 * sync.step.tokens_per_s  # (9x, estimates)
     assert [n for n, _ in outer.boxes] == ["a", "b"] and [r.card.node for r in auto.ranks] == ["a", "a", "b", "b"]  # box by box
     assert 10 <= outer.inner_steps <= 500 and outer.exchange_s <= 0.05 * outer.inner_steps * outer.inner_step_s * 1.01
     assert outer.exchange_s > 0.05 * (outer.inner_steps - 1) * outer.inner_step_s  # the fewest steps that keep it under 5%
@@ -427,7 +427,7 @@ def test_across_a_slow_link_auto_picks_outer_steps_and_the_plan_says_what_they_c
 def test_an_outer_step_holds_one_weight_in_fp32_on_a_card_and_a_card_without_room_for_it_stays_synchronous():
     """The outer step reads each trained weight whole in fp32 and loads the new global weights a bucket at a time,
     after the step's activations are freed: on each card, the largest weight or bucket in fp32 beside the model
-    states. Qwen2.5-1.5B's embedding (233M values: 0.87 GiB) outweighs its activations at 128 tokens (0.43 GiB), so
+    states. Qwen2.5-1.5B's embedding (233M values: 0.87 GiB) outweighs its activations at 128 tokens (0.49 GiB), so
     on cards free enough to train but not to take that (two boxes of two 24 GB cards), a job held to ZeRO-2 without
     offload runs synchronous and says why; allowed to offload, it is tuned again and runs outer steps. (Reading and
     loading the whole model at once, as outer steps first did, held 11.5 GiB more on each card: bench/outer_memory.py.)"""
@@ -458,8 +458,8 @@ def test_an_outer_step_holds_one_weight_in_fp32_on_a_card_and_a_card_without_roo
 
 def test_where_a_box_cannot_hold_the_synchronous_settings_its_cards_are_tuned_again_for_outer_steps():
     """Qwen2.5-0.5B at ZeRO-3, global batch 64: the synchronous plan fills each 24 GB card with ZeRO over all four
-    cards; over its box's two, a card would need 24.4 GiB at the same micro-batch (estimate). Tuned again with ZeRO over
-    each box and room for the outer step's buffers, the job runs outer steps, the global batch the same."""
+    cards; over its box's two, a card would need more than it has at the same micro-batch (estimate). Tuned again with
+    ZeRO over each box and room for the outer step's buffers, the job runs outer steps, the global batch the same."""
     def plan(mode):
         job = scenario(method="full", global_batch_size=64, gpus={"count": 4}, precision="bf16", deepspeed={"zero_stage": 3},
                        sync={"mode": mode, "inner_steps": 50}, max_steps=10_000)
@@ -467,7 +467,8 @@ def test_where_a_box_cannot_hold_the_synchronous_settings_its_cards_are_tuned_ag
 
     outer, sync = plan("outer"), plan("synchronous")
     assert outer.outer and outer.no_outer == "" and outer.global_batch == sync.global_batch == 64
-    assert {r.tuning.zero_stage for r in outer.ranks} == {3} and outer.step.step_s < sync.step.step_s / 10  # gathers stay in a box
+    assert {r.tuning.zero_stage for r in outer.ranks} == {3} and outer.step.comm_s < sync.step.comm_s / 10  # gathers stay in a box
+    assert outer.step.step_s < sync.step.step_s / 5
     assert [r.tuning.micro_batch for r in outer.ranks] != [r.tuning.micro_batch for r in sync.ranks]
     for rank in outer.ranks:
         m = rank.memory

@@ -44,20 +44,23 @@ def test_2_7b_lora_in_bf16_fits_a_3090_but_not_an_11gb_card_without_offload():
 
 
 def test_3_full_8b_on_one_24gb_card_needs_zero3_offload_and_the_host_ram_for_it():
-    """At a 4096-token context only ZeRO-3 with the optimizer and the weights in host RAM fits a 3090. (At
-    1024 tokens DeepSpeed's own estimate, 2P bytes on the card, lets ZeRO-2 + optimizer offload fit as well,
-    the ZeRO-Offload paper's single-GPU setup, and the planner takes it as the faster one.)"""
+    """A 3090 holds a full 8B only with the optimizer in host RAM. At a 4096-token context ZeRO-3 with the
+    weights there too is the faster; ZeRO-2 + optimizer offload (DeepSpeed's own estimate, 2P bytes on the card:
+    the ZeRO-Offload paper's single-GPU setup) fits as well, since the loss holds one chunk of logits rather than
+    the 5 GiB of a sample's (workers/loss.py), and stops fitting at 16384 tokens, where the layers' activations alone
+    outgrow the card."""
     full = job(method="full", seq_len=4096, global_batch_size=16)
     box = pool(("big", 512, ["RTX 3090"]))
-    for no_offload in ("none",):
-        with pytest.raises(NoPlacement):
-            make_plan(job(method="full", seq_len=4096, global_batch_size=16, deepspeed={"offload": no_offload}), LLAMA_8B, box, 100)
     with pytest.raises(NoPlacement):
-        make_plan(job(method="full", seq_len=4096, global_batch_size=16, deepspeed={"zero_stage": 2}), LLAMA_8B, box, 100)
+        make_plan(job(method="full", seq_len=4096, global_batch_size=16, deepspeed={"offload": "none"}), LLAMA_8B, box, 100)
+    zero2 = make_plan(job(method="full", seq_len=4096, global_batch_size=16, deepspeed={"zero_stage": 2}), LLAMA_8B, box, 100)
+    assert (zero2.zero.stage, zero2.zero.offload_optimizer) == (2, True) and zero2.loss_chunked
+    with pytest.raises(NoPlacement):
+        make_plan(job(method="full", seq_len=16384, global_batch_size=16, deepspeed={"zero_stage": 2}), LLAMA_8B, box, 100)
     plan = make_plan(full, LLAMA_8B, box, 100)
     assert (plan.zero.stage, plan.zero.offload_optimizer, plan.zero.offload_params) == (3, True, True)
     (rank,) = plan.ranks
-    assert rank.memory.total <= rank.capacity_bytes and plan.checkpointing == "on"
+    assert rank.memory.total <= rank.capacity_bytes
     host_gib = plan.host_bytes_per_node["big"] / 1024**3
     assert host_gib > 128  # DeepSpeed's estimate: 18 bytes per parameter, times its 1.5 buffer factor
     with pytest.raises(NoPlacement) as err:
@@ -133,14 +136,15 @@ def test_8_a_lora_jobs_host_ram_is_its_frozen_base_in_the_load_dtype_plus_the_ad
     assert host_bytes(shape, ZeroSetting(3, True, True), 2, 2) == 2 * LLAMA_8B.n_params + 16 * adapters  # both ranks' partitions on one node
 
 
-def test_9_with_16_accumulation_steps_on_1gbe_cross_box_zero3_loses_to_a_single_box():
+def test_9_over_1gbe_cross_box_zero3_loses_to_a_single_box():
     two_boxes = pool(("a", 64, ["NVIDIA GeForce RTX 3090"]), ("b", 64, ["NVIDIA GeForce RTX 3090"]))
     spec = {"method": "full", "seq_len": 2048, "global_batch_size": 64, "sync": {"mode": "synchronous"}}  # (outer steps: test_outer_steps.py)
     chosen = make_plan(job(**spec), LLAMA_1B, two_boxes, 100)
     cross = make_plan(job(**spec, gpus={"count": 2}, deepspeed={"zero_stage": 3}), LLAMA_1B, two_boxes, 100)
-    assert len({r.card.node for r in chosen.ranks}) == 1 and cross.grad_accum >= 8
-    # ZeRO-3 gathers every weight in every micro-step: over 1 GbE that is most of the cross-box step
-    assert cross.step.comm_s > 0.5 * cross.step.step_s and chosen.step.step_s < cross.step.step_s / 3
+    assert len({r.card.node for r in chosen.ranks}) == 1
+    # ZeRO-3 gathers every weight in every micro-step: over 1 GbE that is most of the cross-box step (even in one
+    # micro-step: the loss's logits no longer crowd the cards into accumulating), and one card alone is faster
+    assert cross.step.comm_s > 0.5 * cross.step.step_s and chosen.step.step_s < 0.8 * cross.step.step_s
 
 
 @pytest.mark.parametrize("model", ["qwen2.5-0.5b", "llama-3.2-1b", "llama-3.1-8b"])

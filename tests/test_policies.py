@@ -275,11 +275,13 @@ def test_a_job_kept_off_a_crowded_box_goes_to_a_box_with_room_not_to_another_cro
 
 def test_a_job_across_boxes_keeps_off_links_another_such_job_uses_when_that_ends_it_sooner():
     """Boxes of two 4090s joined by 10GbE, and one of two 1080 Tis. A full fine-tune of qwen2.5-0.5b on a/1 + c/1
-    alone takes 1.5 s a step, 88% of it collectives over the network (estimates), against 2.3 s inside the 1080 Ti
+    alone takes 1.5 s a step, 88% of it collectives over the network (estimates), against 2.2 s inside the 1080 Ti
     box: it goes across. With another job across a and c using those links, its collectives would take twice as
     long (2.8 s a step) and slow that job too: it goes on the 1080 Tis. The simulator charges that sharing. (It has
     waited past PATIENCE, so neither plan's share of its best speed, a or c's pair, holds it back.)"""
     from orchestrator.scheduler.links import NetworkLinks
+
+    waited = 3 * 3600.0  # past PATIENCE x its best run (1000 steps of 0.25 s in box a, estimate)
 
     cluster = boxes_of([("a", 64, ["NVIDIA GeForce RTX 4090"] * 2), ("b", 64, ["NVIDIA GeForce GTX 1080 Ti"] * 2),
                         ("c", 64, ["NVIDIA GeForce RTX 4090"] * 2)], link="10GbE")
@@ -291,13 +293,13 @@ def test_a_job_across_boxes_keeps_off_links_another_such_job_uses_when_that_ends
     crossing, inside = table.plan(new, frozenset({"a/1", "c/1"})), table.plan(new, frozenset({"b/0", "b/1"}))
     assert crossing.duration_s(1000) < inside.duration_s(1000)
 
-    quiet = policy("gain").allocate(PolicyInput(7200.0, (new,), free, running, table, links=NetworkLinks()))
+    quiet = policy("gain").allocate(PolicyInput(waited, (new,), free, running, table, links=NetworkLinks()))
     assert [r.card.card_id for r in quiet.assignments[0].plan.ranks] == ["a/1", "c/1"]
 
     links = NetworkLinks()
     links.take("across", table.plan(across, frozenset({"a/0", "c/0"})).plan, 10 * 3600.0)
     assert links.sharing(crossing.plan) == 2 and links.stretch(crossing.plan) > 1.8
-    busy = policy("gain").allocate(PolicyInput(7200.0, (new,), free, running, table, links=links))
+    busy = policy("gain").allocate(PolicyInput(waited, (new,), free, running, table, links=links))
     assert [r.card.card_id for r in busy.assignments[0].plan.ranks] == ["b/0", "b/1"]
 
 

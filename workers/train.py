@@ -69,6 +69,9 @@ class TrainConfig:
     # Outer-step mode across boxes (workers/outer_steps.OuterConfig): boxes (ranks per box), inner_steps, outer_lr,
     # outer_momentum, wire. {}: one synchronous DeepSpeed world over every rank.
     outer: dict = field(default_factory=dict)
+    # The tokens whose logits the loss computes at once (workers/loss.py; the plan's memory model counts one such
+    # chunk). 0: a micro-batch's all at once.
+    loss_chunk_tokens: int = 0
 
     @property
     def boxes(self) -> tuple[int, ...]:
@@ -155,13 +158,13 @@ def train(cfg: TrainConfig, comm: RankComm, link=None, back: bool = False) -> Ra
     the step and the global weights box 0 hands it."""
     import deepspeed
     import torch
-    import torch.nn.functional as F
     from deepspeed.utils.timer import BACKWARD_REDUCE_GLOBAL_TIMER
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
     from workers import checkpoint, faults, job_records
     from workers.data import GlobalBatchSampler, collate, read_records, tokenize
+    from workers.loss import ChunkedLoss, chunks_for
     from workers.memory_report import model_state_bytes
     from workers.outer_steps import OuterConfig, OuterSteps
     from workers.precision import runnable_ds_config
@@ -222,6 +225,7 @@ def train(cfg: TrainConfig, comm: RankComm, link=None, back: bool = False) -> Ra
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     del zero3
+    chunked_loss = ChunkedLoss(engine.module)  # the output head runs in the loss, a chunk of tokens at a time
 
     # ----------------------------------------------------------------------------- resume
     start_step = 0
@@ -284,14 +288,12 @@ def train(cfg: TrainConfig, comm: RankComm, link=None, back: bool = False) -> Ra
         my_tokens = sum(int(b.attention_mask.sum()) for b in batches)
         global_loss_tokens = comm.sum(comm.tensor([sum(b.loss_tokens for b in batches)], torch.float64)).item()  # N, over the world's ranks
         loss_sum = comm.zeros((), torch.float64)  # beside the model's losses, on the rank's device
+        chunks = chunks_for(split, cfg.seq_len, cfg.loss_chunk_tokens)  # (as many on every rank of this world)
         for batch in batches:
-            logits = engine(input_ids=batch.input_ids.to(engine.device), attention_mask=batch.attention_mask.to(engine.device)).logits
+            chunked_loss.arm(batch.labels, chunks)  # the forward's loss: summed over the micro-batch's tokens, in fp32
+            token_losses = engine(input_ids=batch.input_ids.to(engine.device), attention_mask=batch.attention_mask.to(engine.device)).loss
             if extra_per_sample_s and step >= cfg.emulated_from:  # before backward: the gradient collective waits for it
                 time.sleep(extra_per_sample_s * batch.input_ids.shape[0])
-            token_losses = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1).to(engine.device),
-                ignore_index=-100, reduction="sum",
-            )
             engine.backward(token_losses * world / global_loss_tokens, scale_wrt_gas=False)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             loss_sum += token_losses.detach().double()

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from orchestrator.client import Ended, QueueView, Step, Waiting
 from orchestrator.job_states import ACTIVE
-from orchestrator.planner import Plan, outer, step_time
+from orchestrator.planner import Plan, memory, outer, step_time
 from orchestrator.planner.filters import arch_span, cards_its_build_cannot_drive, sm, usability
 from orchestrator.planner.memory import GIB
 
@@ -201,6 +201,9 @@ def plan(p: Plan) -> None:
     console.print("host RAM for model states (estimate): " + ", ".join(f"{n} {b / GIB:.1f} GiB" for n, b in p.host_bytes_per_node.items()))
     if p.four_bit:
         console.print(f"{p.four_bit.describe()}: {p.four_bit.why}")
+    if p.loss_chunked:
+        console.print(f"the loss takes the logits {p.loss_chunk_tokens:,} tokens at a time (about {memory.LOSS_CHUNK_BYTES / 2**20:.0f} MiB "
+                      "at the loss's peak), not a micro-batch's all at once; backward runs the output head again")
     if p.outer:
         console.print("\n".join(outer.describe(p.outer)) + "\n  (communication above: each box's own, plus the exchange spread over its steps)")
     if p.no_outer:

@@ -11,8 +11,9 @@ DeepSpeed still keeps a separate fp32 master partition: 4 + 4 + 12 bytes. LoRA k
 gradient and optimizer bytes only for the adapters.
 
 Activations count what autograd keeps per token and layer with memory-efficient attention (no seq² scores),
-or only the layer inputs under activation checkpointing, plus the logits; buckets and the CUDA context come
-on top.
+or only the layer inputs under activation checkpointing, plus the logits of at most LOSS_CHUNK_BYTES' worth of
+tokens (the loss runs the output head a chunk of tokens at a time: workers/loss.py); buckets and the CUDA context
+come on top.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ CUDA_CONTEXT_BYTES = 600 * 1024**2  # CUDA context + cuBLAS workspace, typical f
 ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation on top of everything else
 HOST_BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' additional_buffer_factor for host memory
 LOAD_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size: the most of a checkpoint a 4-bit load holds in host RAM
+LOSS_CHUNK_BYTES = 256 * 1024**2  # the loss's logits held at once (at its peak: logit_bytes_per_token), whatever the micro-batch
 OUTER_BUCKET_ELEMENTS = 2**22  # outer steps: the new global weights reach a box's cards this many at a time (16 MiB in fp32)
 
 
@@ -184,18 +186,35 @@ def _lora_host_bytes(shape: TrainingShape, zero: ZeroSetting, ranks_here: int, s
     return int(base + adapters)
 
 
-def activation_bytes_per_sample(shape: TrainingShape) -> int:
+def layer_activation_bytes_per_sample(shape: TrainingShape) -> int:
     f, s = shape.facts, shape.seq_len
     c = bytes_per_value(shape.precision)
     # per token and layer: 4 residual-stream tensors (norm inputs and outputs), q/k/v and the attention
     # output (memory-efficient attention keeps no seq x seq scores), 3 MLP-width tensors (gate, up, product)
     per_layer = (4 * f.hidden + (f.heads + 2 * f.kv_heads) * f.head_dim + f.heads * f.head_dim + 3 * f.intermediate) * s * c
     if shape.activation_checkpointing:
-        kept = f.n_layers * s * f.hidden * c + per_layer  # layer inputs, plus one layer recomputed at a time
-    else:
-        kept = f.n_layers * per_layer
-    logits = s * f.vocab * (c + 4 + 4)  # logits, their fp32 copy for the loss, and its gradient
-    return kept + logits
+        return f.n_layers * s * f.hidden * c + per_layer  # layer inputs, plus one layer recomputed at a time
+    return f.n_layers * per_layer
+
+
+def logit_bytes_per_token(vocab: int, precision: str) -> int:
+    """What the loss holds of a token's logits at its peak, in backward: the logits in the compute dtype and three
+    fp32 tensors of them (the saved log-probabilities, their gradient, the logits' gradient). Measured by
+    bench/loss_memory.py: 16.4 bytes a logit in fp32, 14.3 in bf16 (this counts 16 and 14)."""
+    return vocab * (bytes_per_value(precision) + 3 * 4)
+
+
+def loss_chunk_tokens(vocab: int, precision: str) -> int:
+    """Tokens whose logits the loss computes at once (workers/loss.py: the plan hands the number to the ranks)."""
+    return max(1, LOSS_CHUNK_BYTES // logit_bytes_per_token(vocab, precision))
+
+
+def activation_bytes(shape: TrainingShape, micro_batch: int) -> int:
+    """A micro-batch's: every sample's layer activations, and the logits of one chunk of its tokens (all of them
+    where they fit in one)."""
+    vocab, precision = shape.facts.vocab, shape.precision
+    logits = min(micro_batch * shape.seq_len, loss_chunk_tokens(vocab, precision)) * logit_bytes_per_token(vocab, precision)
+    return layer_activation_bytes_per_sample(shape) * micro_batch + logits
 
 
 def bucket_bytes(shape: TrainingShape, zero: ZeroSetting) -> int:
@@ -208,7 +227,7 @@ def bucket_bytes(shape: TrainingShape, zero: ZeroSetting) -> int:
 
 def estimate(shape: TrainingShape, zero: ZeroSetting, world: int, micro_batch: int) -> MemoryEstimate:
     weights, gradients, optimizer, gathered = model_states(shape, zero, world)
-    activations = activation_bytes_per_sample(shape) * micro_batch
+    activations = activation_bytes(shape, micro_batch)
     buckets = bucket_bytes(shape, zero)
     dequantised = dequantised_bytes(shape)
     slack = int((weights + gradients + optimizer + gathered + activations + buckets + dequantised) * ALLOCATOR_SLACK)
@@ -232,5 +251,10 @@ def outer_step_need(shape: TrainingShape, zero: ZeroSetting, world: int, micro_b
 def max_micro_batch(shape: TrainingShape, zero: ZeroSetting, world: int, capacity: int) -> int:
     """The largest micro-batch whose estimate fits in `capacity` bytes (0 if not even one sample does)."""
     fixed = estimate(shape, zero, world, 0).total
-    per_sample = activation_bytes_per_sample(shape) * (1 + ALLOCATOR_SLACK)
-    return max(0, int((capacity - fixed) // per_sample))
+    layers, chunk = layer_activation_bytes_per_sample(shape), loss_chunk_tokens(shape.facts.vocab, shape.precision)
+    logits = logit_bytes_per_token(shape.facts.vocab, shape.precision)
+    # Past `chunk` tokens a micro-batch holds one chunk's logits whatever its size: only its layers grow with it
+    chunked = int((capacity - fixed - chunk * logits * (1 + ALLOCATOR_SLACK)) // (layers * (1 + ALLOCATOR_SLACK)))
+    if chunked * shape.seq_len >= chunk:
+        return chunked
+    return max(0, int((capacity - fixed) // ((layers + shape.seq_len * logits) * (1 + ALLOCATOR_SLACK))))

@@ -67,6 +67,13 @@ class Plan:
     four_bit: FourBitBase | None = None  # QLoRA's 4-bit base; None for full and LoRA
     outer: OuterSteps | None = None  # boxes that train apart and meet every H steps (planner/outer.py); None: synchronous
     no_outer: str = ""  # why a job that asked for outer steps runs synchronous across these boxes
+    loss_chunk_tokens: int = 0  # the tokens whose logits the loss computes at once (workers/loss.py); 0: a micro-batch's all
+
+    @property
+    def loss_chunked(self) -> bool:
+        """Whether a micro-batch's logits take more than one of the loss's chunks on some card."""
+        seq_len = self.step.tokens // self.global_batch  # (the step's tokens are its samples' sequences)
+        return bool(self.loss_chunk_tokens) and max(r.tuning.micro_batch for r in self.ranks) * seq_len > self.loss_chunk_tokens
 
     @property
     def global_batch(self) -> int:
@@ -122,7 +129,7 @@ class Plan:
             "activation_checkpointing": self.checkpointing,
             "grad_accum": self.grad_accum, "global_batch": self.global_batch, "total_steps": self.total_steps,
             "params": self.n_params, "trainable_params": self.trainable, "lora_targets": list(self.lora_targets),
-            "four_bit": dataclasses.asdict(self.four_bit) if self.four_bit else None,
+            "four_bit": dataclasses.asdict(self.four_bit) if self.four_bit else None, "loss_chunk_tokens": self.loss_chunk_tokens,
             "est_step_s": sig(self.step.step_s), "est_compute_s": sig(max(self.step.compute_s)),
             "est_comm_s": sig(self.step.comm_s), "est_offload_s": sig(max(self.step.offload_s)),
             "est_tokens_per_s": sig(self.step.tokens_per_s),

@@ -65,14 +65,17 @@ def best_split(global_batch: int, costs: list[RankCost], fixed_s=None) -> tuple[
     """Micro-batches and the accumulation count (the same on every rank) that fit every card and make the
     fastest step: compute, plus `fixed_s(grad_accum)` per rank (communication and offload, which grow with the
     accumulation count at ZeRO-2/3); of equally fast splits, the fewest accumulation steps. A memory cap on the
-    fast card can make more, smaller micro-batches the better split."""
+    fast card can make more, smaller micro-batches the better split. `fixed_s` must not fall as the count grows
+    (collectives and offload are per micro-step or per step), so once a count's bound cannot beat the best split,
+    no larger count can."""
     best, best_time = None, None
+    plain = [c.plain_s for c in costs]
     for grad_accum in (g for g in range(1, global_batch + 1) if global_batch % g == 0):
         if global_batch // grad_accum < len(costs):
             break
         fixed = fixed_s(grad_accum) if fixed_s else [0.0] * len(costs)
-        if best_time is not None and round(step_lower_bound(global_batch, [c.plain_s for c in costs], fixed), 9) >= best_time:
-            continue  # no split at this accumulation count can beat the best one
+        if best_time is not None and round(step_lower_bound(global_batch, plain, fixed), 9) >= best_time:
+            break  # no split at this accumulation count can beat the best one, nor at any larger one
         micro = split_batch(global_batch // grad_accum, costs, [f / grad_accum for f in fixed])
         if micro:
             slowest = round(max(c.seconds(m) * grad_accum + f for c, m, f in zip(costs, micro, fixed)), 9)

@@ -27,7 +27,7 @@ from functools import cached_property
 from orchestrator.ds_config import STAGE3_MAX_LIVE_PARAMETERS
 from orchestrator.inventory import Card, Node
 from orchestrator.model_facts import ModelFacts
-from orchestrator.planner.memory import ZeroSetting, bytes_per_value
+from orchestrator.planner.memory import ZeroSetting, bytes_per_value, loss_chunk_tokens
 
 ASSUMED_EFFICIENCY = 0.4  # achieved / catalog peak matmul rate for transformer training; an assumption, not a measurement
 # achieved / *measured* large-matmul rate in a training step's matmuls and attention, for wide models; narrow
@@ -123,10 +123,20 @@ class TokenWork:
         return self.flops / (tflops * 1e12) + self.moved_bytes / (gb_per_s * 1e9)
 
 
+def head_forward(facts: ModelFacts) -> TokenWork:
+    """A token's pass through the output head, which backward runs again where the loss takes the logits a chunk
+    of tokens at a time (workers/loss.py)."""
+    return TokenWork(2 * facts.vocab * facts.hidden / width_efficiency(facts), VALUES_PER_VOCAB * facts.vocab * 4)
+
+
 def token_work(facts: ModelFacts, seq_len: int, method: str, activation_checkpointing: bool, precision: str,
                lora_targets: tuple[str, ...]) -> TokenWork:
-    return TokenWork(flops_per_token(facts, seq_len, method, activation_checkpointing) / width_efficiency(facts),
+    work = TokenWork(flops_per_token(facts, seq_len, method, activation_checkpointing) / width_efficiency(facts),
                      elementwise_bytes_per_token(facts, precision, activation_checkpointing, lora_targets))
+    if seq_len > loss_chunk_tokens(facts.vocab, precision):  # even one sample's loss takes chunks: the head again, every token
+        again = head_forward(facts)
+        work = TokenWork(work.flops + again.flops, work.moved_bytes + again.moved_bytes)
+    return work
 
 
 def seconds_per_token(facts: ModelFacts, seq_len: int, method: str, activation_checkpointing: bool, precision: str,
@@ -262,6 +272,14 @@ class StepInputs:
     def seconds_per_sample(self, rank: int, activation_checkpointing: bool) -> float:
         return self._work[activation_checkpointing].seconds(self.rates_tflops[rank], self.bandwidths_gb_s[rank]) * self.seq_len
 
+    def loss_recompute_s(self, rank: int, micro_batch: float) -> float:
+        """Per micro-step: the head's forward again where a sample fits one of the loss's chunks but the micro-batch
+        does not (where a sample alone does not, `token_work` counts it for every token)."""
+        tokens, chunk = micro_batch * self.seq_len, loss_chunk_tokens(self.facts.vocab, self.precision)
+        if tokens <= chunk or self.seq_len > chunk:
+            return 0.0
+        return head_forward(self.facts).seconds(self.rates_tflops[rank], self.bandwidths_gb_s[rank]) * tokens
+
     def dequantise_s(self, rank: int, passes: int) -> float:
         """QLoRA, per micro-step: every 4-bit weight dequantised `passes` times (forward, backward's input gradient,
         a recomputed forward), each reading its packed half byte (and scales) and writing the compute dtype; bound
@@ -285,7 +303,7 @@ class StepInputs:
     def estimate(self, activation_checkpointing: list[bool], samples_per_rank: list[float], zeros: tuple[ZeroSetting, ...],
                  grad_accum: int) -> StepEstimate:
         """The step of a setting: per rank, whether it recomputes and its samples per optimizer step."""
-        compute = tuple(self.seconds_per_sample(r, ckpt) * n + self.dequantise_s(r, 3 if ckpt else 2) * grad_accum
+        compute = tuple(self.seconds_per_sample(r, ckpt) * n + (self.dequantise_s(r, 3 if ckpt else 2) + self.loss_recompute_s(r, n / grad_accum)) * grad_accum
                         for r, (ckpt, n) in enumerate(zip(activation_checkpointing, samples_per_rank)))
         comm, offload = self.overheads(zeros, grad_accum)
         return StepEstimate(compute, comm, offload, sum(samples_per_rank) * self.seq_len)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from orchestrator.ds_config import RankTuning
@@ -41,6 +41,9 @@ class PlanInput:
     trainable: int
     lora_targets: tuple[str, ...]
     total_steps: int
+    # (precision, checkpointing, ZeRO setting, by box, capacity, ZeRO world) -> the largest micro-batch: the groups of
+    # one plan share most cards and sizes, so each is computed once per plan
+    micro_caps: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 class Setting(NamedTuple):
@@ -83,19 +86,30 @@ class Group:
         self.shapes = {ckpt: training_shape(given, self.precision, ckpt) for ckpt in (False, True)}
         self.plain_s = [self.step.seconds_per_sample(r, False) for r in range(self.world)]
         self._caps: dict[tuple[bool, ZeroSetting], dict[tuple[int, int], int]] = {}
+        self._caps_of: dict[tuple[bool, tuple[ZeroSetting, ...]], tuple[int, ...]] = {}
         self._fixed: dict[tuple[tuple[ZeroSetting, ...], int], tuple[float, ...]] = {}
+        self._host: dict[tuple[ZeroSetting, ...], dict[str, int]] = {}
 
-    def caps(self, ckpt: bool, zeros: tuple[ZeroSetting, ...]) -> list[int]:
-        """Each card's largest micro-batch at its setting (computed once per card model: most groups hold a few)."""
-        return [self._caps_by_capacity(ckpt, z)[c, w] for c, w, z in zip(self.capacities, self.partition, zeros)]
+    def caps(self, ckpt: bool, zeros: tuple[ZeroSetting, ...]) -> tuple[int, ...]:
+        """Each card's largest micro-batch at its setting (computed once per card model: most groups hold a few;
+        and kept per setting, which the tuner asks for at every split it scores)."""
+        found = self._caps_of.get((ckpt, zeros))
+        if found is None:
+            found = self._caps_of[ckpt, zeros] = tuple(self._caps_by_capacity(ckpt, z)[c, w] for c, w, z in zip(self.capacities, self.partition, zeros))
+        return found
 
     def _caps_by_capacity(self, ckpt: bool, zero: ZeroSetting) -> dict[tuple[int, int], int]:
         if (ckpt, zero) not in self._caps:
-            shape = self.shapes[ckpt]
-            self._caps[ckpt, zero] = {(c, w): memory.max_micro_batch(shape, zero, w, c)
-                                      if not self.by_box or memory.outer_step_need(shape, zero, w, 0) <= c else 0
-                                      for c, w in set(zip(self.capacities, self.partition))}
+            self._caps[ckpt, zero] = {(c, w): self._micro_cap(ckpt, zero, c, w) for c, w in set(zip(self.capacities, self.partition))}
         return self._caps[ckpt, zero]
+
+    def _micro_cap(self, ckpt: bool, zero: ZeroSetting, capacity: int, world: int) -> int:
+        key = (self.precision, ckpt, zero, self.by_box, capacity, world)
+        if key not in self.given.micro_caps:
+            shape = self.shapes[ckpt]
+            fits = not self.by_box or memory.outer_step_need(shape, zero, world, 0) <= capacity
+            self.given.micro_caps[key] = memory.max_micro_batch(shape, zero, world, capacity) if fits else 0
+        return self.given.micro_caps[key]
 
     def fixed_s(self, zeros: tuple[ZeroSetting, ...], grad_accum: int) -> tuple[float, ...]:
         """Per rank, what a step costs besides compute (communication and offload): the same for every checkpointing mode."""
@@ -105,7 +119,10 @@ class Group:
         return self._fixed[zeros, grad_accum]
 
     def host_bytes(self, zeros: tuple[ZeroSetting, ...]) -> dict[str, int]:
-        return host_bytes(self.shapes[False], zeros, self.cards)
+        """Per node (kept: each setting's host-RAM check asks, and the plan again; not to be changed)."""
+        if zeros not in self._host:
+            self._host[zeros] = host_bytes(self.shapes[False], zeros, self.cards)
+        return self._host[zeros]
 
 
 def training_shape(given: PlanInput, precision: str, activation_checkpointing: bool) -> TrainingShape:
@@ -193,7 +210,8 @@ def _assemble(group: Group, best: Scored) -> Plan:
                  step_time.rate_source(card, group.precision), envs[i], caps[ckpt][i])
         for i, (card, cap_bytes, z, m, ckpt) in enumerate(zip(group.cards, group.capacities, setting.zeros, best.micro, best.recompute)))
     return Plan(given.job.name, ranks, best.grad_accum, setting.zero, group.precision, given.total_steps, given.facts.n_params,
-                given.trainable, group.host_bytes(setting.zeros), (), best.step, given.lora_targets, _four_bit_base(group, setting.zero))
+                given.trainable, dict(group.host_bytes(setting.zeros)), (), best.step, given.lora_targets, _four_bit_base(group, setting.zero),
+                loss_chunk_tokens=memory.loss_chunk_tokens(given.facts.vocab, group.precision))
 
 
 def _four_bit_base(group: Group, zero: ZeroSetting) -> FourBitBase | None:
