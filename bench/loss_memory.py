@@ -1,14 +1,15 @@
 """What the loss holds in memory: the whole micro-batch's logits, or one chunk of tokens' at a time (workers/loss.py).
 
 One training step (forward and backward) of a 2-layer Llama with Llama 2's 32,000-word vocabulary, fp32 (a Pascal
-card's precision), on this machine's CPU, its loss computed either way, from the same weights and batch: per way the
-most memory the step held above what the process held before it (measured: Linux's resident high-water mark, reset
-before the step, with MALLOC_MMAP_THRESHOLD_ at 64 KiB so that every tensor maps pages of its own and the high-water
-mark follows the live bytes, as a card's allocator peak does), its time, the loss and the largest gradient
-difference; beside them the planner's estimate of the activations (orchestrator/planner/memory.py). The chunk is the
-planner's (LOSS_CHUNK_BYTES of logits, their fp32 copy and gradient). About a minute on 2 cores.
+card's precision; `--precision bf16` for a newer card's), on this machine's CPU, its loss computed either way, from
+the same weights and batch: per way the most memory the step held above what the process held before it (measured:
+Linux's resident high-water mark, reset before the step, with MALLOC_MMAP_THRESHOLD_ at 64 KiB so that every tensor
+maps pages of its own and the high-water mark follows the live bytes, as a card's allocator peak does), its time, the
+loss and the largest gradient difference; beside them the planner's estimate of the activations
+(orchestrator/planner/memory.py). The chunk is the planner's (LOSS_CHUNK_BYTES of logits at the loss's peak:
+orchestrator/planner/memory.logit_bytes_per_token). About a minute on 2 cores.
 
-    .venv/bin/python bench/loss_memory.py [--seq-len 1024] [--micro-batch 4] [--vocab 32000]
+    .venv/bin/python bench/loss_memory.py [--seq-len 1024] [--micro-batch 4] [--vocab 32000] [--precision fp32|bf16]
 """
 
 from __future__ import annotations
@@ -34,17 +35,14 @@ MODEL = {**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 768, "num_attent
 
 def step(model, way: str, input_ids, labels, chunks: int) -> tuple[float, float, float]:
     """(loss, seconds, MiB held above the start at the step's peak) of one forward and backward."""
-    import torch.nn.functional as F
-
-    from workers.loss import ChunkedLoss
+    from workers.loss import ChunkedLoss, whole_logits_loss
     from workers.telemetry import PeakAbove
 
     model.zero_grad(set_to_none=True)
     with PeakAbove(on_gpu=False) as peak:
         began = time.perf_counter()
         if way == "whole":  # what the training loop did before workers/loss.py
-            logits = model(input_ids=input_ids).logits
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+            loss = whole_logits_loss(model(input_ids=input_ids).logits, labels)
         else:
             ChunkedLoss(model).arm(labels, chunks)
             loss = model(input_ids=input_ids).loss

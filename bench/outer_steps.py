@@ -46,6 +46,7 @@ def held_out_loss(model_dir: Path, tokenizer_dir: Path, eval_path: Path, adapter
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from workers.data import collate, read_records, tokenize
+    from workers.loss import whole_logits_loss
 
     fields = {"text_field": None, "prompt_field": "prompt", "completion_field": "completion"} if adapter_dir else \
         {"text_field": "text", "prompt_field": None, "completion_field": None}
@@ -62,9 +63,7 @@ def held_out_loss(model_dir: Path, tokenizer_dir: Path, eval_path: Path, adapter
     with torch.no_grad():
         for start in range(0, len(samples), 64):
             batch = collate(samples[start: start + 64], tokenizer.pad_token_id)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            total += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1),
-                                                       ignore_index=-100, reduction="sum").item()
+            total += whole_logits_loss(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels).item()
             count += batch.loss_tokens
     return total / count
 

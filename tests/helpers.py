@@ -19,6 +19,7 @@ from orchestrator.jobspec import JobSpec
 from orchestrator.model_facts import facts_from_config, read_config
 from tests.conftest import REPO, TINY_LLAMA, free_port
 from workers.checkpoint import what_it_trains
+from workers.loss import whole_logits_loss
 from workers.train import TrainConfig
 
 CONFIGS = REPO / "orchestrator" / "data" / "model_configs"
@@ -63,8 +64,7 @@ def mean_token_loss(model, records: list[dict], dataset: dict, tokenizer) -> flo
 
     batch = collate(tokenize(records, dataset, tokenizer, 32), tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1), ignore_index=-100).item()
+        return whole_logits_loss(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels, "mean").item()
 
 
 # ------------------------------------------------------------------------------------------ three real DeepSpeed ranks
@@ -187,9 +187,7 @@ def reference(config: TrainConfig, initial: dict, weighting: str, groups: tuple[
             total, count = 0.0, 0
             for idx in sampler.rank_micro_batches(step, rank):
                 batch = collate([samples[i] for i in idx], tokenizer.pad_token_id)
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                total = total + torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+                total = total + whole_logits_loss(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels)
                 count += batch.loss_tokens
             parts.append((total, count))
         if groups:

@@ -3,11 +3,11 @@ same gradients, and never keeps a micro-batch's logits for backward."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from orchestrator.demo.task import TINY_LLAMA
 from workers.loss import IGNORED, ChunkedLoss, chunks_for
+from workers.loss import whole_logits_loss as loss_of_logits
 
 VOCAB = 97  # a prime, so no chunk size divides the tokens evenly by accident
 GEMMA2 = {"model_type": "gemma2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -39,8 +39,7 @@ def batch(samples: int = 3, tokens: int = 20):
 
 def whole_logits_loss(model, input_ids, mask, labels):
     """What the training loop computed before: every position's logits, in fp32, then the loss over them."""
-    logits = model(input_ids=input_ids, attention_mask=mask).logits
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORED, reduction="sum")
+    return loss_of_logits(model(input_ids=input_ids, attention_mask=mask).logits, labels)
 
 
 def chunked_loss(model, chunks, input_ids, mask, labels):

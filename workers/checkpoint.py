@@ -173,8 +173,8 @@ def universal(checkpoints: Path, tag: str) -> Path:
 
 def _to_universal(source: Path, into: Path) -> None:
     """DeepSpeed's `ds_to_universal`, run in this process, where torch and DeepSpeed are imported already: as
-    `python -m` it spent 6-10 s importing them again (2 cores) before converting the tiny test model in 0.2 s, while
-    every other rank of the job waited. One worker each, so it makes no process pool. Its progress lines and bars
+    `python -m` it spent 5.5 s (2 cores, idle; up to 10 s loaded) importing them again before converting the tiny
+    test model in 0.2 s, while every other rank of the job waited. One worker each, so it makes no process pool. Its progress lines and bars
     are kept out of the job's log; an error says which checkpoint and why, and leaves nothing half-converted."""
     from deepspeed.checkpoint import ds_to_universal
 

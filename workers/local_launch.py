@@ -24,8 +24,12 @@ from workers.ports import bound_socket
 from workers.train import TrainConfig
 
 DEATH_GRACE_S = 3
+# Besides the libraries: what every rank imports later, at its engine's start (DeepSpeed's Muon optimizer, which
+# torch.compile-s its kernels and so imports torch's inductor, whatever the job's optimizer) and its model's (the tiny
+# Llama of the tests and benches): 2.0 s a three-rank launch with them, 2.8-3.5 s without (2026-12-07, 2 cores).
 PRELOAD = ["torch", "deepspeed", "transformers", "peft", "safetensors.torch", "workers.train", "workers.data", "workers.checkpoint",
-           "workers.telemetry", "workers.tracking", "workers.memory_report"]
+           "workers.telemetry", "workers.tracking", "workers.memory_report", "deepspeed.runtime.zero.muon.muon_optimizer",
+           "transformers.models.llama.modeling_llama"]
 
 
 @functools.cache

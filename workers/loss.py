@@ -27,6 +27,15 @@ from __future__ import annotations
 IGNORED = -100  # the label of a position that has no loss (workers/data.py)
 
 
+def whole_logits_loss(logits, labels, reduction: str = "sum"):
+    """The cross-entropy of each next token from a model's whole logits (in fp32, ignored positions left out): what the
+    chunks' losses sum to (tests/test_loss.py), and how the tests and benches score a trained model."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1).to(logits.device),
+                           ignore_index=IGNORED, reduction=reduction)
+
+
 def chunks_for(micro_batches, seq_len: int, chunk_tokens: int) -> int:
     """The number of chunks every rank of a world takes, so that none holds more than `chunk_tokens` tokens' logits
     at once (`micro_batches`: the world's, whose largest sets it; 0 tokens a chunk: one chunk)."""

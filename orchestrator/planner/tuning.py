@@ -85,23 +85,17 @@ class Group:
             link, pcie, max(per_box.values()), job.method == "qlora")
         self.shapes = {ckpt: training_shape(given, self.precision, ckpt) for ckpt in (False, True)}
         self.plain_s = [self.step.seconds_per_sample(r, False) for r in range(self.world)]
-        self._caps: dict[tuple[bool, ZeroSetting], dict[tuple[int, int], int]] = {}
         self._caps_of: dict[tuple[bool, tuple[ZeroSetting, ...]], tuple[int, ...]] = {}
         self._fixed: dict[tuple[tuple[ZeroSetting, ...], int], tuple[float, ...]] = {}
         self._host: dict[tuple[ZeroSetting, ...], dict[str, int]] = {}
 
     def caps(self, ckpt: bool, zeros: tuple[ZeroSetting, ...]) -> tuple[int, ...]:
-        """Each card's largest micro-batch at its setting (computed once per card model: most groups hold a few;
-        and kept per setting, which the tuner asks for at every split it scores)."""
+        """Each card's largest micro-batch at its setting (kept per setting, which the tuner asks for at every split
+        it scores; each card model's once per plan: `_micro_cap`)."""
         found = self._caps_of.get((ckpt, zeros))
         if found is None:
-            found = self._caps_of[ckpt, zeros] = tuple(self._caps_by_capacity(ckpt, z)[c, w] for c, w, z in zip(self.capacities, self.partition, zeros))
+            found = self._caps_of[ckpt, zeros] = tuple(self._micro_cap(ckpt, z, c, w) for c, w, z in zip(self.capacities, self.partition, zeros))
         return found
-
-    def _caps_by_capacity(self, ckpt: bool, zero: ZeroSetting) -> dict[tuple[int, int], int]:
-        if (ckpt, zero) not in self._caps:
-            self._caps[ckpt, zero] = {(c, w): self._micro_cap(ckpt, zero, c, w) for c, w in set(zip(self.capacities, self.partition))}
-        return self._caps[ckpt, zero]
 
     def _micro_cap(self, ckpt: bool, zero: ZeroSetting, capacity: int, world: int) -> int:
         key = (self.precision, ckpt, zero, self.by_box, capacity, world)
