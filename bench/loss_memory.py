@@ -41,8 +41,9 @@ def step(model, way: str, input_ids, labels, chunks: int) -> tuple[float, float,
     model.zero_grad(set_to_none=True)
     with PeakAbove(on_gpu=False) as peak:
         began = time.perf_counter()
-        if way == "whole":  # what the training loop did before workers/loss.py
-            loss = whole_logits_loss(model(input_ids=input_ids).logits, labels)
+        if way == "whole":  # what the training loop did before workers/loss.py, its `logits` held through backward
+            logits = model(input_ids=input_ids).logits
+            loss = whole_logits_loss(logits, labels)
         else:
             ChunkedLoss(model).arm(labels, chunks)
             loss = model(input_ids=input_ids).loss
