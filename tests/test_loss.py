@@ -6,8 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from orchestrator.demo.task import TINY_LLAMA
-from workers.loss import IGNORED, ChunkedLoss, chunks_for
-from workers.loss import whole_logits_loss as loss_of_logits
+from workers.loss import IGNORED, ChunkedLoss, chunks_for, whole_logits_loss
 
 VOCAB = 97  # a prime, so no chunk size divides the tokens evenly by accident
 GEMMA2 = {"model_type": "gemma2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -37,9 +36,9 @@ def batch(samples: int = 3, tokens: int = 20):
     return input_ids, mask, labels
 
 
-def whole_logits_loss(model, input_ids, mask, labels):
+def whole_loss(model, input_ids, mask, labels):
     """What the training loop computed before: every position's logits, in fp32, then the loss over them."""
-    return loss_of_logits(model(input_ids=input_ids, attention_mask=mask).logits, labels)
+    return whole_logits_loss(model(input_ids=input_ids, attention_mask=mask).logits, labels)
 
 
 def chunked_loss(model, chunks, input_ids, mask, labels):
@@ -62,7 +61,7 @@ def loss_and_grads(model, compute) -> tuple[float, dict[str, torch.Tensor]]:
 def test_the_chunked_loss_and_its_gradients_are_the_whole_logits_ones(config, lora, tied, chunks):
     model = model_of(config, lora, tied)
     data = batch()
-    expected, expected_grads = loss_and_grads(model, lambda: whole_logits_loss(model, *data))
+    expected, expected_grads = loss_and_grads(model, lambda: whole_loss(model, *data))
     got, grads = loss_and_grads(model, lambda: chunked_loss(model, chunks, *data))
     assert got == pytest.approx(expected, rel=1e-6)
     assert grads.keys() == expected_grads.keys()
@@ -84,7 +83,7 @@ def test_no_logits_are_kept_for_backward():
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # (the head's weight is kept, whole, either way)
         return sum(t.numel() for t in kept if t.dim() and t.shape[-1] == VOCAB and t.untyped_storage().data_ptr() not in weights)
 
-    assert logits_kept(lambda: whole_logits_loss(model, *data)) >= (data[2][:, 1:] != IGNORED).sum() * VOCAB
+    assert logits_kept(lambda: whole_loss(model, *data)) >= (data[2][:, 1:] != IGNORED).sum() * VOCAB
     assert logits_kept(lambda: chunked_loss(model, 4, *data)) == 0
 
 
@@ -95,7 +94,7 @@ def test_a_forward_not_armed_is_the_models_own():
     plain = model(input_ids=input_ids, attention_mask=mask)
     assert plain.loss is None and plain.logits.shape == (*input_ids.shape, VOCAB)
     loss.arm(labels, 4)
-    assert model(input_ids=input_ids, attention_mask=mask).loss.item() == pytest.approx(whole_logits_loss(model, input_ids, mask, labels).item(), rel=1e-6)
+    assert model(input_ids=input_ids, attention_mask=mask).loss.item() == pytest.approx(whole_loss(model, input_ids, mask, labels).item(), rel=1e-6)
     torch.testing.assert_close(model(input_ids=input_ids, attention_mask=mask).logits, plain.logits)
 
 
