@@ -7,6 +7,7 @@ import pytest
 
 from orchestrator.cluster_config import ClusterConfig
 from orchestrator.inventory import snapshot_from_config
+from orchestrator.planner import make_plan
 from orchestrator.scheduler.policies import PolicyInput, RunningJob, policy
 from orchestrator.scheduler.table import QueuedJob, ThroughputTable
 from orchestrator.scheduler.trace import TraceJob
@@ -214,6 +215,48 @@ def test_a_plan_made_on_more_free_cards_is_reused_only_where_a_fresh_plan_would_
             again = warm.plan(queued, free)
             assert (again.cards, again.plan.step.step_s) == (fresh.cards, fresh.plan.step.step_s), (queued.id, gone)
             assert gone in chosen or again.plan is warm.plan(queued, everything).plan  # reused, not planned again
+
+
+def test_a_groups_tuning_is_remembered_for_jobs_alike_and_every_plan_is_what_a_fresh_table_gives():
+    """The table keeps each group of cards' tuning per job shape: planned again on other free cards, for another job
+    of that shape (its own name and steps), the plan is what the planner gives from a cold table, and no group is
+    tuned twice."""
+    boxes = pool(("desk", ["NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 3090"]), ("closet", ["NVIDIA GeForce RTX 3060 12GB"]),
+                 ("attic", ["NVIDIA GeForce RTX 2080 Ti", "NVIDIA GeForce GTX 1080 Ti"]))
+    everything = sorted(c.card_id for c in boxes.cards)
+    free_sets = [frozenset(everything)] + [frozenset(everything) - {a, b} for i, a in enumerate(everything) for b in everything[i + 1:]]
+    for kind in ({"gpus": 3, "method": "full", "model": "llama-3.2-1b"}, {"gpus": 2}):
+        warm = ThroughputTable(boxes)
+        first, twin = job("first", steps=200, **kind), job("twin", steps=900, **kind)
+        assert first.shape == twin.shape
+        for queued in (first, twin):
+            for free in free_sets:
+                again, fresh = warm.plan(queued, free), ThroughputTable(boxes).plan(queued, free)
+                assert (again.plan is None) == (fresh.plan is None), (queued.id, sorted(free))
+                if fresh.plan:
+                    assert (again.plan.job_name, again.plan.total_steps, again.cards, again.plan.grad_accum) == \
+                        (queued.spec.name, 900 if queued is twin else 200, fresh.cards, fresh.plan.grad_accum)
+                    assert ([r.tuning for r in again.plan.ranks], again.plan.step) == ([r.tuning for r in fresh.plan.ranks], fresh.plan.step)
+            if queued is first:
+                tuned = len(warm._tuned[first.shape])
+        assert len(warm._tuned[first.shape]) == tuned  # the twin's plans asked for no group the first's had not
+        remembered = {}  # the planner's own answer, from a kept tuning: the asking job's name and steps
+        for queued in (first, twin):
+            plan = make_plan(queued.spec, warm.facts(queued), boxes, queued.total_steps, tuned=remembered)
+            assert (plan.job_name, plan.total_steps) == (queued.spec.name, queued.total_steps)
+
+
+def test_jobs_alike_but_for_their_length_do_not_share_an_outer_step_count_that_follows_the_length():
+    """`inner_steps: auto` picks H from the run's length (at least 8 outer steps a run): a 100-step job meets every
+    12 steps, a 20,000-step one every 500. Planned one after the other by the same table (as a round does), each
+    gets its own H, not the other's."""
+    boxes = boxes_of([("desk", 64, ["NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 3090"]), ("attic", 64, ["NVIDIA GeForce RTX 3090"])])
+    everything = frozenset(c.card_id for c in boxes.cards)
+    kind = {"gpus": 3, "method": "full", "model": "llama-3.2-1b", "sync": {"mode": "outer", "inner_steps": "auto"}}
+    table = ThroughputTable(boxes)
+    for queued, h in ((job("short", steps=100, **kind), 12), (job("long", steps=20_000, **kind), 500)):
+        plan = table.plan(queued, everything).plan
+        assert plan.outer and plan.outer.inner_steps == h == ThroughputTable(boxes).plan(queued, everything).plan.outer.inner_steps
 
 
 def boxes_of(boxes: list[tuple[str, int, list[str]]], link: str = "1GbE"):

@@ -35,11 +35,13 @@ class NoPlacement(ZeromixError):
 
 
 def make_plan(job: JobSpec, facts: ModelFacts, snapshot: ClusterSnapshot, total_steps: int, filters=DEFAULT_FILTERS,
-              suggest: bool = True, groups_seen: dict | None = None) -> Plan:
+              suggest: bool = True, groups_seen: dict | None = None, tuned: dict | None = None) -> Plan:
     """The fastest plan for the job on these cards. `suggest`: when nothing fits, plan variants of the job
     to say what would. `groups_seen`: a dict a caller that plans many jobs on one cluster keeps (the scheduler's
     throughput table): the candidate groups depend only on the eligible cards, the job's card bounds and its
-    precision, so jobs alike in those share one enumeration."""
+    precision, so jobs alike in those share one enumeration. `tuned`: a dict such a caller keeps per job shape
+    (every field the planner reads but the name and steps) on one cluster: a group's tuning depends only on its
+    cards, so the plans of that shape on other sets of free cards reuse it."""
     trainable = _trainable(job, facts)
     ctx = PlanInput(job, facts, snapshot, trainable, lora_targets(job, facts), total_steps)
     rejected: dict[str, Rejection] = {}
@@ -69,7 +71,7 @@ def make_plan(job: JobSpec, facts: ModelFacts, snapshot: ClusterSnapshot, total_
         # long as its compute alone (no collective at all) beats the best so far; so it is tuned without that bound
         across = job.sync.mode != "synchronous" and len({c.node for c in group.cards}) > 1
         bounded = best is not None and not (across and step_lower_bound(job.global_batch_size, group.plain_s, (0.0,) * group.world) < best.step.step_s)
-        plan, dropped = _fit(group, lo, best.step.step_s if bounded else None)
+        plan, dropped = _fit(group, lo, best.step.step_s if bounded else None, tuned if tuned is not None else {})
         plan = outer.choose(ctx, plan) if plan and across else plan
         if plan and (best is None or plan.step.tokens_per_s > best.step.tokens_per_s):
             best, misfits = plan, dropped
@@ -134,12 +136,12 @@ def _one_build(cards: list[Card], rejected: dict[str, Rejection]) -> list[Card]:
     return kept
 
 
-def _fit(group: Group, lo: int, to_beat: float | None) -> tuple[Plan | None, dict[str, Rejection]]:
+def _fit(group: Group, lo: int, to_beat: float | None, tuned: dict) -> tuple[Plan | None, dict[str, Rejection]]:
     """Tune the group (None when it cannot beat `to_beat` seconds a step); while nothing fits, drop its smallest
     card (the likeliest misfit) and try again."""
     dropped: dict[str, Rejection] = {}
     while True:
-        plan = tune(group, to_beat)
+        plan = _tune_once(group, to_beat, tuned)
         if plan or (to_beat is not None and fits(group)):
             return plan, dropped
         smallest = min(group.cards, key=lambda c: (c.vram_mib, c.card_id))
@@ -150,6 +152,25 @@ def _fit(group: Group, lo: int, to_beat: float | None) -> tuple[Plan | None, dic
             return None, dropped
         group = Group(group.given, rest)
 
+
+
+def _tune_once(group: Group, to_beat: float | None, tuned: dict) -> Plan | None:
+    """`tune`, remembered by the group's cards. A plan it found under a bound is the group's best (every setting that
+    could beat it was scored), so it answers any bound; "none under b" answers any bound up to b."""
+    key = tuple(c.card_id for c in group.cards)
+    if key in tuned:
+        bound, plan = tuned[key]
+        if plan is not None:
+            if to_beat is not None and plan.step.step_s >= to_beat:
+                return None
+            job = group.given
+            return plan if (plan.job_name, plan.total_steps) == (job.job.name, job.total_steps) else \
+                replace(plan, job_name=job.job.name, total_steps=job.total_steps)
+        if to_beat is not None and bound is not None and to_beat <= bound:
+            return None
+    plan = tune(group, to_beat)
+    tuned[key] = (to_beat, plan)
+    return plan
 
 
 def _left_out(ctx: PlanInput, plan: Plan, card: Card, hi: int) -> Rejection:

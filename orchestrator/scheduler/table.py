@@ -38,8 +38,12 @@ class QueuedJob:
     @cached_property
     def shape(self) -> str:
         """What its plans depend on (jobs alike share them); made once per job: a policy asks for it for every job
-        and card set it weighs, a third of a simulated day's CPU time when it was made at each ask."""
-        return json.dumps([self.spec.model_dump(include=set(SHAPE_FIELDS), mode="json"), self.memory_caps], sort_keys=True)
+        and card set it weighs, a third of a simulated day's CPU time when it was made at each ask. A job whose outer
+        steps come every `auto` steps adds its length: H follows it (planner/outer.py), so a short job's plan would
+        give a long one an exchange every dozen steps."""
+        sync = self.spec.sync
+        steps = self.total_steps if sync.mode != "synchronous" and sync.inner_steps == "auto" else None
+        return json.dumps([self.spec.model_dump(include=set(SHAPE_FIELDS), mode="json"), self.memory_caps, steps], sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class Bounded(OrderedDict):
 PLAN_CACHE = 20_000  # plans (shape, free cards); one round of 200 queued jobs on 64 cards makes about 2,000
 VIEW_CACHE = 2_000  # the cluster as seen with only some cards free
 FACTS_CACHE = 500  # parsed model configs
+GROUPS_TUNED = 5_000  # per shape, groups of cards whose tuning is kept
 LARGER_POOLS_KEPT = 8  # per shape, the latest free sets it was planned on, for the smaller sets that follow in a round
 
 
@@ -92,6 +97,7 @@ class ThroughputTable:
         self._facts: Bounded = Bounded(FACTS_CACHE)  # model path -> ModelFacts
         self._recent: Bounded = Bounded(VIEW_CACHE)  # shape -> deque of (free cards, Outcome), latest last
         self._groups: Bounded = Bounded(PLAN_CACHE)  # the planner's candidate groups, shared by jobs alike (make_plan)
+        self._tuned: Bounded = Bounded(VIEW_CACHE)  # shape -> the planner's tuning of each group of cards (make_plan)
         self._best: Bounded = Bounded(PLAN_CACHE)  # (shape, job name, steps) -> the job's plan on every card
         self._every_card = frozenset(c.card_id for c in cluster.cards)
 
@@ -108,7 +114,8 @@ class ThroughputTable:
                     {c.resource: "another job" for c in self.cluster.cards if c.card_id not in free}))
                 try:
                     outcome = Outcome(make_plan(job.spec, self.facts(job), view.with_memory_caps(dict(job.memory_caps)),
-                                                job.total_steps, suggest=False, groups_seen=self._groups))
+                                                job.total_steps, suggest=False, groups_seen=self._groups,
+                                                tuned=self._tuned.get_or_make(job.shape, lambda: Bounded(GROUPS_TUNED))))
                 except NoPlacement as err:
                     outcome = Outcome(None, str(err))
             recent.append((free, outcome))
