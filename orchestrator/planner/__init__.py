@@ -163,9 +163,9 @@ def _tune_once(group: Group, to_beat: float | None, tuned: dict) -> Plan | None:
         if plan is not None:
             if to_beat is not None and plan.step.step_s >= to_beat:
                 return None
-            job = group.given
-            return plan if (plan.job_name, plan.total_steps) == (job.job.name, job.total_steps) else \
-                replace(plan, job_name=job.job.name, total_steps=job.total_steps)
+            asking = group.given
+            return plan if (plan.job_name, plan.total_steps) == (asking.job.name, asking.total_steps) else \
+                replace(plan, job_name=asking.job.name, total_steps=asking.total_steps)
         if to_beat is not None and bound is not None and to_beat <= bound:
             return None
     plan = tune(group, to_beat)
