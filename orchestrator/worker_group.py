@@ -194,7 +194,7 @@ class WorkerGroup:
                 if config.outer and box and failure_kind(err) == "lost":
                     self._leave(run, box, err)
                     continue
-                failures = {rank: err} | self._other_failures(run.pending)
+                failures = {rank: err} | self._other_failures(run.pending, failure_kind(err))
                 self.shutdown()
                 rank, err = _root_cause(failures)
                 raise RankFailed.of(rank, self.cards[rank], describe(err), failure_kind(err)) from err
@@ -264,14 +264,21 @@ class WorkerGroup:
                 del run.pending[ref]
                 ray.kill(self.actors[rank])
 
-    def _other_failures(self, pending: dict) -> dict[int, BaseException]:
-        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=ROOT_CAUSE_WAIT_S)
-        failures = {}
-        for ref in done:
-            try:
-                ray.get(ref)
-            except Exception as err:
-                failures[pending[ref]] = err
+    def _other_failures(self, pending: dict, first: str) -> dict[int, BaseException]:
+        """The other ranks' failures, gathered for up to ROOT_CAUSE_WAIT_S (one may explain the first, a survivor's
+        broken collective); none is waited for once a card's out of memory is in hand: `_root_cause` puts it first,
+        and the others would only wait in their collectives until stopped (10 s more before each restart of an
+        out-of-memory job)."""
+        failures, kinds, waiting = {}, {first}, list(pending)
+        deadline = time.monotonic() + ROOT_CAUSE_WAIT_S
+        while waiting and "oom" not in kinds and (left := deadline - time.monotonic()) > 0:
+            done, waiting = ray.wait(waiting, num_returns=1, timeout=left)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except Exception as err:
+                    failures[pending[ref]] = err
+                    kinds.add(failure_kind(err))
         return failures
 
     def shutdown(self) -> None:
