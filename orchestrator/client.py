@@ -45,6 +45,7 @@ def scheduler():
 
 def _ask(method: str, *args):
     """One call to the scheduler actor, with a deadline. An actor replaced meanwhile is looked up again once."""
+    cluster_runtime.connect()  # before Ray is imported here: it reads the cluster's token auth settings at its import
     import ray
 
     for attempt in (1, 2):

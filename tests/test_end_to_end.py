@@ -2,7 +2,10 @@
 jobs go through the CLI, DeepSpeed trains on CPU ranks, and transformers loads what was saved."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -47,6 +50,16 @@ def test_nodes_lists_every_card_of_cluster_yaml(connected):
     narrow = zeromix("nodes", env={"COLUMNS": "80"}).stdout  # fewer columns, no cell cut or wrapped
     assert max(len(line) for line in narrow.splitlines()) <= 80 and "…" not in narrow
     assert [line.split()[:3] for line in narrow.splitlines() if line.strip().startswith("desk/1")] == [["desk/1", "RTX", "4090"]]
+
+
+def test_the_commands_find_the_clusters_token_from_a_shell_with_no_ray_settings(connected):
+    """A user's shell after `zeromix up` has no Ray variable: each command sets Ray's token auth before Ray is imported.
+    (The suite's own environment carries Ray's auth variables, which hid `zeromix queue`, `logs`, `cancel`, `move` and
+    `report` failing without them: 22 s, then a ConnectionError.)"""
+    shell = {name: value for name, value in os.environ.items() if not name.startswith("RAY_")}
+    for args in (("queue", "--all"), ("nodes",)):
+        done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True, cwd=REPO, env=shell, timeout=120)
+        assert done.returncode == 0, (args, done.stderr[-2000:])
 
 
 def test_full_fine_tune_zero2_on_two_different_cards(scratch_run, demo_data):
