@@ -106,6 +106,25 @@ def _root_cause(failures: dict[int, BaseException]) -> tuple[int, BaseException]
     return min(failures.items(), key=order)
 
 
+def other_failures(pending: dict, first: str) -> dict[int, BaseException]:
+    """The other ranks' failures (`pending`: a rank's run -> the rank; `first`: the kind of the failure that came
+    first), gathered for up to ROOT_CAUSE_WAIT_S (one may explain the first, a survivor's
+    broken collective); none is waited for once a card's out of memory is in hand: `_root_cause` puts it first,
+    and the others would only wait in their collectives until stopped (10 s more before each restart of an
+    out-of-memory job)."""
+    failures, kinds, waiting = {}, {first}, list(pending)
+    deadline = time.monotonic() + ROOT_CAUSE_WAIT_S
+    while waiting and "oom" not in kinds and (left := deadline - time.monotonic()) > 0:
+        done, waiting = ray.wait(waiting, num_returns=1, timeout=left)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as err:
+                failures[pending[ref]] = err
+                kinds.add(failure_kind(err))
+    return failures
+
+
 @dataclass
 class _Run:
     """What WorkerGroup.run tracks while the ranks train."""
@@ -194,7 +213,7 @@ class WorkerGroup:
                 if config.outer and box and failure_kind(err) == "lost":
                     self._leave(run, box, err)
                     continue
-                failures = {rank: err} | self._other_failures(run.pending, failure_kind(err))
+                failures = {rank: err} | other_failures(run.pending, failure_kind(err))
                 self.shutdown()
                 rank, err = _root_cause(failures)
                 raise RankFailed.of(rank, self.cards[rank], describe(err), failure_kind(err)) from err
@@ -263,23 +282,6 @@ class WorkerGroup:
             if ref not in done:
                 del run.pending[ref]
                 ray.kill(self.actors[rank])
-
-    def _other_failures(self, pending: dict, first: str) -> dict[int, BaseException]:
-        """The other ranks' failures, gathered for up to ROOT_CAUSE_WAIT_S (one may explain the first, a survivor's
-        broken collective); none is waited for once a card's out of memory is in hand: `_root_cause` puts it first,
-        and the others would only wait in their collectives until stopped (10 s more before each restart of an
-        out-of-memory job)."""
-        failures, kinds, waiting = {}, {first}, list(pending)
-        deadline = time.monotonic() + ROOT_CAUSE_WAIT_S
-        while waiting and "oom" not in kinds and (left := deadline - time.monotonic()) > 0:
-            done, waiting = ray.wait(waiting, num_returns=1, timeout=left)
-            for ref in done:
-                try:
-                    ray.get(ref)
-                except Exception as err:
-                    failures[pending[ref]] = err
-                    kinds.add(failure_kind(err))
-        return failures
 
     def shutdown(self) -> None:
         for actor in self.actors:

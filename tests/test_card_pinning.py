@@ -1,5 +1,6 @@
 """Two jobs on one mixed node each get their own card, and each worker runs on the card it was promised; a worker
-that dies before it answers fails its placement as lost.
+that dies before it answers fails its placement as lost; a card out of memory is reported without waiting for the
+other ranks.
 
 A two-node simulated cluster (a CPU-only head, and "attic" with a GTX 1080 Ti at index 0 and an RTX 3090 at
 index 1) runs with the NVML double answering as that box, so a worker can report what NVML shows at the
@@ -40,6 +41,7 @@ def test_two_jobs_get_the_two_cards_of_one_mixed_node(tmp_path, demo_data, isola
             "attic/0", "0", "NVIDIA GeForce GTX 1080 Ti", "00000000:01:00.0")
         assert (a["precision"], b["precision"]) == ("bf16", "fp32")  # each card's own tuning
         _a_rank_that_dies_before_it_answers_is_lost(tmp_path)
+        _a_card_out_of_memory_is_reported_without_waiting_for_the_other_ranks()
     finally:
         zeromix("down", env=env)
 
@@ -74,3 +76,40 @@ def _a_rank_that_dies_before_it_answers_is_lost(tmp_path):
     finally:
         workers.shutdown()
         remove_placement_group(group)
+
+
+def _a_card_out_of_memory_is_reported_without_waiting_for_the_other_ranks():
+    """(On the same cluster, idle.) Once a rank has failed, the job's driver gathers the others' failures, for up to
+    ROOT_CAUSE_WAIT_S, since one of them may explain the first (a survivor's broken collective came first). A card out
+    of memory explains them all: with one in hand it stops gathering at once, rather than wait on ranks stuck in
+    their collectives, which would only delay the job's restart with a smaller micro-batch. Ray tasks stand in for
+    the ranks: one stuck, one that runs out of memory after the first failure."""
+    import time
+
+    import ray
+    import torch
+
+    from orchestrator import worker_group
+
+    @ray.remote(num_cpus=0)
+    def runs_out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (a test's)")
+
+    @ray.remote(num_cpus=0)
+    def stuck_in_a_collective():
+        time.sleep(3600)
+
+    window = 120  # the gathering's bound here; waited out only if the driver wrongly waits for the stuck rank
+    stuck = stuck_in_a_collective.remote()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(worker_group, "ROOT_CAUSE_WAIT_S", window)
+            started = time.monotonic()
+            assert worker_group.other_failures({stuck: 1}, "oom") == {}  # the first failure was the card's own
+            out_of_memory = runs_out_of_memory.remote()
+            failures = worker_group.other_failures({out_of_memory: 1, stuck: 2}, "lost")
+            gathered_s = time.monotonic() - started
+        assert list(failures) == [1] and worker_group.failure_kind(failures[1]) == "oom", failures
+        assert gathered_s < window / 2, f"the driver waited {gathered_s:.0f} s for a rank stuck in its collective"
+    finally:
+        ray.cancel(stuck, force=True)
