@@ -18,6 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from workers.bitsandbytes_import import import_bitsandbytes
 from workers.checkpoint import CHECKPOINT_DIR
 from workers.collectives import RankComm, RankInfo, first_ranks
 
@@ -205,6 +206,8 @@ def train(cfg: TrainConfig, comm: RankComm, link=None, back: bool = False) -> Ra
     # ----------------------------------------------------------------------------- model
     # ZeRO-3 partitions weights as they are created; HfDeepSpeedConfig must exist before the model does.
     zero3 = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
+    if cfg.method in ("lora", "qlora"):  # PEFT imports bitsandbytes, which would ask the Hub for a kernel (see there)
+        import_bitsandbytes()
     if cfg.model_init == "scratch":
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model_path))
     elif cfg.method == "qlora":
@@ -259,7 +262,7 @@ def train(cfg: TrainConfig, comm: RankComm, link=None, back: bool = False) -> Ra
 
     # ----------------------------------------------------------------------------- loop
     result = RankResult(rank=me, steps=start_step, precision=precision, device=_device_name(on_gpu),
-                        recomputes=engine.module.is_gradient_checkpointing, resumed_from=tag or "",
+                        recomputes=_recomputes(engine.module), resumed_from=tag or "",
                         universal=universal, quantised_layers=sum(type(p).__name__ == "Params4bit" for p in engine.module.parameters()))
     extra_per_sample_s = cfg.emulated_seconds_per_sample[me] if cfg.emulated_seconds_per_sample else 0.0
     if cfg.emulated_seconds_per_sample:
@@ -373,6 +376,13 @@ def train(cfg: TrainConfig, comm: RankComm, link=None, back: bool = False) -> Ra
         result.wait_s = [sum(h["wait_s"][r] for h in steps) / len(steps) for r in range(world)]
         result.busy_s = [sum(h["step_time_s"][r] - h["wait_s"][r] for h in steps) / len(steps) for r in range(world)]
     return result
+
+
+def _recomputes(model) -> bool:
+    """Whether activation checkpointing is on: what transformers' `is_activation_checkpointing` computes, read
+    directly (transformers 5.0 has only `is_gradient_checkpointing`, which later 5.x deprecate with a warning in
+    every rank's log)."""
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
 
 
 def load_four_bit(model_path: str, four_bit: dict, precision: str, device):

@@ -33,6 +33,9 @@ def _accuracies(model_dir: Path, adapter_dir: Path, eval_path: Path) -> tuple[fl
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from workers.bitsandbytes_import import import_bitsandbytes
+
+    import_bitsandbytes()  # before PEFT does, which would ask the Hub for a kernel no job uses (see there)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     base = AutoModelForCausalLM.from_pretrained(str(model_dir))
     before = exact_match(base, tokenizer, eval_path)
