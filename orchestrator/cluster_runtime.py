@@ -264,6 +264,17 @@ def _terminate_raises():
         signal.signal(signal.SIGTERM, before)
 
 
+def _refuse_ports_in_use(source: str, ports: dict[str, int]) -> None:
+    """The head's own ports must be free before anything starts: on a port another program listens on, Ray's GCS
+    could not start and `ray start` failed some 40 s later with "Failed to start GCS" and no word of the port."""
+    from workers.ports import listened_on
+
+    for name, port in ports.items():
+        if listened_on(port):
+            raise InputError(source, name, port, "another program on this machine listens on it (another Ray cluster?); "
+                                                  "choose a free port")
+
+
 def _already_up(state: ClusterState) -> ZeromixError:
     return ZeromixError(f"this machine is already part of a zeromix cluster ({state.gcs_address}"
                         f"{', from ' + state.cluster_file if state.cluster_file else ''}); run `zeromix down` first")
@@ -283,6 +294,7 @@ def up_simulated(cluster_file: str) -> tuple[UpResult, ClusterSnapshot]:
         if current.simulated and current.config_digest == digest:
             return UpResult(current, True, notes + _start_stopped_nodes(current, snapshot, config.head.port, config.head.dashboard_port)), snapshot
         raise _already_up(current)
+    _refuse_ports_in_use(cluster_file, {"head.port": config.head.port, "head.dashboard_port": config.head.dashboard_port})
     _ensure_token()
     head = snapshot.node(config.head_node.name)
     gcs_address = f"127.0.0.1:{config.head.port}"
@@ -345,6 +357,7 @@ def up(name: str, address: str, port: int, dashboard_port: int, offload_dir: str
         return UpResult(current, True, notes), None  # idempotent: this head is up and answers
     if current:
         raise _already_up(current)
+    _refuse_ports_in_use("command line", {"--port": port, "--dashboard-port": dashboard_port})
     found = probe(offload_dir, head_ip=address)
     node = node_from_probe(with_measured_rates(found) if measure_rates else found, _check_name(name), _check_own_address(address), link_gbit_per_s)
     _ensure_token()

@@ -90,3 +90,38 @@ def test_a_rendezvous_socket_takes_ipv6_and_ipv4_peers_and_is_ipv4_where_the_mac
     monkeypatch.setattr(socket, "socket", without_ipv6)
     with ports.bound_socket() as ipv4:
         assert ipv4.family == socket.AF_INET and ipv4.getsockname()[0] == "0.0.0.0"
+
+
+def test_up_on_a_port_another_program_listens_on_is_refused_at_once_naming_it(tmp_path, monkeypatch):
+    """The head's GCS and dashboard ports, from cluster.yaml or `--port`/`--dashboard-port`: one another program
+    listens on (another Ray cluster on the machine) made `ray start` fail some 40 s later with "Failed to start GCS"
+    and no word of the port. Refused before anything starts or is written: no token, no cluster record. A port a
+    stopped server left in TIME_WAIT is free (what a restarted head binds again)."""
+    from tests.conftest import cli
+    from tests.helpers import cluster_file
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("ZEROMIX_HOME", str(home))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = cluster_file(tmp_path, dashboard_port=port)
+        refused = cli("up", "--simulate", str(config), check=False)
+        assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+            f"zeromix: error: {config}: head.dashboard_port={port} is not allowed; another program on this machine listens on it "
+            "(another Ray cluster?); choose a free port"], refused.stderr
+        refused = cli("up", "--port", str(port), "--dashboard-port", str(ports.free_port()), "--skip-rate-probe", check=False)
+        assert refused.returncode == 2 and f"--port={port} is not allowed; another program" in refused.stderr, refused.stderr
+    assert not home.exists() or not any(home.iterdir()), sorted(home.iterdir())
+
+    with socket.socket() as server:  # a server that had a connection and stopped: its port sits in TIME_WAIT
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # (the server's side closes first: its end of the connection waits in TIME_WAIT)
+        client.close()
+    assert not ports.listened_on(port)

@@ -40,6 +40,18 @@ def free_port(host: str = "") -> int:
     return free_ports(1, host)[0]
 
 
+def listened_on(port: int) -> bool:
+    """Whether a process on this machine listens on `port` (on any interface), so a server cannot bind it there.
+    SO_REUSEADDR: a port left only in TIME_WAIT by a server that stopped is free to bind again, as Ray's does."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
 def bound_socket(host: str = "") -> socket.socket:
     """A socket bound to a port chosen as `free_ports` does, and kept bound: no other process can take the port
     before the owner listens on it (workers/collectives.py hands it to the rendezvous store). On every interface
