@@ -88,7 +88,11 @@ def plan(job_file: str, overrides: list[str], pool: str | None = None) -> Planne
     if pool:
         snapshot = snapshot_from_config(load_cluster(pool))
     else:
-        cluster_runtime.connect()
+        try:
+            cluster_runtime.connect()
+        except ZeromixError as err:  # no cluster here, or none answering: a plan can do without one
+            raise ZeromixError(f"{err}; or plan against a file of cards, with no cluster: "
+                               f"`zeromix plan {job_file} --pool cluster.yaml`") from None
         snapshot = registry.snapshot(live_free_memory=True)
     chosen = make_plan(job, facts, snapshot, total_steps(job))
     as_lora = on_the_same_cards(job.model_copy(update={"method": "lora", "quant": None}), facts, snapshot, chosen) if job.method == "qlora" else None

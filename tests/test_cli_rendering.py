@@ -37,3 +37,15 @@ def test_a_mistyped_command_line_gets_one_usage_error_and_no_traceback():
         done = cli(*args, check=False)
         assert done.returncode == 2, done
         assert said in done.stderr and "Traceback" not in done.stderr + done.stdout, done.stderr
+
+
+def test_plan_with_no_cluster_here_says_how_to_plan_without_one(demo_data, tmp_path, monkeypatch):
+    """`zeromix plan JOB` asks the live cluster; on a machine in none (a laptop, before `up`) the one-line error
+    says how to plan without one, and that command works."""
+    monkeypatch.setenv("ZEROMIX_HOME", str(tmp_path / "no-cluster-here"))
+    data = f"dataset.path={demo_data['pretrain']}"
+    refused = cli("plan", SCRATCH, "--set", data, check=False)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert refused.stderr.strip().endswith(f"; or plan against a file of cards, with no cluster: `zeromix plan {SCRATCH} --pool cluster.yaml`")
+    assert "this machine is in no zeromix cluster" in refused.stderr
+    assert "Plan for tiny-llama-scratch" in cli("plan", SCRATCH, "--pool", "cluster.yaml", "--set", data).stdout
