@@ -4,14 +4,15 @@ Real DeepSpeed on this machine's CPU (gloo), three ranks of the homelab's 3-card
 and RTX 4090 on desk) with their planned micro-batches: once as one synchronous world, and as two boxes (desk,
 attic) taking an outer step every H inner steps (the job spec's defaults: outer lr 1, no momentum; --outer-lr 0.7
 --outer-momentum 0.9 for DiLoCo's). Same model, data, global batches and steps in every run. Prints each run's
-held-out loss (the final global weights, on text none of the runs trained on) against the synchronous run's, and the
-bytes the box leaders sent across the link (counted on it). --demo runs the demo's two jobs instead (the scratch
+held-out loss (the final global weights, on text none of the runs trained on) and the share of those held-out copy/sort
+lines it completes exactly (greedy, after " ="), each against the synchronous run's, and the bytes the box leaders sent
+across the link (counted on it); --seeds N repeats every run with N seeds and adds their means, paired by seed. --demo runs the demo's two jobs instead (the scratch
 model, synchronous or with outer steps, then LoRA on 'rev') and prints the 'rev' exact match and the loss on the
 held-out words' completions (--steps, --larger and --lr change the scratch run's length, model and learning rate); --finetune keeps the
 scratch model synchronous and runs the LoRA stage across both boxes, over several seeds. The link is not throttled
 and the cards are not emulated: timings are not the point of this bench (bench/slow_link.py's are).
 
-    .venv/bin/python bench/outer_steps.py [--steps 200] [--inner 10 50] [--wire fp32] [--wide | --finetune] [--seeds 5]
+    .venv/bin/python bench/outer_steps.py [--steps 200] [--inner 10 50] [--wire fp32] [--wide | --finetune] [--seeds 1]
                                           [--demo [--larger] [--lr 3e-3]]
 """
 
@@ -66,6 +67,23 @@ def held_out_loss(model_dir: Path, tokenizer_dir: Path, eval_path: Path, adapter
             total += whole_logits_loss(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels).item()
             count += batch.loss_tokens
     return total / count
+
+
+def held_out_exact_match(model_dir: Path, tokenizer_dir: Path, text_path: Path, work: Path) -> float:
+    """The pretraining text's own downstream check: the share of held-out `copy`/`sort` lines ("sort dcab = abcd")
+    whose greedy completion after " =" is exactly right (the demo's `rev` check, on the instructions it trained on)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orchestrator.demo.task import exact_match
+
+    prompts = work / f"{text_path.stem}-prompts.jsonl"
+    with prompts.open("w") as f:
+        for line in text_path.read_text().splitlines():
+            prompt, completion = json.loads(line)["text"].split(" =", 1)
+            f.write(json.dumps({"prompt": f"{prompt} =", "completion": completion}) + "\n")
+    return exact_match(AutoModelForCausalLM.from_pretrained(str(model_dir)), AutoTokenizer.from_pretrained(str(tokenizer_dir)), prompts)
 
 
 def _demo_run(job, out: Path, sync: dict, data_path: Path, model_path: Path, **fields) -> tuple[Path, float]:
@@ -155,9 +173,10 @@ def finetune_task(inner: list[int], outer_lr: float, outer_momentum: float, wire
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _print_seeds(results: dict, run: str, loss_names: list[str], outer_lr: float, outer_momentum: float, wire: str) -> None:
+def _print_seeds(results: dict, run: str, loss_names: list[str], outer_lr: float, outer_momentum: float, wire: str,
+                 accuracy: str = "rev exact match") -> None:
     """Per H: the exact match and each loss over seeds, and each seed's difference to the synchronous run's (paired)."""
-    print(f"{'outer steps in the ' + run:<38} {'rev exact match':>16} {'paired vs sync':>16}"
+    print(f"{'outer steps in the ' + run:<38} {accuracy:>16} {'paired vs sync':>16}"
           + "".join(f" {name:>17} {'paired vs sync':>16}" for name in loss_names))
     sync = results[None]
     for h, runs in results.items():
@@ -190,8 +209,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="with --demo: the scratch job's peak learning rate (the job's: 3e-3)")
     parser.add_argument("--demo", action="store_true", help="the demo's two jobs instead (scratch, then LoRA on 'rev')")
     parser.add_argument("--finetune", action="store_true", help="the demo's LoRA stage across both boxes with outer steps instead")
-    parser.add_argument("--seeds", type=int, default=5, help="with --demo or --finetune: seeds per mode")
+    parser.add_argument("--seeds", type=int, help="seeds per mode (default 1; with --demo or --finetune 5)")
     args = parser.parse_args()
+    args.seeds = args.seeds or (5 if args.demo or args.finetune else 1)
     if args.demo:
         return demo_task(args.inner, args.outer_lr, args.outer_momentum, args.wire, args.seeds, args.steps, MODEL if args.larger else None, args.lr)
     if args.finetune:
@@ -214,19 +234,27 @@ def main() -> None:
 
     runs = {"synchronous": base}
     runs.update({f"outer H={h} ({args.wire}, lr {args.outer_lr:g}, mom {args.outer_momentum:g})": with_outer_steps(base, boxes, h, args.outer_lr, args.outer_momentum, args.wire) for h in args.inner})
-    rows, sync_loss = [], None
-    for name, config in runs.items():
-        out = work / name.split()[0] / name.replace(" ", "_")
-        ranks = run_local_ranks(dataclasses.replace(config, output_dir=str(out)))
-        loss = held_out_loss(out / "final", model_dir, held_out)
-        sync_loss = loss if sync_loss is None else sync_loss
-        sent = sum(r["outer_bytes_sent"] for r in ranks)
-        rows.append(f"{name:<42} {loss:>13.4f} {loss / sync_loss - 1:>+8.1%} {ranks[0]['last_loss']:>15.4f} {ranks[0]['outer_steps']:>11} "
-                    f"{f'{sent:,}' if config.outer else '(not counted)':>18}")
-    print(f"\n{'run':<42} {'held-out loss':>13} {'vs sync':>8} {'last train loss':>15} {'outer steps':>11} {'bytes across boxes':>18}")
+    rows, results = [], {}  # run -> [(held-out exact match, held-out loss)] by seed
+    for seed in range(args.seeds):
+        for name, config in runs.items():
+            out = work / f"seed{seed}" / name.split()[0] / name.replace(" ", "_")
+            ranks = run_local_ranks(dataclasses.replace(config, output_dir=str(out), seed=seed))
+            loss, right = held_out_loss(out / "final", model_dir, held_out), held_out_exact_match(out / "final", model_dir, held_out, work)
+            results.setdefault(name, []).append((right, loss))
+            sync_right, sync_loss = results["synchronous"][seed]
+            sent = sum(r["outer_bytes_sent"] for r in ranks)
+            rows.append(f"{name:<42} {seed:>4} {loss:>13.4f} {loss / sync_loss - 1:>+8.1%} {right:>12.0%} {100 * (right - sync_right):>+8.1f} "
+                        f"{ranks[0]['last_loss']:>15.4f} {ranks[0]['outer_steps']:>11} {f'{sent:,}' if config.outer else '(not counted)':>18}")
+    print(f"\n{'run':<42} {'seed':>4} {'held-out loss':>13} {'vs sync':>8} {'exact match':>12} {'pt':>8} {'last train loss':>15} "
+          f"{'outer steps':>11} {'bytes across boxes':>18}")
     print("\n".join(rows))
-    print("\nbytes across boxes: the payload every box leader handed to the link, summed (measured). The synchronous run's "
-          "traffic crosses inside DeepSpeed's own collectives, not counted here.")
+    print("\nexact match: held-out copy/sort lines completed exactly after ' ='; pt: its difference to the synchronous run's, in "
+          "points. Bytes across boxes: the payload every box leader handed to the link, summed (measured); the synchronous "
+          "run's traffic crosses inside DeepSpeed's own collectives, not counted here.")
+    if args.seeds > 1:
+        print(f"\nover {args.seeds} seeds, paired with the synchronous run of the same seed; mean (standard deviation)")
+        _print_seeds({None if name == "synchronous" else int(name.split()[1][2:]): runs_ for name, runs_ in results.items()},
+                     f"{args.steps}-step run", ["held-out loss"], args.outer_lr, args.outer_momentum, args.wire, accuracy="copy/sort match")
     shutil.rmtree(work, ignore_errors=True)
 
 
