@@ -108,10 +108,9 @@ def _root_cause(failures: dict[int, BaseException]) -> tuple[int, BaseException]
 
 def other_failures(pending: dict, first: str) -> dict[int, BaseException]:
     """The other ranks' failures (`pending`: a rank's run -> the rank; `first`: the kind of the failure that came
-    first), gathered for up to ROOT_CAUSE_WAIT_S (one may explain the first, a survivor's
-    broken collective); none is waited for once a card's out of memory is in hand: `_root_cause` puts it first,
-    and the others would only wait in their collectives until stopped (10 s more before each restart of an
-    out-of-memory job)."""
+    first), gathered for up to ROOT_CAUSE_WAIT_S (one may explain the first, a survivor's broken collective); none is
+    waited for once a card's out of memory is in hand: `_root_cause` puts it first, and the others would only wait in
+    their collectives until stopped (10 s more before each restart of an out-of-memory job)."""
     failures, kinds, waiting = {}, {first}, list(pending)
     deadline = time.monotonic() + ROOT_CAUSE_WAIT_S
     while waiting and "oom" not in kinds and (left := deadline - time.monotonic()) > 0:
