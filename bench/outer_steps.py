@@ -206,7 +206,8 @@ def main() -> None:
     parser.add_argument("--outer-momentum", type=float, default=0.0)
     parser.add_argument("--wide", action="store_true", help="bench/hetero_dp.py's wider model (4 layers of 256) instead")
     parser.add_argument("--larger", action="store_true", help="with --demo: this bench's model (2 layers of 128) in place of the demo's")
-    parser.add_argument("--lr", type=float, help="with --demo: the scratch job's peak learning rate (the job's: 3e-3)")
+    parser.add_argument("--lr", type=float, help="the run's learning rate (default 1e-3, constant; with --demo the scratch job's "
+                                                 "peak, 3e-3, cosine)")
     parser.add_argument("--demo", action="store_true", help="the demo's two jobs instead (scratch, then LoRA on 'rev')")
     parser.add_argument("--finetune", action="store_true", help="the demo's LoRA stage across both boxes with outer steps instead")
     parser.add_argument("--seeds", type=int, help="seeds per mode (default 1; with --demo or --finetune 5)")
@@ -221,6 +222,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="zeromix-outer-"))
     model = BENCH_MODEL if args.wide else MODEL
     job = trio_job(work, model, args.steps, args.global_batch, pretrain_lines=3000, rebalance=False)
+    job = job.model_copy(update={"optimizer": job.optimizer.model_copy(update={"lr": args.lr or job.optimizer.lr})})
     model_dir = Path(job.model.path)
     held_out = write_demo_data(work / "held-out", seed=1, pretrain_lines=300, reverse_train=10, reverse_eval=5)["pretrain"]
     plan = make_plan(job, facts_from_config(model), _homelab(), args.steps)
@@ -230,7 +232,7 @@ def main() -> None:
     base = train_config(job, plan, "bench")
     print(f"{len(plan.ranks)} ranks: " + ", ".join(f"{r.card.node}/{r.card.short_name} micro {r.tuning.micro_batch}" for r in plan.ranks)
           + f", x{plan.grad_accum} accumulation; boxes {dict(zip(nodes, boxes))}; {args.steps} steps of {plan.global_batch} "
-            f"sequences; {plan.n_params / 1e6:.2f}M parameters; ZeRO-{plan.zero.stage}, {plan.precision} on CPU\n")
+            f"sequences at lr {job.optimizer.lr:g} ({job.optimizer.schedule}); {plan.n_params / 1e6:.2f}M parameters; ZeRO-{plan.zero.stage}, {plan.precision} on CPU\n")
 
     runs = {"synchronous": base}
     runs.update({f"outer H={h} ({args.wire}, lr {args.outer_lr:g}, mom {args.outer_momentum:g})": with_outer_steps(base, boxes, h, args.outer_lr, args.outer_momentum, args.wire) for h in args.inner})
