@@ -69,20 +69,24 @@ def held_out_loss(model_dir: Path, tokenizer_dir: Path, eval_path: Path, adapter
     return total / count
 
 
-def held_out_exact_match(model_dir: Path, tokenizer_dir: Path, text_path: Path, work: Path) -> float:
-    """The pretraining text's own downstream check: the share of held-out `copy`/`sort` lines ("sort dcab = abcd")
-    whose greedy completion after " =" is exactly right (the demo's `rev` check, on the instructions it trained on)."""
+def as_prompts(text_path: Path, prompts: Path) -> Path:
+    """The held-out `copy`/`sort` lines ("sort dcab = abcd") as prompts and completions split after " =": the
+    pretraining text's own downstream check (the demo's `rev` check, on the instructions it trained on)."""
     import json
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from orchestrator.demo.task import exact_match
-
-    prompts = work / f"{text_path.stem}-prompts.jsonl"
     with prompts.open("w") as f:
         for line in text_path.read_text().splitlines():
             prompt, completion = json.loads(line)["text"].split(" =", 1)
             f.write(json.dumps({"prompt": f"{prompt} =", "completion": completion}) + "\n")
+    return prompts
+
+
+def held_out_exact_match(model_dir: Path, tokenizer_dir: Path, prompts: Path) -> float:
+    """The share of `prompts` (`as_prompts`) whose greedy completion is exactly right."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orchestrator.demo.task import exact_match
+
     return exact_match(AutoModelForCausalLM.from_pretrained(str(model_dir)), AutoTokenizer.from_pretrained(str(tokenizer_dir)), prompts)
 
 
@@ -225,6 +229,7 @@ def main() -> None:
     job = job.model_copy(update={"optimizer": job.optimizer.model_copy(update={"lr": args.lr or job.optimizer.lr})})
     model_dir = Path(job.model.path)
     held_out = write_demo_data(work / "held-out", seed=1, pretrain_lines=300, reverse_train=10, reverse_eval=5)["pretrain"]
+    prompts = as_prompts(held_out, work / "held-out" / "prompts.jsonl")
     plan = make_plan(job, facts_from_config(model), _homelab(), args.steps)
     nodes = list(dict.fromkeys(r.card.node for r in plan.ranks))
     plan = dataclasses.replace(plan, ranks=tuple(sorted(plan.ranks, key=lambda r: nodes.index(r.card.node))))  # box by box
@@ -234,16 +239,16 @@ def main() -> None:
           + f", x{plan.grad_accum} accumulation; boxes {dict(zip(nodes, boxes))}; {args.steps} steps of {plan.global_batch} "
             f"sequences at lr {job.optimizer.lr:g} ({job.optimizer.schedule}); {plan.n_params / 1e6:.2f}M parameters; ZeRO-{plan.zero.stage}, {plan.precision} on CPU\n")
 
-    runs = {"synchronous": base}
-    runs.update({f"outer H={h} ({args.wire}, lr {args.outer_lr:g}, mom {args.outer_momentum:g})": with_outer_steps(base, boxes, h, args.outer_lr, args.outer_momentum, args.wire) for h in args.inner})
-    rows, results = [], {}  # run -> [(held-out exact match, held-out loss)] by seed
+    runs = {None: base, **{h: with_outer_steps(base, boxes, h, args.outer_lr, args.outer_momentum, args.wire) for h in args.inner}}
+    rows, results = [], {}  # H (None: synchronous) -> [(held-out exact match, held-out loss)] by seed
     for seed in range(args.seeds):
-        for name, config in runs.items():
+        for h, config in runs.items():
+            name = f"outer H={h} ({args.wire}, lr {args.outer_lr:g}, mom {args.outer_momentum:g})" if h else "synchronous"
             out = work / f"seed{seed}" / name.split()[0] / name.replace(" ", "_")
             ranks = run_local_ranks(dataclasses.replace(config, output_dir=str(out), seed=seed))
-            loss, right = held_out_loss(out / "final", model_dir, held_out), held_out_exact_match(out / "final", model_dir, held_out, work)
-            results.setdefault(name, []).append((right, loss))
-            sync_right, sync_loss = results["synchronous"][seed]
+            loss, right = held_out_loss(out / "final", model_dir, held_out), held_out_exact_match(out / "final", model_dir, prompts)
+            results.setdefault(h, []).append((right, loss))
+            sync_right, sync_loss = results[None][seed]
             sent = sum(r["outer_bytes_sent"] for r in ranks)
             rows.append(f"{name:<42} {seed:>4} {loss:>13.4f} {loss / sync_loss - 1:>+8.1%} {right:>12.0%} {100 * (right - sync_right):>+8.1f} "
                         f"{ranks[0]['last_loss']:>15.4f} {ranks[0]['outer_steps']:>11} {f'{sent:,}' if config.outer else '(not counted)':>18}")
@@ -255,8 +260,7 @@ def main() -> None:
           "run's traffic crosses inside DeepSpeed's own collectives, not counted here.")
     if args.seeds > 1:
         print(f"\nover {args.seeds} seeds, paired with the synchronous run of the same seed; mean (standard deviation)")
-        _print_seeds({None if name == "synchronous" else int(name.split()[1][2:]): runs_ for name, runs_ in results.items()},
-                     f"{args.steps}-step run", ["held-out loss"], args.outer_lr, args.outer_momentum, args.wire, accuracy="copy/sort match")
+        _print_seeds(results, f"{args.steps}-step run", ["held-out loss"], args.outer_lr, args.outer_momentum, args.wire, accuracy="copy/sort match")
     shutil.rmtree(work, ignore_errors=True)
 
 
