@@ -18,6 +18,12 @@ The model (4 layers of 512, 13.7 M parameters) and batch are chosen so that, as 
 larger model would hide the link behind compute here though not on the cards. Needs root (CAP_NET_ADMIN), iproute2's
 `ip` and `tc`; about 5 minutes on 2 cores.
 
+Each rank stands in for a card, and a card computes alone: by default the job takes the homelab's 1080 Ti, 3090 and
+4090 where this machine gives each rank a core of its own, and the 4090 (desk) and the 1080 Ti (attic) where it has
+fewer than three. Three ranks on two cores slow each other's inner steps (a box's ranks run while the other box's run),
+which the synchronous run hides behind the link and the outer-step run cannot: measured, the trio on two cores gave
+2.76-3.26x over several days where one card a box gave 3.58-4.16x. `--cards` picks the cards whatever the cores.
+
     .venv/bin/python bench/slow_link.py [--steps 150] [--inner 50] [--wire fp32] [--rate 1gbit] [--global-batch 6]
                                         [--cards 'GTX 1080 Ti' 'RTX 3090' 'RTX 4090']
 """
@@ -53,6 +59,7 @@ MODEL = {**BENCH_MODEL, "hidden_size": 512, "intermediate_size": 1536, "num_atte
 SUBNET = "10.231.9"
 WARMUP_STEPS = 5  # untimed: DeepSpeed's first steps build buffers, the first outer step's read allocates
 RUN_TIMEOUT_S = 900
+PAIR = ["GTX 1080 Ti", "RTX 4090"]  # one card in each box: the default where the trio's ranks would share cores
 LINK_PROBE_BYTES = 128 * 2**20
 
 
@@ -194,15 +201,18 @@ def main() -> None:
     parser.add_argument("--wire", choices=["fp32", "bf16", "int8"], default="fp32")
     parser.add_argument("--rate", default="1gbit", help="the link's rate, as tc writes it")
     parser.add_argument("--global-batch", type=int, default=6)
-    parser.add_argument("--cards", nargs="+", default=TRIO, help="the homelab's cards the job takes (on two of its boxes)")
+    parser.add_argument("--cards", nargs="+", help="the homelab's cards the job takes (on two of its boxes); by default the "
+                        "1080 Ti, 3090 and 4090 where each rank has a core of its own, else the 1080 Ti and 4090")
     parser.add_argument("--box-ranks", nargs=3, metavar=("CONFIG", "RANKS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.box_ranks:
         return run_box_ranks(*args.box_ranks)
 
+    cores = len(os.sched_getaffinity(0))
+    cards = args.cards or (TRIO if cores >= len(TRIO) else PAIR)
     work = Path(tempfile.mkdtemp(prefix="zeromix-slow-link-"))
     job = trio_job(work, MODEL, args.steps, args.global_batch, pretrain_lines=2000, rebalance=False,
-                   gpus={"count": len(args.cards), "models": args.cards})
+                   gpus={"count": len(cards), "models": cards})
     homelab = snapshot_from_config(load_cluster(REPO / "cluster.yaml"))
     probe = make_plan(job, facts_from_config(MODEL), homelab, args.steps)
     nodes = list(dict.fromkeys(r.card.node for r in probe.ranks))
@@ -219,7 +229,8 @@ def main() -> None:
         print(f"{len(sync_plan.ranks)} ranks: " + ", ".join(f"{r.card.node}/{r.card.short_name} micro {r.tuning.micro_batch}" for r in sync_plan.ranks)
               + f", x{sync_plan.grad_accum} accumulation; {args.steps} steps of {sync_plan.global_batch} sequences of {job.seq_len}; "
                 f"{sync_plan.n_params / 1e6:.1f}M parameters; ZeRO-{sync_plan.zero.stage}, {sync_plan.precision} on CPU; "
-                f"first {WARMUP_STEPS} steps untimed\n")
+                f"first {WARMUP_STEPS} steps untimed; {cores} cores here" + ("" if args.cards or cards == TRIO else
+                f" (so one card a box: three ranks would share {cores} cores; `--cards` to choose)") + "\n")
         runs = {}
         for name, plan in plans.items():
             out = work / name.split()[0]
